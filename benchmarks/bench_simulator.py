@@ -1,0 +1,105 @@
+"""Simulator overhead and memory, each against a reference measured in the same run.
+
+1. Local-training throughput (examples/s) inside the simulator vs a plain single-model PEFT loop on the same
+   model, batch, data and optimizer. Target ratio ≥ 0.9.
+2. Peak RSS of a `fedsa` run with 100 clients vs 2 clients (each in its own subprocess). Target ≤ 1.3×.
+
+    python benchmarks/bench_simulator.py            # MiniLM-L6 (offline default), ~3 min on 2 cores
+    python benchmarks/bench_simulator.py --quick    # tiny random BERT, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def throughput(model_name: str, steps: int, repeats: int) -> tuple[float, float]:
+    import torch
+
+    from fedlora.experiment import RunConfig, build
+
+    cfg = RunConfig(model=model_name, clients=1, rounds=1, local_steps=steps, batch_size=16, partition="iid",
+                    examples_per_client=steps * 16 + 40, test_examples=50, method="fedit", device="cpu")
+    exp = build(cfg)
+    sim, client = exp.simulator, exp.simulator.clients[0]
+    n = steps * cfg.batch_size
+
+    def plain_loop() -> None:
+        # What a user would write without fedlora: one PEFT model, AdamW, the same batches.
+        model = sim.model
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        model.train()
+        gen = torch.Generator().manual_seed(0)
+        order = torch.randperm(len(client.train), generator=gen)
+        for s in range(steps):
+            batch = client.train.batch(order[s * 16 : (s + 1) * 16])
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def simulated() -> None:
+        # One client's whole turn in the round: load its state, train, read back its upload.
+        sim.handle.set(sim.global_tensors)
+        sim.train_local(client, 1)
+        sim.method.upload(sim.handle, sim.handle.get())
+
+    plain_loop()  # warm-up
+    best = {"plain": float("inf"), "sim": float("inf")}
+    for _ in range(repeats):  # interleaved, best of N: this machine is noisy
+        for name, fn in (("plain", plain_loop), ("sim", simulated)):
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return n / best["plain"], n / best["sim"]
+
+
+def peak_rss_child(model_name: str, clients: int) -> None:
+    from fedlora.experiment import RunConfig, run_experiment
+
+    cfg = RunConfig(model=model_name, method="fedsa", clients=clients, rounds=2, local_steps=1, batch_size=8,
+                    fraction=min(1.0, 4 / clients), examples_per_client=20, test_examples=100, partition="iid")
+    run_experiment(cfg)
+    print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(model_name: str, clients: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--child", model_name, str(clients)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", nargs=2)
+    args = ap.parse_args()
+    if args.child:
+        peak_rss_child(args.child[0], int(args.child[1]))
+        return
+    model = "tiny:bert" if args.quick else "minilm"
+    steps, repeats = (10, 3) if args.quick else (12, 3)
+    plain, sim = throughput(model, steps, repeats)
+    print(f"## Simulator overhead ({model}, batch 16, {steps} steps, best of {repeats})\n")
+    print("| loop | examples/s |\n|---|---|")
+    print(f"| plain PEFT loop (reference) | {plain:.1f} |\n| fedlora simulator client turn | {sim:.1f} |")
+    print(f"\nratio simulator / plain = **{sim / plain:.2f}** (target ≥ 0.9)\n")
+    small, large = peak_rss(model, 2), peak_rss(model, 100)
+    print(f"## Memory: peak RSS of a fedsa run ({model})\n")
+    print("| clients | peak RSS MB |\n|---|---|")
+    print(f"| 2 (reference) | {small:.0f} |\n| 100 | {large:.0f} |")
+    print(f"\nratio 100 / 2 clients = **{large / small:.2f}** (target ≤ 1.3)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs fedlora and everything its default run and tests need, offline model and data included.
+# On a machine without an NVIDIA GPU, the CPU build of PyTorch goes in first, so pip never pulls CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "$PY" -m pip install -q torch
+  else
+    "$PY" -m pip install -q torch==2.13.0
+  fi
+fi
+"$PY" -m pip install -q -e ".[all]"

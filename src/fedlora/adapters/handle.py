@@ -1,0 +1,159 @@
+"""Reading and writing one client's trainable tensors on the single shared PEFT model.
+
+The simulator keeps ONE model in memory. A client "is" the set of trainable tensors loaded into it while it
+trains; this handle moves those tensors in and out as ``dict[str, Tensor]`` keyed by parameter name, exposes
+each adapted module's factors ``(B, A)`` for the aggregation math, and folds server updates into the frozen base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fedlora.adapters.spec import AdapterSpec
+
+_VERA_D_INITIAL = 0.1  # PEFT's VeraConfig.d_initial default: λ_d starts at 0.1, λ_b at 0.
+
+
+@dataclass(frozen=True)
+class ModuleKeys:
+    """Names, in the trainables dict, of one adapted module's factor tensors."""
+
+    B: str  # LoRA/DoRA/HiRA: the d×r factor; VeRA: λ_b ∈ R^d
+    A: str  # LoRA/DoRA/HiRA: the r×k factor; VeRA: λ_d ∈ R^r
+
+
+class AdapterHandle:
+    """The adapter view of a PEFT model: factors per module, other trainables, base-weight folding."""
+
+    def __init__(self, model: nn.Module, spec: AdapterSpec):
+        self.model = model
+        self.spec = spec
+        self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
+        self.layers: dict[str, nn.Module] = {}
+        self.keys: dict[str, ModuleKeys] = {}
+        b_attr, a_attr = {"vera": ("vera_lambda_b", "vera_lambda_d"), "hira": ("hira_B", "hira_A")}.get(
+            spec.kind, ("lora_B", "lora_A")
+        )
+        for name, module in model.named_modules():
+            if hasattr(module, b_attr) and hasattr(module, "get_base_layer") and "default" in getattr(module, b_attr):
+                short = name.removeprefix("base_model.model.")
+                self.layers[short] = module
+                self.keys[short] = ModuleKeys(B=self._find(name, b_attr), A=self._find(name, a_attr))
+        self.folded: dict[str, Tensor] = {}  # Σ of every weight-space update folded into each base weight
+        if not self.layers:
+            raise ValueError(
+                f"the adapter targets {list(spec.target_modules)} matched no layer of the model; "
+                "pass --target-modules with names of its linear layers (e.g. query,value for BERT, q_proj,v_proj for Llama)"
+            )
+        factor_names = {n for k in self.keys.values() for n in (k.B, k.A)}
+        self.trainable_names: list[str] = [n for n, p in self._params.items() if p.requires_grad]
+        self.other_names: list[str] = [n for n in self.trainable_names if n not in factor_names]
+        # The task head (PEFT's modules_to_save, e.g. the classifier): what FedSA keeps local by default. Other
+        # non-factor trainables (DoRA's magnitude vectors) are adapter state and are shared.
+        self.head_names: list[str] = [n for n in self.other_names if ".modules_to_save." in n]
+
+    def _find(self, module_name: str, attr: str) -> str:
+        prefix = f"{module_name}.{attr}.default"
+        for n in (prefix, prefix + ".weight"):
+            if n in self._params:
+                return n
+        raise KeyError(f"PEFT layer {module_name} has no parameter {prefix}")
+
+    # ---- moving tensors in and out of the shared model -------------------------------------------------------
+    def get(self, names: list[str] | None = None) -> dict[str, Tensor]:
+        """Detached copies of trainable tensors (all of them by default)."""
+        names = self.trainable_names if names is None else names
+        return {n: self._params[n].detach().clone() for n in names}
+
+    @torch.no_grad()
+    def set(self, tensors: dict[str, Tensor]) -> None:
+        for n, t in tensors.items():
+            p = self._params.get(n)
+            if p is None:
+                raise KeyError(f"the model has no trainable tensor {n!r}")
+            p.copy_(t)
+
+    def set_trainable(self, names: list[str], trainable: bool) -> None:
+        for n in names:
+            self._params[n].requires_grad_(trainable)
+
+    def B_names(self) -> list[str]:
+        return [k.B for k in self.keys.values()]
+
+    def A_names(self) -> list[str]:
+        return [k.A for k in self.keys.values()]
+
+    # ---- the factor view used by the aggregation math ---------------------------------------------------------
+    def _vera_shared(self, module: str) -> tuple[Tensor, Tensor]:
+        layer = self.layers[module]
+        B = layer.vera_B["default"][: layer.out_features, :]
+        A = layer.vera_A["default"][:, : layer.in_features]
+        return B, A
+
+    def factors(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per-module ``(B_u, A_u)`` with ΔW_u = s·B_u A_u (s common to all clients, see DESIGN.md).
+
+        VeRA's client factors are ``B_u = diag(λ_b,u)·B`` and ``A_u = diag(λ_d,u)·A`` over its frozen shared B, A.
+        A missing key gives no entry (e.g. FedSA uploads no B).
+        """
+        Bs, As = {}, {}
+        for module, k in self.keys.items():
+            if self.spec.kind == "vera":
+                Bsh, Ash = self._vera_shared(module)
+                if k.B in tensors:
+                    Bs[module] = tensors[k.B].unsqueeze(1) * Bsh
+                if k.A in tensors:
+                    As[module] = tensors[k.A].unsqueeze(1) * Ash
+            else:
+                if k.B in tensors:
+                    Bs[module] = tensors[k.B]
+                if k.A in tensors:
+                    As[module] = tensors[k.A]
+        return Bs, As
+
+    def scaling(self, module: str) -> float:
+        layer = self.layers[module]
+        s = getattr(layer, "scaling", None)
+        return float(s["default"]) if isinstance(s, dict) and "default" in s else 1.0
+
+    # ---- server updates applied to the frozen base ------------------------------------------------------------
+    @torch.no_grad()
+    def fold(self, deltas: dict[str, Tensor]) -> None:
+        """Add each module's update to its frozen base weight: W0 += s·Δ (HiRA: W0 += W0 ⊙ Δ)."""
+        for module, delta in deltas.items():
+            weight = self.layers[module].get_base_layer().weight
+            delta = delta.to(weight.dtype)
+            step = weight * delta if self.spec.kind == "hira" else delta * self.scaling(module)
+            weight.add_(step)
+            self.folded[module] = self.folded[module] + step if module in self.folded else step.clone()
+
+    @torch.no_grad()
+    def fresh_factors(self, seed: int) -> dict[str, Tensor]:
+        """A new seeded initialisation of every module's factors (FLoRA re-initialises each round).
+
+        Same as PEFT's default init: A Kaiming-uniform, B zero (VeRA: λ_b = 0, λ_d = 0.1). For DoRA the magnitude
+        vector is re-derived from the current base weight, as PEFT does at creation.
+        """
+        gen = torch.Generator().manual_seed(int(seed))
+        out: dict[str, Tensor] = {}
+        for module, k in self.keys.items():
+            b, a = self._params[k.B], self._params[k.A]
+            if self.spec.kind == "vera":
+                out[k.B] = torch.zeros_like(b)
+                out[k.A] = torch.full_like(a, _VERA_D_INITIAL)
+                continue
+            fan_in = a.shape[1]
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=√5) on an r×k matrix gives U(-1/√k, 1/√k)
+            out[k.A] = (torch.rand(a.shape, generator=gen, dtype=torch.float32) * 2 - 1).mul_(bound).to(a.dtype)
+            out[k.B] = torch.zeros_like(b)
+            if self.spec.kind == "dora":
+                layer = self.layers[module]
+                mag = layer.lora_magnitude_vector["default"]
+                mag_name = next(n for n in self.other_names if n.startswith(f"base_model.model.{module}.lora_magnitude_vector"))
+                weight = layer.get_base_layer().weight
+                out[mag_name] = weight.norm(p=2, dim=1).to(mag.weight.dtype)
+        return out

@@ -1,0 +1,67 @@
+"""Which adapter a run uses, as one validated dataclass that builds the PEFT config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import peft
+
+ADAPTERS: tuple[str, ...] = ("lora", "rslora", "dora", "vera", "hira")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA-family adapter from PEFT.
+
+    ``kind``: ``lora`` (scaling α/r), ``rslora`` (α/√r), ``dora`` (LoRA plus a trained magnitude vector),
+    ``vera`` (frozen shared random B, A; trained vectors λ_b ∈ R^d, λ_d ∈ R^r), ``hira`` (ΔW = W0 ⊙ BA).
+    ``alpha`` is ignored by VeRA and HiRA, which have no scaling in PEFT.
+    """
+
+    kind: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    dropout: float = 0.0
+    modules_to_save: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.kind not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.kind!r}; choose one of {', '.join(ADAPTERS)}")
+        if int(self.r) < 1:
+            raise ValueError(f"adapter rank r={self.r} is below 1; pass a rank of at least 1 (e.g. --rank 8)")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha={self.alpha} must be positive; pass e.g. --lora-alpha 16")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter dropout={self.dropout} is outside [0, 1); pass e.g. 0.0 or 0.1")
+        if not self.target_modules:
+            raise ValueError("no target modules given; pass the names of the linear layers to adapt, e.g. query,value")
+
+    @property
+    def scaling(self) -> float:
+        """The common scale s of ΔW = s·BA (DESIGN.md: it factors out of every aggregation formula)."""
+        if self.kind == "rslora":
+            return self.alpha / self.r**0.5
+        if self.kind in ("lora", "dora"):
+            return self.alpha / self.r
+        return 1.0
+
+    def peft_config(self, task_type: str | None) -> peft.PeftConfig:
+        common = dict(
+            r=self.r,
+            target_modules=list(self.target_modules),
+            task_type=task_type,
+            modules_to_save=list(self.modules_to_save) or None,
+        )
+        if self.kind == "vera":
+            # VeRA's shared random B, A are rebuilt from this key, so every client holds the same ones.
+            return peft.VeraConfig(vera_dropout=self.dropout, projection_prng_key=0, save_projection=True, **common)
+        if self.kind == "hira":
+            return peft.HiraConfig(hira_dropout=self.dropout, **common)
+        return peft.LoraConfig(
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            use_rslora=self.kind == "rslora",
+            use_dora=self.kind == "dora",
+            **common,
+        )

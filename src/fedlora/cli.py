@@ -1,0 +1,185 @@
+"""The ``fedlora`` command line (front end): ``fedlora run`` and ``fedlora compare``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from fedlora.aggregation import METHODS
+
+# Long flag → (type, help). Names are RunConfig's fields with dashes; every flag defaults to "not given" so a
+# --config file's values survive unless the flag is passed.
+_FLAGS: dict[str, tuple[type, str]] = {
+    "method": (str, f"aggregation method: {', '.join(METHODS)} (default florana)"),
+    "adapter": (str, "lora, rslora, dora, vera or hira (default lora)"),
+    "rank": (int, "adapter rank r (default 8)"),
+    "lora-alpha": (float, "LoRA alpha; scaling is alpha/r (rsLoRA alpha/sqrt r) (default 16)"),
+    "target-modules": (str, "comma-separated linear layers to adapt (default query,value)"),
+    "clients": (int, "number of clients (default 10)"),
+    "fraction": (float, "fraction of clients sampled per round, in (0, 1] (default 1)"),
+    "rounds": (int, "federated rounds (default 5)"),
+    "local-steps": (int, "optimizer steps per client per round (default 5)"),
+    "batch-size": (int, "local batch size (default 16)"),
+    "lr": (float, "local AdamW learning rate (default 1e-3)"),
+    "weighting": (str, "client weights: examples (n_u/Σn) or uniform (default examples)"),
+    "partition": (str, "iid, dirichlet or pathological (default dirichlet)"),
+    "alpha": (float, "Dirichlet concentration over labels; smaller is more skewed (default 0.5)"),
+    "labels-per-client": (int, "labels per client for --partition pathological (default 2)"),
+    "model": (str, "minilm (offline default), tiny:bert, or a Hugging Face name/path"),
+    "data": (str, "tweets (offline default), bbc, a .csv/.jsonl file, or hf:NAME[:CONFIG]"),
+    "text-column": (str, "text column of --data files/datasets (default text)"),
+    "label-column": (str, "label column of --data files/datasets (default label)"),
+    "seed": (int, "seed for partitions, sampling, init and training (default 0)"),
+    "examples-per-client": (int, "cap on each client's shard, train+test (default 200)"),
+    "test-examples": (int, "size of the global test set held out before partitioning (default 500)"),
+    "max-length": (int, "max tokens per example (default 64)"),
+    "device": (str, "auto, cpu or cuda[:N] (default auto)"),
+}
+
+
+def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
+    for flag, (typ, help_) in _FLAGS.items():
+        if flag == "method" and not with_method:
+            continue
+        p.add_argument(f"--{flag}", type=typ, default=None, help=help_)
+    p.add_argument("--keep-head-local", default=None, action=argparse.BooleanOptionalAction,
+                   help="keep each client's classifier head private (fedsa's default)")
+    p.add_argument("--config", default=None, help="TOML file with run settings (flags override it)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _config_from(args: argparse.Namespace, **extra):
+    from fedlora.experiment import RunConfig
+
+    given = {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f in _FLAGS if hasattr(args, f.replace("-", "_"))}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.keep_head_local is not None:
+        given["keep_head_local"] = args.keep_head_local
+    given |= extra
+    if args.config:
+        return RunConfig.from_toml(args.config, **given)
+    return RunConfig(**given)
+
+
+class _Progress:
+    """A rich progress bar over rounds × clients, plus one line of key metrics per round."""
+
+    def __init__(self, total_steps: int, label: str, quiet: bool):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=self.console, disable=quiet,
+        )
+        self.task = self.progress.add_task(label, total=total_steps)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def client(self, rnd: int, cid: int) -> None:
+        self.progress.advance(self.task)
+
+    def round(self, m: dict) -> None:
+        div = "—" if m["divergence"] is None else f"{m['divergence']:.4f}"
+        line = (f"{m['method']:>7} round {m['round']:>3}  global {m['global_accuracy']:.3f}  local {m['local_accuracy']:.3f}  "
+                f"gap {m['local_global_gap']:+.3f}  ρ {div}  up {m['bytes_up'] / 1e6:.2f} MB  down {m['bytes_down'] / 1e6:.2f} MB  "
+                f"{m['wall_seconds']:.1f}s")
+        if not self.quiet:
+            self.progress.console.print(line)
+
+
+def _steps(cfg) -> int:
+    per_round = max(1, int(round(cfg.fraction * cfg.clients)))
+    return per_round * cfg.rounds
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedlora.experiment import run_experiment
+    from fedlora.report import final_row, markdown_table
+
+    cfg = _config_from(args)
+    if cfg.out is None:
+        cfg.out = args.out or str(Path("runs") / time.strftime(f"{cfg.method}-%Y%m%d-%H%M%S"))
+    cfg.validate()
+    t0 = time.perf_counter()
+    with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
+        exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round)
+    print(markdown_table([final_row(cfg.method, history, time.perf_counter() - t0)]))
+    print(f"run directory: {cfg.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedlora.experiment import run_experiment
+    from fedlora.report import PROTOCOL, final_row, markdown_table, plot_comparison
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
+    base = _config_from(args, method=methods[0])
+    out = Path(args.out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
+    configs = [dataclasses.replace(base, method=m, out=str(out / m)) for m in methods]
+    for c in configs:  # every bad input is reported before the first method trains
+        c.validate()
+    rows, histories = [], {}
+    for cfg in configs:
+        t0 = time.perf_counter()
+        with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
+            _, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round)
+        rows.append(final_row(cfg.method, history, time.perf_counter() - t0))
+        histories[cfg.method] = history
+        table = markdown_table(rows)
+        (out / "comparison.md").write_text(
+            f"# fedlora compare\n\n{table}\nSettings: {json.dumps({k: v for k, v in dataclasses.asdict(base).items() if k not in ('method', 'out')})}\n\n{PROTOCOL}\n"
+        )
+    plot_comparison(histories, out)
+    print(table)
+    print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with LoRA-family adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one federated experiment")
+    _add_run_flags(run)
+    run.add_argument("--out", default=None, help="run directory (default runs/METHOD-TIMESTAMP)")
+    run.set_defaults(func=cmd_run)
+    cmp_ = sub.add_parser("compare", help="run several methods on the same data, partition and seed")
+    cmp_.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all seven)")
+    _add_run_flags(cmp_, with_method=False)
+    cmp_.add_argument("--out", default=None, help="directory for the table, plots and one run directory per method")
+    cmp_.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        msg = exc.args[0] if exc.args else str(exc)
+        print(f"fedlora: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted; finished rounds are in the run directory's metrics.jsonl", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""One experiment, end to end (front end): validated config → data → model → simulator → run directory.
+
+Configuration is data, validated once here before any work starts; the CLI and the Python API both go
+through :func:`run_experiment`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from fedlora.adapters import ADAPTERS, AdapterHandle, AdapterSpec
+from fedlora.aggregation import METHODS
+from fedlora.federation import FederationConfig, SimClient, Simulator, TokenizedSplit, make_method
+
+
+@dataclass
+class RunConfig:
+    """Every knob of ``fedlora run``; field names are the CLI's long flags with dashes as underscores."""
+
+    method: str = "florana"
+    adapter: str = "lora"
+    rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: str = "query,value"
+    clients: int = 10
+    fraction: float = 1.0
+    rounds: int = 5
+    local_steps: int = 5
+    batch_size: int = 16
+    lr: float = 1e-3
+    weighting: str = "examples"
+    keep_head_local: bool | None = None
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    labels_per_client: int = 2
+    model: str = "minilm"
+    data: str = "tweets"
+    text_column: str = "text"
+    label_column: str = "label"
+    seed: int = 0
+    examples_per_client: int | None = 200
+    test_examples: int = 500
+    local_test_fraction: float = 0.2
+    max_length: int = 64
+    device: str = "auto"
+    out: str | None = None
+
+    def validate(self) -> "RunConfig":
+        """Checks that need no data or model; raise ValueError with one sentence naming the value and the fix."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        from fedlora.data import PARTITIONS
+
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
+        if self.clients < 1:
+            raise ValueError(f"clients={self.clients} is below 1; pass --clients 1 or more")
+        if not self.alpha > 0:
+            raise ValueError(f"Dirichlet alpha={self.alpha} must be positive; pass e.g. --alpha 0.5 (smaller is more skewed)")
+        if self.max_length < 8:
+            raise ValueError(f"max_length={self.max_length} is too short; pass --max-length 8 or more")
+        if self.examples_per_client is not None and self.examples_per_client < 2:
+            raise ValueError(f"examples_per_client={self.examples_per_client} leaves no room for a local test split; pass 2 or more")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"unknown device {self.device!r}; pass --device auto, cpu or cuda[:N]")
+        self.adapter_spec()
+        self.federation_config()
+        make_method(self.method, self.adapter, keep_head_local=self.keep_head_local)
+        return self
+
+    def adapter_spec(self) -> AdapterSpec:
+        targets = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        return AdapterSpec(kind=self.adapter, r=self.rank, alpha=self.lora_alpha, target_modules=targets)
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def federation_config(self) -> FederationConfig:
+        return FederationConfig(
+            rounds=self.rounds, fraction=self.fraction, local_steps=self.local_steps, batch_size=self.batch_size,
+            lr=self.lr, seed=self.seed, weighting=self.weighting, device=self.resolved_device(),
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, **overrides) -> "RunConfig":
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"config file {str(path)!r} does not exist; pass an existing TOML file to --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML ({exc}); fix the file or drop --config") from None
+        raw = {k.replace("-", "_"): v for k, v in raw.get("run", raw).items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"config file {str(path)!r} has unknown key(s) {', '.join(unknown)}; use the long flag names of `fedlora run`")
+        return cls(**(raw | overrides))
+
+
+@dataclass
+class Experiment:
+    """The built pieces of a run, kept so callers (tests, benchmarks) can inspect them."""
+
+    config: RunConfig
+    simulator: Simulator
+    tokenizer: object
+    label_names: list[str]
+    data_summary: list[dict] = field(default_factory=list)
+
+
+def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None) -> Experiment:
+    """Load data and model, wrap the adapter, and set up the simulator (no training yet)."""
+    import peft
+
+    from fedlora.data import federate, load_labelled_text
+    from fedlora.models import load_classifier
+
+    config.validate()
+    labelled = load_labelled_text(config.data, text_column=config.text_column, label_column=config.label_column, seed=config.seed)
+    fed = federate(
+        labelled, n_clients=config.clients, partition=config.partition, alpha=config.alpha,
+        labels_per_client=config.labels_per_client, test_examples=config.test_examples,
+        examples_per_client=config.examples_per_client, local_test_fraction=config.local_test_fraction, seed=config.seed,
+    )
+    model, tokenizer = load_classifier(config.model, fed.n_labels, seed=config.seed)
+    spec = config.adapter_spec()
+    torch.manual_seed(config.seed)  # the adapter's initial A (FFA's shared A0) comes from the run's seed
+    peft_model = peft.get_peft_model(model, spec.peft_config("SEQ_CLS"))
+    handle = AdapterHandle(peft_model, spec)
+
+    def split(ds) -> TokenizedSplit:
+        return TokenizedSplit.from_texts(tokenizer, ds["text"], ds["label"], config.max_length)
+
+    clients = [SimClient(c.cid, split(c.train), split(c.test)) for c in fed.clients]
+    method = make_method(config.method, config.adapter, keep_head_local=config.keep_head_local)
+    sim = Simulator(
+        peft_model, handle, method, clients, split(fed.global_test), config.federation_config(),
+        on_client=on_client, on_round=on_round,
+    )
+    return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(type(obj))
+
+
+def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None) -> tuple[Experiment, list[dict]]:
+    """Build, run every round, write the run directory (when ``config.out`` is set) and return the metrics."""
+    out = Path(config.out) if config.out else None
+    config.validate()
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        (out / "metrics.jsonl").write_text("")
+
+    def record(metrics: dict) -> None:
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics, default=_json_default) + "\n")
+        if on_round:
+            on_round(metrics)
+
+    t0 = time.perf_counter()
+    exp = build(config, on_client=on_client, on_round=record)
+    history = exp.simulator.run()
+    if out is not None:
+        from fedlora.export import save_run_artifacts
+        from fedlora.report import write_summary
+
+        save_run_artifacts(exp, out)
+        write_summary(exp, history, out, wall_seconds=time.perf_counter() - t0)
+    return exp, history

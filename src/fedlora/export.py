@@ -1,0 +1,92 @@
+"""Writing and reloading a run's model artefacts (front end).
+
+``adapter/`` is a PEFT adapter that ``PeftModel.from_pretrained(base, run/"adapter")`` loads on the original base
+model. Methods that fold updates into the frozen base (fedex, flora) leave part of the global model outside the
+factors; for LoRA and rsLoRA that part is exported exactly inside the adapter (a LoRA of the rank the total
+update needs, via an SVD of it), so PEFT alone reproduces the global model. For DoRA, VeRA and HiRA no exact
+PEFT form exists: the folds are written to ``base_delta.safetensors`` and :func:`load_global_model` adds them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "fedlora.json"
+
+
+def _merged_lora(exp, adapter_dir: Path) -> None:
+    """Export (folds + s·B̂Â) per module as an exact LoRA with scaling 1 and per-module rank."""
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    sim, h = exp.simulator, exp.simulator.handle
+    state = {k: v for k, v in get_peft_model_state_dict(sim.model).items() if ".lora_" not in k}
+    rank_pattern, tensors = {}, {}
+    for module, layer in h.layers.items():
+        k = h.keys[module]
+        total = h.folded.get(module, 0) + h.scaling(module) * (sim.eval_tensors[k.B] @ sim.eval_tensors[k.A])
+        U, S, Vh = torch.linalg.svd(total.double(), full_matrices=False)
+        keep = max(1, int((S > S[0] * 1e-7).sum())) if S.numel() and S[0] > 0 else 1
+        root = S[:keep].sqrt()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = (U[:, :keep] * root).to(total.dtype).contiguous()
+        tensors[f"base_model.model.{module}.lora_A.weight"] = (root[:, None] * Vh[:keep]).to(total.dtype).contiguous()
+        rank_pattern[module] = keep
+    r = max(rank_pattern.values())
+    base_cfg = sim.model.peft_config["default"]
+    cfg = peft.LoraConfig(
+        r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
+        target_modules=base_cfg.target_modules, modules_to_save=base_cfg.modules_to_save,
+        task_type=base_cfg.task_type, base_model_name_or_path=base_cfg.base_model_name_or_path,
+    )
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(adapter_dir))
+    save_file(state | tensors, str(adapter_dir / "adapter_model.safetensors"))
+
+
+def save_run_artifacts(exp, out: Path) -> None:
+    sim, h = exp.simulator, exp.simulator.handle
+    out = Path(out)
+    h.set(sim.global_state())
+    merged = bool(h.folded) and h.spec.kind in ("lora", "rslora")
+    if merged:
+        _merged_lora(exp, out / "adapter")
+    else:
+        sim.model.save_pretrained(str(out / "adapter"))
+    if h.folded:
+        save_file({m: t.contiguous() for m, t in h.folded.items()}, str(out / "base_delta.safetensors"))
+    if sim.private:
+        (out / "private").mkdir(exist_ok=True)
+        for cid, tensors in sorted(sim.private.items()):
+            save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "private" / f"client_{cid}.safetensors"))
+    manifest = {
+        "label_names": exp.label_names,
+        "adapter": h.spec.kind,
+        "folds_in_adapter": merged,
+        "base_delta": "base_delta.safetensors" if h.folded else None,
+        "private_clients": sorted(sim.private),
+    }
+    (out / "adapter" / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    h.set(sim.global_tensors)
+
+
+def load_global_model(run_dir: str | Path):
+    """(PeftModel, tokenizer, label_names) of a finished run's global model, on the original base model."""
+    from peft import PeftModel
+
+    from fedlora.models import load_classifier
+
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    manifest = json.loads((run_dir / "adapter" / MANIFEST).read_text())
+    base, tokenizer = load_classifier(config["model"], len(manifest["label_names"]), seed=config["seed"])
+    if manifest["base_delta"] and not manifest["folds_in_adapter"]:
+        deltas = load_file(str(run_dir / manifest["base_delta"]))
+        with torch.no_grad():
+            for module, delta in deltas.items():
+                base.get_submodule(module).weight.add_(delta)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    return model, tokenizer, manifest["label_names"]

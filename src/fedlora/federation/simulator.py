@@ -1,0 +1,215 @@
+"""The in-process federation: one frozen base model in memory, any number of simulated clients.
+
+The round reads top to bottom: sample → local training → upload → aggregate → apply → evaluate. A client is the
+set of trainable tensors loaded into the shared model while it trains; between its rounds it keeps only what
+its method declares private (FedSA's B and head), so memory grows by that and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fedlora.adapters import AdapterHandle
+from fedlora.aggregation import divergence, eckart_young_bound
+from fedlora.federation.methods import Method, ServerUpdate, Tensors
+from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
+
+WEIGHTINGS = ("examples", "uniform")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 5
+    fraction: float = 1.0
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 5e-4
+    seed: int = 0
+    weighting: str = "examples"
+    max_grad_norm: float = 1.0
+    device: str = "cpu"
+    bound: bool = True  # also compute the Eckart–Young bound per layer (cheap: Gram space)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds} is below 1; pass --rounds 1 or more")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction={self.fraction} is outside (0, 1]; pass e.g. --fraction 0.5")
+        if self.local_steps < 1:
+            raise ValueError(f"local_steps={self.local_steps} is below 1; pass --local-steps 1 or more")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} is below 1; pass --batch-size 1 or more")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be positive; pass e.g. --lr 5e-4")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+
+
+@dataclass
+class SimClient:
+    cid: int
+    train: TokenizedSplit
+    test: TokenizedSplit
+
+
+def nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def round_seed(seed: int, rnd: int, cid: int = -1) -> int:
+    return (seed * 1_000_003 + rnd * 10_007 + cid + 1) % (2**63 - 1)
+
+
+def sample_clients(n_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
+    m = max(1, int(round(fraction * n_clients)))
+    order = torch.randperm(n_clients, generator=torch.Generator().manual_seed(round_seed(seed, rnd)))
+    return sorted(order[:m].tolist())
+
+
+def client_weights(sizes: list[int], weighting: str) -> Tensor:
+    w = torch.ones(len(sizes), dtype=torch.float64) if weighting == "uniform" else torch.tensor(sizes, dtype=torch.float64)
+    return w / w.sum()
+
+
+def layer_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], weights: Tensor, current: Tensors, update: ServerUpdate, bound: bool):
+    """Aggregation divergence ρ and the Eckart–Young bound per adapted module (None for personalised methods)."""
+    if method.personalised:
+        return None, None
+    views = [h.factors(t) for t in inputs]
+    A0 = h.factors(current)[1]
+    rho, rho_min = {}, {}
+    for module, layer in update.layers.items():
+        Bs = [v[0][module] for v in views]
+        As = [v[1].get(module, A0[module]) for v in views]
+        rho[module] = float(divergence(Bs, As, weights, layer))
+        if bound:
+            rho_min[module] = float(eckart_young_bound(Bs, As, weights))
+    return rho, (rho_min or None)
+
+
+def _mean(values: dict[str, float] | None) -> float | None:
+    return None if not values else sum(values.values()) / len(values)
+
+
+@dataclass
+class Simulator:
+    """Runs a method over clients on one shared PEFT model. ``run()`` returns one metrics dict per round."""
+
+    model: nn.Module
+    handle: AdapterHandle
+    method: Method
+    clients: list[SimClient]
+    global_test: TokenizedSplit
+    config: FederationConfig = field(default_factory=FederationConfig)
+    task: object = field(default_factory=ClassificationTask)
+    on_client: Callable[[int, int], None] | None = None  # (round, cid) after each client trains
+    on_round: Callable[[dict], None] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.clients:
+            raise ValueError("no clients to federate; pass --clients 1 or more")
+        self.model.to(self.config.device)
+        self.handle.set_trainable(self.method.frozen(self.handle), False)
+        self.global_tensors: Tensors = self.handle.get()
+        self.eval_tensors: Tensors = self.global_tensors
+        self.private: dict[int, Tensors] = {}
+        self.history: list[dict] = []
+
+    # -- one client's local work ------------------------------------------------------------------------------
+    def train_local(self, client: SimClient, rnd: int) -> float:
+        cfg, seed = self.config, round_seed(self.config.seed, rnd, client.cid)
+        torch.manual_seed(seed)  # dropout
+        gen = torch.Generator().manual_seed(seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        self.model.train()
+        n, order, pos, losses = len(client.train), torch.empty(0, dtype=torch.long), 0, []
+        for _ in range(cfg.local_steps):
+            if pos >= len(order):  # a fresh seeded pass over the client's shard
+                order, pos = torch.randperm(n, generator=gen), 0
+            index = order[pos : pos + cfg.batch_size]
+            pos += cfg.batch_size
+            loss = self.task.loss(self.model, client.train.batch(index, cfg.device))
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        return sum(losses) / len(losses)
+
+    # -- the round ---------------------------------------------------------------------------------------------
+    def round(self, rnd: int) -> dict:
+        cfg, h, method = self.config, self.handle, self.method
+        start = time.perf_counter()
+        sampled = sample_clients(len(self.clients), cfg.fraction, cfg.seed, rnd)
+
+        inputs, sizes, losses, local_correct, local_n, bytes_up = [], [], [], 0.0, 0, 0
+        for cid in sampled:
+            client = self.clients[cid]
+            h.set(self.global_tensors | self.private.get(cid, {}))
+            losses.append(self.train_local(client, rnd))
+            acc = self.task.evaluate(self.model, client.test, cfg.device)
+            if len(client.test):
+                local_correct += acc * len(client.test)
+                local_n += len(client.test)
+            trained = h.get()
+            if method.private(h):
+                self.private[cid] = {n: trained[n] for n in method.private(h)}
+            upload = method.upload(h, trained)
+            bytes_up += nbytes(upload)
+            inputs.append(upload | method.eval_extras(h, trained))
+            sizes.append(len(client.train))
+            if self.on_client:
+                self.on_client(rnd, cid)
+
+        weights = client_weights(sizes, cfg.weighting)
+        t_agg = time.perf_counter()
+        update = method.aggregate(h, inputs, weights, self.global_tensors, seed=round_seed(cfg.seed, rnd))
+        aggregation_seconds = time.perf_counter() - t_agg
+        rho, rho_min = layer_metrics(h, method, inputs, weights, self.global_tensors, update, cfg.bound)
+        bytes_down = nbytes(update.broadcast) * len(sampled)
+        self.global_tensors = method.apply(h, update, seed=round_seed(cfg.seed, rnd))
+
+        self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
+        h.set(self.eval_tensors)
+        global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
+        h.set(self.global_tensors)
+        local_acc = local_correct / local_n if local_n else math.nan
+
+        metrics = {
+            "round": rnd,
+            "method": method.name,
+            "clients": sampled,
+            "train_loss": sum(losses) / len(losses),
+            "global_accuracy": global_acc,
+            "local_accuracy": local_acc,
+            "local_global_gap": local_acc - global_acc,
+            "divergence": _mean(rho),
+            "divergence_per_layer": rho,
+            "bound": _mean(rho_min),
+            "bound_per_layer": rho_min,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "aggregation_seconds": aggregation_seconds,
+            "wall_seconds": time.perf_counter() - start,
+        }
+        self.history.append(metrics)
+        if self.on_round:
+            self.on_round(metrics)
+        return metrics
+
+    def run(self) -> list[dict]:
+        for rnd in range(len(self.history) + 1, self.config.rounds + 1):
+            self.round(rnd)
+        return self.history
+
+    def global_state(self) -> Tensors:
+        """Trainables of the global model as scored (FedSA: Â with the clients' mean B and head)."""
+        return dict(self.eval_tensors)

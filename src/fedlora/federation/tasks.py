@@ -1,0 +1,63 @@
+"""What a client trains on and how a model is scored: tokenised splits and the task's loss and metric.
+
+The round loop only calls ``task.loss(model, batch)`` and ``task.evaluate(model, split)``, so a new task
+(e.g. causal-LM instruction tuning) plugs in without touching the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class TokenizedSplit:
+    """Examples padded to a common length; batches are trimmed to their longest example (dynamic padding)."""
+
+    input_ids: Tensor  # [N, L] long
+    attention_mask: Tensor  # [N, L] long
+    labels: Tensor  # [N] long
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: Tensor, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        mask = self.attention_mask[index]
+        width = max(int(mask.sum(dim=1).max()), 1)
+        return {
+            "input_ids": self.input_ids[index, :width].to(device),
+            "attention_mask": mask[:, :width].to(device),
+            "labels": self.labels[index].to(device),
+        }
+
+    @classmethod
+    def from_texts(cls, tokenizer, texts: list[str], labels: list[int], max_length: int) -> "TokenizedSplit":
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+        return cls(enc["input_ids"], enc["attention_mask"], torch.as_tensor(list(labels), dtype=torch.long))
+
+
+class ClassificationTask:
+    """Sequence classification: cross-entropy on the label, scored by accuracy."""
+
+    name = "classification"
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: TokenizedSplit, device: torch.device | str = "cpu", batch_size: int = 64) -> float:
+        if len(split) == 0:
+            return float("nan")
+        was_training = model.training
+        model.eval()
+        correct = 0
+        for start in range(0, len(split), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(split)))
+            batch = split.batch(index, device)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+        model.train(was_training)
+        return correct / len(split)

@@ -1,0 +1,122 @@
+"""Reports (front end): a run's summary.md, the side-by-side comparison table and its plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+PROTOCOL = (
+    "Global accuracy: the global model on a test set held out from the pool before partitioning (natural label "
+    "mix); for `fedsa` the global model is the shared Â with the example-weighted mean of the clients' B and heads. "
+    "Local accuracy: each sampled client's own model right after local training, on its own held-out shard (same "
+    "label mix as its training shard), example-weighted mean. Gap = local − global. Divergence ρ = ‖ΔW* − ΔŴ‖/‖ΔW*‖ "
+    "per adapted matrix, mean over matrices (not defined for personalised `fedsa`); bound = Eckart–Young ρ_min. "
+    "Bytes: the tensors each method actually sends, summed over the round's participants (down: the round's "
+    "result sent to them)."
+)
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def final_row(method: str, history: list[dict], wall_seconds: float) -> dict:
+    last = history[-1]
+    divs = [h["divergence"] for h in history if h["divergence"] is not None]
+    return {
+        "method": method,
+        "global_accuracy": last["global_accuracy"],
+        "local_accuracy": last["local_accuracy"],
+        "gap": last["local_global_gap"],
+        "divergence": sum(divs) / len(divs) if divs else None,
+        "bound": last.get("bound"),
+        "mb_up": sum(h["bytes_up"] for h in history) / 1e6,
+        "mb_down": sum(h["bytes_down"] for h in history) / 1e6,
+        "wall_seconds": wall_seconds,
+    }
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = "| method | global acc | local acc | gap | mean ρ | MB up | MB down | wall s |\n|---|---|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r['method']} | {_fmt(r['global_accuracy'])} | {_fmt(r['local_accuracy'])} | {_fmt(r['gap'])} | "
+        f"{_fmt(r['divergence'], 4)} | {_fmt(r['mb_up'], 2)} | {_fmt(r['mb_down'], 2)} | {_fmt(r['wall_seconds'], 0)} |\n"
+        for r in rows
+    )
+    return head + body
+
+
+def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -> None:
+    cfg = exp.config
+    lines = [
+        f"# fedlora run: {cfg.method} · {cfg.adapter} r={cfg.rank}",
+        "",
+        f"Model `{cfg.model}`, data `{cfg.data}`, {cfg.clients} clients ({cfg.partition}"
+        + (f", α={cfg.alpha}" if cfg.partition == "dirichlet" else "")
+        + f"), {cfg.rounds} rounds × {cfg.local_steps} local steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}.",
+        "",
+        "## Final",
+        "",
+        markdown_table([final_row(cfg.method, history, wall_seconds)]),
+        "## Per round",
+        "",
+        "| round | global acc | local acc | gap | ρ | bound | bytes up | bytes down | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for h in history:
+        lines.append(
+            f"| {h['round']} | {_fmt(h['global_accuracy'])} | {_fmt(h['local_accuracy'])} | {_fmt(h['local_global_gap'])} | "
+            f"{_fmt(h['divergence'], 4)} | {_fmt(h['bound'], 4)} | {h['bytes_up']} | {h['bytes_down']} | {_fmt(h['wall_seconds'], 1)} |"
+        )
+    lines += ["", "## Protocol", "", PROTOCOL, "", "## Clients", ""]
+    lines += ["| client | train | test | labels |", "|---|---|---|---|"]
+    for c in exp.data_summary:
+        lines.append(f"| {c.get('cid')} | {c.get('n_train')} | {c.get('n_test')} | {c.get('label_counts', c.get('labels', ''))} |")
+    Path(out, "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_comparison(histories: dict[str, list[dict]], out: Path) -> list[Path]:
+    """accuracy.png, divergence.png and bytes.png over rounds, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    specs = [
+        ("accuracy.png", "global accuracy", lambda h: h["global_accuracy"], False),
+        ("divergence.png", "aggregation divergence ρ (mean over matrices)", lambda h: h["divergence"], True),
+        ("bytes.png", "cumulative MB (up + down)", None, False),
+    ]
+    for name, ylabel, get, logy in specs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, hist in histories.items():
+            rounds = [h["round"] for h in hist]
+            if get is None:
+                total, ys = 0.0, []
+                for h in hist:
+                    total += (h["bytes_up"] + h["bytes_down"]) / 1e6
+                    ys.append(total)
+            else:
+                ys = [get(h) for h in hist]
+                if any(y is None for y in ys):
+                    continue
+                if logy:
+                    ys = [max(y, 1e-12) for y in ys]
+            ax.plot(rounds, ys, marker="o", label=method)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out) / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,41 @@
+import csv
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory) -> Path:
+    """A 3-class, 600-row slice of the offline tweet corpus as a local CSV (fast to load and partition)."""
+    from fedlora.data import load_labelled_text
+
+    data = load_labelled_text("tweets", seed=0)
+    ds = data.dataset.shuffle(seed=0)
+    per_label = {i: 0 for i in range(len(data.label_names))}
+    path = tmp_path_factory.mktemp("data") / "tweets_small.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for row in ds:
+            if per_label[row["label"]] < 200:
+                per_label[row["label"]] += 1
+                w.writerow([row["text"], data.label_names[row["label"]]])
+            if all(v >= 200 for v in per_label.values()):
+                break
+    return path
+
+
+def tiny_config(small_csv, **overrides):
+    from fedlora.experiment import RunConfig
+
+    base = dict(
+        model="tiny:bert", data=str(small_csv), clients=3, rounds=2, local_steps=2, batch_size=8, rank=4,
+        examples_per_client=40, test_examples=60, max_length=32, partition="iid", seed=0, lr=5e-3, device="cpu",
+    )
+    return RunConfig(**(base | overrides))
