@@ -26,6 +26,7 @@ def throughput(model_name: str, steps: int, repeats: int) -> tuple[float, float]
     import torch
 
     from fedlora.experiment import RunConfig, build
+    from fedlora.federation.simulator import client_turn
 
     cfg = RunConfig(model=model_name, clients=1, rounds=1, local_steps=steps, batch_size=16, partition="iid",
                     examples_per_client=steps * 16 + 40, test_examples=50, method="fedit", device="cpu")
@@ -51,9 +52,7 @@ def throughput(model_name: str, steps: int, repeats: int) -> tuple[float, float]
 
     def simulated() -> None:
         # One client's whole turn in the round: load its state, train, read back its upload.
-        sim.handle.set(sim.global_tensors)
-        sim.train_local(client, 1)
-        sim.method.upload(sim.handle, sim.handle.get())
+        client_turn(sim.handle, sim.method, sim.task, client, sim.global_tensors, sim.config, 1)
 
     plain_loop()  # warm-up
     best = {"plain": float("inf"), "sim": float("inf")}

@@ -82,27 +82,30 @@ def test_florana_never_worse_than_fedit_in_a_run(small_csv):
 
 
 @pytest.mark.parametrize("adapter", ["lora", "vera"])
-def test_fedsa_keeps_each_clients_B_private_and_persistent(small_csv, adapter):
+def test_fedsa_keeps_each_clients_B_private_and_persistent(small_csv, adapter, monkeypatch):
+    import fedlora.federation.simulator as simulator
+
     exp = build(tiny_config(small_csv, method="fedsa", adapter=adapter))
     sim, h = exp.simulator, exp.simulator.handle
     sim.round(1)
     after_round1 = {cid: {n: t.clone() for n, t in sim.private[cid].items()} for cid in range(3)}
-    seen = {}
-    original_train = sim.train_local
+    seen = []
+    original = simulator.train_local
 
-    def spy(client, rnd):
-        seen[client.cid] = h.get(h.B_names())  # what the client starts round 2 from
-        return original_train(client, rnd)
+    def spy(*args, **kwargs):
+        seen.append(h.get(h.B_names()))  # what the client starts round 2 from, in sampled order 0, 1, 2
+        return original(*args, **kwargs)
 
-    sim.train_local = spy
+    monkeypatch.setattr(simulator, "train_local", spy)
     sim.round(2)
+    assert len(seen) == 3
     for cid in range(3):
         for n in h.B_names():
             assert torch.equal(seen[cid][n], after_round1[cid][n])
     name = h.B_names()[0]
     assert not torch.allclose(after_round1[0][name], after_round1[1][name])
     # the head stays local too, and differs between clients
-    head = [n for n in h.other_names if "classifier" in n][0]
+    head = h.head_names[0]
     assert not torch.allclose(sim.private[0][head], sim.private[1][head])
 
 

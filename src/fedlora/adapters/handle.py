@@ -51,6 +51,7 @@ class AdapterHandle:
             )
         factor_names = {n for k in self.keys.values() for n in (k.B, k.A)}
         self.trainable_names: list[str] = [n for n, p in self._params.items() if p.requires_grad]
+        self.trainable_set: frozenset[str] = frozenset(self.trainable_names)
         self.other_names: list[str] = [n for n in self.trainable_names if n not in factor_names]
         # The task head (PEFT's modules_to_save, e.g. the classifier): what FedSA keeps local by default. Other
         # non-factor trainables (DoRA's magnitude vectors) are adapter state and are shared.

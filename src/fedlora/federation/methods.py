@@ -24,17 +24,16 @@ Tensors = dict[str, Tensor]
 class ServerUpdate:
     """What one round's aggregation produced.
 
-    ``global_tensors``: the trainables every client starts its next round from (before its private state).
-    ``broadcast``: the tensors actually sent to each client (counted for bytes down).
-    ``fold``: per adapted module, the factor-space update clients add to their frozen base (fedex, flora).
-    ``eval_tensors``: what the global model is scored with, when that differs from ``global_tensors``
+    ``broadcast``: the tensors sent to each client, all a client needs to apply the round (:meth:`Method.apply`);
+    counted for bytes down. Besides trainables keyed by parameter name it may hold, per adapted module,
+    ``{module}.residual`` or ``{module}.residual_L``/``residual_R`` (fedex) and ``{module}.stacked_B``/``stacked_A``
+    (flora): factor-space updates to fold into the frozen base.
+    ``eval_tensors``: trainables to score the global model with, when that is not what clients start from
     (FedSA: shared Â with the mean of the clients' B and heads; never sent).
     ``layers``: the per-module :class:`~fedlora.aggregation.Aggregate`, for metrics.
     """
 
-    global_tensors: Tensors
     broadcast: Tensors
-    fold: Tensors = field(default_factory=dict)
     eval_tensors: Tensors | None = None
     layers: dict[str, Aggregate] = field(default_factory=dict)
 
@@ -67,10 +66,19 @@ class Method:
         """Private tensors the server needs only to score a global model (FedSA's B and heads); not protocol bytes."""
         return {}
 
-    def apply(self, h: AdapterHandle, update: "ServerUpdate", *, seed: int) -> Tensors:
-        """Apply a round's result on a client: fold into the frozen base; return the trainables to start from."""
-        h.fold(update.fold)
-        return update.global_tensors
+    def apply(self, h: AdapterHandle, broadcast: Tensors, current: Tensors, *, seed: int) -> Tensors:
+        """Apply a round's broadcast on a client (or the server's own model): fold base updates into the frozen
+        weights once, and return the trainables to start the next round from (``current`` fills in what was not
+        sent: FFA's A0, FedSA's initial B)."""
+        fold = {}
+        for key, t in broadcast.items():
+            module, _, kind = key.rpartition(".")
+            if kind == "residual":
+                fold[module] = t
+            elif kind in ("residual_L", "stacked_B"):
+                fold[module] = t @ broadcast[f"{module}.{'residual_R' if kind == 'residual_L' else 'stacked_A'}"]
+        h.fold(fold)
+        return dict(current) | {n: t for n, t in broadcast.items() if n in h.trainable_set}
 
     # -- server side -------------------------------------------------------------------------------------------
     def aggregate(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors, *, seed: int) -> ServerUpdate:
@@ -118,7 +126,7 @@ class FedIT(Method):
         agg, _, _ = self._combine(h, self.rule, uploads, weights, current)
         new = dict(current) | agg.others
         self._write(h, agg.layers, uploads, new)
-        return ServerUpdate(new, broadcast=new, layers=agg.layers)
+        return ServerUpdate(broadcast=new, layers=agg.layers)
 
 
 class FLoRANA(FedIT):
@@ -148,7 +156,7 @@ class FFA(Method):
         new = dict(current) | agg.others
         self._write(h, agg.layers, uploads, new, A=False)
         broadcast = {n: new[n] for n in new if n not in set(h.A_names())}
-        return ServerUpdate(new, broadcast=broadcast, layers=agg.layers)
+        return ServerUpdate(broadcast=broadcast, layers=agg.layers)
 
 
 class FedSA(Method):
@@ -180,7 +188,7 @@ class FedSA(Method):
                 _combine_vectors([u[k.B] for u in uploads], weights) if h.spec.kind == "vera" else layer.eval_B
             )
         broadcast = {n: new[n] for n in new if n not in set(self.private(h))}
-        return ServerUpdate(new, broadcast=broadcast, eval_tensors=evaluation, layers=agg.layers)
+        return ServerUpdate(broadcast=broadcast, eval_tensors=evaluation, layers=agg.layers)
 
 
 class FedEx(Method):
@@ -193,17 +201,14 @@ class FedEx(Method):
         new = dict(current) | agg.others
         self._write(h, agg.layers, uploads, new)
         broadcast = dict(new)
-        fold = {}
         for module, layer in agg.layers.items():
             L, R = layer.base_delta_factors
-            fold[module] = L @ R
-            d, k = fold[module].shape
             # Sent as whichever is smaller: the dense d×k residual or its factors of rank ≤ (U+1)r.
-            if d * k <= L.numel() + R.numel():
-                broadcast[f"{module}.residual"] = fold[module]
+            if L.shape[0] * R.shape[1] <= L.numel() + R.numel():
+                broadcast[f"{module}.residual"] = L @ R
             else:
                 broadcast[f"{module}.residual_L"], broadcast[f"{module}.residual_R"] = L, R
-        return ServerUpdate(new, broadcast=broadcast, fold=fold, layers=agg.layers)
+        return ServerUpdate(broadcast=broadcast, layers=agg.layers)
 
 
 class FLoRA(Method):
@@ -213,18 +218,16 @@ class FLoRA(Method):
 
     def aggregate(self, h, uploads, weights, current, *, seed):
         agg, _, _ = self._combine(h, "flora", uploads, weights, current)
-        new = dict(current) | agg.others
-        fold = {m: layer.B @ layer.A for m, layer in agg.layers.items()}
         broadcast = dict(agg.others)
         for module, layer in agg.layers.items():
             broadcast[f"{module}.stacked_B"], broadcast[f"{module}.stacked_A"] = layer.B, layer.A
-        return ServerUpdate(new, broadcast=broadcast, fold=fold, layers=agg.layers)
+        return ServerUpdate(broadcast=broadcast, layers=agg.layers)
 
-    def apply(self, h, update, *, seed):
-        h.fold(update.fold)
+    def apply(self, h, broadcast, current, *, seed):
+        new = super().apply(h, broadcast, current, seed=seed)
         # Every client re-initialises from the same seed, so the fresh factors cost no bytes. After the fold:
         # DoRA's fresh magnitude is the norm of the new base weight.
-        return dict(update.global_tensors) | h.fresh_factors(seed)
+        return new | h.fresh_factors(seed)
 
 
 METHOD_CLASSES: dict[str, type[Method]] = {c.name: c for c in (FedIT, FFA, FedSA, FLoRA, FedEx, FLoRANA, SVD)}

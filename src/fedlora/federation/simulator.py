@@ -97,6 +97,93 @@ def _mean(values: dict[str, float] | None) -> float | None:
     return None if not values else sum(values.values()) / len(values)
 
 
+def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationConfig, seed: int) -> float:
+    """A client's local steps on the model as loaded; fresh AdamW each round (clients keep no optimizer state)."""
+    torch.manual_seed(seed)  # dropout
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    model.train()
+    n, order, pos, losses = len(train), torch.empty(0, dtype=torch.long), 0, []
+    for _ in range(cfg.local_steps):
+        if pos >= len(order):  # a fresh seeded pass over the client's shard
+            order, pos = torch.randperm(n, generator=gen), 0
+        index = order[pos : pos + cfg.batch_size]
+        pos += cfg.batch_size
+        loss = task.loss(model, train.batch(index, cfg.device))
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return sum(losses) / len(losses)
+
+
+@dataclass
+class ClientResult:
+    """What one client's turn produced: its upload (protocol bytes), eval-only extras, private state, scores."""
+
+    cid: int
+    upload: Tensors
+    extras: Tensors
+    private: Tensors
+    n_train: int
+    n_test: int
+    local_accuracy: float
+    train_loss: float
+
+
+def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start: Tensors, cfg: FederationConfig, rnd: int) -> ClientResult:
+    """Load the client's start state, train locally, score it on its own test shard, and split what it holds."""
+    h.set(start)
+    loss = train_local(h.model, task, client.train, cfg, round_seed(cfg.seed, rnd, client.cid))
+    acc = task.evaluate(h.model, client.test, cfg.device)
+    trained = h.get()
+    return ClientResult(
+        cid=client.cid, upload=method.upload(h, trained), extras=method.eval_extras(h, trained),
+        private={n: trained[n] for n in method.private(h)}, n_train=len(client.train), n_test=len(client.test),
+        local_accuracy=acc, train_loss=loss,
+    )
+
+
+def server_step(h: AdapterHandle, method: Method, results: list[ClientResult], current: Tensors, cfg: FederationConfig, rnd: int):
+    """Aggregate the round's uploads. Returns (ServerUpdate, metrics without the global score)."""
+    inputs = [r.upload | r.extras for r in results]
+    weights = client_weights([r.n_train for r in results], cfg.weighting)
+    t_agg = time.perf_counter()
+    update = method.aggregate(h, inputs, weights, current, seed=round_seed(cfg.seed, rnd))
+    aggregation_seconds = time.perf_counter() - t_agg
+    rho, rho_min = layer_metrics(h, method, inputs, weights, current, update, cfg.bound)
+    n_local = sum(r.n_test for r in results)
+    local_acc = sum(r.local_accuracy * r.n_test for r in results if r.n_test) / n_local if n_local else math.nan
+    metrics = {
+        "round": rnd,
+        "method": method.name,
+        "clients": [r.cid for r in results],
+        "train_loss": sum(r.train_loss for r in results) / len(results),
+        "local_accuracy": local_acc,
+        "divergence": _mean(rho),
+        "divergence_per_layer": rho,
+        "bound": _mean(rho_min),
+        "bound_per_layer": rho_min,
+        "bytes_up": sum(nbytes(r.upload) for r in results),
+        "bytes_down": nbytes(update.broadcast) * len(results),
+        "aggregation_seconds": aggregation_seconds,
+    }
+    return update, metrics
+
+
+def finish_metrics(metrics: dict, global_accuracy: float, wall_seconds: float) -> dict:
+    """Add the global score, the local–global gap and the wall time, in the order metrics.jsonl shows them."""
+    out = {k: metrics[k] for k in ("round", "method", "clients", "train_loss")}
+    out |= {"global_accuracy": global_accuracy, "local_accuracy": metrics["local_accuracy"],
+            "local_global_gap": metrics["local_accuracy"] - global_accuracy}
+    out |= {k: v for k, v in metrics.items() if k not in out}
+    out["wall_seconds"] = wall_seconds
+    return out
+
+
 @dataclass
 class Simulator:
     """Runs a method over clients on one shared PEFT model. ``run()`` returns one metrics dict per round."""
@@ -121,85 +208,27 @@ class Simulator:
         self.private: dict[int, Tensors] = {}
         self.history: list[dict] = []
 
-    # -- one client's local work ------------------------------------------------------------------------------
-    def train_local(self, client: SimClient, rnd: int) -> float:
-        cfg, seed = self.config, round_seed(self.config.seed, rnd, client.cid)
-        torch.manual_seed(seed)  # dropout
-        gen = torch.Generator().manual_seed(seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        self.model.train()
-        n, order, pos, losses = len(client.train), torch.empty(0, dtype=torch.long), 0, []
-        for _ in range(cfg.local_steps):
-            if pos >= len(order):  # a fresh seeded pass over the client's shard
-                order, pos = torch.randperm(n, generator=gen), 0
-            index = order[pos : pos + cfg.batch_size]
-            pos += cfg.batch_size
-            loss = self.task.loss(self.model, client.train.batch(index, cfg.device))
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-        return sum(losses) / len(losses)
-
-    # -- the round ---------------------------------------------------------------------------------------------
+    # -- the round: sample → local training → upload → aggregate → apply → evaluate ------------------------------
     def round(self, rnd: int) -> dict:
         cfg, h, method = self.config, self.handle, self.method
         start = time.perf_counter()
-        sampled = sample_clients(len(self.clients), cfg.fraction, cfg.seed, rnd)
-
-        inputs, sizes, losses, local_correct, local_n, bytes_up = [], [], [], 0.0, 0, 0
-        for cid in sampled:
-            client = self.clients[cid]
-            h.set(self.global_tensors | self.private.get(cid, {}))
-            losses.append(self.train_local(client, rnd))
-            acc = self.task.evaluate(self.model, client.test, cfg.device)
-            if len(client.test):
-                local_correct += acc * len(client.test)
-                local_n += len(client.test)
-            trained = h.get()
-            if method.private(h):
-                self.private[cid] = {n: trained[n] for n in method.private(h)}
-            upload = method.upload(h, trained)
-            bytes_up += nbytes(upload)
-            inputs.append(upload | method.eval_extras(h, trained))
-            sizes.append(len(client.train))
+        results = []
+        for cid in sample_clients(len(self.clients), cfg.fraction, cfg.seed, rnd):
+            result = client_turn(h, method, self.task, self.clients[cid], self.global_tensors | self.private.get(cid, {}), cfg, rnd)
+            if result.private:
+                self.private[cid] = result.private
+            results.append(result)
             if self.on_client:
                 self.on_client(rnd, cid)
 
-        weights = client_weights(sizes, cfg.weighting)
-        t_agg = time.perf_counter()
-        update = method.aggregate(h, inputs, weights, self.global_tensors, seed=round_seed(cfg.seed, rnd))
-        aggregation_seconds = time.perf_counter() - t_agg
-        rho, rho_min = layer_metrics(h, method, inputs, weights, self.global_tensors, update, cfg.bound)
-        bytes_down = nbytes(update.broadcast) * len(sampled)
-        self.global_tensors = method.apply(h, update, seed=round_seed(cfg.seed, rnd))
-
+        update, metrics = server_step(h, method, results, self.global_tensors, cfg, rnd)
+        self.global_tensors = method.apply(h, update.broadcast, self.global_tensors, seed=round_seed(cfg.seed, rnd))
         self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
         h.set(self.eval_tensors)
         global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
         h.set(self.global_tensors)
-        local_acc = local_correct / local_n if local_n else math.nan
 
-        metrics = {
-            "round": rnd,
-            "method": method.name,
-            "clients": sampled,
-            "train_loss": sum(losses) / len(losses),
-            "global_accuracy": global_acc,
-            "local_accuracy": local_acc,
-            "local_global_gap": local_acc - global_acc,
-            "divergence": _mean(rho),
-            "divergence_per_layer": rho,
-            "bound": _mean(rho_min),
-            "bound_per_layer": rho_min,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "aggregation_seconds": aggregation_seconds,
-            "wall_seconds": time.perf_counter() - start,
-        }
+        metrics = finish_metrics(metrics, global_acc, time.perf_counter() - start)
         self.history.append(metrics)
         if self.on_round:
             self.on_round(metrics)

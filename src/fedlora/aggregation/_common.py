@@ -1,0 +1,241 @@
+"""Validation, stacking and factorisation helpers shared by the aggregation rules.
+
+Everything a user can get wrong (method name, shapes, dtypes, NaNs, weights) is checked here once, before any
+work, and reported as a one-sentence ``ValueError`` saying what was wrong and how to fix it. The numerical
+helpers work on the stacked factors ``B_cat = [B_1 … B_U]`` (d×Ur) and ``A_cat = [A_1; …; A_U]`` (Ur×k) and
+never form a d×k matrix.
+
+Imports only torch. Must not import the method modules (they import this one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+METHODS: tuple[str, ...] = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "svd")
+
+# Relative sum-to-one tolerance: float32 weights n_u / Σn for a few thousand clients stay well inside it.
+_WEIGHT_SUM_TOL = 1e-5
+_EPS64 = torch.finfo(torch.float64).eps
+
+
+def check_method(method: object) -> str:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
+    return method
+
+
+def _where(name: str | None) -> str:
+    return f" for {name!r}" if name else ""
+
+
+def _shape(t: Tensor) -> str:
+    return "×".join(str(s) for s in t.shape) if t.dim() else "a scalar"
+
+
+def check_weights(weights: object, n_clients: int) -> Tensor:
+    """Validate client weights; return them as a float64 CPU vector (they sum to 1, none negative)."""
+    try:
+        w = torch.as_tensor(weights).detach()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"weights of type {type(weights).__name__} are not numbers; pass a 1-D tensor of one weight per client"
+        ) from None
+    if w.dim() != 1 or w.numel() != n_clients:
+        got = f"{w.numel()} entries" if w.dim() == 1 else f"shape {tuple(w.shape)}"
+        raise ValueError(
+            f"weights has {got} but there are {n_clients} clients; pass a 1-D tensor of one weight per client"
+        )
+    if w.is_complex() or not (w.is_floating_point() or w.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"weights are {w.dtype}; pass real floating-point weights such as n_u / Σ n")
+    w = w.to("cpu", torch.float64)
+    if not torch.isfinite(w).all():
+        raise ValueError("weights contain NaN or Inf; pass finite weights that sum to 1 (e.g. n_u / Σ n)")
+    if (w < 0).any():
+        u = int(torch.nonzero(w < 0)[0])
+        raise ValueError(f"weight {u} is {float(w[u]):.6g}; weights must be non-negative (e.g. n_u / Σ n)")
+    total = float(w.sum())
+    if abs(total - 1.0) > _WEIGHT_SUM_TOL:
+        raise ValueError(f"weights sum to {total:.6g}; pass weights that sum to 1 (e.g. n_u / Σ n)")
+    return w
+
+
+def _check_factor(t: object, who: str, kind: str, name: str | None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise ValueError(
+            f"{who}'s {kind}{_where(name)} is a {type(t).__name__}, not a torch.Tensor; upload each factor as a tensor"
+        )
+    if t.dim() != 2:
+        shape = "d×r" if kind == "B" else "r×k"
+        raise ValueError(
+            f"{who}'s {kind}{_where(name)} has shape {tuple(t.shape)}, not 2-D ({shape}); upload each factor as a matrix"
+        )
+    if not t.is_floating_point():
+        raise ValueError(f"{who}'s {kind}{_where(name)} is {t.dtype}; upload floating-point factors")
+    if t.numel() == 0:
+        raise ValueError(
+            f"{who}'s {kind}{_where(name)} is {_shape(t)}, which is empty; every factor needs d, k and r of at least 1"
+        )
+    return t
+
+
+@dataclass(frozen=True, eq=False)
+class Uploads:
+    """One adapted matrix's validated client uploads. ``Bs`` is ``None`` when only A was uploaded (``fedsa``)."""
+
+    Bs: list[Tensor] | None
+    As: list[Tensor]
+    w: Tensor  # float64, CPU, length U, sums to 1
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.As)
+
+
+def check_uploads(
+    Bs: Sequence[Tensor] | None,
+    As: Sequence[Tensor],
+    weights: object,
+    *,
+    name: str | None = None,
+    need_B: bool = True,
+    same_rank: bool = True,
+) -> Uploads:
+    """Check one matrix's uploads against each other; raise a one-sentence ``ValueError`` on the first problem."""
+    if isinstance(As, Tensor) or not isinstance(As, Sequence):
+        raise ValueError(f"As{_where(name)} must be a list with one r×k tensor per client, not a {type(As).__name__}")
+    if len(As) == 0:
+        raise ValueError(f"no client uploads were given{_where(name)}; pass at least one client's factors")
+    if Bs is None:
+        if need_B:
+            raise ValueError(f"Bs{_where(name)} is None but this method needs every client's B; pass the Bs")
+    else:
+        if isinstance(Bs, Tensor) or not isinstance(Bs, Sequence):
+            raise ValueError(
+                f"Bs{_where(name)} must be a list with one d×r tensor per client, not a {type(Bs).__name__}"
+            )
+        if len(Bs) != len(As):
+            raise ValueError(f"got {len(Bs)} Bs but {len(As)} As{_where(name)}; pass one B and one A per client")
+    As = [_check_factor(a, f"client {u}", "A", name) for u, a in enumerate(As)]
+    Bs = None if Bs is None else [_check_factor(b, f"client {u}", "B", name) for u, b in enumerate(Bs)]
+
+    ref = As[0]
+    for u in range(len(As)):
+        for kind, t in (("B", None if Bs is None else Bs[u]), ("A", As[u])):
+            if t is None:
+                continue
+            if t.dtype != ref.dtype:
+                raise ValueError(
+                    f"client {u}'s {kind}{_where(name)} is {t.dtype} but client 0's A is {ref.dtype}; "
+                    "upload every factor in one dtype"
+                )
+            if t.device != ref.device:
+                raise ValueError(
+                    f"client {u}'s {kind}{_where(name)} is on {t.device} but client 0's A is on {ref.device}; "
+                    "move every upload to one device"
+                )
+        if Bs is not None and Bs[u].shape[1] != As[u].shape[0]:
+            raise ValueError(
+                f"client {u}'s B{_where(name)} is {_shape(Bs[u])} but its A is {_shape(As[u])}: "
+                "B's columns and A's rows must both be the rank r"
+            )
+        if As[u].shape[1] != ref.shape[1]:
+            raise ValueError(
+                f"client {u}'s A{_where(name)} is {_shape(As[u])} but client 0's is {_shape(ref)}: "
+                "every client must adapt the same d×k matrix"
+            )
+        if Bs is not None and Bs[u].shape[0] != Bs[0].shape[0]:
+            raise ValueError(
+                f"client {u}'s B{_where(name)} is {_shape(Bs[u])} but client 0's is {_shape(Bs[0])}: "
+                "every client must adapt the same d×k matrix"
+            )
+        if same_rank and As[u].shape[0] != ref.shape[0]:
+            kind, mine, theirs = ("A", As[u], ref) if Bs is None else ("B", Bs[u], Bs[0])
+            raise ValueError(
+                f"client {u}'s {kind}{_where(name)} is {_shape(mine)} but client 0's is {_shape(theirs)}: "
+                "every client must use the same rank r"
+            )
+    for u in range(len(As)):
+        for kind, t in (("B", None if Bs is None else Bs[u]), ("A", As[u])):
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(
+                    f"client {u}'s {kind}{_where(name)} contains NaN or Inf; drop or fix that client's upload"
+                )
+    return Uploads(Bs=Bs, As=As, w=check_weights(weights, len(As)))
+
+
+def check_int(value: object, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} is {value!r}; pass an integer of at least {minimum}")
+    return value
+
+
+def check_tol(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} is {value!r}; pass a finite number ≥ 0 such as 1e-10")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear algebra on stacked factors. None of these forms a d×k matrix.
+
+
+def combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
+    """``Σ_u c_u T_u`` in the tensors' own dtype and device. O(U·size)."""
+    out = torch.zeros_like(tensors[0])
+    for t, c in zip(tensors, coeffs.tolist()):
+        if c != 0.0:
+            out.add_(t, alpha=c)
+    return out
+
+
+def weights_per_column(w: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Client weights repeated over each client's r columns: the diagonal of ``W = diag(w) ⊗ I_r``."""
+    return torch.repeat_interleave(w, torch.tensor(list(sizes)))
+
+
+def stack64(tensors: Sequence[Tensor], dim: int) -> Tensor:
+    """Concatenate along ``dim`` straight into a float64 buffer (one pass, no float32 intermediate)."""
+    sizes = [t.shape[dim] for t in tensors]
+    shape = list(tensors[0].shape)
+    shape[dim] = sum(sizes)
+    out = torch.empty(shape, dtype=torch.float64, device=tensors[0].device)
+    start = 0
+    for t, n in zip(tensors, sizes):
+        out.narrow(dim, start, n).copy_(t)
+        start += n
+    return out
+
+
+def gram(x: Tensor, *, rows: bool = False) -> Tensor:
+    """Float64 Gram of a float64 matrix's columns (``xᵀx``) or rows (``xxᵀ``), returned on the CPU.
+
+    O(d·n²) for d×n. The products of the small systems are exact to float64 rounding; see ``psd_factor``.
+    """
+    g = x @ x.T if rows else x.T @ x
+    return g.to("cpu")
+
+
+def psd_factor(g: Tensor) -> tuple[Tensor, Tensor]:
+    """Square-root factor of a PSD Gram ``g = XᵀX`` (n×n, float64): ``(V, s)`` with ``X = Q·diag(s)·Vᵀ``.
+
+    ``Q = X V diag(1/s)`` has orthonormal columns, so ``diag(s) Vᵀ`` plays the role of the R of a QR of X
+    (rotated, not triangular). Eigen-directions below ``n·eps·λ_max`` are numerically absent and dropped,
+    which is what makes duplicated clients, all-zero B (round one) and d < Ur safe. O(n³).
+    """
+    lam, V = torch.linalg.eigh(g)
+    lam_max = float(lam[-1]) if lam.numel() else 0.0
+    keep = lam > max(lam_max, 0.0) * g.shape[0] * _EPS64
+    if lam_max <= 0.0:
+        keep = torch.zeros_like(keep)
+    return V[:, keep], lam[keep].sqrt()
+
+
+def qr_r(x: Tensor) -> Tensor:
+    """R factor (min(m,n)×n) of the Householder QR of an m×n matrix; backward stable. O(m·n²)."""
+    return torch.linalg.qr(x, mode="r")[1]

@@ -1,0 +1,23 @@
+"""FedEx-LoRA (Singhal et al., "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of
+Foundation Models", ACL 2025).
+
+Broadcast FedIT's ``B̂ = Σ w_u B_u``, ``Â = Σ w_u A_u`` and fold the residual ``ΔW* − B̂Â`` into every client's
+frozen W0, which makes the round exact. The residual is kept factored, ``L R`` with
+``L = [w_1B_1 … w_UB_U, −B̂]`` (d×(U+1)r) and ``R = [A_1; …; A_U; Â]``; it costs the cheaper of d·k dense or
+(U+1)r(d+k) factored elements to send. O(U·r(d+k)) here; O(dk·(U+1)r) where a client materialises it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._common import combine
+from .result import Aggregate
+
+
+def fedex(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Aggregate:
+    B_hat, A_hat = combine(Bs, w), combine(As, w)
+    L = torch.cat([B * c for B, c in zip(Bs, w.tolist())] + [-B_hat], dim=1)
+    R = torch.cat([*As, A_hat], dim=0)
+    return Aggregate(method="fedex", B=B_hat, A=A_hat, base_delta_factors=(L, R), p=w.clone(), q=w.clone())
