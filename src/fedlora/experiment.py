@@ -35,9 +35,9 @@ class RunConfig:
     clients: int = 10
     fraction: float = 1.0
     rounds: int = 5
-    local_steps: int = 5
+    local_steps: int = 8
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     weighting: str = "examples"
     keep_head_local: bool | None = None
     partition: str = "dirichlet"

@@ -1,0 +1,72 @@
+"""Bytes each method sends per client and adapted matrix, from DESIGN.md's table.
+
+Counts the factor tensors only; heads and other non-LoRA trainables are counted by the federation layer from
+the tensors it actually sends. Imports only torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ._common import check_int, check_method
+
+__all__ = ["CommBytes", "comm_bytes", "comm_elements", "model_comm_bytes"]
+
+
+@dataclass(frozen=True)
+class CommBytes:
+    """Bytes one client uploads (``up``) and downloads (``down``) in one round."""
+
+    up: int
+    down: int
+
+    def __add__(self, other: CommBytes) -> CommBytes:
+        return CommBytes(self.up + other.up, self.down + other.down)
+
+
+def comm_elements(method: str, d: int, k: int, r: int, n_clients: int) -> tuple[int, int]:
+    """``(up, down)`` element counts per client for one d×k matrix adapted at rank r, with U = n_clients."""
+    check_method(method)
+    d, k, r = check_int(d, "d", 1), check_int(k, "k", 1), check_int(r, "r", 1)
+    U = check_int(n_clients, "n_clients", 1)
+    factors = r * (d + k)
+    if method == "ffa":  # A is frozen at the shared seed: only B travels
+        return d * r, d * r
+    if method == "fedsa":  # only A travels; B stays on the client
+        return r * k, r * k
+    if method == "flora":  # every client receives every client's factors
+        return factors, U * factors
+    if method == "fedex":  # FedIT's factors plus the residual, dense or factored, whichever is smaller
+        return factors, factors + min(d * k, (U + 1) * factors)
+    return factors, factors  # fedit, florana, svd
+
+
+def comm_bytes(
+    method: str, d: int, k: int, r: int, n_clients: int, dtype: torch.dtype = torch.float32
+) -> CommBytes:
+    """Bytes up and down per client for one d×k matrix adapted at rank r, factors in ``dtype``."""
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype is {dtype!r}; pass a torch.dtype such as torch.float32")
+    up, down = comm_elements(method, d, k, r, n_clients)
+    size = torch.empty(0, dtype=dtype).element_size()
+    return CommBytes(up * size, down * size)
+
+
+def model_comm_bytes(
+    method: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    r: int,
+    n_clients: int,
+    dtype: torch.dtype = torch.float32,
+) -> CommBytes:
+    """Sum of ``comm_bytes`` over a model's adapted modules; ``shapes[name]`` is ``(d, k)`` or ``(d, k, r)``."""
+    total = CommBytes(0, 0)
+    for name, shape in shapes.items():
+        if len(shape) not in (2, 3):
+            raise ValueError(f"shapes[{name!r}] is {shape!r}; give (d, k) or (d, k, r) for every module")
+        d, k, rank = (*shape, r) if len(shape) == 2 else shape
+        total = total + comm_bytes(method, d, k, rank, n_clients, dtype)
+    return total

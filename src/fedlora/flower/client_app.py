@@ -1,0 +1,142 @@
+"""fedlora's Flower ClientApp: one SuperNode is one client (one partition) of ``fedlora run``'s data.
+
+A client's turn is the simulator's own :func:`~fedlora.federation.simulator.client_turn`; before it, the client
+applies the broadcasts it has not applied yet with the method's own :meth:`~fedlora.federation.Method.apply`
+(fedex/flora fold into the frozen base here, on every client). Nothing here re-implements a method.
+
+In deployment a SuperNode starts a fresh process for every message, so everything a client must remember between
+rounds is in ``context.state`` (never in module globals):
+
+- ``fedlora.meta``: the partition id and the last round whose broadcast this client applied;
+- ``fedlora.current``: the global trainables it computed from that broadcast (what its next round starts from;
+  round 1 starts from the seeded init, so FFA's A0 and FedSA's initial B need no bytes);
+- ``fedlora.private``: what the method keeps on the client (FedSA's B and head);
+- ``fedlora.base``: the adapted layers' frozen base weights after every fold so far (fedex, flora), stored as the
+  weights themselves so a new process reproduces them bit for bit.
+
+The only per-process object is :class:`_ProcessModel`: the run's frozen base model, data and initial adapter as
+:func:`~fedlora.experiment.build` makes them (seeded, identical in every process), loaded once per process and
+reset from ``context.state`` at the start of every message, so no client's state survives in it. In simulation one
+process serves many SuperNodes in turn; in deployment it serves one message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora.experiment import Experiment, RunConfig, build
+from fedlora.federation.simulator import client_turn, round_seed
+from fedlora.flower.config import from_flower
+from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
+
+STATE_META = "fedlora.meta"
+STATE_CURRENT = "fedlora.current"
+STATE_PRIVATE = "fedlora.private"
+STATE_BASE = "fedlora.base"
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this SuperNode holds, so it can sample partitions as the simulator does."""
+    info = ConfigRecord({"partition-id": partition_id(context), "num-partitions": int(context.node_config.get("num-partitions", -1))})
+    return Message(RecordDict({NODE: info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Apply the broadcasts not applied yet, then the simulator's client turn; remember what the method keeps."""
+    config = from_flower(context.run_config)
+    order = msg.content.config_records[CONFIG]
+    cid, rnd = int(order["partition-id"]), int(order["round"])
+    if cid != partition_id(context):
+        raise ValueError(f"the server addressed partition {cid} to the SuperNode of partition {partition_id(context)}; restart the run")
+    proc = _ProcessModel.get(config)
+    sim = proc.exp.simulator
+    h, method, device = sim.handle, sim.method, sim.config.device
+    state = context.state
+
+    synced = int(state.config_records[STATE_META]["synced-round"]) if STATE_META in state.config_records else 0
+    stored_base = from_record(state.array_records[STATE_BASE], device) if STATE_BASE in state.array_records else {}
+    proc.reset(stored_base)
+    current = from_record(state.array_records[STATE_CURRENT], device) if STATE_CURRENT in state.array_records else dict(proc.initial)
+    for r in (int(x) for x in order["broadcast-rounds"]):
+        if r <= synced:  # applied already (the reply that said so was lost): folding twice would corrupt W0
+            continue
+        if r != synced + 1:
+            raise ValueError(f"client {cid} last applied round {synced} but was sent round {r}'s broadcast; its state was lost, restart the run")
+        current = method.apply(h, from_record(msg.content.array_records[broadcast_key(r)], device), current, seed=round_seed(config.seed, r))
+        synced = r
+    if synced != rnd - 1:
+        raise ValueError(f"client {cid} is at round {synced} but was asked to train round {rnd}; its state was lost, restart the run")
+
+    private = from_record(state.array_records[STATE_PRIVATE], device) if STATE_PRIVATE in state.array_records else {}
+    result = client_turn(h, method, sim.task, sim.clients[cid], current | private, sim.config, rnd)
+
+    state.config_records[STATE_META] = ConfigRecord({"synced-round": synced, "partition-id": cid})
+    state.array_records[STATE_CURRENT] = to_record(current)
+    if result.private:
+        state.array_records[STATE_PRIVATE] = to_record(result.private)
+    if h.folded:
+        state.array_records[STATE_BASE] = to_record(proc.base_weights(set(stored_base) | set(h.folded)))
+    reply = RecordDict({
+        UPLOAD: to_record(result.upload),
+        EXTRAS: to_record(result.extras),
+        METRICS: MetricRecord({
+            "partition-id": cid, "n-train": result.n_train, "n-test": result.n_test,
+            "local-accuracy": float(result.local_accuracy), "train-loss": float(result.train_loss),
+        }),
+    })
+    return Message(reply, reply_to=msg)
+
+
+def partition_id(context: Context) -> int:
+    value = context.node_config.get("partition-id")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"this SuperNode's node config has partition-id={value!r}; start it with "
+            "--node-config 'partition-id=N num-partitions=M' (N from 0 to the run's clients - 1)"
+        )
+    return value
+
+
+@dataclass
+class _ProcessModel:
+    """The run's base model, data and initial adapter in this process, identical in every process (seeded build)."""
+
+    key: str
+    exp: Experiment
+    pristine: Tensors  # adapted layers' frozen base weights as built, before any fold
+    initial: Tensors  # trainables as built: round 1's start
+
+    _loaded = None  # the one per-process slot: a model is only reused for the same run config
+
+    @classmethod
+    def get(cls, config: RunConfig) -> "_ProcessModel":
+        key = json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "out"}, sort_keys=True)
+        if cls._loaded is None or cls._loaded.key != key:
+            cls._loaded = None  # drop a previous run's model before loading the next
+            exp = build(config)
+            h = exp.simulator.handle
+            pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in h.layers.items()}
+            cls._loaded = cls(key, exp, pristine, h.get())
+        return cls._loaded
+
+    @torch.no_grad()
+    def reset(self, base: Tensors) -> None:
+        """Put this client's frozen base weights in place (another client's folds may be in them) and forget folds."""
+        h = self.exp.simulator.handle
+        for module, layer in h.layers.items():
+            layer.get_base_layer().weight.copy_(base.get(module, self.pristine[module]))
+        h.folded.clear()
+
+    def base_weights(self, modules: set[str]) -> Tensors:
+        layers = self.exp.simulator.handle.layers
+        return {m: layers[m].get_base_layer().weight.detach().clone() for m in sorted(modules)}

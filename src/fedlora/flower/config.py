@@ -1,0 +1,66 @@
+"""Flower's run config ⇄ :class:`~fedlora.experiment.RunConfig`: the keys are ``fedlora run``'s long flags.
+
+Flower's run config holds only str, int, float and bool, so the three settings that can be "not given" on the
+CLI have a stated stand-in here: ``examples-per-client = 0`` (no cap), ``keep-head-local = "auto"`` (the method's
+default) and ``out = ""`` (``runs/METHOD-TIMESTAMP`` in the ServerApp's working directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+
+from fedlora.experiment import RunConfig
+
+_NONE_STANDINS = {"examples_per_client": 0, "keep_head_local": "auto", "out": ""}
+
+
+def to_flower(config: RunConfig) -> dict[str, str | int | float | bool]:
+    """The run config Flower holds for ``config`` (``[tool.flwr.app.config]`` is ``to_flower(RunConfig())``)."""
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(config, f.name)
+        out[f.name.replace("_", "-")] = _NONE_STANDINS[f.name] if value is None else value
+    return out
+
+
+def from_flower(user_config: Mapping[str, object]) -> RunConfig:
+    """The :class:`RunConfig` of a Flower run config; a key or value ``fedlora run`` would reject raises ValueError."""
+    hints = typing.get_type_hints(RunConfig)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {}
+    for key, raw in user_config.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(f.replace("_", "-") for f in fields))
+            raise ValueError(f"run config key {key!r} is not a flag of `fedlora run`; use one of: {known}")
+        values[name] = _coerce(key, name, raw, hints[name])
+    return RunConfig(**values)
+
+
+def _coerce(key: str, name: str, raw: object, hint: object) -> object:
+    optional = type(None) in typing.get_args(hint)
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if optional else hint
+    if optional:
+        if name == "keep_head_local" and isinstance(raw, str):
+            lowered = raw.strip().lower()
+            if lowered in ("auto", ""):
+                return None
+            if lowered in ("true", "false"):
+                return lowered == "true"
+        if name == "examples_per_client" and isinstance(raw, int) and not isinstance(raw, bool) and raw <= 0:
+            return None
+        if name == "out" and raw == "":
+            return None
+    if base is bool and isinstance(raw, bool):
+        return raw
+    if base is int and isinstance(raw, int | float) and not isinstance(raw, bool) and float(raw).is_integer():
+        return int(raw)
+    if base is float and isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    if base is str and isinstance(raw, str):
+        return raw
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a quoted string"}[base]
+    extra = {"keep_head_local": ' or "auto"', "examples_per_client": " (0 for no cap)"}.get(name, "")
+    raise ValueError(f"run config {key}={raw!r} has the wrong type; pass {expected}{extra}, e.g. --run-config \"{key}=...\"")
