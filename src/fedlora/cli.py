@@ -27,6 +27,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "batch-size": (int, "local batch size (default 16)"),
     "lr": (float, "local AdamW learning rate (default 3e-3)"),
     "weighting": (str, "client weights: examples (n_u/Σn) or uniform (default examples)"),
+    "max-norm-ratio": (float, "reject a client update above this × the round's median norm; 0 turns it off (default 10)"),
     "partition": (str, "iid, dirichlet or pathological (default dirichlet)"),
     "alpha": (float, "Dirichlet concentration over labels; smaller is more skewed (default 0.5)"),
     "labels-per-client": (int, "labels per client for --partition pathological (default 2)"),
@@ -109,6 +110,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedlora.experiment import run_experiment
     from fedlora.report import final_row, markdown_table
 
+    if args.resume:
+        from fedlora.experiment import resume_config
+
+        given = {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f in _FLAGS}
+        if any(v is not None for k, v in given.items() if k != "rounds") or args.config:
+            raise ValueError("--resume takes its settings from the run directory; pass only --rounds (to extend the run) with it")
+        cfg = resume_config(args.resume, **({"rounds": args.rounds} if args.rounds else {}))
+        with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter} (resumed)", args.quiet) as prog:
+            exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, resume=True)
+        print(markdown_table([final_row(cfg.method, history, sum(h["wall_seconds"] for h in history))]))
+        print(f"run directory: {cfg.out}")
+        return 0
     cfg = _config_from(args)
     if cfg.out is None:
         cfg.out = args.out or str(Path("runs") / time.strftime(f"{cfg.method}-%Y%m%d-%H%M%S"))
@@ -157,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one federated experiment")
     _add_run_flags(run)
     run.add_argument("--out", default=None, help="run directory (default runs/METHOD-TIMESTAMP)")
+    run.add_argument("--resume", default=None, metavar="DIR", help="continue a killed run from its last completed round")
     run.set_defaults(func=cmd_run)
     cmp_ = sub.add_parser("compare", help="run several methods on the same data, partition and seed")
     cmp_.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all seven)")
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedlora: interrupted; finished rounds are in the run directory's metrics.jsonl", file=sys.stderr)
+        print("fedlora: interrupted; finished rounds are checkpointed: continue with `fedlora run --resume RUN_DIR`", file=sys.stderr)
         return 130
 
 

@@ -39,6 +39,7 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 3e-3
     weighting: str = "examples"
+    max_norm_ratio: float = 10.0
     keep_head_local: bool | None = None
     partition: str = "dirichlet"
     alpha: float = 0.5
@@ -93,6 +94,7 @@ class RunConfig:
         return FederationConfig(
             rounds=self.rounds, fraction=self.fraction, local_steps=self.local_steps, batch_size=self.batch_size,
             lr=self.lr, seed=self.seed, weighting=self.weighting, device=self.resolved_device(),
+            max_norm_ratio=self.max_norm_ratio,
         )
 
     @classmethod
@@ -161,24 +163,73 @@ def _json_default(obj):
     raise TypeError(type(obj))
 
 
-def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None) -> tuple[Experiment, list[dict]]:
-    """Build, run every round, write the run directory (when ``config.out`` is set) and return the metrics."""
+def _finite_or_none(m: dict) -> dict:
+    """NaN (e.g. no local test examples, a skipped round) is written as null: metrics.jsonl stays strict JSON."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}
+
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(sim: Simulator, out: Path) -> None:
+    """One file, replaced atomically: a kill at any moment leaves the previous complete checkpoint."""
+    tensors, meta = sim.snapshot()
+    tmp = out / (CHECKPOINT + ".tmp")
+    save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta, default=_json_default)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def load_checkpoint(out: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = out / CHECKPOINT
+    if not path.exists():
+        raise ValueError(f"{str(out)!r} has no {CHECKPOINT}; resume needs a run directory with at least one finished round")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["fedlora"])
+    return load_file(str(path)), meta
+
+
+def resume_config(out: str | os.PathLike, **overrides) -> RunConfig:
+    path = Path(out) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{str(out)!r} has no config.json; pass the --out directory of an earlier run to --resume")
+    return RunConfig(**(json.loads(path.read_text()) | overrides | {"out": str(out)}))
+
+
+def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None, resume: bool = False) -> tuple[Experiment, list[dict]]:
+    """Build, run every round, write the run directory (when ``config.out`` is set) and return the metrics.
+
+    With ``out`` set, every completed round appends to ``metrics.jsonl`` and replaces ``checkpoint.safetensors``;
+    ``resume=True`` continues such a directory from its last completed round.
+    """
     out = Path(config.out) if config.out else None
     config.validate()
+    checkpoint = load_checkpoint(out) if resume else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-        (out / "metrics.jsonl").write_text("")
+
+    def write_metrics(history: list[dict]) -> None:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(_finite_or_none(m), default=_json_default) + "\n" for m in history))
 
     def record(metrics: dict) -> None:
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics, default=_json_default) + "\n")
+                f.write(json.dumps(_finite_or_none(metrics), default=_json_default) + "\n")
+            save_checkpoint(exp.simulator, out)
         if on_round:
             on_round(metrics)
 
     t0 = time.perf_counter()
     exp = build(config, on_client=on_client, on_round=record)
+    if checkpoint is not None:
+        exp.simulator.restore(*checkpoint)
+    if out is not None:
+        write_metrics(exp.simulator.history)  # drops any line written after the checkpoint a kill interrupted
     history = exp.simulator.run()
     if out is not None:
         from fedlora.export import save_run_artifacts

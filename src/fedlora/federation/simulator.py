@@ -7,6 +7,7 @@ its method declares private (FedSA's B and head), so memory grows by that and no
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ from torch import Tensor, nn
 from fedlora.adapters import AdapterHandle
 from fedlora.aggregation import divergence, eckart_young_bound
 from fedlora.federation.methods import Method, ServerUpdate, Tensors
+from fedlora.federation.screening import Rejection, check_structure, norm_outliers, schema, update_norm
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
+
+log = logging.getLogger("fedlora")
 
 WEIGHTINGS = ("examples", "uniform")
 
@@ -35,6 +39,7 @@ class FederationConfig:
     max_grad_norm: float = 1.0
     device: str = "cpu"
     bound: bool = True  # also compute the Eckart–Young bound per layer (cheap: Gram space)
+    max_norm_ratio: float = 10.0  # reject updates above this × the round's median norm (0: off); see screening.py
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -47,6 +52,8 @@ class FederationConfig:
             raise ValueError(f"batch_size={self.batch_size} is below 1; pass --batch-size 1 or more")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be positive; pass e.g. --lr 5e-4")
+        if self.max_norm_ratio < 0 or (0 < self.max_norm_ratio <= 1):
+            raise ValueError(f"max_norm_ratio={self.max_norm_ratio} would reject ordinary clients; pass 0 (off) or a ratio above 1, e.g. 10")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
@@ -147,31 +154,66 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     )
 
 
-def server_step(h: AdapterHandle, method: Method, results: list[ClientResult], current: Tensors, cfg: FederationConfig, rnd: int):
-    """Aggregate the round's uploads. Returns (ServerUpdate, metrics without the global score)."""
-    inputs = [r.upload | r.extras for r in results]
-    weights = client_weights([r.n_train for r in results], cfg.weighting)
-    t_agg = time.perf_counter()
-    update = method.aggregate(h, inputs, weights, current, seed=round_seed(cfg.seed, rnd))
-    aggregation_seconds = time.perf_counter() - t_agg
-    rho, rho_min = layer_metrics(h, method, inputs, weights, current, update, cfg.bound)
-    n_local = sum(r.n_test for r in results)
-    local_acc = sum(r.local_accuracy * r.n_test for r in results if r.n_test) / n_local if n_local else math.nan
+def screen(h: AdapterHandle, method: Method, results: list[ClientResult], current: Tensors, cfg: FederationConfig, rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
+    """Split the round's results into accepted and rejected (structure, dtype, NaN/Inf, norm outliers)."""
+    up_schema, extra_schema = schema(method.upload(h, current)), schema(method.eval_extras(h, current))
+    accepted, rejected = [], []
+    for r in results:
+        reason = check_structure(r.cid, r.upload, up_schema, "upload") or check_structure(r.cid, r.extras, extra_schema, "evaluation tensors")
+        (rejected.append(Rejection(r.cid, reason)) if reason else accepted.append(r))
+    norms = [update_norm(r.upload, current) for r in accepted]
+    outliers = norm_outliers([r.cid for r in accepted], norms, cfg.max_norm_ratio)
+    bad = {o.cid for o in outliers}
+    return [r for r in accepted if r.cid not in bad], rejected + outliers
+
+
+def server_step(h: AdapterHandle, method: Method, results: list[ClientResult], current: Tensors, cfg: FederationConfig, rnd: int, failed: list[Rejection] = ()):
+    """Screen and aggregate the round's uploads.
+
+    Returns (ServerUpdate or None when no client is left, accepted results, metrics without the global score).
+    ``failed``: clients that raised during local training or evaluation, recorded like rejected uploads.
+    """
+    received_bytes = sum(nbytes(r.upload) for r in results if isinstance(r.upload, dict) and all(isinstance(t, Tensor) for t in r.upload.values()))
+    accepted, rejected = screen(h, method, results, current, cfg, rnd)
+    rejected = list(failed) + rejected
+    for rej in rejected:
+        log.warning("round %d: rejected %s", rnd, rej.reason)
     metrics = {
         "round": rnd,
         "method": method.name,
-        "clients": [r.cid for r in results],
-        "train_loss": sum(r.train_loss for r in results) / len(results),
-        "local_accuracy": local_acc,
+        "clients": [r.cid for r in accepted],
+        "train_loss": sum(r.train_loss for r in accepted) / len(accepted) if accepted else math.nan,
+        "local_accuracy": math.nan,
+        "divergence": None,
+        "divergence_per_layer": None,
+        "bound": None,
+        "bound_per_layer": None,
+        "bytes_up": received_bytes,
+        "bytes_down": 0,
+        "aggregation_seconds": 0.0,
+        "rejected": [r.as_dict() for r in rejected],
+        "n_rejected": len(rejected),
+        "skipped": not accepted,
+    }
+    if not accepted:
+        log.warning("round %d: no client left after screening; round skipped, global model unchanged", rnd)
+        return None, accepted, metrics
+    inputs = [r.upload | r.extras for r in accepted]
+    weights = client_weights([r.n_train for r in accepted], cfg.weighting)  # renormalised over accepted clients
+    t_agg = time.perf_counter()
+    update = method.aggregate(h, inputs, weights, current, seed=round_seed(cfg.seed, rnd))
+    metrics["aggregation_seconds"] = time.perf_counter() - t_agg
+    rho, rho_min = layer_metrics(h, method, inputs, weights, current, update, cfg.bound)
+    n_local = sum(r.n_test for r in accepted)
+    metrics |= {
+        "local_accuracy": sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan,
         "divergence": _mean(rho),
         "divergence_per_layer": rho,
         "bound": _mean(rho_min),
         "bound_per_layer": rho_min,
-        "bytes_up": sum(nbytes(r.upload) for r in results),
-        "bytes_down": nbytes(update.broadcast) * len(results),
-        "aggregation_seconds": aggregation_seconds,
+        "bytes_down": nbytes(update.broadcast) * len(accepted),
     }
-    return update, metrics
+    return update, accepted, metrics
 
 
 def finish_metrics(metrics: dict, global_accuracy: float, wall_seconds: float) -> dict:
@@ -197,6 +239,7 @@ class Simulator:
     task: object = field(default_factory=ClassificationTask)
     on_client: Callable[[int, int], None] | None = None  # (round, cid) after each client trains
     on_round: Callable[[dict], None] | None = None
+    turn: Callable[..., ClientResult] = client_turn  # one client's turn; swappable, e.g. to inject faulty clients
 
     def __post_init__(self) -> None:
         if not self.clients:
@@ -212,18 +255,22 @@ class Simulator:
     def round(self, rnd: int) -> dict:
         cfg, h, method = self.config, self.handle, self.method
         start = time.perf_counter()
-        results = []
+        results, failed = [], []
         for cid in sample_clients(len(self.clients), cfg.fraction, cfg.seed, rnd):
-            result = client_turn(h, method, self.task, self.clients[cid], self.global_tensors | self.private.get(cid, {}), cfg, rnd)
-            if result.private:
-                self.private[cid] = result.private
-            results.append(result)
+            try:
+                results.append(self.turn(h, method, self.task, self.clients[cid], self.global_tensors | self.private.get(cid, {}), cfg, rnd))
+            except Exception as exc:  # a failing client is data, not the end of the run
+                failed.append(Rejection(cid, f"client {cid} raised {type(exc).__name__} during its turn: {exc}"))
             if self.on_client:
                 self.on_client(rnd, cid)
 
-        update, metrics = server_step(h, method, results, self.global_tensors, cfg, rnd)
-        self.global_tensors = method.apply(h, update.broadcast, self.global_tensors, seed=round_seed(cfg.seed, rnd))
-        self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
+        update, accepted, metrics = server_step(h, method, results, self.global_tensors, cfg, rnd, failed)
+        for r in accepted:
+            if r.private:
+                self.private[r.cid] = r.private
+        if update is not None:
+            self.global_tensors = method.apply(h, update.broadcast, self.global_tensors, seed=round_seed(cfg.seed, rnd))
+            self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
         h.set(self.eval_tensors)
         global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
         h.set(self.global_tensors)
@@ -238,6 +285,43 @@ class Simulator:
         for rnd in range(len(self.history) + 1, self.config.rounds + 1):
             self.round(rnd)
         return self.history
+
+    # -- checkpoints: everything a resumed run needs to continue bit-for-bit ------------------------------------
+    def snapshot(self) -> tuple[Tensors, dict]:
+        """(tensors, meta) after the last completed round: global and scored trainables, each client's private
+        state, and for methods that fold into the base the current base weights of the adapted modules."""
+        h = self.handle
+        tensors = {f"global/{n}": t for n, t in self.global_tensors.items()}
+        # FedSA scores with tensors clients never start from; elsewhere eval and global are the same tensors.
+        tensors |= {f"eval/{n}": t for n, t in self.eval_tensors.items() if t is not self.global_tensors.get(n)}
+        for cid, priv in self.private.items():
+            tensors |= {f"private/{cid}/{n}": t for n, t in priv.items()}
+        for module, folded in h.folded.items():
+            tensors[f"base/{module}"] = h.layers[module].get_base_layer().weight.detach()
+            tensors[f"folded/{module}"] = folded
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"round": len(self.history), "history": self.history}
+
+    @torch.no_grad()
+    def restore(self, tensors: Tensors, meta: dict) -> None:
+        h, device = self.handle, self.config.device
+        self.global_tensors, self.eval_tensors, self.private = {}, {}, {}
+        for key, t in tensors.items():
+            kind, _, rest = key.partition("/")
+            t = t.to(device)
+            if kind == "global":
+                self.global_tensors[rest] = t
+            elif kind == "eval":
+                self.eval_tensors[rest] = t
+            elif kind == "private":
+                cid, _, name = rest.partition("/")
+                self.private.setdefault(int(cid), {})[name] = t
+            elif kind == "base":
+                h.layers[rest].get_base_layer().weight.copy_(t)
+            elif kind == "folded":
+                h.folded[rest] = t
+        self.eval_tensors = dict(self.global_tensors) | self.eval_tensors
+        h.set(self.global_tensors)
+        self.history = list(meta["history"])
 
     def global_state(self) -> Tensors:
         """Trainables of the global model as scored (FedSA: Â with the clients' mean B and head)."""

@@ -7,10 +7,12 @@ applies the broadcasts it has not applied yet with the method's own :meth:`~fedl
 In deployment a SuperNode starts a fresh process for every message, so everything a client must remember between
 rounds is in ``context.state`` (never in module globals):
 
-- ``fedlora.meta``: the partition id and the last round whose broadcast this client applied;
+- ``fedlora.meta``: the partition id, the last round whose broadcast this client applied, its last round trained;
 - ``fedlora.current``: the global trainables it computed from that broadcast (what its next round starts from;
   round 1 starts from the seeded init, so FFA's A0 and FedSA's initial B need no bytes);
-- ``fedlora.private``: what the method keeps on the client (FedSA's B and head);
+- ``fedlora.private``: what the method keeps on the client (FedSA's B and head), from the last round the server
+  accepted this client's result in; ``fedlora.private.pending`` holds the latest round's until the next message
+  says whether it was accepted (the simulator keeps private state of accepted clients only);
 - ``fedlora.base``: the adapted layers' frozen base weights after every fold so far (fedex, flora), stored as the
   weights themselves so a new process reproduces them bit for bit.
 
@@ -39,6 +41,7 @@ STATE_META = "fedlora.meta"
 STATE_CURRENT = "fedlora.current"
 STATE_PRIVATE = "fedlora.private"
 STATE_BASE = "fedlora.base"
+STATE_RESULT = "fedlora.private.pending"
 
 app = ClientApp()
 
@@ -63,7 +66,8 @@ def train(msg: Message, context: Context) -> Message:
     h, method, device = sim.handle, sim.method, sim.config.device
     state = context.state
 
-    synced = int(state.config_records[STATE_META]["synced-round"]) if STATE_META in state.config_records else 0
+    meta = state.config_records[STATE_META] if STATE_META in state.config_records else ConfigRecord({"synced-round": 0, "result-round": 0})
+    synced = int(meta["synced-round"])
     stored_base = from_record(state.array_records[STATE_BASE], device) if STATE_BASE in state.array_records else {}
     proc.reset(stored_base)
     current = from_record(state.array_records[STATE_CURRENT], device) if STATE_CURRENT in state.array_records else dict(proc.initial)
@@ -72,18 +76,26 @@ def train(msg: Message, context: Context) -> Message:
             continue
         if r != synced + 1:
             raise ValueError(f"client {cid} last applied round {synced} but was sent round {r}'s broadcast; its state was lost, restart the run")
-        current = method.apply(h, from_record(msg.content.array_records[broadcast_key(r)], device), current, seed=round_seed(config.seed, r))
+        broadcast = from_record(msg.content.array_records[broadcast_key(r)], device)
+        if broadcast:  # empty: no client was accepted in round r, and Simulator.round applies nothing then
+            current = method.apply(h, broadcast, current, seed=round_seed(config.seed, r))
         synced = r
     if synced != rnd - 1:
         raise ValueError(f"client {cid} is at round {synced} but was asked to train round {rnd}; its state was lost, restart the run")
 
+    # Private state counts only once the server accepted the round that produced it (Simulator.round keeps the
+    # private tensors of accepted clients only): the last result waits in STATE_RESULT until the server says so.
+    if STATE_RESULT in state.array_records:
+        if int(meta["result-round"]) == int(order["accepted-round"]):
+            state.array_records[STATE_PRIVATE] = state.array_records[STATE_RESULT]
+        del state.array_records[STATE_RESULT]
     private = from_record(state.array_records[STATE_PRIVATE], device) if STATE_PRIVATE in state.array_records else {}
     result = client_turn(h, method, sim.task, sim.clients[cid], current | private, sim.config, rnd)
 
-    state.config_records[STATE_META] = ConfigRecord({"synced-round": synced, "partition-id": cid})
+    state.config_records[STATE_META] = ConfigRecord({"synced-round": synced, "result-round": rnd, "partition-id": cid})
     state.array_records[STATE_CURRENT] = to_record(current)
     if result.private:
-        state.array_records[STATE_PRIVATE] = to_record(result.private)
+        state.array_records[STATE_RESULT] = to_record(result.private)
     if h.folded:
         state.array_records[STATE_BASE] = to_record(proc.base_weights(set(stored_base) | set(h.folded)))
     reply = RecordDict({

@@ -21,7 +21,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedlora.experiment import RunConfig, build
+from fedlora.experiment import RunConfig, _finite_or_none, _json_default, build  # metrics.jsonl's exact line format
 from fedlora.flower.config import from_flower
 from fedlora.flower.strategy import FedLoRAStrategy
 
@@ -54,13 +54,12 @@ def run_federation(grid: Grid, config: RunConfig) -> list[dict]:
         started = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(rnd), timeout=REPLY_TIMEOUT_SECONDS)
         metrics = strategy.aggregate_train(rnd, replies, started)
-        if metrics is None:
-            continue
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics, default=_json_default) + "\n")
+        with open(out / "metrics.jsonl", "a") as f:  # the line `fedlora run` writes (NaN as null)
+            f.write(json.dumps(_finite_or_none(metrics), default=_json_default) + "\n")
         div = "—" if metrics["divergence"] is None else f"{metrics['divergence']:.4f}"
-        log(INFO, "fedlora: round %s  global %.3f  local %.3f  ρ %s  up %s B  down %s B", rnd,
-            metrics["global_accuracy"], metrics["local_accuracy"], div, metrics["bytes_up"], metrics["bytes_down"])
+        log(INFO, "fedlora: round %s  global %.3f  local %.3f  ρ %s  up %s B  down %s B  rejected %s", rnd,
+            metrics["global_accuracy"], metrics["local_accuracy"], div, metrics["bytes_up"], metrics["bytes_down"],
+            metrics.get("n_rejected", 0))
 
     from fedlora.export import save_run_artifacts
     from fedlora.report import write_summary
@@ -77,10 +76,3 @@ def run_federation(grid: Grid, config: RunConfig) -> list[dict]:
     log(INFO, "fedlora: run directory %s", out)
     return history
 
-
-def _json_default(obj):
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(type(obj))

@@ -16,12 +16,12 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedlora.experiment import Experiment
+from fedlora.federation.screening import Rejection
 from fedlora.federation.simulator import ClientResult, finish_metrics, round_seed, sample_clients, server_step
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
 
@@ -38,6 +38,8 @@ class FedLoRAStrategy:
         self.nodes: dict[int, int] = {}  # partition id → SuperNode id
         self.synced: dict[int, int] = {cid: 0 for cid in range(n)}  # last round whose broadcast each client applied
         self.pending: dict[int, Tensors] = {}  # round → broadcast, kept until every client has applied it
+        self.accepted: dict[int, int] = {cid: 0 for cid in range(n)}  # last round each client's result was accepted
+        self.sampled: list[int] = []
 
     # -- which SuperNode holds which partition ----------------------------------------------------------------------
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_SECONDS) -> dict[int, int]:
@@ -79,34 +81,48 @@ class FedLoRAStrategy:
 
     # -- the round ------------------------------------------------------------------------------------------------
     def configure_train(self, rnd: int) -> list[Message]:
-        """One train message per sampled client: the round, and every broadcast it has not applied yet."""
+        """One train message per sampled client: the round, every broadcast it has not applied yet, and the last
+        round whose result the server accepted from it (so it keeps only accepted private state, as the simulator)."""
         cfg = self.sim.config
         messages = []
-        for cid in sample_clients(len(self.sim.clients), cfg.fraction, cfg.seed, rnd):
+        self.sampled = sample_clients(len(self.sim.clients), cfg.fraction, cfg.seed, rnd)
+        for cid in self.sampled:
             rounds = list(range(self.synced[cid] + 1, rnd))
-            content = RecordDict({CONFIG: ConfigRecord({"round": rnd, "partition-id": cid, "broadcast-rounds": rounds})})
+            order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]}
+            content = RecordDict({CONFIG: ConfigRecord(order)})
             for r in rounds:
                 content[broadcast_key(r)] = to_record(self.pending[r])
             messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
         return messages
 
-    def aggregate_train(self, rnd: int, replies: Iterable[Message], started: float) -> dict | None:
-        """``Simulator.round`` after its clients: aggregate, apply to the server's model, score it. None if no reply."""
+    def aggregate_train(self, rnd: int, replies: Iterable[Message], started: float) -> dict:
+        """``Simulator.round`` after its clients' turns: screen and aggregate, apply to the server's model, score it."""
         sim, h, method, cfg = self.sim, self.sim.handle, self.sim.method, self.sim.config
-        results = sorted((r for r in (self._result(m, rnd) for m in replies) if r is not None), key=lambda r: r.cid)
-        if not results:
-            log(WARNING, "fedlora: round %s got no usable reply; the global model is unchanged", rnd)
-            return None
-        update, metrics = server_step(h, method, results, sim.global_tensors, cfg, rnd)
-        sim.global_tensors = method.apply(h, update.broadcast, sim.global_tensors, seed=round_seed(cfg.seed, rnd))
-        sim.eval_tensors = update.eval_tensors if update.eval_tensors is not None else sim.global_tensors
+        results, failed = [], []
+        for msg in replies:
+            got = self._result(msg)
+            (results if isinstance(got, ClientResult) else failed).append(got)
+        answered = {r.cid for r in results} | {f.cid for f in failed}
+        failed += [Rejection(cid, f"client {cid} sent no reply in round {rnd}") for cid in self.sampled if cid not in answered]
+        results.sort(key=lambda r: r.cid)  # the simulator's order: sampled partition ids, ascending
+        failed.sort(key=lambda f: f.cid)
+
+        update, accepted, metrics = server_step(h, method, results, sim.global_tensors, cfg, rnd, failed)
+        for r in accepted:
+            self.accepted[r.cid] = rnd
+        if update is not None:
+            sim.global_tensors = method.apply(h, update.broadcast, sim.global_tensors, seed=round_seed(cfg.seed, rnd))
+            sim.eval_tensors = update.eval_tensors if update.eval_tensors is not None else sim.global_tensors
         h.set(sim.eval_tensors)
         global_acc = sim.task.evaluate(sim.model, sim.global_test, cfg.device)
         h.set(sim.global_tensors)
 
-        for r in results:
+        for r in results:  # every client that trained had applied the broadcasts up to the previous round
             self.synced[r.cid] = rnd - 1
-        self.pending[rnd] = update.broadcast
+        if update is not None:
+            self.pending[rnd] = update.broadcast
+        else:  # nothing to apply: an empty broadcast keeps every client's round count in step
+            self.pending[rnd] = {}
         applied_by_all = min(self.synced.values())
         self.pending = {r: b for r, b in self.pending.items() if r > applied_by_all}
 
@@ -114,38 +130,24 @@ class FedLoRAStrategy:
         sim.history.append(metrics)
         return metrics
 
-    def _result(self, msg: Message, rnd: int) -> ClientResult | None:
-        """A reply as the simulator's ClientResult, or None (logged) when it failed or does not fit the protocol."""
+    def _result(self, msg: Message) -> ClientResult | Rejection:
+        """A reply as the simulator's ClientResult, or a Rejection (failed, or not in the protocol's layout).
+
+        The tensors themselves are screened by :func:`server_step`, exactly as in the simulator."""
         node = msg.metadata.src_node_id
+        cid = next((c for c, n in self.nodes.items() if n == node), -1)
         if msg.has_error():
-            log(WARNING, "fedlora: round %s: SuperNode %s failed (%s); left out of the round", rnd, node, msg.error.reason)
-            return None
+            return Rejection(cid, f"client {cid} (SuperNode {node}) failed during its turn: {msg.error.reason}")
         try:
             m = msg.content.metric_records[METRICS]
-            cid = int(m["partition-id"])
-            if self.nodes.get(cid) != node:
-                raise ValueError(f"it says it holds partition {cid}, which the server mapped to SuperNode {self.nodes.get(cid)}")
+            if int(m["partition-id"]) != cid:
+                raise ValueError(f"it says it holds partition {int(m['partition-id'])}")
             device = self.sim.config.device
-            upload = from_record(msg.content.array_records[UPLOAD], device)
-            extras = from_record(msg.content.array_records[EXTRAS], device)
-            self._check(upload, extras)
             return ClientResult(
-                cid=cid, upload=upload, extras=extras, private={}, n_train=int(m["n-train"]), n_test=int(m["n-test"]),
+                cid=cid, upload=from_record(msg.content.array_records[UPLOAD], device),
+                extras=from_record(msg.content.array_records[EXTRAS], device), private={},
+                n_train=int(m["n-train"]), n_test=int(m["n-test"]),
                 local_accuracy=float(m["local-accuracy"]), train_loss=float(m["train-loss"]),
             )
-        except (KeyError, ValueError) as exc:
-            log(WARNING, "fedlora: round %s: reply of SuperNode %s left out: %s", rnd, node, exc)
-            return None
-
-    def _check(self, upload: Tensors, extras: Tensors) -> None:
-        """An upload must hold exactly the tensors the method uploads, in their shapes, all finite."""
-        h, method, current = self.sim.handle, self.sim.method, self.sim.global_tensors
-        for what, got, want in (("upload", upload, method.upload(h, current)), ("extras", extras, method.eval_extras(h, current))):
-            if set(got) != set(want):
-                raise ValueError(f"its {what} has tensors {sorted(set(got) ^ set(want))[:3]} where {method.name} expects otherwise")
-            for name, t in got.items():
-                if t.shape != want[name].shape:
-                    raise ValueError(f"its {what} tensor {name} has shape {tuple(t.shape)}, expected {tuple(want[name].shape)}")
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"its {what} tensor {name} has NaN or infinite values")
-
+        except (KeyError, ValueError, TypeError) as exc:
+            return Rejection(cid, f"client {cid} (SuperNode {node}) sent a reply outside the protocol: {exc!r}")

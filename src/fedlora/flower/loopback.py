@@ -1,0 +1,319 @@
+"""A Flower deployment on one machine (loopback), with TLS and SuperNode authentication, and nothing left behind.
+
+:class:`LoopbackFederation` writes a CA and a server certificate for 127.0.0.1/localhost, one P-384 key pair per
+SuperNode, starts a SuperLink (TLS, ``--enable-supernode-auth``), registers the SuperNodes' public keys with
+``flwr supernode register``, starts the SuperNodes (``partition-id=i num-partitions=N``), submits runs with
+``flwr run . <connection> --stream``, and on :meth:`stop` ends every process it started and everything they
+started (by process id, found through the sessions it created), then checks that none is left.
+
+Command line (what ``scripts/flower_deploy.sh`` runs)::
+
+    python -m fedlora.flower.loopback --supernodes 2 --run-config "method='fedsa' rounds=2 clients=2"
+
+The run config's ``clients`` must equal ``--supernodes`` (one SuperNode per partition).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONNECTION = "loopback"
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+# -- certificates and keys -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path  # the root the SuperNodes and the flwr CLI trust
+    cert: Path  # the SuperLink's certificate (SAN: 127.0.0.1, ::1, localhost)
+    key: Path
+
+
+def write_certificates(folder: Path) -> Certificates:
+    """A self-signed CA and a SuperLink certificate for the loopback addresses, valid for one day."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora loopback CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    key = ec.generate_private_key(ec.SECP384R1())
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    out = Certificates(folder / "ca.crt", folder / "server.pem", folder / "server.key")
+    out.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    out.key.chmod(0o600)
+    return out
+
+
+def write_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's P-384 key pair in OpenSSH format (what flower-supernode and `flwr supernode register` read)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s; see {log}")
+
+
+# -- processes -------------------------------------------------------------------------------------------------------
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, session id) of every process (Linux /proc; psutil elsewhere)."""
+    table: dict[int, tuple[int, int]] = {}
+    if os.path.isdir("/proc"):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+            if fields[0] != "Z":
+                table[int(entry)] = (int(fields[1]), int(fields[3]))
+        return table
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                table[p.pid] = (p.ppid(), os.getsid(p.pid))
+        except (psutil.Error, OSError):
+            continue
+    return table
+
+
+def family(roots: list[int]) -> set[int]:
+    """Live processes started by ``roots``: their descendants, and every process in a session one of them leads.
+
+    Each root is started in a new session; Flower's own children either inherit it or (SuperExec) start their own
+    below it, and Ray's workers, reparented to init, keep those sessions, so the sessions catch them too.
+    """
+    table = _proc_table()
+    found = {pid for pid in roots if pid in table}
+    while True:
+        sessions = {table[pid][1] for pid in found} & (set(roots) | found)
+        grown = found | {pid for pid, (ppid, sid) in table.items() if ppid in found or sid in sessions}
+        if grown == found:
+            return found
+        found = grown
+
+
+def terminate(pids: set[int], grace: float = 10.0) -> set[int]:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; returns the ids still alive (should be none)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        alive = pids & set(_proc_table())
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = pids & set(_proc_table())
+        if not alive:
+            return set()
+    return pids & set(_proc_table())
+
+
+# -- the federation --------------------------------------------------------------------------------------------------
+@dataclass
+class LoopbackFederation:
+    """SuperLink + ``supernodes`` SuperNodes on 127.0.0.1 with TLS and SuperNode authentication, in ``workdir``."""
+
+    workdir: Path
+    supernodes: int = 2
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every process
+    port: int = 0  # SuperLink's HTTPS port (Fleet, Control and runtime APIs); 0 = a free one
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    node_keys: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+        self.environ = os.environ | FLOWER_ENV | {"FLWR_HOME": str(self.home)} | self.env
+
+    # ---- start ----
+    def start(self) -> "LoopbackFederation":
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.certs = write_certificates(self.workdir / "certificates")
+        self.port = self.port or free_port()
+        self._write_connection()
+        self._spawn("superlink", [
+            "flower-superlink", "--ssl-ca-certfile", str(self.certs.ca), "--ssl-certfile", str(self.certs.cert),
+            "--ssl-keyfile", str(self.certs.key), "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.port),
+        ])
+        _wait_for_port(self.port, self.processes["superlink"], 60, "flower-superlink", self.logs / "superlink.log")
+        for i in range(self.supernodes):
+            private, public = write_node_key(self.workdir / "keys", f"supernode-{i}")
+            self.node_keys.append((private, public))
+            self.register(public)
+            self.start_supernode(i, private)
+        return self
+
+    def _write_connection(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs.ca}"\n'
+        )
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(command, env=self.environ, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=self.workdir, start_new_session=True)
+        log.close()
+        self.processes[name] = proc
+        return proc
+
+    def flwr(self, *args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this federation's connection."""
+        return subprocess.run(["flwr", *args], env=self.environ, cwd=cwd or self.workdir, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def register(self, public_key: Path, attempts: int = 30) -> None:
+        for _ in range(attempts):
+            res = self.flwr("supernode", "register", str(public_key), CONNECTION)
+            if res.returncode == 0:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"`flwr supernode register {public_key}` failed: {res.stdout[-2000:]} {res.stderr[-2000:]}")
+
+    def start_supernode(self, partition: int, private_key: Path, *, name: str | None = None, extra: list[str] = ()) -> subprocess.Popen:
+        name = name or f"supernode-{partition}"
+        return self._spawn(name, [
+            "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs.ca),
+            "--auth-supernode-private-key", str(private_key),
+            # the SuperNode's own runtime API (its SuperExec and ClientApp processes) is TLS too
+            "--port", str(free_port()), "--ssl-certfile", str(self.certs.cert), "--ssl-keyfile", str(self.certs.key),
+            "--ssl-ca-certfile", str(self.certs.ca),
+            "--node-config", f"partition-id={partition} num-partitions={self.supernodes}", *extra,
+        ])
+
+    # ---- run ----
+    def run(self, app: Path, run_config: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """``flwr run APP loopback --run-config ... --stream``: returns when the run has finished."""
+        return self.flwr("run", str(Path(app).resolve()), CONNECTION, "--run-config", run_config, "--stream",
+                         timeout=timeout, cwd=Path(app).resolve())
+
+    # ---- stop ----
+    def stop(self) -> set[int]:
+        """End every process this federation started and all they started; returns the ids left (should be none)."""
+        roots = [p.pid for p in self.processes.values()]
+        left = terminate(family(roots))
+        for p in self.processes.values():
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        return left
+
+    def __enter__(self) -> "LoopbackFederation":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        left = self.stop()
+        if left:
+            raise RuntimeError(f"processes {sorted(left)} survived the federation's teardown")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fedlora.flower.loopback", description=__doc__.split("\n\n")[0])
+    p.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start, one per partition (= the run's clients)")
+    p.add_argument("--run-config", default="", help="run config overrides, e.g. \"method='fedsa' rounds=2\"")
+    p.add_argument("--app", default=".", help="the Flower app (this repository)")
+    p.add_argument("--workdir", default=None, help="certificates, keys, FLWR_HOME and logs (default: a temporary folder)")
+    args = p.parse_args(argv)
+    overrides = args.run_config
+    if "clients=" not in overrides:
+        overrides = f"{overrides} clients={args.supernodes}".strip()
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fedlora-loopback-"))
+    print(f"loopback federation in {workdir} (logs in {workdir / 'logs'})", flush=True)
+    fed = LoopbackFederation(workdir, args.supernodes)
+    rc = 1
+    try:
+        fed.start()
+        print(f"SuperLink 127.0.0.1:{fed.port} (TLS, SuperNode auth), {args.supernodes} SuperNodes registered and started", flush=True)
+        res = fed.run(Path(args.app), overrides)
+        sys.stdout.write(res.stdout)
+        sys.stderr.write(res.stderr)
+        rc = res.returncode
+    finally:
+        left = fed.stop()
+        print("stopped every process started" if not left else f"could not stop processes {sorted(left)}", flush=True)
+    return rc if not left else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
