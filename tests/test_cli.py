@@ -56,13 +56,38 @@ def test_toml_config_and_flag_override(small_csv, tmp_path):
     (["--config", "/nonexistent.toml"], "does not exist"),
     (["--method", "svd", "--adapter", "vera"], "does not support adapter vera"),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(args, needle, small_csv, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", *TINY, "--data", str(small_csv),
-                           "--out", str(tmp_path / "x"), *args], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("fedlora: error:") and needle in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_input_is_one_line_and_exit_code_2(args, needle, small_csv, tmp_path, capsys):
+    code = main(["run", *TINY, "--data", str(small_csv), "--out", str(tmp_path / "x"), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedlora: error:") and needle in lines[0], err
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()  # rejected before any work started
+
+
+@pytest.mark.parametrize("case", ["missing-file", "no-label-column", "too-many-clients", "unknown-model", "unknown-key"])
+def test_bad_data_model_and_config_inputs(case, small_csv, tmp_path, capsys):
+    args = {"missing-file": ["--data", str(tmp_path / "nope.csv")],
+            "too-many-clients": ["--data", str(small_csv), "--clients", "5000"],
+            "unknown-model": ["--data", str(small_csv), "--model", str(tmp_path / "no-model")]}.get(case, [])
+    needle = {"missing-file": "nope.csv", "no-label-column": "stars", "too-many-clients": "5000",
+              "unknown-model": "no-model", "unknown-key": "learning_rate"}[case]
+    if case == "no-label-column":
+        bad = tmp_path / "reviews.csv"
+        bad.write_text("text,stars\ngood,5\nbad,1\nfine,3\n")
+        args = ["--data", str(bad)]
+    if case == "unknown-key":
+        cfg = tmp_path / "c.toml"
+        cfg.write_text("learning_rate = 0.1\n")
+        args = ["--config", str(cfg)]
+    base = [a for a in TINY if a != "--quiet"]
+    if case != "unknown-model":
+        base = [a for i, a in enumerate(base) if not (a == "--model" or (i > 0 and base[i - 1] == "--model"))] + ["--model", "tiny:bert"]
+    code = main(["run", *base, *args, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
 
 
 def test_malformed_toml(tmp_path):

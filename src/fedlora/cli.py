@@ -83,13 +83,18 @@ class _Progress:
         self.task = self.progress.add_task(label, total=total_steps)
 
     def __enter__(self):
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
+        if self.started:
+            self.progress.__exit__(*exc)
+
+    started = False
 
     def client(self, rnd: int, cid: int) -> None:
+        if not self.started:  # shown once training starts: loading errors print alone, on one line
+            self.progress.__enter__()
+            self.started = True
         self.progress.advance(self.task)
 
     def round(self, m: dict) -> None:

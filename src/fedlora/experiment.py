@@ -209,6 +209,8 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
     out = Path(config.out) if config.out else None
     config.validate()
     checkpoint = load_checkpoint(out) if resume else None
+    if out is not None and not resume and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
+        raise ValueError(f"{str(out)!r} already holds a run; pass a new --out, or --resume {out} to continue it")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
