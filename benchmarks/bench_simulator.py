@@ -67,8 +67,9 @@ def throughput(model_name: str, steps: int, repeats: int) -> tuple[float, float]
 def peak_rss_child(model_name: str, clients: int) -> None:
     from fedlora.experiment import RunConfig, run_experiment
 
-    cfg = RunConfig(model=model_name, method="fedsa", clients=clients, rounds=2, local_steps=1, batch_size=8,
-                    fraction=min(1.0, 4 / clients), examples_per_client=20, test_examples=100, partition="iid")
+    # Every client trains once, so every client holds its private B and head at the end.
+    cfg = RunConfig(model=model_name, method="fedsa", clients=clients, rounds=1, local_steps=1, batch_size=8,
+                    fraction=1.0, examples_per_client=20, test_examples=100, partition="iid")
     run_experiment(cfg)
     print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 

@@ -163,9 +163,10 @@ def _json_default(obj):
     raise TypeError(type(obj))
 
 
-def _finite_or_none(m: dict) -> dict:
-    """NaN (e.g. no local test examples, a skipped round) is written as null: metrics.jsonl stays strict JSON."""
-    return {k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}
+def metrics_line(m: dict) -> str:
+    """One metrics.jsonl line. NaN (no local test examples, a skipped round) is written as null: strict JSON."""
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}
+    return json.dumps(clean, default=_json_default) + "\n"
 
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -216,12 +217,12 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     def write_metrics(history: list[dict]) -> None:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(_finite_or_none(m), default=_json_default) + "\n" for m in history))
+        (out / "metrics.jsonl").write_text("".join(metrics_line(m) for m in history))
 
     def record(metrics: dict) -> None:
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(_finite_or_none(metrics), default=_json_default) + "\n")
+                f.write(metrics_line(metrics))
             save_checkpoint(exp.simulator, out)
         if on_round:
             on_round(metrics)

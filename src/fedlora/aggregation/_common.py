@@ -162,11 +162,17 @@ def check_uploads(
             )
     for u in range(len(As)):
         for kind, t in (("B", None if Bs is None else Bs[u]), ("A", As[u])):
-            if t is not None and not torch.isfinite(t).all():
+            if t is not None and not all_finite(t):
                 raise ValueError(
                     f"client {u}'s {kind}{_where(name)} contains NaN or Inf; drop or fix that client's upload"
                 )
     return Uploads(Bs=Bs, As=As, w=check_weights(weights, len(As)))
+
+
+def all_finite(t: Tensor) -> bool:
+    """True when no entry is NaN or ±Inf. A finite sum proves it with one reduction (elementwise
+    ``isfinite`` is ~50× slower on CPU); only a non-finite sum, possibly an overflow, needs the full check."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check_int(value: object, what: str, minimum: int) -> int:

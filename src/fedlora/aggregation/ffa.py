@@ -23,4 +23,4 @@ def ffa(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, name: str | None = Non
                 f"client {u}'s A{where} differs from client 0's (max |ΔA| = {gap:.3g}): FFA-LoRA needs the frozen "
                 "shared A0 on every client, so freeze A at one seeded init or choose another method"
             )
-    return Aggregate(method="ffa", B=combine(Bs, w), A=A0.clone(), p=w.clone(), q=None)
+    return Aggregate(method="ffa", B=combine(Bs, w), A=A0.clone(), p=w.clone(), q=None, frozen_A=True)

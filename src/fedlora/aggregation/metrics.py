@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._common import check_int, check_uploads, qr_r, weights_per_column
+from ._common import check_int, check_uploads, combine, qr_r, weights_per_column
 from .result import Aggregate
 
 __all__ = ["divergence", "eckart_young_bound"]
@@ -37,8 +37,8 @@ def divergence(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: object, resu
     up = check_uploads(Bs, As, weights, same_rank=result.method != "flora")
     w = up.w
     B_res = result.B if result.B is not None else result.eval_B
-    if B_res is None:
-        B_res = torch.stack([_f64(B) for B in up.Bs]).mul_(w[:, None, None].to(up.Bs[0].device)).sum(0)
+    if B_res is None:  # fedsa aggregated from As only: score Σ w_u B_u, as eval_B would have
+        B_res = combine(up.Bs, w)
     if result.A is None:
         raise ValueError(f"this {result.method} result has no A; pass a result returned by aggregate()")
     d, k = up.Bs[0].shape[0], up.As[0].shape[1]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from . import check_options, run_rule
-from ._common import check_method, check_uploads, check_weights, combine
+from ._common import all_finite, check_method, check_uploads, check_weights, combine
 from .metrics import divergence as _divergence
 from .result import Aggregate
 
@@ -103,7 +103,7 @@ def _mean_others(others: Sequence[Mapping[str, Tensor]], w: Tensor) -> dict[str,
                     f"client {u}'s {name!r} is {tuple(t.shape)} {t.dtype} on {t.device} but client 0's is "
                     f"{tuple(first.shape)} {first.dtype} on {first.device}: every client must send the same tensor"
                 )
-            if not t.isfinite().all():
+            if not all_finite(t):
                 raise ValueError(f"client {u}'s {name!r} contains NaN or Inf; drop or fix that client's upload")
         out[name] = combine([dct[name] for dct in others], w)
     return out

@@ -31,6 +31,7 @@ class Aggregate:
             are ``diag(λ)·shared``, aggregates its vectors with these same coefficients.
         eval_B: ``fedsa`` only: ``Σ w_u B_u``, used solely to score a global model, never broadcast.
         personalised: True when clients keep private state the server does not replace (``fedsa``).
+        frozen_A: True when ``A`` is the frozen shared ``A0`` every client already holds (``ffa``): not sent.
         info: method diagnostics (``florana``: iterations, objective history, convergence; ``svd``:
             singular values of the core, numerical rank).
     """
@@ -43,6 +44,7 @@ class Aggregate:
     q: Tensor | None = None
     eval_B: Tensor | None = None
     personalised: bool = False
+    frozen_A: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,9 +102,10 @@ class Aggregate:
     def down_elements(self) -> int:
         """Elements the server sends each client for this matrix (``eval_B`` is never sent)."""
         n = self.residual_elements()
-        for t in (self.B, self.A):
-            if t is not None:
-                n += t.numel()
+        if self.B is not None:
+            n += self.B.numel()
+        if self.A is not None and not self.frozen_A:
+            n += self.A.numel()
         return n
 
     def down_bytes(self) -> int:

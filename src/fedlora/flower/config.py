@@ -8,6 +8,7 @@ default) and ``out = ""`` (``runs/METHOD-TIMESTAMP`` in the ServerApp's working 
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from collections.abc import Mapping
 
@@ -64,3 +65,14 @@ def _coerce(key: str, name: str, raw: object, hint: object) -> object:
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a quoted string"}[base]
     extra = {"keep_head_local": ' or "auto"', "examples_per_client": " (0 for no cap)"}.get(name, "")
     raise ValueError(f"run config {key}={raw!r} has the wrong type; pass {expected}{extra}, e.g. --run-config \"{key}=...\"")
+
+
+def to_toml(config: RunConfig, *, changed_only: bool = True) -> str:
+    """``config`` as a TOML file for ``flwr run --run-config FILE`` (by default only what differs from the defaults)."""
+    defaults = to_flower(RunConfig())
+    lines = []
+    for key, value in to_flower(config).items():
+        if changed_only and value == defaults[key] and type(value) is type(defaults[key]):
+            continue
+        lines.append(f"{key} = {json.dumps(value)}")  # JSON scalars are valid TOML scalars (true/false, numbers, "str")
+    return "\n".join(lines) + "\n"

@@ -289,29 +289,45 @@ class LoopbackFederation:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flwr.common.config import parse_config_args
+
+    from fedlora.flower.config import from_flower, to_flower, to_toml
+    from fedlora.experiment import RunConfig
+
     p = argparse.ArgumentParser(prog="python -m fedlora.flower.loopback", description=__doc__.split("\n\n")[0])
-    p.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start, one per partition (= the run's clients)")
-    p.add_argument("--run-config", default="", help="run config overrides, e.g. \"method='fedsa' rounds=2\"")
-    p.add_argument("--app", default=".", help="the Flower app (this repository)")
-    p.add_argument("--workdir", default=None, help="certificates, keys, FLWR_HOME and logs (default: a temporary folder)")
+    p.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start, one per partition (the run's clients)")
+    p.add_argument("--run-config", default="", help="overrides as \"k=v ...\" or a .toml file; keys are `fedlora run`'s long flags")
+    p.add_argument("--app", default=".", help="the Flower app: this repository (default .)")
+    p.add_argument("--workdir", default=None, help="certificates, keys, FLWR_HOME, logs (default: a new temporary folder)")
     args = p.parse_args(argv)
-    overrides = args.run_config
-    if "clients=" not in overrides:
-        overrides = f"{overrides} clients={args.supernodes}".strip()
+    # Every setting is checked before a process starts.
+    try:
+        overrides = parse_config_args([args.run_config] if args.run_config else None)
+        overrides.setdefault("clients", args.supernodes)
+        config = from_flower(to_flower(RunConfig()) | overrides).validate()
+    except (ValueError, OSError) as exc:
+        p.error(str(exc))
+    if config.clients != args.supernodes:
+        p.error(f"the run has clients={config.clients} but --supernodes {args.supernodes}; one SuperNode per client")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fedlora-loopback-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    run_config = workdir / "run-config.toml"
+    run_config.write_text(to_toml(config))
     print(f"loopback federation in {workdir} (logs in {workdir / 'logs'})", flush=True)
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this script still stops what it started
     fed = LoopbackFederation(workdir, args.supernodes)
-    rc = 1
+    rc, left = 1, set()
     try:
         fed.start()
-        print(f"SuperLink 127.0.0.1:{fed.port} (TLS, SuperNode auth), {args.supernodes} SuperNodes registered and started", flush=True)
-        res = fed.run(Path(args.app), overrides)
+        print(f"SuperLink 127.0.0.1:{fed.port} (TLS, SuperNode auth); {args.supernodes} SuperNodes registered and started", flush=True)
+        res = fed.run(Path(args.app), str(run_config))
         sys.stdout.write(res.stdout)
         sys.stderr.write(res.stderr)
         rc = res.returncode
     finally:
         left = fed.stop()
-        print("stopped every process started" if not left else f"could not stop processes {sorted(left)}", flush=True)
+        print("stopped every process it started" if not left else f"could not stop processes {sorted(left)}", flush=True)
     return rc if not left else 1
 
 

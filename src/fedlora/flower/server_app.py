@@ -21,7 +21,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedlora.experiment import RunConfig, _finite_or_none, _json_default, build  # metrics.jsonl's exact line format
+from fedlora.experiment import RunConfig, build, metrics_line
 from fedlora.flower.config import from_flower
 from fedlora.flower.strategy import FedLoRAStrategy
 
@@ -41,6 +41,8 @@ def run_federation(grid: Grid, config: RunConfig) -> list[dict]:
     if not config.out:
         config.out = str(Path("runs") / time.strftime(f"{config.method}-flower-%Y%m%d-%H%M%S"))
     out = Path(config.out).resolve()
+    if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:  # as `fedlora run`
+        raise ValueError(f"{str(out)!r} already holds a run; pass a new out, e.g. --run-config \"out='{out}-2'\"")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     (out / "metrics.jsonl").write_text("")
@@ -55,7 +57,7 @@ def run_federation(grid: Grid, config: RunConfig) -> list[dict]:
         replies = grid.send_and_receive(strategy.configure_train(rnd), timeout=REPLY_TIMEOUT_SECONDS)
         metrics = strategy.aggregate_train(rnd, replies, started)
         with open(out / "metrics.jsonl", "a") as f:  # the line `fedlora run` writes (NaN as null)
-            f.write(json.dumps(_finite_or_none(metrics), default=_json_default) + "\n")
+            f.write(metrics_line(metrics))
         div = "—" if metrics["divergence"] is None else f"{metrics['divergence']:.4f}"
         log(INFO, "fedlora: round %s  global %.3f  local %.3f  ρ %s  up %s B  down %s B  rejected %s", rnd,
             metrics["global_accuracy"], metrics["local_accuracy"], div, metrics["bytes_up"], metrics["bytes_down"],

@@ -6,8 +6,10 @@ applies each broadcast to its own model with the method's ``apply`` and scores t
 ``Simulator.round`` does. So a Flower run writes the numbers ``fedlora run`` writes for the same settings and seed.
 
 Hooks as in Flower's message strategies: :meth:`configure_train` says what each sampled client gets,
-:meth:`aggregate_train` turns replies into the next global state and the round's metrics. Failed or malformed
-replies are logged and left out of the round, never allowed to crash it.
+:meth:`aggregate_train` turns replies into the next global state and the round's metrics. A failed reply, a missing
+one or one outside the message layout becomes one of the simulator's rejections (in ``metrics.jsonl``, as for a
+client that raised in-process), and uploads go through the simulator's screening: bad replies are data, never the
+end of a run.
 """
 
 from __future__ import annotations

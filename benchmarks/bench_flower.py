@@ -1,0 +1,140 @@
+"""Wall time of one job in-process vs Flower simulation vs a loopback Flower deployment, as ratios.
+
+The job: tiny random BERT, 4 clients, 3 rounds (florana by default). Each engine runs it once in this invocation,
+from a command a user would type, and each must write the same numbers (divergence and bytes checked equal) — so
+the ratios compare engines doing the same work.
+
+- in-process: ``fedlora run`` (one process; its wall time includes Python and library start-up);
+- Flower simulation: ``flwr run . local --stream`` on an already running local SuperLink (Ray starts per run);
+- loopback deployment: ``flwr run . loopback --stream`` on a running SuperLink + 4 SuperNodes, TLS and SuperNode
+  authentication (a process per ClientApp message, SuperNodes poll for messages every 3 s when idle).
+
+Starting the SuperLink (and SuperNodes) is infrastructure that stays up between runs; its time is shown apart.
+
+    python benchmarks/bench_flower.py                 # ~5 min on 2 cores
+    python benchmarks/bench_flower.py --method fedsa
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def job(method: str, out: Path):
+    from fedlora.experiment import RunConfig
+
+    return RunConfig(method=method, model="tiny:bert", data="tweets", clients=4, rounds=3, local_steps=5, batch_size=8,
+                     rank=4, examples_per_client=60, test_examples=100, max_length=32, partition="iid", device="cpu",
+                     out=str(out))
+
+
+def timed(command: list[str], env: dict, cwd: Path, timeout: float = 1800) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{(res.stdout + res.stderr)[-4000:]}")
+    return wall
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def main() -> None:
+    from fedlora.experiment import RunConfig
+    from fedlora.flower.config import to_toml
+    from fedlora.flower.loopback import FLOWER_ENV, LoopbackFederation, family, free_port, terminate
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", default="florana")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process, the same for every engine")
+    args = p.parse_args()
+    # One setting for all engines: on a shared machine OpenMP's spinning threads otherwise dominate a tiny job.
+    threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    rows, runs = [], {}
+
+    # 1. in-process: `fedlora run`
+    cfg = job(args.method, work / "inprocess")
+    defaults = dataclasses.asdict(RunConfig())
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items() if v != defaults[k] and k != "out"]
+    wall = timed([sys.executable, "-m", "fedlora.cli", "run", "--quiet", *flags, "--out", cfg.out], os.environ | FLOWER_ENV | threads, ROOT)
+    rows.append(("in-process (`fedlora run`)", wall, None))
+    runs["in-process"] = metrics(Path(cfg.out))
+
+    # 2. Flower simulation: `flwr run . local`
+    home = work / "flwr-home-sim"
+    env = os.environ | FLOWER_ENV | threads | {"FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+                                     "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    started: set[int] = set()
+    try:
+        setup = timed(["flwr", "ls", "local"], env, ROOT)  # starts the local SuperLink
+        sim_cfg = dataclasses.replace(cfg, out=str(work / "simulation"))
+        (work / "simulation.toml").write_text(to_toml(sim_cfg))
+        wall = timed(["flwr", "run", ".", "local", "--run-config", str(work / "simulation.toml"),
+                      "--federation-config", f"num-supernodes={cfg.clients}", "--stream"], env, ROOT)
+        rows.append(("Flower simulation (`flwr run . local`)", wall, setup))
+        runs["simulation"] = metrics(Path(sim_cfg.out))
+    finally:
+        roots = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid() and _cmdline_has(int(e), str(home))]
+        started = family(roots)
+        left = terminate(started)
+        assert not left, f"could not stop {sorted(left)}"
+
+    # 3. loopback deployment: SuperLink + 4 SuperNodes, TLS + SuperNode auth
+    dep_cfg = dataclasses.replace(cfg, out=str(work / "deployment"))
+    (work / "deployment.toml").write_text(to_toml(dep_cfg))
+    fed = LoopbackFederation(work / "federation", supernodes=cfg.clients, env=threads)
+    try:
+        t0 = time.perf_counter()
+        fed.start()
+        setup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = fed.run(ROOT, str(work / "deployment.toml"))
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise SystemExit(f"deployment run failed:\n{(res.stdout + res.stderr)[-4000:]}")
+        rows.append(("loopback deployment (TLS + auth, 4 SuperNodes)", wall, setup))
+        runs["deployment"] = metrics(Path(dep_cfg.out))
+    finally:
+        left = fed.stop()
+        assert not left, f"could not stop {sorted(left)}"
+
+    ref = runs["in-process"]
+    for name, got in runs.items():  # the same run: identical divergence and bytes, round by round
+        for g, r in zip(got, ref, strict=True):
+            for key in ("divergence", "bytes_up", "bytes_down"):
+                assert g[key] == r[key], (name, g["round"], key)
+
+    base = rows[0][1]
+    round_s = {name: sum(m["wall_seconds"] for m in got) for name, got in runs.items()}
+    print(f"job: {args.method}, tiny:bert, {cfg.clients} clients, {cfg.rounds} rounds × {cfg.local_steps} local steps, "
+          f"{args.threads} thread(s) per process (identical divergence and bytes in all three)\n")
+    print("| engine | wall s | × in-process | rounds' wall s | infrastructure start s |")
+    print("|---|---|---|---|---|")
+    for (label, wall, setup), name in zip(rows, runs):
+        print(f"| {label} | {wall:.1f} | {wall / base:.2f} | {round_s[name]:.1f} | {'—' if setup is None else f'{setup:.1f}'} |")
+
+
+def _cmdline_has(pid: int, text: str) -> bool:
+    try:
+        return text in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

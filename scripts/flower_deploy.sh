@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# A Flower deployment of fedlora on this machine (loopback): a SuperLink with TLS and SuperNode authentication,
+# N SuperNodes (one per partition, keys registered with `flwr supernode register`), one `flwr run`, and then every
+# process it started is stopped (by process id), also on Ctrl-C or error.
+#
+#   bash scripts/flower_deploy.sh --supernodes 2 --run-config "method='fedsa' rounds=2 out='runs/fedsa-deploy'"
+#   bash scripts/flower_deploy.sh --supernodes 4 --run-config run.toml --workdir /tmp/fed   # keeps certs, keys, logs
+#
+# Options: --supernodes N (default 2; the run's `clients` is set to N unless given), --run-config "k=v ..." or FILE.toml
+# (keys are `fedlora run`'s long flags), --workdir DIR (default: a temporary folder), --app DIR (default: this repo).
+# Certificates, SuperNode keys, FLWR_HOME and logs go to the work directory; telemetry and runtime dependency
+# installation are off.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  exit 0
+fi
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1
+exec python -m fedlora.flower.loopback "$@"
