@@ -1,5 +1,4 @@
 import csv
-import importlib.util
 import os
 from pathlib import Path
 
@@ -29,6 +28,18 @@ def small_csv(tmp_path_factory) -> Path:
             if all(v >= 200 for v in per_label.values()):
                 break
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread here (and in Flower's processes): a shared CI machine's OpenMP contention otherwise
+    makes the tiny model's steps 10-30× slower. The numbers compared do not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(small_csv, **overrides):

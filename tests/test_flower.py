@@ -31,16 +31,7 @@ EXACT = ("round", "method", "clients", "divergence", "divergence_per_layer", "bo
 CLOSE = ("global_accuracy", "local_accuracy", "local_global_gap", "train_loss")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here (and in Flower's processes): a shared CI machine's OpenMP contention otherwise
-    makes the tiny model's steps 10-30× slower. The numbers compared do not depend on it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 class InlineGrid(Grid):

@@ -17,7 +17,9 @@ from fedlora.experiment import run_experiment  # noqa: E402
 from fedlora.flower.config import to_toml  # noqa: E402
 from fedlora.flower.loopback import LoopbackFederation, family, write_node_key  # noqa: E402
 
-from test_flower_simulation import ROOT, one_thread  # noqa: E402, F401
+from test_flower_simulation import ROOT  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def test_loopback_deployment_with_tls_and_supernode_auth(small_csv, tmp_path):

@@ -25,16 +25,7 @@ from fedlora.flower.loopback import FLOWER_ENV, family, free_port, terminate  # 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread here (and in Flower's processes): a shared CI machine's OpenMP contention otherwise
-    makes the tiny model's steps 10-30× slower. The numbers compared do not depend on it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def flower_environment(home: Path) -> dict[str, str]:

@@ -192,54 +192,67 @@ def check_tol(value: object, what: str) -> float:
 
 
 def combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
-    """``Σ_u c_u T_u`` in the tensors' own dtype and device. O(U·size)."""
-    out = torch.zeros_like(tensors[0])
-    for t, c in zip(tensors, coeffs.tolist()):
-        if c != 0.0:
-            out.add_(t, alpha=c)
-    return out
+    """``Σ_u c_u T_u`` in the tensors' own dtype and device: one stack and one GEMV. O(U·size)."""
+    stacked = torch.stack(list(tensors))
+    c = coeffs.to(dtype=stacked.dtype, device=stacked.device)
+    return torch.tensordot(c, stacked, dims=1)
 
 
 def weights_per_column(w: Tensor, sizes: Sequence[int]) -> Tensor:
     """Client weights repeated over each client's r columns: the diagonal of ``W = diag(w) ⊗ I_r``."""
+    if len(set(sizes)) == 1:
+        return w.repeat_interleave(sizes[0])
     return torch.repeat_interleave(w, torch.tensor(list(sizes)))
 
 
 def stack64(tensors: Sequence[Tensor], dim: int) -> Tensor:
-    """Concatenate along ``dim`` straight into a float64 buffer (one pass, no float32 intermediate)."""
-    sizes = [t.shape[dim] for t in tensors]
-    shape = list(tensors[0].shape)
-    shape[dim] = sum(sizes)
-    out = torch.empty(shape, dtype=torch.float64, device=tensors[0].device)
-    start = 0
-    for t, n in zip(tensors, sizes):
-        out.narrow(dim, start, n).copy_(t)
-        start += n
-    return out
+    """Concatenate along ``dim`` and cast to float64 (two whole-array ops rather than one per client)."""
+    return torch.cat(list(tensors), dim=dim).to(torch.float64)
 
 
 def gram(x: Tensor, *, rows: bool = False) -> Tensor:
-    """Float64 Gram of a float64 matrix's columns (``xᵀx``) or rows (``xxᵀ``), returned on the CPU.
+    """Float64 Gram of a float64 matrix's columns (``xᵀx``) or rows (``xxᵀ``), returned on the CPU. O(d·n²).
 
-    O(d·n²) for d×n. The products of the small systems are exact to float64 rounding; see ``psd_factor``.
+    From float32 uploads (cast exactly to float64) the Gram is exact to float64 rounding, which resolves
+    singular directions of x down to ~1e-8 of the largest: finer than the uploads' own float32 precision.
     """
     g = x @ x.T if rows else x.T @ x
     return g.to("cpu")
 
 
-def psd_factor(g: Tensor) -> tuple[Tensor, Tensor]:
-    """Square-root factor of a PSD Gram ``g = XᵀX`` (n×n, float64): ``(V, s)`` with ``X = Q·diag(s)·Vᵀ``.
+@dataclass(frozen=True, eq=False)
+class GramRoot:
+    """A factor ``L`` (n×m) of a PSD Gram ``G = XᵀX ≈ L Lᵀ``, so ``X = Q Lᵀ`` with orthonormal ``Q``.
 
-    ``Q = X V diag(1/s)`` has orthonormal columns, so ``diag(s) Vᵀ`` plays the role of the R of a QR of X
-    (rotated, not triangular). Eigen-directions below ``n·eps·λ_max`` are numerically absent and dropped,
-    which is what makes duplicated clients, all-zero B (round one) and d < Ur safe. O(n³).
+    Cholesky (m = n) when G is comfortably positive definite, else the eigendecomposition with directions
+    below ``n·eps·λ_max`` dropped (m < n): that keeps duplicated clients, all-zero factors and d < Ur safe.
     """
+
+    L: Tensor
+    V: Tensor | None  # eigenvectors when L = V·diag(s); None for Cholesky
+    s: Tensor | None
+
+    def solve_t(self, y: Tensor) -> Tensor:
+        """``L⁺ᵀ y`` (n×c for y m×c): maps coordinates in Q's basis back to coefficients on X's columns."""
+        if self.V is None:
+            return torch.linalg.solve_triangular(self.L.T, y, upper=True)
+        return self.V @ (y / self.s[:, None])
+
+
+def gram_root(g: Tensor) -> GramRoot:
+    """Factor a float64 PSD Gram: Cholesky, O(n³/3), or the eigendecomposition fallback, O(n³)."""
+    n = g.shape[0]
+    L, info = torch.linalg.cholesky_ex(g)
+    if int(info) == 0 and n:
+        diag = L.diagonal()
+        # Cholesky of a nearly singular Gram succeeds with meaningless small pivots; cond(G) < 1e12 is safe.
+        if float(diag.min()) > 1e-6 * float(diag.max()):
+            return GramRoot(L=L, V=None, s=None)
     lam, V = torch.linalg.eigh(g)
-    lam_max = float(lam[-1]) if lam.numel() else 0.0
-    keep = lam > max(lam_max, 0.0) * g.shape[0] * _EPS64
-    if lam_max <= 0.0:
-        keep = torch.zeros_like(keep)
-    return V[:, keep], lam[keep].sqrt()
+    lam_max = float(lam[-1]) if n else 0.0
+    keep = lam > max(lam_max, 0.0) * n * _EPS64 if lam_max > 0.0 else torch.zeros_like(lam, dtype=torch.bool)
+    s = lam[keep].sqrt()
+    return GramRoot(L=V[:, keep] * s, V=V[:, keep], s=s)
 
 
 def qr_r(x: Tensor) -> Tensor:

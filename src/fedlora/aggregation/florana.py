@@ -1,4 +1,5 @@
-"""FLoRA-NA (nearly accurate aggregation): the best coefficient combination of the clients' factors.
+"""FLoRA-NA (Nguyen et al., "Communication-Efficient and Accurate Approach for Aggregation in Federated
+Low-Rank Adaptation", arXiv:2509.26399, 2025): the best coefficient combination of the clients' factors.
 
 ``B̂ = Σ p_u B_u``, ``Â = Σ q_u A_u`` with ``(p, q) = argmin ‖ΔW* − B̂Â‖_F²``, ``ΔW* = Σ w_u B_u A_u``. It
 broadcasts exactly FedIT's bytes but follows ΔW* more closely. The paper learns p, q by gradient steps;
@@ -34,16 +35,31 @@ from .result import Aggregate
 _FLOOR = 64 * torch.finfo(torch.float64).eps  # relative noise floor of the Gram-form objective
 
 
-def _normal_equations(G_self: Tensor, G_other: Tensor, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """``H x = g`` for the coefficients x of one factor, with the other fixed at coefficients ``c`` (S×U).
+class _Side:
+    """The Gram blocks of one factor, laid out once so that each half-step is three small matmuls."""
 
-    ``G_self``/``G_other`` are (U, r, U, r) Gram blocks. For the p-step: ``V[s, v] = A_vÂᵀ``, ``S = ÂÂᵀ``.
+    def __init__(self, G: Tensor) -> None:  # G: (U, r, U, r) blocks G_uv
+        U, r = G.shape[0], G.shape[1]
+        self.U, self.r = U, r
+        as_other = G.permute(0, 1, 3, 2).contiguous()  # [a, i, j, b]
+        self.by_coeff = as_other.view(U * r * r, U)
+        as_self = G.permute(0, 2, 1, 3).contiguous()  # [u, v, i, j]
+        self.pairs = as_self.view(U * U, r * r)
+        self.rows = as_self.view(U, U * r * r)
+
+
+def _normal_equations(me: _Side, other: _Side, c: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``H x = g`` for the coefficients x of one factor, the other fixed at coefficients ``c`` (S×U).
+
+    For the p-step (me = B, other = A): ``V_v = A_vÂᵀ = Σ_b c_b GA_vb``, ``ÂÂᵀ = Σ_a c_a V_a``,
+    ``H_uv = tr(GB_uv ÂÂᵀ)``, ``g_u = Σ_v w_v tr(GB_uv V_v)``. O(S·U²r²).
     """
-    V = torch.einsum("aibj,sb->saij", G_other, c)
-    S = torch.einsum("sa,saij->sij", c, V)
-    H = torch.einsum("uivj,sji->suv", G_self, S)
-    g = torch.einsum("uivj,svji->su", G_self, V * w[None, :, None, None])
-    return H, g
+    U, r, S = me.U, me.r, c.shape[0]
+    V = (other.by_coeff @ c.T).view(U, r, r, S)  # V[a, i, j, s]
+    gram_hat = (V * c.T[:, None, None, :]).sum(0)  # ÂÂᵀ[i, j, s]
+    H = (me.pairs @ gram_hat.transpose(0, 1).reshape(r * r, S)).view(U, U, S).permute(2, 0, 1)
+    g = me.rows @ (V.transpose(1, 2) * w[:, None, None, None]).reshape(U * r * r, S)
+    return H, g.T
 
 
 def _objective(ideal_sq: Tensor, H: Tensor, g: Tensor, x: Tensor) -> Tensor:
@@ -84,6 +100,7 @@ def florana(
     GB = gram(stack64(Bs, dim=1)).view(U, r, U, r)  # B_catᵀ B_cat
     GA = gram(stack64(As, dim=0), rows=True).view(U, r, U, r)  # A_cat A_catᵀ
     ideal_sq = torch.einsum("u,uivj,v,vjui->", w, GB, w, GA)  # ‖ΔW*‖²
+    GB, GA = _Side(GB), _Side(GA)
 
     gen = torch.Generator().manual_seed(seed)
     q = torch.cat([w[None], torch.randn(restarts, U, generator=gen, dtype=torch.float64)])

@@ -1,14 +1,23 @@
 """Rank-r optimal aggregation: broadcast the truncated SVD of the ideal update.
 
 ``B̂Â = [ΔW*]_r`` (Eckart–Young: no rank-r broadcast is closer to ``ΔW* = Σ w_u B_u A_u``), split evenly as
-``B̂ = U_r Σ_r^{1/2}``, ``Â = Σ_r^{1/2} V_rᵀ``. ``ΔW* = B_cat W A_cat`` with ``B_cat = [B_1 … B_U]`` (d×Ur),
-``A_cat = [A_1; …; A_U]`` and ``W = diag(w) ⊗ I_r``; orthonormal-times-small factorisations
-``B_cat = Q_B R_B``, ``A_catᵀ = Q_A R_A`` reduce it to the SVD of the (Ur)×(Ur) core ``R_B W R_Aᵀ``.
+``B̂ = U_r Σ_r^{1/2}``, ``Â = Σ_r^{1/2} V_rᵀ``. With ``B_cat = [B_1 … B_U]`` (d×Ur), ``A_cat = [A_1; …; A_U]``
+and ``W = diag(w) ⊗ I_r``, ``ΔW* = B_cat W A_cat``. Factor the A-side Gram ``A_cat A_catᵀ = L Lᵀ``, so that
+``A_catᵀ = Q_A Lᵀ`` with orthonormal ``Q_A`` (a QR of the stacked A in a Gram-space form); then
+``ΔW*ᵀΔW* = Q_A T Q_Aᵀ`` with the (Ur)×(Ur) core ``T = Lᵀ W (B_catᵀB_cat) W L``, whose top-r eigenpairs
+``T Z = Z Σ²`` give ``V_r = Q_A Z_r`` and ``U_rΣ_r = ΔW* V_r = B_cat W L Z_r``. Hence
 
-R_B, R_A come from float64 Grams (``psd_factor``), not Householder QR: on CPU the Gram is a single GEMM
-and several times faster than ``geqrf`` on a tall-skinny d×Ur matrix, and directions it cannot resolve
-(singular values of B_cat below ~1e-7 of the largest) carry a negligible share of ``ΔW*``. The metrics in
-``metrics.py`` use Householder QR so that they can certify exact methods to ~1e-12.
+    B̂ = B_cat · (W L Z_r Σ_r^{-1/2}),      Â = (L⁻ᵀ Z_r Σ_r^{1/2})ᵀ · A_cat,
+
+a d×Ur by Ur×r product each: nothing d×k is ever formed.
+
+Why Grams and one symmetric eigensolve rather than Householder QRs of both stacks and an SVD of their core:
+on this kind of CPU the float64 Gram of a float32 d×Ur stack costs about what ``geqrf`` does, and it is what
+FLoRA-NA needs anyway; one Cholesky and one ``eigh`` of the core cost a fraction of two QRs, an ``eigh`` each
+and an SVD (about 3× less at U·r = 800). The Gram resolves singular directions of the stacks down to ~1e-8
+of the largest, finer than float32 uploads carry; for float64 uploads ``svd`` meets the Eckart–Young bound to
+~1e-9 rather than 1e-15. ``metrics.py`` uses Householder QR so that it can certify exact methods to ~1e-12.
+If ``ΔW*`` has numerical rank below r, the extra columns of B̂ and rows of Â are zero.
 
 Cost O((d+k)(Ur)² + (Ur)³); never forms a d×k matrix.
 """
@@ -18,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_int, gram, psd_factor, stack64, weights_per_column
+from ._common import check_int, gram, gram_root, stack64, weights_per_column
 from .result import Aggregate
 
 
@@ -28,25 +37,23 @@ def svd(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, rank: int | None = Non
     dtype, device = Bs[0].dtype, Bs[0].device
     d, k = Bs[0].shape[0], As[0].shape[1]
 
-    B_cat = stack64(Bs, dim=1)  # d×Ur
-    A_catT = stack64([A.T for A in As], dim=1)  # k×Ur
-    VB, sB = psd_factor(gram(B_cat))  # B_cat = Q_B · diag(sB)·VBᵀ
-    VA, sA = psd_factor(gram(A_catT))
-    RB, RA = sB[:, None] * VB.T, sA[:, None] * VA.T
-    core = RB @ (weights_per_column(w, [r] * len(Bs))[:, None] * RA.T)  # Q_Bᵀ ΔW* Q_A
-    if core.numel():
-        Uc, sigma, Vch = torch.linalg.svd(core, full_matrices=False)
-    else:  # every B or every A is zero: ΔW* = 0
-        Uc, sigma, Vch = core.new_zeros(core.shape[0], 0), core.new_zeros(0), core.new_zeros(0, core.shape[1])
-    tiny = float(sigma[0]) * max(core.shape) * torch.finfo(torch.float64).eps if sigma.numel() else 0.0
-    keep = min(rank, int((sigma > tiny).sum()))
+    B_cat, A_cat = stack64(Bs, dim=1), stack64(As, dim=0)  # d×Ur, Ur×k
+    root = gram_root(gram(A_cat, rows=True))  # A_cat A_catᵀ = L Lᵀ
+    wcol = weights_per_column(w, [r] * len(Bs))
+    WL = wcol[:, None] * root.L
+    T = WL.T @ gram(B_cat) @ WL  # Lᵀ W GB W L = Q_Aᵀ ΔW*ᵀΔW* Q_A
+    lam, Z = torch.linalg.eigh(T)  # ascending: σ² of ΔW*
+    lam, Z = lam.flip(0).clamp_min(0.0), Z.flip(1)
+    sigma = lam.sqrt()
+    # σ² carries absolute errors ~eps·σ_1², so singular values below ~1e-7·σ_1 are numerically zero.
+    tiny = float(lam[0]) * max(T.shape[0], 1) * torch.finfo(torch.float64).eps if lam.numel() else 0.0
+    keep = min(rank, int((lam > tiny).sum())) if tiny > 0 else 0
 
-    # B̂ = Q_B U_r Σ_r^{1/2} = B_cat · VB diag(1/sB) U_r Σ_r^{1/2}: a d×Ur by Ur×rank product, never d×k.
-    root = sigma[:keep].sqrt()
-    MB = VB @ ((Uc[:, :keep] * root) / sB[:, None])
-    MA = VA @ ((Vch[:keep].T * root) / sA[:, None])
+    Zr, sr = Z[:, :keep], sigma[:keep]
+    MB = WL @ (Zr / sr.sqrt())  # B̂ = B_cat · W L Z_r Σ_r^{-1/2}
+    MA = root.solve_t(Zr * sr.sqrt())  # Âᵀ = A_catᵀ · L⁻ᵀ Z_r Σ_r^{1/2}
     B_hat = torch.zeros(d, rank, dtype=dtype, device=device)
     A_hat = torch.zeros(rank, k, dtype=dtype, device=device)
     B_hat[:, :keep] = B_cat @ MB.to(device)
-    A_hat[:keep] = (A_catT @ MA.to(device)).T
+    A_hat[:keep] = MA.T.to(device) @ A_cat
     return Aggregate(method="svd", B=B_hat, A=A_hat, info={"singular_values": sigma, "rank": keep})

@@ -264,22 +264,29 @@ class Simulator:
             if self.on_client:
                 self.on_client(rnd, cid)
 
-        update, accepted, metrics = server_step(h, method, results, self.global_tensors, cfg, rnd, failed)
+        update, accepted, metrics, global_acc = self.close_round(results, failed, rnd)
         for r in accepted:
             if r.private:
                 self.private[r.cid] = r.private
-        if update is not None:
-            self.global_tensors = method.apply(h, update.broadcast, self.global_tensors, seed=round_seed(cfg.seed, rnd))
-            self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
-        h.set(self.eval_tensors)
-        global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
-        h.set(self.global_tensors)
 
         metrics = finish_metrics(metrics, global_acc, time.perf_counter() - start)
         self.history.append(metrics)
         if self.on_round:
             self.on_round(metrics)
         return metrics
+
+    def close_round(self, results: list[ClientResult], failed: list[Rejection], rnd: int):
+        """The server half of a round (shared with the Flower strategy): screen and aggregate, apply the broadcast
+        to the shared model, score the global model. Returns (update or None, accepted, metrics, global accuracy)."""
+        cfg, h, method = self.config, self.handle, self.method
+        update, accepted, metrics = server_step(h, method, results, self.global_tensors, cfg, rnd, failed)
+        if update is not None:
+            self.global_tensors = method.apply(h, update.broadcast, self.global_tensors, seed=round_seed(cfg.seed, rnd))
+            self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
+        h.set(self.eval_tensors)
+        global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
+        h.set(self.global_tensors)
+        return update, accepted, metrics, global_acc
 
     def run(self) -> list[dict]:
         for rnd in range(len(self.history) + 1, self.config.rounds + 1):

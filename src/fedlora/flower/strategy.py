@@ -1,9 +1,9 @@
 """The Flower strategy: :class:`~fedlora.federation.simulator.Simulator`'s round, with the clients on SuperNodes.
 
 A thin adapter. Sampling is the simulator's seeded :func:`sample_clients` over partition ids; aggregation is
-:func:`server_step` (the method object's ``aggregate`` and the same divergence, bound and byte counts); the server
-applies each broadcast to its own model with the method's ``apply`` and scores the global model exactly as
-``Simulator.round`` does. So a Flower run writes the numbers ``fedlora run`` writes for the same settings and seed.
+:meth:`Simulator.close_round`, the very code ``Simulator.round`` runs (screening, the method object's
+``aggregate``, the same divergence, bound and byte counts, the method's ``apply`` on the server's own model, the
+global score). So a Flower run writes the numbers ``fedlora run`` writes for the same settings and seed.
 
 Hooks as in Flower's message strategies: :meth:`configure_train` says what each sampled client gets,
 :meth:`aggregate_train` turns replies into the next global state and the round's metrics. A failed reply, a missing
@@ -24,7 +24,7 @@ from flwr.supercore import log
 
 from fedlora.experiment import Experiment
 from fedlora.federation.screening import Rejection
-from fedlora.federation.simulator import ClientResult, finish_metrics, round_seed, sample_clients, server_step
+from fedlora.federation.simulator import ClientResult, finish_metrics, sample_clients
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
 
 NODE_WAIT_SECONDS = 300.0  # how long the server waits for one SuperNode per partition to connect
@@ -99,7 +99,7 @@ class FedLoRAStrategy:
 
     def aggregate_train(self, rnd: int, replies: Iterable[Message], started: float) -> dict:
         """``Simulator.round`` after its clients' turns: screen and aggregate, apply to the server's model, score it."""
-        sim, h, method, cfg = self.sim, self.sim.handle, self.sim.method, self.sim.config
+        sim = self.sim
         results, failed = [], []
         for msg in replies:
             got = self._result(msg)
@@ -109,15 +109,9 @@ class FedLoRAStrategy:
         results.sort(key=lambda r: r.cid)  # the simulator's order: sampled partition ids, ascending
         failed.sort(key=lambda f: f.cid)
 
-        update, accepted, metrics = server_step(h, method, results, sim.global_tensors, cfg, rnd, failed)
+        update, accepted, metrics, global_acc = sim.close_round(results, failed, rnd)
         for r in accepted:
             self.accepted[r.cid] = rnd
-        if update is not None:
-            sim.global_tensors = method.apply(h, update.broadcast, sim.global_tensors, seed=round_seed(cfg.seed, rnd))
-            sim.eval_tensors = update.eval_tensors if update.eval_tensors is not None else sim.global_tensors
-        h.set(sim.eval_tensors)
-        global_acc = sim.task.evaluate(sim.model, sim.global_test, cfg.device)
-        h.set(sim.global_tensors)
 
         for r in results:  # every client that trained had applied the broadcasts up to the previous round
             self.synced[r.cid] = rnd - 1
