@@ -2,6 +2,7 @@
 
     python benchmarks/bench_aggregation.py            # 32 layers × (q_proj, v_proj), 4096×4096, r = 16, U ∈ {10, 50}
     python benchmarks/bench_aggregation.py --quick    # 2 layers, U ∈ {4, 10}: a smoke run of a few seconds
+    python benchmarks/bench_aggregation.py --threads 1   # on a shared machine: one core, no thread hand-offs
 
 Prints two markdown tables.
 
@@ -146,6 +147,9 @@ def cost_table(U_list, layers, repeats, seed):
         Bs, As, shared_A, w = make_uploads(names, U, eps=0.2, seed=seed)
         times = {m: [] for m in methods}
         peaks = {m: 0.0 for m in methods}
+        one = names[0]
+        for m in methods:  # warm-up: first-call costs (imports, LAPACK workspace queries) are not the method's
+            run_method(m, [{one: B[one]} for B in Bs], [{one: A[one]} for A in As], {one: shared_A[one]}, w, [one])
         for _ in range(repeats):
             for m in methods:
                 s, mib = measure(m, Bs, As, shared_A, w, names)
@@ -222,8 +226,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, help="transformer layers (default 32)")
     ap.add_argument("--repeats", type=int, help="interleaved timing repeats (default 3)")
     ap.add_argument("--div-modules", type=int, help="modules in the divergence table (default 4)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     U_list = args.clients or ([4, 10] if args.quick else [10, 50])
     layers = args.layers or (2 if args.quick else 32)
     repeats = args.repeats or (1 if args.quick else 3)

@@ -336,6 +336,18 @@ def test_factors_keep_the_upload_dtype(method, dtype):
         assert divergence(Bs, As, w, res) == pytest.approx(eckart_young_bound(Bs, As, w), rel=1e-4)
 
 
+@pytest.mark.parametrize("eps", [0.3, 1e-3, 1e-5])
+def test_float32_uploads_drifting_slightly_keep_florana_and_svd_accurate(eps):
+    # Small drifts put the information in small singular directions of the stacked factors: a float32 Gram
+    # loses them (SVD then reached ρ = 2.3e-5 against a bound of 3.6e-7 at eps = 1e-3), a float64 one keeps
+    # them down to the float32 rounding floor of B̂Â (~1e-7 here).
+    Bs, As, w = clients(6, 8, 256, 192, seed=31, drift=eps, dtype=torch.float32)
+    fedit_rho = divergence(Bs, As, w, aggregate("fedit", Bs, As, w))
+    bound = eckart_young_bound(Bs, As, w)
+    assert divergence(Bs, As, w, aggregate("florana", Bs, As, w)) <= fedit_rho * (1 + 1e-3) + 1e-8
+    assert divergence(Bs, As, w, aggregate("svd", Bs, As, w)) <= min(bound * (1 + 1e-3) + 5e-8, fedit_rho)
+
+
 def test_divergence_matches_dense_computation_for_every_method():
     Bs, As, w = clients(4, 3, 25, 17, seed=22, drift=0.4)
     for method in METHODS:

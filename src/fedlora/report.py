@@ -85,6 +85,7 @@ def plot_comparison(histories: dict[str, list[dict]], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
     specs = [
@@ -110,6 +111,7 @@ def plot_comparison(histories: dict[str, list[dict]], out: Path) -> list[Path]:
             ax.plot(rounds, ys, marker="o", label=method)
         if logy:
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

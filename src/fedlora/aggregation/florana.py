@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_int, check_tol, combine, gram, stack64
+from ._common import check_int, check_tol, combine, gram, stack
 from .result import Aggregate
 
 _FLOOR = 64 * torch.finfo(torch.float64).eps  # relative noise floor of the Gram-form objective
@@ -97,8 +97,8 @@ def florana(
     seed = check_int(seed, "seed", 0)
     U, r = len(Bs), Bs[0].shape[1]
 
-    GB = gram(stack64(Bs, dim=1)).view(U, r, U, r)  # B_catᵀ B_cat
-    GA = gram(stack64(As, dim=0), rows=True).view(U, r, U, r)  # A_cat A_catᵀ
+    GB = gram(stack(Bs, dim=1)).view(U, r, U, r)  # B_catᵀ B_cat
+    GA = gram(stack(As, dim=0), rows=True).view(U, r, U, r)  # A_cat A_catᵀ
     ideal_sq = torch.einsum("u,uivj,v,vjui->", w, GB, w, GA)  # ‖ΔW*‖²
     GB, GA = _Side(GB), _Side(GA)
 

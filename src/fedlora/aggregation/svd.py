@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import check_int, gram, gram_root, stack64, weights_per_column
+from ._common import check_int, gram, gram_root, stack, weights_per_column
 from .result import Aggregate
 
 
@@ -37,7 +37,7 @@ def svd(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, rank: int | None = Non
     dtype, device = Bs[0].dtype, Bs[0].device
     d, k = Bs[0].shape[0], As[0].shape[1]
 
-    B_cat, A_cat = stack64(Bs, dim=1), stack64(As, dim=0)  # d×Ur, Ur×k
+    B_cat, A_cat = stack(Bs, dim=1), stack(As, dim=0)  # d×Ur, Ur×k, float64
     root = gram_root(gram(A_cat, rows=True))  # A_cat A_catᵀ = L Lᵀ
     wcol = weights_per_column(w, [r] * len(Bs))
     WL = wcol[:, None] * root.L
@@ -54,6 +54,6 @@ def svd(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, rank: int | None = Non
     MA = root.solve_t(Zr * sr.sqrt())  # Âᵀ = A_catᵀ · L⁻ᵀ Z_r Σ_r^{1/2}
     B_hat = torch.zeros(d, rank, dtype=dtype, device=device)
     A_hat = torch.zeros(rank, k, dtype=dtype, device=device)
-    B_hat[:, :keep] = B_cat @ MB.to(device)
-    A_hat[:keep] = MA.T.to(device) @ A_cat
+    B_hat[:, :keep] = B_cat @ MB.to(B_cat)
+    A_hat[:keep] = MA.T.to(A_cat) @ A_cat
     return Aggregate(method="svd", B=B_hat, A=A_hat, info={"singular_values": sigma, "rank": keep})
