@@ -55,14 +55,22 @@ RULES: dict[str, Callable[..., Aggregate]] = {
 }
 
 
-def method_options(method: str) -> dict[str, object]:
-    """The options ``aggregate`` accepts for ``method``, with their defaults (e.g. florana's ``tol``)."""
-    params = inspect.signature(RULES[check_method(method)]).parameters.values()
+def _keyword_options(rule: Callable[..., Aggregate]) -> dict[str, object]:
+    params = inspect.signature(rule).parameters.values()
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "name"}
 
 
+_OPTIONS = {method: _keyword_options(rule) for method, rule in RULES.items()}
+_TAKES_NAME = {method: "name" in inspect.signature(rule).parameters for method, rule in RULES.items()}
+
+
+def method_options(method: str) -> dict[str, object]:
+    """The options ``aggregate`` accepts for ``method``, with their defaults (e.g. florana's ``tol``)."""
+    return dict(_OPTIONS[check_method(method)])
+
+
 def check_options(method: str, options: dict[str, object]) -> None:
-    accepted = method_options(method)
+    accepted = _OPTIONS[method]
     for key in options:
         if key not in accepted:
             takes = f"it accepts {', '.join(accepted)}" if accepted else "it takes none"
@@ -70,10 +78,9 @@ def check_options(method: str, options: dict[str, object]) -> None:
 
 
 def run_rule(method: str, up: Uploads, name: str | None, options: dict[str, object]) -> Aggregate:
-    rule = RULES[method]
-    if "name" in inspect.signature(rule).parameters:
+    if _TAKES_NAME[method]:
         options = {**options, "name": name}
-    return rule(up.Bs, up.As, up.w, **options)
+    return RULES[method](up.Bs, up.As, up.w, **options)
 
 
 def aggregate(

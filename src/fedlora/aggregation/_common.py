@@ -192,10 +192,15 @@ def check_tol(value: object, what: str) -> float:
 
 
 def combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
-    """``Σ_u c_u T_u`` in the tensors' own dtype and device: one stack and one GEMV. O(U·size)."""
-    stacked = torch.stack(list(tensors))
-    c = coeffs.to(dtype=stacked.dtype, device=stacked.device)
-    return torch.tensordot(c, stacked, dims=1)
+    """``Σ_u c_u T_u`` in the tensors' own dtype and device, accumulated in place. O(U·size).
+
+    In place rather than ``stack`` + GEMV: a stacked copy of U uploads per module costs more in page faults
+    than the arithmetic, and at U = 50 over 64 modules it grew the resident set by ~1 GB.
+    """
+    out = torch.zeros_like(tensors[0])
+    for t, c in zip(tensors, coeffs.tolist()):
+        out.add_(t, alpha=c)
+    return out
 
 
 def weights_per_column(w: Tensor, sizes: Sequence[int]) -> Tensor:

@@ -18,6 +18,10 @@ from .result import Aggregate
 
 def fedex(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Aggregate:
     B_hat, A_hat = combine(Bs, w), combine(As, w)
-    L = torch.cat([B * c for B, c in zip(Bs, w.tolist())] + [-B_hat], dim=1)
+    L = torch.cat([*Bs, B_hat], dim=1)
+    r = Bs[0].shape[1]
+    for u, c in enumerate(w.tolist()):  # L = [w_1B_1 … w_UB_U, −B̂], scaled in place
+        L[:, u * r : (u + 1) * r].mul_(c)
+    L[:, len(Bs) * r :].neg_()
     R = torch.cat([*As, A_hat], dim=0)
     return Aggregate(method="fedex", B=B_hat, A=A_hat, base_delta_factors=(L, R), p=w.clone(), q=w.clone())

@@ -16,5 +16,9 @@ from .result import Aggregate
 
 def flora(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Aggregate:
     B_hat = torch.cat(Bs, dim=1)
-    A_hat = torch.cat([A * c for A, c in zip(As, w.tolist())], dim=0)
+    A_hat = torch.cat(As, dim=0)
+    start = 0
+    for A, c in zip(As, w.tolist()):  # scale each client's rows in place: one copy of the uploads, not two
+        A_hat[start : start + A.shape[0]].mul_(c)
+        start += A.shape[0]
     return Aggregate(method="flora", B=B_hat, A=A_hat)
