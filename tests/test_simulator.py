@@ -58,20 +58,17 @@ def test_every_method_and_adapter_runs(small_csv, method, adapter):
         assert h["local_global_gap"] == pytest.approx(h["local_accuracy"] - h["global_accuracy"])
         assert h["bytes_up"] == U * up, (h["bytes_up"], U * up)
         assert h["bytes_down"] == U * down, (h["bytes_down"], U * down)
-        if method == "fedsa":
-            assert h["divergence"] is None
-        else:
-            assert set(h["divergence_per_layer"]) == set(exp.simulator.handle.layers)
-            assert 0.0 <= h["divergence"] <= 1.0 + 1e-6
-            if method not in ("fedex", "flora"):  # these two broadcast more than rank r: the bound does not bind
-                assert h["bound"] <= h["divergence"] + 1e-6
+        # fedsa: ρ of the shared Â with the clients' mean B, the rank-r stand-in its global model is scored with
+        assert set(h["divergence_per_layer"]) == set(exp.simulator.handle.layers)
+        assert 0.0 <= h["divergence"] <= 1.0 + 1e-6
+        if method not in ("fedex", "flora"):  # these two broadcast more than rank r: the bound does not bind
+            assert h["bound"] <= h["divergence"] + 1e-6
         if method in ("fedex", "flora"):
             assert h["divergence"] < 1e-5
         if method == "svd":
             assert h["divergence"] == pytest.approx(h["bound"], rel=1e-3, abs=1e-6)
     # training moved the adapter: the second round's update is not zero
-    if method not in ("fedsa",):
-        assert history[-1]["divergence"] is not None
+    assert history[-1]["divergence"] > 0 or method in ("fedex", "flora", "ffa")
 
 
 def test_florana_never_worse_than_fedit_in_a_run(small_csv):

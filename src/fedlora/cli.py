@@ -1,4 +1,4 @@
-"""The ``fedlora`` command line (front end): ``fedlora run`` and ``fedlora compare``."""
+"""The ``fedlora`` command line (front end): ``fedlora run``, ``fedlora compare`` and ``fedlora study``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "adapter": (str, "lora, rslora, dora, vera or hira (default lora)"),
     "rank": (int, "adapter rank r (default 8)"),
     "lora-alpha": (float, "LoRA alpha; scaling is alpha/r (rsLoRA alpha/sqrt r) (default 16)"),
-    "target-modules": (str, "comma-separated linear layers to adapt (default query,value)"),
+    "target-modules": (str, "comma-separated linear layers to adapt (default query,value; causal-lm: q_proj,v_proj)"),
     "clients": (int, "number of clients (default 10)"),
     "fraction": (float, "fraction of clients sampled per round, in (0, 1] (default 1)"),
     "rounds": (int, "federated rounds (default 5)"),
@@ -31,15 +31,21 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "partition": (str, "iid, dirichlet or pathological (default dirichlet)"),
     "alpha": (float, "Dirichlet concentration over labels; smaller is more skewed (default 0.5)"),
     "labels-per-client": (int, "labels per client for --partition pathological (default 2)"),
-    "model": (str, "minilm (offline default), tiny:bert, or a Hugging Face name/path"),
-    "data": (str, "tweets (offline default), bbc, a .csv/.jsonl file, or hf:NAME[:CONFIG]"),
+    "model": (str, "minilm (offline default), tiny:bert, or a Hugging Face name/path; causal-lm: smollm2 (offline default), tiny:llama, or a name/path"),
+    "data": (str, "tweets (offline default), bbc, a .csv/.jsonl file, or hf:NAME[:CONFIG]; causal-lm also gsm8k, mbpp, humaneval"),
     "text-column": (str, "text column of --data files/datasets (default text)"),
     "label-column": (str, "label column of --data files/datasets (default label)"),
     "seed": (int, "seed for partitions, sampling, init and training (default 0)"),
     "examples-per-client": (int, "cap on each client's shard, train+test (default 200)"),
     "test-examples": (int, "size of the global test set held out before partitioning (default 500)"),
-    "max-length": (int, "max tokens per example (default 64)"),
+    "max-length": (int, "max tokens per example (default 64; causal-lm: 128, prompt + response)"),
     "device": (str, "auto, cpu or cuda[:N] (default auto)"),
+    "task": (str, "classification (default) or causal-lm (instruction tuning, scored by generation)"),
+    "prompt-column": (str, "causal-lm: prompt field of --data files/datasets (default prompt)"),
+    "response-column": (str, "causal-lm: response field of --data files/datasets (default response)"),
+    "scoring": (str, "causal-lm: auto (the data's own), exact, number (last number, GSM8K) or pass@1 (code) (default auto)"),
+    "max-new-tokens": (int, "causal-lm: most tokens generated per answer when scoring (default 64)"),
+    "code-timeout": (float, "causal-lm pass@1: seconds each candidate program may run (default 10)"),
 }
 
 
@@ -50,6 +56,10 @@ def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> N
         p.add_argument(f"--{flag}", type=typ, default=None, help=help_)
     p.add_argument("--keep-head-local", default=None, action=argparse.BooleanOptionalAction,
                    help="keep each client's classifier head private (fedsa's default)")
+    p.add_argument("--gradient-checkpointing", default=None, action=argparse.BooleanOptionalAction,
+                   help="causal-lm: recompute activations in the backward pass (less memory, ~30%% slower)")
+    p.add_argument("--similarity", default=None, action="store_true",
+                   help="also record the clients' mean pairwise cosine similarity of A and B per module")
     p.add_argument("--config", default=None, help="TOML file with run settings (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -61,6 +71,10 @@ def _config_from(args: argparse.Namespace, **extra):
     given = {k: v for k, v in given.items() if v is not None}
     if args.keep_head_local is not None:
         given["keep_head_local"] = args.keep_head_local
+    if getattr(args, "similarity", None):
+        given["similarity"] = True
+    if getattr(args, "gradient_checkpointing", None) is not None:
+        given["gradient_checkpointing"] = args.gradient_checkpointing
     given |= extra
     if args.config:
         return RunConfig.from_toml(args.config, **given)
@@ -81,6 +95,7 @@ class _Progress:
             console=self.console, disable=quiet,
         )
         self.task = self.progress.add_task(label, total=total_steps)
+        self.label = label
 
     def __enter__(self):
         return self
@@ -90,12 +105,25 @@ class _Progress:
             self.progress.__exit__(*exc)
 
     started = False
+    trained = answered = 0
 
-    def client(self, rnd: int, cid: int) -> None:
+    def _start(self) -> None:
         if not self.started:  # shown once training starts: loading errors print alone, on one line
             self.progress.__enter__()
             self.started = True
+
+    def client(self, rnd: int, cid: int) -> None:
+        self._start()
         self.progress.advance(self.task)
+
+    def work(self, kind: str, n: int) -> None:
+        """Causal-LM runs: examples trained and prompts answered so far, next to the bar (a client takes a while)."""
+        self._start()
+        if kind == "train":
+            self.trained += n
+        else:
+            self.answered += n
+        self.progress.update(self.task, description=f"{self.label} · {self.trained} examples trained · {self.answered} answered")
 
     def round(self, m: dict) -> None:
         div = "—" if m["divergence"] is None else f"{m['divergence']:.4f}"
@@ -104,6 +132,10 @@ class _Progress:
                 f"{m['wall_seconds']:.1f}s")
         if not self.quiet:
             self.progress.console.print(line)
+
+
+def _work(cfg, prog: _Progress):
+    return prog.work if cfg.task == "causal-lm" else None
 
 
 def _steps(cfg) -> int:
@@ -123,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ValueError("--resume takes its settings from the run directory; pass only --rounds (to extend the run) with it")
         cfg = resume_config(args.resume, **({"rounds": args.rounds} if args.rounds else {}))
         with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter} (resumed)", args.quiet) as prog:
-            exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, resume=True)
+            exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog), resume=True)
         print(markdown_table([final_row(cfg.method, history, sum(h["wall_seconds"] for h in history))]))
         print(f"run directory: {cfg.out}")
         return 0
@@ -133,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg.validate()
     t0 = time.perf_counter()
     with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
-        exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round)
+        exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog))
     print(markdown_table([final_row(cfg.method, history, time.perf_counter() - t0)]))
     print(f"run directory: {cfg.out}")
     return 0
@@ -156,7 +188,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for cfg in configs:
         t0 = time.perf_counter()
         with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
-            _, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round)
+            _, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog))
         rows.append(final_row(cfg.method, history, time.perf_counter() - t0))
         histories[cfg.method] = history
         table = markdown_table(rows)
@@ -166,6 +198,56 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plot_comparison(histories, out)
     print(table)
     print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png)")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from fedlora import study
+
+    p = study.preset(args.preset)
+    parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    for part in parts:
+        if part not in study.PARTS:
+            raise ValueError(f"unknown study part {part!r} in --parts; choose from {', '.join(study.PARTS)}")
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
+    over = {k: v for k, v in (("model", args.model), ("data", args.data), ("seed", args.seed), ("device", args.device)) if v is not None}
+    if over:
+        p = dataclasses.replace(p, base=dataclasses.replace(p.base, **over))
+    runs = study.plan(p, methods=methods, parts=parts)
+    for r in runs:  # every bad setting is reported before the first run trains
+        r.config.validate()
+    runs_dir = Path(args.runs)
+    report = Path(args.report) if args.report else runs_dir / "results.md"
+    command = "fedlora study " + " ".join(args.argv)
+    study.check_runs_dir(runs, runs_dir)
+    if args.report_only:
+        histories = study.load_histories(runs, runs_dir)
+    else:
+        todo = [r for r in runs if study._finished(runs_dir / r.name, r.config) is None]
+        print(f"study: {len(runs)} runs ({len(runs) - len(todo)} already finished) in {runs_dir}", file=sys.stderr)
+        state: dict = {}
+
+        def start(i: int, run) -> None:
+            if state.get("prog"):
+                state["prog"].__exit__(None, None, None)
+            state["prog"] = _Progress(_steps(run.config), f"[{i + 1}/{len(runs)}] {run.name}", args.quiet)
+
+        def client(rnd, cid):
+            state["prog"].client(rnd, cid)
+
+        def round_(m):
+            state["prog"].round(m)
+
+        try:
+            histories = study.execute(runs, runs_dir, on_start=start, on_client=client, on_round=round_)
+        finally:
+            if state.get("prog"):
+                state["prog"].__exit__(None, None, None)
+    path = study.write_report(p, runs, histories, report, command=command, parts=parts, methods=methods)
+    print(f"report: {path} (figures in {path.parent / path.stem})")
     return 0
 
 
@@ -182,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(cmp_, with_method=False)
     cmp_.add_argument("--out", default=None, help="directory for the table, plots and one run directory per method")
     cmp_.set_defaults(func=cmd_compare)
+    st = sub.add_parser("study", help="the papers' analyses: comparison, divergence, A/B similarity, heterogeneity, scale")
+    st.add_argument("--preset", default="default", help="default (MiniLM, about an hour on 2 cores) or quick (tiny model, a smoke test)")
+    st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale", help="comma-separated analyses to run (default: all five)")
+    st.add_argument("--methods", default=",".join(METHODS), help="methods of the comparison (default: all seven)")
+    st.add_argument("--model", default=None, help="override the preset's model")
+    st.add_argument("--data", default=None, help="override the preset's data")
+    st.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    st.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
+    st.add_argument("--runs", default="runs/study", help="directory of the study's runs; finished runs are reused (default runs/study)")
+    st.add_argument("--report", default=None, help="markdown report to write; figures go next to it (default RUNS/results.md)")
+    st.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished runs")
+    st.add_argument("--quiet", action="store_true", help="no progress display")
+    st.set_defaults(func=cmd_study)
     return parser
 
 
@@ -195,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     try:
         return args.func(args)
     except ValueError as exc:

