@@ -22,8 +22,6 @@ import json
 import math
 import os
 import re
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -293,6 +291,13 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 COLORS = {"fedit": "tab:blue", "florana": "tab:orange", "svd": "tab:green", "bound": "black", "fedsa": "tab:red",
           "ffa": "tab:purple", "flora": "tab:brown", "fedex": "tab:pink"}
 
@@ -313,10 +318,7 @@ def fig_divergence_rounds(panels: dict[str, dict[str, list[dict]]], path: Path) 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("divergence ρ (mean over matrices)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fig_divergence_layers(hists: dict[str, list[dict]], path: Path, title: str) -> Path:
@@ -336,10 +338,7 @@ def fig_divergence_layers(hists: dict[str, list[dict]], path: Path, title: str) 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("ρ, mean over rounds")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fig_similarity(sims: dict[str, dict[str, dict[tuple[int, str], float]]], path: Path) -> Path:
@@ -359,10 +358,7 @@ def fig_similarity(sims: dict[str, dict[str, dict[tuple[int, str], float]]], pat
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("mean pairwise cosine across clients")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fig_heterogeneity(rows: dict[str, dict[str, dict]], order: list[str], path: Path) -> Path:
@@ -376,10 +372,7 @@ def fig_heterogeneity(rows: dict[str, dict[str, dict]], order: list[str], path: 
         ax.set_xlabel("partition (more heterogeneous → left)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def fig_scale(rows: dict[str, dict[int, dict]], path: Path) -> Path:
@@ -399,10 +392,7 @@ def fig_scale(rows: dict[str, dict[int, dict]], path: Path) -> Path:
         ax.set_xlabel("clients")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -434,7 +424,6 @@ def write_report(
     figdir = report.parent / report.stem
     figdir.mkdir(parents=True, exist_ok=True)
     rel = lambda path: f"{figdir.name}/{Path(path).name}"  # noqa: E731
-    by_name = {r.name: r for r in runs}
 
     def hist(method: str, label: str) -> list[dict] | None:
         for r in runs:
@@ -721,16 +710,3 @@ def write_report(
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(L) + "\n")
     return report
-
-
-def copy_without_weights(src: Path, dst: Path) -> None:
-    """Copy a study's run directories minus weights and checkpoints (for sharing metrics)."""
-    for path in src.rglob("*"):
-        if path.is_file() and path.suffix not in (".safetensors", ".bin", ".pt"):
-            target = dst / path.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-
-
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M")

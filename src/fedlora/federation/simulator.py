@@ -93,7 +93,7 @@ def layer_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], weigh
     how far that stand-in is from ΔW*; modules whose B no client reported give no entry.
     """
     views = [h.factors(t) for t in inputs]
-    B0, A0 = h.factors(current)
+    A0 = h.factors(current)[1]
     rho, rho_min, rho_fedit = {}, {}, {}
     for module, layer in update.layers.items():
         if any(module not in v[0] for v in views):
@@ -140,11 +140,8 @@ def similarity_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], 
                 continue
             fac[module] = mean_pairwise_cosine(tensors)
             name = getattr(h.keys[module], kind)
-            trained = any(name in t for t in inputs)
-            if name in private or module not in start:
-                continue
-            if not trained:
-                continue
+            if name in private or module not in start or not any(name in t for t in inputs):
+                continue  # no common start (private) or never trained (frozen): no update to compare
             upd[module] = mean_pairwise_cosine([t - start[module] for t in tensors])
         out[f"similarity_{kind}_per_layer"] = {k: v for k, v in fac.items() if v is not None} or None
         out[f"similarity_d{kind}_per_layer"] = {k: v for k, v in upd.items() if v is not None} or None
