@@ -24,19 +24,18 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from _reference import best_seconds, plain_peft_loop, simulated_client  # noqa: E402
 
 KINDS = ("plain", "plain-hf", "sim", "sim+ckpt")
 
 
 def setup(model_name: str, steps: int, batch: int):
-    import torch
-
     from fedlora.experiment import RunConfig, build
-    from fedlora.federation.simulator import round_seed, train_local
+    from fedlora.federation.simulator import round_seed
     from fedlora.models import set_checkpointing
     from transformers.utils import logging as hf_logging
 
@@ -51,26 +50,11 @@ def setup(model_name: str, steps: int, batch: int):
     base = sim.model.get_base_model()
 
     def plain_loop(hf_loss: bool = False) -> None:
-        # What a user would write without fedlora: one PEFT model, AdamW, the same batches in the same order.
-        model = sim.model
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        model.train()
-        order = torch.randperm(len(client.train), generator=torch.Generator().manual_seed(seed))
-        for s in range(steps):
-            b = client.train.batch(order[s * batch: (s + 1) * batch])
-            loss = model(**b, use_cache=False).loss if hf_loss else sim.task.loss(model, b)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        loss = (lambda model, b: model(**b, use_cache=False).loss) if hf_loss else sim.task.loss
+        plain_peft_loop(sim.model, client.train, steps=steps, batch=batch, lr=cfg.lr, seed=seed, loss=loss)
 
     def simulated() -> None:
-        # One client's local training as the simulator does it (its local evaluation, which a plain loop does
-        # not do, is left out of both sides).
-        sim.handle.set(sim.global_tensors)
-        train_local(sim.model, sim.task, client.train, sim.config, seed)
-        sim.method.upload(sim.handle, sim.handle.get())
+        simulated_client(sim, client, seed)
 
     def checkpointed() -> None:  # what --gradient-checkpointing does
         set_checkpointing(base, True)
@@ -85,13 +69,7 @@ def setup(model_name: str, steps: int, batch: int):
 
 def throughput(model_name: str, steps: int, batch: int, repeats: int) -> dict[str, float]:
     fns, n = setup(model_name, steps, batch)
-    fns["plain"]()  # warm-up
-    best = {k: float("inf") for k in KINDS}
-    for _ in range(repeats):  # interleaved, best of N: this machine is noisy
-        for kind in KINDS:
-            t = time.perf_counter()
-            fns[kind]()
-            best[kind] = min(best[kind], time.perf_counter() - t)
+    best = best_seconds({k: fns[k] for k in KINDS}, repeats)
     return {k: n / v for k, v in best.items()}
 
 

@@ -16,17 +16,16 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from _reference import best_seconds, plain_peft_loop, simulated_client  # noqa: E402
+
 
 def throughput(model_name: str, steps: int, repeats: int) -> tuple[float, float]:
-    import torch
-
     from fedlora.experiment import RunConfig, build
-    from fedlora.federation.simulator import round_seed, train_local
+    from fedlora.federation.simulator import round_seed
 
     cfg = RunConfig(model=model_name, clients=1, rounds=1, local_steps=steps, batch_size=16, partition="iid",
                     examples_per_client=steps * 16 + 40, test_examples=50, method="fedit", device="cpu")
@@ -35,36 +34,11 @@ def throughput(model_name: str, steps: int, repeats: int) -> tuple[float, float]
     n = steps * cfg.batch_size
 
     def plain_loop() -> None:
-        # What a user would write without fedlora: one PEFT model, AdamW, the same batches.
-        model = sim.model
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        model.train()
-        gen = torch.Generator().manual_seed(0)
-        order = torch.randperm(len(client.train), generator=gen)
-        for s in range(steps):
-            batch = client.train.batch(order[s * 16 : (s + 1) * 16])
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        plain_peft_loop(sim.model, client.train, steps=steps, batch=16, lr=cfg.lr, seed=0,
+                        loss=lambda model, batch: model(**batch).loss)
 
-    def simulated() -> None:
-        # Local training as the simulator does it for one client: load the client's state into the shared
-        # model, train (train_local, the simulator's own loop), read back its trainables and upload. The
-        # client's local evaluation, which a plain loop does not do, is left out of both sides.
-        sim.handle.set(sim.global_tensors)
-        train_local(sim.model, sim.task, client.train, sim.config, round_seed(cfg.seed, 1, client.cid))
-        sim.method.upload(sim.handle, sim.handle.get())
-
-    plain_loop()  # warm-up
-    best = {"plain": float("inf"), "sim": float("inf")}
-    for _ in range(repeats):  # interleaved, best of N: this machine is noisy
-        for name, fn in (("plain", plain_loop), ("sim", simulated)):
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
+    best = best_seconds({"plain": plain_loop,
+                         "sim": lambda: simulated_client(sim, client, round_seed(cfg.seed, 1, client.cid))}, repeats)
     return n / best["plain"], n / best["sim"]
 
 
