@@ -34,9 +34,9 @@ KINDS = ("plain", "plain-hf", "sim", "sim+ckpt")
 
 
 def setup(model_name: str, steps: int, batch: int):
-    from fedlora.experiment import RunConfig, build
+    from fedlora.frontend.experiment import RunConfig, build
     from fedlora.federation.simulator import round_seed
-    from fedlora.models import set_checkpointing
+    from fedlora.frontend.models import set_checkpointing
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

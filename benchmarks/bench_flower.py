@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def job(method: str, out: Path):
-    from fedlora.experiment import RunConfig
+    from fedlora.frontend.experiment import RunConfig
 
     return RunConfig(method=method, model="tiny:bert", data="tweets", clients=4, rounds=3, local_steps=5, batch_size=8,
                      rank=4, examples_per_client=60, test_examples=100, max_length=32, partition="iid", device="cpu",
@@ -54,7 +54,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    from fedlora.experiment import RunConfig
+    from fedlora.frontend.experiment import RunConfig
     from fedlora.flower.config import to_toml
     from fedlora.flower.loopback import FLOWER_ENV, LoopbackFederation, family, free_port, terminate
 
@@ -71,7 +71,7 @@ def main() -> None:
     cfg = job(args.method, work / "inprocess")
     defaults = dataclasses.asdict(RunConfig())
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items() if v != defaults[k] and k != "out"]
-    wall = timed([sys.executable, "-m", "fedlora.cli", "run", "--quiet", *flags, "--out", cfg.out], os.environ | FLOWER_ENV | threads, ROOT)
+    wall = timed([sys.executable, "-m", "fedlora.frontend.cli", "run", "--quiet", *flags, "--out", cfg.out], os.environ | FLOWER_ENV | threads, ROOT)
     rows.append(("in-process (`fedlora run`)", wall, None))
     runs["in-process"] = metrics(Path(cfg.out))
 

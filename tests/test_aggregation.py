@@ -462,9 +462,11 @@ def test_shape_errors_name_the_client_and_the_fix():
     As4 = list(As)
     As4[3] = torch.zeros(4, 12, dtype=F64)
     with pytest.raises(
-        ValueError, match=r"^client 3's B for 'layer.0.query' is 768×4 but client 0's is 768×8: every client must use the same rank r$"
+        ValueError,
+        match=r"^client 3's B for 'layer.0.query' is 768×4 but client 0's is 768×8: every client must use the same rank r; "
+        r"florana cannot combine clients of different ranks: use one of fedit, fedsa, flora, flexlora, hetlora$",
     ):
-        aggregate("fedit", bad, As4, w, name="layer.0.query")
+        aggregate("florana", bad, As4, w, name="layer.0.query")
     flora_ok = aggregate("flora", bad, As4, w)  # FLoRA stacks heterogeneous ranks
     assert flora_ok.B.shape == (768, 28) and divergence(bad, As4, w, flora_ok) < 1e-10
     wrong_k = list(As)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedlora.cli import main
+from fedlora.frontend.cli import main
 
 TINY = ["--model", "tiny:bert", "--clients", "3", "--rounds", "2", "--local-steps", "2", "--batch-size", "8",
         "--rank", "4", "--examples-per-client", "40", "--test-examples", "60", "--max-length", "32",
@@ -93,5 +93,5 @@ def test_bad_data_model_and_config_inputs(case, small_csv, tmp_path, capsys):
 def test_malformed_toml(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("method = \n")
-    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", "--config", str(bad)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", "--config", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr

@@ -13,7 +13,7 @@ from conftest import tiny_config
 
 pytest.importorskip("flwr")
 
-from fedlora.experiment import run_experiment  # noqa: E402
+from fedlora.frontend.experiment import run_experiment  # noqa: E402
 from fedlora.flower.config import to_toml  # noqa: E402
 from fedlora.flower.loopback import LoopbackFederation, family, write_node_key  # noqa: E402
 

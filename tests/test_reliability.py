@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedlora.experiment import build
-from fedlora.federation.simulator import client_turn, client_weights, server_step
+from fedlora.frontend.experiment import build
+from fedlora.federation.simulator import client_turn, client_weights
 
 
 def corrupt(kind):
@@ -70,7 +70,7 @@ def test_rejected_client_leaves_the_aggregate_of_the_others_with_renormalised_we
     sim, h, cfg = exp.simulator, exp.simulator.handle, exp.simulator.config
     results = [client_turn(h, sim.method, sim.task, c, sim.global_tensors, cfg, 1) for c in sim.clients]
     results[1].upload = {n: t.clone().fill_(float("nan")) for n, t in results[1].upload.items()}
-    update, accepted, metrics = server_step(h, sim.method, results, sim.global_tensors, cfg, 1)
+    update, accepted, metrics = sim.close_round(results, [], 1, 0.0)
     assert [r.cid for r in accepted] == [0, 2]
     w = client_weights([results[0].n_train, results[2].n_train], "examples")
     name = h.B_names()[0]
@@ -120,10 +120,10 @@ def test_killed_run_resumes_to_the_same_metrics(small_csv, tmp_path, method):
             "--max-length", "32", "--partition", "iid", "--method", method, "--quiet"]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     full = tmp_path / "full"
-    subprocess.run([sys.executable, "-m", "fedlora.cli", "run", *args, "--out", str(full)], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", *args, "--out", str(full)], check=True, env=env, timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", *args, "--out", str(killed)], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora.frontend.cli", "run", *args, "--out", str(killed)], env=env)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # kill right after round 1's checkpoint lands
@@ -139,7 +139,7 @@ def test_killed_run_resumes_to_the_same_metrics(small_csv, tmp_path, method):
     done = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert 1 <= len(done) < 3, "the kill should land before the run finished"
 
-    res = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", "--resume", str(killed), "--quiet"], env=env, timeout=600, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", "--resume", str(killed), "--quiet"], env=env, timeout=600, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     a = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
@@ -148,7 +148,7 @@ def test_killed_run_resumes_to_the_same_metrics(small_csv, tmp_path, method):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"method": "fedit"}))
-    proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "run", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no checkpoint.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedlora.aggregation import METHODS
 from fedlora.adapters import ADAPTERS
-from fedlora.experiment import build, run_experiment
-from fedlora.federation.methods import UNSUPPORTED
+from fedlora.frontend.experiment import build, run_experiment
+from fedlora.federation import REGISTRY
 
-COMBOS = [(m, a) for a in ADAPTERS for m in METHODS if (m, a) not in UNSUPPORTED]
+COMBOS = [(m, a) for a in ADAPTERS for m, cls in REGISTRY.items() if a in cls.adapters()]
 
 D = K = 32  # tiny BERT hidden size: every adapted query/value matrix is 32×32
 R = 4
@@ -37,6 +36,8 @@ def hand_count(method: str, adapter: str, U: int) -> tuple[int, int]:
         "fedsa": (a, a),
         "flora": (b + a, U * R * (D + K)),
         "fedex": (b + a, b + a + min(D * K, (U + 1) * R * (D + K))),
+        "flexlora": (b + a, b + a),
+        "hetlora": (b + a, b + a),
     }[method]
     other_up = extra if method == "fedsa" else shared_other  # FedSA keeps its head local by default
     other_down = other_up
@@ -60,15 +61,16 @@ def test_every_method_and_adapter_runs(small_csv, method, adapter):
         assert h["bytes_down"] == U * down, (h["bytes_down"], U * down)
         # fedsa: ρ of the shared Â with the clients' mean B, the rank-r stand-in its global model is scored with
         assert set(h["divergence_per_layer"]) == set(exp.simulator.handle.layers)
-        assert 0.0 <= h["divergence"] <= 1.0 + 1e-6
-        if method not in ("fedex", "flora"):  # these two broadcast more than rank r: the bound does not bind
-            assert h["bound"] <= h["divergence"] + 1e-6
-        if method in ("fedex", "flora"):
+        # ρ is not bounded by 1 in general (test_aggregation: ρ = 8.35 for opposed clients); it is finite here
+        assert math.isfinite(h["divergence"]) and h["divergence"] >= 0.0
+        if REGISTRY[method].exact:  # exact by construction (fedex and flora broadcast more than rank r)
             assert h["divergence"] < 1e-5
-        if method == "svd":
+        else:  # no rank-r broadcast beats the Eckart–Young bound
+            assert h["bound"] <= h["divergence"] + 1e-6
+        if method in ("svd", "flexlora"):  # equal ranks: FlexLoRA is the rank-r optimum
             assert h["divergence"] == pytest.approx(h["bound"], rel=1e-3, abs=1e-6)
     # training moved the adapter: the second round's update is not zero
-    assert history[-1]["divergence"] > 0 or method in ("fedex", "flora", "ffa")
+    assert history[-1]["divergence"] > 0 or REGISTRY[method].exact
 
 
 def test_florana_never_worse_than_fedit_in_a_run(small_csv):
@@ -125,7 +127,7 @@ def test_deterministic_on_cpu(small_csv):
 
 @pytest.mark.parametrize("method,adapter", [("florana", "lora"), ("fedex", "lora"), ("flora", "rslora"), ("fedsa", "lora"), ("fedex", "hira")])
 def test_saved_adapter_reloads_and_reproduces_global_accuracy(small_csv, tmp_path, method, adapter):
-    from fedlora.export import load_global_model
+    from fedlora.frontend.export import load_global_model
     from fedlora.federation import ClassificationTask
 
     out = tmp_path / "run"
@@ -142,7 +144,7 @@ def test_saved_adapter_reloads_and_reproduces_global_accuracy(small_csv, tmp_pat
     if adapter in ("lora", "rslora"):  # plain PEFT, no fedlora code, on a fresh base
         from peft import PeftModel
 
-        from fedlora.models import load_classifier
+        from fedlora.frontend.models import load_classifier
 
         base, _ = load_classifier("tiny:bert", 3, seed=0)
         model = PeftModel.from_pretrained(base, str(out / "adapter"))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedlora.cli import main
-from fedlora.experiment import run_experiment
+from fedlora.frontend.cli import main
+from fedlora.frontend.experiment import run_experiment
 from fedlora.federation.simulator import mean_pairwise_cosine
 
 pytestmark = pytest.mark.usefixtures("one_thread")

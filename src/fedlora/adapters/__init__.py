@@ -5,7 +5,7 @@ factor pairs ``(B, A)`` that :mod:`fedlora.aggregation` combines. It may import 
 and PEFT; it must not import :mod:`fedlora.federation` or any front end.
 """
 
-from fedlora.adapters.spec import ADAPTERS, AdapterSpec
-from fedlora.adapters.handle import AdapterHandle
+from fedlora.adapters.spec import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterSpec
+from fedlora.adapters.handle import AdapterHandle, combine_vectors
 
-__all__ = ["ADAPTERS", "AdapterSpec", "AdapterHandle"]
+__all__ = ["ADAPTERS", "MIXED_RANK_ADAPTERS", "AdapterSpec", "AdapterHandle", "combine_vectors"]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.adapters.spec import AdapterSpec
+from fedlora.aggregation import Aggregate
 
 _VERA_D_INITIAL = 0.1  # PEFT's VeraConfig.d_initial default: λ_d starts at 0.1, λ_b at 0.
 
@@ -44,6 +45,15 @@ class AdapterHandle:
                 self.layers[short] = module
                 self.keys[short] = ModuleKeys(B=self._find(name, b_attr), A=self._find(name, a_attr))
         self.folded: dict[str, Tensor] = {}  # Σ of every weight-space update folded into each base weight
+        # Mixed ranks: the model holds rank r_max = spec.r; a client of rank r_u uses the first r_u components (the
+        # rest are zero, and stay zero in training: their gradients vanish with the zero partner) at scale s(r_u).
+        self.rank = spec.r
+        self.rank_dim: dict[str, int] = {}  # factor tensor name -> its rank dimension (B: 1, A: 0)
+        if spec.kind != "vera":
+            for k in self.keys.values():
+                self.rank_dim[k.B], self.rank_dim[k.A] = 1, 0
+        self._scaling = {m: layer.scaling["default"] for m, layer in self.layers.items()
+                         if isinstance(getattr(layer, "scaling", None), dict) and "default" in layer.scaling}
         if not self.layers:
             raise ValueError(
                 f"the adapter targets {list(spec.target_modules)} matched no layer of the model; "
@@ -65,22 +75,78 @@ class AdapterHandle:
         raise KeyError(f"PEFT layer {module_name} has no parameter {prefix}")
 
     # ---- moving tensors in and out of the shared model -------------------------------------------------------
-    def get(self, names: list[str] | None = None) -> dict[str, Tensor]:
-        """Detached copies of trainable tensors (all of them by default)."""
+    def get(self, names: list[str] | None = None, *, rank: int | None = None) -> dict[str, Tensor]:
+        """Detached copies of trainable tensors (all of them by default); factors cut to ``rank`` components."""
         names = self.trainable_names if names is None else names
-        return {n: self._params[n].detach().clone() for n in names}
+        out = {n: self._params[n].detach().clone() for n in names}
+        return out if rank is None or rank == self.rank else self.truncate(out, rank)
 
     @torch.no_grad()
-    def set(self, tensors: dict[str, Tensor]) -> None:
+    def set(self, tensors: dict[str, Tensor], *, rank: int | None = None) -> None:
+        """Load trainables into the model. Factors of a lower rank fill the first components (the rest zero);
+        ``rank`` also sets every layer's scale to that rank's s(r) (the model's own at ``None``)."""
         for n, t in tensors.items():
             p = self._params.get(n)
             if p is None:
                 raise KeyError(f"the model has no trainable tensor {n!r}")
-            p.copy_(t)
+            if t.shape != p.shape and n in self.rank_dim:
+                dim = self.rank_dim[n]
+                p.zero_()
+                p.narrow(dim, 0, t.shape[dim]).copy_(t)
+            else:
+                p.copy_(t)
+        ratio = self.spec.scale_at(self.rank if rank is None else rank) / self.spec.scale_at(self.rank)
+        for module, s in self._scaling.items():
+            self.layers[module].scaling["default"] = s * ratio
+
+    def truncate(self, tensors: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
+        """The first ``rank`` components of every factor in ``tensors`` (other tensors as they are)."""
+        return {n: t.narrow(self.rank_dim[n], 0, rank) if n in self.rank_dim and t.shape[self.rank_dim[n]] > rank else t
+                for n, t in tensors.items()}
+
+    def at_rank(self, tensors: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
+        """Global factors (rank r_max, scale s(r_max)) as a client of rank ``rank`` holds them: the first ``rank``
+        components, each factor times √(s(r_max)/s(rank)) so that ``s(rank)·B A`` is the truncated global product
+        (METHODS.md, mixed ranks: the scaled factors √s·B, √s·A are what clients share)."""
+        if rank == self.rank:
+            return tensors
+        c = (self.spec.scale_at(self.rank) / self.spec.scale_at(rank)) ** 0.5
+        cut = self.truncate(tensors, rank)
+        return {n: t * c if n in self.rank_dim else t for n, t in cut.items()}
+
+    def write_factors(self, layers: dict[str, Aggregate], uploads: list[dict[str, Tensor]], out: dict[str, Tensor],
+                      *, B: bool = True, A: bool = True) -> None:
+        """Write each module's broadcast factors into trainables ``out``, padded with zeros to the model's rank.
+
+        VeRA's factors are ``diag(λ)·shared``: the vectors are combined with the aggregate's coefficients p, q."""
+        for module, agg in layers.items():
+            k = self.keys[module]
+            if self.spec.kind == "vera":
+                if B and agg.p is not None:
+                    out[k.B] = combine_vectors([u[k.B] for u in uploads], agg.p)
+                if A and agg.q is not None:
+                    out[k.A] = combine_vectors([u[k.A] for u in uploads], agg.q)
+                continue
+            for on, name, t in ((B, k.B, agg.B), (A, k.A, agg.A)):
+                if on and t is not None:
+                    out[name] = self.pad(name, t.contiguous())
+
+    def pad(self, name: str, t: Tensor) -> Tensor:
+        """Factor ``t`` zero-padded to the model's rank (as it is when already full)."""
+        dim, full = self.rank_dim[name], self._params[name].shape
+        if t.shape[dim] >= full[dim]:
+            return t
+        out = t.new_zeros(full)
+        out.narrow(dim, 0, t.shape[dim]).copy_(t)
+        return out
 
     def set_trainable(self, names: list[str], trainable: bool) -> None:
         for n in names:
             self._params[n].requires_grad_(trainable)
+
+    def parameter(self, name: str) -> nn.Parameter:
+        """The model's parameter ``name`` itself (for loss terms that need a gradient)."""
+        return self._params[name]
 
     def B_names(self) -> list[str]:
         return [k.B for k in self.keys.values()]
@@ -117,9 +183,8 @@ class AdapterHandle:
         return Bs, As
 
     def scaling(self, module: str) -> float:
-        layer = self.layers[module]
-        s = getattr(layer, "scaling", None)
-        return float(s["default"]) if isinstance(s, dict) and "default" in s else 1.0
+        """The model's own scale s(r_max) of ``module`` (whatever client rank its layers are set to now)."""
+        return float(self._scaling.get(module, 1.0))
 
     # ---- server updates applied to the frozen base ------------------------------------------------------------
     @torch.no_grad()
@@ -133,11 +198,12 @@ class AdapterHandle:
             self.folded[module] = self.folded[module] + step if module in self.folded else step.clone()
 
     @torch.no_grad()
-    def fresh_factors(self, seed: int) -> dict[str, Tensor]:
+    def fresh_factors(self, seed: int, *, rank: int | None = None) -> dict[str, Tensor]:
         """A new seeded initialisation of every module's factors (FLoRA re-initialises each round).
 
         Same as PEFT's default init: A Kaiming-uniform, B zero (VeRA: λ_b = 0, λ_d = 0.1). For DoRA the magnitude
-        vector is re-derived from the current base weight, as PEFT does at creation.
+        vector is re-derived from the current base weight, as PEFT does at creation. ``rank``: the first ``rank``
+        components of the model's (a client of that rank re-initialises as PEFT would at its own rank).
         """
         gen = torch.Generator().manual_seed(int(seed))
         out: dict[str, Tensor] = {}
@@ -157,4 +223,9 @@ class AdapterHandle:
                 mag_name = next(n for n in self.other_names if n.startswith(f"base_model.model.{module}.lora_magnitude_vector"))
                 weight = layer.get_base_layer().weight
                 out[mag_name] = weight.norm(p=2, dim=1).to(mag.weight.dtype)
-        return out
+        return out if rank is None else self.truncate(out, rank)
+
+
+def combine_vectors(vectors: list[Tensor], coef: Tensor) -> Tensor:
+    stacked = torch.stack(vectors).to(torch.float64)
+    return (coef.to(torch.float64) @ stacked).to(vectors[0].dtype)

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 import peft
 
 ADAPTERS: tuple[str, ...] = ("lora", "rslora", "dora", "vera", "hira")
+# Adapters whose clients may have different ranks on one base model: a client of rank r_u uses the first r_u
+# components of the model's r_max and the scale s(r_u). VeRA's rank is that of its frozen shared projections.
+MIXED_RANK_ADAPTERS: tuple[str, ...] = ("lora", "rslora", "dora", "hira")
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,14 @@ class AdapterSpec:
     @property
     def scaling(self) -> float:
         """The common scale s of ΔW = s·BA (DESIGN.md: it factors out of every aggregation formula)."""
+        return self.scale_at(self.r)
+
+    def scale_at(self, rank: int) -> float:
+        """The scale s_u of a client of rank ``rank``: α/r (rsLoRA α/√r); 1 for VeRA and HiRA (no scaling in PEFT)."""
         if self.kind == "rslora":
-            return self.alpha / self.r**0.5
+            return self.alpha / rank**0.5
         if self.kind in ("lora", "dora"):
-            return self.alpha / self.r
+            return self.alpha / rank
         return 1.0
 
     def peft_config(self, task_type: str | None) -> peft.PeftConfig:

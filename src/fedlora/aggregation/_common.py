@@ -17,17 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-METHODS: tuple[str, ...] = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "svd")
-
 # Relative sum-to-one tolerance: float32 weights n_u / Σn for a few thousand clients stay well inside it.
 _WEIGHT_SUM_TOL = 1e-5
 _EPS64 = torch.finfo(torch.float64).eps
-
-
-def check_method(method: object) -> str:
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
-    return method
 
 
 def _where(name: str | None) -> str:
@@ -91,6 +83,7 @@ class Uploads:
     Bs: list[Tensor] | None
     As: list[Tensor]
     w: Tensor  # float64, CPU, length U, sums to 1
+    scales: Tensor | None = None  # float64, CPU, length U, positive: each client's adapter scale s_u
 
     @property
     def n_clients(self) -> int:
@@ -105,6 +98,7 @@ def check_uploads(
     name: str | None = None,
     need_B: bool = True,
     same_rank: bool = True,
+    scales: object = None,
 ) -> Uploads:
     """Check one matrix's uploads against each other; raise a one-sentence ``ValueError`` on the first problem."""
     if isinstance(As, Tensor) or not isinstance(As, Sequence):
@@ -166,7 +160,22 @@ def check_uploads(
                 raise ValueError(
                     f"client {u}'s {kind}{_where(name)} contains NaN or Inf; drop or fix that client's upload"
                 )
-    return Uploads(Bs=Bs, As=As, w=check_weights(weights, len(As)))
+    return Uploads(Bs=Bs, As=As, w=check_weights(weights, len(As)), scales=check_scales(scales, len(As)))
+
+
+def check_scales(scales: object, n_clients: int) -> Tensor | None:
+    """Validate per-client adapter scales s_u (α/r_u); ``None`` stays ``None`` (every s_u = 1)."""
+    if scales is None:
+        return None
+    try:
+        s = torch.as_tensor(scales, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"scales of type {type(scales).__name__} are not numbers; pass one adapter scale s_u per client") from None
+    if s.dim() != 1 or s.numel() != n_clients:
+        raise ValueError(f"scales has {s.numel()} entries but there are {n_clients} clients; pass one scale s_u per client")
+    if not torch.isfinite(s).all() or (s <= 0).any():
+        raise ValueError(f"scales {s.tolist()} must be finite and positive; pass each client's α/r_u (α/√r_u for rsLoRA)")
+    return s
 
 
 def all_finite(t: Tensor) -> bool:
@@ -200,6 +209,42 @@ def combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     out = torch.zeros_like(tensors[0])
     for t, c in zip(tensors, coeffs.tolist()):
         out.add_(t, alpha=c)
+    return out
+
+
+def segment_combine(tensors: Sequence[Tensor], w: Tensor, dim: int) -> Tensor:
+    """Segment averaging of factors of different ranks along ``dim`` (raFLoRA / PreLort / RB-LoRA, METHODS.md).
+
+    Rank component j (column j of B, row j of A) is averaged only over the clients whose rank exceeds j, with
+    their weights renormalised over them, so no segment is diluted by padded zeros. A segment whose clients all
+    have weight 0 comes out zero. Equal ranks: exactly ``combine``. O(U·size).
+    """
+    ranks = [t.shape[dim] for t in tensors]
+    if len(set(ranks)) == 1:
+        return combine(tensors, w)
+    R = max(ranks)
+    has = torch.tensor([[j < r for j in range(R)] for r in ranks], dtype=torch.float64)  # U×R: client has component j
+    mass = (w[:, None] * has).sum(0)
+    coef = torch.where(mass > 0, w[:, None] * has / torch.where(mass > 0, mass, 1.0), 0.0)  # renormalised per segment
+    shape = list(tensors[0].shape)
+    shape[dim] = R
+    out = tensors[0].new_zeros(shape)
+    for u, t in enumerate(tensors):
+        c = coef[u, : ranks[u]].to(t.dtype).to(t.device)
+        view = [1] * t.dim()
+        view[dim] = ranks[u]
+        out.narrow(dim, 0, ranks[u]).add_(t * c.view(view))
+    return out
+
+
+def pad_combine(tensors: Sequence[Tensor], coeffs: Tensor, dim: int) -> Tensor:
+    """``Σ_u c_u pad(T_u)``: zero-pad every factor to the largest rank along ``dim``, then combine (HetLoRA)."""
+    R = max(t.shape[dim] for t in tensors)
+    shape = list(tensors[0].shape)
+    shape[dim] = R
+    out = tensors[0].new_zeros(shape)
+    for t, c in zip(tensors, coeffs.tolist()):
+        out.narrow(dim, 0, t.shape[dim]).add_(t, alpha=c)
     return out
 
 

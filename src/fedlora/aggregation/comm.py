@@ -1,4 +1,4 @@
-"""Bytes each method sends per client and adapted matrix, from DESIGN.md's table.
+"""Bytes each method sends per client and adapted matrix, from what each rule declares (``register_rule(comm=…)``).
 
 Counts the factor tensors only; heads and other non-LoRA trainables are counted by the federation layer from
 the tensors it actually sends. Imports only torch.
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import check_int, check_method
+from ._common import check_int
+from .registry import get_rule
 
 __all__ = ["CommBytes", "comm_bytes", "comm_elements", "model_comm_bytes"]
 
@@ -28,20 +29,14 @@ class CommBytes:
 
 
 def comm_elements(method: str, d: int, k: int, r: int, n_clients: int) -> tuple[int, int]:
-    """``(up, down)`` element counts per client for one d×k matrix adapted at rank r, with U = n_clients."""
-    check_method(method)
+    """``(up, down)`` element counts per client for one d×k matrix adapted at rank r, with U = n_clients.
+
+    Under mixed ranks pass the client's own r_u: every method's per-client counts are in its own rank, except
+    ``flora``'s download, which is the sum over all clients (use ``n_clients`` × mean rank)."""
+    rule = get_rule(method)
     d, k, r = check_int(d, "d", 1), check_int(k, "k", 1), check_int(r, "r", 1)
     U = check_int(n_clients, "n_clients", 1)
-    factors = r * (d + k)
-    if method == "ffa":  # A is frozen at the shared seed: only B travels
-        return d * r, d * r
-    if method == "fedsa":  # only A travels; B stays on the client
-        return r * k, r * k
-    if method == "flora":  # every client receives every client's factors
-        return factors, U * factors
-    if method == "fedex":  # FedIT's factors plus the residual, dense or factored, whichever is smaller
-        return factors, factors + min(d * k, (U + 1) * factors)
-    return factors, factors  # fedit, florana, svd
+    return rule.comm(d, k, r, U)
 
 
 def comm_bytes(

@@ -13,9 +13,16 @@ import torch
 from torch import Tensor
 
 from ._common import combine
+from .registry import register_rule
 from .result import Aggregate
 
 
+def _comm(d: int, k: int, r: int, U: int) -> tuple[int, int]:
+    factors = r * (d + k)  # FedIT's factors plus the residual, dense or factored, whichever is smaller
+    return factors, factors + min(d * k, (U + 1) * factors)
+
+
+@register_rule("fedex", comm=_comm)
 def fedex(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Aggregate:
     B_hat, A_hat = combine(Bs, w), combine(As, w)
     L = torch.cat([*Bs, B_hat], dim=1)

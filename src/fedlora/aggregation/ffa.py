@@ -9,10 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .result import Aggregate
 from ._common import combine
+from .registry import register_rule
+from .result import Aggregate
 
 
+def _comm(d: int, k: int, r: int, U: int) -> tuple[int, int]:
+    return d * r, d * r  # A is frozen at the shared seed: only B travels
+
+
+@register_rule("ffa", comm=_comm)
 def ffa(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, name: str | None = None) -> Aggregate:
     A0 = As[0]
     for u, A in enumerate(As[1:], start=1):

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from ._common import check_int, check_tol, combine, gram, stack
+from .fedit import factors_comm
+from .registry import register_rule
 from .result import Aggregate
 
 _FLOOR = 64 * torch.finfo(torch.float64).eps  # relative noise floor of the Gram-form objective
@@ -81,6 +83,7 @@ def _fix_scale(p: Tensor, q: Tensor) -> tuple[Tensor, Tensor, str]:
     return p * l1, q / l1, "l1(q)=1"
 
 
+@register_rule("florana", comm=factors_comm)
 def florana(
     Bs: list[Tensor],
     As: list[Tensor],

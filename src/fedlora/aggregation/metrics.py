@@ -27,15 +27,20 @@ def _f64(t: Tensor) -> Tensor:
     return t.to(torch.float64)
 
 
-def divergence(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: object, result: Aggregate) -> float:
+def divergence(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: object, result: Aggregate, *, scales: object = None
+) -> float:
     """ρ = ‖ΔW* − ΔŴ‖_F / ‖ΔW*‖_F for one adapted matrix, with ``ΔŴ = result.delta()`` never formed.
+
+    Clients may have different ranks; with ``scales`` (each client's s_u, as given to ``aggregate``)
+    ``ΔW* = Σ w_u s_u B_u A_u`` and the result is read in that scaled product space.
 
     For ``fedsa`` ΔŴ uses ``eval_B`` (the mean of the clients' B); when the result has none, the mean of the
     ``Bs`` given here. ρ is 0 when ``ΔW* = ΔŴ = 0`` (e.g. round one, all B zero) and ``inf`` when
     ``ΔW* = 0`` but ``ΔŴ ≠ 0``, so it is never NaN.
     """
-    up = check_uploads(Bs, As, weights, same_rank=result.method != "flora")
-    w = up.w
+    up = check_uploads(Bs, As, weights, same_rank=False, scales=scales)
+    w = up.w if up.scales is None else up.w * up.scales
     B_res = result.B if result.B is not None else result.eval_B
     if B_res is None:  # fedsa aggregated from As only: score Σ w_u B_u, as eval_B would have
         B_res = combine(up.Bs, w)
@@ -68,18 +73,19 @@ def divergence(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: object, resu
 
 
 def eckart_young_bound(
-    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: object, rank: int | None = None
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: object, rank: int | None = None, *, scales: object = None
 ) -> float:
     """ρ_min = ‖ΔW* − [ΔW*]_r‖_F / ‖ΔW*‖_F: no broadcast of rank-``rank`` factors does better (0 if ΔW* = 0).
 
-    ``rank`` defaults to the clients' r. QR of the stacked factors and the singular values of the
+    ``rank`` defaults to the clients' largest r_u; ``scales`` as for ``divergence``. QR of the stacked factors and the singular values of the
     (Ur)×(Ur) core, in float64. O((d+k)(Ur)² + (Ur)³).
     """
-    up = check_uploads(Bs, As, weights)
-    rank = up.Bs[0].shape[1] if rank is None else check_int(rank, "rank", 1)
+    up = check_uploads(Bs, As, weights, same_rank=False, scales=scales)
+    rank = max(B.shape[1] for B in up.Bs) if rank is None else check_int(rank, "rank", 1)
+    w = up.w if up.scales is None else up.w * up.scales
     TB = qr_r(torch.cat([_f64(B) for B in up.Bs], dim=1))
     TA = qr_r(torch.cat([_f64(A) for A in up.As], dim=0).T)
-    wcol = weights_per_column(up.w, [B.shape[1] for B in up.Bs]).to(TB.device)
+    wcol = weights_per_column(w, [B.shape[1] for B in up.Bs]).to(TB.device)
     s = torch.linalg.svdvals((TB * wcol) @ TA.T)
     total = float(torch.linalg.vector_norm(s))
     if total == 0.0:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import check_options, run_rule
-from ._common import Uploads, all_finite, check_int, check_method, check_uploads, check_weights, combine
+from ._common import Uploads, all_finite, check_int, check_weights, combine
 from .metrics import divergence as _divergence
+from .registry import Rule, check_options, get_rule, run_rule, validate
 from .result import Aggregate
 
 __all__ = ["ModelAggregate", "aggregate_model"]
@@ -45,11 +45,13 @@ class ModelAggregate:
         Bs: Sequence[Mapping[str, Tensor]],
         As: Sequence[Mapping[str, Tensor]],
         weights: Tensor,
+        *,
+        scales: Sequence[float] | None = None,
     ) -> dict[str, float]:
         """ρ per module (see ``divergence``) for the uploads this result came from; average the values for
         the round's mean."""
         return {
-            name: _divergence([B[name] for B in Bs], [A[name] for A in As], weights, agg)
+            name: _divergence([B[name] for B in Bs], [A[name] for A in As], weights, agg, scales=scales)
             for name, agg in self.layers.items()
         }
 
@@ -120,17 +122,19 @@ def aggregate_model(
     *,
     average_others: bool = True,
     workers: int | None = None,
+    scales: Sequence[float] | Tensor | None = None,
     **options: object,
 ) -> ModelAggregate:
     """Apply ``method`` to every adapted module; average ``others`` with ``weights`` if ``average_others``.
 
     ``Bs[u][name]`` / ``As[u][name]`` are client u's factors of module ``name`` (``Bs`` may be ``None`` for
-    ``fedsa``); every client must upload the same module names. ``options`` go to ``aggregate``. All
+    ``fedsa``); every client must upload the same module names. ``scales``: each client's adapter scale s_u,
+    as for ``aggregate`` (mixed ranks). ``options`` go to ``aggregate``. All
     uploads are validated before any module is aggregated. ``workers``: modules aggregated at once on the
     CPU (default ``torch.get_num_threads()``; 1 for one module after another with torch's own threading).
     """
-    check_method(method)
-    check_options(method, options)
+    rule = get_rule(method)
+    check_options(rule, options)
     if workers is not None:
         check_int(workers, "workers", 1)
     if isinstance(As, Mapping) or not isinstance(As, Sequence):
@@ -147,23 +151,16 @@ def aggregate_model(
         _check_keys(Bs, modules, "Bs", "client 0's As")
 
     uploads = {
-        name: check_uploads(
-            None if Bs is None else [B[name] for B in Bs],
-            [A[name] for A in As],
-            w,
-            name=name,
-            need_B=method != "fedsa",
-            same_rank=method != "flora",
-        )
+        name: validate(rule, None if Bs is None else [B[name] for B in Bs], [A[name] for A in As], w, scales=scales, name=name)
         for name in modules
     }
     mean_others = _mean_others(others, w) if (others is not None and average_others) else {}
-    layers = _run_modules(method, uploads, options, workers)
+    layers = _run_modules(rule, uploads, options, workers)
     return ModelAggregate(method=method, layers=layers, others=mean_others)
 
 
 def _run_modules(
-    method: str, uploads: dict[str, Uploads], options: dict[str, object], workers: int | None
+    rule: Rule, uploads: dict[str, Uploads], options: dict[str, object], workers: int | None
 ) -> dict[str, Aggregate]:
     """Aggregate every module: on the CPU, one module per core at a time, each single-threaded.
 
@@ -176,12 +173,12 @@ def _run_modules(
     on_cpu = all(up.As[0].device.type == "cpu" for up in uploads.values())
     n = min(n, len(uploads))
     if n <= 1 or not on_cpu:
-        return {name: run_rule(method, up, name, dict(options)) for name, up in uploads.items()}
+        return {name: run_rule(rule, up, name, dict(options)) for name, up in uploads.items()}
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="fedlora-aggregate") as pool:
-            futures = {name: pool.submit(run_rule, method, up, name, dict(options)) for name, up in uploads.items()}
+            futures = {name: pool.submit(run_rule, rule, up, name, dict(options)) for name, up in uploads.items()}
             return {name: fut.result() for name, fut in futures.items()}
     finally:
         torch.set_num_threads(before)

@@ -32,6 +32,9 @@ class Aggregate:
         eval_B: ``fedsa`` only: ``Σ w_u B_u``, used solely to score a global model, never broadcast.
         personalised: True when clients keep private state the server does not replace (``fedsa``).
         frozen_A: True when ``A`` is the frozen shared ``A0`` every client already holds (``ffa``): not sent.
+        clients: under mixed ranks or client scales, the ``(B, A)`` each client u receives, at its own rank r_u
+            and scale s_u (``B̂[:, :r_u] / √s_u``, ``Â[:r_u] / √s_u``); ``None`` when every client receives ``B``, ``A``.
+            With scales, ``B`` and ``A`` themselves are in the scaled product space (``B̂Â ≈ Σ w_u s_u B_u A_u``).
         info: method diagnostics (``florana``: iterations, objective history, convergence; ``svd``:
             singular values of the core, numerical rank).
     """
@@ -46,6 +49,7 @@ class Aggregate:
     personalised: bool = False
     frozen_A: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    clients: list[tuple[Tensor | None, Tensor | None]] | None = None
 
     @property
     def base_delta(self) -> Tensor | None:

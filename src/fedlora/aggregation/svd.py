@@ -28,12 +28,19 @@ import torch
 from torch import Tensor
 
 from ._common import check_int, gram, gram_root, stack, weights_per_column
+from .fedit import factors_comm
+from .registry import register_rule
 from .result import Aggregate
 
 
+@register_rule("svd", comm=factors_comm)
 def svd(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, rank: int | None = None) -> Aggregate:
     r = Bs[0].shape[1]
-    rank = r if rank is None else check_int(rank, "rank", 1)
+    return truncated_svd(Bs, As, w, r if rank is None else check_int(rank, "rank", 1), method="svd")
+
+
+def truncated_svd(Bs: list[Tensor], As: list[Tensor], w: Tensor, rank: int, *, method: str) -> Aggregate:
+    """``[ΔW*]_rank`` split as ``U Σ^{1/2}``, ``Σ^{1/2} Vᵀ``; clients may have different ranks (FlexLoRA)."""
     d, k, dtype = Bs[0].shape[0], As[0].shape[1], Bs[0].dtype
     # Float64 throughout, including the two final d×Ur-by-Ur×r products: the coefficients M_B, M_A combine
     # nearly parallel client factors, and a float32 product of them lost the bound for slightly drifting
@@ -41,7 +48,7 @@ def svd(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, rank: int | None = Non
     B_cat, A_cat = stack(Bs, dim=1), stack(As, dim=0)  # d×Ur, Ur×k, float64
 
     root = gram_root(gram(A_cat, rows=True))  # A_cat A_catᵀ = L Lᵀ
-    WL = weights_per_column(w, [r] * len(Bs))[:, None] * root.L
+    WL = weights_per_column(w, [B.shape[1] for B in Bs])[:, None] * root.L
     T = WL.T @ gram(B_cat) @ WL  # Lᵀ W GB W L = Q_Aᵀ ΔW*ᵀΔW* Q_A
     lam, Z = torch.linalg.eigh(T)  # ascending: σ² of ΔW*
     lam, Z = lam.flip(0).clamp_min(0.0), Z.flip(1)
@@ -58,4 +65,4 @@ def svd(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, rank: int | None = Non
     if keep < rank:  # numerical rank below r: pad with zeros so the shapes stay d×rank, rank×k
         B_hat = torch.cat([B_hat, B_hat.new_zeros(d, rank - keep)], dim=1)
         A_hat = torch.cat([A_hat, A_hat.new_zeros(rank - keep, k)], dim=0)
-    return Aggregate(method="svd", B=B_hat, A=A_hat, info={"singular_values": lam.sqrt(), "rank": keep})
+    return Aggregate(method=method, B=B_hat, A=A_hat, info={"singular_values": lam.sqrt(), "rank": keep})

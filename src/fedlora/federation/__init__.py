@@ -1,14 +1,20 @@
 """The federation round: client sampling, local training, private per-client state, applying broadcasts
-(including base-weight folding), metrics. May import :mod:`fedlora.adapters` and :mod:`fedlora.aggregation`;
-must not import the front ends (CLI, data and model loading, Flower, reports)."""
+(including base-weight folding), metrics; and the method protocol with its registry. May import
+:mod:`fedlora.adapters`, :mod:`fedlora.aggregation` and :mod:`fedlora.generation`; must not import the front ends
+(CLI, experiments, data and model loading, Flower, reports)."""
 
 from fedlora.federation.causal_lm import CausalLMSplit, CausalLMTask
-from fedlora.federation.methods import METHOD_CLASSES, Method, ServerUpdate, make_method
+from fedlora.federation.protocol import (
+    Method, Option, Peer, REGISTRY, RoundContext, ServerUpdate, make_method, method_class, method_names,
+    parse_method_options, register,
+)
+from fedlora.federation import methods  # noqa: F401  (registers the built-in methods)
 from fedlora.federation.simulator import FederationConfig, SimClient, Simulator, nbytes
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
 
 __all__ = [
-    "METHOD_CLASSES", "Method", "ServerUpdate", "make_method",
+    "Method", "Option", "Peer", "REGISTRY", "RoundContext", "ServerUpdate", "make_method", "method_class",
+    "method_names", "parse_method_options", "register",
     "FederationConfig", "SimClient", "Simulator", "nbytes",
     "ClassificationTask", "TokenizedSplit", "CausalLMTask", "CausalLMSplit",
 ]

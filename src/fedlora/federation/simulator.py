@@ -2,7 +2,9 @@
 
 The round reads top to bottom: sample → local training → upload → aggregate → apply → evaluate. A client is the
 set of trainable tensors loaded into the shared model while it trains; between its rounds it keeps only what
-its method declares private (FedSA's B and head), so memory grows by that and nothing else.
+its method declares private (FedSA's B and head), so memory grows by that and nothing else. With mixed ranks
+(``SimClient.rank``) the model holds the largest rank and a client of rank r_u uses its first r_u components at
+scale s(r_u); clients of one rank share one view of the global state.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 from fedlora.adapters import AdapterHandle
 from fedlora.aggregation import aggregate, divergence, eckart_young_bound
-from fedlora.federation.methods import Method, ServerUpdate, Tensors
+from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors
 from fedlora.federation.screening import Rejection, check_structure, norm_outliers, schema, update_norm
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
 
@@ -29,11 +31,13 @@ WEIGHTINGS = ("examples", "uniform")
 
 @dataclass(frozen=True)
 class FederationConfig:
+    """The round loop's settings. These defaults are the run's (``RunConfig`` takes them from here)."""
+
     rounds: int = 5
     fraction: float = 1.0
-    local_steps: int = 10
+    local_steps: int = 8
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 3e-3
     seed: int = 0
     weighting: str = "examples"
     max_grad_norm: float = 1.0
@@ -64,6 +68,7 @@ class SimClient:
     cid: int
     train: TokenizedSplit
     test: TokenizedSplit
+    rank: int | None = None  # the client's adapter rank r_u (None: the model's)
 
 
 def nbytes(tensors: Tensors) -> int:
@@ -85,9 +90,11 @@ def client_weights(sizes: list[int], weighting: str) -> Tensor:
     return w / w.sum()
 
 
-def layer_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], weights: Tensor, current: Tensors, update: ServerUpdate, bound: bool):
+def layer_metrics(h: AdapterHandle, inputs: list[Tensors], weights: Tensor, current: Tensors, update: ServerUpdate, bound: bool):
     """Per adapted module: the aggregation divergence ρ, and (``bound``) the Eckart–Young bound and FedIT's ρ on
-    the same uploads, the two references any method's ρ is read against within one run.
+    the same uploads, the two references any method's ρ is read against within one run. Under mixed ranks all
+    three are in the scaled product space (ΔW* = Σ w_u s_u B_u A_u; FedIT with segment averaging; the bound at
+    the largest rank).
 
     For FedSA (personalised) ΔŴ is what the global model is scored with: Â and the clients' mean B, so ρ measures
     how far that stand-in is from ΔW*; modules whose B no client reported give no entry.
@@ -100,10 +107,11 @@ def layer_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], weigh
             continue
         Bs = [v[0][module] for v in views]
         As = [v[1].get(module, A0[module]) for v in views]
-        rho[module] = float(divergence(Bs, As, weights, layer))
+        rho[module] = float(divergence(Bs, As, weights, layer, scales=update.scales))
         if bound:
-            rho_min[module] = float(eckart_young_bound(Bs, As, weights))
-            rho_fedit[module] = rho[module] if layer.method == "fedit" else float(divergence(Bs, As, weights, aggregate("fedit", Bs, As, weights)))
+            rho_min[module] = float(eckart_young_bound(Bs, As, weights, scales=update.scales))
+            fedit = aggregate("fedit", Bs, As, weights, scales=update.scales)
+            rho_fedit[module] = float(divergence(Bs, As, weights, fedit, scales=update.scales))
     return (rho or None), (rho_min or None), (rho_fedit or None)
 
 
@@ -114,12 +122,21 @@ def mean_pairwise_cosine(tensors: list[Tensor]) -> float | None:
     """
     if len(tensors) < 2:
         return None
-    X = torch.stack([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    shape = [max(t.shape[i] for t in tensors) for i in range(tensors[0].dim())]  # mixed ranks: zero-padded
+    X = torch.stack([_padded(t.detach().to(torch.float64), shape).reshape(-1) for t in tensors])
     norms = X.norm(dim=1)
     X = X / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
     G = X @ X.T
     U = len(tensors)
     return float((G.sum() - G.diagonal().sum()) / (U * (U - 1)))
+
+
+def _padded(t: Tensor, shape: list[int]) -> Tensor:
+    if list(t.shape) == shape:
+        return t
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
 
 
 def similarity_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], current: Tensors) -> dict[str, dict[str, float] | None]:
@@ -142,7 +159,7 @@ def similarity_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], 
             name = getattr(h.keys[module], kind)
             if name in private or module not in start or not any(name in t for t in inputs):
                 continue  # no common start (private) or never trained (frozen): no update to compare
-            upd[module] = mean_pairwise_cosine([t - start[module] for t in tensors])
+            upd[module] = mean_pairwise_cosine([t - _cut(start[module], t) for t in tensors])
         out[f"similarity_{kind}_per_layer"] = {k: v for k, v in fac.items() if v is not None} or None
         out[f"similarity_d{kind}_per_layer"] = {k: v for k, v in upd.items() if v is not None} or None
     for kind in ("A", "B", "dA", "dB"):
@@ -150,12 +167,19 @@ def similarity_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], 
     return out
 
 
+def _cut(start: Tensor, t: Tensor) -> Tensor:
+    """The common start cut to a client's shape (mixed ranks: its first r_u components, before its rescale)."""
+    return start[tuple(slice(0, n) for n in t.shape)] if start.shape != t.shape else start
+
+
 def _mean(values: dict[str, float] | None) -> float | None:
     return None if not values else sum(values.values()) / len(values)
 
 
-def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationConfig, seed: int) -> float:
-    """A client's local steps on the model as loaded; fresh AdamW each round (clients keep no optimizer state)."""
+def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationConfig, seed: int,
+                loss_term: Callable[[], Tensor | None] | None = None) -> float:
+    """A client's local steps on the model as loaded; fresh AdamW each round (clients keep no optimizer state).
+    ``loss_term``: the method's extra term added to each step's loss (HetLoRA's regulariser)."""
     torch.manual_seed(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -168,7 +192,8 @@ def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationCo
         index = order[pos : pos + cfg.batch_size]
         pos += cfg.batch_size
         loss = task.loss(model, train.batch(index, cfg.device))
-        loss.backward()
+        extra = loss_term() if loss_term else None
+        (loss if extra is None else loss + extra).backward()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -191,85 +216,44 @@ class ClientResult:
     train_loss: float
 
 
+def peer_of(h: AdapterHandle, client: SimClient) -> Peer:
+    rank = h.rank if client.rank is None else client.rank
+    return Peer(client.cid, rank, h.spec.scale_at(rank))
+
+
 def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start: Tensors, cfg: FederationConfig, rnd: int) -> ClientResult:
-    """Load the client's start state, train locally, score it on its own test shard, and split what it holds."""
-    h.set(start)
-    loss = train_local(h.model, task, client.train, cfg, round_seed(cfg.seed, rnd, client.cid))
+    """Load the client's start state at its rank, train the round's trainables, score it on its own test shard,
+    and split what it holds into upload, eval extras and private state."""
+    peer = peer_of(h, client)
+    h.set(start, rank=peer.rank)
+    h.set_trainable(h.trainable_names, True)
+    h.set_trainable(method.frozen(h, rnd), False)  # per round: RoLoRA alternates, FFA always freezes A
+    loss = train_local(h.model, task, client.train, cfg, round_seed(cfg.seed, rnd, client.cid), lambda: method.loss_term(h, peer))
     acc = task.evaluate(h.model, client.test, cfg.device)
-    trained = h.get()
+    trained = h.get(rank=peer.rank)
     return ClientResult(
-        cid=client.cid, upload=method.upload(h, trained), extras=method.eval_extras(h, trained),
+        cid=client.cid, upload=method.upload(h, trained, rnd), extras=method.eval_extras(h, trained),
         private={n: trained[n] for n in method.private(h)}, n_train=len(client.train), n_test=len(client.test),
         local_accuracy=acc, train_loss=loss,
     )
 
 
-def screen(h: AdapterHandle, method: Method, results: list[ClientResult], current: Tensors, cfg: FederationConfig, rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
-    """Split the round's results into accepted and rejected (structure, dtype, NaN/Inf, norm outliers)."""
-    up_schema, extra_schema = schema(method.upload(h, current)), schema(method.eval_extras(h, current))
-    accepted, rejected = [], []
+def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: Callable[[int], Tensors], cfg: FederationConfig, rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
+    """Split the round's results into accepted and rejected (structure, dtype, NaN/Inf, norm outliers). Each client
+    is checked against what it started from (``held(cid)``: its own rank under mixed ranks)."""
+    accepted, rejected, norms = [], [], []
     for r in results:
-        reason = check_structure(r.cid, r.upload, up_schema, "upload") or check_structure(r.cid, r.extras, extra_schema, "evaluation tensors")
-        (rejected.append(Rejection(r.cid, reason)) if reason else accepted.append(r))
-    norms = [update_norm(r.upload, current) for r in accepted]
+        start = held(r.cid)
+        reason = (check_structure(r.cid, r.upload, schema(method.upload(h, start, rnd)), "upload")
+                  or check_structure(r.cid, r.extras, schema(method.eval_extras(h, start)), "evaluation tensors"))
+        if reason:
+            rejected.append(Rejection(r.cid, reason))
+        else:
+            accepted.append(r)
+            norms.append(update_norm(r.upload, start))
     outliers = norm_outliers([r.cid for r in accepted], norms, cfg.max_norm_ratio)
     bad = {o.cid for o in outliers}
     return [r for r in accepted if r.cid not in bad], rejected + outliers
-
-
-def server_step(h: AdapterHandle, method: Method, results: list[ClientResult], current: Tensors, cfg: FederationConfig, rnd: int, failed: list[Rejection] = ()):
-    """Screen and aggregate the round's uploads.
-
-    Returns (ServerUpdate or None when no client is left, accepted results, metrics without the global score).
-    ``failed``: clients that raised during local training or evaluation, recorded like rejected uploads.
-    """
-    received_bytes = sum(nbytes(r.upload) for r in results if isinstance(r.upload, dict) and all(isinstance(t, Tensor) for t in r.upload.values()))
-    accepted, rejected = screen(h, method, results, current, cfg, rnd)
-    rejected = list(failed) + rejected
-    for rej in rejected:
-        log.warning("round %d: rejected %s", rnd, rej.reason)
-    metrics = {
-        "round": rnd,
-        "method": method.name,
-        "clients": [r.cid for r in accepted],
-        "train_loss": sum(r.train_loss for r in accepted) / len(accepted) if accepted else math.nan,
-        "local_accuracy": math.nan,
-        "divergence": None,
-        "divergence_per_layer": None,
-        "bound": None,
-        "bound_per_layer": None,
-        "fedit_divergence": None,
-        "fedit_divergence_per_layer": None,
-        "bytes_up": received_bytes,
-        "bytes_down": 0,
-        "aggregation_seconds": 0.0,
-        "rejected": [r.as_dict() for r in rejected],
-        "n_rejected": len(rejected),
-        "skipped": not accepted,
-    }
-    if not accepted:
-        log.warning("round %d: no client left after screening; round skipped, global model unchanged", rnd)
-        return None, accepted, metrics
-    inputs = [r.upload | r.extras for r in accepted]
-    weights = client_weights([r.n_train for r in accepted], cfg.weighting)  # renormalised over accepted clients
-    t_agg = time.perf_counter()
-    update = method.aggregate(h, inputs, weights, current, seed=round_seed(cfg.seed, rnd))
-    metrics["aggregation_seconds"] = time.perf_counter() - t_agg
-    rho, rho_min, rho_fedit = layer_metrics(h, method, inputs, weights, current, update, cfg.bound)
-    if cfg.similarity:
-        metrics |= similarity_metrics(h, method, inputs, current)
-    n_local = sum(r.n_test for r in accepted)
-    metrics |= {
-        "local_accuracy": sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan,
-        "divergence": _mean(rho),
-        "divergence_per_layer": rho,
-        "bound": _mean(rho_min),
-        "bound_per_layer": rho_min,
-        "fedit_divergence": _mean(rho_fedit),
-        "fedit_divergence_per_layer": rho_fedit,
-        "bytes_down": nbytes(update.broadcast) * len(accepted),
-    }
-    return update, accepted, metrics
 
 
 def finish_metrics(metrics: dict, global_accuracy: float, wall_seconds: float) -> dict:
@@ -300,10 +284,20 @@ class Simulator:
     def __post_init__(self) -> None:
         if not self.clients:
             raise ValueError("no clients to federate; pass --clients 1 or more")
+        h = self.handle
         self.model.to(self.config.device)
-        self.handle.set_trainable(self.method.frozen(self.handle), False)
-        self.global_tensors: Tensors = self.handle.get()
+        self.peers: list[Peer] = [peer_of(h, c) for c in self.clients]
+        for p in self.peers:
+            if not 1 <= p.rank <= h.rank:
+                raise ValueError(f"client {p.cid} has rank {p.rank} but the model's adapter has rank {h.rank}; build it at the largest client rank")
+        self.mixed = any(p.rank != h.rank for p in self.peers)
+        self.server = Peer(-1, h.rank, h.spec.scale_at(h.rank))
+        self.global_tensors: Tensors = h.get()
         self.eval_tensors: Tensors = self.global_tensors
+        # What each client starts its next round from (before its private state): the global state at its rank.
+        # Round 1: the seeded init, each client's first r_u components (as PEFT would initialise it at r_u).
+        views = {r: h.truncate(self.global_tensors, r) for r in {p.rank for p in self.peers}}
+        self.held: dict[int, Tensors] = {p.cid: views[p.rank] for p in self.peers}
         self.private: dict[int, Tensors] = {}
         self.history: list[dict] = []
 
@@ -314,35 +308,81 @@ class Simulator:
         results, failed = [], []
         for cid in sample_clients(len(self.clients), cfg.fraction, cfg.seed, rnd):
             try:
-                results.append(self.turn(h, method, self.task, self.clients[cid], self.global_tensors | self.private.get(cid, {}), cfg, rnd))
+                results.append(self.turn(h, method, self.task, self.clients[cid], self.held[cid] | self.private.get(cid, {}), cfg, rnd))
             except Exception as exc:  # a failing client is data, not the end of the run
                 failed.append(Rejection(cid, f"client {cid} raised {type(exc).__name__} during its turn: {exc}"))
             if self.on_client:
                 self.on_client(rnd, cid)
-
-        update, accepted, metrics, global_acc = self.close_round(results, failed, rnd)
-        for r in accepted:
-            if r.private:
-                self.private[r.cid] = r.private
-
-        metrics = finish_metrics(metrics, global_acc, time.perf_counter() - start)
-        self.history.append(metrics)
-        if self.on_round:
-            self.on_round(metrics)
+        _, _, metrics = self.close_round(results, failed, rnd, start)
         return metrics
 
-    def close_round(self, results: list[ClientResult], failed: list[Rejection], rnd: int):
-        """The server half of a round (shared with the Flower strategy): screen and aggregate, apply the broadcast
-        to the shared model, score the global model. Returns (update or None, accepted, metrics, global accuracy)."""
+    def close_round(self, results: list[ClientResult], failed: list[Rejection], rnd: int, started: float):
+        """The server half of a round, the one path shared with the Flower strategy: screen, aggregate, apply the
+        broadcast to the server's model and every client's view, keep accepted clients' private state, score the
+        global model, record the metrics. Returns (update or None when no client is left, accepted, metrics)."""
         cfg, h, method = self.config, self.handle, self.method
-        update, accepted, metrics = server_step(h, method, results, self.global_tensors, cfg, rnd, failed)
-        if update is not None:
-            self.global_tensors = method.apply(h, update.broadcast, self.global_tensors, seed=round_seed(cfg.seed, rnd))
-            self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
+        received = sum(nbytes(r.upload) for r in results if isinstance(r.upload, dict) and all(isinstance(t, Tensor) for t in r.upload.values()))
+        accepted, rejected = screen(h, method, results, self.held.__getitem__, cfg, rnd)
+        rejected = list(failed) + rejected
+        for rej in rejected:
+            log.warning("round %d: rejected %s", rnd, rej.reason)
+        metrics = {
+            "round": rnd, "method": method.name, "clients": [r.cid for r in accepted],
+            "train_loss": sum(r.train_loss for r in accepted) / len(accepted) if accepted else math.nan,
+            "local_accuracy": math.nan,
+        }
+        rho = rho_min = rho_fedit = None
+        update, down, seconds = None, 0, 0.0
+        if accepted:
+            inputs = [r.upload | r.extras for r in accepted]
+            weights = client_weights([r.n_train for r in accepted], cfg.weighting)  # renormalised over accepted clients
+            seed = round_seed(cfg.seed, rnd)
+            ctx = RoundContext(rnd, seed, [self.peers[r.cid] for r in accepted], mixed=self.mixed)
+            t_agg = time.perf_counter()
+            update = method.aggregate(h, inputs, weights, self.global_tensors, ctx)
+            seconds = time.perf_counter() - t_agg
+            rho, rho_min, rho_fedit = layer_metrics(h, inputs, weights, self.global_tensors, update, cfg.bound)
+            if cfg.similarity:
+                metrics |= similarity_metrics(h, method, inputs, self.global_tensors)
+            n_local = sum(r.n_test for r in accepted)
+            metrics["local_accuracy"] = sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan
+            down = sum(nbytes(method.deliver(h, update.broadcast, p)) for p in ctx.peers)
+            self._apply(update, seed)
+            for r in accepted:
+                if r.private:
+                    self.private[r.cid] = r.private
+        else:
+            log.warning("round %d: no client left after screening; round skipped, global model unchanged", rnd)
+        metrics |= {
+            "divergence": _mean(rho), "divergence_per_layer": rho, "bound": _mean(rho_min), "bound_per_layer": rho_min,
+            "fedit_divergence": _mean(rho_fedit), "fedit_divergence_per_layer": rho_fedit,
+            "bytes_up": received, "bytes_down": down, "aggregation_seconds": seconds,
+            "rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted,
+        }
         h.set(self.eval_tensors)
         global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
         h.set(self.global_tensors)
-        return update, accepted, metrics, global_acc
+        metrics = finish_metrics(metrics, global_acc, time.perf_counter() - started)
+        self.history.append(metrics)
+        if self.on_round:
+            self.on_round(metrics)
+        return update, accepted, metrics
+
+    def _apply(self, update: ServerUpdate, seed: int) -> None:
+        """Fold once into the shared base (it serves every client), then move the server's model and every client's
+        view (sampled or not: Flower clients catch up on the broadcasts they missed) to the round's state. Clients
+        holding the same view at the same rank keep sharing one."""
+        h, method = self.handle, self.method
+        method.fold(h, update.broadcast)
+        old = self.global_tensors
+        self.global_tensors = method.take(h, update.broadcast, old, self.server, seed)
+        self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
+        moved: dict[tuple[int, int], Tensors] = {(id(old), h.rank): self.global_tensors}
+        for p in self.peers:
+            key = (id(self.held[p.cid]), p.rank)
+            if key not in moved:
+                moved[key] = method.take(h, method.deliver(h, update.broadcast, p), self.held[p.cid], p, seed)
+            self.held[p.cid] = moved[key]
 
     def run(self) -> list[dict]:
         for rnd in range(len(self.history) + 1, self.config.rounds + 1):
@@ -351,12 +391,15 @@ class Simulator:
 
     # -- checkpoints: everything a resumed run needs to continue bit-for-bit ------------------------------------
     def snapshot(self) -> tuple[Tensors, dict]:
-        """(tensors, meta) after the last completed round: global and scored trainables, each client's private
-        state, and for methods that fold into the base the current base weights of the adapted modules."""
+        """(tensors, meta) after the last completed round: global and scored trainables, each client's view where
+        it is not the global one (mixed ranks), each client's private state, and for methods that fold into the
+        base the current base weights of the adapted modules."""
         h = self.handle
         tensors = {f"global/{n}": t for n, t in self.global_tensors.items()}
         # FedSA scores with tensors clients never start from; elsewhere eval and global are the same tensors.
         tensors |= {f"eval/{n}": t for n, t in self.eval_tensors.items() if t is not self.global_tensors.get(n)}
+        for cid, view in self.held.items():
+            tensors |= {f"held/{cid}/{n}": t.clone() for n, t in view.items() if t is not self.global_tensors.get(n)}
         for cid, priv in self.private.items():
             tensors |= {f"private/{cid}/{n}": t for n, t in priv.items()}
         for module, folded in h.folded.items():
@@ -368,6 +411,7 @@ class Simulator:
     def restore(self, tensors: Tensors, meta: dict) -> None:
         h, device = self.handle, self.config.device
         self.global_tensors, self.eval_tensors, self.private = {}, {}, {}
+        held: dict[int, Tensors] = {}
         for key, t in tensors.items():
             kind, _, rest = key.partition("/")
             t = t.to(device)
@@ -375,14 +419,15 @@ class Simulator:
                 self.global_tensors[rest] = t
             elif kind == "eval":
                 self.eval_tensors[rest] = t
-            elif kind == "private":
+            elif kind in ("private", "held"):
                 cid, _, name = rest.partition("/")
-                self.private.setdefault(int(cid), {})[name] = t
+                (self.private if kind == "private" else held).setdefault(int(cid), {})[name] = t
             elif kind == "base":
                 h.layers[rest].get_base_layer().weight.copy_(t)
             elif kind == "folded":
                 h.folded[rest] = t
         self.eval_tensors = dict(self.global_tensors) | self.eval_tensors
+        self.held = {p.cid: self.global_tensors | held[p.cid] if p.cid in held else self.global_tensors for p in self.peers}
         h.set(self.global_tensors)
         self.history = list(meta["history"])
 

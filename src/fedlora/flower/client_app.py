@@ -17,7 +17,7 @@ rounds is in ``context.state`` (never in module globals):
   weights themselves so a new process reproduces them bit for bit.
 
 The only per-process object is :class:`_ProcessModel`: the run's frozen base model, data and initial adapter as
-:func:`~fedlora.experiment.build` makes them (seeded, identical in every process), loaded once per process and
+:func:`~fedlora.frontend.experiment.build` makes them (seeded, identical in every process), loaded once per process and
 reset from ``context.state`` at the start of every message, so no client's state survives in it. In simulation one
 process serves many SuperNodes in turn; in deployment it serves one message.
 """
@@ -32,7 +32,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.experiment import Experiment, RunConfig, build
+from fedlora.frontend.experiment import Experiment, RunConfig, build
 from fedlora.federation.simulator import client_turn, round_seed
 from fedlora.flower.config import from_flower
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
@@ -70,7 +70,8 @@ def train(msg: Message, context: Context) -> Message:
     synced = int(meta["synced-round"])
     stored_base = from_record(state.array_records[STATE_BASE], device) if STATE_BASE in state.array_records else {}
     proc.reset(stored_base)
-    current = from_record(state.array_records[STATE_CURRENT], device) if STATE_CURRENT in state.array_records else dict(proc.initial)
+    peer = sim.peers[cid]
+    current = from_record(state.array_records[STATE_CURRENT], device) if STATE_CURRENT in state.array_records else h.truncate(proc.initial, peer.rank)
     for r in (int(x) for x in order["broadcast-rounds"]):
         if r <= synced:  # applied already (the reply that said so was lost): folding twice would corrupt W0
             continue
@@ -78,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
             raise ValueError(f"client {cid} last applied round {synced} but was sent round {r}'s broadcast; its state was lost, restart the run")
         broadcast = from_record(msg.content.array_records[broadcast_key(r)], device)
         if broadcast:  # empty: no client was accepted in round r, and Simulator.round applies nothing then
-            current = method.apply(h, broadcast, current, seed=round_seed(config.seed, r))
+            current = method.apply(h, broadcast, current, peer, round_seed(config.seed, r))
         synced = r
     if synced != rnd - 1:
         raise ValueError(f"client {cid} is at round {synced} but was asked to train round {rnd}; its state was lost, restart the run")

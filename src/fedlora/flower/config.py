@@ -1,4 +1,4 @@
-"""Flower's run config ⇄ :class:`~fedlora.experiment.RunConfig`: the keys are ``fedlora run``'s long flags.
+"""Flower's run config ⇄ :class:`~fedlora.frontend.experiment.RunConfig`: the keys are ``fedlora run``'s long flags.
 
 Flower's run config holds only str, int, float and bool, so the three settings that can be "not given" on the
 CLI have a stated stand-in here: ``examples-per-client = 0`` (no cap), ``keep-head-local = "auto"`` (the method's
@@ -12,7 +12,7 @@ import json
 import typing
 from collections.abc import Mapping
 
-from fedlora.experiment import RunConfig
+from fedlora.frontend.experiment import RunConfig
 
 _NONE_STANDINS = {"examples_per_client": 0, "keep_head_local": "auto", "out": ""}
 

@@ -21,7 +21,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedlora.experiment import RunConfig, build, metrics_line
+from fedlora.frontend.experiment import RunConfig, build, metrics_line
 from fedlora.flower.config import from_flower
 from fedlora.flower.strategy import FedLoRAStrategy
 
@@ -63,8 +63,8 @@ def run_federation(grid: Grid, config: RunConfig) -> list[dict]:
             metrics["global_accuracy"], metrics["local_accuracy"], div, metrics["bytes_up"], metrics["bytes_down"],
             metrics.get("n_rejected", 0))
 
-    from fedlora.export import save_run_artifacts
-    from fedlora.report import write_summary
+    from fedlora.frontend.export import save_run_artifacts
+    from fedlora.frontend.report import write_summary
 
     history = exp.simulator.history
     save_run_artifacts(exp, out)

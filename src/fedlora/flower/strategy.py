@@ -1,9 +1,10 @@
 """The Flower strategy: :class:`~fedlora.federation.simulator.Simulator`'s round, with the clients on SuperNodes.
 
-A thin adapter. Sampling is the simulator's seeded :func:`sample_clients` over partition ids; aggregation is
-:meth:`Simulator.close_round`, the very code ``Simulator.round`` runs (screening, the method object's
-``aggregate``, the same divergence, bound and byte counts, the method's ``apply`` on the server's own model, the
-global score). So a Flower run writes the numbers ``fedlora run`` writes for the same settings and seed.
+A thin adapter. Sampling is the simulator's seeded :func:`sample_clients` over partition ids; the server half of
+the round is :meth:`Simulator.close_round`, the very code ``Simulator.round`` runs (screening, the method object's
+``aggregate``, the same divergence, bound and byte counts, the method's ``fold``/``take`` on the server's own model,
+the global score, the metrics line). What each client receives is the method's ``deliver`` for that client (its
+own rank and scale under mixed ranks). So a Flower run writes the numbers ``fedlora run`` writes for the same settings and seed.
 
 Hooks as in Flower's message strategies: :meth:`configure_train` says what each sampled client gets,
 :meth:`aggregate_train` turns replies into the next global state and the round's metrics. A failed reply, a missing
@@ -22,9 +23,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedlora.experiment import Experiment
+from fedlora.frontend.experiment import Experiment
 from fedlora.federation.screening import Rejection
-from fedlora.federation.simulator import ClientResult, finish_metrics, sample_clients
+from fedlora.federation.simulator import ClientResult, sample_clients
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
 
 NODE_WAIT_SECONDS = 300.0  # how long the server waits for one SuperNode per partition to connect
@@ -85,7 +86,7 @@ class FedLoRAStrategy:
     def configure_train(self, rnd: int) -> list[Message]:
         """One train message per sampled client: the round, every broadcast it has not applied yet, and the last
         round whose result the server accepted from it (so it keeps only accepted private state, as the simulator)."""
-        cfg = self.sim.config
+        cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
         messages = []
         self.sampled = sample_clients(len(self.sim.clients), cfg.fraction, cfg.seed, rnd)
         for cid in self.sampled:
@@ -93,7 +94,7 @@ class FedLoRAStrategy:
             order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]}
             content = RecordDict({CONFIG: ConfigRecord(order)})
             for r in rounds:
-                content[broadcast_key(r)] = to_record(self.pending[r])
+                content[broadcast_key(r)] = to_record(method.deliver(h, self.pending[r], self.sim.peers[cid]))
             messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
         return messages
 
@@ -109,7 +110,7 @@ class FedLoRAStrategy:
         results.sort(key=lambda r: r.cid)  # the simulator's order: sampled partition ids, ascending
         failed.sort(key=lambda f: f.cid)
 
-        update, accepted, metrics, global_acc = sim.close_round(results, failed, rnd)
+        update, accepted, _ = sim.close_round(results, failed, rnd, started)
         for r in accepted:
             self.accepted[r.cid] = rnd
 
@@ -121,10 +122,7 @@ class FedLoRAStrategy:
             self.pending[rnd] = {}
         applied_by_all = min(self.synced.values())
         self.pending = {r: b for r, b in self.pending.items() if r > applied_by_all}
-
-        metrics = finish_metrics(metrics, global_acc, time.perf_counter() - started)
-        sim.history.append(metrics)
-        return metrics
+        return sim.history[-1]
 
     def _result(self, msg: Message) -> ClientResult | Rejection:
         """A reply as the simulator's ClientResult, or a Rejection (failed, or not in the protocol's layout).

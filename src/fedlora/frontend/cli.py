@@ -10,71 +10,60 @@ import sys
 import time
 from pathlib import Path
 
-from fedlora.aggregation import METHODS
+def _methods() -> list[str]:
+    from fedlora.federation import method_names
 
-# Long flag → (type, help). Names are RunConfig's fields with dashes; every flag defaults to "not given" so a
-# --config file's values survive unless the flag is passed.
-_FLAGS: dict[str, tuple[type, str]] = {
-    "method": (str, f"aggregation method: {', '.join(METHODS)} (default florana)"),
-    "adapter": (str, "lora, rslora, dora, vera or hira (default lora)"),
-    "rank": (int, "adapter rank r (default 8)"),
-    "lora-alpha": (float, "LoRA alpha; scaling is alpha/r (rsLoRA alpha/sqrt r) (default 16)"),
-    "target-modules": (str, "comma-separated linear layers to adapt (default query,value; causal-lm: q_proj,v_proj)"),
-    "clients": (int, "number of clients (default 10)"),
-    "fraction": (float, "fraction of clients sampled per round, in (0, 1] (default 1)"),
-    "rounds": (int, "federated rounds (default 5)"),
-    "local-steps": (int, "optimizer steps per client per round (default 8)"),
-    "batch-size": (int, "local batch size (default 16)"),
-    "lr": (float, "local AdamW learning rate (default 3e-3)"),
-    "weighting": (str, "client weights: examples (n_u/Σn) or uniform (default examples)"),
-    "max-norm-ratio": (float, "reject a client update above this × the round's median norm; 0 turns it off (default 10)"),
-    "partition": (str, "iid, dirichlet or pathological (default dirichlet)"),
-    "alpha": (float, "Dirichlet concentration over labels; smaller is more skewed (default 0.5)"),
-    "labels-per-client": (int, "labels per client for --partition pathological (default 2)"),
-    "model": (str, "minilm (offline default), tiny:bert, or a Hugging Face name/path; causal-lm: smollm2 (offline default), tiny:llama, or a name/path"),
-    "data": (str, "tweets (offline default), bbc, a .csv/.jsonl file, or hf:NAME[:CONFIG]; causal-lm also gsm8k, mbpp, humaneval"),
-    "text-column": (str, "text column of --data files/datasets (default text)"),
-    "label-column": (str, "label column of --data files/datasets (default label)"),
-    "seed": (int, "seed for partitions, sampling, init and training (default 0)"),
-    "examples-per-client": (int, "cap on each client's shard, train+test (default 200)"),
-    "test-examples": (int, "size of the global test set held out before partitioning (default 500)"),
-    "max-length": (int, "max tokens per example (default 64; causal-lm: 128, prompt + response)"),
-    "device": (str, "auto, cpu or cuda[:N] (default auto)"),
-    "task": (str, "classification (default) or causal-lm (instruction tuning, scored by generation)"),
-    "prompt-column": (str, "causal-lm: prompt field of --data files/datasets (default prompt)"),
-    "response-column": (str, "causal-lm: response field of --data files/datasets (default response)"),
-    "scoring": (str, "causal-lm: auto (the data's own), exact, number (last number, GSM8K) or pass@1 (code) (default auto)"),
-    "max-new-tokens": (int, "causal-lm: most tokens generated per answer when scoring (default 64)"),
-    "code-timeout": (float, "causal-lm pass@1: seconds each candidate program may run (default 10)"),
-}
+    return method_names()
+
+
+def _fields():
+    from fedlora.frontend.experiment import RunConfig
+
+    return [f for f in dataclasses.fields(RunConfig) if f.name != "out"]
+
+
+def _method_help() -> str:
+    from fedlora.federation import REGISTRY
+
+    return "aggregation method: " + ", ".join(
+        f"{n}{' (mixed ranks)' if c.mixed_ranks else ''}" for n, c in REGISTRY.items()
+    ) + " (default florana)"
 
 
 def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
-    for flag, (typ, help_) in _FLAGS.items():
-        if flag == "method" and not with_method:
+    """One flag per RunConfig field (its help and default from the field), and one per declared method option.
+    Every flag defaults to "not given" so a --config file's values survive unless the flag is passed."""
+    from fedlora.federation.protocol import option_flags
+
+    for f in _fields():
+        if f.name == "method" and not with_method:
             continue
-        p.add_argument(f"--{flag}", type=typ, default=None, help=help_)
-    p.add_argument("--keep-head-local", default=None, action=argparse.BooleanOptionalAction,
-                   help="keep each client's classifier head private (fedsa's default)")
-    p.add_argument("--gradient-checkpointing", default=None, action=argparse.BooleanOptionalAction,
-                   help="causal-lm: recompute activations in the backward pass (less memory, ~30%% slower)")
-    p.add_argument("--similarity", default=None, action="store_true",
-                   help="also record the clients' mean pairwise cosine similarity of A and B per module")
+        flag = f"--{f.name.replace('_', '-')}"
+        default = "" if f.default is None else f" (default {f.default})" if f.default != "" else ""
+        help_ = _method_help() if f.name == "method" else f.metadata["help"] + default
+        if f.type in ("bool", "bool | None"):
+            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            typ = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            p.add_argument(flag, type=typ, default=None, help=help_)
+    for flag, (method, option, decl) in option_flags().items():
+        choices = f": {', '.join(map(str, decl.choices))}" if decl.choices else ""
+        p.add_argument(f"--{flag}", default=None, dest=f"option:{flag}", metavar="VALUE", help=f"{method}: {decl.help}{choices} (default {decl.default})")
     p.add_argument("--config", default=None, help="TOML file with run settings (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
-def _config_from(args: argparse.Namespace, **extra):
-    from fedlora.experiment import RunConfig
+def _given(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in _fields() if getattr(args, f.name, None) is not None}
 
-    given = {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f in _FLAGS if hasattr(args, f.replace("-", "_"))}
-    given = {k: v for k, v in given.items() if v is not None}
-    if args.keep_head_local is not None:
-        given["keep_head_local"] = args.keep_head_local
-    if getattr(args, "similarity", None):
-        given["similarity"] = True
-    if getattr(args, "gradient_checkpointing", None) is not None:
-        given["gradient_checkpointing"] = args.gradient_checkpointing
+
+def _config_from(args: argparse.Namespace, **extra):
+    from fedlora.frontend.experiment import RunConfig
+
+    given = _given(args)
+    options = [f"{k.removeprefix('option:')}={v}" for k, v in vars(args).items() if k.startswith("option:") and v is not None]
+    if options:
+        given["method_options"] = ",".join(filter(None, [given.get("method_options", ""), *options]))
     given |= extra
     if args.config:
         return RunConfig.from_toml(args.config, **given)
@@ -144,14 +133,14 @@ def _steps(cfg) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedlora.experiment import run_experiment
-    from fedlora.report import final_row, markdown_table
+    from fedlora.frontend.experiment import run_experiment
+    from fedlora.frontend.report import final_row, markdown_table
 
     if args.resume:
-        from fedlora.experiment import resume_config
+        from fedlora.frontend.experiment import resume_config
 
-        given = {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f in _FLAGS}
-        if any(v is not None for k, v in given.items() if k != "rounds") or args.config:
+        given = _given(args)
+        if any(k != "rounds" for k in given) or args.config:
             raise ValueError("--resume takes its settings from the run directory; pass only --rounds (to extend the run) with it")
         cfg = resume_config(args.resume, **({"rounds": args.rounds} if args.rounds else {}))
         with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter} (resumed)", args.quiet) as prog:
@@ -172,13 +161,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedlora.experiment import run_experiment
-    from fedlora.report import PROTOCOL, final_row, markdown_table, plot_comparison
+    from fedlora.frontend.experiment import run_experiment
+    from fedlora.frontend.report import PROTOCOL, final_row, markdown_table, plot_comparison
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
+        if m not in _methods():
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(_methods())}")
     base = _config_from(args, method=methods[0])
     out = Path(args.out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
     configs = [dataclasses.replace(base, method=m, out=str(out / m)) for m in methods]
@@ -202,17 +191,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from fedlora import study
+    from fedlora.frontend import study
 
     p = study.preset(args.preset)
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
     for part in parts:
         if part not in study.PARTS:
             raise ValueError(f"unknown study part {part!r} in --parts; choose from {', '.join(study.PARTS)}")
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    methods = tuple(m.strip() for m in (args.methods or ",".join(study.COMPARISON_METHODS)).split(",") if m.strip())
     for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(METHODS)}")
+        if m not in _methods():
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(_methods())}")
     over = {k: v for k, v in (("model", args.model), ("data", args.data), ("seed", args.seed), ("device", args.device)) if v is not None}
     if over:
         p = dataclasses.replace(p, base=dataclasses.replace(p.base, **over))
@@ -260,14 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default=None, metavar="DIR", help="continue a killed run from its last completed round")
     run.set_defaults(func=cmd_run)
     cmp_ = sub.add_parser("compare", help="run several methods on the same data, partition and seed")
-    cmp_.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all seven)")
+    cmp_.add_argument("--methods", default=",".join(_methods()), help="comma-separated methods (default: all)")
     _add_run_flags(cmp_, with_method=False)
     cmp_.add_argument("--out", default=None, help="directory for the table, plots and one run directory per method")
     cmp_.set_defaults(func=cmd_compare)
     st = sub.add_parser("study", help="the papers' analyses: comparison, divergence, A/B similarity, heterogeneity, scale")
     st.add_argument("--preset", default="default", help="default (MiniLM, about an hour on 2 cores) or quick (tiny model, a smoke test)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale", help="comma-separated analyses to run (default: all five)")
-    st.add_argument("--methods", default=",".join(METHODS), help="methods of the comparison (default: all seven)")
+    st.add_argument("--methods", default=None, help="methods of the comparison (default: the study's seven)")
     st.add_argument("--model", default=None, help="override the preset's model")
     st.add_argument("--data", default=None, help="override the preset's data")
     st.add_argument("--seed", type=int, default=None, help="override the preset's seed")

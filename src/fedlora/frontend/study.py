@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fedlora.aggregation import METHODS
-from fedlora.experiment import RunConfig
+from fedlora.frontend.experiment import RunConfig
 
 PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale")
 PRESETS = ("default", "quick")
+# The analyses of the FLoRA-NA and FedSA-LoRA papers, over the methods they compare (a study design, not dispatch).
+COMPARISON_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "svd")
 DIVERGENCE_METHODS = ("fedit", "florana", "svd")
 HETEROGENEITY_METHODS = ("fedit", "fedsa", "florana")
 SCALE_METHODS = ("fedit", "florana")
@@ -77,7 +78,7 @@ def _label(partition: str, alpha: float) -> str:
     return "IID" if partition == "iid" else f"α={alpha:g}"
 
 
-def plan(p: Preset, *, methods: tuple[str, ...] = METHODS, parts: tuple[str, ...] = PARTS) -> list[StudyRun]:
+def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tuple[str, ...] = PARTS) -> list[StudyRun]:
     """Every run the requested parts need, each once, cheapest-to-reuse first."""
     runs: dict[str, StudyRun] = {}
 
@@ -149,7 +150,7 @@ def execute(
     on_round: Callable | None = None,
 ) -> dict[str, list[dict]]:
     """Run what is missing (finished runs are read back, interrupted ones resumed); return name → history."""
-    from fedlora.experiment import run_experiment
+    from fedlora.frontend.experiment import run_experiment
 
     check_runs_dir(runs, runs_dir)
     histories: dict[str, list[dict]] = {}
@@ -417,7 +418,7 @@ def write_report(
     *,
     command: str,
     parts: tuple[str, ...] = PARTS,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] = COMPARISON_METHODS,
 ) -> Path:
     """Write the markdown report and its PNGs (``<report dir>/<report stem>/``); return the report path."""
     report = Path(report)

@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from fedlora.adapters import ADAPTERS, AdapterHandle, AdapterSpec
-from fedlora.aggregation import METHODS
-from fedlora.federation import FederationConfig, SimClient, Simulator, TokenizedSplit, make_method
+from fedlora.federation import (
+    FederationConfig, SimClient, Simulator, TokenizedSplit, make_method, method_names, parse_method_options,
+)
 
 
 # Per-task defaults of the settings whose right value depends on the task (used where the user passed none).
@@ -30,47 +31,58 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
+_FED = FederationConfig()  # the round loop's defaults are the run's: one place
+
+
+def _flag(default, help: str):
+    """A RunConfig field with its help: the CLI flags and Flower's run-config defaults are generated from these."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RunConfig:
-    """Every knob of ``fedlora run``; field names are the CLI's long flags with dashes as underscores."""
+    """Every knob of ``fedlora run``; field names are the CLI's long flags with dashes as underscores, and each
+    field's help is the flag's help (``fedlora run --help``) and Flower's run-config key (``pyproject.toml``)."""
 
-    method: str = "florana"
-    adapter: str = "lora"
-    rank: int = 8
-    lora_alpha: float = 16.0
-    target_modules: str | None = None  # None: the task's default (TASK_DEFAULTS), filled in by __post_init__
-    clients: int = 10
-    fraction: float = 1.0
-    rounds: int = 5
-    local_steps: int = 8
-    batch_size: int = 16
-    lr: float = 3e-3
-    weighting: str = "examples"
-    max_norm_ratio: float = 10.0
-    keep_head_local: bool | None = None
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    labels_per_client: int = 2
-    model: str | None = None  # None: the task's default
-    data: str = "tweets"
-    text_column: str = "text"
-    label_column: str = "label"
-    seed: int = 0
-    examples_per_client: int | None = 200
-    test_examples: int = 500
-    local_test_fraction: float = 0.2
-    max_length: int | None = None  # None: the task's default
-    device: str = "auto"
-    similarity: bool = False
+    method: str = _flag("florana", "aggregation method (see the methods table)")
+    adapter: str = _flag("lora", "lora, rslora, dora, vera or hira")
+    rank: int = _flag(8, "adapter rank r")
+    client_ranks: str = _flag("", "mixed ranks: comma-separated ranks given to clients in turn (client u gets the (u mod n)-th), e.g. 4,8,16; empty: --rank for all")
+    lora_alpha: float = _flag(16.0, "LoRA alpha; a client's scale is alpha/r (rsLoRA alpha/sqrt r)")
+    target_modules: str | None = _flag(None, "comma-separated linear layers to adapt (classification: query,value; causal-lm: q_proj,v_proj)")
+    method_options: str = _flag("", "method options as NAME-OPTION=VALUE pairs, e.g. 'hetlora-weights=data' (also as their own flags)")
+    clients: int = _flag(10, "number of clients")
+    fraction: float = _flag(_FED.fraction, "fraction of clients sampled per round, in (0, 1]")
+    rounds: int = _flag(_FED.rounds, "federated rounds")
+    local_steps: int = _flag(_FED.local_steps, "optimizer steps per client per round")
+    batch_size: int = _flag(_FED.batch_size, "local batch size")
+    lr: float = _flag(_FED.lr, "local AdamW learning rate")
+    weighting: str = _flag(_FED.weighting, "client weights: examples (n_u/Σn) or uniform")
+    max_norm_ratio: float = _flag(_FED.max_norm_ratio, "reject a client update above this × the round's median norm; 0 turns it off")
+    keep_head_local: bool | None = _flag(None, "keep each client's classifier head private (default: the method's; fedsa keeps it)")
+    partition: str = _flag("dirichlet", "iid, dirichlet or pathological")
+    alpha: float = _flag(0.5, "Dirichlet concentration over labels; smaller is more skewed")
+    labels_per_client: int = _flag(2, "labels per client for --partition pathological")
+    model: str | None = _flag(None, "minilm (offline default), tiny:bert, or a Hugging Face name/path; causal-lm: smollm2 (offline default), tiny:llama, or a name/path")
+    data: str = _flag("tweets", "tweets (offline default), bbc, a .csv/.jsonl file, or hf:NAME[:CONFIG]; causal-lm also gsm8k, mbpp, humaneval")
+    text_column: str = _flag("text", "text column of --data files/datasets")
+    label_column: str = _flag("label", "label column of --data files/datasets")
+    seed: int = _flag(_FED.seed, "seed for partitions, sampling, init and training")
+    examples_per_client: int | None = _flag(200, "cap on each client's shard, train+test")
+    test_examples: int = _flag(500, "size of the global test set held out before partitioning")
+    local_test_fraction: float = _flag(0.2, "fraction of each client's shard held out as its local test set")
+    max_length: int | None = _flag(None, "max tokens per example (classification: 64; causal-lm: 128, prompt + response)")
+    device: str = _flag("auto", "auto, cpu or cuda[:N]")
+    similarity: bool = _flag(_FED.similarity, "also record the clients' mean pairwise cosine similarity of A and B per module")
     # causal-LM instruction tuning (--task causal-lm); ignored by classification
-    task: str = "classification"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    scoring: str = "auto"
-    max_new_tokens: int = 64
-    code_timeout: float = 10.0
-    gradient_checkpointing: bool = False
-    out: str | None = None
+    task: str = _flag("classification", "classification or causal-lm (instruction tuning, scored by generation)")
+    prompt_column: str = _flag("prompt", "causal-lm: prompt field of --data files/datasets")
+    response_column: str = _flag("response", "causal-lm: response field of --data files/datasets")
+    scoring: str = _flag("auto", "causal-lm: auto (the data's own), exact, number (last number, GSM8K) or pass@1 (code)")
+    max_new_tokens: int = _flag(64, "causal-lm: most tokens generated per answer when scoring")
+    code_timeout: float = _flag(10.0, "causal-lm pass@1: seconds each candidate program may run")
+    gradient_checkpointing: bool = _flag(False, "causal-lm: recompute activations in the backward pass (less memory, ~30%% slower)")
+    out: str | None = _flag(None, "run directory (default runs/METHOD-TIMESTAMP)")
 
     def __post_init__(self) -> None:
         for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classification"]).items():
@@ -81,8 +93,8 @@ class RunConfig:
         """Checks that need no data or model; raise ValueError with one sentence naming the value and the fix."""
         if self.task not in TASK_DEFAULTS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_DEFAULTS)}")
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method not in method_names():
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
         from fedlora.data import PARTITIONS
@@ -105,8 +117,26 @@ class RunConfig:
             raise ValueError(f"model {self.model!r} is a causal LM; pass --task causal-lm, or --model minilm for classification")
         self.adapter_spec()
         self.federation_config()
-        make_method(self.method, self.adapter, keep_head_local=self.keep_head_local)
+        self.make_method()
         return self
+
+    def ranks(self) -> list[int] | None:
+        """Each client's rank under ``--client-ranks`` (in turn), or None for one rank for all."""
+        if not self.client_ranks.strip():
+            return None
+        try:
+            cycle = [int(x) for x in self.client_ranks.split(",") if x.strip()]
+        except ValueError:
+            cycle = []
+        if not cycle or min(cycle) < 1:
+            raise ValueError(f"client_ranks={self.client_ranks!r} is not a list of ranks ≥ 1; pass e.g. --client-ranks 4,8,16")
+        return [cycle[u % len(cycle)] for u in range(self.clients)]
+
+    def make_method(self):
+        """The method's protocol object; a method or adapter that cannot take these settings fails here, in one line."""
+        ranks = self.ranks()
+        return make_method(self.method, self.adapter, mixed_ranks=ranks is not None and len(set(ranks)) > 1,
+                           keep_head_local=self.keep_head_local, **parse_method_options(self.method, self.method_options))
 
     def _validate_causal_lm(self) -> None:
         from fedlora.generation import SCORINGS
@@ -121,8 +151,10 @@ class RunConfig:
             raise ValueError(f"code_timeout={self.code_timeout} must be positive; pass --code-timeout SECONDS, e.g. 10")
 
     def adapter_spec(self) -> AdapterSpec:
+        """The model's adapter: at the largest client rank under ``--client-ranks``."""
         targets = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
-        return AdapterSpec(kind=self.adapter, r=self.rank, alpha=self.lora_alpha, target_modules=targets)
+        ranks = self.ranks()
+        return AdapterSpec(kind=self.adapter, r=max(ranks) if ranks else self.rank, alpha=self.lora_alpha, target_modules=targets)
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -172,7 +204,7 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     import peft
 
     from fedlora.data import federate, load_labelled_text
-    from fedlora.models import load_classifier
+    from fedlora.frontend.models import load_classifier
 
     config.validate()
     if config.task == "causal-lm":
@@ -192,10 +224,10 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     def split(ds) -> TokenizedSplit:
         return TokenizedSplit.from_texts(tokenizer, ds["text"], ds["label"], config.max_length)
 
-    clients = [SimClient(c.cid, split(c.train), split(c.test)) for c in fed.clients]
-    method = make_method(config.method, config.adapter, keep_head_local=config.keep_head_local)
+    ranks = config.ranks()
+    clients = [SimClient(c.cid, split(c.train), split(c.test), None if ranks is None else ranks[c.cid]) for c in fed.clients]
     sim = Simulator(
-        peft_model, handle, method, clients, split(fed.global_test), config.federation_config(),
+        peft_model, handle, config.make_method(), clients, split(fed.global_test), config.federation_config(),
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
@@ -209,7 +241,7 @@ def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_
 
     from fedlora.data import federate, load_instructions
     from fedlora.federation import CausalLMSplit, CausalLMTask
-    from fedlora.models import load_causal_lm
+    from fedlora.frontend.models import load_causal_lm
 
     data = load_instructions(
         config.data, prompt_column=config.prompt_column, response_column=config.response_column,
@@ -238,10 +270,10 @@ def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_
 
     task = CausalLMTask(tokenizer, scoring=data.scoring, max_new_tokens=config.max_new_tokens,
                         eval_batch_size=max(16, config.batch_size), code_timeout=config.code_timeout, on_progress=on_progress)
-    clients = [SimClient(c.cid, split(c.train), split(c.test)) for c in fed.clients]
-    method = make_method(config.method, config.adapter, keep_head_local=config.keep_head_local)
+    ranks = config.ranks()
+    clients = [SimClient(c.cid, split(c.train), split(c.test), None if ranks is None else ranks[c.cid]) for c in fed.clients]
     sim = Simulator(
-        peft_model, handle, method, clients, split(fed.global_test), config.federation_config(), task=task,
+        peft_model, handle, config.make_method(), clients, split(fed.global_test), config.federation_config(), task=task,
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
@@ -326,8 +358,8 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
         write_metrics(exp.simulator.history)  # drops any line written after the checkpoint a kill interrupted
     history = exp.simulator.run()
     if out is not None:
-        from fedlora.export import save_run_artifacts
-        from fedlora.report import write_summary
+        from fedlora.frontend.export import save_run_artifacts
+        from fedlora.frontend.report import write_summary
 
         save_run_artifacts(exp, out)
         write_summary(exp, history, out, wall_seconds=time.perf_counter() - t0)

@@ -1,0 +1,27 @@
+"""FedEx-LoRA (Singhal et al., ACL 2025): FedIT's factors plus the residual folded into W0.
+Math: :mod:`fedlora.aggregation.fedex`."""
+
+from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, Method, register
+
+
+@register
+class FedEx(Method):
+    """FedIT's factors plus the residual ΔW* − B̂Â folded into every client's frozen W0 (exact)."""
+
+    name = "fedex"
+    title = "FedEx-LoRA (Singhal et al., ACL 2025)"
+    rule = "fedex"
+    summary = "FedIT's B̂, Â; fold ΔW* − B̂Â into W0"
+    down = "r(d+k) + min(dk, (U+1)r(d+k))"
+    exact = True
+
+    def aggregate(self, h, uploads, weights, current, ctx):
+        update = super().aggregate(h, uploads, weights, current, ctx)
+        for module, layer in update.layers.items():
+            L, R = layer.base_delta_factors
+            # Sent as whichever is smaller: the dense d×k residual or its factors of rank ≤ (U+1)r.
+            if L.shape[0] * R.shape[1] <= L.numel() + R.numel():
+                update.broadcast[f"{module}.{FOLD}"] = L @ R
+            else:
+                update.broadcast[f"{module}.{FOLD_L}"], update.broadcast[f"{module}.{FOLD_R}"] = L, R
+        return update

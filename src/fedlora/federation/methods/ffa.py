@@ -1,0 +1,28 @@
+"""FFA-LoRA (Sun et al., ICLR 2024): A frozen at a shared seeded A0, only B trains and travels.
+Math: :mod:`fedlora.aggregation.ffa`."""
+
+from fedlora.federation.protocol import Method, ServerUpdate, register, to_global
+
+
+@register
+class FFA(Method):
+    """A frozen at the shared seeded A0; only B trains and travels, so B̂A0 = Σ w_u B_u A0 exactly."""
+
+    name = "ffa"
+    title = "FFA-LoRA (Sun et al., ICLR 2024)"
+    rule = "ffa"
+    summary = "A frozen at a shared seeded A0; B̂ = Σ w_u B_u"
+    up = "dr"
+    down = "dr"
+    exact = True
+    linear = True
+
+    def frozen(self, h, rnd):
+        return h.A_names()
+
+    def aggregate(self, h, uploads, weights, current, ctx):
+        agg = self.combine(h, uploads, weights, current, ctx, with_A=False)
+        new = dict(current) | agg.others
+        h.write_factors(to_global(h, agg.layers, ctx), uploads, new, A=False)
+        frozen = set(h.A_names())
+        return ServerUpdate(broadcast={n: t for n, t in new.items() if n not in frozen}, layers=agg.layers, scales=ctx.scales)

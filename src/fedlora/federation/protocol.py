@@ -1,0 +1,284 @@
+"""The method protocol: what a federated-LoRA method declares and the hooks it may override, and the registry.
+
+A method is two files: its server rule in :mod:`fedlora.aggregation` (``register_rule``) and its protocol class
+in :mod:`fedlora.federation.methods` (``@register``). The class declares its traits (DESIGN.md: exact,
+personalised, linear, mixed ranks, adapters), its docs row and its options; its hooks say what clients train,
+upload and keep, how the server combines, what each client receives and how it applies it. Everything else —
+the list of method names, the CLI's choices and help, byte counts, adapter compatibility, the docs table — is
+derived from these declarations: no code outside a method's own files decides by a method's name.
+
+Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; so do these):
+
+- client: :meth:`Method.frozen` (per round), :meth:`Method.private`, :meth:`Method.loss_term`,
+  :meth:`Method.upload`, :meth:`Method.eval_extras`;
+- server: :meth:`Method.aggregate` → :class:`ServerUpdate`; :meth:`Method.deliver` (what client ``peer``
+  receives, counted per client in bytes down);
+- client again: :meth:`Method.fold` (base-weight updates) and :meth:`Method.take` (the trainables to start
+  from); :meth:`Method.apply` is both.
+
+Tensors are ``dict[str, Tensor]`` keyed by the PEFT parameter name (see :class:`fedlora.adapters.AdapterHandle`).
+May import :mod:`fedlora.adapters` and :mod:`fedlora.aggregation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+from torch import Tensor
+
+from fedlora.adapters import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterHandle
+from fedlora.aggregation import Aggregate, ModelAggregate, aggregate_model, get_rule
+
+Tensors = dict[str, Tensor]
+
+# Wire keys of base-weight updates in a broadcast, per adapted module: a dense d×k update, or its factors L, R
+# (ΔW0 = s·L R at the model's scale s). Any method may send them; Method.fold applies them.
+FOLD, FOLD_L, FOLD_R = "fold", "fold_L", "fold_R"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A client as the protocol sees it: its id, adapter rank r_u and scale s_u (α/r_u; α/√r_u for rsLoRA).
+    The server's own model is ``Peer(-1, r_max, s(r_max))``."""
+
+    cid: int
+    rank: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What the server knows when it aggregates round ``number``: the seed of the round, the accepted clients in
+    upload order, and whether the run's clients have different ranks (then the math runs in the scaled space)."""
+
+    number: int
+    seed: int
+    peers: list[Peer]
+    mixed: bool = False
+
+    @property
+    def scales(self) -> list[float] | None:
+        return [p.scale for p in self.peers] if self.mixed else None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method option: ``fedlora run --{method}-{name}`` on the CLI, ``method-options`` on Flower."""
+
+    default: object
+    help: str
+    choices: tuple | None = None
+
+    def coerce(self, method: str, name: str, raw: object) -> object:
+        kind = type(self.default)
+        try:
+            if kind is bool and isinstance(raw, str):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError
+                raw = raw.lower() == "true"
+            value = raw if isinstance(raw, kind) else kind(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"option {name}={raw!r} of method {method} is not a {kind.__name__}; pass e.g. {name}={self.default}") from None
+        if self.choices and value not in self.choices:
+            raise ValueError(f"option {name}={value!r} of method {method} is not one of {', '.join(map(str, self.choices))}")
+        return value
+
+
+@dataclass
+class ServerUpdate:
+    """What one round's aggregation produced.
+
+    ``broadcast``: what the server sends at the model's rank: trainables keyed by parameter name, and per adapted
+    module optionally ``{module}.fold`` or ``{module}.fold_L``/``fold_R`` (base-weight updates). What client
+    ``peer`` actually receives is ``Method.deliver(h, broadcast, peer)`` (its own rank and scale).
+    ``eval_tensors``: trainables to score the global model with, when that is not what clients start from
+    (FedSA: shared Â with the mean of the clients' B and heads; never sent).
+    ``layers``: the per-module :class:`~fedlora.aggregation.Aggregate` as the math returned it (in the scaled
+    product space under mixed ranks), and ``scales`` the client scales it used: for metrics.
+    """
+
+    broadcast: Tensors
+    eval_tensors: Tensors | None = None
+    layers: dict[str, Aggregate] = field(default_factory=dict)
+    scales: list[float] | None = None
+
+
+class Method:
+    """Base protocol: clients train every trainable, upload all of it, keep nothing; the server runs ``rule`` on the
+    factors and averages the other trainables (FedIT's shape). Subclasses declare and override."""
+
+    # ---- declarations (read by the CLI, docs, byte counts, compatibility checks) ------------------------------
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""  # the paper
+    rule: ClassVar[str] = ""  # the registered aggregation rule
+    summary: ClassVar[str] = ""  # the server rule, one line, for the methods table
+    up: ClassVar[str] = "r(d+k)"  # elements per client per adapted matrix, for the methods table
+    down: ClassVar[str] = "r(d+k)"
+    exact: ClassVar[bool] = False  # ΔŴ = ΔW* by construction
+    exactness: ClassVar[str] = ""  # the table's "exact" column when more than yes/no ("nearly", "personalised")
+    personalised: ClassVar[bool] = False  # clients keep private trainables and are scored on their own models
+    linear: ClassVar[bool] = False  # the server needs only the weighted sum of the uploads (secure aggregation, DP)
+    mixed_ranks: ClassVar[bool] = False  # clients may have different ranks
+    unsupported: ClassVar[dict[str, str]] = {}  # adapter -> why this method cannot use it
+    options: ClassVar[dict[str, Option]] = {}  # method options (CLI flags --NAME-OPTION)
+    keeps_head_local: ClassVar[bool] = False  # default of --keep-head-local
+
+    def __init__(self, *, keep_head_local: bool | None = None, **options):
+        declared = {k: options.pop(k) for k in list(options) if k in self.options}
+        self.settings = {k: o.default for k, o in self.options.items()} | {
+            k: self.options[k].coerce(self.name, k, v) for k, v in declared.items()
+        }
+        self.rule_options = options  # passed to the aggregation rule (e.g. florana's tol, max_iter)
+        self.keep_head_local = self.keeps_head_local if keep_head_local is None else keep_head_local
+
+    @classmethod
+    def adapters(cls) -> tuple[str, ...]:
+        return tuple(a for a in ADAPTERS if a not in cls.unsupported)
+
+    @classmethod
+    def exact_text(cls) -> str:
+        return cls.exactness or ("yes" if cls.exact else "no")
+
+    # ---- client side -----------------------------------------------------------------------------------------
+    def frozen(self, h: AdapterHandle, rnd: int) -> list[str]:
+        """Trainables clients must not change in round ``rnd`` (FFA: the shared A0)."""
+        return []
+
+    def private(self, h: AdapterHandle) -> list[str]:
+        """Trainables each client keeps across its rounds instead of taking the global ones."""
+        return list(h.head_names) if self.keep_head_local else []
+
+    def loss_term(self, h: AdapterHandle, peer: Peer) -> Tensor | None:
+        """A term added to the client's training loss (HetLoRA's rank self-pruning regulariser), or None."""
+        return None
+
+    def upload(self, h: AdapterHandle, tensors: Tensors, rnd: int) -> Tensors:
+        """What a client sends after local training in round ``rnd``."""
+        private = set(self.private(h)) | set(self.frozen(h, rnd))
+        return {n: t for n, t in tensors.items() if n not in private}
+
+    def eval_extras(self, h: AdapterHandle, tensors: Tensors) -> Tensors:
+        """Private tensors the server needs only to score a global model (FedSA's B and heads); not protocol bytes."""
+        return {}
+
+    # ---- server side -----------------------------------------------------------------------------------------
+    def aggregate(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors, ctx: RoundContext) -> ServerUpdate:
+        """Combine the accepted uploads (``ctx.peers`` in the same order) into the next global state."""
+        agg = self.combine(h, uploads, weights, current, ctx)
+        new = dict(current) | agg.others
+        h.write_factors(to_global(h, agg.layers, ctx), uploads, new)
+        return ServerUpdate(broadcast=new, layers=agg.layers, scales=ctx.scales)
+
+    def deliver(self, h: AdapterHandle, broadcast: Tensors, peer: Peer) -> Tensors:
+        """What client ``peer`` receives of a broadcast: under mixed ranks its own truncation of the global factors
+        at its scale (the rank-r_u factors of METHODS.md); base-weight updates are the same for every client."""
+        return broadcast if peer.rank == h.rank else h.at_rank(broadcast, peer.rank)
+
+    def combine(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors, ctx: RoundContext,
+                *, with_B: bool = True, with_A: bool = True) -> ModelAggregate:
+        """Run this method's rule over every module (and average the other trainables)."""
+        views = [h.factors(u) for u in uploads]
+        Bs = [v[0] for v in views] if with_B else None
+        # Clients that upload no A (FFA) all hold the server's A0.
+        As = [v[1] for v in views] if with_A else [h.factors(current)[1]] * len(uploads)
+        others = [{n: u[n] for n in h.other_names if n in u} for u in uploads]
+        return aggregate_model(self.rule, Bs, As, weights, others, average_others=True, scales=ctx.scales, **self.rule_options)
+
+    # ---- applying a broadcast on a client (or the server's own model) ----------------------------------------
+    def fold(self, h: AdapterHandle, delivered: Tensors) -> None:
+        """Fold the broadcast's base-weight updates into the frozen base, once per model."""
+        deltas = {}
+        for key, t in delivered.items():
+            module, _, kind = key.rpartition(".")
+            if kind == FOLD:
+                deltas[module] = t
+            elif kind == FOLD_L:
+                deltas[module] = t @ delivered[f"{module}.{FOLD_R}"]
+        if deltas:
+            h.fold(deltas)
+
+    def take(self, h: AdapterHandle, delivered: Tensors, current: Tensors, peer: Peer, seed: int) -> Tensors:
+        """The trainables to start the next round from; ``current`` fills in what was not sent (FFA's A0, FedSA's B)."""
+        return dict(current) | {n: t for n, t in delivered.items() if n in h.trainable_set}
+
+    def apply(self, h: AdapterHandle, delivered: Tensors, current: Tensors, peer: Peer, seed: int) -> Tensors:
+        """``fold`` then ``take``: what a client does with what it received."""
+        self.fold(h, delivered)
+        return self.take(h, delivered, current, peer, seed)
+
+
+def to_global(h: AdapterHandle, layers: dict[str, Aggregate], ctx: RoundContext) -> dict[str, Aggregate]:
+    """Aggregates from the scaled product space (mixed ranks) back to the model's scale s = s(r_max): factors over
+    √s, base-update factors over s (``h.fold`` multiplies by s). Unchanged when the run has one rank."""
+    if not ctx.mixed:
+        return layers
+    root = h.spec.scale_at(h.rank) ** 0.5
+
+    def conv(a: Aggregate) -> Aggregate:
+        fold = None if a.base_delta_factors is None else (a.base_delta_factors[0] / root**2, a.base_delta_factors[1])
+        return replace(a, B=None if a.B is None else a.B / root, A=None if a.A is None else a.A / root,
+                       eval_B=None if a.eval_B is None else a.eval_B / root, base_delta_factors=fold)
+
+    return {m: conv(a) for m, a in layers.items()}
+
+
+# ---- the registry ---------------------------------------------------------------------------------------------
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available by its ``name`` everywhere (CLI, Flower, compare, docs)."""
+    if not cls.name or not cls.rule:
+        raise ValueError(f"{cls.__name__} declares no name or rule; set both class attributes before registering it")
+    get_rule(cls.rule)  # its math must be registered first
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def make_method(name: str, adapter: str = "lora", *, mixed_ranks: bool = False, **options) -> Method:
+    """The protocol object of method ``name``; a combination it cannot run fails here, in one line, before any work."""
+    cls = method_class(name)
+    if adapter in cls.unsupported:
+        raise ValueError(f"method {name} does not support adapter {adapter}: {cls.unsupported[adapter]}")
+    if mixed_ranks:
+        if not cls.mixed_ranks:
+            ok = ", ".join(n for n, c in REGISTRY.items() if c.mixed_ranks)
+            raise ValueError(f"method {name} cannot train clients of different ranks (--client-ranks); use one of {ok}, or one rank for all")
+        if adapter not in MIXED_RANK_ADAPTERS:
+            raise ValueError(f"adapter {adapter} cannot give clients different ranks (its rank is that of its shared "
+                             f"random projections); use {', '.join(MIXED_RANK_ADAPTERS)}, or one rank for all")
+    return cls(**options)
+
+
+def option_flags() -> dict[str, tuple[str, str, Option]]:
+    """Every registered method option by its flag name ``METHOD-OPTION`` → (method, option, declaration)."""
+    return {f"{m}-{o}".replace("_", "-"): (m, o, opt) for m, cls in REGISTRY.items() for o, opt in cls.options.items()}
+
+
+def parse_method_options(name: str, text: str) -> dict[str, object]:
+    """Method ``name``'s validated options from ``"METHOD-OPTION=VALUE,…"`` (``--method-options``; Flower's
+    ``method-options``). Options of other registered methods are skipped (``fedlora compare`` passes one string
+    to every method); an unknown option fails in one line."""
+    flags = option_flags()
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("_", "-")
+        if not eq or key not in flags:
+            known = ", ".join(flags) or "none"
+            raise ValueError(f"method option {item!r} is not one of {known}; pass METHOD-OPTION=VALUE pairs, e.g. --method-options 'hetlora-weights=data'")
+        method, option, decl = flags[key]
+        if method == name:
+            out[option] = decl.coerce(name, option, value.strip())
+    return out
