@@ -172,16 +172,36 @@ class Method:
 
     def deliver(self, h: AdapterHandle, broadcast: Tensors, peer: Peer) -> Tensors:
         """What client ``peer`` receives of a broadcast: under mixed ranks its own truncation of the global factors
-        at its scale (the rank-r_u factors of METHODS.md); base-weight updates are the same for every client."""
-        return broadcast if peer.rank == h.rank else h.at_rank(broadcast, peer.rank)
+        at its scale (the rank-r_u factors of METHODS.md); base-weight updates are the same for every client.
+        Clients of one rank get the same tensors (computed once per broadcast and rank)."""
+        if peer.rank == h.rank:
+            return broadcast
+        of, views = self.__dict__.get("_delivered", (None, {}))
+        if of is not broadcast:
+            of, views = broadcast, {}
+            self._delivered = (of, views)
+        if peer.rank not in views:
+            views[peer.rank] = h.at_rank(broadcast, peer.rank)
+        return views[peer.rank]
 
-    def combine(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors, ctx: RoundContext,
-                *, with_B: bool = True, with_A: bool = True) -> ModelAggregate:
-        """Run this method's rule over every module (and average the other trainables)."""
+    def combine(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors, ctx: RoundContext) -> ModelAggregate:
+        """Run this method's rule over every module (and average the other trainables).
+
+        A factor a client did not send (frozen this round: FFA's A0, RoLoRA's other factor) is the one it started
+        from, which every client shares: the server's own, at the client's rank. Where no client sent any B and
+        the rule needs none (FedSA without scoring tensors), the rule gets ``Bs=None``."""
         views = [h.factors(u) for u in uploads]
-        Bs = [v[0] for v in views] if with_B else None
-        # Clients that upload no A (FFA) all hold the server's A0.
-        As = [v[1] for v in views] if with_A else [h.factors(current)[1]] * len(uploads)
+        starts = {}
+
+        def start(peer_rank: int) -> tuple[Tensors, Tensors]:
+            if peer_rank not in starts:
+                starts[peer_rank] = h.factors(h.at_rank(current, peer_rank))
+            return starts[peer_rank]
+
+        ranks = [p.rank for p in ctx.peers] if ctx.peers else [h.rank] * len(uploads)
+        no_B = not any(v[0] for v in views) and not get_rule(self.rule).needs_B
+        Bs = None if no_B else [start(r)[0] | v[0] for v, r in zip(views, ranks)]
+        As = [start(r)[1] | v[1] for v, r in zip(views, ranks)]
         others = [{n: u[n] for n in h.other_names if n in u} for u in uploads]
         return aggregate_model(self.rule, Bs, As, weights, others, average_others=True, scales=ctx.scales, **self.rule_options)
 
@@ -199,7 +219,9 @@ class Method:
             h.fold(deltas)
 
     def take(self, h: AdapterHandle, delivered: Tensors, current: Tensors, peer: Peer, seed: int) -> Tensors:
-        """The trainables to start the next round from; ``current`` fills in what was not sent (FFA's A0, FedSA's B)."""
+        """The trainables to start the next round from; ``current`` fills in what was not sent (FFA's A0, FedSA's B).
+        It may depend on the client only through what it received and its rank (the simulator shares the result
+        between clients that hold the same view, receive the same tensors and have the same rank)."""
         return dict(current) | {n: t for n, t in delivered.items() if n in h.trainable_set}
 
     def apply(self, h: AdapterHandle, delivered: Tensors, current: Tensors, peer: Peer, seed: int) -> Tensors:

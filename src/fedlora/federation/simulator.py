@@ -296,7 +296,7 @@ class Simulator:
         self.eval_tensors: Tensors = self.global_tensors
         # What each client starts its next round from (before its private state): the global state at its rank.
         # Round 1: the seeded init, each client's first r_u components (as PEFT would initialise it at r_u).
-        views = {r: h.truncate(self.global_tensors, r) for r in {p.rank for p in self.peers}}
+        views = {r: self.global_tensors if r == h.rank else h.truncate(self.global_tensors, r) for r in {p.rank for p in self.peers}}
         self.held: dict[int, Tensors] = {p.cid: views[p.rank] for p in self.peers}
         self.private: dict[int, Tensors] = {}
         self.history: list[dict] = []
@@ -377,12 +377,17 @@ class Simulator:
         old = self.global_tensors
         self.global_tensors = method.take(h, update.broadcast, old, self.server, seed)
         self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
-        moved: dict[tuple[int, int], Tensors] = {(id(old), h.rank): self.global_tensors}
+        def key(view: Tensors, delivered: Tensors, rank: int) -> tuple:
+            return id(view), rank, tuple((n, id(t)) for n, t in delivered.items())
+
+        moved = {key(old, update.broadcast, h.rank): self.global_tensors}
+        views = dict(self.held)  # every old view stays alive (and its id unique) until all are moved
         for p in self.peers:
-            key = (id(self.held[p.cid]), p.rank)
-            if key not in moved:
-                moved[key] = method.take(h, method.deliver(h, update.broadcast, p), self.held[p.cid], p, seed)
-            self.held[p.cid] = moved[key]
+            delivered = method.deliver(h, update.broadcast, p)
+            k = key(views[p.cid], delivered, p.rank)
+            if k not in moved:
+                moved[k] = method.take(h, delivered, views[p.cid], p, seed)
+            self.held[p.cid] = moved[k]
 
     def run(self) -> list[dict]:
         for rnd in range(len(self.history) + 1, self.config.rounds + 1):

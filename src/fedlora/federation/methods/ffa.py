@@ -21,7 +21,7 @@ class FFA(Method):
         return h.A_names()
 
     def aggregate(self, h, uploads, weights, current, ctx):
-        agg = self.combine(h, uploads, weights, current, ctx, with_A=False)
+        agg = self.combine(h, uploads, weights, current, ctx)  # A: the shared A0 every client holds
         new = dict(current) | agg.others
         h.write_factors(to_global(h, agg.layers, ctx), uploads, new, A=False)
         frozen = set(h.A_names())
