@@ -34,10 +34,11 @@ KINDS = ("plain", "plain-hf", "sim", "sim+ckpt")
 
 
 def setup(model_name: str, steps: int, batch: int):
-    from fedlora.frontend.experiment import RunConfig, build
-    from fedlora.federation.simulator import round_seed
-    from fedlora.frontend.models import set_checkpointing
     from transformers.utils import logging as hf_logging
+
+    from fedlora.federation.simulator import round_seed
+    from fedlora.frontend.experiment import RunConfig, build
+    from fedlora.frontend.models import set_checkpointing
 
     hf_logging.disable_progress_bar()
 

@@ -54,9 +54,9 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    from fedlora.frontend.experiment import RunConfig
     from fedlora.flower.config import to_toml
     from fedlora.flower.loopback import FLOWER_ENV, LoopbackFederation, family, free_port, terminate
+    from fedlora.frontend.experiment import RunConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="florana")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from fedlora.aggregation import METHODS
-from fedlora.frontend.experiment import RunConfig, build, run_experiment
 from fedlora.federation.causal_lm import IGNORE, CausalLMSplit, CausalLMTask, render
+from fedlora.frontend.experiment import RunConfig, build, run_experiment
 from fedlora.generation import extract_code, gsm8k_reference, last_number, normalise_text, run_program, score
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -21,10 +21,10 @@ from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common.serde import context_from_proto, context_to_proto, recorddict_from_proto, recorddict_to_proto  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
-from fedlora.frontend.experiment import RunConfig, build  # noqa: E402
 from fedlora.flower import client_app  # noqa: E402
 from fedlora.flower.config import from_flower, to_flower  # noqa: E402
 from fedlora.flower.server_app import run_federation  # noqa: E402
+from fedlora.frontend.experiment import RunConfig, build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = ("round", "method", "clients", "divergence", "divergence_per_layer", "bound", "bound_per_layer", "bytes_up", "bytes_down")

@@ -13,10 +13,9 @@ from conftest import tiny_config
 
 pytest.importorskip("flwr")
 
-from fedlora.frontend.experiment import run_experiment  # noqa: E402
 from fedlora.flower.config import to_toml  # noqa: E402
 from fedlora.flower.loopback import LoopbackFederation, family, write_node_key  # noqa: E402
-
+from fedlora.frontend.experiment import run_experiment  # noqa: E402
 from test_flower_simulation import ROOT  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread

@@ -44,9 +44,8 @@ def hand_count(method: str, ranks: list[int], adapter: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("method,adapter", [(m, "lora") for m in MIXED] + [("flexlora", "rslora"), ("fedit", "dora"), ("hetlora", "hira")])
 def test_mixed_ranks_run_in_process_and_on_flower_with_equal_metrics(small_csv, tmp_path, method, adapter):
-    from test_flower import InlineGrid, assert_same_history
-
     from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid, assert_same_history
 
     cfg = tiny_config(small_csv, method=method, adapter=adapter, client_ranks=RANKS, rank=8)
     exp = build(cfg)
@@ -101,7 +100,8 @@ def test_a_lower_rank_clients_padding_stays_zero_and_its_upload_has_its_rank(sma
 def test_methods_without_mixed_ranks_fail_before_training_in_one_line(small_csv, method, capsys):
     with pytest.raises(ValueError, match=rf"^method {method} cannot train clients of different ranks \(--client-ranks\); use one of fedit"):
         tiny_config(small_csv, method=method, client_ranks="4,8").validate()
-    code = main(["run", "--method", method, "--client-ranks", "4,8", "--model", "tiny:bert", "--data", str(small_csv), "--quiet", "--out", "/nonexistent/never"])
+    code = main(["run", "--method", method, "--client-ranks", "4,8", "--model", "tiny:bert", "--data", str(small_csv), "--quiet",
+                 "--out", "/nonexistent/never"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and err.startswith(f"fedlora: error: method {method} cannot train clients of different ranks")
 

@@ -70,11 +70,10 @@ def test_the_math_is_reachable_through_aggregate(plugin):
 
 
 def test_a_method_registered_here_runs_in_process_on_the_cli_and_on_flower(plugin, small_csv, tmp_path, capsys):
-    from test_flower import InlineGrid, assert_same_history
-
     from fedlora.flower.server_app import run_federation
     from fedlora.frontend.cli import main
     from fedlora.frontend.experiment import build
+    from test_flower import InlineGrid, assert_same_history
 
     cfg = tiny_config(small_csv, method=NAME, rounds=3)
     exp = build(cfg)

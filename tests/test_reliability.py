@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedlora.frontend.experiment import build
 from fedlora.federation.simulator import client_turn, client_weights
+from fedlora.frontend.experiment import build
 
 
 def corrupt(kind):
@@ -139,7 +139,8 @@ def test_killed_run_resumes_to_the_same_metrics(small_csv, tmp_path, method):
     done = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert 1 <= len(done) < 3, "the kill should land before the run finished"
 
-    res = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", "--resume", str(killed), "--quiet"], env=env, timeout=600, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", "--resume", str(killed), "--quiet"], env=env, timeout=600,
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     a = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]

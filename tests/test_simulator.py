@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_config
 from fedlora.adapters import ADAPTERS
-from fedlora.frontend.experiment import build, run_experiment
 from fedlora.federation import REGISTRY
+from fedlora.frontend.experiment import build, run_experiment
 
 COMBOS = [(m, a) for a in ADAPTERS for m, cls in REGISTRY.items() if a in cls.adapters()]
 
@@ -127,8 +127,8 @@ def test_deterministic_on_cpu(small_csv):
 
 @pytest.mark.parametrize("method,adapter", [("florana", "lora"), ("fedex", "lora"), ("flora", "rslora"), ("fedsa", "lora"), ("fedex", "hira")])
 def test_saved_adapter_reloads_and_reproduces_global_accuracy(small_csv, tmp_path, method, adapter):
-    from fedlora.frontend.export import load_global_model
     from fedlora.federation import ClassificationTask
+    from fedlora.frontend.export import load_global_model
 
     out = tmp_path / "run"
     exp, history = run_experiment(tiny_config(small_csv, method=method, adapter=adapter, out=str(out)))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from fedlora.federation.simulator import mean_pairwise_cosine
 from fedlora.frontend.cli import main
 from fedlora.frontend.experiment import run_experiment
-from fedlora.federation.simulator import mean_pairwise_cosine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +29,25 @@ def test_mean_pairwise_cosine_on_known_cases():
 
 @pytest.mark.parametrize("method", ["fedit", "ffa", "fedsa", "florana"])
 def test_runs_record_similarity_and_fedit_reference(small_csv, method):
-    _, hist = run_experiment(tiny_config(small_csv, method=method, similarity=True))
+    from fedlora.frontend.experiment import build
+
+    sim = build(tiny_config(small_csv, method=method, similarity=True)).simulator
+    seen = []
+    original = sim.method.aggregate
+
+    def spy(h, uploads, weights, current, ctx):  # the round's uploads, to check FedIT's ρ against a dense reference
+        seen.append(([h.factors(current | u) for u in uploads], weights))
+        return original(h, uploads, weights, current, ctx)
+
+    sim.method.aggregate = spy
+    hist = sim.run()
+    for h, (views, w) in zip(hist, seen):
+        for m, rho in h["fedit_divergence_per_layer"].items():  # FedIT's ρ on these uploads, formed densely here
+            Bs, As = [v[0][m].double() for v in views], [v[1][m].double() for v in views]
+            ideal = sum(c * B @ A for c, B, A in zip(w.tolist(), Bs, As))
+            fedit = sum(c * B for c, B in zip(w.tolist(), Bs)) @ sum(c * A for c, A in zip(w.tolist(), As))
+            dense = float(torch.linalg.matrix_norm(ideal - fedit) / torch.linalg.matrix_norm(ideal))
+            assert rho == pytest.approx(dense, rel=1e-6)
     for h in hist:
         per = {k: h[f"similarity_{k}_per_layer"] for k in ("A", "B", "dA", "dB")}
         assert per["A"] and per["B"] and set(per["A"]) == set(per["B"])

@@ -5,7 +5,7 @@ factor pairs ``(B, A)`` that :mod:`fedlora.aggregation` combines. It may import 
 and PEFT; it must not import :mod:`fedlora.federation` or any front end.
 """
 
-from fedlora.adapters.spec import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterSpec
 from fedlora.adapters.handle import AdapterHandle, combine_vectors
+from fedlora.adapters.spec import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterSpec
 
 __all__ = ["ADAPTERS", "MIXED_RANK_ADAPTERS", "AdapterSpec", "AdapterHandle", "combine_vectors"]

@@ -7,8 +7,8 @@ train/test shards, as DESIGN.md's evaluation protocol says. Tokenisation happens
 Front end: imports nothing from aggregation, adapters or federation.
 """
 
-from .partition import PARTITIONS, ClientData, FederatedData, federate
 from .instructions import InstructionData, load_instructions
+from .partition import PARTITIONS, ClientData, FederatedData, federate
 from .sources import DataError, LabelledText, load_labelled_text
 
 __all__ = ["load_labelled_text", "LabelledText", "federate", "FederatedData", "ClientData", "DataError", "PARTITIONS",

@@ -3,12 +3,21 @@
 :mod:`fedlora.adapters`, :mod:`fedlora.aggregation` and :mod:`fedlora.generation`; must not import the front ends
 (CLI, experiments, data and model loading, Flower, reports)."""
 
+from fedlora.federation import methods  # noqa: F401  (registers the built-in methods)
 from fedlora.federation.causal_lm import CausalLMSplit, CausalLMTask
 from fedlora.federation.protocol import (
-    Method, Option, Peer, REGISTRY, RoundContext, ServerUpdate, make_method, method_class, method_names,
-    parse_method_options, register,
+    REGISTRY,
+    Method,
+    Option,
+    Peer,
+    RoundContext,
+    ServerUpdate,
+    make_method,
+    method_class,
+    method_names,
+    parse_method_options,
+    register,
 )
-from fedlora.federation import methods  # noqa: F401  (registers the built-in methods)
 from fedlora.federation.simulator import FederationConfig, SimClient, Simulator, nbytes
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
 

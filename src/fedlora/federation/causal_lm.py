@@ -9,8 +9,8 @@ calls ``task.loss(model, batch)`` and ``task.evaluate(model, split, device)`` an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -106,7 +106,7 @@ class CausalLMSplit:
 
     @classmethod
     def from_records(cls, tokenizer, prompts: list[str], responses: list[str], references: list[str],
-                     tests: list[str] | None, max_length: int) -> "CausalLMSplit":
+                     tests: list[str] | None, max_length: int) -> CausalLMSplit:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; pass a --model whose tokenizer defines one")

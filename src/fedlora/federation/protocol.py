@@ -116,6 +116,7 @@ class Method:
     up: ClassVar[str] = "r(d+k)"  # elements per client per adapted matrix, for the methods table
     down: ClassVar[str] = "r(d+k)"
     exact: ClassVar[bool] = False  # ΔŴ = ΔW* by construction
+    at_bound: ClassVar[bool] = False  # ΔŴ is the best rank-r broadcast: its ρ is the Eckart–Young bound
     exactness: ClassVar[str] = ""  # the table's "exact" column when more than yes/no ("nearly", "personalised")
     personalised: ClassVar[bool] = False  # clients keep private trainables and are scored on their own models
     linear: ClassVar[bool] = False  # the server needs only the weighted sum of the uploads (secure aggregation, DP)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -238,7 +238,8 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     )
 
 
-def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: Callable[[int], Tensors], cfg: FederationConfig, rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
+def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: Callable[[int], Tensors], cfg: FederationConfig,
+           rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
     """Split the round's results into accepted and rejected (structure, dtype, NaN/Inf, norm outliers). Each client
     is checked against what it started from (``held(cid)``: its own rank under mixed ranks)."""
     accepted, rejected, norms = [], [], []

@@ -33,7 +33,7 @@ class TokenizedSplit:
         }
 
     @classmethod
-    def from_texts(cls, tokenizer, texts: list[str], labels: list[int], max_length: int) -> "TokenizedSplit":
+    def from_texts(cls, tokenizer, texts: list[str], labels: list[int], max_length: int) -> TokenizedSplit:
         enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
         return cls(enc["input_ids"], enc["attention_mask"], torch.as_tensor(list(labels), dtype=torch.long))
 

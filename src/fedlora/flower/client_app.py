@@ -32,10 +32,10 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.frontend.experiment import Experiment, RunConfig, build
 from fedlora.federation.simulator import client_turn, round_seed
 from fedlora.flower.config import from_flower
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
+from fedlora.frontend.experiment import Experiment, RunConfig, build
 
 STATE_META = "fedlora.meta"
 STATE_CURRENT = "fedlora.current"
@@ -132,7 +132,7 @@ class _ProcessModel:
     _loaded = None  # the one per-process slot: a model is only reused for the same run config
 
     @classmethod
-    def get(cls, config: RunConfig) -> "_ProcessModel":
+    def get(cls, config: RunConfig) -> _ProcessModel:
         key = json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "out"}, sort_keys=True)
         if cls._loaded is None or cls._loaded.key != key:
             cls._loaded = None  # drop a previous run's model before loading the next

@@ -54,7 +54,7 @@ def write_certificates(folder: Path) -> Certificates:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora loopback CA")])
     ca = (
@@ -200,7 +200,7 @@ class LoopbackFederation:
         self.environ = os.environ | FLOWER_ENV | {"FLWR_HOME": str(self.home)} | self.env
 
     # ---- start ----
-    def start(self) -> "LoopbackFederation":
+    def start(self) -> LoopbackFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.certs = write_certificates(self.workdir / "certificates")
         self.port = self.port or free_port()
@@ -275,7 +275,7 @@ class LoopbackFederation:
                 pass
         return left
 
-    def __enter__(self) -> "LoopbackFederation":
+    def __enter__(self) -> LoopbackFederation:
         try:
             return self.start()
         except BaseException:

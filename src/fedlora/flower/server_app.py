@@ -21,9 +21,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedlora.frontend.experiment import RunConfig, build, metrics_line
 from fedlora.flower.config import from_flower
 from fedlora.flower.strategy import FedLoRAStrategy
+from fedlora.frontend.experiment import RunConfig, build, metrics_line
 
 REPLY_TIMEOUT_SECONDS = 6 * 3600.0  # a round's replies; a SuperNode that never answers is left out after this
 

@@ -23,10 +23,10 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from fedlora.frontend.experiment import Experiment
 from fedlora.federation.screening import Rejection
 from fedlora.federation.simulator import ClientResult, sample_clients
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
+from fedlora.frontend.experiment import Experiment
 
 NODE_WAIT_SECONDS = 300.0  # how long the server waits for one SuperNode per partition to connect
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def _methods() -> list[str]:
     from fedlora.federation import method_names
 
@@ -46,7 +47,7 @@ def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> N
         else:
             typ = {"int": int, "float": float, "int | None": int}.get(f.type, str)
             p.add_argument(flag, type=typ, default=None, help=help_)
-    for flag, (method, option, decl) in option_flags().items():
+    for flag, (method, _, decl) in option_flags().items():
         choices = f": {', '.join(map(str, decl.choices))}" if decl.choices else ""
         p.add_argument(f"--{flag}", default=None, dest=f"option:{flag}", metavar="VALUE", help=f"{method}: {decl.help}{choices} (default {decl.default})")
     p.add_argument("--config", default=None, help="TOML file with run settings (flags override it)")
@@ -182,7 +183,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         histories[cfg.method] = history
         table = markdown_table(rows)
         (out / "comparison.md").write_text(
-            f"# fedlora compare\n\n{table}\nSettings: {json.dumps({k: v for k, v in dataclasses.asdict(base).items() if k not in ('method', 'out')})}\n\n{PROTOCOL}\n"
+            f"# fedlora compare\n\n{table}\nSettings: "
+            f"{json.dumps({k: v for k, v in dataclasses.asdict(base).items() if k not in ('method', 'out')})}\n\n{PROTOCOL}\n"
         )
     plot_comparison(histories, out)
     print(table)
@@ -240,6 +242,21 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fedlora.frontend.report import methods_table, replace_methods_table
+
+    if not args.write:
+        print(methods_table(), end="")
+        return 0
+    for path in args.write:
+        p = Path(path)
+        if not p.exists():
+            raise ValueError(f"{path!r} does not exist; pass files that hold the methods table markers")
+        p.write_text(replace_methods_table(p.read_text()))
+        print(f"methods table written into {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with LoRA-family adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -253,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(cmp_, with_method=False)
     cmp_.add_argument("--out", default=None, help="directory for the table, plots and one run directory per method")
     cmp_.set_defaults(func=cmd_compare)
+    me = sub.add_parser("methods", help="the registered methods with their rules, bytes, traits and adapters (markdown)")
+    me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
+    me.set_defaults(func=cmd_methods)
     st = sub.add_parser("study", help="the papers' analyses: comparison, divergence, A/B similarity, heterogeneity, scale")
     st.add_argument("--preset", default="default", help="default (MiniLM, about an hour on 2 cores) or quick (tiny model, a smoke test)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale", help="comma-separated analyses to run (default: all five)")

@@ -11,18 +11,23 @@ import json
 import os
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from fedlora.adapters import ADAPTERS, AdapterHandle, AdapterSpec
 from fedlora.federation import (
-    FederationConfig, SimClient, Simulator, TokenizedSplit, make_method, method_names, parse_method_options,
+    FederationConfig,
+    SimClient,
+    Simulator,
+    TokenizedSplit,
+    make_method,
+    method_names,
+    parse_method_options,
 )
-
 
 # Per-task defaults of the settings whose right value depends on the task (used where the user passed none).
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
@@ -47,7 +52,8 @@ class RunConfig:
     method: str = _flag("florana", "aggregation method (see the methods table)")
     adapter: str = _flag("lora", "lora, rslora, dora, vera or hira")
     rank: int = _flag(8, "adapter rank r")
-    client_ranks: str = _flag("", "mixed ranks: comma-separated ranks given to clients in turn (client u gets the (u mod n)-th), e.g. 4,8,16; empty: --rank for all")
+    client_ranks: str = _flag("", "mixed ranks: comma-separated ranks given to clients in turn (client u gets the (u mod n)-th), "
+                                  "e.g. 4,8,16; empty: --rank for all")
     lora_alpha: float = _flag(16.0, "LoRA alpha; a client's scale is alpha/r (rsLoRA alpha/sqrt r)")
     target_modules: str | None = _flag(None, "comma-separated linear layers to adapt (classification: query,value; causal-lm: q_proj,v_proj)")
     method_options: str = _flag("", "method options as NAME-OPTION=VALUE pairs, e.g. 'hetlora-weights=data' (also as their own flags)")
@@ -63,7 +69,8 @@ class RunConfig:
     partition: str = _flag("dirichlet", "iid, dirichlet or pathological")
     alpha: float = _flag(0.5, "Dirichlet concentration over labels; smaller is more skewed")
     labels_per_client: int = _flag(2, "labels per client for --partition pathological")
-    model: str | None = _flag(None, "minilm (offline default), tiny:bert, or a Hugging Face name/path; causal-lm: smollm2 (offline default), tiny:llama, or a name/path")
+    model: str | None = _flag(None, "minilm (offline default), tiny:bert, or a Hugging Face name/path; "
+                                    "causal-lm: smollm2 (offline default), tiny:llama, or a name/path")
     data: str = _flag("tweets", "tweets (offline default), bbc, a .csv/.jsonl file, or hf:NAME[:CONFIG]; causal-lm also gsm8k, mbpp, humaneval")
     text_column: str = _flag("text", "text column of --data files/datasets")
     label_column: str = _flag("label", "label column of --data files/datasets")
@@ -89,7 +96,7 @@ class RunConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Checks that need no data or model; raise ValueError with one sentence naming the value and the fix."""
         if self.task not in TASK_DEFAULTS:
             raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASK_DEFAULTS)}")
@@ -142,7 +149,8 @@ class RunConfig:
         from fedlora.generation import SCORINGS
 
         if self.model in ("minilm", "tiny:bert"):
-            raise ValueError(f"model {self.model!r} is an encoder for classification; with --task causal-lm pass --model smollm2, tiny:llama or a causal-LM name/path")
+            raise ValueError(f"model {self.model!r} is an encoder for classification; "
+                             "with --task causal-lm pass --model smollm2, tiny:llama or a causal-LM name/path")
         if self.scoring not in ("auto", *SCORINGS):
             raise ValueError(f"unknown scoring {self.scoring!r}; choose auto, {', '.join(SCORINGS)}")
         if self.max_new_tokens < 1:
@@ -169,7 +177,7 @@ class RunConfig:
         )
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike, **overrides) -> "RunConfig":
+    def from_toml(cls, path: str | os.PathLike, **overrides) -> RunConfig:
         try:
             with open(path, "rb") as f:
                 raw = tomllib.load(f)

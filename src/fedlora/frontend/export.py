@@ -26,7 +26,7 @@ def _merged_lora(exp, adapter_dir: Path) -> None:
     sim, h = exp.simulator, exp.simulator.handle
     state = {k: v for k, v in get_peft_model_state_dict(sim.model).items() if ".lora_" not in k}
     rank_pattern, tensors = {}, {}
-    for module, layer in h.layers.items():
+    for module in h.layers:
         k = h.keys[module]
         total = h.folded.get(module, 0) + h.scaling(module) * (sim.eval_tensors[k.B] @ sim.eval_tensors[k.A])
         U, S, Vh = torch.linalg.svd(total.double(), full_matrices=False)

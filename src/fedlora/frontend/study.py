@@ -22,9 +22,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from fedlora.frontend.experiment import RunConfig
 
@@ -94,15 +94,15 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
     comparison = {label: (part, alpha) for label, part, alpha in p.comparison}
     extra = {f"α={a:g}": ("dirichlet", a) for a in p.extra_alphas}
     if "comparison" in parts:
-        for label, (part, alpha) in comparison.items():
+        for _label, (part, alpha) in comparison.items():
             for m in methods:
                 add(m, part, alpha)
     if "divergence" in parts:
-        for label, (part, alpha) in comparison.items():
+        for _label, (part, alpha) in comparison.items():
             for m in DIVERGENCE_METHODS:
                 add(m, part, alpha)
     if "heterogeneity" in parts:
-        for label, (part, alpha) in (comparison | extra).items():
+        for _label, (part, alpha) in (comparison | extra).items():
             for m in HETEROGENEITY_METHODS:
                 add(m, part, alpha)
     if "similarity" in parts:
@@ -303,6 +303,13 @@ COLORS = {"fedit": "tab:blue", "florana": "tab:orange", "svd": "tab:green", "bou
           "ffa": "tab:purple", "flora": "tab:brown", "fedex": "tab:pink"}
 
 
+def _at_bound(method: str) -> bool:
+    """Its ρ is the bound itself, so the bound is not drawn again."""
+    from fedlora.federation import method_class
+
+    return method_class(method).at_bound
+
+
 def fig_divergence_rounds(panels: dict[str, dict[str, list[dict]]], path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharey=True)
@@ -310,7 +317,7 @@ def fig_divergence_rounds(panels: dict[str, dict[str, list[dict]]], path: Path) 
         for m, hist in hists.items():
             rounds = [h["round"] for h in hist]
             ax.plot(rounds, [max(h["divergence"] or 0, 1e-12) for h in hist], marker="o", label=m, color=COLORS.get(m))
-            if m != "svd" and all(h.get("bound") is not None for h in hist):
+            if not _at_bound(m) and all(h.get("bound") is not None for h in hist):
                 ax.plot(rounds, [max(h["bound"], 1e-12) for h in hist], ls="--", color=COLORS.get(m), alpha=0.6,
                         label=f"bound ({m} run)")
         ax.set_yscale("log")
@@ -330,7 +337,7 @@ def fig_divergence_layers(hists: dict[str, list[dict]], path: Path, title: str) 
         for m, hist in hists.items():
             vals = {l: v for (l, k), v in mean_per_layer(hist, "divergence_per_layer").items() if k == kind}
             ax.plot(list(vals), list(vals.values()), marker="o", label=m, color=COLORS.get(m))
-            if m != "svd":
+            if not _at_bound(m):
                 bound = {l: v for (l, k), v in mean_per_layer(hist, "bound_per_layer").items() if k == kind}
                 ax.plot(list(bound), list(bound.values()), ls="--", color=COLORS.get(m), alpha=0.6, label=f"bound ({m} run)")
         ax.set_yscale("log")
@@ -533,7 +540,7 @@ def write_report(
             # Claim: FLoRA-NA's divergence is far below FedIT's, layer by layer and round by round.
             ratios, closed, pairs, below = [], [], 0, 0
             svd_dev = []
-            for label, hs in panels.items():
+            for _label, hs in panels.items():
                 for h in hs.get("florana", []):
                     for mod, v in (h.get("divergence_per_layer") or {}).items():
                         ref = (h.get("fedit_divergence_per_layer") or {}).get(mod)
@@ -698,7 +705,8 @@ def write_report(
                         + ", ".join(f"N={n} {rows['florana'][n]['rho'] / rows['florana'][n]['rho_fedit']:.3f}" for n in ns if rows['florana'][n]['rho_fedit'])
                         + "; its server time per round: "
                         + ", ".join(f"N={n} {rows['florana'][n]['agg_s']:.3f} s ({rows['florana'][n]['agg_s'] / rows['fedit'][n]['agg_s']:.0f}× FedIT, "
-                                    f"{rows['florana'][n]['agg_s'] / rows['florana'][n]['round_s']:.1%} of its round's wall time)" for n in ns if rows['fedit'][n]['agg_s'])
+                                    f"{rows['florana'][n]['agg_s'] / rows['florana'][n]['round_s']:.1%} of its round's wall time)"
+                                    for n in ns if rows['fedit'][n]['agg_s'])
                         + ". Accuracy at these sizes: "
                         + ", ".join(f"N={n} FedIT {rows['fedit'][n]['global']:.3f} / FLoRA-NA {rows['florana'][n]['global']:.3f}" for n in ns)
                         + "."

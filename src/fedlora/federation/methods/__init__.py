@@ -4,4 +4,4 @@ Each file is one small class whose hooks read like the paper's algorithm box; it
 name in :mod:`fedlora.aggregation`. A method added elsewhere (a plug-in, a test) registers the same way.
 """
 
-from . import fedit, ffa, fedsa, flora, fedex, florana, svd, flexlora, hetlora  # noqa: F401
+from . import fedit, ffa, fedsa, flora, fedex, florana, svd, flexlora, hetlora  # noqa: F401  # isort: skip

@@ -18,6 +18,7 @@ class FlexLoRA(Method):
     summary = "client u receives [ΔW*]_{r_u} (truncated SVD at its own rank, factor space)"
     up = "r_u(d+k)"
     down = "r_u(d+k)"
+    at_bound = True
     exactness = "at the Eckart–Young bound at r_u"
     mixed_ranks = True
     unsupported = {"vera": "a truncated SVD is not of VeRA's diag(λ_b)·B·diag(λ_d)·A form; choose fedit, florana, fedex or flora"}

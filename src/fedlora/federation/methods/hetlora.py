@@ -43,7 +43,7 @@ class HetLoRA(Method):
         if p >= peer.rank:
             return None
         total = 0.0
-        for module, k in h.keys.items():
+        for k in h.keys.values():
             B, A = h.parameter(k.B), h.parameter(k.A)
             total = total + B[:, p:peer.rank].norm() * A[p:peer.rank].norm()
         return lam * total

@@ -1,0 +1,124 @@
+"""The layers, enforced: every import in src/fedlora (module level or inside functions) goes downward; the
+generated docs tables match what the methods declare; the linter is clean."""
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "fedlora"
+
+# What each package may import from fedlora (besides itself). aggregation → adapters → federation → front ends;
+# generation and data are leaves the federation (causal-LM scoring) and the front ends use.
+ALLOWED = {
+    "aggregation": set(),
+    "generation": set(),
+    "data": {"generation"},
+    "adapters": {"aggregation"},
+    "federation": {"aggregation", "adapters", "generation"},
+    "frontend": {"aggregation", "adapters", "federation", "generation", "data", "flower"},
+    "flower": {"aggregation", "adapters", "federation", "generation", "data", "frontend"},
+}
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """Every fedlora module ``path`` imports, with the line, resolving relative imports."""
+    package = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.startswith("fedlora")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.startswith("fedlora"):
+                out += [(node.lineno, name)] + [(node.lineno, f"{name}.{a.name}") for a in node.names if name == "fedlora"]
+    return out
+
+
+def test_every_import_goes_down_the_layers():
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        mine = layer_of(".".join(path.relative_to(SRC.parent).with_suffix("").parts))
+        if mine == "__init__":
+            continue
+        for line, name in imports(path):
+            theirs = layer_of(name)
+            if theirs and theirs != mine and theirs not in ALLOWED[mine]:
+                wrong.append(f"{path.relative_to(ROOT)}:{line} ({mine}) imports {name} ({theirs})")
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_the_aggregation_package_has_no_import_cycle():
+    """aggregation/__init__ used to import model.py last because model.py imported back from it."""
+    graph = {}
+    for path in (SRC / "aggregation").glob("*.py"):
+        me = "fedlora.aggregation" + ("" if path.name == "__init__.py" else f".{path.stem}")
+        graph[me] = {n for _, n in imports(path) if n.startswith("fedlora.aggregation") and n in {
+            "fedlora.aggregation" + ("" if p.name == "__init__.py" else f".{p.stem}") for p in (SRC / "aggregation").glob("*.py")}}
+    graph.pop("fedlora.aggregation")  # the package re-exports; nothing inside imports it
+    for deps in graph.values():
+        assert "fedlora.aggregation" not in deps
+    seen, done = set(), set()
+
+    def visit(n, trail):
+        assert n not in seen or n in done, f"import cycle: {' → '.join(trail + [n])}"
+        if n in done:
+            return
+        seen.add(n)
+        for m in graph.get(n, ()):
+            visit(m, trail + [n])
+        done.add(n)
+
+    for n in graph:
+        visit(n, [])
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])
+def test_methods_tables_are_generated_from_the_declarations(doc):
+    from fedlora.frontend.report import TABLE_END, TABLE_START, methods_table
+
+    text = (ROOT / doc).read_text()
+    table = text.partition(TABLE_START)[2].partition(TABLE_END)[0]
+    assert table.strip() == methods_table().strip(), f"{doc}'s methods table is stale: run `fedlora methods --write {doc}`"
+
+
+def test_cli_choices_and_flower_defaults_come_from_one_place():
+    import tomllib
+
+    from fedlora.federation import REGISTRY
+    from fedlora.federation.simulator import FederationConfig
+    from fedlora.flower.config import to_flower
+    from fedlora.frontend.cli import build_parser
+    from fedlora.frontend.experiment import RunConfig
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    flags = {a.dest: a for a in run._actions}
+    for f in ("lr", "local_steps", "rounds", "batch_size", "fraction", "seed", "weighting", "max_norm_ratio"):
+        assert getattr(RunConfig(), f) == getattr(FederationConfig(), f), f  # the round loop's defaults are the run's
+        assert f in flags and f"default {getattr(RunConfig(), f)}" in flags[f].help
+    assert all(name in flags["method"].help for name in REGISTRY)
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app == to_flower(RunConfig())
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None and subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True).returncode,
+                    reason="ruff is in the test extras (pip install -e '.[all]')")
+def test_ruff_is_clean():
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
