@@ -47,7 +47,7 @@ def test_runs_record_similarity_and_fedit_reference(small_csv, method):
             ideal = sum(c * B @ A for c, B, A in zip(w.tolist(), Bs, As))
             fedit = sum(c * B for c, B in zip(w.tolist(), Bs)) @ sum(c * A for c, A in zip(w.tolist(), As))
             dense = float(torch.linalg.matrix_norm(ideal - fedit) / torch.linalg.matrix_norm(ideal))
-            assert rho == pytest.approx(dense, rel=1e-6)
+            assert rho == pytest.approx(dense, rel=1e-5, abs=1e-6)  # FedIT averages the float32 uploads in float32
     for h in hist:
         per = {k: h[f"similarity_{k}_per_layer"] for k in ("A", "B", "dA", "dB")}
         assert per["A"] and per["B"] and set(per["A"]) == set(per["B"])

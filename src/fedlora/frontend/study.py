@@ -94,15 +94,15 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
     comparison = {label: (part, alpha) for label, part, alpha in p.comparison}
     extra = {f"α={a:g}": ("dirichlet", a) for a in p.extra_alphas}
     if "comparison" in parts:
-        for _label, (part, alpha) in comparison.items():
+        for _name, (part, alpha) in comparison.items():
             for m in methods:
                 add(m, part, alpha)
     if "divergence" in parts:
-        for _label, (part, alpha) in comparison.items():
+        for _name, (part, alpha) in comparison.items():
             for m in DIVERGENCE_METHODS:
                 add(m, part, alpha)
     if "heterogeneity" in parts:
-        for _label, (part, alpha) in (comparison | extra).items():
+        for _name, (part, alpha) in (comparison | extra).items():
             for m in HETEROGENEITY_METHODS:
                 add(m, part, alpha)
     if "similarity" in parts:
@@ -540,7 +540,7 @@ def write_report(
             # Claim: FLoRA-NA's divergence is far below FedIT's, layer by layer and round by round.
             ratios, closed, pairs, below = [], [], 0, 0
             svd_dev = []
-            for _label, hs in panels.items():
+            for _name, hs in panels.items():
                 for h in hs.get("florana", []):
                     for mod, v in (h.get("divergence_per_layer") or {}).items():
                         ref = (h.get("fedit_divergence_per_layer") or {}).get(mod)
