@@ -141,6 +141,14 @@ class Method:
     def exact_text(cls) -> str:
         return cls.exactness or ("yes" if cls.exact else "no")
 
+    @classmethod
+    def linear_text(cls) -> str:
+        return "yes" if cls.linear else "no"
+
+    def is_linear(self) -> bool:
+        """Whether this instance (with its options) needs only the weighted sum of the uploads."""
+        return self.linear
+
     # ---- client side -----------------------------------------------------------------------------------------
     def frozen(self, h: AdapterHandle, rnd: int) -> list[str]:
         """Trainables clients must not change in round ``rnd`` (FFA: the shared A0)."""

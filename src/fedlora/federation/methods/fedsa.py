@@ -38,6 +38,8 @@ class FedSA(Method):
         h.write_factors(layers, uploads, new, B=False)
         evaluation = dict(new) | agg.others
         for module, layer in layers.items():
+            if layer.eval_B is None and h.spec.kind != "vera":
+                continue  # no client reported its B: the global model is scored with the server's own
             name = h.keys[module].B  # VeRA: λ_b, the client's own vector, averaged with the data weights
             evaluation[name] = combine_vectors([u[name] for u in uploads], weights) if h.spec.kind == "vera" else h.pad(name, layer.eval_B)
         broadcast = {n: t for n, t in new.items() if n not in private}

@@ -31,6 +31,13 @@ class HetLoRA(Method):
         "gamma": Option(0.99, "HetLoRA regulariser: components from ⌈γ r_u⌉ on are penalised"),
     }
 
+    @classmethod
+    def linear_text(cls) -> str:
+        return "with data weights"
+
+    def is_linear(self) -> bool:
+        return self.settings["weights"] == "data"
+
     def __init__(self, **options):
         super().__init__(**options)
         self.rule_options = {"weighting": self.settings["weights"], **self.rule_options}
