@@ -18,7 +18,7 @@ from fedlora.flower.loopback import LoopbackFederation, family, write_node_key  
 from fedlora.frontend.experiment import run_experiment  # noqa: E402
 from test_flower_simulation import ROOT  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # see conftest.one_thread; real Flower processes
 
 
 def test_loopback_deployment_with_tls_and_supernode_auth(small_csv, tmp_path):

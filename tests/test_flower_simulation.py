@@ -25,7 +25,7 @@ from fedlora.frontend.experiment import run_experiment  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # see conftest.one_thread; real Flower processes
 
 
 def flower_environment(home: Path) -> dict[str, str]:

@@ -113,6 +113,7 @@ def _assert_same(a, b):
                 assert x[k] == y[k], k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fedex", "fedsa"])
 def test_killed_run_resumes_to_the_same_metrics(small_csv, tmp_path, method):
     args = ["--model", "tiny:bert", "--data", str(small_csv), "--clients", "3", "--rounds", "3", "--local-steps", "2",
