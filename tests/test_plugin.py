@@ -96,3 +96,33 @@ def test_a_method_registered_here_runs_in_process_on_the_cli_and_on_flower(plugi
                  "--max-length", "32", "--quiet", "--out", str(tmp_path / "cli")]) == 0
     assert main(["run", "--method", NAME, "--adapter", "vera", "--quiet", "--out", str(tmp_path / "no")]) == 2
     assert f"method {NAME} does not support adapter vera: test only" in capsys.readouterr().err
+
+
+def test_an_installed_plugin_is_found_through_its_entry_point(tmp_path):
+    """The CLI and Flower's processes import nothing of the user's: a package's ``fedlora.methods`` entry point is."""
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "myplug_method.py").write_text(textwrap.dedent('''
+        from fedlora.aggregation import register_rule
+        from fedlora.aggregation.fedit import factors_comm, fedit
+        from fedlora.federation import Method, register
+
+        register_rule("myplug", comm=factors_comm, mixed_ranks=True)(fedit)
+
+        @register
+        class MyPlug(Method):
+            name = rule = "myplug"
+            title = "an installed plug-in"
+            summary = "FedIT under another name"
+            mixed_ranks = True
+    '''))
+    info = tmp_path / "myplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: myplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[fedlora.methods]\nmyplug = myplug_method\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "methods"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "| `myplug` | an installed plug-in | FedIT under another name |" in res.stdout

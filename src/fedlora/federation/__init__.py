@@ -3,7 +3,6 @@
 :mod:`fedlora.adapters`, :mod:`fedlora.aggregation` and :mod:`fedlora.generation`; must not import the front ends
 (CLI, experiments, data and model loading, Flower, reports)."""
 
-from fedlora.federation import methods  # noqa: F401  (registers the built-in methods)
 from fedlora.federation.causal_lm import CausalLMSplit, CausalLMTask
 from fedlora.federation.protocol import (
     REGISTRY,
@@ -27,3 +26,10 @@ __all__ = [
     "FederationConfig", "SimClient", "Simulator", "nbytes",
     "ClassificationTask", "TokenizedSplit", "CausalLMTask", "CausalLMSplit",
 ]
+
+# After every name above exists: the built-in methods register themselves, then installed plug-ins (which import
+# this package) do.
+from fedlora.federation import methods  # noqa: E402, F401, I001  # isort: skip
+from fedlora.federation.protocol import load_plugins  # noqa: E402  # isort: skip
+
+load_plugins()

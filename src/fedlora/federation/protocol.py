@@ -267,6 +267,14 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def load_plugins() -> None:
+    """Import every installed package's ``fedlora.methods`` entry point: its module registers its rule and class."""
+    from importlib.metadata import entry_points
+
+    for plugin in entry_points(group="fedlora.methods"):
+        plugin.load()
+
+
 def method_names() -> list[str]:
     return list(REGISTRY)
 
