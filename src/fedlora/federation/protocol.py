@@ -162,8 +162,10 @@ class Method:
         """A term added to the client's training loss (HetLoRA's rank self-pruning regulariser), or None."""
         return None
 
-    def upload(self, h: AdapterHandle, tensors: Tensors, rnd: int) -> Tensors:
-        """What a client sends after local training in round ``rnd``."""
+    def upload(self, h: AdapterHandle, tensors: Tensors, rnd: int, start: Tensors | None = None) -> Tensors:
+        """What a client sends after local training in round ``rnd``; ``start`` is what it started the round from
+        (the global state it received, at its rank: FedRot-LoRA aligns to it). Must keep the keys and shapes when
+        ``start`` is None (the server derives the expected upload layout that way)."""
         private = set(self.private(h)) | set(self.frozen(h, rnd))
         return {n: t for n, t in tensors.items() if n not in private}
 

@@ -232,7 +232,7 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     acc = task.evaluate(h.model, client.test, cfg.device)
     trained = h.get(rank=peer.rank)
     return ClientResult(
-        cid=client.cid, upload=method.upload(h, trained, rnd), extras=method.eval_extras(h, trained),
+        cid=client.cid, upload=method.upload(h, trained, rnd, start), extras=method.eval_extras(h, trained),
         private={n: trained[n] for n in method.private(h)}, n_train=len(client.train), n_test=len(client.test),
         local_accuracy=acc, train_loss=loss,
     )
