@@ -291,8 +291,11 @@ def test_bound_rank_defaults_to_client_rank():
 # Degenerate rounds
 
 
+SHARED_A = ("ffa", "rolora", "fedsvd")  # rules that need the frozen A every client shares (rolora: its B-round default)
+
+
 def _inputs_for(method, Bs, As):
-    return (Bs, [As[0].clone() for _ in As]) if method == "ffa" else (Bs, As)
+    return (Bs, [As[0].clone() for _ in As]) if method in SHARED_A else (Bs, As)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -330,7 +333,7 @@ def test_factors_keep_the_upload_dtype(method, dtype):
     res = aggregate(method, Bs, As, w)
     assert res.A.dtype == dtype and (res.B is None or res.B.dtype == dtype)
     # float32 uploads are aggregated to float32 accuracy, not worse.
-    if dtype == torch.float32 and method in ("fedex", "flora", "ffa"):
+    if dtype == torch.float32 and method in ("fedex", "flora", *SHARED_A):
         assert divergence(Bs, As, w, res) < 1e-6
     if dtype == torch.float32 and method == "svd":
         assert divergence(Bs, As, w, res) == pytest.approx(eckart_young_bound(Bs, As, w), rel=1e-4)

@@ -20,8 +20,8 @@ HEAD = 3 * 32 + 3  # classifier weight + bias (3 labels)
 F32 = 4
 
 
-def hand_count(method: str, adapter: str, U: int) -> tuple[int, int]:
-    """Bytes up and down per client per round, from the shapes alone (DESIGN.md's table)."""
+def hand_count(method: str, adapter: str, U: int, rnd: int = 1) -> tuple[int, int]:
+    """Bytes up and down per client in round ``rnd``, from the shapes alone (DESIGN.md's table, METHODS.md)."""
     if adapter == "vera":  # vectors λ_b ∈ R^d and λ_d ∈ R^r stand in for B and A
         b, a = D, R
     else:
@@ -38,6 +38,12 @@ def hand_count(method: str, adapter: str, U: int) -> tuple[int, int]:
         "fedex": (b + a, b + a + min(D * K, (U + 1) * R * (D + K))),
         "flexlora": (b + a, b + a),
         "hetlora": (b + a, b + a),
+        "rolora": (b, b) if rnd % 2 else (a, a),  # B-rounds (odd) send B, A-rounds A
+        "fedsvd": (b, D * R + R * K),  # up B; down the re-factored B and A
+        "lorafair": (b + a, b + a),
+        "fedrot": (b + a, b + a),
+        "frlora": (b + a, min(D * K, R * (D + K))),  # down: only the fold B̄Ā (clients re-initialise)
+        "fedmomentum": (b + a, b + a),  # plus each matrix's fold, whose rank depends on the data (checked below)
     }[method]
     other_up = extra if method == "fedsa" else shared_other  # FedSA keeps its head local by default
     other_down = other_up
@@ -51,20 +57,26 @@ def test_every_method_and_adapter_runs(small_csv, method, adapter):
     history = exp.simulator.run()
     assert [h["round"] for h in history] == [1, 2]
     U = 3
-    up, down = hand_count(method, adapter, U)
     for h in history:
+        up, down = hand_count(method, adapter, U, h["round"])
         assert h["clients"] == [0, 1, 2]
         assert 0.0 <= h["global_accuracy"] <= 1.0 and 0.0 <= h["local_accuracy"] <= 1.0
         assert math.isfinite(h["train_loss"])
         assert h["local_global_gap"] == pytest.approx(h["local_accuracy"] - h["global_accuracy"])
         assert h["bytes_up"] == U * up, (h["bytes_up"], U * up)
-        assert h["bytes_down"] == U * down, (h["bytes_down"], U * down)
+        if method == "fedmomentum":  # r(d+k) + min(dk, f(d+k)) per matrix, f the fold's rank: 0 ≤ f ≤ min(Ur, d) − r
+            extra = h["bytes_down"] - U * down
+            assert 0 <= extra <= U * F32 * MODULES * min(D * K, (U * R - R) * (D + K)) and extra % (U * F32 * (D + K)) == 0
+        else:
+            assert h["bytes_down"] == U * down, (h["bytes_down"], U * down)
         # fedsa: ρ of the shared Â with the clients' mean B, the rank-r stand-in its global model is scored with
         assert set(h["divergence_per_layer"]) == set(exp.simulator.handle.layers)
         # ρ is not bounded by 1 in general (test_aggregation: ρ = 8.35 for opposed clients); it is finite here
         assert math.isfinite(h["divergence"]) and h["divergence"] >= 0.0
         if REGISTRY[method].exact:  # exact by construction (fedex and flora broadcast more than rank r)
             assert h["divergence"] < 1e-5
+        elif method == "fedmomentum":  # folds beyond rank r, exact up to the energy threshold τ = 0.9999
+            assert h["divergence"] <= math.sqrt(1 - 0.9999) + 1e-6
         else:  # no rank-r broadcast beats the Eckart–Young bound
             assert h["bound"] <= h["divergence"] + 1e-6
         if method in ("svd", "flexlora"):  # equal ranks: FlexLoRA is the rank-r optimum

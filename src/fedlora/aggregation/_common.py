@@ -184,6 +184,17 @@ def all_finite(t: Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def shared_factor(tensors: Sequence[Tensor], kind: str, name: str | None, fix: str) -> Tensor:
+    """Client 0's factor, after checking every client uploaded the very same one (a frozen factor every client
+    shares: FFA-LoRA's A0, RoLoRA's other factor, FedSVD's A); ``fix`` ends the one-sentence error. O(U·size)."""
+    ref = tensors[0]
+    for u, t in enumerate(tensors[1:], start=1):
+        if not torch.equal(t, ref):
+            gap = float((t - ref).abs().max())
+            raise ValueError(f"client {u}'s {kind}{_where(name)} differs from client 0's (max |Δ{kind}| = {gap:.3g}): {fix}")
+    return ref
+
+
 def check_int(value: object, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{what} is {value!r}; pass an integer of at least {minimum}")

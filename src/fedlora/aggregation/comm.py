@@ -6,13 +6,14 @@ the tensors it actually sends. Imports only torch.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ._common import check_int
-from .registry import get_rule
+from .registry import check_options, get_rule
 
 __all__ = ["CommBytes", "comm_bytes", "comm_elements", "model_comm_bytes"]
 
@@ -28,24 +29,28 @@ class CommBytes:
         return CommBytes(self.up + other.up, self.down + other.down)
 
 
-def comm_elements(method: str, d: int, k: int, r: int, n_clients: int) -> tuple[int, int]:
+def comm_elements(method: str, d: int, k: int, r: int, n_clients: int, **options: object) -> tuple[int, int]:
     """``(up, down)`` element counts per client for one d×k matrix adapted at rank r, with U = n_clients.
 
     Under mixed ranks pass the client's own r_u: every method's per-client counts are in its own rank, except
-    ``flora``'s download, which is the sum over all clients (use ``n_clients`` × mean rank)."""
+    ``flora``'s download, which is the sum over all clients (use ``n_clients`` × mean rank). ``options``: the
+    rule's options, for a rule whose bytes depend on them (``rolora``'s ``trained="A"``: an A-round)."""
     rule = get_rule(method)
+    check_options(rule, options)
     d, k, r = check_int(d, "d", 1), check_int(k, "k", 1), check_int(r, "r", 1)
     U = check_int(n_clients, "n_clients", 1)
-    return rule.comm(d, k, r, U)
+    takes = inspect.signature(rule.comm).parameters
+    return rule.comm(d, k, r, U, **{n: v for n, v in options.items() if n in takes})
 
 
 def comm_bytes(
-    method: str, d: int, k: int, r: int, n_clients: int, dtype: torch.dtype = torch.float32
+    method: str, d: int, k: int, r: int, n_clients: int, dtype: torch.dtype = torch.float32, **options: object
 ) -> CommBytes:
-    """Bytes up and down per client for one d×k matrix adapted at rank r, factors in ``dtype``."""
+    """Bytes up and down per client for one d×k matrix adapted at rank r, factors in ``dtype`` (``options`` as
+    for ``comm_elements``)."""
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype is {dtype!r}; pass a torch.dtype such as torch.float32")
-    up, down = comm_elements(method, d, k, r, n_clients)
+    up, down = comm_elements(method, d, k, r, n_clients, **options)
     size = torch.empty(0, dtype=dtype).element_size()
     return CommBytes(up * size, down * size)
 
@@ -56,6 +61,7 @@ def model_comm_bytes(
     r: int,
     n_clients: int,
     dtype: torch.dtype = torch.float32,
+    **options: object,
 ) -> CommBytes:
     """Sum of ``comm_bytes`` over a model's adapted modules; ``shapes[name]`` is ``(d, k)`` or ``(d, k, r)``."""
     total = CommBytes(0, 0)
@@ -63,5 +69,5 @@ def model_comm_bytes(
         if len(shape) not in (2, 3):
             raise ValueError(f"shapes[{name!r}] is {shape!r}; give (d, k) or (d, k, r) for every module")
         d, k, rank = (*shape, r) if len(shape) == 2 else shape
-        total = total + comm_bytes(method, d, k, rank, n_clients, dtype)
+        total = total + comm_bytes(method, d, k, rank, n_clients, dtype, **options)
     return total

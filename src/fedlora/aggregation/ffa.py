@@ -6,10 +6,9 @@ and averaging B is exact: ``B̂ = Σ w_u B_u``, ``Â = A0``. O(U·dr).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from ._common import combine
+from ._common import combine, shared_factor
 from .registry import register_rule
 from .result import Aggregate
 
@@ -20,13 +19,5 @@ def _comm(d: int, k: int, r: int, U: int) -> tuple[int, int]:
 
 @register_rule("ffa", comm=_comm)
 def ffa(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, name: str | None = None) -> Aggregate:
-    A0 = As[0]
-    for u, A in enumerate(As[1:], start=1):
-        if not torch.equal(A, A0):
-            where = f" for {name!r}" if name else ""
-            gap = float((A - A0).abs().max())
-            raise ValueError(
-                f"client {u}'s A{where} differs from client 0's (max |ΔA| = {gap:.3g}): FFA-LoRA needs the frozen "
-                "shared A0 on every client, so freeze A at one seeded init or choose another method"
-            )
+    A0 = shared_factor(As, "A", name, "FFA-LoRA needs the frozen shared A0 on every client, so freeze A at one seeded init or choose another method")
     return Aggregate(method="ffa", B=combine(Bs, w), A=A0.clone(), p=w.clone(), q=None, frozen_A=True)

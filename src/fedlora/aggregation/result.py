@@ -31,7 +31,9 @@ class Aggregate:
             are ``diag(λ)·shared``, aggregates its vectors with these same coefficients.
         eval_B: ``fedsa`` only: ``Σ w_u B_u``, used solely to score a global model, never broadcast.
         personalised: True when clients keep private state the server does not replace (``fedsa``).
-        frozen_A: True when ``A`` is the frozen shared ``A0`` every client already holds (``ffa``): not sent.
+        frozen_A: True when ``A`` is the frozen shared ``A0`` every client already holds (``ffa``; ``rolora``'s
+            B-rounds): not sent.
+        frozen_B: the mirror: ``B`` is the frozen shared B every client already holds (``rolora``'s A-rounds).
         clients: under mixed ranks or client scales, the ``(B, A)`` each client u receives, at its own rank r_u
             and scale s_u (``B̂[:, :r_u] / √s_u``, ``Â[:r_u] / √s_u``); ``None`` when every client receives ``B``, ``A``.
             With scales, ``B`` and ``A`` themselves are in the scaled product space (``B̂Â ≈ Σ w_u s_u B_u A_u``).
@@ -48,6 +50,7 @@ class Aggregate:
     eval_B: Tensor | None = None
     personalised: bool = False
     frozen_A: bool = False
+    frozen_B: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     clients: list[tuple[Tensor | None, Tensor | None]] | None = None
 
@@ -106,7 +109,7 @@ class Aggregate:
     def down_elements(self) -> int:
         """Elements the server sends each client for this matrix (``eval_B`` is never sent)."""
         n = self.residual_elements()
-        if self.B is not None:
+        if self.B is not None and not self.frozen_B:
             n += self.B.numel()
         if self.A is not None and not self.frozen_A:
             n += self.A.numel()

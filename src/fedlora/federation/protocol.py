@@ -195,8 +195,10 @@ class Method:
             views[peer.rank] = h.at_rank(broadcast, peer.rank)
         return views[peer.rank]
 
-    def combine(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors, ctx: RoundContext) -> ModelAggregate:
-        """Run this method's rule over every module (and average the other trainables).
+    def combine(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors, ctx: RoundContext,
+                **options: object) -> ModelAggregate:
+        """Run this method's rule over every module (and average the other trainables); ``options``: this round's rule
+        options on top of the method's own (RoLoRA: which factor the round trained).
 
         A factor a client did not send (frozen this round: FFA's A0, RoLoRA's other factor) is the one it started
         from, which every client shares: the server's own, at the client's rank. Where no client sent any B and
@@ -214,7 +216,7 @@ class Method:
         Bs = None if no_B else [start(r)[0] | v[0] for v, r in zip(views, ranks)]
         As = [start(r)[1] | v[1] for v, r in zip(views, ranks)]
         others = [{n: u[n] for n in h.other_names if n in u} for u in uploads]
-        return aggregate_model(self.rule, Bs, As, weights, others, average_others=True, scales=ctx.scales, **self.rule_options)
+        return aggregate_model(self.rule, Bs, As, weights, others, average_others=True, scales=ctx.scales, **(self.rule_options | options))
 
     # ---- applying a broadcast on a client (or the server's own model) ----------------------------------------
     def fold(self, h: AdapterHandle, delivered: Tensors) -> None:
@@ -254,6 +256,18 @@ def to_global(h: AdapterHandle, layers: dict[str, Aggregate], ctx: RoundContext)
                        eval_B=None if a.eval_B is None else a.eval_B / root, base_delta_factors=fold)
 
     return {m: conv(a) for m, a in layers.items()}
+
+
+def broadcast_trained(h: AdapterHandle, agg: ModelAggregate, uploads: list[Tensors], current: Tensors, ctx: RoundContext,
+                      frozen: list[str]) -> ServerUpdate:
+    """The next global state of a round in which the factors ``frozen`` did not train (FFA's A0, RoLoRA's other
+    factor): the trained factors and the averaged other trainables are written and broadcast; the frozen ones, which
+    every client holds already, stay as they are and are not sent."""
+    frozen_set = set(frozen)
+    new = dict(current) | agg.others
+    h.write_factors(to_global(h, agg.layers, ctx), uploads, new,
+                    B=not frozen_set.issuperset(h.B_names()), A=not frozen_set.issuperset(h.A_names()))
+    return ServerUpdate(broadcast={n: t for n, t in new.items() if n not in frozen_set}, layers=agg.layers, scales=ctx.scales)
 
 
 # ---- the registry ---------------------------------------------------------------------------------------------

@@ -97,15 +97,16 @@ def layer_metrics(h: AdapterHandle, inputs: list[Tensors], weights: Tensor, curr
     the largest rank).
 
     For FedSA (personalised) ΔŴ is what the global model is scored with: Â and the clients' mean B, so ρ measures
-    how far that stand-in is from ΔW*; modules whose B no client reported give no entry.
+    how far that stand-in is from ΔW*; modules whose B no client reported give no entry. A factor no client sent
+    because it was frozen (FFA's A, RoLoRA's other factor) is the shared start every client trained against.
     """
     views = [h.factors(t) for t in inputs]
-    A0 = h.factors(current)[1]
+    B0, A0 = h.factors(current)  # a factor not sent this round (frozen) is the shared start
     rho, rho_min, rho_fedit = {}, {}, {}
     for module, layer in update.layers.items():
-        if any(module not in v[0] for v in views):
+        if layer.B is None and layer.eval_B is None:  # FedSA with no client's B to score: nothing to measure
             continue
-        Bs = [v[0][module] for v in views]
+        Bs = [v[0].get(module, B0[module]) for v in views]
         As = [v[1].get(module, A0[module]) for v in views]
         rho[module] = float(divergence(Bs, As, weights, layer, scales=update.scales))
         if bound:

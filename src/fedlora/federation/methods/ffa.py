@@ -1,7 +1,7 @@
 """FFA-LoRA (Sun et al., ICLR 2024): A frozen at a shared seeded A0, only B trains and travels.
 Math: :mod:`fedlora.aggregation.ffa`."""
 
-from fedlora.federation.protocol import Method, ServerUpdate, register, to_global
+from fedlora.federation.protocol import Method, broadcast_trained, register
 
 
 @register
@@ -22,7 +22,4 @@ class FFA(Method):
 
     def aggregate(self, h, uploads, weights, current, ctx):
         agg = self.combine(h, uploads, weights, current, ctx)  # A: the shared A0 every client holds
-        new = dict(current) | agg.others
-        h.write_factors(to_global(h, agg.layers, ctx), uploads, new, A=False)
-        frozen = set(h.A_names())
-        return ServerUpdate(broadcast={n: t for n, t in new.items() if n not in frozen}, layers=agg.layers, scales=ctx.scales)
+        return broadcast_trained(h, agg, uploads, current, ctx, self.frozen(h, ctx.number))
