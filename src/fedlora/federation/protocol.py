@@ -258,6 +258,15 @@ def to_global(h: AdapterHandle, layers: dict[str, Aggregate], ctx: RoundContext)
     return {m: conv(a) for m, a in layers.items()}
 
 
+def send_fold(broadcast: Tensors, module: str, L: Tensor, R: Tensor) -> None:
+    """Put ``module``'s base-weight update ``L R`` (d×m, m×k) into a broadcast as whichever is smaller to send: the
+    dense d×k update, or its factors (FedEx-LoRA's residual rule; FedMomentum's and FRLoRA's folds)."""
+    if L.shape[0] * R.shape[1] <= L.numel() + R.numel():
+        broadcast[f"{module}.{FOLD}"] = L @ R
+    else:
+        broadcast[f"{module}.{FOLD_L}"], broadcast[f"{module}.{FOLD_R}"] = L, R
+
+
 def broadcast_trained(h: AdapterHandle, agg: ModelAggregate, uploads: list[Tensors], current: Tensors, ctx: RoundContext,
                       frozen: list[str]) -> ServerUpdate:
     """The next global state of a round in which the factors ``frozen`` did not train (FFA's A0, RoLoRA's other

@@ -1,7 +1,7 @@
 """FedEx-LoRA (Singhal et al., ACL 2025): FedIT's factors plus the residual folded into W0.
 Math: :mod:`fedlora.aggregation.fedex`."""
 
-from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, Method, register
+from fedlora.federation.protocol import Method, register, send_fold
 
 
 @register
@@ -19,9 +19,5 @@ class FedEx(Method):
         update = super().aggregate(h, uploads, weights, current, ctx)
         for module, layer in update.layers.items():
             L, R = layer.base_delta_factors
-            # Sent as whichever is smaller: the dense d×k residual or its factors of rank ≤ (U+1)r.
-            if L.shape[0] * R.shape[1] <= L.numel() + R.numel():
-                update.broadcast[f"{module}.{FOLD}"] = L @ R
-            else:
-                update.broadcast[f"{module}.{FOLD_L}"], update.broadcast[f"{module}.{FOLD_R}"] = L, R
+            send_fold(update.broadcast, module, L, R)  # dense or factored, whichever is smaller
         return update

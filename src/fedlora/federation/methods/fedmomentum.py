@@ -2,7 +2,7 @@
 energy threshold τ folded into every client's base. Math: :mod:`fedlora.aggregation.fedmomentum`."""
 
 from fedlora.aggregation.fedmomentum import check_tau
-from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, Method, Option, register
+from fedlora.federation.protocol import Method, Option, register, send_fold
 
 
 @register
@@ -46,9 +46,5 @@ class FedMomentum(Method):
             if layer.base_delta_factors is None:
                 continue  # the top r components already reach τ: nothing to fold
             L, R = layer.base_delta_factors
-            # Sent as whichever is smaller: the dense d×k fold or its rank-f factors (folded as s·L R).
-            if L.shape[0] * R.shape[1] <= L.numel() + R.numel():
-                update.broadcast[f"{module}.{FOLD}"] = L @ R
-            else:
-                update.broadcast[f"{module}.{FOLD_L}"], update.broadcast[f"{module}.{FOLD_R}"] = L, R
+            send_fold(update.broadcast, module, L, R)  # dense or factored, whichever is smaller
         return update

@@ -1,7 +1,7 @@
 """FRLoRA (Yan et al., ICLR 2025): fold FedIT's update into the base of the global model and every client, then
 re-initialise the LoRA. Math: :mod:`fedlora.aggregation.frlora`."""
 
-from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, Method, ServerUpdate, register
+from fedlora.federation.protocol import Method, ServerUpdate, register, send_fold
 
 
 @register
@@ -44,10 +44,7 @@ class FRLoRA(Method):
         broadcast = dict(agg.others)  # the averaged head; B̄, Ā go down only as the fold
         for module, layer in agg.layers.items():
             L, R = layer.base_delta_factors
-            if L.shape[0] * R.shape[1] <= L.numel() + R.numel():
-                broadcast[f"{module}.{FOLD}"] = L @ R
-            else:
-                broadcast[f"{module}.{FOLD_L}"], broadcast[f"{module}.{FOLD_R}"] = L, R
+            send_fold(broadcast, module, L, R)  # dense or factored, whichever is smaller
         return ServerUpdate(broadcast=broadcast, layers=agg.layers, scales=ctx.scales)
 
     def take(self, h, delivered, current, peer, seed):
