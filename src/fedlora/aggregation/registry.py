@@ -91,10 +91,6 @@ def get_rule(method: object) -> Rule:
     return RULES[method]
 
 
-def check_method(method: object) -> str:
-    return get_rule(method).name
-
-
 def check_options(rule: Rule, options: dict[str, object]) -> None:
     accepted = rule.options
     for key in options:
@@ -172,8 +168,4 @@ def aggregate(
 def method_options(method: str) -> dict[str, object]:
     """The options ``aggregate`` accepts for ``method``, with their defaults (e.g. florana's ``tol``)."""
     return dict(get_rule(method).options)
-
-
-def comm_of(method: str) -> Comm:
-    return get_rule(method).comm
 

@@ -132,6 +132,7 @@ class Method:
         }
         self.rule_options = options  # passed to the aggregation rule (e.g. florana's tol, max_iter)
         self.keep_head_local = self.keeps_head_local if keep_head_local is None else keep_head_local
+        self._delivered: tuple[Tensors | None, dict[int, Tensors]] = (None, {})  # deliver's views of the last broadcast
 
     @classmethod
     def adapters(cls) -> tuple[str, ...]:
@@ -187,10 +188,9 @@ class Method:
         Clients of one rank get the same tensors (computed once per broadcast and rank)."""
         if peer.rank == h.rank:
             return broadcast
-        of, views = self.__dict__.get("_delivered", (None, {}))
-        if of is not broadcast:
-            of, views = broadcast, {}
-            self._delivered = (of, views)
+        if self._delivered[0] is not broadcast:
+            self._delivered = (broadcast, {})
+        views = self._delivered[1]
         if peer.rank not in views:
             views[peer.rank] = h.at_rank(broadcast, peer.rank)
         return views[peer.rank]
