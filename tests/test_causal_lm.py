@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedlora.aggregation import METHODS
+from fedlora.federation import REGISTRY
 from fedlora.federation.causal_lm import IGNORE, CausalLMSplit, CausalLMTask, render
 from fedlora.frontend.experiment import RunConfig, build, run_experiment
 from fedlora.generation import extract_code, gsm8k_reference, last_number, normalise_text, run_program, score
@@ -45,7 +45,7 @@ def tokenizer():
 
 
 # ---- every method, on a model whose v_proj is 32 → 16 ---------------------------------------------------------------
-COMBOS = [(m, "lora") for m in METHODS] + [("fedit", "dora"), ("flora", "dora"), ("florana", "vera"), ("fedsa", "vera"), ("fedex", "hira")]
+COMBOS = [(m, "lora") for m in REGISTRY] + [("fedit", "dora"), ("flora", "dora"), ("florana", "vera"), ("fedsa", "vera"), ("fedex", "hira")]
 
 
 @pytest.mark.parametrize("method,adapter", COMBOS)

@@ -35,6 +35,20 @@ def test_compare_table_and_plots(small_csv, tmp_path):
     assert {k: v for k, v in a.items() if k not in ("method", "out")} == {k: v for k, v in b.items() if k not in ("method", "out")}
 
 
+def test_compare_reads_back_finished_runs_and_refuses_other_settings(small_csv, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *TINY, "--data", str(small_csv), "--methods", "fedit", "--out", str(out)]) == 0
+    before = (out / "fedit" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["compare", *TINY, "--data", str(small_csv), "--methods", "fedit,ffa", "--out", str(out)]) == 0
+    assert "fedit: finished run read back" in capsys.readouterr().out
+    assert (out / "fedit" / "metrics.jsonl").read_text() == before  # not run again
+    table = (out / "comparison.md").read_text()
+    assert "| fedit |" in table and "| ffa |" in table
+    assert main(["compare", *TINY, "--data", str(small_csv), "--methods", "fedit", "--out", str(out), "--lr", "0.01"]) != 0
+    assert "holds a fedit run with other settings" in capsys.readouterr().err
+
+
 def test_toml_config_and_flag_override(small_csv, tmp_path):
     cfg = tmp_path / "exp.toml"
     cfg.write_text(f'method = "fedit"\nrounds = 1\nclients = 3\ndata = "{small_csv}"\nmodel = "tiny:bert"\n'

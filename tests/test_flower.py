@@ -136,6 +136,9 @@ def test_run_config_round_trips_and_rejects_what_fedlora_run_rejects():
     ("svd", "rslora", 0.67, False),
     ("fedex", "hira", 1.0, True),     # folds as W0 ⊙ R, restored in a new process
     ("fedsa", "vera", 1.0, False),    # λ_d shared, λ_b private
+    ("fedsb", "lora", 0.67, True),    # seeded bases rebuilt identically in every process; only cores travel
+    ("ravan", "rslora", 1.0, False),  # gains reset to 1 on every client
+    ("feddpa", "lora", 0.67, True),   # the local adapter stays in each SuperNode's state
 ])
 def test_flower_round_equals_the_simulator(small_csv, tmp_path, method, adapter, fraction, fresh):
     cfg = tiny_config(small_csv, method=method, adapter=adapter, fraction=fraction, rounds=3)

@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.adapters.spec import AdapterSpec
+from fedlora.adapters.structures import CoreB
 from fedlora.aggregation import Aggregate
+from fedlora.aggregation.fedsb import block_diagonal
 
 _VERA_D_INITIAL = 0.1  # PEFT's VeraConfig.d_initial default: λ_d starts at 0.1, λ_b at 0.
 
@@ -23,8 +25,10 @@ _VERA_D_INITIAL = 0.1  # PEFT's VeraConfig.d_initial default: λ_d starts at 0.1
 class ModuleKeys:
     """Names, in the trainables dict, of one adapted module's factor tensors."""
 
-    B: str  # LoRA/DoRA/HiRA: the d×r factor; VeRA: λ_b ∈ R^d
-    A: str  # LoRA/DoRA/HiRA: the r×k factor; VeRA: λ_d ∈ R^r
+    B: str  # LoRA/DoRA/HiRA: the d×r factor; VeRA: λ_b ∈ R^d; core structure: the frozen basis B (d×hr)
+    A: str  # LoRA/DoRA/HiRA: the r×k factor; VeRA: λ_d ∈ R^r; core structure: the frozen basis A (hr×k)
+    core: str | None = None  # core structure (Fed-SB, RAVAN): the trainable h×r×r cores between the bases
+    gain: str | None = None  # RAVAN: the trainable per-head scalars
 
 
 class AdapterHandle:
@@ -43,13 +47,21 @@ class AdapterHandle:
             if hasattr(module, b_attr) and hasattr(module, "get_base_layer") and "default" in getattr(module, b_attr):
                 short = name.removeprefix("base_model.model.")
                 self.layers[short] = module
-                self.keys[short] = ModuleKeys(B=self._find(name, b_attr), A=self._find(name, a_attr))
+                core = getattr(module, b_attr)["default"]
+                if isinstance(core, CoreB):
+                    prefix = f"{name}.{b_attr}.default"
+                    self.keys[short] = ModuleKeys(B=f"{prefix}.weight", A=self._find(name, a_attr), core=f"{prefix}.core",
+                                                  gain=f"{prefix}.gain" if core.gain is not None else None)
+                else:
+                    self.keys[short] = ModuleKeys(B=self._find(name, b_attr), A=self._find(name, a_attr))
+        # Core structure (Fed-SB, RAVAN): B and A are frozen shared bases; a client's factors are B·blockdiag(cores), A.
+        self.cored = any(k.core for k in self.keys.values())
         self.folded: dict[str, Tensor] = {}  # Σ of every weight-space update folded into each base weight
         # Mixed ranks: the model holds rank r_max = spec.r; a client of rank r_u uses the first r_u components (the
         # rest are zero, and stay zero in training: their gradients vanish with the zero partner) at scale s(r_u).
         self.rank = spec.r
         self.rank_dim: dict[str, int] = {}  # factor tensor name -> its rank dimension (B: 1, A: 0)
-        if spec.kind != "vera":
+        if spec.kind != "vera" and not self.cored:
             for k in self.keys.values():
                 self.rank_dim[k.B], self.rank_dim[k.A] = 1, 0
         self._scaling = {m: layer.scaling["default"] for m, layer in self.layers.items()
@@ -59,7 +71,7 @@ class AdapterHandle:
                 f"the adapter targets {list(spec.target_modules)} matched no layer of the model; "
                 "pass --target-modules with names of its linear layers (e.g. query,value for BERT, q_proj,v_proj for Llama)"
             )
-        factor_names = {n for k in self.keys.values() for n in (k.B, k.A)}
+        factor_names = {n for k in self.keys.values() for n in (k.B, k.A, k.core, k.gain) if n}
         self.trainable_names: list[str] = [n for n, p in self._params.items() if p.requires_grad]
         self.trainable_set: frozenset[str] = frozenset(self.trainable_names)
         self.other_names: list[str] = [n for n in self.trainable_names if n not in factor_names]
@@ -169,7 +181,11 @@ class AdapterHandle:
         """
         Bs, As = {}, {}
         for module, k in self.keys.items():
-            if self.spec.kind == "vera":
+            if k.core:
+                if k.core in tensors:
+                    Bs[module] = self._params[k.B].detach() @ block_diagonal(self.core_of(tensors, module))
+                As[module] = self._params[k.A].detach()
+            elif self.spec.kind == "vera":
                 Bsh, Ash = self._vera_shared(module)
                 if k.B in tensors:
                     Bs[module] = tensors[k.B].unsqueeze(1) * Bsh
@@ -181,6 +197,20 @@ class AdapterHandle:
                 if k.A in tensors:
                     As[module] = tensors[k.A]
         return Bs, As
+
+    def core_of(self, tensors: dict[str, Tensor], module: str) -> Tensor:
+        """Core structure: ``module``'s effective cores ``g_i H_i`` (h×r×r) in ``tensors`` (a gain not given is 1)."""
+        k = self.keys[module]
+        core = tensors[k.core]
+        if k.gain is None or k.gain not in tensors:
+            return core
+        return core * tensors[k.gain].to(core.dtype)[:, None, None]
+
+    def core_names(self) -> list[str]:
+        return [k.core for k in self.keys.values() if k.core]
+
+    def gain_names(self) -> list[str]:
+        return [k.gain for k in self.keys.values() if k.gain]
 
     def scaling(self, module: str) -> float:
         """The model's own scale s(r_max) of ``module`` (whatever client rank its layers are set to now)."""

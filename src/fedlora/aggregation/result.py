@@ -34,6 +34,8 @@ class Aggregate:
         frozen_A: True when ``A`` is the frozen shared ``A0`` every client already holds (``ffa``; ``rolora``'s
             B-rounds): not sent.
         frozen_B: the mirror: ``B`` is the frozen shared B every client already holds (``rolora``'s A-rounds).
+        core: ``fedsb``/``ravan``: the averaged trainable core ``C̄`` (h×r×r: one r×r block per head) between the
+            frozen shared bases, so that ``B = B_0·blockdiag(C̄)`` and ``A = A_0``; only the core travels.
         clients: under mixed ranks or client scales, the ``(B, A)`` each client u receives, at its own rank r_u
             and scale s_u (``B̂[:, :r_u] / √s_u``, ``Â[:r_u] / √s_u``); ``None`` when every client receives ``B``, ``A``.
             With scales, ``B`` and ``A`` themselves are in the scaled product space (``B̂Â ≈ Σ w_u s_u B_u A_u``).
@@ -53,6 +55,7 @@ class Aggregate:
     frozen_B: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     clients: list[tuple[Tensor | None, Tensor | None]] | None = None
+    core: Tensor | None = None
 
     @property
     def base_delta(self) -> Tensor | None:
@@ -109,6 +112,8 @@ class Aggregate:
     def down_elements(self) -> int:
         """Elements the server sends each client for this matrix (``eval_B`` is never sent)."""
         n = self.residual_elements()
+        if self.core is not None:
+            n += self.core.numel()
         if self.B is not None and not self.frozen_B:
             n += self.B.numel()
         if self.A is not None and not self.frozen_A:

@@ -9,8 +9,11 @@ derived from these declarations: no code outside a method's own files decides by
 
 Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; so do these):
 
+- once, when the model is built: :meth:`Method.prepare` (an adapter structure PEFT lacks: Fed-SB's core,
+  FedDPA's second adapter);
 - client: :meth:`Method.frozen` (per round), :meth:`Method.private`, :meth:`Method.loss_term`,
-  :meth:`Method.upload`, :meth:`Method.eval_extras`;
+  :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
+  client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras`;
 - server: :meth:`Method.aggregate` → :class:`ServerUpdate`; :meth:`Method.deliver` (what client ``peer``
   receives, counted per client in bytes down);
 - client again: :meth:`Method.fold` (base-weight updates) and :meth:`Method.take` (the trainables to start
@@ -22,12 +25,14 @@ May import :mod:`fedlora.adapters` and :mod:`fedlora.aggregation`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from fedlora.adapters import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterHandle
+from fedlora.adapters import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterHandle, AdapterSpec
 from fedlora.aggregation import Aggregate, ModelAggregate, aggregate_model, get_rule
 
 Tensors = dict[str, Tensor]
@@ -150,6 +155,12 @@ class Method:
         """Whether this instance (with its options) needs only the weighted sum of the uploads."""
         return self.linear
 
+    # ---- building the model ------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, spec: AdapterSpec, seed: int) -> None:
+        """Change the PEFT model's adapter structure before anything reads it (Fed-SB's and RAVAN's frozen bases and
+        cores, FedDPA's second adapter). Called once per process right after PEFT wraps the model, with the run's
+        seed, so the simulator, the Flower server and every SuperNode build the same model."""
+
     # ---- client side -----------------------------------------------------------------------------------------
     def frozen(self, h: AdapterHandle, rnd: int) -> list[str]:
         """Trainables clients must not change in round ``rnd`` (FFA: the shared A0)."""
@@ -162,6 +173,15 @@ class Method:
     def loss_term(self, h: AdapterHandle, peer: Peer) -> Tensor | None:
         """A term added to the client's training loss (HetLoRA's rank self-pruning regulariser), or None."""
         return None
+
+    def local_training(self, h: AdapterHandle, steps: Callable[[], float]) -> None:
+        """After the round's training: training whose result never leaves the client (FedDPA's local adapter).
+        ``steps()`` runs the round's local steps on whatever is trainable when it is called."""
+
+    def local_scoring(self, h: AdapterHandle, train, device: str) -> AbstractContextManager:
+        """The context in which a client's own model is scored on its test shard (FedDPA: the per-instance mix of its
+        two adapters, against its training examples ``train``). The global model is always scored as it stands."""
+        return nullcontext()
 
     def upload(self, h: AdapterHandle, tensors: Tensors, rnd: int, start: Tensors | None = None) -> Tensors:
         """What a client sends after local training in round ``rnd``; ``start`` is what it started the round from

@@ -229,8 +229,11 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     h.set(start, rank=peer.rank)
     h.set_trainable(h.trainable_names, True)
     h.set_trainable(method.frozen(h, rnd), False)  # per round: RoLoRA alternates, FFA always freezes A
-    loss = train_local(h.model, task, client.train, cfg, round_seed(cfg.seed, rnd, client.cid), lambda: method.loss_term(h, peer))
-    acc = task.evaluate(h.model, client.test, cfg.device)
+    seed = round_seed(cfg.seed, rnd, client.cid)
+    loss = train_local(h.model, task, client.train, cfg, seed, lambda: method.loss_term(h, peer))
+    method.local_training(h, lambda: train_local(h.model, task, client.train, cfg, seed + 1))
+    with method.local_scoring(h, client.train, cfg.device):
+        acc = task.evaluate(h.model, client.test, cfg.device)
     trained = h.get(rank=peer.rank)
     return ClientResult(
         cid=client.cid, upload=method.upload(h, trained, rnd, start), extras=method.eval_extras(h, trained),

@@ -162,6 +162,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Run each method on the same data, partition and seed; finished runs in ``--out`` are read back and
+    interrupted ones resumed, so a cut-short compare, or one with methods added, redoes no finished work."""
+    from fedlora.frontend import study
     from fedlora.frontend.experiment import run_experiment
     from fedlora.frontend.report import PROTOCOL, final_row, markdown_table, plot_comparison
 
@@ -174,12 +177,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     configs = [dataclasses.replace(base, method=m, out=str(out / m)) for m in methods]
     for c in configs:  # every bad input is reported before the first method trains
         c.validate()
+        if (Path(c.out) / "config.json").exists() and not study.same_settings(Path(c.out), c):
+            raise ValueError(f"{c.out!r} holds a {c.method} run with other settings; pass another --out or delete that run")
     rows, histories = [], {}
     for cfg in configs:
-        t0 = time.perf_counter()
-        with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
-            _, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog))
-        rows.append(final_row(cfg.method, history, time.perf_counter() - t0))
+        run_dir = Path(cfg.out)
+        done = study.finished_history(run_dir, cfg)
+        if done is not None:  # finished earlier (a compare that was cut short, or one with fewer methods): read back
+            print(f"{cfg.method}: finished run read back from {run_dir}")
+            history, seconds = done, sum(m["wall_seconds"] for m in done)
+        else:
+            resume = (run_dir / "checkpoint.safetensors").exists()  # interrupted: continue from its last round
+            if not resume and (run_dir / "metrics.jsonl").exists():
+                (run_dir / "metrics.jsonl").unlink()  # killed before its first checkpoint: nothing to keep
+            t0 = time.perf_counter()
+            with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
+                _, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog), resume=resume)
+            seconds = time.perf_counter() - t0
+        rows.append(final_row(cfg.method, history, seconds))
         histories[cfg.method] = history
         table = markdown_table(rows)
         (out / "comparison.md").write_text(
@@ -217,7 +232,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.report_only:
         histories = study.load_histories(runs, runs_dir)
     else:
-        todo = [r for r in runs if study._finished(runs_dir / r.name, r.config) is None]
+        todo = [r for r in runs if study.finished_history(runs_dir / r.name, r.config) is None]
         print(f"study: {len(runs)} runs ({len(runs) - len(todo)} already finished) in {runs_dir}", file=sys.stderr)
         state: dict = {}
 

@@ -227,6 +227,8 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     spec = config.adapter_spec()
     torch.manual_seed(config.seed)  # the adapter's initial A (FFA's shared A0) comes from the run's seed
     peft_model = peft.get_peft_model(model, spec.peft_config("SEQ_CLS"))
+    method = config.make_method()
+    method.prepare(peft_model, spec, config.seed)
     handle = AdapterHandle(peft_model, spec)
 
     def split(ds) -> TokenizedSplit:
@@ -235,7 +237,7 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     ranks = config.ranks()
     clients = [SimClient(c.cid, split(c.train), split(c.test), None if ranks is None else ranks[c.cid]) for c in fed.clients]
     sim = Simulator(
-        peft_model, handle, config.make_method(), clients, split(fed.global_test), config.federation_config(),
+        peft_model, handle, method, clients, split(fed.global_test), config.federation_config(),
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
@@ -270,6 +272,8 @@ def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_
             raise
         raise ValueError(f"the adapter targets {config.target_modules!r} matched no layer of {config.model!r}; pass --target-modules "
                          "with names of its linear layers (e.g. q_proj,v_proj, or q_proj,k_proj,v_proj,o_proj for Llama-style models)") from None
+    method = config.make_method()
+    method.prepare(peft_model, spec, config.seed)
     handle = AdapterHandle(peft_model, spec)
 
     def split(ds) -> CausalLMSplit:
@@ -281,7 +285,7 @@ def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_
     ranks = config.ranks()
     clients = [SimClient(c.cid, split(c.train), split(c.test), None if ranks is None else ranks[c.cid]) for c in fed.clients]
     sim = Simulator(
-        peft_model, handle, config.make_method(), clients, split(fed.global_test), config.federation_config(), task=task,
+        peft_model, handle, method, clients, split(fed.global_test), config.federation_config(), task=task,
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())

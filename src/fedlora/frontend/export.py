@@ -3,13 +3,15 @@
 ``adapter/`` is a PEFT adapter that ``PeftModel.from_pretrained(base, run/"adapter")`` loads on the original base
 model. Methods that fold updates into the frozen base (fedex, flora) leave part of the global model outside the
 factors; for LoRA and rsLoRA that part is exported exactly inside the adapter (a LoRA of the rank the total
-update needs, via an SVD of it), so PEFT alone reproduces the global model. For DoRA, VeRA and HiRA no exact
+update needs, via an SVD of it), so PEFT alone reproduces the global model. So is the update of a core structure
+(Fed-SB, RAVAN: frozen bases around trained cores, a layer PEFT lacks). For DoRA, VeRA and HiRA no exact
 PEFT form exists: the folds are written to ``base_delta.safetensors`` and :func:`load_global_model` adds them.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,11 +26,13 @@ def _merged_lora(exp, adapter_dir: Path) -> None:
     from peft.utils import get_peft_model_state_dict
 
     sim, h = exp.simulator, exp.simulator.handle
-    state = {k: v for k, v in get_peft_model_state_dict(sim.model).items() if ".lora_" not in k}
+    with warnings.catch_warnings():  # RAVAN's per-head gains are 1-D "lora_B" tensors, which PEFT takes for shards
+        warnings.filterwarnings("ignore", message=".*invalid shape.*")
+        state = {k: v for k, v in get_peft_model_state_dict(sim.model).items() if ".lora_" not in k}
     rank_pattern, tensors = {}, {}
+    Bs, As = h.factors(sim.eval_tensors)  # core structures (Fed-SB, RAVAN): B·blockdiag(cores) over the frozen A
     for module in h.layers:
-        k = h.keys[module]
-        total = h.folded.get(module, 0) + h.scaling(module) * (sim.eval_tensors[k.B] @ sim.eval_tensors[k.A])
+        total = h.folded.get(module, 0) + h.scaling(module) * (Bs[module] @ As[module])
         U, S, Vh = torch.linalg.svd(total.double(), full_matrices=False)
         keep = max(1, int((S > S[0] * 1e-7).sum())) if S.numel() and S[0] > 0 else 1
         root = S[:keep].sqrt()
@@ -51,11 +55,11 @@ def save_run_artifacts(exp, out: Path) -> None:
     sim, h = exp.simulator, exp.simulator.handle
     out = Path(out)
     h.set(sim.global_state())
-    merged = bool(h.folded) and h.spec.kind in ("lora", "rslora")
+    merged = (bool(h.folded) or h.cored) and h.spec.kind in ("lora", "rslora")
     if merged:
         _merged_lora(exp, out / "adapter")
-    else:
-        sim.model.save_pretrained(str(out / "adapter"))
+    else:  # the global adapter only (FedDPA's local adapters are each client's, under private/)
+        sim.model.save_pretrained(str(out / "adapter"), selected_adapters=["default"])
     if h.folded:
         save_file({m: t.contiguous() for m, t in h.folded.items()}, str(out / "base_delta.safetensors"))
     if sim.private:

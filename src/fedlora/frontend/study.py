@@ -125,7 +125,7 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
 # Running
 
 
-def _finished(out: Path, cfg: RunConfig) -> list[dict] | None:
+def finished_history(out: Path, cfg: RunConfig) -> list[dict] | None:
     path = out / "metrics.jsonl"
     if not (out / "summary.md").exists() or not path.exists():
         return None
@@ -133,7 +133,7 @@ def _finished(out: Path, cfg: RunConfig) -> list[dict] | None:
     return history if len(history) >= cfg.rounds else None
 
 
-def _same_settings(out: Path, cfg: RunConfig) -> bool:
+def same_settings(out: Path, cfg: RunConfig) -> bool:
     saved = json.loads((out / "config.json").read_text())
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     mine = dataclasses.asdict(cfg)
@@ -157,7 +157,7 @@ def execute(
     for i, run in enumerate(runs):
         out = runs_dir / run.name
         cfg = dataclasses.replace(run.config, out=str(out))
-        done = _finished(out, cfg)
+        done = finished_history(out, cfg)
         if done is not None:
             histories[run.name] = done
             continue
@@ -206,7 +206,7 @@ def check_runs_dir(runs: list[StudyRun], runs_dir: Path) -> None:
     """Refuse, before any work, a runs directory whose runs were made with other settings."""
     for run in runs:
         out = runs_dir / run.name
-        if (out / "config.json").exists() and not _same_settings(out, dataclasses.replace(run.config, out=str(out))):
+        if (out / "config.json").exists() and not same_settings(out, dataclasses.replace(run.config, out=str(out))):
             raise ValueError(
                 f"{str(out)!r} holds a run with other settings; pass another --runs directory or delete that run"
             )
@@ -215,7 +215,7 @@ def check_runs_dir(runs: list[StudyRun], runs_dir: Path) -> None:
 def load_histories(runs: list[StudyRun], runs_dir: Path) -> dict[str, list[dict]]:
     out = {}
     for run in runs:
-        done = _finished(runs_dir / run.name, run.config)
+        done = finished_history(runs_dir / run.name, run.config)
         if done is not None:
             out[run.name] = done
     return out

@@ -1,0 +1,118 @@
+"""Fed-SB (METHODS.md): frozen shared bases, only the r×r core R trained and sent; R̄ = Σ w_u R_u of this round, exact."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import tiny_config
+from fedlora.adapters.structures import basis_gain
+from fedlora.aggregation import aggregate, comm_bytes, comm_elements, divergence
+from fedlora.federation import make_method
+from fedlora.frontend.experiment import build
+
+F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def draw(U, d, k, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    B, A = torch.randn(d, r, generator=g, dtype=F64), torch.randn(r, k, generator=g, dtype=F64)
+    Rs = [torch.randn(r, r, generator=g, dtype=F64) for _ in range(U)]
+    w = torch.rand(U, generator=g, dtype=F64) + 0.05
+    return B, A, Rs, w / w.sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(U=st.integers(1, 6), d=st.integers(1, 24), k=st.integers(1, 24), r=st.integers(1, 6), seed=st.integers(0, 10**6))
+def test_average_of_cores_is_exact(U, d, k, r, seed):
+    B, A, Rs, w = draw(U, d, k, r, seed)
+    res = aggregate("fedsb", [B] * U, [A] * U, w, cores=Rs)
+    ideal = sum(float(c) * B @ R @ A for c, R in zip(w, Rs))
+    assert float((res.delta() - ideal).abs().max()) <= 1e-10 * (1 + float(ideal.abs().max()))
+    torch.testing.assert_close(res.core, sum(float(c) * R for c, R in zip(w, Rs)), rtol=0, atol=1e-12)
+    assert divergence([B @ R for R in Rs], [A] * U, w, res) < 1e-10  # the metrics' view: client factors B·R_u, A
+    assert res.down_elements() == r * r and res.frozen_A and res.frozen_B
+
+
+def test_bytes_are_r_squared_whatever_d_and_k():
+    for d, k in ((4096, 1024), (32, 32), (768, 3072)):
+        assert comm_elements("fedsb", d, k, 16, 10) == (256, 256)
+    assert comm_bytes("fedsb", 4096, 4096, 8, 100).up == 8 * 8 * 4
+
+
+def test_bad_input_is_one_line():
+    B, A, Rs, w = draw(3, 10, 8, 2, 0)
+    with pytest.raises(ValueError, match="2 cores for 3 clients"):
+        aggregate("fedsb", [B] * 3, [A] * 3, w, cores=Rs[:2])
+    with pytest.raises(ValueError, match="client 1's B.*differs"):
+        aggregate("fedsb", [B, B + 1, B], [A] * 3, w, cores=Rs)
+    with pytest.raises(ValueError, match="do not fit bases"):
+        aggregate("fedsb", [B] * 3, [A] * 3, w, cores=[torch.zeros(3, 3, dtype=F64)] * 3)
+    for adapter in ("dora", "vera", "hira"):
+        with pytest.raises(ValueError, match=f"does not support adapter {adapter}.*choose lora or rslora"):
+            make_method("fedsb", adapter)
+
+
+def test_the_layer_is_s_B_R_A_over_seeded_orthonormal_bases(small_csv):
+    exp = build(tiny_config(small_csv, method="fedsb"))
+    h = exp.simulator.handle
+    module, k = next(iter(h.keys.items()))
+    layer = h.layers[module]
+    B, A = h.parameter(k.B).detach().double(), h.parameter(k.A).detach().double()
+    d, kk = layer.out_features, layer.in_features
+    g2 = basis_gain(d, 1, 4) ** 2
+    torch.testing.assert_close(B.T @ B, g2 * torch.eye(4, dtype=F64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(A @ A.T, g2 * torch.eye(4, dtype=F64), rtol=0, atol=1e-5)
+    assert not h.parameter(k.B).requires_grad and not h.parameter(k.A).requires_grad
+    assert set(h.trainable_names) == set(h.core_names()) | set(h.head_names)  # nothing else trains
+    # Another build (another process, a SuperNode) has the very same bases.
+    h2 = build(tiny_config(small_csv, method="fedsb")).simulator.handle
+    assert torch.equal(h.parameter(k.B), h2.parameter(k.B)) and torch.equal(h.parameter(k.A), h2.parameter(k.A))
+    # Forward: W0 x + s·B R A x.
+    R = torch.randn(1, 4, 4)
+    h.set({k.core: R})
+    x = torch.randn(5, kk)
+    W0 = layer.get_base_layer()
+    want = W0(x).double() + h.scaling(module) * x.double() @ (B @ R[0].double() @ A).T
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_server_takes_this_rounds_cores_only_and_round_one_trains(small_csv):
+    sim = build(tiny_config(small_csv, method="fedsb", rounds=3)).simulator
+    h, seen = sim.handle, []
+    inner = sim.method.aggregate
+
+    def spy(h_, uploads, weights, current, ctx):
+        update = inner(h_, uploads, weights, current, ctx)
+        seen.append((uploads, weights, update))
+        return update
+
+    sim.method.aggregate = spy
+    head0 = {n: sim.global_tensors[n].clone() for n in h.head_names}
+    sim.run()
+    for uploads, weights, update in seen:
+        assert set(uploads[0]) == set(h.core_names()) | set(h.head_names)  # no basis ever travels
+        for name in h.core_names():
+            want = sum(float(w) * u[name] for w, u in zip(weights, uploads))
+            torch.testing.assert_close(update.broadcast[name], want, rtol=0, atol=1e-7)
+    first = seen[0][2].broadcast
+    assert all(float(first[n].abs().max()) > 0 for n in h.core_names())  # R = 0 at start still trains in round 1
+    assert all(not torch.equal(sim.global_tensors[n], head0[n]) for n in h.head_names)  # the head is averaged, not frozen
+    assert all(m["divergence"] < 1e-5 for m in sim.history)
+
+
+def test_export_reloads_the_global_model(small_csv, tmp_path):
+    from fedlora.frontend.experiment import run_experiment
+    from fedlora.frontend.export import load_global_model
+
+    exp, history = run_experiment(tiny_config(small_csv, method="fedsb", rounds=1, out=str(tmp_path / "run")))
+    model, _, _ = load_global_model(tmp_path / "run")
+    sim = exp.simulator
+    sim.handle.set(sim.global_state())
+    batch = sim.global_test.batch(torch.arange(8))
+    labels = batch.pop("labels")
+    model.eval(), sim.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, sim.model(**batch).logits, rtol=1e-4, atol=1e-4)
+    assert labels.shape[0] == 8
