@@ -55,7 +55,7 @@ def test_bad_input_is_one_line():
 
 
 def test_the_layer_is_s_B_R_A_over_seeded_orthonormal_bases(small_csv):
-    exp = build(tiny_config(small_csv, method="fedsb"))
+    exp = build(tiny_config(small_csv, method="fedsb", method_options="fedsb-init=random"))
     h = exp.simulator.handle
     module, k = next(iter(h.keys.items()))
     layer = h.layers[module]
@@ -64,10 +64,10 @@ def test_the_layer_is_s_B_R_A_over_seeded_orthonormal_bases(small_csv):
     g2 = basis_gain(d, 1, 4) ** 2
     torch.testing.assert_close(B.T @ B, g2 * torch.eye(4, dtype=F64), rtol=0, atol=1e-5)
     torch.testing.assert_close(A @ A.T, g2 * torch.eye(4, dtype=F64), rtol=0, atol=1e-5)
-    assert not h.parameter(k.B).requires_grad and not h.parameter(k.A).requires_grad
-    assert set(h.trainable_names) == set(h.core_names()) | set(h.head_names)  # nothing else trains
+    # The bases are state every client holds, frozen in every round: only the cores and the head train.
+    assert set(h.trainable_names) - set(exp.simulator.method.frozen(h, 1)) == set(h.core_names()) | set(h.head_names)
     # Another build (another process, a SuperNode) has the very same bases.
-    h2 = build(tiny_config(small_csv, method="fedsb")).simulator.handle
+    h2 = build(tiny_config(small_csv, method="fedsb", method_options="fedsb-init=random")).simulator.handle
     assert torch.equal(h.parameter(k.B), h2.parameter(k.B)) and torch.equal(h.parameter(k.A), h2.parameter(k.A))
     # Forward: W0 x + s·B R A x.
     R = torch.randn(1, 4, 4)
@@ -76,6 +76,35 @@ def test_the_layer_is_s_B_R_A_over_seeded_orthonormal_bases(small_csv):
     W0 = layer.get_base_layer()
     want = W0(x).double() + h.scaling(module) * x.double() @ (B @ R[0].double() @ A).T
     torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_init_is_the_svd_of_the_clients_mean_gradient_and_its_bytes_go_in_round_one(small_csv):
+    cfg = tiny_config(small_csv, method="fedsb", rounds=2)
+    sim = build(cfg).simulator
+    h, method = sim.handle, sim.method
+    assert method.needs_setup() and not build(tiny_config(small_csv, method="fedsb", method_options="fedsb-init=random")).simulator.method.needs_setup()
+    grads = []
+    for c in sim.clients:  # each client's estimate, from the initial state
+        h.set(sim.global_tensors)
+        grads.append(method.setup_upload(h, sim.task, c.train, sim.config))
+    h.set(sim.global_tensors)
+    w = torch.tensor([len(c.train) for c in sim.clients], dtype=F64)
+    w = w / w.sum()
+    history = sim.run()
+    for module, k in h.keys.items():
+        G = sum(float(c) * g[f"{module}.grad"].double() for c, g in zip(w, grads))
+        U, S, Vh = torch.linalg.svd(G)
+        assert float(S[0]) > 0
+        B, A = sim.global_tensors[k.B].double(), sim.global_tensors[k.A].double()
+        g2 = basis_gain(G.shape[0], 1, 4) ** 2
+        # B spans the top-4 left singular vectors of the mean gradient, A the right ones (up to sign), times γ.
+        torch.testing.assert_close((U[:, :4].T @ B).abs(), g2 ** 0.5 * torch.eye(4, dtype=F64), rtol=0, atol=1e-4)
+        torch.testing.assert_close((Vh[:4] @ A.T).abs(), g2 ** 0.5 * torch.eye(4, dtype=F64), rtol=0, atol=1e-4)
+    # Round 1's row carries round 0: d·k up and r(d+k) down per matrix and client, on top of the cores and heads.
+    dk, rdk, core, head = 4 * 32 * 32, 4 * 4 * 64, 4 * 16, 3 * 32 + 3
+    assert history[0]["bytes_up"] == 3 * 4 * (dk + core + head) and history[0]["bytes_down"] == 3 * 4 * (rdk + core + head)
+    assert history[1]["bytes_up"] == history[1]["bytes_down"] == 3 * 4 * (core + head)
+    assert all(m["divergence"] < 1e-5 for m in history)
 
 
 def test_server_takes_this_rounds_cores_only_and_round_one_trains(small_csv):
@@ -92,7 +121,8 @@ def test_server_takes_this_rounds_cores_only_and_round_one_trains(small_csv):
     head0 = {n: sim.global_tensors[n].clone() for n in h.head_names}
     sim.run()
     for uploads, weights, update in seen:
-        assert set(uploads[0]) == set(h.core_names()) | set(h.head_names)  # no basis ever travels
+        assert set(uploads[0]) == set(h.core_names()) | set(h.head_names)  # no basis travels in a round
+        assert not set(update.broadcast) & (set(h.B_names()) | set(h.A_names()))
         for name in h.core_names():
             want = sum(float(w) * u[name] for w, u in zip(weights, uploads))
             torch.testing.assert_close(update.broadcast[name], want, rtol=0, atol=1e-7)

@@ -44,7 +44,9 @@ def hand_count(method: str, adapter: str, U: int, rnd: int = 1) -> tuple[int, in
         "fedrot": (b + a, b + a),
         "frlora": (b + a, min(D * K, R * (D + K))),  # down: only the fold B̄Ā (clients re-initialise)
         "fedmomentum": (b + a, b + a),  # plus each matrix's fold, whose rank depends on the data (checked below)
-        "fedsb": (R * R, R * R),  # only the r×r core; B and A are frozen shared bases
+        # only the r×r core (B and A are frozen shared bases); round 1's row also carries round 0, the gradient
+        # estimates up (d·k) and the bases from their SVD down (r(d+k))
+        "fedsb": (R * R + (D * K if rnd == 1 else 0), R * R + (R * (D + K) if rnd == 1 else 0)),
         "ravan": (4 * (R * R + 1), 4 * R * R),  # 4 heads: H_i and s_i up, the averaged s_i·H_i down
         "feddpa": (b + a, b + a),  # the global adapter, as FedIT; the local one never travels
     }[method]

@@ -181,10 +181,11 @@ class AdapterHandle:
         """
         Bs, As = {}, {}
         for module, k in self.keys.items():
-            if k.core:
+            if k.core:  # the bases as held in ``tensors`` (the model's where not given: they are shared)
                 if k.core in tensors:
-                    Bs[module] = self._params[k.B].detach() @ block_diagonal(self.core_of(tensors, module))
-                As[module] = self._params[k.A].detach()
+                    B = tensors[k.B] if k.B in tensors else self._params[k.B].detach()
+                    Bs[module] = B @ block_diagonal(self.core_of(tensors, module))
+                As[module] = tensors[k.A] if k.A in tensors else self._params[k.A].detach()
             elif self.spec.kind == "vera":
                 Bsh, Ash = self._vera_shared(module)
                 if k.B in tensors:

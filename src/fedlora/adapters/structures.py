@@ -35,7 +35,7 @@ class CoreB(nn.Module):
         if hr % heads:
             raise ValueError(f"a basis of {hr} columns does not split into {heads} heads")
         r = hr // heads
-        self.weight = nn.Parameter(basis, requires_grad=False)
+        self.weight = nn.Parameter(basis)  # state every client holds; the method freezes it in every round
         self.core = nn.Parameter(basis.new_zeros(heads, r, r))
         self.gain = nn.Parameter(basis.new_ones(heads)) if gains else None
 
@@ -89,7 +89,6 @@ def install_core(model: nn.Module, *, rank: int, heads: int = 1, gains: bool = F
             B, A = bases(name, layer)
         lin = nn.Linear(k, hr, bias=False, device=old.device, dtype=old.dtype)
         lin.weight.copy_(A.to(old.dtype))
-        lin.weight.requires_grad_(False)
         layer.lora_A["default"] = lin
         layer.lora_B["default"] = CoreB(B.to(device=old.device, dtype=old.dtype), heads, gains)
 

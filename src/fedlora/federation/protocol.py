@@ -10,7 +10,8 @@ derived from these declarations: no code outside a method's own files decides by
 Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; so do these):
 
 - once, when the model is built: :meth:`Method.prepare` (an adapter structure PEFT lacks: Fed-SB's core,
-  FedDPA's second adapter);
+  FedDPA's second adapter); then, if :meth:`Method.needs_setup`, a round 0: :meth:`Method.setup_upload` on every
+  client, :meth:`Method.setup_aggregate` on the server (Fed-SB's federated gradient init);
 - client: :meth:`Method.frozen` (per round), :meth:`Method.private`, :meth:`Method.loss_term`,
   :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
   client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras`;
@@ -160,6 +161,20 @@ class Method:
         """Change the PEFT model's adapter structure before anything reads it (Fed-SB's and RAVAN's frozen bases and
         cores, FedDPA's second adapter). Called once per process right after PEFT wraps the model, with the run's
         seed, so the simulator, the Flower server and every SuperNode build the same model."""
+
+    # ---- round 0, for a method that needs one ------------------------------------------------------------------
+    def needs_setup(self) -> bool:
+        """Whether every client and the server run a round 0 before round 1 (Fed-SB's federated gradient init).
+        Its bytes are counted in round 1's row."""
+        return False
+
+    def setup_upload(self, h: AdapterHandle, task, train, cfg) -> Tensors:
+        """Round 0 on a client holding the initial state: what it sends (``train``: its training split)."""
+        raise NotImplementedError(f"{self.name} runs no round 0")
+
+    def setup_aggregate(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors) -> Tensors:
+        """Round 0 on the server: the broadcast every client (and the server's model) applies before round 1."""
+        raise NotImplementedError(f"{self.name} runs no round 0")
 
     # ---- client side -----------------------------------------------------------------------------------------
     def frozen(self, h: AdapterHandle, rnd: int) -> list[str]:

@@ -305,11 +305,51 @@ class Simulator:
         self.held: dict[int, Tensors] = {p.cid: views[p.rank] for p in self.peers}
         self.private: dict[int, Tensors] = {}
         self.history: list[dict] = []
+        self.setup_bytes: tuple[int, int] | None = None  # round 0's (up, down), counted in round 1's row
+        self.set_up = False  # round 0 done (or not needed once a round has run)
+
+    # -- round 0: the method's initialisation round, when it has one -----------------------------------------------
+    def setup(self) -> None:
+        """Every client sends ``method.setup_upload`` from the initial state; the server's ``setup_aggregate`` is
+        applied to every client's view and its own model before round 1 (Fed-SB's federated gradient init)."""
+        h, method, cfg = self.handle, self.method, self.config
+        results = []
+        for client in self.clients:
+            h.set(self.held[client.cid], rank=self.peers[client.cid].rank)
+            try:
+                results.append((client.cid, method.setup_upload(h, self.task, client.train, cfg), len(client.train)))
+            except Exception as exc:  # as in a round: a failing client is left out, the run goes on
+                log.warning("round 0: client %d raised %s: %s; left out of the initialisation", client.cid, type(exc).__name__, exc)
+        h.set(self.global_tensors)
+        self.close_setup(results)
+
+    def close_setup(self, results: list[tuple[int, Tensors, int]]) -> Tensors:
+        """The server half of round 0, shared with the Flower strategy: ``results`` are (cid, upload, n_train).
+        Returns the broadcast, already applied here."""
+        h, method, cfg = self.handle, self.method, self.config
+        if not results:
+            raise ValueError(f"no client answered {method.name}'s initialisation round; check the clients' logs and restart the run")
+        bad = [cid for cid, u, _ in results if not all(bool(torch.isfinite(t).all()) for t in u.values())]
+        for cid in bad:
+            log.warning("round 0: client %d sent non-finite values; left out of the initialisation", cid)
+        results = [r for r in results if r[0] not in bad]
+        if not results:
+            raise ValueError(f"no client sent a usable answer in {method.name}'s initialisation round; check the clients' data and restart the run")
+        weights = client_weights([n for _, _, n in results], cfg.weighting)
+        broadcast = method.setup_aggregate(h, [u for _, u, _ in results], weights, self.global_tensors)
+        up = sum(nbytes(u) for _, u, _ in results)
+        down = sum(nbytes(method.deliver(h, broadcast, p)) for p in self.peers)
+        self._apply(ServerUpdate(broadcast=broadcast), round_seed(cfg.seed, 0))
+        h.set(self.global_tensors)
+        self.setup_bytes, self.set_up = (up, down), True
+        return broadcast
 
     # -- the round: sample → local training → upload → aggregate → apply → evaluate ------------------------------
     def round(self, rnd: int) -> dict:
         cfg, h, method = self.config, self.handle, self.method
         start = time.perf_counter()
+        if not self.history and not self.set_up and method.needs_setup():
+            self.setup()
         results, failed = [], []
         for cid in sample_clients(len(self.clients), cfg.fraction, cfg.seed, rnd):
             try:
@@ -338,6 +378,7 @@ class Simulator:
         }
         rho = rho_min = rho_fedit = None
         update, down, seconds = None, 0, 0.0
+        setup, self.setup_bytes = self.setup_bytes or (0, 0), None  # round 0's bytes go into the first round's row
         if accepted:
             inputs = [r.upload | r.extras for r in accepted]
             weights = client_weights([r.n_train for r in accepted], cfg.weighting)  # renormalised over accepted clients
@@ -361,7 +402,7 @@ class Simulator:
         metrics |= {
             "divergence": _mean(rho), "divergence_per_layer": rho, "bound": _mean(rho_min), "bound_per_layer": rho_min,
             "fedit_divergence": _mean(rho_fedit), "fedit_divergence_per_layer": rho_fedit,
-            "bytes_up": received, "bytes_down": down, "aggregation_seconds": seconds,
+            "bytes_up": received + setup[0], "bytes_down": down + setup[1], "aggregation_seconds": seconds,
             "rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted,
         }
         h.set(self.eval_tensors)
@@ -440,6 +481,7 @@ class Simulator:
         self.held = {p.cid: self.global_tensors | held[p.cid] if p.cid in held else self.global_tensors for p in self.peers}
         h.set(self.global_tensors)
         self.history = list(meta["history"])
+        self.set_up = bool(self.history)
 
     def global_state(self) -> Tensors:
         """Trainables of the global model as scored (FedSA: Â with the clients' mean B and head)."""

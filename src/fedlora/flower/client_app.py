@@ -66,12 +66,19 @@ def train(msg: Message, context: Context) -> Message:
     h, method, device = sim.handle, sim.method, sim.config.device
     state = context.state
 
-    meta = state.config_records[STATE_META] if STATE_META in state.config_records else ConfigRecord({"synced-round": 0, "result-round": 0})
+    start = -1 if method.needs_setup() else 0  # a method with a round 0 has not applied even that one yet
+    meta = state.config_records[STATE_META] if STATE_META in state.config_records else ConfigRecord({"synced-round": start, "result-round": 0})
     synced = int(meta["synced-round"])
     stored_base = from_record(state.array_records[STATE_BASE], device) if STATE_BASE in state.array_records else {}
     proc.reset(stored_base)
     peer = sim.peers[cid]
     current = from_record(state.array_records[STATE_CURRENT], device) if STATE_CURRENT in state.array_records else h.truncate(proc.initial, peer.rank)
+    if rnd == 0:  # the method's initialisation round (Fed-SB's gradient estimate): from the initial state, no state kept
+        h.set(current, rank=peer.rank)
+        upload = method.setup_upload(h, sim.task, sim.clients[cid].train, sim.config)
+        metrics = MetricRecord({"partition-id": cid, "n-train": len(sim.clients[cid].train), "n-test": 0,
+                                "local-accuracy": float("nan"), "train-loss": float("nan")})
+        return Message(RecordDict({UPLOAD: to_record(upload), EXTRAS: to_record({}), METRICS: metrics}), reply_to=msg)
     for r in (int(x) for x in order["broadcast-rounds"]):
         if r <= synced:  # applied already (the reply that said so was lost): folding twice would corrupt W0
             continue

@@ -52,6 +52,7 @@ def run_federation(grid: Grid, config: RunConfig) -> list[dict]:
     exp = build(config)
     strategy = FedLoRAStrategy(exp)
     strategy.connect(grid)
+    strategy.setup(grid, REPLY_TIMEOUT_SECONDS)  # round 0, for a method that has one
     for rnd in range(1, config.rounds + 1):
         started = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(rnd), timeout=REPLY_TIMEOUT_SECONDS)

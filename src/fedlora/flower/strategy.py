@@ -39,7 +39,9 @@ class FedLoRAStrategy:
         self.sim = exp.simulator
         n = len(self.sim.clients)
         self.nodes: dict[int, int] = {}  # partition id → SuperNode id
-        self.synced: dict[int, int] = {cid: 0 for cid in range(n)}  # last round whose broadcast each client applied
+        # Last round whose broadcast each client applied (-1: not even round 0's, for a method that runs one).
+        start = -1 if self.sim.method.needs_setup() else 0
+        self.synced: dict[int, int] = {cid: start for cid in range(n)}
         self.pending: dict[int, Tensors] = {}  # round → broadcast, kept until every client has applied it
         self.accepted: dict[int, int] = {cid: 0 for cid in range(n)}  # last round each client's result was accepted
         self.sampled: list[int] = []
@@ -81,6 +83,27 @@ class FedLoRAStrategy:
                     f"(simulation: --federation-config 'num-supernodes={n}')"
                 )
             time.sleep(1.0)
+
+    # -- round 0, for a method that runs one (Fed-SB's gradient init) ------------------------------------------------
+    def setup(self, grid: Grid, timeout: float) -> None:
+        """Every partition's ``setup_upload``; the server half is :meth:`Simulator.close_setup`, as in-process. Its
+        broadcast is pending as round 0's, so each client applies it with round 1's message."""
+        if not self.sim.method.needs_setup():
+            return
+        messages = [
+            Message(RecordDict({CONFIG: ConfigRecord({"round": 0, "partition-id": cid, "broadcast-rounds": [], "accepted-round": 0})}),
+                    dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id="0")
+            for cid in range(len(self.sim.clients))
+        ]
+        results = []
+        for msg in grid.send_and_receive(messages, timeout=timeout):
+            got = self._result(msg)
+            if isinstance(got, ClientResult):
+                results.append((got.cid, got.upload, got.n_train))
+            else:
+                log(WARNING, "round 0: %s; left out of the initialisation", got.reason)
+        results.sort(key=lambda r: r[0])
+        self.pending[0] = self.sim.close_setup(results)
 
     # -- the round ------------------------------------------------------------------------------------------------
     def configure_train(self, rnd: int) -> list[Message]:
