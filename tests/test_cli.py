@@ -27,6 +27,11 @@ def test_compare_table_and_plots(small_csv, tmp_path):
     assert main(["compare", *TINY, "--data", str(small_csv), "--methods", "fedit,fedsa", "--out", str(out)]) == 0
     table = (out / "comparison.md").read_text()
     assert "| fedit |" in table and "| fedsa |" in table
+    from fedlora.frontend.experiment import RunConfig, majority_rate
+
+    settings = json.loads((out / "fedit" / "config.json").read_text())
+    rate = majority_rate(RunConfig(**settings))
+    assert 1 / 3 <= rate < 1 and f"Majority-class rate of the global test set: {rate:.3f}" in table
     for png in ("accuracy.png", "divergence.png", "bytes.png"):
         assert (out / png).stat().st_size > 1000
     # same data, partition and seed for each method: the global test sets are identical

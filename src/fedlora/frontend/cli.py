@@ -165,7 +165,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run each method on the same data, partition and seed; finished runs in ``--out`` are read back and
     interrupted ones resumed, so a cut-short compare, or one with methods added, redoes no finished work."""
     from fedlora.frontend import study
-    from fedlora.frontend.experiment import run_experiment
+    from fedlora.frontend.experiment import majority_rate, run_experiment
     from fedlora.frontend.report import PROTOCOL, final_row, markdown_table, plot_comparison
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -180,6 +180,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if (Path(c.out) / "config.json").exists() and not study.same_settings(Path(c.out), c):
             raise ValueError(f"{c.out!r} holds a {c.method} run with other settings; pass another --out or delete that run")
     rows, histories = [], {}
+    majority = majority_rate(base)
     for cfg in configs:
         run_dir = Path(cfg.out)
         done = study.finished_history(run_dir, cfg)
@@ -196,7 +197,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             seconds = time.perf_counter() - t0
         rows.append(final_row(cfg.method, history, seconds))
         histories[cfg.method] = history
-        table = markdown_table(rows)
+        table = markdown_table(rows, majority)
         (out / "comparison.md").write_text(
             f"# fedlora compare\n\n{table}\nSettings: "
             f"{json.dumps({k: v for k, v in dataclasses.asdict(base).items() if k not in ('method', 'out')})}\n\n{PROTOCOL}\n"

@@ -211,18 +211,12 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     ``on_progress(kind, n)``: finer-grained progress of causal-LM runs (examples trained, prompts answered)."""
     import peft
 
-    from fedlora.data import federate, load_labelled_text
     from fedlora.frontend.models import load_classifier
 
     config.validate()
     if config.task == "causal-lm":
         return build_causal_lm(config, on_client=on_client, on_round=on_round, on_progress=on_progress)
-    labelled = load_labelled_text(config.data, text_column=config.text_column, label_column=config.label_column, seed=config.seed)
-    fed = federate(
-        labelled, n_clients=config.clients, partition=config.partition, alpha=config.alpha,
-        labels_per_client=config.labels_per_client, test_examples=config.test_examples,
-        examples_per_client=config.examples_per_client, local_test_fraction=config.local_test_fraction, seed=config.seed,
-    )
+    fed = federated_text(config)
     model, tokenizer = load_classifier(config.model, fed.n_labels, seed=config.seed)
     spec = config.adapter_spec()
     torch.manual_seed(config.seed)  # the adapter's initial A (FFA's shared A0) comes from the run's seed
@@ -241,6 +235,27 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
+
+
+def federated_text(config: RunConfig):
+    """The run's labelled text, partitioned over its clients with a global test set (classification)."""
+    from fedlora.data import federate, load_labelled_text
+
+    labelled = load_labelled_text(config.data, text_column=config.text_column, label_column=config.label_column, seed=config.seed)
+    return federate(
+        labelled, n_clients=config.clients, partition=config.partition, alpha=config.alpha,
+        labels_per_client=config.labels_per_client, test_examples=config.test_examples,
+        examples_per_client=config.examples_per_client, local_test_fraction=config.local_test_fraction, seed=config.seed,
+    )
+
+
+def majority_rate(config: RunConfig) -> float | None:
+    """The share of the most frequent label in the run's global test set (classification; None otherwise): a model
+    whose global accuracy is at this rate has learned nothing."""
+    if config.task != "classification":
+        return None
+    labels = list(federated_text(config).global_test["label"])
+    return max(labels.count(x) for x in set(labels)) / len(labels) if labels else None
 
 
 def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None,

@@ -40,14 +40,28 @@ def final_row(method: str, history: list[dict], wall_seconds: float) -> dict:
     }
 
 
-def markdown_table(rows: list[dict]) -> str:
+MAJORITY_MARGIN = 0.01  # global accuracy within this of the majority-class rate counts as having learned nothing
+
+
+def markdown_table(rows: list[dict], majority: float | None = None) -> str:
+    """The comparison table; with ``majority`` (the global test set's majority-class rate) a global accuracy
+    within 0.01 of it is marked † and a line under the table says what that means."""
     head = "| method | global acc | local acc | gap | mean ρ | MB up | MB down | wall s |\n|---|---|---|---|---|---|---|---|\n"
+
+    def acc(r: dict) -> str:
+        a = r["global_accuracy"]
+        learned_nothing = majority is not None and a is not None and a == a and a <= majority + MAJORITY_MARGIN
+        return _fmt(a) + (" †" if learned_nothing else "")
+
     body = "".join(
-        f"| {r['method']} | {_fmt(r['global_accuracy'])} | {_fmt(r['local_accuracy'])} | {_fmt(r['gap'])} | "
+        f"| {r['method']} | {acc(r)} | {_fmt(r['local_accuracy'])} | {_fmt(r['gap'])} | "
         f"{_fmt(r['divergence'], 4)} | {_fmt(r['mb_up'], 2)} | {_fmt(r['mb_down'], 2)} | {_fmt(r['wall_seconds'], 0)} |\n"
         for r in rows
     )
-    return head + body
+    if majority is None:
+        return head + body
+    return head + body + (f"\nMajority-class rate of the global test set: {majority:.3f}. † global accuracy within "
+                          f"{MAJORITY_MARGIN} of it: the global model learned nothing beyond predicting the most frequent class.\n")
 
 
 def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -> None:
