@@ -166,7 +166,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     interrupted ones resumed, so a cut-short compare, or one with methods added, redoes no finished work."""
     from fedlora.frontend import study
     from fedlora.frontend.experiment import majority_rate, run_experiment
-    from fedlora.frontend.report import PROTOCOL, final_row, markdown_table, plot_comparison
+    from fedlora.frontend.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
+    from fedlora.frontend.stats import parse_seeds
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -174,35 +175,48 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(_methods())}")
     base = _config_from(args, method=methods[0])
     out = Path(args.out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
-    configs = [dataclasses.replace(base, method=m, out=str(out / m)) for m in methods]
-    for c in configs:  # every bad input is reported before the first method trains
+    seeds = parse_seeds(args.seeds) if args.seeds else [base.seed]
+    reference = args.reference
+    if reference not in methods:
+        reference = None  # no paired differences without the reference among the methods
+    paired_seeds = args.seeds is not None
+    runs = [(m, s, dataclasses.replace(base, method=m, seed=s, out=str(out / m / f"seed-{s}" if paired_seeds else out / m)))
+            for m in methods for s in seeds]
+    for _, _, c in runs:  # every bad input is reported before the first method trains
         c.validate()
         if (Path(c.out) / "config.json").exists() and not study.same_settings(Path(c.out), c):
             raise ValueError(f"{c.out!r} holds a {c.method} run with other settings; pass another --out or delete that run")
-    rows, histories = [], {}
-    majority = majority_rate(base)
-    for cfg in configs:
+    majority = [majority_rate(dataclasses.replace(base, seed=s)) for s in seeds]
+    results: dict[str, list[dict]] = {}
+    histories: dict[str, list[list[dict]]] = {}
+    settings = json.dumps({k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "out", "seed")})
+    for method, seed, cfg in runs:
         run_dir = Path(cfg.out)
+        label = f"{method} (seed {seed})" if paired_seeds else method
         done = study.finished_history(run_dir, cfg)
         if done is not None:  # finished earlier (a compare that was cut short, or one with fewer methods): read back
-            print(f"{cfg.method}: finished run read back from {run_dir}")
-            history, seconds = done, sum(m["wall_seconds"] for m in done)
+            print(f"{label}: finished run read back from {run_dir}")
+            history = done
         else:
             resume = (run_dir / "checkpoint.safetensors").exists()  # interrupted: continue from its last round
             if not resume and (run_dir / "metrics.jsonl").exists():
                 (run_dir / "metrics.jsonl").unlink()  # killed before its first checkpoint: nothing to keep
-            t0 = time.perf_counter()
-            with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
+            with _Progress(_steps(cfg), f"{label} · {cfg.adapter}", args.quiet) as prog:
                 _, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog), resume=resume)
-            seconds = time.perf_counter() - t0
-        rows.append(final_row(cfg.method, history, seconds))
-        histories[cfg.method] = history
-        table = markdown_table(rows, majority)
+        # wall s: the rounds' own wall time, the same whether a run was made now, resumed or read back
+        results.setdefault(method, []).append(final_row(method, history, sum(m["wall_seconds"] for m in history)))
+        histories.setdefault(method, []).append(history)
+        if paired_seeds:
+            table = seeded_tables(results, seeds, reference, majority)
+        else:
+            table = markdown_table([rows[0] for rows in results.values()], majority[0])
         (out / "comparison.md").write_text(
-            f"# fedlora compare\n\n{table}\nSettings: "
-            f"{json.dumps({k: v for k, v in dataclasses.asdict(base).items() if k not in ('method', 'out')})}\n\n{PROTOCOL}\n"
+            f"# fedlora compare\n\n{table}\nSettings: {settings}, seed{'s' if paired_seeds else ''} "
+            f"{', '.join(map(str, seeds))}\n\n{PROTOCOL}\n"
         )
-    plot_comparison(histories, out)
+    rates = [m for m in majority if m is not None]
+    plot_comparison(histories if paired_seeds else {m: h[0] for m, h in histories.items()}, out,
+                    majority=sum(rates) / len(rates) if rates else None)
     print(table)
     print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png)")
     return 0
@@ -285,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--methods", default=",".join(_methods()), help="comma-separated methods (default: all)")
     _add_run_flags(cmp_, with_method=False)
     cmp_.add_argument("--out", default=None, help="directory for the table, plots and one run directory per method")
+    cmp_.add_argument("--seeds", default=None, help="paired seeds, e.g. 0,1,2 (or a count: 3 means 0,1,2); the table then shows "
+                      "95%% intervals and paired differences to --reference (default: --seed alone)")
+    cmp_.add_argument("--reference", default="fedit", help="the method paired differences are taken against (default fedit)")
     cmp_.set_defaults(func=cmd_compare)
     me = sub.add_parser("methods", help="the registered methods with their rules, bytes, traits and adapters (markdown)")
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")

@@ -64,6 +64,67 @@ def markdown_table(rows: list[dict], majority: float | None = None) -> str:
                           f"{MAJORITY_MARGIN} of it: the global model learned nothing beyond predicting the most frequent class.\n")
 
 
+COLUMNS = (("global acc", "global_accuracy", 3), ("local acc", "local_accuracy", 3), ("gap", "gap", 3),
+           ("mean ρ", "divergence", 4), ("MB up", "mb_up", 2), ("MB down", "mb_down", 2), ("wall s", "wall_seconds", 0))
+PAIRED = COLUMNS[:4]
+
+
+def _pm(values: list, digits: int) -> str:
+    from fedlora.frontend.stats import interval
+
+    mean, half = interval(values)
+    if math.isnan(mean):
+        return "—"
+    if math.isnan(half) or half == 0:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def seeded_tables(results: dict[str, list[dict]], seeds: list[int], reference: str | None,
+                  majority: list[float | None]) -> str:
+    """The comparison over paired seeds: every column as mean ± half-width of its 95 % t-interval over the seeds,
+    then each method's per-seed difference to ``reference`` with its interval ("n.d.": the interval holds 0, the
+    two are not distinguishable at these seeds). ``results[method][i]`` is ``final_row`` for ``seeds[i]``;
+    ``majority[i]`` that seed's global test set's majority-class rate (global accuracies whose mean is within 0.01
+    of the mean rate are marked †)."""
+    from fedlora.frontend.stats import distinguishable, interval, paired
+
+    rates = [m for m in majority if m is not None]
+    rate = sum(rates) / len(rates) if rates else None
+    lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± half-width of the 95 % t-interval over {len(seeds)} paired seeds.", "",
+             "| method | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for method, rows in results.items():
+        cells = []
+        for _, key, digits in COLUMNS:
+            cell = _pm([r[key] for r in rows], digits)
+            if key == "global_accuracy" and rate is not None and interval([r[key] for r in rows])[0] <= rate + MAJORITY_MARGIN:
+                cell += " †"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if rate is not None:
+        span = f"{min(rates):.3f}–{max(rates):.3f}" if max(rates) - min(rates) > 5e-4 else f"{rate:.3f}"
+        lines += ["", f"Majority-class rate of the global test set: {span} over the seeds. † mean global accuracy within "
+                      f"{MAJORITY_MARGIN} of it: the global model learned nothing beyond predicting the most frequent class."]
+    if reference in results and len(results) > 1 and len(seeds) > 1:
+        lines += ["", f"Paired difference to `{reference}` (method − {reference}, per seed; n.d.: the interval holds 0, "
+                      "not distinguishable at these seeds):", "",
+                  "| method | " + " | ".join(f"Δ {c[0]}" for c in PAIRED) + " |", "|---|" + "---|" * len(PAIRED)]
+        ref = results[reference]
+        for method, rows in results.items():
+            if method == reference:
+                continue
+            cells = []
+            for _, key, digits in PAIRED:
+                n = min(len(rows), len(ref))  # while a compare is under way: the seeds both have finished
+                mean, half = paired([r[key] for r in rows[:n]], [r[key] for r in ref[:n]])
+                if math.isnan(mean):
+                    cells.append("—")
+                    continue
+                cells.append(f"{mean:+.{digits}f} ± {half:.{digits}f}" + ("" if distinguishable(mean, half) else " (n.d.)"))
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -> None:
     cfg = exp.config
     lines = [
@@ -93,9 +154,14 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
     Path(out, "summary.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_comparison(histories: dict[str, list[dict]], out: Path) -> list[Path]:
-    """accuracy.png, divergence.png and bytes.png over rounds, one line per method."""
+def plot_comparison(histories: dict[str, list[dict]] | dict[str, list[list[dict]]], out: Path,
+                    majority: float | None = None) -> list[Path]:
+    """accuracy.png, divergence.png and bytes.png over rounds, one line per method. With several seeds per method
+    (a list of histories each) the line is the mean over the seeds and the band its 95 % t-interval. ``majority``:
+    the global test set's majority-class rate, drawn on the accuracy plot."""
     import matplotlib
+
+    from fedlora.frontend.stats import interval
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,20 +175,30 @@ def plot_comparison(histories: dict[str, list[dict]], out: Path) -> list[Path]:
     ]
     for name, ylabel, get, logy in specs:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for method, hist in histories.items():
-            rounds = [h["round"] for h in hist]
-            if get is None:
-                total, ys = 0.0, []
-                for h in hist:
-                    total += (h["bytes_up"] + h["bytes_down"]) / 1e6
-                    ys.append(total)
-            else:
-                ys = [get(h) for h in hist]
-                if any(y is None for y in ys):
-                    continue
-                if logy:
-                    ys = [max(y, 1e-12) for y in ys]
-            ax.plot(rounds, ys, marker="o", label=method)
+        for method, hists in histories.items():
+            runs = hists if hists and isinstance(hists[0], list) else [hists]
+            curves = []
+            for hist in runs:
+                if get is None:
+                    total, ys = 0.0, []
+                    for h in hist:
+                        total += (h["bytes_up"] + h["bytes_down"]) / 1e6
+                        ys.append(total)
+                else:
+                    ys = [get(h) for h in hist]
+                curves.append(ys)
+            if any(y is None for ys in curves for y in ys):
+                continue
+            rounds = [h["round"] for h in runs[0]]
+            stats = [interval([ys[i] for ys in curves]) for i in range(min(len(ys) for ys in curves))]
+            means = [max(m, 1e-12) if logy else m for m, _ in stats]
+            line = ax.plot(rounds[: len(means)], means, marker="o", label=method)[0]
+            if len(curves) > 1:
+                lo = [max(m - h, 1e-12) if logy else m - h for m, h in stats]
+                hi = [m + h for m, h in stats]
+                ax.fill_between(rounds[: len(means)], lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        if majority is not None and name == "accuracy.png":
+            ax.axhline(majority, color="grey", linestyle="--", linewidth=1, label=f"majority class ({majority:.3f})")
         if logy:
             ax.set_yscale("log")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

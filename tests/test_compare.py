@@ -1,0 +1,71 @@
+"""Comparisons over paired seeds: intervals against scipy, paired differences per seed, the seeded compare table."""
+
+import json
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from conftest import tiny_config
+from fedlora.frontend.cli import main
+from fedlora.frontend.experiment import build
+from fedlora.frontend.stats import distinguishable, interval, paired, parse_seeds
+from test_cli import TINY
+
+
+def test_interval_matches_scipy():
+    x = [0.61, 0.58, 0.64, 0.57, 0.66]
+    mean, half = interval(x)
+    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=sum(x) / len(x), scale=stats.sem(x))
+    assert mean == pytest.approx((lo + hi) / 2, abs=1e-12) and half == pytest.approx((hi - lo) / 2, rel=1e-12)
+    assert interval([0.5])[0] == 0.5 and math.isnan(interval([0.5])[1])
+    assert interval([0.5, None, float("nan"), 0.7])[0] == pytest.approx(0.6)  # missing values are left out
+
+
+def test_paired_differences_are_per_seed_not_from_the_means():
+    ref = [0.50, 0.60, 0.70, 0.55]  # seeds differ a lot ...
+    method = [r + 0.01 for r in ref]  # ... but the method is 0.01 better on every one
+    mean, half = paired(method, ref)
+    assert mean == pytest.approx(0.01) and half == pytest.approx(0.0, abs=1e-12) and distinguishable(mean, half)
+    # unpaired, the intervals of the two means overlap widely: comparing means would call them equal
+    (m1, h1), (m2, h2) = interval(method), interval(ref)
+    assert m1 - h1 < m2 + h2
+    mean, half = paired([0.6, 0.5, 0.7], [0.5, 0.6, 0.65])
+    assert not distinguishable(mean, half)
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired([0.1, 0.2], [0.1])
+
+
+def test_parse_seeds():
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("4,7, 9") == [4, 7, 9]
+    for bad in ("0", "a,b", "1,1"):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_same_seed_gives_every_method_the_same_partition_and_initial_adapter(small_csv):
+    a, b = (build(tiny_config(small_csv, method=m, seed=3)).simulator for m in ("fedit", "ffa"))
+    for ca, cb in zip(a.clients, b.clients):
+        assert torch.equal(ca.train.input_ids, cb.train.input_ids) and torch.equal(ca.train.labels, cb.train.labels)
+        assert torch.equal(ca.test.labels, cb.test.labels)
+    assert all(torch.equal(a.global_tensors[n], b.global_tensors[n]) for n in a.global_tensors)
+    c = build(tiny_config(small_csv, method="fedit", seed=4)).simulator
+    assert not all(torch.equal(x.train.labels, y.train.labels) for x, y in zip(a.clients, c.clients))
+
+
+def test_compare_over_paired_seeds(small_csv, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", *TINY, "--rounds", "1", "--data", str(small_csv), "--methods", "fedit,ffa", "--seeds", "2", "--out", str(out)]
+    assert main(args) == 0
+    table = (out / "comparison.md").read_text()
+    assert "Seeds 0, 1: mean ± half-width of the 95 % t-interval over 2 paired seeds" in table
+    assert "Paired difference to `fedit`" in table and "| ffa |" in table and "±" in table
+    assert "Majority-class rate of the global test set" in table
+    for m in ("fedit", "ffa"):
+        for s in (0, 1):
+            assert json.loads((out / m / f"seed-{s}" / "config.json").read_text())["seed"] == s
+    assert (out / "accuracy.png").stat().st_size > 1000
+    # Run again: everything is read back, the table is the same.
+    assert main(args) == 0
+    assert (out / "comparison.md").read_text() == table
