@@ -20,6 +20,22 @@ def test_run_writes_the_run_directory(small_csv, tmp_path, capsys):
     assert [r["round"] for r in rows] == [1, 2] and all(r["method"] == "fedex" for r in rows)
     assert (out / "adapter" / "adapter_config.json").exists()
     assert "| fedex |" in capsys.readouterr().out
+    clients = (out / "summary.md").read_text().partition("## Clients")[2]
+    assert "labels (train/test)" in clients and "negative" in clients and "| 0 |" in clients  # per-client label mix
+
+
+def test_interrupt_names_the_command_that_continues(small_csv, tmp_path, capsys, monkeypatch):
+    import fedlora.frontend.experiment as experiment
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run_experiment", interrupted)
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--data", str(small_csv), "--out", str(out)]) == 130
+    assert f"continue with `fedlora run --resume {out}`" in capsys.readouterr().err
+    assert main(["compare", *TINY, "--data", str(small_csv), "--methods", "fedit", "--out", str(tmp_path / "c")]) == 130
+    assert "continue with `fedlora compare" in capsys.readouterr().err
 
 
 def test_compare_table_and_plots(small_csv, tmp_path):

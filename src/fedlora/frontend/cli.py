@@ -144,6 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if any(k != "rounds" for k in given) or args.config:
             raise ValueError("--resume takes its settings from the run directory; pass only --rounds (to extend the run) with it")
         cfg = resume_config(args.resume, **({"rounds": args.rounds} if args.rounds else {}))
+        args.resume_hint = f"fedlora run --resume {cfg.out}"
         with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter} (resumed)", args.quiet) as prog:
             exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog), resume=True)
         print(markdown_table([final_row(cfg.method, history, sum(h["wall_seconds"] for h in history))]))
@@ -153,6 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.out is None:
         cfg.out = args.out or str(Path("runs") / time.strftime(f"{cfg.method}-%Y%m%d-%H%M%S"))
     cfg.validate()
+    args.resume_hint = f"fedlora run --resume {cfg.out}"
     t0 = time.perf_counter()
     with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
         exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog))
@@ -175,6 +177,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(_methods())}")
     base = _config_from(args, method=methods[0])
     out = Path(args.out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
+    args.resume_hint = "fedlora compare " + " ".join(list(args.argv) + ([] if args.out else ["--out", str(out)]))
     seeds = parse_seeds(args.seeds) if args.seeds else [base.seed]
     reference = args.reference
     if reference not in methods:
@@ -340,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedlora: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedlora: interrupted; finished rounds are checkpointed: continue with `fedlora run --resume RUN_DIR`", file=sys.stderr)
+        hint = getattr(args, "resume_hint", None)
+        then = f"continue with `{hint}`" if hint else "run the same command again to continue"
+        print(f"fedlora: interrupted; finished rounds are checkpointed: {then}", file=sys.stderr)
         return 130
 
 

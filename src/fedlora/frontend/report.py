@@ -148,9 +148,12 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
             f"{_fmt(h['divergence'], 4)} | {_fmt(h['bound'], 4)} | {h['bytes_up']} | {h['bytes_down']} | {_fmt(h['wall_seconds'], 1)} |"
         )
     lines += ["", "## Protocol", "", PROTOCOL, "", "## Clients", ""]
-    lines += ["| client | train | test | labels |", "|---|---|---|---|"]
+    lines += ["| client | train | test | labels (train/test) |", "|---|---|---|---|"]
+    names = list(exp.label_names)
     for c in exp.data_summary:
-        lines.append(f"| {c.get('cid')} | {c.get('n_train')} | {c.get('n_test')} | {c.get('label_counts', c.get('labels', ''))} |")
+        train, test = c.get("train_labels") or [], c.get("test_labels") or []
+        mix = " · ".join(f"{names[i] if i < len(names) else i} {a}/{b}" for i, (a, b) in enumerate(zip(train, test)) if a or b)
+        lines.append(f"| {c.get('cid')} | {c.get('n_train')} | {c.get('n_test')} | {mix or '—'} |")
     Path(out, "summary.md").write_text("\n".join(lines) + "\n")
 
 
