@@ -291,7 +291,9 @@ def test_bound_rank_defaults_to_client_rank():
 # Degenerate rounds
 
 
-SHARED_A = ("ffa", "rolora", "fedsvd")  # rules that need the frozen A every client shares (rolora: its B-round default)
+# rules that need the frozen A every client shares (rolora: its B-round default; fedsb and ravan without cores=: the
+# clients' factors B·C_u over the shared bases)
+SHARED_A = ("ffa", "rolora", "fedsvd", "fedsb", "ravan")
 
 
 def _inputs_for(method, Bs, As):
@@ -384,11 +386,24 @@ def test_comm_bytes_match_a_hand_count():
     assert model_comm_bytes("fedit", shapes, 16, 10) == CommBytes(524_288 + 262_144, 524_288 + 262_144)
 
 
+def _core_round(method, U, r, d, k, w):
+    """fedsb/ravan as their protocol calls them: shared bases (ravan: 4 heads of rank r) and each client's cores."""
+    heads = 1 if method == "fedsb" else 4
+    g = torch.Generator().manual_seed(U * 1000 + d)
+    B, A = torch.randn(d, heads * r, generator=g), torch.randn(heads * r, k, generator=g)
+    cores = [torch.randn(r, r, generator=g) if heads == 1 else torch.randn(heads, r, r, generator=g) for _ in range(U)]
+    return aggregate(method, [B] * U, [A] * U, w, cores=cores, **({} if heads == 1 else {"heads": heads}))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_result_down_bytes_agree_with_comm_bytes(method):
     U, r, d, k = 5, 3, 40, 24
     Bs, As, w = clients(U, r, d, k, seed=23, dtype=torch.float32)
     Bs, As = _inputs_for(method, Bs, As)
+    if method in ("fedsb", "ravan"):  # what goes down is the averaged core
+        assert _core_round(method, U, r, d, k, w).down_bytes() == comm_bytes(method, d, k, r, U).down
+        assert _core_round(method, U, 2, 200, 150, w).down_bytes() == comm_bytes(method, 200, 150, 2, U).down
+        return
     res = aggregate(method, Bs, As, w)
     assert res.down_bytes() == comm_bytes(method, d, k, r, U).down
     big = aggregate(method, *_inputs_for(method, *clients(U, 2, 200, 150, seed=24, dtype=torch.float32)[:2]),

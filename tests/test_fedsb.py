@@ -43,6 +43,11 @@ def test_bytes_are_r_squared_whatever_d_and_k():
 
 def test_bad_input_is_one_line():
     B, A, Rs, w = draw(3, 10, 8, 2, 0)
+    # Without cores: the clients' factors B·R_u over the shared A, averaged (the same identity).
+    res = aggregate("fedsb", [B @ R for R in Rs], [A] * 3, w)
+    assert divergence([B @ R for R in Rs], [A] * 3, w, res) < 1e-12
+    with pytest.raises(ValueError, match="client 1's A.*differs"):
+        aggregate("fedsb", Bs=[B] * 3, As=[A, A + 1, A], weights=w)
     with pytest.raises(ValueError, match="2 cores for 3 clients"):
         aggregate("fedsb", [B] * 3, [A] * 3, w, cores=Rs[:2])
     with pytest.raises(ValueError, match="client 1's B.*differs"):

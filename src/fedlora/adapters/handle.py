@@ -3,6 +3,10 @@
 The simulator keeps ONE model in memory. A client "is" the set of trainable tensors loaded into it while it
 trains; this handle moves those tensors in and out as ``dict[str, Tensor]`` keyed by parameter name, exposes
 each adapted module's factors ``(B, A)`` for the aggregation math, and folds server updates into the frozen base.
+
+Orientation: every factor product and weight-space update here is d×k (out×in, ``B A``), whatever the layer. A base
+weight may be stored transposed, k×d (in×out: transformers' ``Conv1D`` in GPT-2-style models, which PEFT marks with
+``fan_in_fan_out``); :meth:`AdapterHandle.base_layout` converts between the two.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from peft.utils import transpose
 from torch import Tensor, nn
 
 from fedlora.adapters.spec import AdapterSpec
@@ -56,7 +61,9 @@ class AdapterHandle:
                     self.keys[short] = ModuleKeys(B=self._find(name, b_attr), A=self._find(name, a_attr))
         # Core structure (Fed-SB, RAVAN): B and A are frozen shared bases; a client's factors are B·blockdiag(cores), A.
         self.cored = any(k.core for k in self.keys.values())
-        self.folded: dict[str, Tensor] = {}  # Σ of every weight-space update folded into each base weight
+        # Σ of every weight-space update folded into each base weight, in that weight's own layout (k×d where it
+        # is stored transposed): exactly what was added to it.
+        self.folded: dict[str, Tensor] = {}
         # Mixed ranks: the model holds rank r_max = spec.r; a client of rank r_u uses the first r_u components (the
         # rest are zero, and stay zero in training: their gradients vanish with the zero partner) at scale s(r_u).
         self.rank = spec.r
@@ -71,6 +78,21 @@ class AdapterHandle:
                 f"the adapter targets {list(spec.target_modules)} matched no layer of the model; "
                 "pass --target-modules with names of its linear layers (e.g. query,value for BERT, q_proj,v_proj for Llama)"
             )
+        # Layers whose base weight is stored k×d (in×out), as PEFT set them up: its own flag, per layer.
+        self.transposed: dict[str, bool] = {m: bool(getattr(layer, "fan_in_fan_out", False)) for m, layer in self.layers.items()}
+        for module, layer in self.layers.items():
+            base = layer.get_base_layer()
+            shape = tuple(self.base_layout(module, base.weight).shape)
+            if shape != (getattr(layer, "out_features", None), getattr(layer, "in_features", None)):
+                raise ValueError(
+                    f"layer {module} ({type(base).__name__}, weight {tuple(base.weight.shape)}) is not a linear layer whose weight is "
+                    "out×in (nn.Linear) or in×out (transformers' Conv1D); pass --target-modules with names of such layers only"
+                )
+        for module, layer in self.layers.items():
+            d, k = layer.out_features, layer.in_features
+            if spec.r > min(d, k):
+                raise ValueError(f"adapter rank {spec.r} exceeds what layer {module} ({d}×{k}) can hold (a rank above min(d, k) = {min(d, k)} "
+                                 f"adds nothing and costs memory); pass --rank {min(d, k)} or less")
         factor_names = {n for k in self.keys.values() for n in (k.B, k.A, k.core, k.gain) if n}
         self.trainable_names: list[str] = [n for n, p in self._params.items() if p.requires_grad]
         self.trainable_set: frozenset[str] = frozenset(self.trainable_names)
@@ -218,12 +240,18 @@ class AdapterHandle:
         return float(self._scaling.get(module, 1.0))
 
     # ---- server updates applied to the frozen base ------------------------------------------------------------
+    def base_layout(self, module: str, t: Tensor) -> Tensor:
+        """A d×k (out×in) tensor of ``module`` in the layout of its base weight, or a tensor in that layout as d×k:
+        the transpose (a view) where the weight is stored k×d (PEFT's ``fan_in_fan_out``), else ``t`` itself."""
+        return transpose(t, self.transposed[module])
+
     @torch.no_grad()
     def fold(self, deltas: dict[str, Tensor]) -> None:
-        """Add each module's update to its frozen base weight: W0 += s·Δ (HiRA: W0 += W0 ⊙ Δ)."""
+        """Add each module's update Δ (d×k) to its frozen base weight: W0 += s·Δ (HiRA: W0 += W0 ⊙ Δ), in the
+        weight's own layout (Δᵀ where it is stored k×d); ``folded`` accumulates what was added, in that layout."""
         for module, delta in deltas.items():
             weight = self.layers[module].get_base_layer().weight
-            delta = delta.to(weight.dtype)
+            delta = self.base_layout(module, delta.to(weight.dtype))
             step = weight * delta if self.spec.kind == "hira" else delta * self.scaling(module)
             weight.add_(step)
             self.folded[module] = self.folded[module] + step if module in self.folded else step.clone()
@@ -252,7 +280,7 @@ class AdapterHandle:
                 layer = self.layers[module]
                 mag = layer.lora_magnitude_vector["default"]
                 mag_name = next(n for n in self.other_names if n.startswith(f"base_model.model.{module}.lora_magnitude_vector"))
-                weight = layer.get_base_layer().weight
+                weight = self.base_layout(module, layer.get_base_layer().weight)  # d×k: PEFT's norm of each output row
                 out[mag_name] = weight.norm(p=2, dim=1).to(mag.weight.dtype)
         return out if rank is None else self.truncate(out, rank)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import peft
@@ -18,7 +19,8 @@ class AdapterSpec:
 
     ``kind``: ``lora`` (scaling α/r), ``rslora`` (α/√r), ``dora`` (LoRA plus a trained magnitude vector),
     ``vera`` (frozen shared random B, A; trained vectors λ_b ∈ R^d, λ_d ∈ R^r), ``hira`` (ΔW = W0 ⊙ BA).
-    ``alpha`` is ignored by VeRA and HiRA, which have no scaling in PEFT.
+    ``alpha`` is ignored by VeRA and HiRA, which have no scaling in PEFT. ``fan_in_fan_out``: the targets store
+    their weight transposed, in×out (transformers' ``Conv1D``, GPT-2-style models); :meth:`for_model` sets it.
     """
 
     kind: str = "lora"
@@ -27,6 +29,7 @@ class AdapterSpec:
     target_modules: tuple[str, ...] = ("query", "value")
     dropout: float = 0.0
     modules_to_save: tuple[str, ...] = field(default=())
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTERS:
@@ -53,12 +56,25 @@ class AdapterSpec:
             return self.alpha / rank
         return 1.0
 
+    def for_model(self, model) -> AdapterSpec:
+        """This spec with ``fan_in_fan_out`` set as ``model``'s targets need it: True where they are transformers'
+        ``Conv1D`` layers (weight stored in×out). PEFT would otherwise warn and set it itself, per layer (LoRA and
+        VeRA also in the shared config, HiRA only on the layer); the factors are d×r and r×k either way."""
+        from peft.tuners.tuners_utils import check_target_module_exists
+        from transformers.pytorch_utils import Conv1D
+
+        config = self.peft_config(None)
+        targets = [m for name, m in model.named_modules() if name and check_target_module_exists(config, name)]
+        transposed = bool(targets) and all(isinstance(m, Conv1D) for m in targets)
+        return self if transposed == self.fan_in_fan_out else dataclasses.replace(self, fan_in_fan_out=transposed)
+
     def peft_config(self, task_type: str | None) -> peft.PeftConfig:
         common = dict(
             r=self.r,
             target_modules=list(self.target_modules),
             task_type=task_type,
             modules_to_save=list(self.modules_to_save) or None,
+            fan_in_fan_out=self.fan_in_fan_out,
         )
         if self.kind == "vera":
             # VeRA's shared random B, A are rebuilt from this key, so every client holds the same ones.

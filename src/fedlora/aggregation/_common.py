@@ -1,9 +1,9 @@
 """Validation, stacking and factorisation helpers shared by the aggregation rules.
 
-Everything a user can get wrong (method name, shapes, dtypes, NaNs, weights) is checked here once, before any
-work, and reported as a one-sentence ``ValueError`` saying what was wrong and how to fix it. The numerical
-helpers work on the stacked factors ``B_cat = [B_1 … B_U]`` (d×Ur) and ``A_cat = [A_1; …; A_U]`` (Ur×k) and
-never form a d×k matrix.
+Everything a user can get wrong (method name, shapes, dtypes, NaNs, magnitudes whose products would overflow,
+weights) is checked here once, before any work, and reported as a one-sentence ``ValueError`` saying what was
+wrong and how to fix it. The numerical helpers work on the stacked factors ``B_cat = [B_1 … B_U]`` (d×Ur) and
+``A_cat = [A_1; …; A_U]`` (Ur×k) and never form a d×k matrix.
 
 Imports only torch. Must not import the method modules (they import this one).
 """
@@ -20,6 +20,11 @@ from torch import Tensor
 # Relative sum-to-one tolerance: float32 weights n_u / Σn for a few thousand clients stay well inside it.
 _WEIGHT_SUM_TOL = 1e-5
 _EPS64 = torch.finfo(torch.float64).eps
+# The Gram-space rules (florana, svd, flexlora, fedmomentum, hetlora's norms) and the metrics form products of
+# the two sides' Grams, BᵀB·AAᵀ, whose size is bounded by ‖B_cat‖_F²·‖A_cat‖_F², in float64. Uploads whose bound
+# comes within 1e12 of float64's largest number are refused: the solvers' own intermediates (florana's random
+# restarts, the objective's quadratic form, LAPACK's scaling) need that headroom.
+GRAM_LIMIT_LOG10 = math.log10(torch.finfo(torch.float64).max) - 12.0
 
 
 def _where(name: str | None) -> str:
@@ -154,13 +159,90 @@ def check_uploads(
                 f"client {u}'s {kind}{_where(name)} is {_shape(mine)} but client 0's is {_shape(theirs)}: "
                 "every client must use the same rank r"
             )
+    mags: dict[str, list[float]] = {"B": [], "A": []}
     for u in range(len(As)):
         for kind, t in (("B", None if Bs is None else Bs[u]), ("A", As[u])):
-            if t is not None and not all_finite(t):
+            if t is None:
+                continue
+            m = max_abs(t)  # one pass: NaN or ±Inf anywhere makes it non-finite
+            if not math.isfinite(m):
                 raise ValueError(
                     f"client {u}'s {kind}{_where(name)} contains NaN or Inf; drop or fix that client's upload"
                 )
-    return Uploads(Bs=Bs, As=As, w=check_weights(weights, len(As)), scales=check_scales(scales, len(As)))
+            mags[kind].append(m)
+    w, s = check_weights(weights, len(As)), check_scales(scales, len(As))
+    if Bs is not None:
+        check_magnitudes(Bs, As, mags["B"], mags["A"], s, name)
+    return Uploads(Bs=Bs, As=As, w=w, scales=s)
+
+
+def max_abs(t: Tensor) -> float:
+    """``max |entry|`` of a non-empty tensor; NaN or ``inf`` when it holds NaN or ±Inf. One ``aminmax`` pass and no
+    temporary (``abs().amax()`` makes a copy of the tensor); about two of ``all_finite``'s sums on CPU."""
+    lo, hi = torch.aminmax(t)
+    return float(torch.maximum(hi, -lo))  # torch.maximum propagates NaN
+
+
+def log10_abs(x: float) -> float:
+    """log10 of a magnitude, ``-inf`` for 0."""
+    return math.log10(x) if x > 0.0 else -math.inf
+
+
+def sq_norm_log10(blocks: Sequence[tuple[float, int]]) -> float:
+    """log10 of ``Σ numel·max|entry|²`` over ``(log10 max|entry|, numel)`` blocks: a bound on the squared Frobenius
+    norm of the blocks stacked, in logs so that it cannot overflow itself (``-inf`` when every block is zero)."""
+    return log10_sum([math.log10(n) + 2.0 * lg for lg, n in blocks])
+
+
+def log10_sum(logs: Sequence[float]) -> float:
+    """``log10 Σ 10^x`` over ``logs`` without forming the powers (``-inf`` for none or all ``-inf``)."""
+    top = max(logs, default=-math.inf)
+    if top == -math.inf:
+        return top
+    return top + math.log10(sum(10.0 ** (x - top) for x in logs))
+
+
+def check_magnitudes(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], mag_B: Sequence[float], mag_A: Sequence[float], scales: Tensor | None, name: str | None
+) -> None:
+    """Refuse uploads too large for the products of their factors, before any product or LAPACK call. O(U) given the
+    per-factor ``max|entry|`` (one pass over each upload in ``check_uploads``).
+
+    Two bounds, with each client's factors at their scale (``√s_u B_u``, ``√s_u A_u``, as the rules see them):
+    * the entries of each client's update ``s_u B_u A_u``, at most ``r_u·s_u·max|B_u|·max|A_u|``, must be finite
+      in the uploads' dtype: clients merge it there, and ``Aggregate.delta()`` forms it there. float32 and
+      bfloat16 overflow at ~3.4e38 (entries ~1e19), float16 at 65504, float64 at ~1.8e308;
+    * the Gram products ``B_catᵀB_cat·A_catA_catᵀ``, at most ``‖B_cat‖_F²·‖A_cat‖_F²``, must stay 1e12 below
+      float64's largest number (``GRAM_LIMIT_LOG10``). This one binds only float64 uploads (entries ~1e70 at
+      typical sizes); it grows as the fourth power of the entries, so it is the first to fail there.
+    """
+    dtype = As[0].dtype
+    fmax = torch.finfo(dtype).max
+    type_name = str(dtype).removeprefix("torch.")
+    half_log_s = [0.0] * len(As) if scales is None else [0.5 * math.log10(float(c)) for c in scales]
+    log_B = [log10_abs(m) + h for m, h in zip(mag_B, half_log_s)]  # log10 max|√s_u B_u|
+    log_A = [log10_abs(m) + h for m, h in zip(mag_A, half_log_s)]
+    for u, (A, lb, la) in enumerate(zip(As, log_B, log_A)):
+        bound = math.log10(A.shape[0]) + lb + la
+        if bound > math.log10(fmax):
+            scale = "" if scales is None else f", scale s_u = {float(scales[u]):.3g}"
+            raise ValueError(
+                f"client {u}'s update B·A{_where(name)} would overflow {type_name}: with max|B| = {mag_B[u]:.3g}, "
+                f"max|A| = {mag_A[u]:.3g}{scale} and rank {A.shape[0]} its entries can reach ~1e{bound:.0f}, past {type_name}'s "
+                f"{fmax:.3g}; rescale or clip that client's upload"
+            )
+    bound = sq_norm_log10([(lg, B.numel()) for B, lg in zip(Bs, log_B)]) + sq_norm_log10([(lg, A.numel()) for A, lg in zip(As, log_A)])
+    if bound > GRAM_LIMIT_LOG10:  # bound ≥ log10(‖B_cat‖_F²·‖A_cat‖_F²)
+        # Blame the factor with the largest share of the bound (its numel·max|entry|², in logs).
+        shares = [(math.log10(t.numel()) + 2.0 * lg, u, kind, m) for kind, ts, lgs, ms in (("B", Bs, log_B, mag_B), ("A", As, log_A, mag_A))
+                  for u, (t, lg, m) in enumerate(zip(ts, lgs, ms))]
+        _, u, kind, m = max(shares)
+        scale = "" if scales is None else f" at scale s_u = {float(scales[u]):.3g}"
+        raise ValueError(
+            f"client {u}'s {kind}{_where(name)} reaches |entry| = {m:.3g}{scale}, so the Gram products BᵀB·AAᵀ that the SVD-type rules "
+            f"and the metrics form in float64 would overflow (‖B‖_F·‖A‖_F up to ~1e{bound / 2:.0f}, above the ~1e{GRAM_LIMIT_LOG10 / 2:.0f} "
+            "float64 allows); rescale or clip the uploads"
+        )
 
 
 def check_scales(scales: object, n_clients: int) -> Tensor | None:

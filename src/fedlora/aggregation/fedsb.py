@@ -31,7 +31,14 @@ def block_diagonal(core: Tensor) -> Tensor:
 
 def average_cores(Bs: Sequence[Tensor], As: Sequence[Tensor], w: Tensor, cores: Sequence[Tensor], method: str,
                   name: str | None) -> Aggregate:
-    """``C̄ = Σ w_u C_u`` over the shared frozen bases; ``B̂ = B·blockdiag(C̄)``, ``Â = A`` (Fed-SB, RAVAN)."""
+    """``C̄ = Σ w_u C_u`` over the shared frozen bases; ``B̂ = B·blockdiag(C̄)``, ``Â = A`` (Fed-SB, RAVAN).
+
+    Without ``cores``, ``Bs`` are the clients' left factors as the metrics see them, ``B_u = B·blockdiag(C_u)``,
+    over the shared A: averaging them is the same exact identity (``B_u`` is linear in ``C_u``)."""
+    if isinstance(cores, Sequence) and len(cores) == 0:
+        A = shared_factor(As, "A", name, f"{method} needs the frozen shared A on every client; pass each client's cores= "
+                                         "with the shared bases, or its factors B·C_u over the one shared A")
+        return Aggregate(method=method, B=combine(Bs, w), A=A.clone(), p=w.clone(), frozen_A=True)
     if not isinstance(cores, Sequence) or len(cores) != len(As):
         got = len(cores) if isinstance(cores, Sequence) else type(cores).__name__
         raise ValueError(f"{method} got {got} cores for {len(As)} clients; pass one trained core per client (option cores=[…])")

@@ -137,9 +137,9 @@ def _validate(data, n_rows, n_clients, partition, alpha, labels_per_client, test
             f"labels_per_client={labels_per_client} is outside 1..{data.n_labels} "
             f"(the labels of '{data.name}'); pass a value in that range"
         )
-    if not 0 <= test_examples < n_rows:
+    if not 1 <= test_examples < n_rows:  # the global model is scored on it: it cannot be empty
         raise DataError(
-            f"test_examples={test_examples} must be between 0 and {n_rows - 1} to leave a pool to partition "
+            f"test_examples={test_examples} must be between 1 and {n_rows - 1} to score the global model and leave a pool to partition "
             f"from the {n_rows} examples of '{data.name}'; pass a value in that range"
         )
     pool = n_rows - test_examples

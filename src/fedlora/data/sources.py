@@ -14,6 +14,7 @@ Front-end module: imports nothing from the rest of fedlora.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import numpy as np
 import pandas as pd
 
 from .sampling import int_column, stratified_choice
+
+log = logging.getLogger("fedlora")
 
 FILE_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "jsonl"}
 
@@ -167,9 +170,17 @@ def _from_frame(
         keep &= raw.astype(int).between(0, len(label_names) - 1)
     clean = pd.DataFrame({"text": text[keep], "raw": raw[keep], "key": raw[keep].astype(str).str.strip()})
     conflicting = clean.groupby("text")["key"].transform("nunique") > 1
-    clean = clean[~conflicting].drop_duplicates("text")
-    if clean.empty:
-        raise DataError(f"'{name}' has no rows with non-empty text and a label; check its contents and --text-column")
+    unique = clean[~conflicting].drop_duplicates("text")
+    dropped = {"with empty text or no label": int((~keep).sum()), "whose text also appears with another label": int(conflicting.sum()),
+               "repeating a text already kept": int((~conflicting).sum()) - len(unique)}
+    if unique.empty:
+        raise DataError(f"'{name}' has no usable rows ({len(frame)} read; "
+                        + ", ".join(f"{n} {why}" for why, n in dropped.items() if n)
+                        + "); check its contents, --text-column and --label-column")
+    if any(dropped.values()):
+        log.warning("'%s': kept %d of %d rows; dropped %s", name, len(unique), len(frame),
+                    ", ".join(f"{n} {why}" for why, n in dropped.items() if n))
+    clean = unique
     if label_names is None:
         codes, label_names = _encode(clean["raw"].tolist())
     else:

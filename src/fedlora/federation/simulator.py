@@ -261,6 +261,29 @@ def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: 
     return [r for r in accepted if r.cid not in bad], rejected + outliers
 
 
+def server_memory_bytes(h: AdapterHandle, U: int) -> int:
+    """A bound on the server step's working memory for U clients per round: per adapted matrix, the methods that
+    work in the clients' stacked factor space (FLoRA-NA, SVD, FlexLoRA, FedMomentum…) hold a few (U·r)² Grams and
+    the stacked U·r(d+k) factors in float64; the other trainables are averaged in place."""
+    r = h.rank
+    worst = max((3 * (U * r) ** 2 + 2 * U * r * (layer.out_features + layer.in_features)) for layer in h.layers.values())
+    return 8 * worst
+
+
+def check_server_memory(h: AdapterHandle, U: int) -> None:
+    """Refuse, before any training, a configuration whose server step cannot fit in this machine's memory."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = server_memory_bytes(h, U)
+    if need > total // 2:
+        raise ValueError(f"the server step for {U} clients per round at rank {h.rank} needs about {need / 2**30:.1f} GiB, more than half of "
+                         f"this machine's {total / 2**30:.1f} GiB; lower --rank, --clients or --fraction")
+
+
 def finish_metrics(metrics: dict, global_accuracy: float, wall_seconds: float) -> dict:
     """Add the global score, the local–global gap and the wall time, in the order metrics.jsonl shows them."""
     out = {k: metrics[k] for k in ("round", "method", "clients", "train_loss")}
@@ -296,6 +319,7 @@ class Simulator:
             if not 1 <= p.rank <= h.rank:
                 raise ValueError(f"client {p.cid} has rank {p.rank} but the model's adapter has rank {h.rank}; build it at the largest client rank")
         self.mixed = any(p.rank != h.rank for p in self.peers)
+        check_server_memory(h, max(1, int(round(self.config.fraction * len(self.clients)))))
         self.server = Peer(-1, h.rank, h.spec.scale_at(h.rank))
         self.global_tensors: Tensors = h.get()
         self.eval_tensors: Tensors = self.global_tensors

@@ -163,6 +163,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_list(text: str) -> list[str]:
+    """``--methods``: registered names, each once, at least one; checked before anything trains."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ValueError(f"--methods {text!r} names no method; pass a comma-separated list, e.g. --methods fedit,florana")
+    for m in methods:
+        if m not in _methods():
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(_methods())}")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise ValueError(f"--methods names {', '.join(twice)} more than once; list each method once")
+    return methods
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run each method on the same data, partition and seed; finished runs in ``--out`` are read back and
     interrupted ones resumed, so a cut-short compare, or one with methods added, redoes no finished work."""
@@ -171,10 +185,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedlora.frontend.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
     from fedlora.frontend.stats import parse_seeds
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in _methods():
-            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(_methods())}")
+    methods = _method_list(args.methods)
     base = _config_from(args, method=methods[0])
     out = Path(args.out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
     args.resume_hint = "fedlora compare " + " ".join(list(args.argv) + ([] if args.out else ["--out", str(out)]))
@@ -233,10 +244,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     for part in parts:
         if part not in study.PARTS:
             raise ValueError(f"unknown study part {part!r} in --parts; choose from {', '.join(study.PARTS)}")
-    methods = tuple(m.strip() for m in (args.methods or ",".join(study.COMPARISON_METHODS)).split(",") if m.strip())
-    for m in methods:
-        if m not in _methods():
-            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(_methods())}")
+    methods = tuple(_method_list(args.methods or ",".join(study.COMPARISON_METHODS)))
     over = {k: v for k, v in (("model", args.model), ("data", args.data), ("seed", args.seed), ("device", args.device)) if v is not None}
     if over:
         p = dataclasses.replace(p, base=dataclasses.replace(p.base, **over))

@@ -69,7 +69,7 @@ class RunConfig:
     partition: str = _flag("dirichlet", "iid, dirichlet or pathological")
     alpha: float = _flag(0.5, "Dirichlet concentration over labels; smaller is more skewed")
     labels_per_client: int = _flag(2, "labels per client for --partition pathological")
-    model: str | None = _flag(None, "minilm (offline default), tiny:bert, or a Hugging Face name/path; "
+    model: str | None = _flag(None, "minilm (offline default), tiny:bert, tiny:gpt2, or a Hugging Face name/path; "
                                     "causal-lm: smollm2 (offline default), tiny:llama, or a name/path")
     data: str = _flag("tweets", "tweets (offline default), bbc, a .csv/.jsonl file, or hf:NAME[:CONFIG]; causal-lm also gsm8k, mbpp, humaneval")
     text_column: str = _flag("text", "text column of --data files/datasets")
@@ -116,8 +116,9 @@ class RunConfig:
             raise ValueError(f"max_length={self.max_length} is too short; pass --max-length 8 or more")
         if self.examples_per_client is not None and self.examples_per_client < 2:
             raise ValueError(f"examples_per_client={self.examples_per_client} leaves no room for a local test split; pass 2 or more")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"unknown device {self.device!r}; pass --device auto, cpu or cuda[:N]")
+        self._validate_device()
+        if self.test_examples < 1:
+            raise ValueError(f"test_examples={self.test_examples} leaves no global test set to score the global model on; pass --test-examples 1 or more")
         if self.task == "causal-lm":
             self._validate_causal_lm()
         elif self.model in ("smollm2", "tiny:llama"):
@@ -148,8 +149,8 @@ class RunConfig:
     def _validate_causal_lm(self) -> None:
         from fedlora.generation import SCORINGS
 
-        if self.model in ("minilm", "tiny:bert"):
-            raise ValueError(f"model {self.model!r} is an encoder for classification; "
+        if self.model in ("minilm", "tiny:bert", "tiny:gpt2"):
+            raise ValueError(f"model {self.model!r} is a model for classification; "
                              "with --task causal-lm pass --model smollm2, tiny:llama or a causal-LM name/path")
         if self.scoring not in ("auto", *SCORINGS):
             raise ValueError(f"unknown scoring {self.scoring!r}; choose auto, {', '.join(SCORINGS)}")
@@ -163,6 +164,19 @@ class RunConfig:
         targets = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
         ranks = self.ranks()
         return AdapterSpec(kind=self.adapter, r=max(ranks) if ranks else self.rank, alpha=self.lora_alpha, target_modules=targets)
+
+    def _validate_device(self) -> None:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"unknown device {self.device!r}; pass --device auto, cpu, cuda or cuda:N (N a GPU index)")
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device} asks for a GPU but this machine has no CUDA device PyTorch can use; pass --device cpu (or auto)")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                n = torch.cuda.device_count()
+                raise ValueError(f"--device {self.device}: this machine has {n} CUDA device(s); pass cuda:0 … cuda:{n - 1}")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -190,7 +204,31 @@ class RunConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"config file {str(path)!r} has unknown key(s) {', '.join(unknown)}; use the long flag names of `fedlora run`")
+        for key, value in raw.items():
+            cls.check_type(key, value, f"config file {str(path)!r}")
         return cls(**(raw | overrides))
+
+    @classmethod
+    def check_type(cls, key: str, value: object, where: str) -> None:
+        """Refuse a value of the wrong type for field ``key`` in one line naming the key, ``where`` and the type
+        expected (a string where a boolean belongs is an error, not a guess)."""
+        import typing
+
+        hint = typing.get_type_hints(cls)[key]
+        kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+        kind = kinds[0]
+        if kind is bool:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif kind is int:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind is float:
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            ok, expected = isinstance(value, str), "a string"
+        if not ok:
+            default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+            example = f" (e.g. {key.replace('_', '-')} = {json.dumps(default)})" if default is not None else ""
+            raise ValueError(f"{where}: {key.replace('_', '-')} = {json.dumps(value, default=str)} is not {expected}{example}")
 
 
 @dataclass
@@ -218,7 +256,7 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
         return build_causal_lm(config, on_client=on_client, on_round=on_round, on_progress=on_progress)
     fed = federated_text(config)
     model, tokenizer = load_classifier(config.model, fed.n_labels, seed=config.seed)
-    spec = config.adapter_spec()
+    spec = config.adapter_spec().for_model(model)  # fan_in_fan_out for GPT-2-style Conv1D targets
     torch.manual_seed(config.seed)  # the adapter's initial A (FFA's shared A0) comes from the run's seed
     peft_model = peft.get_peft_model(model, spec.peft_config("SEQ_CLS"))
     method = config.make_method()
@@ -278,7 +316,7 @@ def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_
         examples_per_client=config.examples_per_client, local_test_fraction=config.local_test_fraction, seed=config.seed,
     )
     model, tokenizer = load_causal_lm(config.model, seed=config.seed, gradient_checkpointing=config.gradient_checkpointing)
-    spec = config.adapter_spec()
+    spec = config.adapter_spec().for_model(model)
     torch.manual_seed(config.seed)  # the adapter's initial A (FFA's shared A0) comes from the run's seed
     try:
         peft_model = peft.get_peft_model(model, spec.peft_config("CAUSAL_LM"))
@@ -321,9 +359,12 @@ def metrics_line(m: dict) -> str:
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def save_checkpoint(sim: Simulator, out: Path) -> None:
-    """One file, replaced atomically: a kill at any moment leaves the previous complete checkpoint."""
+def save_checkpoint(sim: Simulator, out: Path, config: RunConfig | None = None) -> None:
+    """One file, replaced atomically: a kill at any moment leaves the previous complete checkpoint. ``config``: the
+    run's settings, kept inside the checkpoint so a resume can refuse an edited config.json."""
     tensors, meta = sim.snapshot()
+    if config is not None:
+        meta["config"] = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE}
     tmp = out / (CHECKPOINT + ".tmp")
     save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta, default=_json_default)})
     with open(tmp, "rb") as f:
@@ -338,9 +379,85 @@ def load_checkpoint(out: Path) -> tuple[dict, dict]:
     path = out / CHECKPOINT
     if not path.exists():
         raise ValueError(f"{str(out)!r} has no {CHECKPOINT}; resume needs a run directory with at least one finished round")
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["fedlora"])
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["fedlora"])
+        return load_file(str(path)), meta
+    except Exception as exc:  # truncated, garbage, or not ours: the file and the directory are left as they are
+        raise ValueError(f"{str(path)!r} is not a readable fedlora checkpoint ({type(exc).__name__}); nothing was changed: "
+                         "restore the file from a copy, or start a new run with another --out") from None
+
+
+_RESUMABLE = ("rounds", "out")  # settings a resume may change (more rounds) or that name the place
+
+
+def check_resume(config: RunConfig, meta: dict, out: Path) -> None:
+    """Refuse to resume a checkpoint under settings other than its own (an edited config.json), or with fewer
+    rounds than it has finished."""
+    done = int(meta.get("round", 0))
+    if config.rounds < done:
+        raise ValueError(f"{str(out)!r} has finished {done} rounds; --rounds {config.rounds} would cut it short: pass --rounds {done} or more")
+    saved = meta.get("config")
+    if saved is None:  # a checkpoint from before settings were kept in it
+        return
+    mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE}
+    changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    if changed:
+        diff = ", ".join(f"{k}={mine.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in changed)
+        raise ValueError(f"{str(out / 'config.json')!r} no longer matches the run's checkpoint: {diff}; "
+                         "restore config.json, or start a new run with another --out")
+
+
+_LOCK = ".running"
+
+
+def take_run_lock(out: Path) -> bool | None:
+    """Take run directory ``out`` for this process with an exclusive lock file holding our pid. True: taken now
+    (give it back with :func:`release_run_lock`); None: this process holds it already; False: another live process
+    does. A lock whose process is gone (killed) is stale and taken over."""
+    lock = out / _LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                if pid == os.getpid():
+                    return None
+                os.kill(pid, 0)
+                return False  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def run_lock_holder(out: Path) -> str:
+    try:
+        return (out / _LOCK).read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def release_run_lock(out: Path) -> None:
+    (out / _LOCK).unlink(missing_ok=True)
+
+
+def prepare_run_dir(out: Path) -> None:
+    """Create ``out`` or refuse in one line: an existing file, a path under a file, or no write permission."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file, not a directory; pass a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the run directory {str(out)!r} ({exc.strerror or type(exc).__name__}); pass a writable --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"the run directory {str(out)!r} is not writable; pass a writable --out")
 
 
 def resume_config(out: str | os.PathLike, **overrides) -> RunConfig:
@@ -359,12 +476,28 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
     """
     out = Path(config.out) if config.out else None
     config.validate()
-    checkpoint = load_checkpoint(out) if resume else None
-    if out is not None and not resume and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
-        raise ValueError(f"{str(out)!r} already holds a run; pass a new --out, or --resume {out} to continue it")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+    if out is None:
+        return _run(config, None, None, on_client, on_round, on_progress)
+    prepare_run_dir(out)
+    taken = take_run_lock(out)
+    if taken is False:
+        raise ValueError(f"{str(out)!r} is being written by process {run_lock_holder(out)} (a run, compare or study); "
+                         "wait for it to finish, or pass another --out")
+    try:
+        checkpoint = load_checkpoint(out) if resume else None
+        if checkpoint is not None:
+            check_resume(config, checkpoint[1], out)
+        if not resume and (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
+            raise ValueError(f"{str(out)!r} already holds a run; pass a new --out, or --resume {out} to continue it")
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        return _run(config, out, checkpoint, on_client, on_round, on_progress)
+    finally:
+        if taken:
+            release_run_lock(out)
+
+
+def _run(config: RunConfig, out: Path | None, checkpoint, on_client, on_round, on_progress) -> tuple[Experiment, list[dict]]:
+    """``run_experiment`` once the run directory (if any) is prepared and held."""
 
     def write_metrics(history: list[dict]) -> None:
         (out / "metrics.jsonl").write_text("".join(metrics_line(m) for m in history))
@@ -373,7 +506,7 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(metrics_line(metrics))
-            save_checkpoint(exp.simulator, out)
+            save_checkpoint(exp.simulator, out, config)
         if on_round:
             on_round(metrics)
 

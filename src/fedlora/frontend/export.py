@@ -6,6 +6,8 @@ factors; for LoRA and rsLoRA that part is exported exactly inside the adapter (a
 update needs, via an SVD of it), so PEFT alone reproduces the global model. So is the update of a core structure
 (Fed-SB, RAVAN: frozen bases around trained cores, a layer PEFT lacks). For DoRA, VeRA and HiRA no exact
 PEFT form exists: the folds are written to ``base_delta.safetensors`` and :func:`load_global_model` adds them.
+``base_delta.safetensors`` holds each fold in its base weight's own layout (in×out for transformers' ``Conv1D``,
+GPT-2 style), so it is added to the weight as it is; the exported LoRA factors are d×r and r×k as PEFT's always are.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def _merged_lora(exp, adapter_dir: Path) -> None:
     rank_pattern, tensors = {}, {}
     Bs, As = h.factors(sim.eval_tensors)  # core structures (Fed-SB, RAVAN): B·blockdiag(cores) over the frozen A
     for module in h.layers:
-        total = h.folded.get(module, 0) + h.scaling(module) * (Bs[module] @ As[module])
+        total = h.scaling(module) * (Bs[module] @ As[module])  # d×k; the folds are in the base weight's layout
+        if module in h.folded:
+            total = total + h.base_layout(module, h.folded[module])
         U, S, Vh = torch.linalg.svd(total.double(), full_matrices=False)
         keep = max(1, int((S > S[0] * 1e-7).sum())) if S.numel() and S[0] > 0 else 1
         root = S[:keep].sqrt()
@@ -45,6 +49,7 @@ def _merged_lora(exp, adapter_dir: Path) -> None:
         r=r, lora_alpha=r, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
         target_modules=base_cfg.target_modules, modules_to_save=base_cfg.modules_to_save,
         task_type=base_cfg.task_type, base_model_name_or_path=base_cfg.base_model_name_or_path,
+        fan_in_fan_out=bool(getattr(base_cfg, "fan_in_fan_out", False)),
     )
     adapter_dir.mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(str(adapter_dir))
@@ -94,7 +99,7 @@ def load_global_model(run_dir: str | Path):
     if manifest["base_delta"] and not manifest["folds_in_adapter"]:
         deltas = load_file(str(run_dir / manifest["base_delta"]))
         with torch.no_grad():
-            for module, delta in deltas.items():
+            for module, delta in deltas.items():  # each in its weight's own layout (HiRA's, DoRA's, VeRA's folds)
                 base.get_submodule(module).weight.add_(delta)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     return model, tokenizer, manifest["label_names"]

