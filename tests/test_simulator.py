@@ -49,7 +49,11 @@ def hand_count(method: str, adapter: str, U: int, rnd: int = 1) -> tuple[int, in
         "fedsb": (R * R + (D * K if rnd == 1 else 0), R * R + (R * (D + K) if rnd == 1 else 0)),
         "ravan": (4 * (R * R + 1), 4 * R * R),  # 4 heads: H_i and s_i up, the averaged s_i·H_i down
         "feddpa": (b + a, b + a),  # the global adapter, as FedIT; the local one never travels
+        "central": (0, 0),  # reference points: nothing crosses a network
+        "local": (0, 0),
     }[method]
+    if method in ("central", "local"):
+        return 0, 0
     other_up = extra if method == "fedsa" else shared_other  # FedSA keeps its head local by default
     other_down = other_up
     return F32 * (MODULES * per[0] + other_up), F32 * (MODULES * per[1] + other_down)
@@ -62,9 +66,14 @@ def test_every_method_and_adapter_runs(small_csv, method, adapter):
     history = exp.simulator.run()
     assert [h["round"] for h in history] == [1, 2]
     U = 3
+    if method == "local":  # a reference point: clients never communicate, nothing to aggregate or measure
+        assert all(h["bytes_up"] == h["bytes_down"] == 0 and h["divergence"] is None for h in history)
+        return
+    if method == "central":  # one pooled client holding every client's data
+        U = 1
     for h in history:
         up, down = hand_count(method, adapter, U, h["round"])
-        assert h["clients"] == [0, 1, 2]
+        assert h["clients"] == list(range(U))
         assert 0.0 <= h["global_accuracy"] <= 1.0 and 0.0 <= h["local_accuracy"] <= 1.0
         assert math.isfinite(h["train_loss"])
         assert h["local_global_gap"] == pytest.approx(h["local_accuracy"] - h["global_accuracy"])

@@ -130,6 +130,11 @@ class Method:
     unsupported: ClassVar[dict[str, str]] = {}  # adapter -> why this method cannot use it
     options: ClassVar[dict[str, Option]] = {}  # method options (CLI flags --NAME-OPTION)
     keeps_head_local: ClassVar[bool] = False  # default of --keep-head-local
+    # Reference points (DESIGN.md, trustworthy comparisons), not federations: ``pooled`` trains one model on the union
+    # of the clients' data (``central``); ``communicates = False`` reports no bytes (``central``, ``local``).
+    pooled: ClassVar[bool] = False
+    communicates: ClassVar[bool] = True
+    in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
 
     def __init__(self, *, keep_head_local: bool | None = None, **options):
         declared = {k: options.pop(k) for k in list(options) if k in self.options}
@@ -204,6 +209,11 @@ class Method:
         ``start`` is None (the server derives the expected upload layout that way)."""
         private = set(self.private(h)) | set(self.frozen(h, rnd))
         return {n: t for n, t in tensors.items() if n not in private}
+
+    def scored_states(self, held: dict[int, Tensors], private: dict[int, Tensors]) -> list[Tensors] | None:
+        """The models whose mean accuracy on the global test set is the round's global accuracy, when that is not the
+        one global model (``local``: every client's own); ``held``/``private``: each client's state."""
+        return None
 
     def eval_extras(self, h: AdapterHandle, tensors: Tensors) -> Tensors:
         """Private tensors the server needs only to score a global model (FedSA's B and heads); not protocol bytes."""

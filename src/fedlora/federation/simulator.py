@@ -429,8 +429,18 @@ class Simulator:
             "bytes_up": received + setup[0], "bytes_down": down + setup[1], "aggregation_seconds": seconds,
             "rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted,
         }
-        h.set(self.eval_tensors)
-        global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
+        if not method.communicates:  # a reference point (central, local): nothing crosses a network
+            metrics["bytes_up"] = metrics["bytes_down"] = 0
+        states = method.scored_states(self.held, self.private)
+        if states:  # e.g. `local`: the mean of the clients' own models on the global test set
+            scores = []
+            for state in states:
+                h.set(state)
+                scores.append(self.task.evaluate(self.model, self.global_test, cfg.device))
+            global_acc = sum(scores) / len(scores)
+        else:
+            h.set(self.eval_tensors)
+            global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
         h.set(self.global_tensors)
         metrics = finish_metrics(metrics, global_acc, time.perf_counter() - started)
         self.history.append(metrics)

@@ -61,3 +61,24 @@ class ClassificationTask:
             correct += int((logits.argmax(dim=-1) == labels).sum())
         model.train(was_training)
         return correct / len(split)
+
+
+def pooled(splits: list):
+    """One split holding every example of ``splits`` (the same split type, padded to one width): the union of the
+    clients' data that the ``central`` reference trains on."""
+    import dataclasses
+
+    first = splits[0]
+    values = {}
+    for f in dataclasses.fields(first):
+        parts = [getattr(s, f.name) for s in splits]
+        if isinstance(parts[0], Tensor):
+            if len({tuple(p.shape[1:]) for p in parts}) != 1:
+                raise ValueError(f"cannot pool the clients' data: their {f.name} have different widths; tokenise them to one --max-length")
+            values[f.name] = torch.cat(parts)
+        elif isinstance(parts[0], list):
+            values[f.name] = [x for p in parts for x in p]
+        else:
+            values[f.name] = parts[0]
+    return type(first)(**values)
+

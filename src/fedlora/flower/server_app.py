@@ -50,6 +50,9 @@ def run_federation(grid: Grid, config: RunConfig) -> list[dict]:
 
     t0 = time.perf_counter()
     exp = build(config)
+    why = exp.simulator.method.in_process_only
+    if why:
+        raise ValueError(f"method {config.method} runs in-process only ({why}); run it with `fedlora run --method {config.method}`")
     strategy = FedLoRAStrategy(exp)
     strategy.connect(grid)
     strategy.setup(grid, REPLY_TIMEOUT_SECONDS)  # round 0, for a method that has one

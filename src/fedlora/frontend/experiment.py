@@ -268,11 +268,24 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
 
     ranks = config.ranks()
     clients = [SimClient(c.cid, split(c.train), split(c.test), None if ranks is None else ranks[c.cid]) for c in fed.clients]
+    clients, fcfg = reference_clients(method, clients, config.federation_config())
     sim = Simulator(
-        peft_model, handle, method, clients, split(fed.global_test), config.federation_config(),
+        peft_model, handle, method, clients, split(fed.global_test), fcfg,
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
+
+
+def reference_clients(method, clients: list[SimClient], fcfg: FederationConfig) -> tuple[list[SimClient], FederationConfig]:
+    """For a method that pools the data (``central``): one client holding every client's training and test
+    examples, training as many steps per round as the federation's sampled clients together. Otherwise unchanged."""
+    if not method.pooled:
+        return clients, fcfg
+    from fedlora.federation.tasks import pooled
+
+    per_round = max(1, int(round(fcfg.fraction * len(clients))))
+    one = SimClient(0, pooled([c.train for c in clients]), pooled([c.test for c in clients]))
+    return [one], dataclasses.replace(fcfg, fraction=1.0, local_steps=fcfg.local_steps * per_round)
 
 
 def federated_text(config: RunConfig):
@@ -337,8 +350,9 @@ def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_
                         eval_batch_size=max(16, config.batch_size), code_timeout=config.code_timeout, on_progress=on_progress)
     ranks = config.ranks()
     clients = [SimClient(c.cid, split(c.train), split(c.test), None if ranks is None else ranks[c.cid]) for c in fed.clients]
+    clients, fcfg = reference_clients(method, clients, config.federation_config())
     sim = Simulator(
-        peft_model, handle, method, clients, split(fed.global_test), config.federation_config(), task=task,
+        peft_model, handle, method, clients, split(fed.global_test), fcfg, task=task,
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())

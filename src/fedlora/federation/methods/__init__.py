@@ -8,4 +8,5 @@ yours), name the module in your package's entry points, group ``fedlora.methods`
 it after the built-in methods (:func:`fedlora.federation.protocol.load_plugins`).
 """
 
-from . import fedit, ffa, fedsa, flora, fedex, florana, svd, flexlora, hetlora, rolora, fedsvd, lorafair, fedrot, fedmomentum, frlora, fedsb, ravan, feddpa  # noqa: F401  # isort: skip
+from . import fedit, ffa, fedsa, flora, fedex, florana, svd, flexlora, hetlora, rolora, fedsvd  # noqa: F401  # isort: skip
+from . import lorafair, fedrot, fedmomentum, frlora, fedsb, ravan, feddpa, central, local  # noqa: F401  # isort: skip
