@@ -262,7 +262,7 @@ def test_bad_input_is_one_line(instructions_jsonl, tmp_path, capsys):
     cases = [
         (["--data", str(no_prompt)], "--prompt-column"),
         (["--data", str(instructions_jsonl), "--task", "generation"], "unknown task 'generation'"),
-        (["--data", str(instructions_jsonl), "--model", "minilm"], "encoder"),
+        (["--data", str(instructions_jsonl), "--model", "minilm"], "is a model for classification"),
         (["--data", str(instructions_jsonl), "--scoring", "bleu"], "unknown scoring 'bleu'"),
         (["--data", str(instructions_jsonl), "--scoring", "pass@1"], "pass@1 needs tests"),
         (["--data", str(instructions_jsonl), "--max-new-tokens", "0"], "max_new_tokens=0"),

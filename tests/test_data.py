@@ -144,7 +144,7 @@ def test_hub_failure_is_one_clear_error(monkeypatch):
         ("body,label\ngood,pos\nbad,neg\n", {},
          "'reviews.csv' has no column 'text' (columns: body, label); pass --text-column body"),
         ("text,label\ngood,pos\nfine,pos\n", {}, "'reviews.csv' has only one class ('pos') in column 'label'"),
-        ("text,label\n ,pos\n,neg\n", {}, "'reviews.csv' has no rows with non-empty text and a label"),
+        ("text,label\n ,pos\n,neg\n", {}, "'reviews.csv' has no usable rows (2 read; 2 with empty text or no label)"),
         ("text,label\ngood,pos\nbad,neg\n", {"limit": 1}, "limit=1 leaves too few examples"),
     ],
 )
@@ -269,15 +269,16 @@ def test_describe_and_summary(tweets):
         ({"n_clients": 101, "partition": "iid"}, "n_clients=101 is more than the 100 examples left"),
         ({"partition": "pathological", "labels_per_client": 0}, "labels_per_client=0 is outside 1..3"),
         ({"partition": "pathological", "labels_per_client": 4}, "labels_per_client=4 is outside 1..3"),
-        ({"test_examples": 200}, "test_examples=200 must be between 0 and 199 to leave a pool"),
-        ({"test_examples": -1}, "test_examples=-1 must be between 0 and 199"),
+        ({"test_examples": 200}, "test_examples=200 must be between 1 and 199 to score the global model and leave a pool"),
+        ({"test_examples": -1}, "test_examples=-1 must be between 1 and 199"),
+        ({"test_examples": 0}, "test_examples=0 must be between 1 and 199"),  # the global model needs a test set
         ({"n_clients": 11}, "11 clients × min_partition_size=10 needs more than the 100 pool examples"),
         ({"local_test_fraction": 1.0}, "local_test_fraction=1.0 must be in [0, 1)"),
         ({"examples_per_client": 0}, "examples_per_client=0 leaves clients empty"),
         ({"n_clients": 10, "alpha": 0.01, "min_partition_size": 0, "test_examples": 160},
          "client 1 ended with 0 training examples under dirichlet(alpha=0.01)"),
-        ({"n_clients": 10, "alpha": 0.05, "test_examples": 0},
-         "dirichlet(alpha=0.05) left some of 10 clients below min_partition_size=10 of the 200 pool examples"),
+        ({"n_clients": 10, "alpha": 0.05, "test_examples": 1},
+         "dirichlet(alpha=0.05) left some of 10 clients below min_partition_size=10 of the 199 pool examples"),
     ],
 )
 def test_bad_federate_arguments_raise_one_sentence(kwargs, message):
