@@ -22,7 +22,8 @@ Prints two markdown tables.
    with ``B0``, ``A0`` of unit-scale entries (scale-free: ρ depends on ε only), and round one, where
    ``B0 = 0`` so each ``B_u`` is its client's own update.
 
-Uploads are generated once per U and shared by all methods (``ffa``, ``rolora`` and ``fedsvd`` get one shared A per module; ``fedsa``
+Uploads are generated once per U and shared by all methods (``ffa``, ``rolora``, ``fedsvd``, and ``fedsb``/``ravan``
+(their clients' B·C_u over the shared bases) get one shared A per module; ``fedsa``
 gets only the As, as its clients upload no B). Weights are n_u / Σn with random n_u.
 """
 
@@ -113,7 +114,7 @@ def dense_ideal(Bs, As, w, names):
 def run_method(method, Bs, As, shared_A, w, names):
     if method == "dense ΔW*":
         return dense_ideal(Bs, As, w, names)
-    if method in ("ffa", "rolora", "fedsvd"):  # A frozen, the same on every client (rolora: a B-round)
+    if method in ("ffa", "rolora", "fedsvd", "fedsb", "ravan"):  # A frozen, the same on every client (rolora: a B-round)
         As = [shared_A] * len(As)
     if method == "fedsa":
         Bs = None
