@@ -3,6 +3,8 @@
     python benchmarks/bench_aggregation.py            # 32 layers × (q_proj, v_proj), 4096×4096, r = 16, U ∈ {10, 50}
     python benchmarks/bench_aggregation.py --quick    # 2 layers, U ∈ {4, 10}: a smoke run of a few seconds
     python benchmarks/bench_aggregation.py --threads 1   # on a shared machine: one core, no thread hand-offs
+    python benchmarks/bench_aggregation.py --scale    # cross-device scale: U ∈ {10, 100, 1000}, per matrix
+    python benchmarks/bench_aggregation.py --scale --device cuda   # the same on a GPU (uploads on the GPU)
 
 Prints two markdown tables.
 
@@ -21,6 +23,15 @@ Prints two markdown tables.
    Eckart–Young bound, on factors that drift from a common start: ``B_u = B0 + ε·N``, ``A_u = A0 + ε·N``
    with ``B0``, ``A0`` of unit-scale entries (scale-free: ρ depends on ε only), and round one, where
    ``B0 = 0`` so each ``B_u`` is its client's own update.
+
+3. ``--scale`` (instead of 1 and 2): the methods whose server work grows with the number of clients, at U = 10,
+   100 and 1000 clients (``--scale-clients``), reported per matrix: U = 10 and 100 on the 32 layers, U = 1000 on
+   ``--scale-layers-1000`` layers (4 by default: 8 matrices, 4.2 GB of uploads). Ratios to forming ΔW* densely in
+   the same run; ``svd``/``flexlora``/``florana`` as ``aggregate`` runs them (``solver="auto"``: exact up to 256
+   stacked columns, randomized/iterative above), and the exact solvers beside them where they fit (U ≤ 100). Accuracy on the first
+   ``--div-modules`` matrices: ρ/ρ_min − 1 for svd (the exact Eckart–Young bound: QR for U ≤ 100, a dense float64
+   SVD of ΔW* above) and FLoRA-NA's objective ‖ΔW* − B̂Â‖² against the exact solver's (U ≤ 100) and FedIT's. Peak extra
+   memory as in table 1 (on CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before).
 
 Uploads are generated once per U and shared by all methods (``ffa``, ``rolora``, ``fedsvd``, and ``fedsb``/``ravan``
 (their clients' B·C_u over the shared bases) get one shared A per module; ``fedsa``
@@ -86,20 +97,20 @@ def module_names(layers: int) -> list[str]:
     return [f"model.layers.{i}.self_attn.{p}_proj" for i in range(layers) for p in ("q", "v")]
 
 
-def make_uploads(names, U, eps, seed, *, round_one=False):
+def make_uploads(names, U, eps, seed, *, round_one=False, device="cpu"):
     """Per-client dicts of factors drifting from a common start (no extra copies of the uploads)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     Bs = [{} for _ in range(U)]
     As = [{} for _ in range(U)]
     shared_A = {}
     for name in names:
-        B0 = torch.zeros(D, RANK) if round_one else torch.randn(D, RANK, generator=g)
-        A0 = torch.randn(RANK, K, generator=g)
+        B0 = torch.zeros(D, RANK, device=device) if round_one else torch.randn(D, RANK, generator=g, device=device)
+        A0 = torch.randn(RANK, K, generator=g, device=device)
         shared_A[name] = A0
         for u in range(U):
-            Bs[u][name] = torch.randn(D, RANK, generator=g).mul_(eps).add_(B0)
-            As[u][name] = torch.randn(RANK, K, generator=g).mul_(eps).add_(A0)
-    n = torch.randint(50, 500, (U,), generator=g).double()
+            Bs[u][name] = torch.randn(D, RANK, generator=g, device=device).mul_(eps).add_(B0)
+            As[u][name] = torch.randn(RANK, K, generator=g, device=device).mul_(eps).add_(A0)
+    n = torch.randint(50, 500, (U,), generator=torch.Generator().manual_seed(seed)).double()
     return Bs, As, shared_A, n / n.sum()
 
 
@@ -224,6 +235,116 @@ def divergence_table(U_list, n_modules, seed):
                   f"{mean['bound']:.3e} |", flush=True)
 
 
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_on(device, fn):
+    """(wall seconds, peak extra MiB) of ``fn()``: VmHWM on the CPU, the CUDA allocator's peak on a GPU."""
+    gc.collect()
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        res = fn()
+        sync(device)
+        seconds = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        before = vm_kib("VmRSS")
+        reset_peak()
+        t0 = time.perf_counter()
+        res = fn()
+        seconds = time.perf_counter() - t0
+        peak = max(vm_kib("VmHWM") - before, 0) / 1024
+    del res
+    return seconds, peak
+
+
+SCALE_METHODS = [("dense ΔW*", None, {}), ("fedit", "fedit", {}), ("svd", "svd", {}), ("flexlora", "flexlora", {}),
+                 ("florana", "florana", {}), ("svd (exact)", "svd", {"solver": "exact"}),
+                 ("florana (exact)", "florana", {"solver": "exact"})]
+
+
+def dense_rho(b, a, w, agg, device):
+    """ρ against a dense ΔW* (for U where the QR-based ``divergence`` would cost more than the benchmark)."""
+    X = torch.cat([B.double() * float(c) for B, c in zip(b, w)], dim=1) @ torch.cat([A.double() for A in a], dim=0)
+    err = X - agg.B.double() @ agg.A.double()
+    return float(torch.linalg.matrix_norm(err) / torch.linalg.matrix_norm(X)), X
+
+
+def scale_accuracy(names, Bs, As, w, U, device):
+    """ρ/ρ_min − 1 for svd, FLoRA-NA's objective against the exact solver's and FedIT's, mean over ``names``."""
+    out = {"svd": [], "flexlora": [], "florana/exact": [], "florana/fedit": [], "sweeps": [], "cg": []}
+    for name in names:
+        b, a = [B[name] for B in Bs], [A[name] for A in As]
+        res = {m: aggregate(m, b, a, w) for m in ("svd", "flexlora", "florana", "fedit")}
+        out["sweeps"].append(res["florana"].info["iterations"])
+        out["cg"].append(res["florana"].info.get("cg_steps", 0))
+        if U * RANK <= 1600:  # QR-based, exact in float64
+            bound = eckart_young_bound(b, a, w)
+            rho = {m: divergence(b, a, w, r) for m, r in res.items()}
+            rho["exact"] = divergence(b, a, w, aggregate("florana", b, a, w, solver="exact"))
+        else:  # dense float64 ΔW* and its singular values
+            rho = {}
+            for m, r in res.items():
+                rho[m], X = dense_rho(b, a, w, r, device)
+            s = torch.linalg.svdvals(X)
+            bound = float(s[RANK:].norm() / s.norm())
+            rho["exact"] = None
+        out["svd"].append(rho["svd"] / bound - 1)
+        out["flexlora"].append(rho["flexlora"] / bound - 1)
+        if rho["exact"] is not None:
+            out["florana/exact"].append(rho["florana"] ** 2 / rho["exact"] ** 2 - 1)
+        out["florana/fedit"].append(rho["florana"] ** 2 / rho["fedit"] ** 2)
+    return {k: (statistics.fmean(v) if v else None) for k, v in out.items()}
+
+
+def scale_table(U_list, layers_for, repeats, seed, n_acc, device):
+    rows = []
+    for U in U_list:
+        layers = layers_for(U)
+        names = module_names(layers)
+        Bs, As, _, w = make_uploads(names, U, eps=0.2, seed=seed, device=device)
+        methods = [m for m in SCALE_METHODS if not (m[2].get("solver") == "exact" and U * RANK > 1600)]
+        one = names[0]
+        for _label, m, kw in methods:  # warm-up on one module
+            if m:
+                aggregate_model(m, [{one: B[one]} for B in Bs], [{one: A[one]} for A in As], w, **kw)
+        times = {label: [] for label, _, _ in methods}
+        peaks = {label: 0.0 for label, _, _ in methods}
+        for _ in range(repeats):
+            for label, m, kw in methods:
+                fn = (lambda: dense_ideal(Bs, As, w, names)) if m is None else (lambda m=m, kw=kw: aggregate_model(m, Bs, As, w, **kw))
+                t, mib = measure_on(device, fn)
+                times[label].append(t)
+                peaks[label] = max(peaks[label], mib)
+                print(f"  U={U} {label}: {t:.3f}s, +{mib:.0f} MiB", file=sys.stderr, flush=True)
+        acc = scale_accuracy(names[:n_acc], Bs, As, w, U, device)
+        print(f"  U={U} accuracy: {acc}", file=sys.stderr, flush=True)
+        dense = statistics.median(times["dense ΔW*"])
+        for label, _, _ in methods:
+            t = statistics.median(times[label])
+            rows.append((U, len(names), label, t / len(names), t / dense, peaks[label], acc))
+        Bs = As = None  # free this U's uploads before the next
+        gc.collect()
+    print(f"\n### Scale: {D}×{K} matrices, r = {RANK}, float32 uploads drifting from a common start (ε = 0.2), on {device}\n")
+    print("| U | matrices | method | s per matrix | × dense | peak extra MiB | accuracy (first matrices) |")
+    print("|---:|---:|---|---:|---:|---:|---|")
+    for U, n_mat, label, t, ratio, mib, acc in rows:
+        note = ""
+        if label == "svd":
+            note = f"ρ/ρ_min − 1 = {acc['svd']:.1e}"
+        elif label == "flexlora":
+            note = f"ρ/ρ_min − 1 = {acc['flexlora']:.1e}"
+        elif label == "florana":
+            vs = f"objective/exact − 1 = {acc['florana/exact']:.1e}; " if acc["florana/exact"] is not None else ""
+            note = f"{vs}objective/FedIT's = {acc['florana/fedit']:.4f}; {acc['sweeps']:.1f} sweeps, {acc['cg']:.0f} CG steps"
+        print(f"| {U} | {n_mat} | {label} | {t:.4f} | {ratio:.3f} | {mib:.0f} | {note} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 layers, U ∈ {4, 10}, one repeat")
@@ -233,6 +354,10 @@ def main() -> None:
     ap.add_argument("--div-modules", type=int, help="modules in the divergence table (default 4)")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scale", action="store_true", help="the cross-device scale table instead (U ∈ {10, 100, 1000})")
+    ap.add_argument("--scale-clients", type=int, nargs="+", default=[10, 100, 1000], help="U values of --scale")
+    ap.add_argument("--scale-layers-1000", type=int, default=4, help="layers at U ≥ 1000 under --scale (default 4)")
+    ap.add_argument("--device", default="cpu", help="where the uploads live (cpu, cuda)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,6 +369,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average before start {os.getloadavg()[0]:.2f}")
     print(f"command: python benchmarks/bench_aggregation.py {' '.join(sys.argv[1:])}".rstrip())
+    if args.scale:
+        big = args.scale_layers_1000
+        scale_table(args.scale_clients, lambda U: big if U >= 1000 else (args.layers or (2 if args.quick else 32)),
+                    args.repeats or (1 if args.quick else 2), args.seed, n_div, args.device)
+        return
     cost_table(U_list, layers, repeats, args.seed)
     factorisation_table(U_list, repeats, args.seed)
     divergence_table(U_list, n_div, args.seed)

@@ -57,7 +57,7 @@ def components_to_keep(sigma2: Tensor, rank: int, tau: float) -> int:
     return min(int(reached[0]) + 1, rank) if reached.numel() else rank
 
 
-@register_rule("fedmomentum", comm=_comm)
+@register_rule("fedmomentum", comm=_comm, quadratic=True)
 def fedmomentum(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tau: float = 0.9999) -> Aggregate:
     tau = check_tau(tau)
     r = Bs[0].shape[1]

@@ -9,7 +9,9 @@ ranks and scales this is ``svd``.
 
 Unlike the reference implementation (which forms the dense d×k update and runs a full SVD per layer per round,
 and never instantiates per-client ranks), the SVD is the factor-space one of ``svd.py``: a Gram root of the
-stacked A, the (Σr_u)² core's eigendecomposition, two thin products. O((d+k)(Σr_u)² + (Σr_u)³), never d×k.
+stacked A, the (Σr_u)² core's eigendecomposition, two thin products. O((d+k)(Σr_u)² + (Σr_u)³), never d×k. Above
+``svd.EXACT_MAX_COLUMNS`` stacked columns (``solver="auto"``) the randomized path of ``svd.py`` takes over, linear
+in the number of clients, ρ within ``tol`` of each truncation's bound.
 """
 
 from __future__ import annotations
@@ -26,5 +28,5 @@ def _comm(d: int, k: int, r: int, U: int) -> tuple[int, int]:
 
 
 @register_rule("flexlora", comm=_comm, mixed_ranks=True)
-def flexlora(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Aggregate:
-    return truncated_svd(Bs, As, w, max(B.shape[1] for B in Bs), method="flexlora")
+def flexlora(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, solver: str = "auto", tol: float = 0.01, seed: int = 0) -> Aggregate:
+    return truncated_svd(Bs, As, w, max(B.shape[1] for B in Bs), method="flexlora", solver=solver, tol=tol, seed=seed)

@@ -31,6 +31,9 @@ class Rule:
     ``mixed_ranks``: whether clients may upload different ranks (segment averaging, stacking, truncation…).
     ``truncates``: under mixed ranks or scales, client u receives ``(B̂[:, :r_u], Â[:r_u]) / √s_u`` (``.clients``);
     False when every client receives the same broadcast (stacking).
+    ``quadratic``: the rule holds (Σ r_u)² Grams at every number of clients (FedMomentum's eigensolve over all
+    components); the others stay linear in U in memory (``svd``/``flexlora``/``florana`` switch solvers above
+    ``svd.EXACT_MAX_COLUMNS`` stacked columns). The simulator's memory guard reads it.
     """
 
     name: str
@@ -39,6 +42,7 @@ class Rule:
     needs_B: bool = True
     mixed_ranks: bool = False
     truncates: bool = True
+    quadratic: bool = False
 
     @property
     def options(self) -> dict[str, object]:
@@ -75,11 +79,12 @@ class _Names(Sequence[str]):
 METHODS: Sequence[str] = _Names()
 
 
-def register_rule(name: str, *, comm: Comm, needs_B: bool = True, mixed_ranks: bool = False, truncates: bool = True):
+def register_rule(name: str, *, comm: Comm, needs_B: bool = True, mixed_ranks: bool = False, truncates: bool = True,
+                  quadratic: bool = False):
     """Decorator: register ``fn`` as the server rule ``name`` (PEFT's tuners register themselves the same way)."""
 
     def deco(fn: Callable[..., Aggregate]) -> Callable[..., Aggregate]:
-        RULES[name] = Rule(name, fn, comm, needs_B=needs_B, mixed_ranks=mixed_ranks, truncates=truncates)
+        RULES[name] = Rule(name, fn, comm, needs_B=needs_B, mixed_ranks=mixed_ranks, truncates=truncates, quadratic=quadratic)
         return fn
 
     return deco

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.adapters import AdapterHandle
-from fedlora.aggregation import aggregate, divergence, eckart_young_bound
+from fedlora.aggregation import RULES, aggregate, divergence, eckart_young_bound, get_rule
 from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors
 from fedlora.federation.screening import Rejection, check_structure, norm_outliers, schema, update_norm
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
@@ -261,16 +261,20 @@ def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: 
     return [r for r in accepted if r.cid not in bad], rejected + outliers
 
 
-def server_memory_bytes(h: AdapterHandle, U: int) -> int:
-    """A bound on the server step's working memory for U clients per round: per adapted matrix, the methods that
-    work in the clients' stacked factor space (FLoRA-NA, SVD, FlexLoRA, FedMomentum…) hold a few (U·r)² Grams and
-    the stacked U·r(d+k) factors in float64; the other trainables are averaged in place."""
-    r = h.rank
-    worst = max((3 * (U * r) ** 2 + 2 * U * r * (layer.out_features + layer.in_features)) for layer in h.layers.values())
+def server_memory_bytes(h: AdapterHandle, U: int, *, quadratic: bool = False) -> int:
+    """A bound on the server step's working memory for U clients per round, per adapted matrix (one at a time):
+    the stacked U·r(d+k) factors in float64 a few times over (the rules' stacks, the divergence metric's QRs) and
+    the Grams of the stacked-factor rules, (U·r)² each: at most ``svd.EXACT_MAX_COLUMNS``² for the rules that
+    switch to their randomized/iterative paths above it, every (U·r)² for a ``quadratic`` rule (FedMomentum)."""
+    from fedlora.aggregation.svd import EXACT_MAX_COLUMNS
+
+    n = U * h.rank
+    gram = n if quadratic else min(n, EXACT_MAX_COLUMNS)
+    worst = max((3 * gram**2 + 3 * n * (layer.out_features + layer.in_features)) for layer in h.layers.values())
     return 8 * worst
 
 
-def check_server_memory(h: AdapterHandle, U: int) -> None:
+def check_server_memory(h: AdapterHandle, U: int, *, quadratic: bool = False) -> None:
     """Refuse, before any training, a configuration whose server step cannot fit in this machine's memory."""
     import os
 
@@ -278,7 +282,7 @@ def check_server_memory(h: AdapterHandle, U: int) -> None:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return
-    need = server_memory_bytes(h, U)
+    need = server_memory_bytes(h, U, quadratic=quadratic)
     if need > total // 2:
         raise ValueError(f"the server step for {U} clients per round at rank {h.rank} needs about {need / 2**30:.1f} GiB, more than half of "
                          f"this machine's {total / 2**30:.1f} GiB; lower --rank, --clients or --fraction")
@@ -319,7 +323,8 @@ class Simulator:
             if not 1 <= p.rank <= h.rank:
                 raise ValueError(f"client {p.cid} has rank {p.rank} but the model's adapter has rank {h.rank}; build it at the largest client rank")
         self.mixed = any(p.rank != h.rank for p in self.peers)
-        check_server_memory(h, max(1, int(round(self.config.fraction * len(self.clients)))))
+        rule = get_rule(self.method.rule) if self.method.rule in RULES else None
+        check_server_memory(h, max(1, int(round(self.config.fraction * len(self.clients)))), quadratic=bool(rule and rule.quadratic))
         self.server = Peer(-1, h.rank, h.spec.scale_at(h.rank))
         self.global_tensors: Tensors = h.get()
         self.eval_tensors: Tensors = self.global_tensors
