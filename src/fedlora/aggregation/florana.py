@@ -182,7 +182,13 @@ def _centred(ts: list[Tensor], w: Tensor, dim: int, dtype: torch.dtype) -> tuple
     mean = torch.zeros_like(ts[0], dtype=torch.float64)
     for t, c in zip(ts, w.tolist()):
         mean.add_(t.to(torch.float64), alpha=c)
-    return mean, torch.cat([(t.to(torch.float64) - mean).to(dtype) for t in ts], dim=dim)
+    size = ts[0].shape[dim]
+    shape = list(ts[0].shape)
+    shape[dim] = size * len(ts)
+    out = torch.empty(shape, dtype=dtype, device=mean.device)  # filled in place: no list of copies, no cat
+    for u, t in enumerate(ts):
+        out.narrow(dim, u * size, size).copy_(t.to(torch.float64) - mean)
+    return mean, out
 
 
 class _Centred:

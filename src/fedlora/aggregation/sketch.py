@@ -102,7 +102,7 @@ def randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int |
                    seed: int = 0, test_vectors: int = 8) -> RandomizedSVD:
     """Randomized SVD of the implicit ``op`` good for its top ``rank`` triplets: ρ ≤ (1 + tol)·ρ_min, estimated.
 
-    ``oversample`` defaults to max(rank, 10) extra columns (ℓ = rank + oversample, capped at n, d and k: at the cap
+    ``oversample`` defaults to 10 extra columns (ℓ = rank + oversample, capped at n, d and k: at the cap
     the sketch spans ΔW*'s whole range and the result is exact without power iterations). Cost: 2 + 2q products
     with ΔW* of width ℓ for q power iterations (q = 1 when the spectrum has a clear gap after rank r), QRs of d×ℓ
     and k×ℓ matrices, and ℓ×ℓ eigensolves.
@@ -114,7 +114,7 @@ def randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int |
     """
     d, k = op.shape
     n, dev, dtype = op.n, op.B.device, op.B.dtype
-    p = max(rank, 10) if oversample is None else oversample
+    p = 10 if oversample is None else oversample
     ell = min(rank + p, n, d, k)
     full = ell >= min(n, d, k)  # the sketch spans the range: exact in exact arithmetic
     m = 0 if full else test_vectors

@@ -23,7 +23,7 @@ Cost O((d+k)(Ur)² + (Ur)³); never forms a d×k matrix.
 
 **Many clients.** That cost is quadratic in the number of clients U. Above ``EXACT_MAX_COLUMNS`` stacked columns
 (``solver="auto"``) the rule switches to ``sketch.randomized_svd``: a randomized range finder with power
-iterations on the implicit ``ΔW* = B_cat W A_cat``, O((d+k)·Ur·ℓ) per product for ℓ = r + max(r, 10), a few
+iterations on the implicit ``ΔW* = B_cat W A_cat``, O((d+k)·Ur·ℓ) per product for ℓ = r + 10, a few
 products in all, with ρ within ``tol`` (default 1%) of the Eckart–Young bound by its a-posteriori estimate
 (measured against the exact bound in the tests and ``benchmarks/bench_aggregation.py --scale``). ``solver="exact"``
 or ``"randomized"`` forces a path; ``info["solver"]`` says which ran. Below the threshold results stay exact to
@@ -43,7 +43,8 @@ from .sketch import Ideal, randomized_svd
 
 # Stacked columns n = Σ r_u above which ``solver="auto"`` takes the randomized path. Measured on LLaMA-7B-shaped
 # matrices (4096², r = 16, float32, 2 cores; benchmarks/bench_aggregation.py --scale): the exact path costs
-# O((d+k)·n²) in float64, the randomized one about six float32 products of width ℓ = 32; they cross near n = 256.
+# O((d+k)·n²) in float64, the randomized one four to six float32 products of width ℓ = r + 10; they cross near
+# n = 256.
 EXACT_MAX_COLUMNS = 256
 SOLVERS = ("auto", "exact", "randomized")
 
