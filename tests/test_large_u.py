@@ -107,13 +107,15 @@ def objective(Bs, As, w, res):
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-@pytest.mark.parametrize("regime", ["round one", "drift 0.05", "drift 0.3", "drift 1"])
+@pytest.mark.parametrize("regime", ["independent", "round one", "drift 0.05", "drift 0.3", "drift 1"])
 @pytest.mark.parametrize("U", [5, 12, 30])
 def test_iterative_florana_equals_the_exact_solver_where_both_run(U, regime, dtype):
-    Bs, As, w = clients(U, 4, 48, 40, regime, seed=U, dtype=dtype)
+    Bs, As, w = clients(U, 4, 48, 40, regime, seed=U, dtype=dtype)  # independent clients: a harder landscape
     exact = aggregate("florana", Bs, As, w, solver="exact")
     it = aggregate("florana", Bs, As, w, solver="iterative")
-    assert it.info["solver"] == "iterative" and it.info["converged"] and it.info["restarts"] == 0
+    assert it.info["solver"] == "iterative" and it.info["restarts"] == 0
+    # Independent clients are the alternation's slow case (no common start): it may use all 100 sweeps there.
+    assert it.info["converged"] or regime == "independent"
     assert it.B.dtype == dtype and it.p.dtype == F64
     f_exact, f_it = objective(Bs, As, w, exact), objective(Bs, As, w, it)
     assert f_it <= f_exact * (1 + 1e-3)
@@ -182,3 +184,22 @@ def test_the_memory_guard_refuses_quadratic_rules_at_scale_but_not_the_linear_pa
     llama = SimpleNamespace(rank=16, layers={"q": SimpleNamespace(out_features=4096, in_features=4096)})
     check_server_memory(llama, 100)  # an ordinary cross-device round passes
     check_server_memory(llama, 100, quadratic=True)
+
+
+def test_a_federation_of_a_hundred_clients_runs_the_linear_paths(small_csv):
+    """On the tiny model (32×32 layers, r = 4), 100 clients are 400 stacked columns: past the exact paths. The
+    simulator's own metrics (exact: QR-based) then check them: svd within 1 part in 100 of the bound, FLoRA-NA no
+    worse than FedIT."""
+    from conftest import tiny_config
+    from fedlora.frontend.experiment import build
+
+    runs = {}
+    for method, solver in (("svd", "auto"), ("florana", "auto"), ("fedit", ""), ("svd", "exact")):
+        cfg = tiny_config(small_csv, method=method, clients=100, examples_per_client=4, rounds=1, local_steps=2, batch_size=2,
+                          method_options=f"{method}-solver={solver}" if solver else "")
+        runs[(method, solver or "auto")] = build(cfg).simulator.run()[-1]
+    svd, florana, fedit, exact = runs[("svd", "auto")], runs[("florana", "auto")], runs[("fedit", "auto")], runs[("svd", "exact")]
+    assert svd["bound"] > 1e-4  # two local steps: the As move too, so ΔW* has more than rank r
+    assert svd["divergence"] <= 1.01 * svd["bound"] + 1e-6  # float32 products: ~1e-7 of rounding
+    assert svd["divergence"] == pytest.approx(exact["divergence"], rel=1e-2)
+    assert florana["divergence"] <= fedit["divergence"] * (1 + 1e-6)

@@ -159,17 +159,16 @@ def check_uploads(
                 f"client {u}'s {kind}{_where(name)} is {_shape(mine)} but client 0's is {_shape(theirs)}: "
                 "every client must use the same rank r"
             )
-    mags: dict[str, list[float]] = {"B": [], "A": []}
+    mags: dict[str, list[float]] = {"B": [] if Bs is None else max_abs_all(Bs), "A": max_abs_all(As)}
     for u in range(len(As)):
-        for kind, t in (("B", None if Bs is None else Bs[u]), ("A", As[u])):
-            if t is None:
+        for kind in ("B", "A"):
+            if not mags[kind]:
                 continue
-            m = max_abs(t)  # one pass: NaN or ±Inf anywhere makes it non-finite
+            m = mags[kind][u]  # one pass: NaN or ±Inf anywhere makes it non-finite
             if not math.isfinite(m):
                 raise ValueError(
                     f"client {u}'s {kind}{_where(name)} contains NaN or Inf; drop or fix that client's upload"
                 )
-            mags[kind].append(m)
     w, s = check_weights(weights, len(As)), check_scales(scales, len(As))
     if Bs is not None:
         check_magnitudes(Bs, As, mags["B"], mags["A"], s, name)
@@ -181,6 +180,16 @@ def max_abs(t: Tensor) -> float:
     temporary (``abs().amax()`` makes a copy of the tensor); about two of ``all_finite``'s sums on CPU."""
     lo, hi = torch.aminmax(t)
     return float(torch.maximum(hi, -lo))  # torch.maximum propagates NaN
+
+
+def max_abs_all(tensors: Sequence[Tensor]) -> list[float]:
+    """``max_abs`` of each tensor. On an accelerator, one fused multi-tensor kernel and one host transfer for the lot:
+    a ``float()`` per tensor would synchronise with the device 2U times per matrix (measured on an H100 at U = 1000:
+    most of FedIT's server time). On the CPU, ``max_abs`` per tensor (no temporary)."""
+    if not tensors or tensors[0].device.type == "cpu":
+        return [max_abs(t) for t in tensors]
+    norms = torch._foreach_norm(list(tensors), ord=math.inf)  # NaN and ±Inf propagate, as in max_abs
+    return torch.stack([n.to(torch.float64) for n in norms]).cpu().tolist()
 
 
 def log10_abs(x: float) -> float:

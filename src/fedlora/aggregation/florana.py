@@ -179,6 +179,12 @@ def _centred(ts: list[Tensor], w: Tensor, dim: int, dtype: torch.dtype) -> tuple
     Clients drifting from one start share a large common part; products of the raw stack in float32 round it at
     1e-7 of its size, which swamps the small deviations the solver must resolve (round one: the As differ by
     ~1e-2). Deviations formed in float64 and stored in float32 keep 1e-7 of their own size."""
+    if ts[0].device.type != "cpu":  # an accelerator: a few batched kernels, not 3U launches (memory is ample there)
+        st = torch.stack(list(ts)).to(torch.float64)
+        mean = torch.tensordot(w.to(st.device, torch.float64), st, dims=1)
+        devs = (st - mean).to(dtype)
+        out = devs.permute(1, 0, 2).reshape(st.shape[1], -1) if dim == 1 else devs.reshape(-1, st.shape[2])
+        return mean, out
     mean = torch.zeros_like(ts[0], dtype=torch.float64)
     for t, c in zip(ts, w.tolist()):
         mean.add_(t.to(torch.float64), alpha=c)
