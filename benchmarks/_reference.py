@@ -33,7 +33,7 @@ def simulated_client(sim, client, seed: int) -> None:
 
     sim.handle.set(sim.global_tensors)
     train_local(sim.model, sim.task, client.train, sim.config, seed)
-    sim.method.upload(sim.handle, sim.handle.get())
+    sim.method.upload(sim.handle, sim.handle.get(), 1)
 
 
 def best_seconds(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:

@@ -4,6 +4,7 @@
 (CLI, experiments, data and model loading, Flower, reports)."""
 
 from fedlora.federation.causal_lm import CausalLMSplit, CausalLMTask
+from fedlora.federation.privacy import PrivacyConfig
 from fedlora.federation.protocol import (
     REGISTRY,
     Method,
@@ -23,7 +24,7 @@ from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
 __all__ = [
     "Method", "Option", "Peer", "REGISTRY", "RoundContext", "ServerUpdate", "make_method", "method_class",
     "method_names", "parse_method_options", "register",
-    "FederationConfig", "SimClient", "Simulator", "nbytes",
+    "FederationConfig", "PrivacyConfig", "SimClient", "Simulator", "nbytes",
     "ClassificationTask", "TokenizedSplit", "CausalLMTask", "CausalLMSplit",
 ]
 

@@ -9,6 +9,7 @@ scale s(r_u); clients of one rank share one view of the global state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -20,7 +21,18 @@ from torch import Tensor, nn
 
 from fedlora.adapters import AdapterHandle
 from fedlora.aggregation import RULES, aggregate, divergence, eckart_young_bound, get_rule
-from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors
+from fedlora.federation.privacy import (
+    EXAMPLE_DP_ADAPTERS,
+    ClientAccountants,
+    PrivacyConfig,
+    dp_sgd_steps,
+    epsilon_spent,
+    example_rate,
+    noise_for_epsilon,
+    privatise,
+    sample_poisson,
+)
+from fedlora.federation.protocol import REGISTRY, Method, Peer, RoundContext, ServerUpdate, Tensors
 from fedlora.federation.screening import Rejection, check_structure, norm_outliers, schema, update_norm
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
 
@@ -45,6 +57,7 @@ class FederationConfig:
     bound: bool = True  # also compute the Eckart–Young bound per layer (cheap: Gram space)
     max_norm_ratio: float = 10.0  # reject updates above this × the round's median norm (0: off); see screening.py
     similarity: bool = False  # also record the clients' mean pairwise cosine similarity of A and B per module
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # client-level DP (privacy.py)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -83,6 +96,19 @@ def sample_clients(n_clients: int, fraction: float, seed: int, rnd: int) -> list
     m = max(1, int(round(fraction * n_clients)))
     order = torch.randperm(n_clients, generator=torch.Generator().manual_seed(round_seed(seed, rnd)))
     return sorted(order[:m].tolist())
+
+
+def linear_methods() -> list[str]:
+    """The registered methods whose server rule is a weighted sum of the uploads (secure aggregation, central DP)."""
+    return [name for name, cls in REGISTRY.items() if cls.linear]
+
+
+def sample_round(n_clients: int, cfg: FederationConfig, rnd: int) -> list[int]:
+    """The clients of round ``rnd``: a seeded fixed-size sample, or under client-level DP Poisson sampling at rate
+    ``fraction`` (what the accountant's amplification by sampling assumes)."""
+    if cfg.privacy.client_level:
+        return sample_poisson(n_clients, cfg.fraction, round_seed(cfg.seed, rnd, -3))
+    return sample_clients(n_clients, cfg.fraction, cfg.seed, rnd)
 
 
 def client_weights(sizes: list[int], weighting: str) -> Tensor:
@@ -180,7 +206,10 @@ def _mean(values: dict[str, float] | None) -> float | None:
 def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationConfig, seed: int,
                 loss_term: Callable[[], Tensor | None] | None = None) -> float:
     """A client's local steps on the model as loaded; fresh AdamW each round (clients keep no optimizer state).
-    ``loss_term``: the method's extra term added to each step's loss (HetLoRA's regulariser)."""
+    ``loss_term``: the method's extra term added to each step's loss (HetLoRA's regulariser). Under example-level DP
+    the steps are DP-SGD (``privacy.dp_sgd_steps``)."""
+    if cfg.privacy.example_level:
+        return dp_sgd_steps(model, task, train, cfg, seed, cfg.privacy, loss_term)
     torch.manual_seed(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -325,6 +354,9 @@ class Simulator:
         self.mixed = any(p.rank != h.rank for p in self.peers)
         rule = get_rule(self.method.rule) if self.method.rule in RULES else None
         check_server_memory(h, max(1, int(round(self.config.fraction * len(self.clients)))), quadratic=bool(rule and rule.quadratic))
+        self.accountants = None
+        if self.config.privacy.enabled:
+            self._check_privacy()
         self.server = Peer(-1, h.rank, h.spec.scale_at(h.rank))
         self.global_tensors: Tensors = h.get()
         self.eval_tensors: Tensors = self.global_tensors
@@ -373,6 +405,48 @@ class Simulator:
         self.setup_bytes, self.set_up = (up, down), True
         return broadcast
 
+    def _check_privacy(self) -> None:
+        """Refuse what DP cannot cover and fix the noise for a target ε. Client-level: also replace the weighting and
+        norm screening (uniform weights bound the sensitivity; the clipping bounds every update)."""
+        cfg, method = self.config, self.method
+        if method.needs_setup():
+            raise ValueError(f"--dp {cfg.privacy.mode} does not cover {method.name}'s setup round (its uploads are not clipped or noised); "
+                             "choose a setup-free option (e.g. --fedsb-init random)")
+        if cfg.privacy.example_level:
+            kind = self.handle.spec.kind
+            if kind not in EXAMPLE_DP_ADAPTERS:
+                raise ValueError(f"--dp example needs per-example gradients, which Opacus computes for {' and '.join(EXAMPLE_DP_ADAPTERS)} "
+                                 f"layers but not for {kind}'s (DoRA's magnitude, VeRA's and HiRA's vectors); pass --adapter lora or rslora")
+            privacy = cfg.privacy
+            if privacy.target_epsilon is not None:  # the client that samples fastest and joins every round meets it
+                rate = max(example_rate(cfg.batch_size, len(c.train)) for c in self.clients)
+                privacy = dataclasses.replace(privacy, noise=noise_for_epsilon(privacy.target_epsilon, privacy.delta, rate,
+                                                                               cfg.rounds * cfg.local_steps, privacy.accountant),
+                                              target_epsilon=None)
+            self.config = dataclasses.replace(cfg, privacy=privacy)
+            self.accountants = ClientAccountants(privacy)
+            return
+        if not method.is_linear():
+            raise ValueError(f"--dp client needs a method whose server rule is a weighted sum of the uploads (linear: "
+                             f"{', '.join(linear_methods())}); {method.name} needs each client's factors")
+        if self.mixed:
+            raise ValueError("--dp client with mixed client ranks is not supported; drop --client-ranks")
+        if cfg.weighting != "uniform":
+            log.warning("--dp client: client weights are uniform (the sensitivity needs bounded weights); --weighting %s is ignored", cfg.weighting)
+        privacy = cfg.privacy.resolved(sample_rate=cfg.fraction, rounds=cfg.rounds)
+        self.config = dataclasses.replace(cfg, privacy=privacy, weighting="uniform", max_norm_ratio=0.0)
+
+    def privacy_metrics(self, rnd: int) -> dict:
+        p, cfg = self.config.privacy, self.config
+        if not p.enabled:
+            return {}
+        if p.example_level:  # the largest ε any client has spent so far, and each client's
+            per_client = {cid: self.accountants.epsilon(cid) for cid in sorted(self.accountants.history)}
+            return {"epsilon": max(per_client.values(), default=0.0), "epsilon_per_client": per_client, "delta": p.delta,
+                    "dp_noise_multiplier": p.noise, "dp_clip": p.clip, "dp_accountant": p.accountant}
+        return {"epsilon": epsilon_spent(p.noise, cfg.fraction, rnd, p.delta, p.accountant), "delta": p.delta,
+                "dp_noise_multiplier": p.noise, "dp_clip": p.clip, "dp_accountant": p.accountant}
+
     # -- the round: sample → local training → upload → aggregate → apply → evaluate ------------------------------
     def round(self, rnd: int) -> dict:
         cfg, h, method = self.config, self.handle, self.method
@@ -380,7 +454,7 @@ class Simulator:
         if not self.history and not self.set_up and method.needs_setup():
             self.setup()
         results, failed = [], []
-        for cid in sample_clients(len(self.clients), cfg.fraction, cfg.seed, rnd):
+        for cid in sample_round(len(self.clients), cfg, rnd):
             try:
                 results.append(self.turn(h, method, self.task, self.clients[cid], self.held[cid] | self.private.get(cid, {}), cfg, rnd))
             except Exception as exc:  # a failing client is data, not the end of the run
@@ -408,11 +482,24 @@ class Simulator:
         rho = rho_min = rho_fedit = None
         update, down, seconds = None, 0, 0.0
         setup, self.setup_bytes = self.setup_bytes or (0, 0), None  # round 0's bytes go into the first round's row
-        if accepted:
+        dp = cfg.privacy
+        if dp.example_level:  # every client that trained spent privacy, accepted or not
+            for cid in [r.cid for r in results] + [f.cid for f in failed]:
+                self.accountants.spend(cid, example_rate(cfg.batch_size, len(self.clients[cid].train)), cfg.local_steps)
+        if accepted or dp.client_level:  # under DP a round nobody joined still releases its noise
             inputs = [r.upload | r.extras for r in accepted]
             weights = client_weights([r.n_train for r in accepted], cfg.weighting)  # renormalised over accepted clients
             seed = round_seed(cfg.seed, rnd)
-            ctx = RoundContext(rnd, seed, [self.peers[r.cid] for r in accepted], mixed=self.mixed)
+            peers = [self.peers[r.cid] for r in accepted]
+            if dp.client_level:
+                template = None if accepted else method.upload(h, self.global_tensors, rnd)
+                uploads, diag = privatise([r.upload for r in accepted], [self.held[r.cid] for r in accepted], dp,
+                                          cfg.fraction * len(self.clients), round_seed(cfg.seed, rnd, -2), template)
+                inputs = [u | r.extras for u, r in zip(uploads, accepted)] if accepted else uploads
+                peers = peers or [self.server]
+                weights = client_weights([1] * len(inputs), "uniform")
+                metrics |= {"dp_clipped": diag["clipped"], "dp_noise_std": diag["noise_std"]}
+            ctx = RoundContext(rnd, seed, peers, mixed=self.mixed)
             t_agg = time.perf_counter()
             update = method.aggregate(h, inputs, weights, self.global_tensors, ctx)
             seconds = time.perf_counter() - t_agg
@@ -421,13 +508,14 @@ class Simulator:
                 metrics |= similarity_metrics(h, method, inputs, self.global_tensors)
             n_local = sum(r.n_test for r in accepted)
             metrics["local_accuracy"] = sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan
-            down = sum(nbytes(method.deliver(h, update.broadcast, p)) for p in ctx.peers)
+            down = sum(nbytes(method.deliver(h, update.broadcast, self.peers[r.cid])) for r in accepted)
             self._apply(update, seed)
             for r in accepted:
                 if r.private:
                     self.private[r.cid] = r.private
         else:
             log.warning("round %d: no client left after screening; round skipped, global model unchanged", rnd)
+        metrics |= self.privacy_metrics(rnd)
         metrics |= {
             "divergence": _mean(rho), "divergence_per_layer": rho, "bound": _mean(rho_min), "bound_per_layer": rho_min,
             "fedit_divergence": _mean(rho_fedit), "fedit_divergence_per_layer": rho_fedit,
@@ -495,7 +583,10 @@ class Simulator:
         for module, folded in h.folded.items():
             tensors[f"base/{module}"] = h.layers[module].get_base_layer().weight.detach()
             tensors[f"folded/{module}"] = folded
-        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"round": len(self.history), "history": self.history}
+        meta = {"round": len(self.history), "history": self.history}
+        if self.accountants is not None:
+            meta["dp_accountants"] = self.accountants.state()
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
     @torch.no_grad()
     def restore(self, tensors: Tensors, meta: dict) -> None:
@@ -520,6 +611,8 @@ class Simulator:
         self.held = {p.cid: self.global_tensors | held[p.cid] if p.cid in held else self.global_tensors for p in self.peers}
         h.set(self.global_tensors)
         self.history = list(meta["history"])
+        if self.accountants is not None:
+            self.accountants.load(meta.get("dp_accountants", {}))
         self.set_up = bool(self.history)
 
     def global_state(self) -> Tensors:

@@ -1,8 +1,9 @@
 """Flower's run config ⇄ :class:`~fedlora.frontend.experiment.RunConfig`: the keys are ``fedlora run``'s long flags.
 
-Flower's run config holds only str, int, float and bool, so the three settings that can be "not given" on the
+Flower's run config holds only str, int, float and bool, so the four settings that can be "not given" on the
 CLI have a stated stand-in here: ``examples-per-client = 0`` (no cap), ``keep-head-local = "auto"`` (the method's
-default) and ``out = ""`` (``runs/METHOD-TIMESTAMP`` in the ServerApp's working directory).
+default), ``dp-target-epsilon = 0`` (no target: ``dp-noise`` as given) and ``out = ""`` (``runs/METHOD-TIMESTAMP`` in
+the ServerApp's working directory).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 
 from fedlora.frontend.experiment import RunConfig
 
-_NONE_STANDINS = {"examples_per_client": 0, "keep_head_local": "auto", "out": ""}
+_NONE_STANDINS = {"examples_per_client": 0, "keep_head_local": "auto", "dp_target_epsilon": 0.0, "out": ""}
 
 
 def to_flower(config: RunConfig) -> dict[str, str | int | float | bool]:
@@ -53,6 +54,8 @@ def _coerce(key: str, name: str, raw: object, hint: object) -> object:
         if name == "examples_per_client" and isinstance(raw, int) and not isinstance(raw, bool) and raw <= 0:
             return None
         if name == "out" and raw == "":
+            return None
+        if name == "dp_target_epsilon" and isinstance(raw, int | float) and not isinstance(raw, bool) and raw <= 0:
             return None
     if base is bool and isinstance(raw, bool):
         return raw

@@ -1,6 +1,6 @@
 """The Flower strategy: :class:`~fedlora.federation.simulator.Simulator`'s round, with the clients on SuperNodes.
 
-A thin adapter. Sampling is the simulator's seeded :func:`sample_clients` over partition ids; the server half of
+A thin adapter. Sampling is the simulator's seeded :func:`sample_round` over partition ids; the server half of
 the round is :meth:`Simulator.close_round`, the very code ``Simulator.round`` runs (screening, the method object's
 ``aggregate``, the same divergence, bound and byte counts, the method's ``fold``/``take`` on the server's own model,
 the global score, the metrics line). What each client receives is the method's ``deliver`` for that client (its
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedlora.federation.screening import Rejection
-from fedlora.federation.simulator import ClientResult, sample_clients
+from fedlora.federation.simulator import ClientResult, sample_round
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
 from fedlora.frontend.experiment import Experiment
 
@@ -111,7 +111,7 @@ class FedLoRAStrategy:
         round whose result the server accepted from it (so it keeps only accepted private state, as the simulator)."""
         cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
         messages = []
-        self.sampled = sample_clients(len(self.sim.clients), cfg.fraction, cfg.seed, rnd)
+        self.sampled = sample_round(len(self.sim.clients), cfg, rnd)
         for cid in self.sampled:
             rounds = list(range(self.synced[cid] + 1, rnd))
             order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]}

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from fedlora.adapters import ADAPTERS, AdapterHandle, AdapterSpec
 from fedlora.federation import (
     FederationConfig,
+    PrivacyConfig,
     SimClient,
     Simulator,
     TokenizedSplit,
@@ -81,6 +82,17 @@ class RunConfig:
     max_length: int | None = _flag(None, "max tokens per example (classification: 64; causal-lm: 128, prompt + response)")
     device: str = _flag("auto", "auto, cpu or cuda[:N]")
     similarity: bool = _flag(_FED.similarity, "also record the clients' mean pairwise cosine similarity of A and B per module")
+    # differential privacy (DESIGN.md, "Privacy"; fedlora.federation.privacy)
+    dp: str = _flag("none", "differential privacy: none; client (DP-FedAvg: clipped client updates, Gaussian noise on their sum, "
+                            "Poisson client sampling at --fraction; linear methods only); example (DP-SGD in every client's "
+                            "local training with Opacus; lora and rslora)")
+    dp_clip: float = _flag(1.0, "DP: L2 bound C on one client's update (client) or on one example's gradient (example)")
+    dp_noise: float = _flag(1.0, "DP: noise multiplier z (standard deviation z·C on the sum of the clipped updates or gradients)")
+    dp_delta: float = _flag(1e-5, "DP: δ of the reported (ε, δ); keep it below 1/number of clients")
+    dp_target_epsilon: float | None = _flag(None, "DP: choose --dp-noise so that the planned rounds spend this ε at --dp-delta")
+    dp_accountant: str = _flag("rdp", "DP: Opacus's accountant, rdp or prv")
+    dp_secure_noise: bool = _flag(False, "DP: draw the noise from the OS's randomness, not the run's seed (deployments: nobody who "
+                                         "knows the seed can subtract it; runs are then not reproducible)")
     # causal-LM instruction tuning (--task causal-lm); ignored by classification
     task: str = _flag("classification", "classification or causal-lm (instruction tuning, scored by generation)")
     prompt_column: str = _flag("prompt", "causal-lm: prompt field of --data files/datasets")
@@ -187,8 +199,13 @@ class RunConfig:
         return FederationConfig(
             rounds=self.rounds, fraction=self.fraction, local_steps=self.local_steps, batch_size=self.batch_size,
             lr=self.lr, seed=self.seed, weighting=self.weighting, device=self.resolved_device(),
-            max_norm_ratio=self.max_norm_ratio, similarity=self.similarity,
+            max_norm_ratio=self.max_norm_ratio, similarity=self.similarity, privacy=self.privacy_config(),
         )
+
+    def privacy_config(self) -> PrivacyConfig:
+        return PrivacyConfig(mode=self.dp, clip=float(self.dp_clip), noise=float(self.dp_noise), delta=float(self.dp_delta),
+                             target_epsilon=None if self.dp_target_epsilon is None else float(self.dp_target_epsilon),
+                             accountant=self.dp_accountant, secure_noise=bool(self.dp_secure_noise))
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike, **overrides) -> RunConfig:

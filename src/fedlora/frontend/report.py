@@ -37,6 +37,7 @@ def final_row(method: str, history: list[dict], wall_seconds: float) -> dict:
         "mb_up": sum(h["bytes_up"] for h in history) / 1e6,
         "mb_down": sum(h["bytes_down"] for h in history) / 1e6,
         "wall_seconds": wall_seconds,
+        **({"epsilon": last["epsilon"]} if "epsilon" in last else {}),
     }
 
 
@@ -46,7 +47,9 @@ MAJORITY_MARGIN = 0.01  # global accuracy within this of the majority-class rate
 def markdown_table(rows: list[dict], majority: float | None = None) -> str:
     """The comparison table; with ``majority`` (the global test set's majority-class rate) a global accuracy
     within 0.01 of it is marked † and a line under the table says what that means."""
-    head = "| method | global acc | local acc | gap | mean ρ | MB up | MB down | wall s |\n|---|---|---|---|---|---|---|---|\n"
+    private = any("epsilon" in r for r in rows)  # a DP run: its privacy spent beside its accuracy
+    head = ("| method | global acc | local acc | gap | mean ρ | MB up | MB down | wall s |" + (" ε |" if private else "")
+            + "\n|---|---|---|---|---|---|---|---|" + ("---|" if private else "") + "\n")
 
     def acc(r: dict) -> str:
         a = r["global_accuracy"]
@@ -55,7 +58,8 @@ def markdown_table(rows: list[dict], majority: float | None = None) -> str:
 
     body = "".join(
         f"| {r['method']} | {acc(r)} | {_fmt(r['local_accuracy'])} | {_fmt(r['gap'])} | "
-        f"{_fmt(r['divergence'], 4)} | {_fmt(r['mb_up'], 2)} | {_fmt(r['mb_down'], 2)} | {_fmt(r['wall_seconds'], 0)} |\n"
+        f"{_fmt(r['divergence'], 4)} | {_fmt(r['mb_up'], 2)} | {_fmt(r['mb_down'], 2)} | {_fmt(r['wall_seconds'], 0)} |"
+        + (f" {_fmt(r.get('epsilon'), 3)} |" if private else "") + "\n"
         for r in rows
     )
     if majority is None:
@@ -91,12 +95,13 @@ def seeded_tables(results: dict[str, list[dict]], seeds: list[int], reference: s
 
     rates = [m for m in majority if m is not None]
     rate = sum(rates) / len(rates) if rates else None
+    columns = COLUMNS + ((("ε", "epsilon", 3),) if any("epsilon" in r for rows in results.values() for r in rows) else ())
     lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± half-width of the 95 % t-interval over {len(seeds)} paired seeds.", "",
-             "| method | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+             "| method | " + " | ".join(c[0] for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for method, rows in results.items():
         cells = []
-        for _, key, digits in COLUMNS:
-            cell = _pm([r[key] for r in rows], digits)
+        for _, key, digits in columns:
+            cell = _pm([r.get(key, math.nan) for r in rows], digits)
             if key == "global_accuracy" and rate is not None and interval([r[key] for r in rows])[0] <= rate + MAJORITY_MARGIN:
                 cell += " †"
             cells.append(cell)
@@ -134,6 +139,9 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
         + (f", α={cfg.alpha}" if cfg.partition == "dirichlet" else "")
         + f"), {cfg.rounds} rounds × {cfg.local_steps} local steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}.",
         "",
+        *([f"Client-level differential privacy (DP-FedAvg): clip C = {cfg.dp_clip}, noise multiplier z = {history[-1]['dp_noise_multiplier']:.4g}, "
+           f"Poisson client sampling at q = {cfg.fraction}; ε = {history[-1]['epsilon']:.4g} at δ = {history[-1]['delta']:g} after "
+           f"{history[-1]['round']} rounds (Opacus {history[-1]['dp_accountant'].upper()} accountant).", ""] if "epsilon" in history[-1] else []),
         "## Final",
         "",
         markdown_table([final_row(cfg.method, history, wall_seconds)]),

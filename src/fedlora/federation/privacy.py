@@ -1,0 +1,251 @@
+"""Differential privacy of a federated run: client-level DP-FedAvg and its accountant.
+
+Client-level DP (``--dp client``; McMahan et al., "Learning Differentially Private Recurrent Language Models",
+ICLR 2018, DESIGN.md "Privacy"): every round each client is included independently with probability q (Poisson
+sampling, q = ``--fraction``); each included client's update Δ_u (what it uploads minus what it started the round
+from, all uploaded tensors together) is clipped to L2 norm C; the server adds Gaussian noise of standard deviation
+z·C to the sum and divides by the *expected* number of participants m = q·N. Client weights are uniform (the
+sensitivity of the sum to one client is then C) and the clipping replaces norm screening. Neighbouring datasets
+differ by one client (add/remove). Only methods whose server rule is a weighted sum of the uploads (trait
+``linear``) qualify: their rule then sees exactly the noisy average ``start + (Σ clip(Δ_u) + ξ)/m`` and whatever it
+does after that is post-processing.
+
+How the noisy sum reaches the method: each included client's upload becomes ``start + clip(Δ_u)·n/m`` (n clients
+this round) and the noise ``ξ·n/m`` is added to the first of them; with uniform weights 1/n the rule's weighted
+sum is then ``start + (Σ clip(Δ_u) + ξ)/m`` exactly, which is all a linear rule reads. A round in which nobody was
+sampled still releases ``start + ξ/m`` (a pseudo-upload), as the mechanism requires.
+
+Accounting: Opacus's accountant (RDP by default, or PRV), stepped once per round with noise multiplier z and
+sample rate q; ε at δ after every round. ``noise_for_epsilon`` picks z for a target ε over the planned rounds.
+
+The noise comes from a generator seeded by the run's seed and the round (reproducible runs, which a study needs);
+a deployment that must not let anyone who knows the seed subtract the noise should seed it from the OS
+(``secure_noise=True``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Tensors = dict[str, Tensor]
+DP_MODES = ("none", "client", "example")
+EXAMPLE_DP_ADAPTERS = ("lora", "rslora")  # Opacus's per-example gradients cover PEFT's LoRA layers (nn.Linear) only
+ACCOUNTANTS = ("rdp", "prv")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``mode``: none, client or example. ``clip`` C, ``noise`` multiplier z (standard deviation z·C on the sum), ``delta`` δ,
+    ``target_epsilon``: when set, z is chosen for it over the run's rounds (``resolved``). ``accountant``: rdp or prv."""
+
+    mode: str = "none"
+    clip: float = 1.0
+    noise: float = 1.0
+    delta: float = 1e-5
+    target_epsilon: float | None = None
+    accountant: str = "rdp"
+    secure_noise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in DP_MODES:
+            raise ValueError(f"unknown --dp {self.mode!r}; choose one of {', '.join(DP_MODES)}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown --dp-accountant {self.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+        if not (isinstance(self.clip, (int, float)) and self.clip > 0 and math.isfinite(self.clip) or self.clip == math.inf):
+            raise ValueError(f"--dp-clip {self.clip} must be positive; pass the L2 bound C on one client's update, e.g. --dp-clip 1.0")
+        if not (self.noise >= 0 and math.isfinite(self.noise)):
+            raise ValueError(f"--dp-noise {self.noise} must be a finite number ≥ 0; pass the noise multiplier z, e.g. --dp-noise 1.0")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"--dp-delta {self.delta} is outside (0, 1); pass e.g. --dp-delta 1e-5 (below 1/number of clients)")
+        if self.target_epsilon is not None and not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise ValueError(f"--dp-target-epsilon {self.target_epsilon} must be a positive number, e.g. 8")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def client_level(self) -> bool:
+        return self.mode == "client"
+
+    @property
+    def example_level(self) -> bool:
+        return self.mode == "example"
+
+    def resolved(self, *, sample_rate: float, rounds: int) -> PrivacyConfig:
+        """This config with z chosen for ``target_epsilon`` over ``rounds`` at ``sample_rate`` (unchanged without one)."""
+        if self.target_epsilon is None or not self.enabled:
+            return self
+        from dataclasses import replace
+
+        return replace(self, noise=noise_for_epsilon(self.target_epsilon, self.delta, sample_rate, rounds, self.accountant), target_epsilon=None)
+
+
+def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
+    """The smallest noise multiplier z that keeps ``steps`` Poisson-subsampled Gaussian steps within (ε, δ)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant))
+    except ValueError as exc:
+        raise ValueError(f"no noise multiplier reaches ε = {epsilon} at δ = {delta} over {steps} rounds at sampling rate {sample_rate}: {exc}; "
+                         "raise --dp-target-epsilon or --dp-delta") from None
+
+
+def epsilon_spent(noise: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+    """ε at δ after ``steps`` rounds of the subsampled Gaussian mechanism (noise multiplier z, rate q), from Opacus's
+    accountant. ``inf`` without noise; 0 before the first step."""
+    if steps <= 0:
+        return 0.0
+    if noise <= 0:
+        return math.inf
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(accountant)
+    acc.history = [(noise, sample_rate, steps)]  # constant z and q: one entry covers every round (resume included)
+    return float(acc.get_epsilon(delta=delta))
+
+
+def sample_poisson(n_clients: int, rate: float, seed: int) -> list[int]:
+    """Each client independently with probability ``rate`` (the sampling the accountant's amplification assumes)."""
+    draws = torch.rand(n_clients, generator=torch.Generator().manual_seed(seed))
+    return [i for i in range(n_clients) if float(draws[i]) < rate]
+
+
+def update_of(upload: Tensors, start: Tensors) -> Tensors:
+    """Δ_u: the uploaded trainables minus what the client started from (float64)."""
+    return {k: t.double() - start[k].double() for k, t in upload.items() if k in start and t.is_floating_point()}
+
+
+def l2(tensors: Tensors) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors.values()))
+
+
+def privatise(uploads: list[Tensors], starts: list[Tensors], cfg: PrivacyConfig, expected: float, seed: int,
+              template: Tensors | None = None) -> tuple[list[Tensors], dict]:
+    """The uploads a linear rule must see so that its uniform-weighted sum is ``start + (Σ clip(Δ_u) + ξ)/m``
+    (module docstring); ``expected`` is m = q·N, ``starts[u]`` what client u started from. With no uploads,
+    ``template`` (the upload layout at the current state) carries the noise alone. Returns the uploads and
+    diagnostics: each client's update norm before clipping, how many were clipped, the noise's standard deviation
+    on the average (z·C/m)."""
+    n = len(uploads)
+    if n == 0:
+        if template is None:
+            raise ValueError("a DP round with no participants needs the upload layout (template) to release its noise")
+        uploads, starts = [dict(template)], [dict(template)]
+    scale = max(n, 1) / expected
+    norms, out = [], []
+    for up, start in zip(uploads, starts):
+        delta = update_of(up, start) if n else {}
+        norm = l2(delta)
+        norms.append(norm)
+        factor = 1.0 if cfg.clip == math.inf or norm <= cfg.clip else cfg.clip / norm
+        if factor == 1.0 and scale == 1.0:
+            out.append(dict(up))  # nothing to change: bit-for-bit the client's own upload
+            continue
+        new = dict(up)
+        for k, d in delta.items():
+            new[k] = (start[k].double() + d * (factor * scale)).to(up[k].dtype)
+        out.append(new)
+    sigma = cfg.noise * cfg.clip / expected if cfg.clip != math.inf else (math.inf if cfg.noise > 0 else 0.0)
+    if cfg.noise > 0:
+        if not math.isfinite(sigma):
+            raise ValueError("--dp-noise > 0 with an infinite --dp-clip adds infinite noise; pass a finite --dp-clip")
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") if cfg.secure_noise else seed)
+        first, ref = out[0], starts[0]
+        for k in sorted(first):  # a fixed order: the same seed gives the same noise
+            if k in ref and first[k].is_floating_point():
+                xi = torch.randn(first[k].shape, generator=gen, dtype=torch.float64) * (cfg.noise * cfg.clip)  # on the sum
+                first[k] = (first[k].double() + xi.to(first[k].device) * scale).to(first[k].dtype)  # ξ·n/m: ξ/m on the mean
+    clipped = sum(1 for x in norms if cfg.clip != math.inf and x > cfg.clip) if n else 0
+    return out, {"update_norms": norms if n else [], "clipped": clipped, "noise_std": sigma}
+
+
+# ---- example-level DP: DP-SGD inside a client's local training (Opacus) -------------------------------------------
+
+
+def dp_sgd_steps(model, task, train, cfg, seed: int, privacy: PrivacyConfig, loss_term=None) -> float:
+    """A client's local steps as DP-SGD (Abadi et al. 2016) with Opacus: each step draws a Poisson batch (every example
+    with probability q = batch_size/n, the sampling the accountant assumes), Opacus's ``GradSampleModule`` computes the
+    per-example gradients of the trainables, its ``DPOptimizer`` clips each to ``privacy.clip`` and adds Gaussian
+    noise of standard deviation z·C to their sum before the AdamW step. A step whose batch is empty still adds its
+    noise. Returns the mean training loss. The caller accounts for (z, q, steps)."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    torch.manual_seed(seed)  # dropout
+    gen = torch.Generator().manual_seed(seed)
+    noise_gen = None if privacy.secure_noise else torch.Generator(device=cfg.device).manual_seed(seed + 1)
+    n = len(train)
+    rate = example_rate(cfg.batch_size, n)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gs = GradSampleModule(model, loss_reduction="mean", strict=True)
+    quiet = warnings.catch_warnings()  # Opacus's full backward hooks fire on a frozen embedding's outputs: expected here
+    quiet.__enter__()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    try:
+        opt = DPOptimizer(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), noise_multiplier=privacy.noise,
+                          max_grad_norm=privacy.clip, expected_batch_size=max(1, round(rate * n)), generator=noise_gen,
+                          secure_mode=privacy.secure_noise)
+        gs.train()
+        losses = []
+        for _ in range(cfg.local_steps):
+            index = torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
+            if len(index) == 0:  # nobody drawn: the step is the noise alone
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            else:
+                loss = task.loss(gs, train.batch(index, cfg.device))
+                extra = loss_term() if loss_term else None
+                if extra is not None:
+                    raise ValueError("example-level DP cannot clip a method's extra loss term per example (HetLoRA's regulariser); "
+                                     "pass --hetlora-lam 0 or drop --dp example")
+                loss.backward()
+                losses.append(float(loss.detach()))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        gs._close()
+        quiet.__exit__(None, None, None)
+    return sum(losses) / len(losses) if losses else math.nan
+
+
+def example_rate(batch_size: int, n: int) -> float:
+    """Each example's per-step sampling probability under example-level DP."""
+    return min(1.0, batch_size / max(n, 1))
+
+
+class ClientAccountants:
+    """Example-level DP's per-client ledger: each client's (z, q_u, steps) entries, its ε at δ from Opacus."""
+
+    def __init__(self, privacy: PrivacyConfig) -> None:
+        self.privacy = privacy
+        self.history: dict[int, list[tuple[float, float, int]]] = {}
+
+    def spend(self, cid: int, sample_rate: float, steps: int) -> None:
+        self.history.setdefault(cid, []).append((self.privacy.noise, sample_rate, steps))
+
+    def epsilon(self, cid: int) -> float:
+        entries = self.history.get(cid)
+        if not entries:
+            return 0.0
+        if self.privacy.noise <= 0:
+            return math.inf
+        from opacus.accountants import create_accountant
+
+        acc = create_accountant(self.privacy.accountant)
+        acc.history = list(entries)
+        return float(acc.get_epsilon(delta=self.privacy.delta))
+
+    def state(self) -> dict:
+        return {str(c): [list(e) for e in v] for c, v in self.history.items()}
+
+    def load(self, state: dict) -> None:
+        self.history = {int(c): [tuple(e) for e in v] for c, v in state.items()}
