@@ -8,8 +8,9 @@ weight matrices carry the adapters, with a known optimum.
 * **Teachers.** A shared teacher ``W* = W0 + P`` with a planted rank-``TEACHER_RANK`` perturbation P on each layer
   (as large as the layer itself), and client u's teacher ``W_u = W* + α·Q_u`` with its own rank-``TEACHER_RANK``
   deviation Q_u of the same size: α = 0 gives every client the same teacher (model homogeneity).
-* **Inputs** as FedProx: ``x ~ N(v_u, Σ)`` with ``Σ_jj = j^{-1.2}``, ``v_u ~ N(m_u, 1)``, ``m_u ~ N(0, β)``: β = 0
-  gives every client the same input distribution.
+* **Inputs** as FedProx: ``x ~ N(v_u, Σ)`` with ``Σ_jj = j^{-1.2}`` and ``m_u ~ N(0, β)``, but ``v_u ~ N(m_u, β)``
+  (FedProx draws v_u with variance 1, so its Synthetic(0, 0) is not IID; here β = 0 gives every client the same
+  input distribution).
 * **Labels** are sampled, ``y ~ softmax(teacher_u(x))``, so no model does better on average than the teacher's own
   entropy: the Bayes loss, recorded per example (``entropy``). With α = 0 and adapters of rank ≥ ``TEACHER_RANK``
   the student can represent the teacher exactly, so that bound is the optimum; with α > 0 it is a lower bound.
@@ -93,6 +94,7 @@ class SyntheticData:
     clients: list[tuple[SyntheticShard, SyntheticShard]]  # (train, local test) per client
     global_test: SyntheticShard
     weights: dict[str, Tensor]  # W0
+    teachers: list[dict[str, Tensor]]  # each client's generating network
 
     @property
     def label_names(self) -> list[str]:
@@ -120,7 +122,7 @@ def generate(spec: SyntheticSpec, *, n_clients: int, examples_per_client: int, t
     for _ in range(n_clients):
         teachers.append({k: (v + spec.alpha * _low_rank_like(W0[k], g)) if k.endswith("weight") else v for k, v in shared.items()})
         m = torch.randn((), generator=g) * math.sqrt(spec.beta)
-        centres.append(m + torch.randn(D_IN, generator=g))
+        centres.append(m + torch.randn(D_IN, generator=g) * math.sqrt(spec.beta))
 
     def draw(u: int, n: int) -> SyntheticShard:
         x = centres[u] + torch.randn(n, D_IN, generator=g) * sigma
@@ -134,4 +136,4 @@ def generate(spec: SyntheticSpec, *, n_clients: int, examples_per_client: int, t
     parts = [draw(u, k) for u, k in enumerate(per) if k]
     glob = SyntheticShard(x=torch.cat([p.x for p in parts]), labels=torch.cat([p.labels for p in parts]),
                           entropy=torch.cat([p.entropy for p in parts]))
-    return SyntheticData(spec=spec, clients=clients, global_test=glob, weights=W0)
+    return SyntheticData(spec=spec, clients=clients, global_test=glob, weights=W0, teachers=teachers)

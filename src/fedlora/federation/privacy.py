@@ -191,7 +191,9 @@ def dp_sgd_steps(model, task, train, cfg, seed: int, privacy: PrivacyConfig, los
     quiet.__enter__()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     try:
-        opt = DPOptimizer(torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), noise_multiplier=privacy.noise,
+        from fedlora.federation.simulator import local_optimizer
+
+        opt = DPOptimizer(local_optimizer(params, cfg), noise_multiplier=privacy.noise,
                           max_grad_norm=privacy.clip, expected_batch_size=max(1, round(rate * n)), generator=noise_gen,
                           secure_mode=privacy.secure_noise)
         gs.train()

@@ -39,6 +39,14 @@ from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
 log = logging.getLogger("fedlora")
 
 WEIGHTINGS = ("examples", "uniform")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def local_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """A fresh local optimizer (clients keep no optimizer state across rounds)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,8 @@ class FederationConfig:
     lr: float = 3e-3
     seed: int = 0
     weighting: str = "examples"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clip each local step's gradient norm (0: off); under --dp example the per-example clip replaces it
+    optimizer: str = "adamw"  # local optimizer: adamw, or sgd (plain gradient steps: one step of FedEx is then the centralised step)
     device: str = "cpu"
     bound: bool = True  # also compute the Eckart–Young bound per layer (cheap: Gram space)
     max_norm_ratio: float = 10.0  # reject updates above this × the round's median norm (0: off); see screening.py
@@ -72,6 +81,10 @@ class FederationConfig:
             raise ValueError(f"lr={self.lr} must be positive; pass e.g. --lr 5e-4")
         if self.max_norm_ratio < 0 or (0 < self.max_norm_ratio <= 1):
             raise ValueError(f"max_norm_ratio={self.max_norm_ratio} would reject ordinary clients; pass 0 (off) or a ratio above 1, e.g. 10")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if not self.max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be ≥ 0; pass 0 (off) or a norm such as 1.0")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
@@ -213,7 +226,7 @@ def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationCo
     torch.manual_seed(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = local_optimizer(params, cfg)
     model.train()
     n, order, pos, losses = len(train), torch.empty(0, dtype=torch.long), 0, []
     for _ in range(cfg.local_steps):
@@ -534,6 +547,8 @@ class Simulator:
         else:
             h.set(self.eval_tensors)
             global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
+            if hasattr(self.task, "global_metrics"):  # e.g. the synthetic task's loss against its known floor
+                metrics |= self.task.global_metrics(self.model, self.global_test, cfg.device)
         h.set(self.global_tensors)
         metrics = finish_metrics(metrics, global_acc, time.perf_counter() - started)
         self.history.append(metrics)

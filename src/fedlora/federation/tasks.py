@@ -63,6 +63,39 @@ class ClassificationTask:
         return correct / len(split)
 
 
+@dataclass
+class VectorSplit:
+    """Real-valued inputs (the synthetic task): ``x`` [N, D], ``labels`` [N], and ``entropy`` [N], the generating
+    teacher's predictive entropy per example (the Bayes loss)."""
+
+    x: Tensor
+    labels: Tensor
+    entropy: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, index: Tensor, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        return {"x": self.x[index].to(device), "labels": self.labels[index].to(device)}
+
+
+class SyntheticTask(ClassificationTask):
+    """Classification on the synthetic task, scored by accuracy, with the loss and its known floor beside it:
+    ``global_loss`` (mean cross-entropy on the global test set), ``bayes_loss`` (the teachers' mean entropy there: no
+    model does better on average; the optimum when every client shares one teacher) and ``loss_gap`` between them."""
+
+    name = "synthetic"
+
+    @torch.no_grad()
+    def global_metrics(self, model: nn.Module, split: VectorSplit, device: torch.device | str = "cpu") -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        out = model(x=split.x.to(device), labels=split.labels.to(device))
+        model.train(was_training)
+        loss, bayes = float(out.loss), float(split.entropy.mean())
+        return {"global_loss": loss, "bayes_loss": bayes, "loss_gap": loss - bayes}
+
+
 def pooled(splits: list):
     """One split holding every example of ``splits`` (the same split type, padded to one width): the union of the
     clients' data that the ``central`` reference trains on."""

@@ -120,6 +120,8 @@ class _Progress:
         line = (f"{m['method']:>7} round {m['round']:>3}  global {m['global_accuracy']:.3f}  local {m['local_accuracy']:.3f}  "
                 f"gap {m['local_global_gap']:+.3f}  ρ {div}  up {m['bytes_up'] / 1e6:.2f} MB  down {m['bytes_down'] / 1e6:.2f} MB  "
                 f"{m['wall_seconds']:.1f}s")
+        if "global_loss" in m:
+            line += f"  loss {m['global_loss']:.3f} (floor {m['bayes_loss']:.3f})"
         if "epsilon" in m:
             line += f"  ε {m['epsilon']:.3g} (δ {m['delta']:.0e})"
         if not self.quiet:

@@ -63,7 +63,9 @@ class RunConfig:
     rounds: int = _flag(_FED.rounds, "federated rounds")
     local_steps: int = _flag(_FED.local_steps, "optimizer steps per client per round")
     batch_size: int = _flag(_FED.batch_size, "local batch size")
-    lr: float = _flag(_FED.lr, "local AdamW learning rate")
+    lr: float = _flag(_FED.lr, "local learning rate")
+    optimizer: str = _flag(_FED.optimizer, "local optimizer: adamw, or sgd (plain gradient steps)")
+    max_grad_norm: float = _flag(_FED.max_grad_norm, "clip each local step's gradient to this L2 norm; 0 turns it off")
     weighting: str = _flag(_FED.weighting, "client weights: examples (n_u/Σn) or uniform")
     max_norm_ratio: float = _flag(_FED.max_norm_ratio, "reject a client update above this × the round's median norm; 0 turns it off")
     keep_head_local: bool | None = _flag(None, "keep each client's classifier head private (default: the method's; fedsa keeps it)")
@@ -72,7 +74,8 @@ class RunConfig:
     labels_per_client: int = _flag(2, "labels per client for --partition pathological")
     model: str | None = _flag(None, "minilm (offline default), tiny:bert, tiny:gpt2, or a Hugging Face name/path; "
                                     "causal-lm: smollm2 (offline default), tiny:llama, or a name/path")
-    data: str = _flag("tweets", "tweets (offline default), bbc, a .csv/.jsonl file, or hf:NAME[:CONFIG]; causal-lm also gsm8k, mbpp, humaneval")
+    data: str = _flag("tweets", "tweets (offline default), bbc, a .csv/.jsonl file, hf:NAME[:CONFIG], or synthetic:ALPHA,BETA (a generated "
+                                "task with model and input heterogeneity, its own small network); causal-lm also gsm8k, mbpp, humaneval")
     text_column: str = _flag("text", "text column of --data files/datasets")
     label_column: str = _flag("label", "label column of --data files/datasets")
     seed: int = _flag(_FED.seed, "seed for partitions, sampling, init and training")
@@ -104,6 +107,11 @@ class RunConfig:
     out: str | None = _flag(None, "run directory (default runs/METHOD-TIMESTAMP)")
 
     def __post_init__(self) -> None:
+        from fedlora.data.synthetic import is_synthetic
+
+        if is_synthetic(self.data) and self.task == "classification":  # the synthetic task brings its own network
+            self.model = self.model or "synthetic"
+            self.target_modules = self.target_modules or "fc1,fc2"
         for name, value in TASK_DEFAULTS.get(self.task, TASK_DEFAULTS["classification"]).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -198,7 +206,8 @@ class RunConfig:
     def federation_config(self) -> FederationConfig:
         return FederationConfig(
             rounds=self.rounds, fraction=self.fraction, local_steps=self.local_steps, batch_size=self.batch_size,
-            lr=self.lr, seed=self.seed, weighting=self.weighting, device=self.resolved_device(),
+            lr=self.lr, optimizer=self.optimizer, max_grad_norm=self.max_grad_norm, seed=self.seed, weighting=self.weighting,
+            device=self.resolved_device(),
             max_norm_ratio=self.max_norm_ratio, similarity=self.similarity, privacy=self.privacy_config(),
         )
 
@@ -271,6 +280,10 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     config.validate()
     if config.task == "causal-lm":
         return build_causal_lm(config, on_client=on_client, on_round=on_round, on_progress=on_progress)
+    from fedlora.data.synthetic import is_synthetic
+
+    if is_synthetic(config.data):
+        return build_synthetic(config, on_client=on_client, on_round=on_round)
     fed = federated_text(config)
     model, tokenizer = load_classifier(config.model, fed.n_labels, seed=config.seed)
     spec = config.adapter_spec().for_model(model)  # fan_in_fan_out for GPT-2-style Conv1D targets
@@ -291,6 +304,40 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
         on_client=on_client, on_round=on_round,
     )
     return Experiment(config, sim, tokenizer, list(fed.label_names), fed.partition_summary())
+
+
+def synthetic_data(config: RunConfig):
+    from fedlora.data.synthetic import generate, parse
+
+    return generate(parse(config.data), n_clients=config.clients, examples_per_client=config.examples_per_client or 100,
+                    test_examples=config.test_examples, local_test_fraction=config.local_test_fraction, seed=config.seed)
+
+
+def build_synthetic(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None) -> Experiment:
+    """``build`` for ``--data synthetic:α,β`` (``fedlora.data.synthetic``): the generated clients, the task's own frozen
+    network with the adapters on ``fc1`` and ``fc2``, scored by accuracy with the loss and its Bayes floor beside it."""
+    import peft
+
+    from fedlora.federation.tasks import SyntheticTask, VectorSplit
+    from fedlora.frontend.models import SyntheticNet
+
+    if config.model != "synthetic":
+        raise ValueError(f"--data {config.data} brings its own small network; drop --model {config.model} (or pass --model synthetic)")
+    data = synthetic_data(config)
+    model = SyntheticNet(data.weights)
+    spec = config.adapter_spec()
+    torch.manual_seed(config.seed)  # the adapter's initial A (FFA's shared A0) comes from the run's seed
+    peft_model = peft.get_peft_model(model, spec.peft_config(None))
+    method = config.make_method()
+    method.prepare(peft_model, spec, config.seed)
+    handle = AdapterHandle(peft_model, spec)
+    split = lambda s: VectorSplit(s.x, s.labels, s.entropy)  # noqa: E731
+    ranks = config.ranks()
+    clients = [SimClient(u, split(tr), split(te), None if ranks is None else ranks[u]) for u, (tr, te) in enumerate(data.clients)]
+    clients, fcfg = reference_clients(method, clients, config.federation_config())
+    sim = Simulator(peft_model, handle, method, clients, split(data.global_test), fcfg, task=SyntheticTask(),
+                    on_client=on_client, on_round=on_round)
+    return Experiment(config, sim, None, data.label_names, data.partition_summary())
 
 
 def reference_clients(method, clients: list[SimClient], fcfg: FederationConfig) -> tuple[list[SimClient], FederationConfig]:
@@ -322,6 +369,11 @@ def majority_rate(config: RunConfig) -> float | None:
     whose global accuracy is at this rate has learned nothing."""
     if config.task != "classification":
         return None
+    from fedlora.data.synthetic import is_synthetic
+
+    if is_synthetic(config.data):
+        labels = synthetic_data(config).global_test.labels.tolist()
+        return max(labels.count(x) for x in set(labels)) / len(labels) if labels else None
     labels = list(federated_text(config).global_test["label"])
     return max(labels.count(x) for x in set(labels)) / len(labels) if labels else None
 

@@ -263,3 +263,29 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
 def _ensure_pad(tokenizer) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+
+class SyntheticNet(torch.nn.Module):
+    """The synthetic task's network (``fedlora.data.synthetic``): ``fc2(tanh(fc1(x)))``, frozen at the task's W0; the
+    adapters go on ``fc1`` and ``fc2``. ``forward(x, labels=None)`` returns ``.logits`` and, with labels, the mean
+    cross-entropy ``.loss``, as a transformers classifier does."""
+
+    def __init__(self, weights: dict) -> None:
+        super().__init__()
+        from fedlora.data.synthetic import CLASSES, D_IN, HIDDEN
+
+        self.fc1, self.fc2 = torch.nn.Linear(D_IN, HIDDEN), torch.nn.Linear(HIDDEN, CLASSES)
+        self.load_state_dict(weights)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def hidden(self, x):
+        """The hidden layer, tanh(fc1 x): FedDPA's instance representation on this task."""
+        return torch.tanh(self.fc1(x))
+
+    def forward(self, x, labels=None, **_):
+        from types import SimpleNamespace
+
+        logits = self.fc2(torch.tanh(self.fc1(x)))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(logits=logits, loss=loss)

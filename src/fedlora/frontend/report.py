@@ -37,8 +37,16 @@ def final_row(method: str, history: list[dict], wall_seconds: float) -> dict:
         "mb_up": sum(h["bytes_up"] for h in history) / 1e6,
         "mb_down": sum(h["bytes_down"] for h in history) / 1e6,
         "wall_seconds": wall_seconds,
-        **({"epsilon": last["epsilon"]} if "epsilon" in last else {}),
+        **{key: last[key] for key in ("global_loss", "loss_gap", "epsilon") if key in last},
     }
+
+
+# Columns shown only when a run records them: the synthetic task's loss and its gap to the Bayes floor, DP's ε.
+OPTIONAL = (("loss", "global_loss", 3), ("loss − floor", "loss_gap", 3), ("ε", "epsilon", 3))
+
+
+def optional_columns(rows: list[dict]) -> tuple:
+    return tuple(c for c in OPTIONAL if any(c[1] in r for r in rows))
 
 
 MAJORITY_MARGIN = 0.01  # global accuracy within this of the majority-class rate counts as having learned nothing
@@ -47,9 +55,9 @@ MAJORITY_MARGIN = 0.01  # global accuracy within this of the majority-class rate
 def markdown_table(rows: list[dict], majority: float | None = None) -> str:
     """The comparison table; with ``majority`` (the global test set's majority-class rate) a global accuracy
     within 0.01 of it is marked † and a line under the table says what that means."""
-    private = any("epsilon" in r for r in rows)  # a DP run: its privacy spent beside its accuracy
-    head = ("| method | global acc | local acc | gap | mean ρ | MB up | MB down | wall s |" + (" ε |" if private else "")
-            + "\n|---|---|---|---|---|---|---|---|" + ("---|" if private else "") + "\n")
+    extra = optional_columns(rows)  # e.g. a DP run's privacy spent beside its accuracy
+    head = ("| method | global acc | local acc | gap | mean ρ | MB up | MB down | wall s |" + "".join(f" {c[0]} |" for c in extra)
+            + "\n|---|---|---|---|---|---|---|---|" + "---|" * len(extra) + "\n")
 
     def acc(r: dict) -> str:
         a = r["global_accuracy"]
@@ -59,7 +67,7 @@ def markdown_table(rows: list[dict], majority: float | None = None) -> str:
     body = "".join(
         f"| {r['method']} | {acc(r)} | {_fmt(r['local_accuracy'])} | {_fmt(r['gap'])} | "
         f"{_fmt(r['divergence'], 4)} | {_fmt(r['mb_up'], 2)} | {_fmt(r['mb_down'], 2)} | {_fmt(r['wall_seconds'], 0)} |"
-        + (f" {_fmt(r.get('epsilon'), 3)} |" if private else "") + "\n"
+        + "".join(f" {_fmt(r.get(c[1]), c[2])} |" for c in extra) + "\n"
         for r in rows
     )
     if majority is None:
@@ -95,7 +103,7 @@ def seeded_tables(results: dict[str, list[dict]], seeds: list[int], reference: s
 
     rates = [m for m in majority if m is not None]
     rate = sum(rates) / len(rates) if rates else None
-    columns = COLUMNS + ((("ε", "epsilon", 3),) if any("epsilon" in r for rows in results.values() for r in rows) else ())
+    columns = COLUMNS + optional_columns([r for rows in results.values() for r in rows])
     lines = [f"Seeds {', '.join(map(str, seeds))}: mean ± half-width of the 95 % t-interval over {len(seeds)} paired seeds.", "",
              "| method | " + " | ".join(c[0] for c in columns) + " |", "|---|" + "---|" * len(columns)]
     for method, rows in results.items():

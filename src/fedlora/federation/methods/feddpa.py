@@ -89,7 +89,14 @@ class FedDPA(Method):
         def before(module, args, kwargs):
             nonlocal busy
             ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
-            if busy or ids is None:
+            if busy or (ids is None and kwargs.get("x") is None):
+                return
+            if ids is None:  # the synthetic task's vectors
+                busy = True
+                try:
+                    self.mix.alpha = cosine_to(self.represent(h, {"x": kwargs["x"]}), reference).clamp(0.0, 1.0).float()
+                finally:
+                    busy = False
                 return
             kept = self.mix.alpha
             if ids.shape[1] == 1 and isinstance(kept, torch.Tensor) and kept.shape[0] == ids.shape[0]:
@@ -110,7 +117,11 @@ class FedDPA(Method):
 
     @torch.no_grad()
     def represent(self, h, batch):
-        """The frozen base model's last hidden state, mean-pooled over the real tokens (adapters off)."""
+        """The frozen base model's last hidden state, mean-pooled over the real tokens (adapters off); on the synthetic
+        task, its network's hidden layer."""
+        if "x" in batch:
+            with torch.no_grad(), h.model.disable_adapter():
+                return h.model.get_base_model().hidden(batch["x"])
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         was_training = h.model.training
@@ -126,4 +137,6 @@ class FedDPA(Method):
 def _first(split, n, device):
     index = torch.arange(min(n, len(split)))
     batch = getattr(split, "prompt_batch", split.batch)(index, device)  # causal LM: the prompts, as scored
+    if "x" in batch:
+        return {"x": batch["x"]}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
