@@ -69,3 +69,34 @@ def test_compare_over_paired_seeds(small_csv, tmp_path):
     # Run again: everything is read back, the table is the same.
     assert main(args) == 0
     assert (out / "comparison.md").read_text() == table
+
+
+def _without_wall_time(table: str) -> list[list[str]]:
+    """The comparison table's rows with the wall-time column dropped (the one thing an interruption changes)."""
+    rows = []
+    for line in table.splitlines():
+        if line.startswith("| ") and "|" in line[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.append([c for i, c in enumerate(cells) if i != 7])  # | method | 4 accuracy/ρ columns | MB up | MB down | wall s |
+    return rows
+
+
+def test_compare_interrupted_after_its_first_method_finishes_with_the_same_table(small_csv, tmp_path, monkeypatch):
+    from fedlora.federation.simulator import Simulator
+
+    args = lambda out: ["compare", *TINY, "--rounds", "2", "--data", str(small_csv), "--methods", "fedit,ffa", "--out", str(out)]  # noqa: E731
+    assert main(args(tmp_path / "whole")) == 0
+    whole = (tmp_path / "whole" / "comparison.md").read_text()
+
+    real_round = Simulator.round
+
+    def interrupted(self, rnd):  # Ctrl-C during ffa's second round: fedit finished, ffa has a checkpoint of round 1
+        if self.method.name == "ffa" and rnd == 2:
+            raise KeyboardInterrupt
+        return real_round(self, rnd)
+
+    monkeypatch.setattr(Simulator, "round", interrupted)
+    assert main(args(tmp_path / "cut")) != 0
+    monkeypatch.setattr(Simulator, "round", real_round)
+    assert main(args(tmp_path / "cut")) == 0  # the same command again: fedit read back, ffa resumed from round 1
+    assert _without_wall_time((tmp_path / "cut" / "comparison.md").read_text()) == _without_wall_time(whole)
