@@ -12,12 +12,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from fedlora.aggregation import aggregate, divergence, eckart_young_bound
 from fedlora.aggregation.svd import EXACT_MAX_COLUMNS
 from fedlora.federation.simulator import check_server_memory, server_memory_bytes
+from test_aggregation import LargestAllocation
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -151,24 +150,11 @@ def test_iterative_florana_handles_zero_and_duplicated_clients():
     assert zero.info["fell_back_to_fedit"] and torch.count_nonzero(zero.B) == 0
 
 
-class Largest(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("method", ["svd", "flexlora", "florana"])
 def test_nothing_quadratic_in_the_clients_is_allocated_at_large_u(method):
     U, r, d, k = 500, 4, 40, 32  # U·r = 2000: an (Ur)² Gram would hold 4,000,000 entries
     Bs, As, w = clients(U, r, d, k, "drift 0.3", seed=4, dtype=torch.float32)
-    with Largest() as rec:
+    with LargestAllocation() as rec:
         aggregate(method, Bs, As, w)
     assert rec.numel <= U * r * max(d, k)  # the stacked uploads themselves
 

@@ -102,14 +102,21 @@ def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: i
 def epsilon_spent(noise: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
     """ε at δ after ``steps`` rounds of the subsampled Gaussian mechanism (noise multiplier z, rate q), from Opacus's
     accountant. ``inf`` without noise; 0 before the first step."""
-    if steps <= 0:
+    # Constant z and q: one entry covers every round (resume included).
+    return _epsilon([(noise, sample_rate, steps)] if steps > 0 else [], delta, accountant)
+
+
+def _epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """ε at δ of Opacus's ``accountant`` over ``history`` entries (noise multiplier, sample rate, steps); 0 for none,
+    ``inf`` when any entry adds no noise."""
+    if not history:
         return 0.0
-    if noise <= 0:
+    if any(z <= 0 for z, _, _ in history):
         return math.inf
     from opacus.accountants import create_accountant
 
     acc = create_accountant(accountant)
-    acc.history = [(noise, sample_rate, steps)]  # constant z and q: one entry covers every round (resume included)
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -235,16 +242,7 @@ class ClientAccountants:
         self.history.setdefault(cid, []).append((self.privacy.noise, sample_rate, steps))
 
     def epsilon(self, cid: int) -> float:
-        entries = self.history.get(cid)
-        if not entries:
-            return 0.0
-        if self.privacy.noise <= 0:
-            return math.inf
-        from opacus.accountants import create_accountant
-
-        acc = create_accountant(self.privacy.accountant)
-        acc.history = list(entries)
-        return float(acc.get_epsilon(delta=self.privacy.delta))
+        return _epsilon(self.history.get(cid, []), self.privacy.delta, self.privacy.accountant)
 
     def state(self) -> dict:
         return {str(c): [list(e) for e in v] for c, v in self.history.items()}

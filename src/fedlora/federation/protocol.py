@@ -75,6 +75,7 @@ class Option:
     default: object
     help: str
     choices: tuple | None = None
+    to_rule: bool = False  # also passed to the aggregation rule under the same name (e.g. svd's solver)
 
     def coerce(self, method: str, name: str, raw: object) -> object:
         kind = type(self.default)
@@ -141,7 +142,8 @@ class Method:
         self.settings = {k: o.default for k, o in self.options.items()} | {
             k: self.options[k].coerce(self.name, k, v) for k, v in declared.items()
         }
-        self.rule_options = options  # passed to the aggregation rule (e.g. florana's tol, max_iter)
+        # Passed to the aggregation rule: declared options marked ``to_rule`` and any others given (florana's tol, max_iter).
+        self.rule_options = {k: v for k, v in self.settings.items() if self.options[k].to_rule} | options
         self.keep_head_local = self.keeps_head_local if keep_head_local is None else keep_head_local
         self._delivered: tuple[Tensors | None, dict[int, Tensors]] = (None, {})  # deliver's views of the last broadcast
 

@@ -1,7 +1,8 @@
 """FlexLoRA (Bai et al., NeurIPS 2024): each client gets its own rank-r_u truncation of the SVD of ΔW*.
 Math: :mod:`fedlora.aggregation.flexlora` (the factor-space SVD, never the dense d×k update)."""
 
-from fedlora.federation.protocol import Method, Option, register
+from fedlora.federation.methods.svd import SOLVER
+from fedlora.federation.protocol import Method, register
 
 
 @register
@@ -22,10 +23,4 @@ class FlexLoRA(Method):
     exactness = "at the Eckart–Young bound at r_u"
     mixed_ranks = True
     unsupported = {"vera": "a truncated SVD is not of VeRA's diag(λ_b)·B·diag(λ_d)·A form; choose fedit, florana, fedex or flora"}
-    options = {"solver": Option("auto", "the SVD's path: exact (Gram core, exact to float64), randomized (range finder, linear in the "
-                                "number of clients, ρ within 1 part in 100 of the bound), or auto (exact up to 256 stacked columns U·r)",
-                                ("auto", "exact", "randomized"))}
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.rule_options = {"solver": self.settings["solver"], **self.rule_options}
+    options = {"solver": SOLVER}

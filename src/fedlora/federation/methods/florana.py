@@ -13,8 +13,5 @@ class FLoRANA(Method):
     summary = "B̂ = Σ p_u B_u, Â = Σ q_u A_u, (p, q) = argmin ‖ΔW* − B̂Â‖ (alternating solve: Gram space; above U·r = 256 CG without Grams)"
     exactness = "nearly"
     options = {"solver": Option("auto", "FLoRA-NA's solver: exact (Gram space, 8 random restarts), iterative (conjugate gradients without Grams, "
-                                "linear in the number of clients), or auto (exact up to 256 stacked columns U·r)", ("auto", "exact", "iterative"))}
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.rule_options = {"solver": self.settings["solver"], **self.rule_options}
+                                "linear in the number of clients), or auto (exact up to 256 stacked columns U·r)", ("auto", "exact", "iterative"),
+                                to_rule=True)}

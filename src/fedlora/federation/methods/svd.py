@@ -2,6 +2,10 @@
 
 from fedlora.federation.protocol import Method, Option, register
 
+# The factor-space SVD's path (aggregation.svd), shared with flexlora.
+SOLVER = Option("auto", "the SVD's path: exact (Gram core, exact to float64), randomized (range finder, linear in the number of clients, "
+                "ρ within 1 part in 100 of the bound), or auto (exact up to 256 stacked columns U·r)", ("auto", "exact", "randomized"), to_rule=True)
+
 
 @register
 class SVD(Method):
@@ -14,10 +18,4 @@ class SVD(Method):
     at_bound = True
     exactness = "at the Eckart–Young bound"
     unsupported = {"vera": "the rank-r optimum is not of VeRA's diag(λ_b)·B·diag(λ_d)·A form; choose fedit, florana, fedex or flora"}
-    options = {"solver": Option("auto", "the SVD's path: exact (Gram core, exact to float64), randomized (range finder, linear in the "
-                                "number of clients, ρ within 1 part in 100 of the bound), or auto (exact up to 256 stacked columns U·r)",
-                                ("auto", "exact", "randomized"))}
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.rule_options = {"solver": self.settings["solver"], **self.rule_options}
+    options = {"solver": SOLVER}
