@@ -6,12 +6,14 @@ import json
 import re
 
 import pytest
+import scipy.stats
 import torch
 
 from conftest import tiny_config
 from fedlora.federation.simulator import mean_pairwise_cosine
 from fedlora.frontend.cli import main
 from fedlora.frontend.experiment import run_experiment
+from fedlora.frontend.study import all_methods, plan, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,38 +84,60 @@ def test_study_quick_writes_every_section_from_its_runs_and_reuses_them(small_cs
     assert main(args) == 0
     text = report.read_text()
     for title in ("## 1. Method comparison", "## 2. Aggregation divergence", "## 3. A/B similarity",
-                  "## 4. Accuracy vs heterogeneity", "## 5. Scale", "## Reading"):
+                  "## 4. Accuracy vs heterogeneity", "## 5. Scale", "## 6. The synthetic task", "## Reading"):
         assert title in text
-    for png in ("divergence_rounds", "divergence_layers", "similarity", "heterogeneity", "scale"):
+    for png in ("divergence_rounds", "divergence_layers", "similarity", "heterogeneity", "scale",
+                "comparison-alpha0.5/accuracy", "synthetic-1,1/accuracy"):
         assert (report.parent / "results" / f"{png}.png").stat().st_size > 0
         assert f"](results/{png}.png)" in text
-    assert "fedlora study --preset quick" in text
-    # a number in the report is the number in the run's metrics
-    last = [json.loads(line) for line in (runs / "florana-alpha0.5" / "metrics.jsonl").read_text().splitlines()][-1]
-    section = text[text.index("**α=0.5**"):]
-    row = re.search(r"^\| florana \| ([0-9.]+) \| ([0-9.]+) \|", section, re.M)
-    assert float(row.group(1)) == pytest.approx(last["global_accuracy"], abs=5e-4)
-    assert float(row.group(2)) == pytest.approx(last["local_accuracy"], abs=5e-4)
-    # the scale runs spread one pool over more clients
-    cfg3 = json.loads((runs / "fedit-scale3" / "config.json").read_text())
-    cfg6 = json.loads((runs / "fedit-scale6" / "config.json").read_text())
-    assert cfg3["examples_per_client"] == 2 * cfg6["examples_per_client"]
+    assert "fedlora study --preset quick" in text and "**2 seeds** (0, 1)" in text
+    # a number in the report is the mean over seeds of the runs' metrics, with its interval from scipy
+    finals = [[json.loads(line) for line in (runs / "alpha0.5" / "florana" / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()][-1]
+              for s in (0, 1)]
+    section = text[text.index("### α=0.5"):]
+    row = re.search(r"^\| florana \| ([0-9.]+) ± ([0-9.]+)", section, re.M)
+    accs = [f["global_accuracy"] for f in finals]
+    assert float(row.group(1)) == pytest.approx(sum(accs) / 2, abs=5e-4)
+    assert float(row.group(2)) == pytest.approx(scipy.stats.t.ppf(0.975, 1) * abs(accs[0] - accs[1]) / 2, abs=5e-4)
+    assert "Majority-class rate of the global test set" in section
+    assert "Paired difference to `fedit`" in section
+    # the synthetic sweep runs every shipped method, in the layout of `fedlora compare --seeds`
+    for m in all_methods():
+        assert (runs / "synthetic-1,1" / m / "seed-1" / "metrics.jsonl").exists(), m
+    # the scale runs spread one pool over more clients; seeds are seeds
+    cfg3 = json.loads((runs / "scale3" / "fedit" / "seed-1" / "config.json").read_text())
+    cfg6 = json.loads((runs / "scale6" / "fedit" / "seed-1" / "config.json").read_text())
+    assert cfg3["examples_per_client"] == 2 * cfg6["examples_per_client"] and cfg3["seed"] == 1
 
     # Run again: nothing retrains, the report is rewritten from the finished runs.
-    stamp = (runs / "fedit-iid" / "metrics.jsonl").stat().st_mtime_ns
+    stamp = (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0
-    assert "19 runs (19 already finished)" in capsys.readouterr().err
-    assert (runs / "fedit-iid" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    n = len(plan(preset("quick"), methods=("fedit", "fedsa", "florana", "svd")))
+    assert f"{n} runs ({n} already finished)" in capsys.readouterr().err
+    assert (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_study_parts_run_alone_and_plan_whole_seeds():
+    p = preset("default")
+    runs = plan(p, parts=("comparison",))
+    assert len(runs) == 7 * 3 * 3 and {r.seed for r in runs} == {0, 1, 2}
+    assert [r.seed for r in runs] == sorted(r.seed for r in runs)  # seed by seed: a study cut short has whole seeds
+    assert {r.label for r in runs} == {"IID", "α=1", "α=0.5"}
+    syn = plan(p, parts=("synthetic",))
+    assert len(syn) == 20 * 3 * len(all_methods()) and all(r.config.data.startswith("synthetic:") for r in syn)
+    assert {r.config.optimizer for r in syn} == {"sgd"}
 
 
 def test_study_refuses_a_runs_directory_made_with_other_settings(small_csv, tmp_path, capsys):
     runs = tmp_path / "runs"
     base = ["study", "--preset", "quick", "--data", str(small_csv), "--methods", "fedit", "--parts", "comparison",
-            "--runs", str(runs), "--quiet"]
+            "--seeds", "1", "--runs", str(runs), "--quiet"]
     assert main(base) == 0
+    saved = runs / "iid" / "fedit" / "seed-0" / "config.json"
+    saved.write_text(json.dumps(json.loads(saved.read_text()) | {"lr": 0.5}))
     capsys.readouterr()
-    assert main([*base, "--seed", "3"]) == 2
+    assert main(base) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fedlora: error:") and "holds a run with other settings" in err and len(err.splitlines()) == 1
 

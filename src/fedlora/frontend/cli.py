@@ -242,6 +242,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from fedlora.frontend import study
+    from fedlora.frontend.stats import parse_seeds
 
     p = study.preset(args.preset)
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
@@ -249,9 +250,15 @@ def cmd_study(args: argparse.Namespace) -> int:
         if part not in study.PARTS:
             raise ValueError(f"unknown study part {part!r} in --parts; choose from {', '.join(study.PARTS)}")
     methods = tuple(_method_list(args.methods or ",".join(study.COMPARISON_METHODS)))
-    over = {k: v for k, v in (("model", args.model), ("data", args.data), ("seed", args.seed), ("device", args.device)) if v is not None}
+    over = {k: v for k, v in (("model", args.model), ("data", args.data), ("device", args.device)) if v is not None}
     if over:
         p = dataclasses.replace(p, base=dataclasses.replace(p.base, **over))
+    if args.seeds:
+        p = dataclasses.replace(p, seeds=tuple(parse_seeds(args.seeds)))
+    if args.synthetic_seeds and p.synthetic is not None:
+        p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, seeds=tuple(parse_seeds(args.synthetic_seeds))))
+    if args.device and p.synthetic is not None:
+        p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, base=dataclasses.replace(p.synthetic.base, device=args.device)))
     runs = study.plan(p, methods=methods, parts=parts)
     for r in runs:  # every bad setting is reported before the first run trains
         r.config.validate()
@@ -322,12 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
     me.set_defaults(func=cmd_methods)
     st = sub.add_parser("study", help="the papers' analyses: comparison, divergence, A/B similarity, heterogeneity, scale")
-    st.add_argument("--preset", default="default", help="default (MiniLM, about an hour on 2 cores) or quick (tiny model, a smoke test)")
-    st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale", help="comma-separated analyses to run (default: all five)")
+    st.add_argument("--preset", default="default", help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
+    st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale,synthetic",
+                    help="comma-separated analyses to run (default: all six); each can be run and committed on its own")
     st.add_argument("--methods", default=None, help="methods of the comparison (default: the study's seven)")
     st.add_argument("--model", default=None, help="override the preset's model")
     st.add_argument("--data", default=None, help="override the preset's data")
-    st.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    st.add_argument("--seeds", default=None, help="paired seeds of the MiniLM parts, e.g. 0,1,2 or a count (default: the preset's, 3)")
+    st.add_argument("--synthetic-seeds", default=None, help="paired seeds of the synthetic part (default: the preset's, 20)")
     st.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
     st.add_argument("--runs", default="runs/study", help="directory of the study's runs; finished runs are reused (default runs/study)")
     st.add_argument("--report", default=None, help="markdown report to write; figures go next to it (default RUNS/results.md)")
