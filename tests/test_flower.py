@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import tomllib
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,12 +16,11 @@ from conftest import tiny_config
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
-from flwr.common.serde import context_from_proto, context_to_proto, recorddict_from_proto, recorddict_to_proto  # noqa: E402
-from flwr.serverapp import Grid  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
 
 from fedlora.flower import client_app  # noqa: E402
 from fedlora.flower.config import from_flower, to_flower  # noqa: E402
+from fedlora.flower.inline import InlineGrid  # noqa: E402, F401  (also imported from here by other tests)
 from fedlora.flower.server_app import run_federation  # noqa: E402
 from fedlora.frontend.experiment import RunConfig, build  # noqa: E402
 
@@ -32,66 +30,6 @@ CLOSE = ("global_accuracy", "local_accuracy", "local_global_gap", "train_loss")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
-
-class InlineGrid(Grid):
-    """SuperNodes in this process: each message's content crosses a protobuf round trip, as on the wire.
-
-    ``fresh=True`` mimics deployment's process per message: the client's model is dropped and its context goes
-    through Flower's serialisation before every message, so only ``context.state`` carries a client's memory.
-    ``fail``: (round, partition) pairs whose ClientApp raises; the reply is then an error, as Flower sends.
-    """
-
-    def __init__(self, config: RunConfig, *, fresh: bool = False, fail: set[tuple[int, int]] = frozenset()):
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-        n = config.clients
-        self.contexts = {
-            500 + i: Context(run_id=1, node_id=500 + i, node_config={"partition-id": i, "num-partitions": n},
-                             state=RecordDict(), run_config=to_flower(config))
-            for i in range(n)
-        }
-        self.fresh, self.fail, self.sent = fresh, fail, []
-
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        return type("Run", (), {"run_id": 1})()
-
-    def create_message(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            msg.metadata.__dict__["_src_node_id"] = 0
-            msg.content = recorddict_from_proto(recorddict_to_proto(msg.content))
-            node = msg.metadata.dst_node_id
-            if self.fresh:
-                client_app._ProcessModel._loaded = None
-                self.contexts[node] = context_from_proto(context_to_proto(self.contexts[node]))
-            self.sent.append(msg)
-            try:
-                reply = client_app.app(msg, self.contexts[node])
-            except Exception as exc:  # what a SuperNode does when its ClientApp raises
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            if not reply.has_error():
-                reply.content = recorddict_from_proto(recorddict_to_proto(reply.content))
-            replies.append(reply)
-        return replies
 
 
 def assert_same_history(flower: list[dict], reference: list[dict]) -> None:

@@ -246,6 +246,16 @@ def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationCo
 
 
 @dataclass
+class SecureSum:
+    """What the server learns in a securely aggregated round: the weighted mean of the accepted clients' uploads and
+    eval extras (one tensor dict), and the bytes the protocol moved (keys, shares, masked vectors)."""
+
+    mean: Tensors
+    bytes_up: int
+    bytes_down: int
+
+
+@dataclass
 class ClientResult:
     """What one client's turn produced: its upload (protocol bytes), eval-only extras, private state, scores."""
 
@@ -477,14 +487,24 @@ class Simulator:
         _, _, metrics = self.close_round(results, failed, rnd, start)
         return metrics
 
-    def close_round(self, results: list[ClientResult], failed: list[Rejection], rnd: int, started: float):
+    def close_round(self, results: list[ClientResult], failed: list[Rejection], rnd: int, started: float,
+                    secure: SecureSum | None = None):
         """The server half of a round, the one path shared with the Flower strategy: screen, aggregate, apply the
         broadcast to the server's model and every client's view, keep accepted clients' private state, score the
-        global model, record the metrics. Returns (update or None when no client is left, accepted, metrics)."""
+        global model, record the metrics. Returns (update or None when no client is left, accepted, metrics).
+
+        ``secure``: the round ran under secure aggregation, so ``results`` carry each client's scores but no tensors
+        and the server holds only the weighted mean of their uploads and extras. A linear rule is applied to that mean
+        alone (the same update as on the uploads); nothing per client can be screened or measured (ρ, bound,
+        similarity are None); the bytes are the protocol's."""
         cfg, h, method = self.config, self.handle, self.method
-        received = sum(nbytes(r.upload) for r in results if isinstance(r.upload, dict) and all(isinstance(t, Tensor) for t in r.upload.values()))
-        accepted, rejected = screen(h, method, results, self.held.__getitem__, cfg, rnd)
-        rejected = list(failed) + rejected
+        if secure is not None:
+            received = secure.bytes_up
+            accepted, rejected = list(results), list(failed)  # SecAgg+'s clipping range is the only bound on an upload
+        else:
+            received = sum(nbytes(r.upload) for r in results if isinstance(r.upload, dict) and all(isinstance(t, Tensor) for t in r.upload.values()))
+            accepted, rejected = screen(h, method, results, self.held.__getitem__, cfg, rnd)
+            rejected = list(failed) + rejected
         for rej in rejected:
             log.warning("round %d: rejected %s", rnd, rej.reason)
         metrics = {
@@ -512,16 +532,21 @@ class Simulator:
                 peers = peers or [self.server]
                 weights = client_weights([1] * len(inputs), "uniform")
                 metrics |= {"dp_clipped": diag["clipped"], "dp_noise_std": diag["noise_std"]}
+            if secure is not None:  # one input, the weighted mean: a linear rule gives the same update from it
+                inputs, weights, peers = [secure.mean], client_weights([1], "uniform"), peers[:1]
+                metrics["secure_aggregation"] = True
             ctx = RoundContext(rnd, seed, peers, mixed=self.mixed)
             t_agg = time.perf_counter()
             update = method.aggregate(h, inputs, weights, self.global_tensors, ctx)
             seconds = time.perf_counter() - t_agg
-            rho, rho_min, rho_fedit = layer_metrics(h, inputs, weights, self.global_tensors, update, cfg.bound)
-            if cfg.similarity:
+            if secure is None:
+                rho, rho_min, rho_fedit = layer_metrics(h, inputs, weights, self.global_tensors, update, cfg.bound)
+            if cfg.similarity and secure is None:
                 metrics |= similarity_metrics(h, method, inputs, self.global_tensors)
             n_local = sum(r.n_test for r in accepted)
             metrics["local_accuracy"] = sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan
             down = sum(nbytes(method.deliver(h, update.broadcast, self.peers[r.cid])) for r in accepted)
+            down += secure.bytes_down if secure is not None else 0
             self._apply(update, seed)
             for r in accepted:
                 if r.private:

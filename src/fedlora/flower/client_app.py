@@ -28,13 +28,18 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+import flwr.compat.common.recorddict_compat as compat
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedlora.federation.simulator import client_turn, round_seed
 from fedlora.flower.config import from_flower
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
+from fedlora.flower.secure import reply_arrays
 from fedlora.frontend.experiment import Experiment, RunConfig, build
 
 STATE_META = "fedlora.meta"
@@ -42,8 +47,19 @@ STATE_CURRENT = "fedlora.current"
 STATE_PRIVATE = "fedlora.private"
 STATE_BASE = "fedlora.base"
 STATE_RESULT = "fedlora.private.pending"
+LEGACY_FIT = "fitins.config"  # present in the fit message of a securely aggregated round (Flower's legacy layout)
 
-app = ClientApp()
+
+
+def _secure_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's ``secaggplus_mod`` for the messages of a securely aggregated round (they carry its configuration),
+    nothing for the others (which it would refuse)."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[_secure_mod])
 
 
 @app.query()
@@ -106,6 +122,13 @@ def train(msg: Message, context: Context) -> Message:
         state.array_records[STATE_RESULT] = to_record(result.private)
     if h.folded:
         state.array_records[STATE_BASE] = to_record(proc.base_weights(set(stored_base) | set(h.folded)))
+    if LEGACY_FIT in msg.content.config_records:  # secure aggregation: a legacy fit reply that secaggplus_mod masks
+        weight = result.n_train if config.weighting == "examples" else 1
+        arrays = reply_arrays(result.upload, result.extras, config.secagg_clip, cid)
+        metrics = {"partition-id": cid, "n-train": result.n_train, "n-test": result.n_test,
+                   "local-accuracy": float(result.local_accuracy), "train-loss": float(result.train_loss)}
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
     reply = RecordDict({
         UPLOAD: to_record(result.upload),
         EXTRAS: to_record(result.extras),

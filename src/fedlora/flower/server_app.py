@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedlora.flower.config import from_flower
+from fedlora.flower.secure import secure_round
 from fedlora.flower.strategy import FedLoRAStrategy
 from fedlora.frontend.experiment import RunConfig, build, metrics_line
 
@@ -58,8 +59,11 @@ def run_federation(grid: Grid, config: RunConfig) -> list[dict]:
     strategy.setup(grid, REPLY_TIMEOUT_SECONDS)  # round 0, for a method that has one
     for rnd in range(1, config.rounds + 1):
         started = time.perf_counter()
-        replies = grid.send_and_receive(strategy.configure_train(rnd), timeout=REPLY_TIMEOUT_SECONDS)
-        metrics = strategy.aggregate_train(rnd, replies, started)
+        if config.secure_aggregation:  # SecAgg+: the server learns only the weighted sum of the uploads
+            metrics = secure_round(strategy, grid, rnd, started, timeout=REPLY_TIMEOUT_SECONDS)
+        else:
+            replies = grid.send_and_receive(strategy.configure_train(rnd), timeout=REPLY_TIMEOUT_SECONDS)
+            metrics = strategy.aggregate_train(rnd, replies, started)
         with open(out / "metrics.jsonl", "a") as f:  # the line `fedlora run` writes (NaN as null)
             f.write(metrics_line(metrics))
         div = "—" if metrics["divergence"] is None else f"{metrics['divergence']:.4f}"

@@ -123,7 +123,6 @@ class FedLoRAStrategy:
 
     def aggregate_train(self, rnd: int, replies: Iterable[Message], started: float) -> dict:
         """``Simulator.round`` after its clients' turns: screen and aggregate, apply to the server's model, score it."""
-        sim = self.sim
         results, failed = [], []
         for msg in replies:
             got = self._result(msg)
@@ -131,9 +130,14 @@ class FedLoRAStrategy:
         answered = {r.cid for r in results} | {f.cid for f in failed}
         failed += [Rejection(cid, f"client {cid} sent no reply in round {rnd}") for cid in self.sampled if cid not in answered]
         results.sort(key=lambda r: r.cid)  # the simulator's order: sampled partition ids, ascending
-        failed.sort(key=lambda f: f.cid)
+        return self.close(rnd, results, failed, started)
 
-        update, accepted, _ = sim.close_round(results, failed, rnd, started)
+    def close(self, rnd: int, results: list[ClientResult], failed: list[Rejection], started: float, secure=None) -> dict:
+        """The server half (:meth:`Simulator.close_round`) and the bookkeeping of who applied which broadcast; with
+        ``secure`` (:class:`~fedlora.federation.simulator.SecureSum`) the round was securely aggregated."""
+        sim = self.sim
+        failed.sort(key=lambda f: f.cid)
+        update, accepted, _ = sim.close_round(results, failed, rnd, started, secure)
         for r in accepted:
             self.accepted[r.cid] = rnd
 

@@ -329,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
     me.set_defaults(func=cmd_methods)
     st = sub.add_parser("study", help="the papers' analyses: comparison, divergence, A/B similarity, heterogeneity, scale")
-    st.add_argument("--preset", default="default", help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
+    st.add_argument("--preset", default="default",
+                    help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale,synthetic",
                     help="comma-separated analyses to run (default: all six); each can be run and committed on its own")
     st.add_argument("--methods", default=None, help="methods of the comparison (default: the study's seven)")

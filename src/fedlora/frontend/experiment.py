@@ -96,6 +96,10 @@ class RunConfig:
     dp_accountant: str = _flag("rdp", "DP: Opacus's accountant, rdp or prv")
     dp_secure_noise: bool = _flag(False, "DP: draw the noise from the OS's randomness, not the run's seed (deployments: nobody who "
                                          "knows the seed can subtract it; runs are then not reproducible)")
+    # secure aggregation (Flower only; fedlora.flower.secure)
+    secure_aggregation: bool = _flag(False, "Flower only: SecAgg+, so the server sees only the weighted sum of the uploads "
+                                            "(linear methods, one rank for all; no per-client divergence or screening)")
+    secagg_clip: float = _flag(8.0, "SecAgg+: every uploaded value must lie in [-clip, clip] (quantised over it in 2^22 steps)")
     # causal-LM instruction tuning (--task causal-lm); ignored by classification
     task: str = _flag("classification", "classification or causal-lm (instruction tuning, scored by generation)")
     prompt_column: str = _flag("prompt", "causal-lm: prompt field of --data files/datasets")
@@ -145,8 +149,26 @@ class RunConfig:
             raise ValueError(f"model {self.model!r} is a causal LM; pass --task causal-lm, or --model minilm for classification")
         self.adapter_spec()
         self.federation_config()
-        self.make_method()
+        method = self.make_method()
+        if self.secure_aggregation:
+            self._validate_secure(method)
         return self
+
+    def _validate_secure(self, method) -> None:
+        """Secure aggregation gives the server one weighted sum: only a rule that needs nothing else can run on it."""
+        if not method.is_linear():
+            raise ValueError(f"secure aggregation: method {self.method} needs each client's factors, not only their sum; "
+                             "pick a linear method (fedit, ffa, fedsa, …: `fedlora methods`) or drop secure-aggregation")
+        ranks = self.ranks()
+        if ranks is not None and len(set(ranks)) > 1:
+            raise ValueError("secure aggregation sums uploads of one shape; mixed --client-ranks cannot be summed, drop one of the two")
+        if self.dp == "client":
+            raise ValueError("secure aggregation with --dp client is not supported: the server clips each client's update, "
+                             "which it cannot see under SecAgg+; use --dp example (DP-SGD on the clients) instead")
+        if self.similarity:
+            raise ValueError("secure aggregation hides each client's factors, so --similarity cannot be measured; drop one of the two")
+        if not self.secagg_clip > 0:
+            raise ValueError(f"secagg_clip={self.secagg_clip} must be positive; pass e.g. secagg-clip = 8.0")
 
     def ranks(self) -> list[int] | None:
         """Each client's rank under ``--client-ranks`` (in turn), or None for one rank for all."""
@@ -559,6 +581,9 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
     """
     out = Path(config.out) if config.out else None
     config.validate()
+    if config.secure_aggregation:
+        raise ValueError("secure aggregation runs on Flower (SecAgg+ hides each upload from a server across a network); set "
+                         "secure-aggregation = true in the Flower run config (docs/flower.md), or drop --secure-aggregation")
     if out is None:
         return _run(config, None, None, on_client, on_round, on_progress)
     prepare_run_dir(out)

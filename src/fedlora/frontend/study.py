@@ -432,7 +432,7 @@ def fig_heterogeneity(by_m: dict[str, dict[str, dict[int, list[dict]]]], order: 
             xs = [l for l in order if rates.get(l) is not None]
             ax.plot(xs, [rates[l] for l in xs], ls=":", color="grey", label="majority class")
         ax.set_title(title)
-        ax.set_xlabel("partition (more heterogeneous → right)")
+        ax.set_xlabel("partition (more heterogeneous → left)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     return _save(fig, path)
@@ -506,6 +506,13 @@ def _pm(values, digits: int = 3) -> str:
     return f"{_f(mean, digits)} ± {_f(half, digits)}"
 
 
+def _t(n: int) -> float:
+    """The Student-t quantile of a 95 % interval over n values."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1))
+
+
 def _diff(values, reference) -> tuple[float, float, str]:
     """Paired per-seed difference: (mean, half-width, 'Δ ± h' text with '(n.d.)' when the interval holds 0)."""
     from fedlora.frontend.stats import distinguishable, paired
@@ -513,7 +520,9 @@ def _diff(values, reference) -> tuple[float, float, str]:
     mean, half = paired(list(values), list(reference))
     if math.isnan(mean):
         return mean, half, "—"
-    return mean, half, f"{mean:+.3f} ± {half:.3f}" + ("" if distinguishable(mean, half) else " (n.d.)")
+    small = max(abs(mean), 0 if math.isnan(half) else half) < 1e-2
+    text = f"{mean:+.2e} ± {half:.1e}" if small and mean != 0 else f"{mean:+.3f} ± {half:.3f}"
+    return mean, half, text + ("" if distinguishable(mean, half) else " (n.d.)")
 
 
 def _median(xs: list[float]) -> float | None:
@@ -606,8 +615,9 @@ def write_report(
         f"**{len(p.seeds)} seeds** ({seeds_text}). Seed s gives every method the same partition, global test set, "
         "initial adapter, client sampling and batch order. Every number is the mean over the seeds, ± the half-width "
         "of its 95 % Student-t interval over them; a comparison between two methods is the mean of their per-seed "
-        "differences with its own interval, marked (n.d.) — not distinguishable — when that interval holds 0. With "
-        "three seeds the t-interval is wide (t = 4.30): a difference it does not resolve is not evidence of equality.",
+        "differences with its own interval, marked (n.d.) — not distinguishable — when that interval holds 0."
+        + (f" With {len(p.seeds)} seeds the t-interval is wide (t = {_t(len(p.seeds)):.2f} standard errors): a "
+           "difference it does not resolve is not evidence of equality." if len(p.seeds) > 1 else ""),
         "",
         f"{len(histories)} runs, {total_wall / 60:.0f} min of run time on this machine (2 CPU cores, no GPU).",
         "",
@@ -658,12 +668,13 @@ def write_report(
                             separated.append(f"`{m}` {text} at {label}")
         if lowest:
             verdicts.append(
-                ("- **Every method learned** in every partition (global accuracy's interval above the majority-class "
-                 "rate): " if not not_learned else
-                 f"- **Did not learn** (†): {', '.join(not_learned)}. Others learned: ")
+                ("- **Every method learned** in every partition (its global accuracy's interval clears the "
+                 "majority-class rate): " if not not_learned else
+                 f"- **Did not learn** (†, the interval of global accuracy does not clear the majority-class rate): "
+                 f"{', '.join(not_learned)}. Lowest per partition: ")
                 + "; ".join(lowest) + ".")
             verdicts.append(
-                f"- **Methods vs FedIT in global accuracy**: "
+                "- **Methods vs FedIT in global accuracy**: "
                 + (("distinguishable at these seeds: " + "; ".join(separated) + "; every other method is not "
                     "distinguishable from FedIT.") if separated else
                    "no method is distinguishable from FedIT at these seeds in any partition.")
