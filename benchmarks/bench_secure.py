@@ -76,8 +76,8 @@ def main() -> None:
         per_round = {name: min(h["wall_seconds"] for h in hist[1:]) for name, hist in (("plain", plain), ("secure", sec))}
         rows.append((u, per_round["plain"], per_round["secure"], plain[1]["bytes_up"] / u, sec[1]["bytes_up"] / u, err, bound,
                      t1 - t0, t2 - t1))
-    print(f"| clients | plain s/round | SecAgg+ s/round | ratio | plain B up/client | SecAgg+ B up/client | ratio | "
-          f"max error (round 1) | bound Δ·U/Σratio |")
+    print("| clients | plain s/round | SecAgg+ s/round | ratio | plain B up/client | SecAgg+ B up/client | ratio | "
+          "max error (round 1) | bound Δ·U/Σratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for u, tp, ts, bp, bs, err, bound, _, _ in rows:
         print(f"| {u} | {tp:.3f} | {ts:.3f} | {ts / tp:.2f}× | {bp:,.0f} | {bs:,.0f} | {bs / bp:.2f}× | {err:.2e} | {bound:.2e} |")
