@@ -152,3 +152,20 @@ def test_study_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_study_privacy_part_runs_dp_sgd_per_noise_level_and_reads_ffa_claim(small_csv, tmp_path):
+    runs, report = tmp_path / "runs", tmp_path / "results.md"
+    args = ["study", "--preset", "quick", "--data", str(small_csv), "--parts", "privacy", "--seeds", "2",
+            "--runs", str(runs), "--report", str(report), "--quiet"]
+    assert main(args) == 0
+    text = report.read_text()
+    assert "## 7. Privacy–utility" in text and "(ε " in text and "FFA-LoRA: DP noise on both factors" in text
+    cfg = json.loads((runs / "privacy-z1" / "ffa" / "seed-1" / "config.json").read_text())
+    assert cfg["dp"] == "example" and cfg["dp_noise"] == 1.0
+    fedsb = json.loads((runs / "privacy-none" / "fedsb" / "seed-0" / "config.json").read_text())
+    assert fedsb["dp"] == "none" and fedsb["method_options"] == "fedsb-init=random"
+    eps = [json.loads(line)["epsilon"] for line in (runs / "privacy-z1" / "fedit" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert eps == sorted(eps) and eps[0] > 0  # ε grows with every round of DP-SGD
+    assert (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").exists()  # the no-DP reference is the comparison's run
+    assert (tmp_path / "results" / "privacy.png").stat().st_size > 0

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from fedlora.frontend.experiment import RunConfig
 
-PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic")
+PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy")
+DEFAULT_PARTS = PARTS[:-1]  # the privacy–utility curve is asked for by name (--parts privacy): DP-SGD runs are long
 PRESETS = ("default", "quick")
 # The analyses of the FLoRA-NA and FedSA-LoRA papers, over the methods they compare (a study design, not dispatch).
 COMPARISON_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "svd")
@@ -54,6 +55,18 @@ class SyntheticPlan:
 
 
 @dataclass(frozen=True)
+class PrivacyPlan:
+    """The privacy–utility curve: each method under example-level DP (DP-SGD) at each noise multiplier, and without."""
+
+    methods: tuple[str, ...]
+    noises: tuple[float, ...]
+    clip: float
+    partition: tuple[str, str, float]  # (label, partition, alpha)
+    # Fed-SB's gradient initialisation round is not covered by DP-SGD: it runs with its random init, with and without DP
+    overrides: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (("fedsb", (("method_options", "fedsb-init=random"),)),)
+
+
+@dataclass(frozen=True)
 class Preset:
     """The knobs that size the study. ``default`` is about three hours on 2 CPU cores with MiniLM, three seeds."""
 
@@ -66,6 +79,7 @@ class Preset:
     scale_rounds: int
     seeds: tuple[int, ...] = (0, 1, 2)
     synthetic: SyntheticPlan | None = None
+    privacy: PrivacyPlan | None = None
 
 
 def preset(name: str) -> Preset:
@@ -84,7 +98,8 @@ def preset(name: str) -> Preset:
                       lr=0.1, optimizer="sgd", clients=10, seed=0),
             levels, tuple(range(20)),
         )
-        return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic)
+        privacy = PrivacyPlan(("fedit", "ffa", "fedsa", "fedsvd", "fedsb"), (0.5, 1.0, 2.0), 1.0, ("IID", "iid", 1.0))
+        return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic, privacy)
     base = RunConfig(
         model="tiny:bert", data="tweets", clients=3, rounds=2, local_steps=2, batch_size=8, lr=5e-3, rank=4,
         examples_per_client=40, test_examples=60, max_length=32, similarity=True, seed=0, device="cpu",
@@ -94,7 +109,8 @@ def preset(name: str) -> Preset:
                   optimizer="sgd", clients=3, examples_per_client=40, test_examples=60, seed=0, device="cpu"),
         ("0,0", "1,1"), (0, 1, 2),
     )
-    return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic)
+    privacy = PrivacyPlan(("fedit", "ffa", "fedsb"), (1.0,), 1.0, ("IID", "iid", 1.0))
+    return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic, privacy)
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,22 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
                 steps = max(1, round(train / p.base.batch_size))  # about one local epoch per round
                 for m in SCALE_METHODS:
                     add(m, "dirichlet", 0.5, s, clients=n, examples_per_client=per_client, local_steps=steps, rounds=p.scale_rounds)
+    if "privacy" in parts and p.privacy is not None:
+        pv = p.privacy
+        label, part, alpha = pv.partition
+        for s in p.seeds:
+            for m in pv.methods:
+                over = dict(dict(pv.overrides).get(m, ()))
+                if over:  # not the comparison's run of this method: its own baseline
+                    name = f"privacy-none/{m}/seed-{s}"
+                    runs.setdefault(name, StudyRun(name, "privacy:none", dataclasses.replace(p.base, method=m, partition=part, alpha=alpha, seed=s, **over)))
+                else:
+                    add(m, part, alpha, s)
+                for z in pv.noises:
+                    name = f"privacy-z{z:g}/{m}/seed-{s}"
+                    cfg = dataclasses.replace(p.base, method=m, partition=part, alpha=alpha, seed=s, dp="example", dp_noise=z,
+                                              dp_clip=pv.clip, **over)
+                    runs[name] = StudyRun(name, f"privacy:{z:g}", cfg)
     if "synthetic" in parts and p.synthetic is not None:
         # the layout of `fedlora compare --seeds`: synthetic-LEVEL/METHOD/seed-S, so a compare's runs can be reused
         for s in p.synthetic.seeds:
@@ -342,7 +374,7 @@ def _save(fig, path: Path) -> Path:
 
 
 COLORS = {"fedit": "tab:blue", "florana": "tab:orange", "svd": "tab:green", "bound": "black", "fedsa": "tab:red",
-          "ffa": "tab:purple", "flora": "tab:brown", "fedex": "tab:pink"}
+          "ffa": "tab:purple", "flora": "tab:brown", "fedex": "tab:pink", "fedsvd": "tab:olive", "fedsb": "tab:cyan"}
 
 
 def _at_bound(method: str) -> bool:
@@ -456,6 +488,30 @@ def fig_scale(rows: dict[str, dict[int, dict[int, dict]]], path: Path) -> Path:
         ax.set_xlabel("clients")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def fig_privacy(rows: dict[str, dict[float, list[dict]]], baseline: dict[str, list[float]], majority: float | None, path: Path) -> Path:
+    """Global accuracy against ε (log scale) per method, error bars over seeds; each method's no-DP accuracy dotted."""
+    from fedlora.frontend.stats import interval
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m, by_z in rows.items():
+        zs = sorted(by_z, reverse=True)  # more noise → less ε → left
+        xs = [_mean(r.get("epsilon") for r in by_z[z]) for z in zs]
+        stats = [interval([r["global_accuracy"] for r in by_z[z]]) for z in zs]
+        line = ax.errorbar(xs, [a for a, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o",
+                           capsize=3, label=m, color=COLORS.get(m))
+        if baseline.get(m):
+            ax.axhline(interval(baseline[m])[0], ls=":", color=line[0].get_color(), alpha=0.7)
+    if majority is not None:
+        ax.axhline(majority, ls="--", color="grey", label=f"majority class ({majority:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε (δ = 1e-5), largest over clients")
+    ax.set_ylabel("global accuracy (dotted: without DP)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -959,6 +1015,77 @@ def write_report(
             if claim:
                 verdicts.append("- **Synthetic task: less divergence, better convergence (FLoRA-NA)?** Paired "
                                 "differences to FedIT (negative loss is better): " + " · ".join(claim) + ".")
+
+    # 7. privacy ------------------------------------------------------------------------------------------
+    if "privacy" in parts and p.privacy is not None:
+        pv = p.privacy
+        label = pv.partition[0]
+
+        def by_level(m: str, z: float | None) -> dict[int, list[dict]]:
+            if z is None:
+                return seeded(m, "privacy:none") if dict(pv.overrides).get(m) else seeded(m, label)
+            return seeded(m, f"privacy:{z:g}")
+
+        levels: list[float | None] = [None, *pv.noises]
+        ms = [m for m in pv.methods if any(by_level(m, z) for z in levels)]
+        if ms:
+            L += ["## 7. Privacy–utility: example-level DP (DP-SGD with Opacus)", "",
+                  f"Each method trained with DP-SGD on every client (per-example clip C = {pv.clip:g}, noise multiplier z, "
+                  f"Poisson batches of expected size {p.base.batch_size}) on the {label} partition, against the same run "
+                  "without DP. ε is at δ = "
+                  f"{p.base.dp_delta:g} from Opacus's {p.base.dp_accountant.upper()} accountant: each client's own batch "
+                  "sampling rate and steps, the largest over clients (example-level DP protects one example of one client). "
+                  "Final-round global accuracy, mean ± 95 % interval over seeds; † did not learn."
+                  + "".join(f" `{m}` runs with {', '.join(f'{k} = {v}' for k, v in o)}, with and without DP." for m, o in pv.overrides if m in ms),
+                  ""]
+            head = "| method | " + " | ".join("no DP" if z is None else f"z = {z:g}" for z in levels) + " |"
+            L += [head, "|---|" + "---:|" * len(levels)]
+            maj = rate(label)
+            eps_by_z: dict[float, list[float]] = {}
+            for m in ms:
+                cells = []
+                for z in levels:
+                    hs = list(by_level(m, z).values())
+                    if not hs:
+                        cells.append("—")
+                        continue
+                    accs = [h[-1]["global_accuracy"] for h in hs]
+                    mark = " †" if learned(accs, maj) is False else ""
+                    eps = [h[-1].get("epsilon") for h in hs if h[-1].get("epsilon") is not None]
+                    if z is not None:
+                        eps_by_z.setdefault(z, []).extend(eps)
+                    cells.append(f"{_pm(accs)}{mark}" + (f" (ε {_f(_mean(eps), 2)})" if eps else ""))
+                L.append(f"| {m} | " + " | ".join(cells) + " |")
+            L += ["", f"Majority-class rate: {_f(maj)}. ε per noise level (mean over methods and seeds): "
+                  + ", ".join(f"z = {z:g}: {_f(_mean(e), 2)}" for z, e in eps_by_z.items()) + ".", ""]
+            fig = fig_privacy({m: {z: [h[-1] for h in by_level(m, z).values()] for z in pv.noises if by_level(m, z)} for m in ms},
+                              {m: [h[-1]["global_accuracy"] for h in by_level(m, None).values()] for m in ms}, maj,
+                              figdir / "privacy.png")
+            L += [f"![privacy–utility]({rel(fig)})", ""]
+            # FFA-LoRA's claim: noise on both factors (FedIT) hurts more than on one (FFA, A frozen). Per seed, the
+            # loss of accuracy DP causes to each, then FFA's minus FedIT's.
+            if "fedit" in ms and "ffa" in ms:
+                cells = []
+                holds = contrary = 0
+                for z in pv.noises:
+                    seeds = sorted(set(by_level("fedit", z)) & set(by_level("ffa", z)) & set(by_level("fedit", None)) & set(by_level("ffa", None)))
+                    if not seeds:
+                        continue
+                    acc = lambda m, zz, seeds=seeds: [by_level(m, zz)[sd][-1]["global_accuracy"] for sd in seeds]  # noqa: E731
+                    drop_fedit = [a - b for a, b in zip(acc("fedit", None), acc("fedit", z))]
+                    drop_ffa = [a - b for a, b in zip(acc("ffa", None), acc("ffa", z))]
+                    d, h, t = _diff(drop_fedit, drop_ffa)
+                    holds += "n.d." not in t and t != "—" and d > 0
+                    contrary += "n.d." not in t and t != "—" and d < 0
+                    cells.append(f"z = {z:g}: FedIT loses {_pm(drop_fedit)}, FFA {_pm(drop_ffa)}, difference {t}")
+                if cells:
+                    verdicts.append(
+                        "- **FFA-LoRA: DP noise on both factors hurts more than on one** — "
+                        + ("holds" if holds == len(cells) else "holds at some noise levels" if holds else
+                           "does not hold here" if contrary else "not distinguishable at these seeds")
+                        + " (accuracy lost to DP, per seed; difference = FedIT's loss − FFA's, positive supports the claim): "
+                        + "; ".join(cells) + "."
+                    )
 
     if verdicts:
         L += ["## Reading: which claims hold here", "",
