@@ -291,6 +291,10 @@ def cmd_study(args: argparse.Namespace) -> int:
                 state["prog"].__exit__(None, None, None)
     path = study.write_report(p, runs, histories, report, command=command, parts=parts, methods=methods)
     print(f"report: {path} (figures in {path.parent / path.stem})")
+    if args.readme:
+        readme = Path(args.readme)
+        readme.write_text(study.replace_readme_table(readme.read_text(), study.readme_table(p, runs, histories, command=command, methods=methods)))
+        print(f"comparison table written into {readme}")
     return 0
 
 
@@ -343,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--runs", default="runs/study", help="directory of the study's runs; finished runs are reused (default runs/study)")
     st.add_argument("--report", default=None, help="markdown report to write; figures go next to it (default RUNS/results.md)")
     st.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished runs")
+    st.add_argument("--readme", default=None, metavar="FILE", help="also write the comparison's accuracy table between the study-table markers of FILE")
     st.add_argument("--quiet", action="store_true", help="no progress display")
     st.set_defaults(func=cmd_study)
     return parser
