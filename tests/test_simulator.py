@@ -178,3 +178,44 @@ def test_saved_adapter_reloads_and_reproduces_global_accuracy(small_csv, tmp_pat
         model, _, _ = load_global_model(out)
     acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
     assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)
+
+
+def test_catch_up_broadcasts_are_counted_when_a_client_that_missed_rounds_is_sampled(small_csv):
+    """With partial participation a client sampled again after missing rounds is sent every broadcast it missed
+    (on Flower, literally: one record per missed round); bytes_down counts them, catch_up_bytes says how many."""
+    from conftest import tiny_config
+    from fedlora.frontend.experiment import build
+
+    sim = build(tiny_config(small_csv, method="fedit", clients=5, fraction=0.4, rounds=6)).simulator
+    hist = sim.run()
+    per_client = hist[0]["bytes_down"] // len(hist[0]["clients"])  # fedit's broadcast, the same size every round
+    sent = {c: 0 for c in range(5)}
+    assert any(h["catch_up_bytes"] for h in hist)
+    for h in hist:
+        rnd = h["round"]
+        sampled = set(h["clients"]) | {r["client"] for r in h["rejected"]}
+        missed = sum(rnd - 1 - sent[c] for c in sampled)
+        assert h["catch_up_bytes"] == missed * per_client
+        assert h["bytes_down"] == (len(h["clients"]) + missed) * per_client
+        for c in sampled:
+            sent[c] = rnd - 1
+        for c in h["clients"]:
+            sent[c] = rnd
+
+
+def test_a_resumed_run_counts_catch_up_as_an_uninterrupted_one(small_csv):
+    from conftest import tiny_config
+    from fedlora.frontend.experiment import build
+
+    cfg = tiny_config(small_csv, method="fedit", clients=5, fraction=0.4, rounds=5)
+    full = build(cfg).simulator.run()
+    first = build(cfg).simulator
+    for rnd in (1, 2):
+        first.round(rnd)
+    tensors, meta = first.snapshot()
+    meta = json.loads(json.dumps(meta))  # as the checkpoint stores it
+    second = build(cfg).simulator
+    second.restore(tensors, meta)
+    rest = [second.round(rnd) for rnd in (3, 4, 5)]
+    assert [h["catch_up_bytes"] for h in full[2:]] == [h["catch_up_bytes"] for h in rest]
+    assert [h["bytes_down"] for h in full[2:]] == [h["bytes_down"] for h in rest]

@@ -390,6 +390,10 @@ class Simulator:
         self.private: dict[int, Tensors] = {}
         self.history: list[dict] = []
         self.setup_bytes: tuple[int, int] | None = None  # round 0's (up, down), counted in round 1's row
+        # Catch-up: the last round whose broadcast each client has been sent (and counted), and each round's broadcast
+        # size per client rank, so a client that missed rounds pays for the broadcasts it is sent when next sampled.
+        self.sent: dict[int, int] = {p.cid: 0 for p in self.peers}
+        self.broadcast_bytes: dict[int, dict[int, int]] = {}
         self.set_up = False  # round 0 done (or not needed once a round has run)
 
     # -- round 0: the method's initialisation round, when it has one -----------------------------------------------
@@ -507,6 +511,7 @@ class Simulator:
             rejected = list(failed) + rejected
         for rej in rejected:
             log.warning("round %d: rejected %s", rnd, rej.reason)
+        catch_up = self._catch_up({r.cid for r in results} | {f.cid for f in failed}, rnd)
         metrics = {
             "round": rnd, "method": method.name, "clients": [r.cid for r in accepted],
             "train_loss": sum(r.train_loss for r in accepted) / len(accepted) if accepted else math.nan,
@@ -545,7 +550,14 @@ class Simulator:
                 metrics |= similarity_metrics(h, method, inputs, self.global_tensors)
             n_local = sum(r.n_test for r in accepted)
             metrics["local_accuracy"] = sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan
-            down = sum(nbytes(method.deliver(h, update.broadcast, self.peers[r.cid])) for r in accepted)
+            sizes = {}
+            for peer in self.peers:  # the broadcast's size for each client rank (catch-up later costs the same)
+                if peer.rank not in sizes:
+                    sizes[peer.rank] = nbytes(method.deliver(h, update.broadcast, peer))
+            self.broadcast_bytes[rnd] = sizes
+            down = sum(sizes[self.peers[r.cid].rank] for r in accepted)
+            for r in accepted:
+                self.sent[r.cid] = rnd
             down += secure.bytes_down if secure is not None else 0
             self._apply(update, seed)
             for r in accepted:
@@ -557,11 +569,12 @@ class Simulator:
         metrics |= {
             "divergence": _mean(rho), "divergence_per_layer": rho, "bound": _mean(rho_min), "bound_per_layer": rho_min,
             "fedit_divergence": _mean(rho_fedit), "fedit_divergence_per_layer": rho_fedit,
-            "bytes_up": received + setup[0], "bytes_down": down + setup[1], "aggregation_seconds": seconds,
+            "bytes_up": received + setup[0], "bytes_down": down + setup[1] + catch_up, "catch_up_bytes": catch_up,
+            "aggregation_seconds": seconds,
             "rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted,
         }
         if not method.communicates:  # a reference point (central, local): nothing crosses a network
-            metrics["bytes_up"] = metrics["bytes_down"] = 0
+            metrics["bytes_up"] = metrics["bytes_down"] = metrics["catch_up_bytes"] = 0
         states = method.scored_states(self.held, self.private)
         if states:  # e.g. `local`: the mean of the clients' own models on the global test set
             scores = []
@@ -608,6 +621,20 @@ class Simulator:
         return self.history
 
     # -- checkpoints: everything a resumed run needs to continue bit-for-bit ------------------------------------
+    def _catch_up(self, sampled: set[int], rnd: int) -> int:
+        """Bytes of the broadcasts the round's sampled clients missed (rounds after the last one they were sent, before
+        this one): what their train message carries besides the last round's broadcast, as on Flower."""
+        total = 0
+        for cid in sampled:
+            if cid not in self.sent:
+                continue
+            rank = self.peers[cid].rank
+            total += sum(self.broadcast_bytes.get(r, {}).get(rank, 0) for r in range(self.sent[cid] + 1, rnd))
+            self.sent[cid] = max(self.sent[cid], rnd - 1)
+        oldest = min(self.sent.values(), default=rnd)
+        self.broadcast_bytes = {r: b for r, b in self.broadcast_bytes.items() if r > oldest}
+        return total
+
     def snapshot(self) -> tuple[Tensors, dict]:
         """(tensors, meta) after the last completed round: global and scored trainables, each client's view where
         it is not the global one (mixed ranks), each client's private state, and for methods that fold into the
@@ -623,7 +650,7 @@ class Simulator:
         for module, folded in h.folded.items():
             tensors[f"base/{module}"] = h.layers[module].get_base_layer().weight.detach()
             tensors[f"folded/{module}"] = folded
-        meta = {"round": len(self.history), "history": self.history}
+        meta = {"round": len(self.history), "history": self.history, "sent": self.sent, "broadcast_bytes": self.broadcast_bytes}
         if self.accountants is not None:
             meta["dp_accountants"] = self.accountants.state()
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
@@ -651,6 +678,9 @@ class Simulator:
         self.held = {p.cid: self.global_tensors | held[p.cid] if p.cid in held else self.global_tensors for p in self.peers}
         h.set(self.global_tensors)
         self.history = list(meta["history"])
+        rounds = len(self.history)  # a checkpoint from before catch-up was counted: every client as if sent everything
+        self.sent = {int(c): int(r) for c, r in meta.get("sent", {p.cid: rounds for p in self.peers}).items()}
+        self.broadcast_bytes = {int(r): {int(k): int(v) for k, v in b.items()} for r, b in meta.get("broadcast_bytes", {}).items()}
         if self.accountants is not None:
             self.accountants.load(meta.get("dp_accountants", {}))
         self.set_up = bool(self.history)
