@@ -25,8 +25,11 @@ process serves many SuperNodes in turn; in deployment it serves one message.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
 import torch
@@ -38,7 +41,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedlora.federation.simulator import client_turn, round_seed
 from fedlora.flower.config import from_flower
-from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
+from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, SNAPSHOT_BASE, SNAPSHOT_CURRENT, UPLOAD, Tensors, broadcast_key, from_record, to_record
 from fedlora.flower.secure import reply_arrays
 from fedlora.frontend.experiment import Experiment, RunConfig, build
 
@@ -47,6 +50,8 @@ STATE_CURRENT = "fedlora.current"
 STATE_PRIVATE = "fedlora.private"
 STATE_BASE = "fedlora.base"
 STATE_RESULT = "fedlora.private.pending"
+STATE_NONE = -2  # the synced round a client reports when it holds no state of this run
+STATE_LOST = "its state was lost"  # in the error a client raises then; the server sends it a snapshot next time
 LEGACY_FIT = "fitins.config"  # present in the fit message of a securely aggregated round (Flower's legacy layout)
 
 
@@ -64,8 +69,15 @@ app = ClientApp(mods=[_secure_mod])
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this SuperNode holds, so it can sample partitions as the simulator does."""
-    info = ConfigRecord({"partition-id": partition_id(context), "num-partitions": int(context.node_config.get("num-partitions", -1))})
+    """Tell the server which partition this SuperNode holds (so it can sample partitions as the simulator does) and
+    the last round whose broadcast this client applied (-2: it holds no state of this run, e.g. after a restart
+    without a state directory), so a resumed or restarted server knows what to send it."""
+    config = from_flower(context.run_config)
+    cid = partition_id(context)
+    restore_durable(context, config, cid)
+    meta = context.state.config_records.get(STATE_META)
+    info = ConfigRecord({"partition-id": cid, "num-partitions": int(context.node_config.get("num-partitions", -1)),
+                         "synced-round": int(meta["synced-round"]) if meta is not None else STATE_NONE})
     return Message(RecordDict({NODE: info}), reply_to=msg)
 
 
@@ -80,7 +92,17 @@ def train(msg: Message, context: Context) -> Message:
     proc = _ProcessModel.get(config)
     sim = proc.exp.simulator
     h, method, device = sim.handle, sim.method, sim.config.device
+    restore_durable(context, config, cid)
     state = context.state
+    if "snapshot-round" in order:  # this client's state was lost: the server sent the state to continue from
+        for key in (STATE_META, STATE_CURRENT, STATE_PRIVATE, STATE_RESULT, STATE_BASE):
+            for records in (state.config_records, state.array_records):
+                if key in records:
+                    del records[key]
+        state.config_records[STATE_META] = ConfigRecord({"synced-round": int(order["snapshot-round"]), "result-round": 0})
+        state.array_records[STATE_CURRENT] = msg.content.array_records[SNAPSHOT_CURRENT]
+        if SNAPSHOT_BASE in msg.content.array_records and len(msg.content.array_records[SNAPSHOT_BASE]):
+            state.array_records[STATE_BASE] = msg.content.array_records[SNAPSHOT_BASE]
 
     start = -1 if method.needs_setup() else 0  # a method with a round 0 has not applied even that one yet
     meta = state.config_records[STATE_META] if STATE_META in state.config_records else ConfigRecord({"synced-round": start, "result-round": 0})
@@ -99,13 +121,13 @@ def train(msg: Message, context: Context) -> Message:
         if r <= synced:  # applied already (the reply that said so was lost): folding twice would corrupt W0
             continue
         if r != synced + 1:
-            raise ValueError(f"client {cid} last applied round {synced} but was sent round {r}'s broadcast; its state was lost, restart the run")
+            raise ValueError(f"client {cid} last applied round {synced} but was sent round {r}'s broadcast: {STATE_LOST}")
         broadcast = from_record(msg.content.array_records[broadcast_key(r)], device)
         if broadcast:  # empty: no client was accepted in round r, and Simulator.round applies nothing then
             current = method.apply(h, broadcast, current, peer, round_seed(config.seed, r))
         synced = r
     if synced != rnd - 1:
-        raise ValueError(f"client {cid} is at round {synced} but was asked to train round {rnd}; its state was lost, restart the run")
+        raise ValueError(f"client {cid} is at round {synced} but was asked to train round {rnd}: {STATE_LOST}")
 
     # Private state counts only once the server accepted the round that produced it (Simulator.round keeps the
     # private tensors of accepted clients only): the last result waits in STATE_RESULT until the server says so.
@@ -122,6 +144,7 @@ def train(msg: Message, context: Context) -> Message:
         state.array_records[STATE_RESULT] = to_record(result.private)
     if h.folded:
         state.array_records[STATE_BASE] = to_record(proc.base_weights(set(stored_base) | set(h.folded)))
+    save_durable(context, config, cid)
     if LEGACY_FIT in msg.content.config_records:  # secure aggregation: a legacy fit reply that secaggplus_mod masks
         weight = result.n_train if config.weighting == "examples" else 1
         arrays = reply_arrays(result.upload, result.extras, config.secagg_clip, cid)
@@ -138,6 +161,64 @@ def train(msg: Message, context: Context) -> Message:
         }),
     })
     return Message(reply, reply_to=msg)
+
+
+STATE_KEYS = (STATE_META, STATE_CURRENT, STATE_PRIVATE, STATE_BASE, STATE_RESULT)
+
+
+def state_file(context: Context, config: RunConfig, cid: int) -> Path | None:
+    """Where this client's durable state lives: ``<state-dir>/<run>/partition-<cid>.safetensors``, ``<run>`` a digest of
+    the run's settings (all but ``rounds``, which a resume may raise), so a resumed run finds its clients' state and
+    another run never does. None without a ``state-dir`` in the SuperNode's node config."""
+    root = context.node_config.get("state-dir")
+    if not root:
+        return None
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "rounds"}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(str(root)) / digest / f"partition-{cid}.safetensors"
+
+
+def save_durable(context: Context, config: RunConfig, cid: int) -> None:
+    """Write the client's state (the ``context.state`` records of this module) to its state file atomically: a kill
+    at any moment leaves the previous complete file."""
+    path = state_file(context, config, cid)
+    if path is None:
+        return
+    from safetensors.torch import save_file
+
+    state = context.state
+    tensors, meta = {}, {}
+    for key in STATE_KEYS:
+        if key in state.array_records:
+            tensors |= {f"{key}/{n}": t.contiguous() for n, t in from_record(state.array_records[key]).items()}
+            meta.setdefault("arrays", []).append(key)
+        if key in state.config_records:
+            meta[key] = dict(state.config_records[key])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def restore_durable(context: Context, config: RunConfig, cid: int) -> None:
+    """After a SuperNode restart or a resumed run ``context.state`` is empty: fill it from the state file if any."""
+    path = state_file(context, config, cid)
+    if path is None or STATE_META in context.state.config_records or not path.exists():
+        return
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["fedlora"])
+    tensors = load_file(str(path))
+    for key in STATE_KEYS:
+        if key in meta.get("arrays", []):
+            prefix = f"{key}/"
+            context.state.array_records[key] = to_record({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        if key in meta and isinstance(meta[key], dict):
+            context.state.config_records[key] = ConfigRecord(meta[key])
 
 
 def partition_id(context: Context) -> int:

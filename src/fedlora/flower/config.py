@@ -17,6 +17,30 @@ from fedlora.frontend.experiment import RunConfig
 
 _NONE_STANDINS = {"examples_per_client": 0, "keep_head_local": "auto", "dp_target_epsilon": 0.0, "out": ""}
 
+# Keys of the Flower run config that are not `fedlora run` flags: how the ServerApp runs, not what it computes.
+FLOWER_ONLY: dict[str, bool | float] = {
+    "resume": False,  # continue the run in `out` from its checkpoint (written after every round)
+    "round-timeout": 1800.0,  # seconds the server waits for a round's replies; a SuperNode silent longer is left out
+}
+
+
+def flower_options(user_config: Mapping[str, object]) -> dict[str, bool | float]:
+    """The Flower-only keys of a run config, at their defaults where absent; a wrong type raises one line."""
+    out = dict(FLOWER_ONLY)
+    for key, default in FLOWER_ONLY.items():
+        if key not in user_config:
+            continue
+        raw = user_config[key]
+        if isinstance(default, bool):
+            if not isinstance(raw, bool):
+                raise ValueError(f"run config {key}={raw!r} has the wrong type; pass true or false, e.g. --run-config \"{key}=true\"")
+            out[key] = raw
+        else:
+            if isinstance(raw, bool) or not isinstance(raw, int | float) or not raw > 0:
+                raise ValueError(f"run config {key}={raw!r} must be a positive number of seconds, e.g. --run-config \"{key}=600\"")
+            out[key] = float(raw)
+    return out
+
 
 def to_flower(config: RunConfig) -> dict[str, str | int | float | bool]:
     """The run config Flower holds for ``config`` (``[tool.flwr.app.config]`` is ``to_flower(RunConfig())``)."""
@@ -24,7 +48,7 @@ def to_flower(config: RunConfig) -> dict[str, str | int | float | bool]:
     for f in dataclasses.fields(RunConfig):
         value = getattr(config, f.name)
         out[f.name.replace("_", "-")] = _NONE_STANDINS[f.name] if value is None else value
-    return out
+    return out | FLOWER_ONLY
 
 
 def from_flower(user_config: Mapping[str, object]) -> RunConfig:
@@ -33,9 +57,11 @@ def from_flower(user_config: Mapping[str, object]) -> RunConfig:
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values = {}
     for key, raw in user_config.items():
+        if key in FLOWER_ONLY:  # the ServerApp's own (flower_options)
+            continue
         name = key.replace("-", "_")
         if name not in fields:
-            known = ", ".join(sorted(f.replace("_", "-") for f in fields))
+            known = ", ".join(sorted([f.replace("_", "-") for f in fields] + list(FLOWER_ONLY)))
             raise ValueError(f"run config key {key!r} is not a flag of `fedlora run`; use one of: {known}")
         values[name] = _coerce(key, name, raw, hints[name])
     return RunConfig(**values)

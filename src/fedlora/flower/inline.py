@@ -10,6 +10,7 @@ aggregation.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import context_from_proto, context_to_proto, recorddict_from_proto, recorddict_to_proto
@@ -28,17 +29,28 @@ class InlineGrid(Grid):
     ``fail``: (round, partition) pairs whose ClientApp raises; the reply is then an error, as Flower sends.
     """
 
-    def __init__(self, config: RunConfig, *, fresh: bool = False, fail: set[tuple[int, int]] = frozenset()):
+    def __init__(self, config: RunConfig, *, fresh: bool = False, fail: set[tuple[int, int]] = frozenset(),
+                 state_dir: Path | None = None):
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-        n = config.clients
-        self.contexts = {
-            500 + i: Context(run_id=1, node_id=500 + i, node_config={"partition-id": i, "num-partitions": n},
-                             state=RecordDict(), run_config=to_flower(config))
-            for i in range(n)
-        }
+        self.config, self.state_dir = config, state_dir
+        self.contexts = {}
+        for i in range(config.clients):
+            self.start_supernode(500 + i, i)
         self.fresh, self.fail, self.sent = fresh, fail, []
+
+    def start_supernode(self, node: int, partition: int) -> None:
+        """A SuperNode for ``partition`` with an empty ``context.state`` (a first start, or a restart: then give it a
+        new ``node`` id and :meth:`stop_supernode` the old one), with a state directory of its own if the grid has one."""
+        node_config = {"partition-id": partition, "num-partitions": self.config.clients}
+        if self.state_dir is not None:
+            node_config["state-dir"] = str(Path(self.state_dir) / f"supernode-{partition}")
+        self.contexts[node] = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
+                                      run_config=to_flower(self.config))
+
+    def stop_supernode(self, node: int) -> None:
+        del self.contexts[node]
 
     def set_run(self, run):
         pass

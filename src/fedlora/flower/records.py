@@ -5,9 +5,10 @@ A ``dict[str, Tensor]`` crosses the wire as one :class:`~flwr.app.ArrayRecord` u
 over. Message layout (``RecordDict`` keys):
 
 - query, server → client: nothing; client → server: ``node`` (partition-id, num-partitions from the SuperNode's
-  ``--node-config``, or the simulation's own).
+  ``--node-config``, or the simulation's own; synced-round, the last round it applied, -2 without state).
 - train, server → client: ``config`` (round, partition-id, broadcast-rounds) and ``broadcast.R`` for every round
-  R the client has not applied yet (the previous round's; more after rounds it was not sampled in).
+  R the client has not applied yet (the previous round's; more after rounds it was not sampled in); or, for a client
+  whose state was lost, ``snapshot.current`` and ``snapshot.base`` with ``snapshot-round`` in ``config``.
 - train, client → server: ``upload`` (protocol bytes), ``extras`` (FedSA's B and head, only to score a global
   model, as in the simulator), ``metrics``.
 """
@@ -25,6 +26,8 @@ UPLOAD = "upload"
 EXTRAS = "extras"
 METRICS = "metrics"
 NODE = "node"
+SNAPSHOT_CURRENT = "snapshot.current"  # a rejoining client's state: the trainables it starts from
+SNAPSHOT_BASE = "snapshot.base"  # and the adapted layers' base weights after every fold so far (fedex, flora)
 
 
 def broadcast_key(rnd: int) -> str:

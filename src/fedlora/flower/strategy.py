@@ -24,8 +24,21 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from fedlora.federation.screening import Rejection
-from fedlora.federation.simulator import ClientResult, sample_round
-from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, UPLOAD, Tensors, broadcast_key, from_record, to_record
+from fedlora.federation.simulator import ClientResult, nbytes, sample_round
+from fedlora.flower.client_app import STATE_LOST, STATE_NONE
+from fedlora.flower.records import (
+    CONFIG,
+    EXTRAS,
+    METRICS,
+    NODE,
+    SNAPSHOT_BASE,
+    SNAPSHOT_CURRENT,
+    UPLOAD,
+    Tensors,
+    broadcast_key,
+    from_record,
+    to_record,
+)
 from fedlora.frontend.experiment import Experiment
 
 NODE_WAIT_SECONDS = 300.0  # how long the server waits for one SuperNode per partition to connect
@@ -39,18 +52,22 @@ class FedLoRAStrategy:
         self.sim = exp.simulator
         n = len(self.sim.clients)
         self.nodes: dict[int, int] = {}  # partition id → SuperNode id
+        self._asked: set[int] = set()  # SuperNodes queried for their partition
         # Last round whose broadcast each client applied (-1: not even round 0's, for a method that runs one).
         start = -1 if self.sim.method.needs_setup() else 0
         self.synced: dict[int, int] = {cid: start for cid in range(n)}
         self.pending: dict[int, Tensors] = {}  # round → broadcast, kept until every client has applied it
         self.accepted: dict[int, int] = {cid: 0 for cid in range(n)}  # last round each client's result was accepted
         self.sampled: list[int] = []
+        self.reported: dict[int, int] = {}  # partition → the synced round its SuperNode reported when it connected
+        self.snapshot: set[int] = set()  # clients whose state is gone: their next message carries a snapshot
+        self.rejoin_bytes = 0  # bytes of the snapshots sent this round
 
     # -- which SuperNode holds which partition ----------------------------------------------------------------------
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_SECONDS) -> dict[int, int]:
         """Ask every SuperNode its ``partition-id`` until each of the run's partitions has one."""
         n = len(self.sim.clients)
-        asked: set[int] = set()
+        asked = self._asked
         deadline = time.monotonic() + timeout
         while True:
             new = [node for node in grid.get_node_ids() if node not in asked]
@@ -62,7 +79,8 @@ class FedLoRAStrategy:
                     if reply.has_error():
                         log(WARNING, "SuperNode %s could not say its partition: %s", node, reply.error.reason)
                         continue
-                    pid = int(reply.content.config_records[NODE]["partition-id"])
+                    info = reply.content.config_records[NODE]
+                    pid = int(info["partition-id"])
                     if not 0 <= pid < n:
                         log(WARNING, "SuperNode %s holds partition %s, outside this run's %s clients; not used", node, pid, n)
                     elif pid in self.nodes and self.nodes[pid] != node:
@@ -72,6 +90,7 @@ class FedLoRAStrategy:
                         )
                     else:
                         self.nodes[pid] = node
+                        self._reconcile(pid, int(info.get("synced-round", STATE_NONE)))
             if len(self.nodes) == n:
                 log(INFO, "fedlora: %s partitions on SuperNodes %s", n, [self.nodes[c] for c in range(n)])
                 return self.nodes
@@ -83,6 +102,64 @@ class FedLoRAStrategy:
                     f"(simulation: --federation-config 'num-supernodes={n}')"
                 )
             time.sleep(1.0)
+
+    def refresh(self, grid: Grid) -> None:
+        """Before a round: a SuperNode that (re)connected since (a restart gets a new node id) takes over its
+        partition, and says which round it holds, so a client whose state is gone gets a snapshot."""
+        live = set(grid.get_node_ids())
+        new = [node for node in live if node not in set(self.nodes.values()) and node not in self._asked]
+        if not new:
+            return
+        queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in new]
+        for reply in grid.send_and_receive(queries, timeout=NODE_WAIT_SECONDS):
+            node = reply.metadata.src_node_id
+            self._asked.add(node)
+            if reply.has_error():
+                continue
+            info = reply.content.config_records[NODE]
+            pid = int(info["partition-id"])
+            if not 0 <= pid < len(self.sim.clients):
+                continue
+            old = self.nodes.get(pid)
+            if old is not None and old in live:
+                log(WARNING, "SuperNode %s also holds partition %s (SuperNode %s, still connected); not used", node, pid, old)
+                continue
+            log(INFO, "fedlora: partition %s now on SuperNode %s (was %s)", pid, node, old)
+            self.nodes[pid] = node
+            self._reconcile(pid, int(info.get("synced-round", STATE_NONE)))
+
+    def _reconcile(self, cid: int, reported: int) -> None:
+        """What a (re)connecting client holds against what the server believes: behind, and the broadcasts it needs
+        are still pending, it catches up as usual; otherwise it gets a snapshot of the state it should hold."""
+        self.reported[cid] = reported
+        if reported == STATE_NONE:  # no state of this run: it holds the seeded initial state, before any broadcast
+            reported = -1 if self.sim.method.needs_setup() else 0
+        if reported >= self.synced[cid]:
+            return  # as believed (or ahead: it applied a broadcast whose round the server then lost; it skips it)
+        if all(r in self.pending for r in range(reported + 1, self.synced[cid] + 1)):
+            self.synced[cid] = reported
+        else:
+            self.snapshot.add(cid)
+
+    # -- the server's state in its checkpoint ------------------------------------------------------------------------
+    def state(self) -> tuple[Tensors, dict]:
+        """What the strategy must keep across a ServerApp restart (besides the simulator's checkpoint)."""
+        tensors = {f"flower/pending/{r}/{n}": t.detach().cpu().clone().contiguous() for r, b in self.pending.items() for n, t in b.items()}
+        meta = {"synced": self.synced, "accepted": self.accepted, "pending": sorted(self.pending), "snapshot": sorted(self.snapshot)}
+        return tensors, meta
+
+    def load(self, tensors: Tensors, meta: dict) -> None:
+        """The state :meth:`state` saved, from the run's checkpoint (``meta['flower']``)."""
+        device = self.sim.config.device
+        meta = meta["flower"]
+        self.synced = {int(c): int(r) for c, r in meta["synced"].items()}
+        self.accepted = {int(c): int(r) for c, r in meta["accepted"].items()}
+        self.snapshot = {int(c) for c in meta.get("snapshot", [])}
+        self.pending = {int(r): {} for r in meta["pending"]}
+        for key, t in tensors.items():
+            if key.startswith("flower/pending/"):
+                r, _, name = key.removeprefix("flower/pending/").partition("/")
+                self.pending[int(r)][name] = t.to(device)
 
     # -- round 0, for a method that runs one (Fed-SB's gradient init) ------------------------------------------------
     def setup(self, grid: Grid, timeout: float) -> None:
@@ -112,7 +189,18 @@ class FedLoRAStrategy:
         cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
         messages = []
         self.sampled = sample_round(len(self.sim.clients), cfg, rnd)
+        self.rejoin_bytes = 0
         for cid in self.sampled:
+            if cid in self.snapshot:  # its state is gone: the state it should hold now, instead of the broadcasts
+                current = self.sim.held[cid]
+                base = {m: layer.get_base_layer().weight.detach() for m, layer in h.layers.items() if m in h.folded}
+                order = {"round": rnd, "partition-id": cid, "broadcast-rounds": [], "accepted-round": self.accepted[cid],
+                         "snapshot-round": rnd - 1}
+                content = RecordDict({CONFIG: ConfigRecord(order), SNAPSHOT_CURRENT: to_record(current), SNAPSHOT_BASE: to_record(base)})
+                self.rejoin_bytes += nbytes(current) + nbytes(base)
+                self.sim.sent[cid] = rnd - 1  # what it missed is in the snapshot, not sent again as catch-up
+                messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
+                continue
             rounds = list(range(self.synced[cid] + 1, rnd))
             order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]}
             content = RecordDict({CONFIG: ConfigRecord(order)})
@@ -137,12 +225,19 @@ class FedLoRAStrategy:
         ``secure`` (:class:`~fedlora.federation.simulator.SecureSum`) the round was securely aggregated."""
         sim = self.sim
         failed.sort(key=lambda f: f.cid)
-        update, accepted, _ = sim.close_round(results, failed, rnd, started, secure)
+        update, accepted, metrics = sim.close_round(results, failed, rnd, started, secure)
         for r in accepted:
             self.accepted[r.cid] = rnd
 
         for r in results:  # every client that trained had applied the broadcasts up to the previous round
             self.synced[r.cid] = rnd - 1
+            self.snapshot.discard(r.cid)
+        for f in failed:  # its state is gone (a SuperNode restarted without a state directory): a snapshot next time
+            if STATE_LOST in f.reason and 0 <= f.cid < len(sim.clients):
+                self.snapshot.add(f.cid)
+        if self.rejoin_bytes:  # snapshots count as what the server sent this round
+            metrics["bytes_down"] += self.rejoin_bytes
+            metrics["rejoin_bytes"] = self.rejoin_bytes
         if update is not None:
             self.pending[rnd] = update.broadcast
         else:  # nothing to apply: an empty broadcast keeps every client's round count in step

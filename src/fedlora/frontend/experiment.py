@@ -464,10 +464,14 @@ def metrics_line(m: dict) -> str:
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def save_checkpoint(sim: Simulator, out: Path, config: RunConfig | None = None) -> None:
+def save_checkpoint(sim: Simulator, out: Path, config: RunConfig | None = None, extra: tuple[dict, dict] | None = None) -> None:
     """One file, replaced atomically: a kill at any moment leaves the previous complete checkpoint. ``config``: the
-    run's settings, kept inside the checkpoint so a resume can refuse an edited config.json."""
+    run's settings, kept inside the checkpoint so a resume can refuse an edited config.json. ``extra``: (tensors, meta)
+    of the Flower strategy, under its own keys (the simulator's restore ignores them)."""
     tensors, meta = sim.snapshot()
+    if extra is not None:
+        tensors |= extra[0]
+        meta["flower"] = extra[1]
     if config is not None:
         meta["config"] = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE}
     tmp = out / (CHECKPOINT + ".tmp")

@@ -1,0 +1,119 @@
+"""Flower runs that survive: a ServerApp resumed from its checkpoint, SuperNodes restarted with and without a state
+directory, a client whose state is gone rejoining with a snapshot (its bytes counted). Driven through the in-process
+grid (:mod:`fedlora.flower.inline`), which serialises every message and client context as Flower does; a restart
+is a new node id with an empty ``context.state``, a resumed run is a new grid (Flower gives it a new run id)."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+
+pytest.importorskip("flwr")
+
+from fedlora.flower import client_app  # noqa: E402
+from fedlora.flower.inline import InlineGrid  # noqa: E402
+from fedlora.flower.server_app import run_federation  # noqa: E402
+from test_flower import assert_same_history  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def lines(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def private_b(grid: InlineGrid, partition: int) -> dict:
+    """The FedSA client's private tensors as its SuperNode holds them (after the round it last trained)."""
+    ctx = next(c for c in grid.contexts.values() if c.node_config["partition-id"] == partition)
+    rec = ctx.state.array_records.get(client_app.STATE_RESULT) or ctx.state.array_records[client_app.STATE_PRIVATE]
+    return {k: v.clone() for k, v in rec.to_torch_state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["fedsa", "fedex"])
+def test_a_resumed_serverapp_ends_with_the_uninterrupted_metrics(small_csv, tmp_path, method):
+    """Killed after round 2 (the run directory has its checkpoint), resumed by a new `flwr run` (new run id, so
+    empty contexts): with state directories the clients continue from their own state, and every number equals the
+    uninterrupted run's, bytes included."""
+    cfg = tiny_config(small_csv, method=method, rounds=4, fraction=0.67)
+    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+
+    out = tmp_path / "killed"
+    run_federation(InlineGrid(cfg, state_dir=tmp_path / "nodes"), dataclasses.replace(cfg, rounds=2, out=str(out)))
+    assert (out / "checkpoint.safetensors").exists() and len(lines(out)) == 2
+    client_app._ProcessModel._loaded = None  # new processes
+    resumed = run_federation(InlineGrid(cfg, state_dir=tmp_path / "nodes", fresh=True), dataclasses.replace(cfg, out=str(out)), resume=True)
+    assert_same_history(resumed, full)
+    assert_same_history(lines(out), full)
+
+
+def test_resumed_without_state_directories_the_clients_rejoin_with_a_snapshot(small_csv, tmp_path):
+    """Nothing of the clients survived: each reports no state, the server sends it the state it should hold (the
+    global trainables, and fedex's folded base weights) instead of failing, and counts those bytes."""
+    cfg = tiny_config(small_csv, method="fedex", rounds=4)
+    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    out = tmp_path / "killed"
+    run_federation(InlineGrid(cfg), dataclasses.replace(cfg, rounds=2, out=str(out)))
+    client_app._ProcessModel._loaded = None
+    grid = InlineGrid(cfg, fresh=True)
+    resumed = run_federation(grid, dataclasses.replace(cfg, out=str(out)), resume=True)
+    snapshots = [m for m in grid.sent if m.metadata.message_type == "train" and "snapshot-round" in m.content.config_records["config"]]
+    assert len(snapshots) == cfg.clients and all(len(m.content.array_records["snapshot.base"]) for m in snapshots)
+    third = resumed[2]
+    assert third["n_rejected"] == 0 and third["rejoin_bytes"] > 0
+    assert third["bytes_down"] == full[2]["bytes_down"] + third["rejoin_bytes"]
+    for key in ("global_accuracy", "local_accuracy", "divergence"):  # fedex holds no private state: nothing was lost
+        assert third[key] == pytest.approx(full[2][key], abs=1e-9) and resumed[3][key] == pytest.approx(full[3][key], abs=1e-9)
+    assert "rejoin_bytes" not in resumed[3]
+
+
+class RestartingGrid(InlineGrid):
+    """Kills the SuperNode of ``partition`` right after round ``after``'s train messages were answered (kill -9: its
+    in-memory state is gone) and starts a new one for the same partition (a new node id)."""
+
+    def __init__(self, *args, partition: int, after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.partition, self.after, self.before = partition, after, None
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == str(self.after) for m in messages):
+            old = next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == self.partition)
+            if self.config.method == "fedsa":
+                self.before = private_b(self, self.partition)
+            self.stop_supernode(old)
+            self.start_supernode(old + 100, self.partition)
+        return replies
+
+
+def test_a_supernode_restarted_with_its_state_directory_continues_with_its_own_b(small_csv, tmp_path, monkeypatch):
+    cfg = tiny_config(small_csv, method="fedsa", rounds=4)
+    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    starts = {}
+    real_turn = client_app.client_turn
+
+    def turn(h, method, task, client, start, fcfg, rnd):  # what client 1 trains from in round 3
+        if client.cid == 1 and rnd == 3:
+            starts.update({k: v.clone() for k, v in start.items()})
+        return real_turn(h, method, task, client, start, fcfg, rnd)
+
+    monkeypatch.setattr(client_app, "client_turn", turn)
+    grid = RestartingGrid(cfg, partition=1, after=2, state_dir=tmp_path / "nodes")
+    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "restarted")))
+    assert_same_history(history, full)  # its B came back from the state directory: nothing differs
+    assert grid.before and all(torch.equal(starts[k], v) for k, v in grid.before.items())  # its own B, bit for bit
+    flower = json.loads((tmp_path / "restarted" / "flower.json").read_text())
+    assert flower["supernodes"]["1"] == 601  # the partition moved to the restarted SuperNode
+
+
+def test_a_supernode_restarted_without_state_rejoins_and_only_it_loses_its_b(small_csv, tmp_path):
+    cfg = tiny_config(small_csv, method="fedsa", rounds=4)
+    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    grid = RestartingGrid(cfg, partition=1, after=2)
+    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "restarted")))
+    assert history[2]["clients"] == [0, 1, 2] and history[2]["n_rejected"] == 0  # it rejoined at once (it said it had no state)
+    assert history[2]["rejoin_bytes"] > 0
+    assert_same_history(history[:2], full[:2])
