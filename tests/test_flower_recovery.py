@@ -117,3 +117,34 @@ def test_a_supernode_restarted_without_state_rejoins_and_only_it_loses_its_b(sma
     assert history[2]["clients"] == [0, 1, 2] and history[2]["n_rejected"] == 0  # it rejoined at once (it said it had no state)
     assert history[2]["rejoin_bytes"] > 0
     assert_same_history(history[:2], full[:2])
+
+
+def test_causal_lm_fedsa_on_flower_and_its_private_b_exported_from_the_state_directories(tmp_path, small_csv, capsys):
+    """Instruction tuning (tiny Llama) through the Flower app equals `fedlora run`; FedSA's private B, which never
+    left the SuperNodes, comes out of their state directories into the layout `fedlora run` writes."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from fedlora.frontend.cli import main
+    from fedlora.frontend.experiment import run_experiment
+    from test_causal_lm import tiny_lm_config
+
+    data = tmp_path / "instr.jsonl"
+    frame = pd.read_csv(small_csv).groupby("label").head(20)
+    data.write_text("".join(json.dumps({"prompt": f"Sentiment of: {t[:80]}", "response": lab, "label": lab}) + "\n"
+                            for t, lab in zip(frame["text"], frame["label"])))
+    cfg = tiny_lm_config(data, method="fedsa", rounds=2)
+    run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "inprocess")))
+    want = lines(tmp_path / "inprocess")
+    grid = InlineGrid(cfg, fresh=True, state_dir=tmp_path / "nodes")
+    got = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "flower")))
+    assert_same_history(got, want)
+    assert not (tmp_path / "flower" / "private").exists()  # nothing private reached the server
+    for i in range(cfg.clients):
+        assert main(["export-private", str(tmp_path / "flower"), "--state-dir", str(tmp_path / "nodes" / f"supernode-{i}")]) == 0
+    for i in range(cfg.clients):
+        a = load_file(str(tmp_path / "flower" / "private" / f"client_{i}.safetensors"))
+        b = load_file(str(tmp_path / "inprocess" / "private" / f"client_{i}.safetensors"))
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert main(["export-private", str(tmp_path / "flower"), "--state-dir", str(tmp_path)]) == 2
+    assert "holds no private state of the run" in capsys.readouterr().err

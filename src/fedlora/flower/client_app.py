@@ -194,6 +194,8 @@ def save_durable(context: Context, config: RunConfig, cid: int) -> None:
             meta.setdefault("arrays", []).append(key)
         if key in state.config_records:
             meta[key] = dict(state.config_records[key])
+    meta["partition-id"] = cid
+    meta["config"] = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("rounds", "out")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta)})
@@ -264,3 +266,38 @@ class _ProcessModel:
     def base_weights(self, modules: set[str]) -> Tensors:
         layers = self.exp.simulator.handle.layers
         return {m: layers[m].get_base_layer().weight.detach().clone() for m in sorted(modules)}
+
+
+def export_private(run_dir: Path, state_dir: Path) -> list[Path]:
+    """Write the private tensors (FedSA's B and head, FedDPA's local adapter) that the clients of the Flower run in
+    ``run_dir`` keep in ``state_dir`` (a SuperNode's ``state-dir``) as ``run_dir/private/client_N.safetensors``, the
+    layout ``fedlora run`` writes. Each client's last result counts only if the server accepted it (``flower.json``'s
+    ``accepted``), as in-process. Returns the files written; raises one line when nothing in ``state_dir`` is this run's."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    config = RunConfig(**json.loads((run_dir / "config.json").read_text()))
+    mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("rounds", "out")}
+    flower = json.loads((run_dir / "flower.json").read_text())
+    accepted = {int(c): int(r) for c, r in flower.get("accepted", {}).items()}
+    written = []
+    for path in sorted(Path(state_dir).glob("*/partition-*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["fedlora"])
+        if meta.get("config") != json.loads(json.dumps(mine)):
+            continue  # another run's client
+        cid = int(meta["partition-id"])
+        tensors = load_file(str(path))
+        last = int(meta.get(STATE_META, {}).get("result-round", -1))
+        key = STATE_RESULT if accepted.get(cid) == last and STATE_RESULT in meta.get("arrays", []) else STATE_PRIVATE
+        private = {n[len(key) + 1:]: t for n, t in tensors.items() if n.startswith(f"{key}/")}
+        if not private:
+            continue
+        (run_dir / "private").mkdir(exist_ok=True)
+        out = run_dir / "private" / f"client_{cid}.safetensors"
+        save_file({n: t.contiguous() for n, t in private.items()}, str(out))
+        written.append(out)
+    if not written:
+        raise ValueError(f"{str(state_dir)!r} holds no private state of the run in {str(run_dir)!r}; pass the state-dir of a "
+                         "SuperNode of that run (its node config), after the run finished")
+    return written

@@ -99,7 +99,9 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
         "flwr_version": flwr.__version__,
         "run_id": grid.run.run_id,
         "supernodes": {str(cid): node for cid, node in sorted(strategy.nodes.items())},
-        "private_state": "context.state of each SuperNode" if exp.simulator.method.private(exp.simulator.handle) else None,
+        "private_state": "context.state of each SuperNode (and its state-dir: `fedlora export-private`)"
+        if exp.simulator.method.private(exp.simulator.handle) else None,
+        "accepted": {str(cid): r for cid, r in sorted(strategy.accepted.items())},
     }, indent=2) + "\n")
     log(INFO, "fedlora: run directory %s", out)
     return history

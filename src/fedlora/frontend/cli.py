@@ -313,6 +313,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_private(args: argparse.Namespace) -> int:
+    from fedlora.flower.client_app import export_private
+
+    for path in export_private(Path(args.run), Path(args.state_dir)):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with LoRA-family adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -350,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--readme", default=None, metavar="FILE", help="also write the comparison's accuracy table between the study-table markers of FILE")
     st.add_argument("--quiet", action="store_true", help="no progress display")
     st.set_defaults(func=cmd_study)
+    ex = sub.add_parser("export-private", help="a Flower run's private client state (FedSA's B, heads) from a SuperNode's state-dir into RUN/private/")
+    ex.add_argument("run", help="the Flower run's directory (config.json, flower.json)")
+    ex.add_argument("--state-dir", required=True, help="the SuperNode's state-dir (its node config)")
+    ex.set_defaults(func=cmd_export_private)
     return parser
 
 
