@@ -44,7 +44,7 @@ def assert_same_history(flower: list[dict], reference: list[dict]) -> None:
 
 def test_pyproject_declares_the_app_and_every_flag_of_fedlora_run():
     app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fedlora.flower.server_app:app", "clientapp": "fedlora.flower.client_app:app"}
+    assert app["components"] == {"serverapp": "fedlora.flower.server_app:app", "clientapp": "fedlora.flower.thin_client:app"}
     # Every key is a long flag of `fedlora run`, at its default: drift between the two fails here.
     assert app["config"] == to_flower(RunConfig())
     assert from_flower(app["config"]) == RunConfig()

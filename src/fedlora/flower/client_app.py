@@ -34,15 +34,14 @@ from pathlib import Path
 import flwr.compat.common.recorddict_compat as compat
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedlora.federation.simulator import client_turn, round_seed
 from fedlora.flower.config import from_flower
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, SNAPSHOT_BASE, SNAPSHOT_CURRENT, UPLOAD, Tensors, broadcast_key, from_record, to_record
 from fedlora.flower.secure import reply_arrays
+from fedlora.flower.thin_client import _secure_mod
 from fedlora.frontend.experiment import Experiment, RunConfig, build
 
 STATE_META = "fedlora.meta"
@@ -55,16 +54,7 @@ STATE_LOST = "its state was lost"  # in the error a client raises then; the serv
 LEGACY_FIT = "fitins.config"  # present in the fit message of a securely aggregated round (Flower's legacy layout)
 
 
-
-def _secure_mod(msg: Message, context: Context, call_next) -> Message:
-    """Flower's ``secaggplus_mod`` for the messages of a securely aggregated round (they carry its configuration),
-    nothing for the others (which it would refuse)."""
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
-app = ClientApp(mods=[_secure_mod])
+app = ClientApp(mods=[_secure_mod])  # what the thin ClientApp runs in its own process, and tests in theirs
 
 
 @app.query()
@@ -243,6 +233,7 @@ class _ProcessModel:
     initial: Tensors  # trainables as built: round 1's start
 
     _loaded = None  # the one per-process slot: a model is only reused for the same run config
+    builds = 0  # models built in this process (a model worker builds one per run)
 
     @classmethod
     def get(cls, config: RunConfig) -> _ProcessModel:
@@ -250,6 +241,7 @@ class _ProcessModel:
         if cls._loaded is None or cls._loaded.key != key:
             cls._loaded = None  # drop a previous run's model before loading the next
             exp = build(config)
+            cls.builds += 1
             h = exp.simulator.handle
             pristine = {m: layer.get_base_layer().weight.detach().clone() for m, layer in h.layers.items()}
             cls._loaded = cls(key, exp, pristine, h.get())

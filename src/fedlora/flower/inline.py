@@ -16,7 +16,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import context_from_proto, context_to_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 
-from fedlora.flower import client_app
+from fedlora.flower import client_app, thin_client
 from fedlora.flower.config import to_flower
 from fedlora.frontend.experiment import RunConfig
 
@@ -30,11 +30,11 @@ class InlineGrid(Grid):
     """
 
     def __init__(self, config: RunConfig, *, fresh: bool = False, fail: set[tuple[int, int]] = frozenset(),
-                 state_dir: Path | None = None):
+                 state_dir: Path | None = None, model_worker: str | None = None):
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-        self.config, self.state_dir = config, state_dir
+        self.config, self.state_dir, self.model_worker = config, state_dir, model_worker
         self.contexts = {}
         for i in range(config.clients):
             self.start_supernode(500 + i, i)
@@ -46,6 +46,8 @@ class InlineGrid(Grid):
         node_config = {"partition-id": partition, "num-partitions": self.config.clients}
         if self.state_dir is not None:
             node_config["state-dir"] = str(Path(self.state_dir) / f"supernode-{partition}")
+        if self.model_worker is not None:  # messages go through the thin ClientApp to this model worker
+            node_config["model-worker"] = self.model_worker
         self.contexts[node] = Context(run_id=1, node_id=node, node_config=node_config, state=RecordDict(),
                                       run_config=to_flower(self.config))
 
@@ -83,7 +85,8 @@ class InlineGrid(Grid):
                 self.contexts[node] = context_from_proto(context_to_proto(self.contexts[node]))
             self.sent.append(msg)
             try:
-                reply = client_app.app(msg, self.contexts[node])
+                app = thin_client.app if self.model_worker is not None else client_app.app
+                reply = app(msg, self.contexts[node])
             except Exception as exc:  # what a SuperNode does when its ClientApp raises
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             if not reply.has_error():
