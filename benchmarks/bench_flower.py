@@ -32,9 +32,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def job(method: str, out: Path):
+def job(method: str, out: Path, model: str = "tiny"):
     from fedlora.frontend.experiment import RunConfig
 
+    if model == "minilm":  # the offline default's model, a short job: what a real deployment pays per round
+        return RunConfig(method=method, model="minilm", data="tweets", clients=4, rounds=3, local_steps=4, batch_size=16,
+                         examples_per_client=80, test_examples=200, max_length=48, partition="iid", device="cpu", out=str(out))
     return RunConfig(method=method, model="tiny:bert", data="tweets", clients=4, rounds=3, local_steps=5, batch_size=8,
                      rank=4, examples_per_client=60, test_examples=100, max_length=32, partition="iid", device="cpu",
                      out=str(out))
@@ -54,21 +57,24 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    from fedlora.flower.config import to_toml
-    from fedlora.flower.loopback import FLOWER_ENV, LoopbackFederation, family, free_port, terminate
+    from fedlora.flower.loopback import FLOWER_ENV
     from fedlora.frontend.experiment import RunConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="florana")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process, the same for every engine")
+    p.add_argument("--model", choices=("tiny", "minilm"), default="tiny", help="tiny random BERT (default) or MiniLM-L6")
+    p.add_argument("--engines", default="in-process,simulation,deployment,workers",
+                   help="comma-separated: in-process (always run: the reference), simulation, deployment, workers")
     args = p.parse_args()
+    engines = set(args.engines.split(",")) | {"in-process"}
     # One setting for all engines: on a shared machine OpenMP's spinning threads otherwise dominate a tiny job.
     threads = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     work = Path(tempfile.mkdtemp(prefix="bench-flower-"))
     rows, runs = [], {}
 
     # 1. in-process: `fedlora run`
-    cfg = job(args.method, work / "inprocess")
+    cfg = job(args.method, work / "inprocess", args.model)
     defaults = dataclasses.asdict(RunConfig())
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items() if v != defaults[k] and k != "out"]
     wall = timed([sys.executable, "-m", "fedlora.frontend.cli", "run", "--quiet", *flags, "--out", cfg.out], os.environ | FLOWER_ENV | threads, ROOT)
@@ -76,6 +82,40 @@ def main() -> None:
     runs["in-process"] = metrics(Path(cfg.out))
 
     # 2. Flower simulation: `flwr run . local`
+    if "simulation" in engines:
+        simulation(cfg, work, threads, rows, runs)
+    # 3. loopback deployment: SuperLink + 4 SuperNodes, TLS + SuperNode auth; 4. the same with a model worker each
+    for name, workers in (("deployment", False), ("workers", True)):
+        if name in engines:
+            deployment(cfg, work, threads, rows, runs, workers)
+
+    ref = runs["in-process"]
+    for name, got in runs.items():  # the same run: identical divergence and bytes, round by round
+        for g, r in zip(got, ref, strict=True):
+            for key in ("divergence", "bytes_up", "bytes_down"):
+                assert g[key] == r[key], (name, g["round"], key)
+
+    base = rows[0][1]
+    base_round = _later_rounds(runs["in-process"])
+    print(f"job: {args.method}, {cfg.model}, {cfg.clients} clients, {cfg.rounds} rounds × {cfg.local_steps} local steps, "
+          f"{args.threads} thread(s) per process (identical divergence and bytes in all engines)\n")
+    print("| engine | wall s | × in-process | s per round after the first | × in-process | infrastructure start s |")
+    print("|---|---|---|---|---|---|")
+    for (label, wall, setup), name in zip(rows, runs):
+        per = _later_rounds(runs[name])
+        print(f"| {label} | {wall:.1f} | {wall / base:.2f} | {per:.1f} | {per / base_round:.2f} | {'—' if setup is None else f'{setup:.1f}'} |")
+
+
+def _later_rounds(history: list[dict]) -> float:
+    """Mean wall time of the rounds after the first (from metrics.jsonl): what each further round costs."""
+    later = [m["wall_seconds"] for m in history[1:]] or [history[0]["wall_seconds"]]
+    return sum(later) / len(later)
+
+
+def simulation(cfg, work: Path, threads: dict, rows: list, runs: dict) -> None:
+    from fedlora.flower.config import to_toml
+    from fedlora.flower.loopback import FLOWER_ENV, family, free_port, terminate
+
     home = work / "flwr-home-sim"
     env = os.environ | FLOWER_ENV | threads | {"FLWR_HOME": str(home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                                      "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
@@ -94,39 +134,31 @@ def main() -> None:
         left = terminate(started)
         assert not left, f"could not stop {sorted(left)}"
 
-    # 3. loopback deployment: SuperLink + 4 SuperNodes, TLS + SuperNode auth
-    dep_cfg = dataclasses.replace(cfg, out=str(work / "deployment"))
-    (work / "deployment.toml").write_text(to_toml(dep_cfg))
-    fed = LoopbackFederation(work / "federation", supernodes=cfg.clients, env=threads)
+
+
+def deployment(cfg, work: Path, threads: dict, rows: list, runs: dict, workers: bool) -> None:
+    from fedlora.flower.config import to_toml
+    from fedlora.flower.loopback import LoopbackFederation
+
+    name = "workers" if workers else "deployment"
+    dep_cfg = dataclasses.replace(cfg, out=str(work / name))
+    (work / f"{name}.toml").write_text(to_toml(dep_cfg))
+    fed = LoopbackFederation(work / f"federation-{name}", supernodes=cfg.clients, env=threads, workers=workers)
     try:
         t0 = time.perf_counter()
         fed.start()
         setup = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = fed.run(ROOT, str(work / "deployment.toml"))
+        res = fed.run(ROOT, str(work / f"{name}.toml"))
         wall = time.perf_counter() - t0
         if res.returncode != 0:
-            raise SystemExit(f"deployment run failed:\n{(res.stdout + res.stderr)[-4000:]}")
-        rows.append(("loopback deployment (TLS + auth, 4 SuperNodes)", wall, setup))
-        runs["deployment"] = metrics(Path(dep_cfg.out))
+            raise SystemExit(f"{name} run failed:\n{(res.stdout + res.stderr)[-4000:]}")
+        label = f"loopback deployment (TLS + auth, {cfg.clients} SuperNodes" + (", a model worker each)" if workers else ")")
+        rows.append((label, wall, setup))
+        runs[name] = metrics(Path(dep_cfg.out))
     finally:
         left = fed.stop()
         assert not left, f"could not stop {sorted(left)}"
-
-    ref = runs["in-process"]
-    for name, got in runs.items():  # the same run: identical divergence and bytes, round by round
-        for g, r in zip(got, ref, strict=True):
-            for key in ("divergence", "bytes_up", "bytes_down"):
-                assert g[key] == r[key], (name, g["round"], key)
-
-    base = rows[0][1]
-    round_s = {name: sum(m["wall_seconds"] for m in got) for name, got in runs.items()}
-    print(f"job: {args.method}, tiny:bert, {cfg.clients} clients, {cfg.rounds} rounds × {cfg.local_steps} local steps, "
-          f"{args.threads} thread(s) per process (identical divergence and bytes in all three)\n")
-    print("| engine | wall s | × in-process | rounds' wall s | infrastructure start s |")
-    print("|---|---|---|---|---|")
-    for (label, wall, setup), name in zip(rows, runs):
-        print(f"| {label} | {wall:.1f} | {wall / base:.2f} | {round_s[name]:.1f} | {'—' if setup is None else f'{setup:.1f}'} |")
 
 
 def _cmdline_has(pid: int, text: str) -> bool:

@@ -192,6 +192,8 @@ class LoopbackFederation:
     port: int = 0  # SuperLink's HTTPS port (Fleet, Control and runtime APIs); 0 = a free one
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     node_keys: list[tuple[Path, Path]] = field(default_factory=list)
+    workers: bool = False  # a model worker beside each SuperNode (node config model-worker): the model built once
+    state_dirs: bool = False  # a state directory for each SuperNode (node config state-dir): clients survive restarts
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -215,8 +217,32 @@ class LoopbackFederation:
             private, public = write_node_key(self.workdir / "keys", f"supernode-{i}")
             self.node_keys.append((private, public))
             self.register(public)
+            if self.workers:
+                self.start_worker(i)
             self.start_supernode(i, private)
         return self
+
+    def worker_socket(self, partition: int) -> Path:
+        return self.workdir / "workers" / f"supernode-{partition}.sock"
+
+    def start_worker(self, partition: int) -> subprocess.Popen:
+        """``python -m fedlora.flower.worker`` for SuperNode ``partition``; returns once its socket is listening."""
+        sock = self.worker_socket(partition)
+        proc = self._spawn(f"worker-{partition}", [sys.executable, "-m", "fedlora.flower.worker", "--socket", str(sock)])
+        deadline = time.monotonic() + 120
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the model worker of SuperNode {partition} did not start; see {self.logs / f'worker-{partition}.log'}")
+            time.sleep(0.05)
+        return proc
+
+    def node_config(self, partition: int) -> str:
+        items = [f"partition-id={partition}", f"num-partitions={self.supernodes}"]
+        if self.workers:
+            items.append(f"model-worker='{self.worker_socket(partition)}'")
+        if self.state_dirs:
+            items.append(f"state-dir='{self.workdir / 'state' / f'supernode-{partition}'}'")
+        return " ".join(items)
 
     def _write_connection(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -254,7 +280,7 @@ class LoopbackFederation:
             # the SuperNode's own runtime API (its SuperExec and ClientApp processes) is TLS too
             "--port", str(free_port()), "--ssl-certfile", str(self.certs.cert), "--ssl-keyfile", str(self.certs.key),
             "--ssl-ca-certfile", str(self.certs.ca),
-            "--node-config", f"partition-id={partition} num-partitions={self.supernodes}", *extra,
+            "--node-config", self.node_config(partition), *extra,
         ])
 
     # ---- run ----
