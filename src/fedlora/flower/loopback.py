@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-config", default="", help="overrides as \"k=v ...\" or a .toml file; keys are `fedlora run`'s long flags")
     p.add_argument("--app", default=".", help="the Flower app: this repository (default .)")
     p.add_argument("--workdir", default=None, help="certificates, keys, FLWR_HOME, logs (default: a new temporary folder)")
+    p.add_argument("--workers", action=argparse.BooleanOptionalAction, default=True,
+                   help="a model worker beside each SuperNode, so the model is built once (default on)")
+    p.add_argument("--state-dirs", action=argparse.BooleanOptionalAction, default=True,
+                   help="a state directory for each SuperNode, so its client survives a restart (default on)")
     args = p.parse_args(argv)
     # Every setting is checked before a process starts.
     try:
@@ -342,11 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loopback federation in {workdir} (logs in {workdir / 'logs'})", flush=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this script still stops what it started
-    fed = LoopbackFederation(workdir, args.supernodes)
+    fed = LoopbackFederation(workdir, args.supernodes, workers=args.workers, state_dirs=args.state_dirs)
     rc, left = 1, set()
     try:
         fed.start()
-        print(f"SuperLink 127.0.0.1:{fed.port} (TLS, SuperNode auth); {args.supernodes} SuperNodes registered and started", flush=True)
+        print(f"SuperLink 127.0.0.1:{fed.port} (TLS, SuperNode auth); {args.supernodes} SuperNodes registered and started"
+              + (", each with a model worker" if args.workers else ""), flush=True)
         res = fed.run(Path(args.app), str(run_config))
         sys.stdout.write(res.stdout)
         sys.stderr.write(res.stderr)
