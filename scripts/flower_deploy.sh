@@ -7,13 +7,15 @@
 #   bash scripts/flower_deploy.sh --supernodes 4 --run-config run.toml --workdir /tmp/fed   # keeps certs, keys, logs
 #
 # Options: --supernodes N (default 2; the run's `clients` is set to N unless given), --run-config "k=v ..." or FILE.toml
-# (keys are `fedlora run`'s long flags), --workdir DIR (default: a temporary folder), --app DIR (default: this repo).
-# Certificates, SuperNode keys, FLWR_HOME and logs go to the work directory; telemetry and runtime dependency
-# installation are off.
+# (keys are `fedlora run`'s long flags), --workdir DIR (default: a temporary folder), --app DIR (default: this repo),
+# --gateway ADDRESS (SuperNodes connect through a Fleet-API-only gateway on ADDRESS, an address of this host; the
+# SuperLink then listens on 127.0.0.1 only), --no-workers, --no-state-dirs (by default each SuperNode gets a model
+# worker and a state directory). Certificates, SuperNode keys, FLWR_HOME and logs go to the work directory;
+# telemetry and runtime dependency installation are off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1

@@ -46,8 +46,9 @@ class Certificates:
     key: Path
 
 
-def write_certificates(folder: Path) -> Certificates:
-    """A self-signed CA and a SuperLink certificate for the loopback addresses, valid for one day."""
+def write_certificates(folder: Path, extra_ips: tuple[str, ...] = ()) -> Certificates:
+    """A self-signed CA and a SuperLink certificate for the loopback addresses (and ``extra_ips``: the gateway's
+    address the SuperNodes connect to), valid for one day."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -70,6 +71,7 @@ def write_certificates(folder: Path) -> Certificates:
     )
     key = ec.generate_private_key(ec.SECP384R1())
     sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips]
     cert = (
         x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
         .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -108,16 +110,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode}; see {log}")
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s; see {log}")
+    raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout:.0f}s; see {log}")
 
 
 # -- processes -------------------------------------------------------------------------------------------------------
@@ -193,6 +195,8 @@ class LoopbackFederation:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     node_keys: list[tuple[Path, Path]] = field(default_factory=list)
     workers: bool = False  # a model worker beside each SuperNode (node config model-worker): the model built once
+    gateway: str | None = None  # an address of this host: SuperNodes connect to a Fleet-API-only gateway there
+    gateway_port: int = 0
     state_dirs: bool = False  # a state directory for each SuperNode (node config state-dir): clients survive restarts
 
     def __post_init__(self) -> None:
@@ -204,7 +208,7 @@ class LoopbackFederation:
     # ---- start ----
     def start(self) -> LoopbackFederation:
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.certs = write_certificates(self.workdir / "certificates")
+        self.certs = write_certificates(self.workdir / "certificates", (self.gateway,) if self.gateway else ())
         self.port = self.port or free_port()
         self._write_connection()
         self._spawn("superlink", [
@@ -213,6 +217,14 @@ class LoopbackFederation:
             "--host", "127.0.0.1", "--port", str(self.port),
         ])
         _wait_for_port(self.port, self.processes["superlink"], 60, "flower-superlink", self.logs / "superlink.log")
+        if self.gateway:  # the SuperNodes' network reaches the Fleet API only (fedlora.flower.gateway)
+            self.gateway_port = self.gateway_port or free_port()
+            self._spawn("gateway", [
+                sys.executable, "-m", "fedlora.flower.gateway", "--listen", f"{self.gateway}:{self.gateway_port}",
+                "--superlink", f"127.0.0.1:{self.port}", "--certfile", str(self.certs.cert), "--keyfile", str(self.certs.key),
+                "--ca-certfile", str(self.certs.ca),
+            ])
+            _wait_for_port(self.gateway_port, self.processes["gateway"], 60, "fedlora gateway", self.logs / "gateway.log", host=self.gateway)
         for i in range(self.supernodes):
             private, public = write_node_key(self.workdir / "keys", f"supernode-{i}")
             self.node_keys.append((private, public))
@@ -221,6 +233,11 @@ class LoopbackFederation:
                 self.start_worker(i)
             self.start_supernode(i, private)
         return self
+
+    @property
+    def fleet_address(self) -> str:
+        """Where SuperNodes connect: the gateway when there is one, else the SuperLink itself."""
+        return f"{self.gateway}:{self.gateway_port}" if self.gateway else f"127.0.0.1:{self.port}"
 
     def worker_socket(self, partition: int) -> Path:
         return self.workdir / "workers" / f"supernode-{partition}.sock"
@@ -275,7 +292,7 @@ class LoopbackFederation:
     def start_supernode(self, partition: int, private_key: Path, *, name: str | None = None, extra: list[str] = ()) -> subprocess.Popen:
         name = name or f"supernode-{partition}"
         return self._spawn(name, [
-            "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates", str(self.certs.ca),
+            "flower-supernode", "--superlink", self.fleet_address, "--root-certificates", str(self.certs.ca),
             "--auth-supernode-private-key", str(private_key),
             # the SuperNode's own runtime API (its SuperExec and ClientApp processes) is TLS too
             "--port", str(free_port()), "--ssl-certfile", str(self.certs.cert), "--ssl-keyfile", str(self.certs.key),
@@ -325,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-config", default="", help="overrides as \"k=v ...\" or a .toml file; keys are `fedlora run`'s long flags")
     p.add_argument("--app", default=".", help="the Flower app: this repository (default .)")
     p.add_argument("--workdir", default=None, help="certificates, keys, FLWR_HOME, logs (default: a new temporary folder)")
+    p.add_argument("--gateway", default=None, metavar="ADDRESS",
+                   help="SuperNodes connect through a Fleet-API-only gateway on ADDRESS (an address of this host)")
     p.add_argument("--workers", action=argparse.BooleanOptionalAction, default=True,
                    help="a model worker beside each SuperNode, so the model is built once (default on)")
     p.add_argument("--state-dirs", action=argparse.BooleanOptionalAction, default=True,
@@ -346,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loopback federation in {workdir} (logs in {workdir / 'logs'})", flush=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this script still stops what it started
-    fed = LoopbackFederation(workdir, args.supernodes, workers=args.workers, state_dirs=args.state_dirs)
+    fed = LoopbackFederation(workdir, args.supernodes, workers=args.workers, state_dirs=args.state_dirs, gateway=args.gateway)
     rc, left = 1, set()
     try:
         fed.start()
