@@ -39,6 +39,8 @@ def corrupt(kind):
             r.upload[name] = r.upload[name].double()
         elif kind == "norm":
             r.upload = {n: t * 1e4 for n, t in r.upload.items()}
+        elif kind == "huge":  # finite, but its products would overflow float32 in any rule (caught before norm screening)
+            r.upload[name] = r.upload[name].clone().fill_(3e18)
         elif kind == "raise":
             raise RuntimeError("disk full on client 1")
         return r
@@ -49,6 +51,7 @@ def corrupt(kind):
 @pytest.mark.parametrize("kind,needle", [
     ("nan", "NaN or Inf"), ("inf", "NaN or Inf"), ("missing", "lacks"), ("extra", "unexpected"),
     ("shape", "shape"), ("dtype", "dtype"), ("norm", "median"), ("raise", "raised RuntimeError"),
+    ("huge", "would overflow float32"),
 ])
 def test_bad_client_is_rejected_and_the_round_goes_on(small_csv, kind, needle, caplog):
     exp = build(tiny_config(small_csv, method="florana", rounds=2))

@@ -28,6 +28,10 @@ class Rejection:
         return {"client": self.cid, "reason": self.reason}
 
 
+# No trained LoRA-family tensor comes near this; the products and Grams of factors at this size (sums of up to 1e5
+# products) stay within float32's range (3.4e38), so a value beyond it can only be a broken or hostile upload.
+MAX_MAGNITUDE = 1e15
+
 def schema(tensors: Tensors) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
 
@@ -52,6 +56,9 @@ def check_structure(cid: int, tensors: Tensors, expected: dict[str, tuple[tuple[
             return f"client {cid}'s {what} {n!r} has dtype {t.dtype}, expected {dtype}"
         if not bool(torch.isfinite(t).all()):
             return f"client {cid}'s {what} {n!r} contains NaN or Inf"
+        if t.numel() and t.is_floating_point() and float(t.abs().max()) > MAX_MAGNITUDE:
+            return (f"client {cid}'s {what} {n!r} holds a value of magnitude {float(t.abs().max()):.3g}, beyond "
+                    f"{MAX_MAGNITUDE:.0e}: its products would overflow float32 in the aggregation")
     return None
 
 
