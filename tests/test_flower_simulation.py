@@ -68,21 +68,28 @@ def flower(tmp_path_factory):
     assert not family(sorted(started)), "a process of the simulation outlived the local SuperLink"
 
 
-@pytest.mark.parametrize("method", ["fedsa", "fedex", "florana"])
-def test_flower_simulation_writes_fedlora_runs_numbers(flower, small_csv, tmp_path, method):
-    cfg = tiny_config(small_csv, method=method, clients=2, rounds=2)
-    flower_out, ref_out = tmp_path / "flower", tmp_path / "inprocess"
+def flwr_run(flower, cfg, tmp_path: Path, name: str) -> str:
+    """`flwr run . local` of ``cfg`` with one simulated SuperNode per client; returns its log, having checked that it
+    finished and wrote the run directory."""
     overrides = tmp_path / "run-config.toml"
-    overrides.write_text(to_toml(dataclasses.replace(cfg, out=str(flower_out))))
+    overrides.write_text(to_toml(cfg))
     env, runs = flower
-    runs.append(method)
+    runs.append(name)
     res = subprocess.run(
-        ["flwr", "run", ".", "local", "--run-config", str(overrides), "--federation-config", "num-supernodes=2", "--stream"],
+        ["flwr", "run", ".", "local", "--run-config", str(overrides), "--federation-config", f"num-supernodes={cfg.clients}", "--stream"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
     )
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
-    assert (flower_out / "metrics.jsonl").exists(), log[-4000:]
+    assert (Path(cfg.out) / "metrics.jsonl").exists(), log[-4000:]
+    return log
+
+
+@pytest.mark.parametrize("method", ["fedsa", "fedex", "florana"])
+def test_flower_simulation_writes_fedlora_runs_numbers(flower, small_csv, tmp_path, method):
+    cfg = tiny_config(small_csv, method=method, clients=2, rounds=2)
+    flower_out, ref_out = tmp_path / "flower", tmp_path / "inprocess"
+    log = flwr_run(flower, dataclasses.replace(cfg, out=str(flower_out)), tmp_path, method)
 
     run_experiment(dataclasses.replace(cfg, out=str(ref_out)))
     got = [json.loads(x) for x in (flower_out / "metrics.jsonl").read_text().splitlines()]
@@ -113,17 +120,7 @@ def test_flower_simulation_with_secure_aggregation(flower, small_csv, tmp_path):
     with every client in the sum, and its scores stay within the quantisation's reach of the plain run's."""
     cfg = tiny_config(small_csv, method="fedit", clients=3, rounds=2)
     flower_out, ref_out = tmp_path / "flower", tmp_path / "inprocess"
-    overrides = tmp_path / "run-config.toml"
-    overrides.write_text(to_toml(dataclasses.replace(cfg, secure_aggregation=True, out=str(flower_out))))
-    env, runs = flower
-    runs.append("secure")
-    res = subprocess.run(
-        ["flwr", "run", ".", "local", "--run-config", str(overrides), "--federation-config", "num-supernodes=3", "--stream"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
-    )
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-4000:]
-    assert (flower_out / "metrics.jsonl").exists(), log[-4000:]
+    log = flwr_run(flower, dataclasses.replace(cfg, secure_aggregation=True, out=str(flower_out)), tmp_path, "secure")
     assert "Secure aggregation completed" in log
     run_experiment(dataclasses.replace(cfg, out=str(ref_out)))
     got = [json.loads(x) for x in (flower_out / "metrics.jsonl").read_text().splitlines()]
