@@ -149,7 +149,7 @@ def test_study_refuses_a_runs_directory_made_with_other_settings(small_csv, tmp_
     capsys.readouterr()
     assert main(base) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fedlora: error:") and "holds a run with other settings" in err and len(err.splitlines()) == 1
+    assert err.startswith("fedlora: error:") and "holds a fedit run with other settings" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("args,message", [

@@ -202,8 +202,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for m in methods for s in seeds]
     for _, _, c in runs:  # every bad input is reported before the first method trains
         c.validate()
-        if (Path(c.out) / "config.json").exists() and not study.same_settings(Path(c.out), c):
-            raise ValueError(f"{c.out!r} holds a {c.method} run with other settings; pass another --out or delete that run")
+    study.check_run_configs([c for _, _, c in runs], "--out")
     majority = [majority_rate(dataclasses.replace(base, seed=s)) for s in seeds]
     results: dict[str, list[dict]] = {}
     histories: dict[str, list[list[dict]]] = {}

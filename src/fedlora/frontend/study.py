@@ -280,12 +280,15 @@ def _claim(out: Path) -> bool:
 
 def check_runs_dir(runs: list[StudyRun], runs_dir: Path) -> None:
     """Refuse, before any work, a runs directory whose runs were made with other settings."""
-    for run in runs:
-        out = runs_dir / run.name
-        if (out / "config.json").exists() and not same_settings(out, dataclasses.replace(run.config, out=str(out))):
-            raise ValueError(
-                f"{str(out)!r} holds a run with other settings; pass another --runs directory or delete that run"
-            )
+    check_run_configs([dataclasses.replace(run.config, out=str(runs_dir / run.name)) for run in runs], "--runs directory")
+
+
+def check_run_configs(configs: list[RunConfig], what: str) -> None:
+    """Refuse, before any work, a run directory (each config's ``out``) that holds a run made with other settings."""
+    for cfg in configs:
+        out = Path(cfg.out)
+        if (out / "config.json").exists() and not same_settings(out, cfg):
+            raise ValueError(f"{str(out)!r} holds a {cfg.method} run with other settings; pass another {what} or delete that run")
 
 
 def load_histories(runs: list[StudyRun], runs_dir: Path) -> dict[str, list[dict]]:
