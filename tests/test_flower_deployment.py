@@ -8,8 +8,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -133,3 +135,91 @@ def _deployment(cfg, tmp_path, ns, address):
     supernodes = json.loads((tmp_path / "flower" / "flower.json").read_text())["supernodes"]
     assert sorted(supernodes) == ["0", "1"]
 
+
+
+def _kill_family(pids: list[int]) -> None:
+    for pid in family(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_lines(path, n: int, proc, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, f"flwr run ended early (code {proc.returncode})"
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not reach {n} lines in {timeout:.0f}s")
+
+
+def test_deployment_survives_a_killed_supernode_and_a_killed_serverapp(small_csv, tmp_path):
+    """Real SuperLink and SuperNodes (TLS, auth, a state directory each), fedsa, 4 rounds. SuperNode 1 is killed -9
+    as round 2 starts: round 2 finishes with the others after round-timeout and records the miss. The ServerApp is
+    killed -9 after round 2; SuperNode 1 is restarted (same key, same state directory) and the run resumed
+    (resume=true: a new run id, so every client's state comes back from its state directory, client 1's B from before
+    the kill). Every round's numbers equal an in-process replay in which client 1 never saw round 2's message."""
+    from fedlora.flower.inline import InlineGrid
+    from fedlora.flower.server_app import run_federation
+
+    cfg = tiny_config(small_csv, method="fedsa", clients=3, rounds=4)
+    out = tmp_path / "flower"
+    overrides = tmp_path / "run-config.toml"
+    overrides.write_text(to_toml(dataclasses.replace(cfg, out=str(out))) + "round-timeout = 25.0\n")
+    fed = LoopbackFederation(tmp_path / "federation", supernodes=3, env={"OMP_NUM_THREADS": "1"}, state_dirs=True)
+    try:
+        fed.start()
+        log = open(tmp_path / "run.log", "w")
+        run = subprocess.Popen(["flwr", "run", str(ROOT), "loopback", "--run-config", str(overrides), "--stream"],
+                               env=fed.environ, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+        _wait_lines(out / "metrics.jsonl", 1, run)
+        _kill_family([fed.processes["supernode-1"].pid])  # kill -9, with its SuperExec and ClientApp processes
+        _wait_lines(out / "metrics.jsonl", 2, run)
+        serverapps = [p for p in family([fed.processes["superlink"].pid]) if b"flwr-serverapp" in _cmdline(p)]
+        assert serverapps, "no ServerApp process found"
+        _kill_family(serverapps)
+        _kill_family([run.pid])
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and not (out / "summary.md").exists()
+        # The SuperLink holds a killed SuperNode online for 2 heartbeats (60 s): restart it until it is let back in.
+        _restart_supernode(fed, 1)
+        again = tmp_path / "resume.toml"
+        again.write_text(overrides.read_text() + "resume = true\n")
+        resumed = fed.flwr("run", str(ROOT), "loopback", "--run-config", str(again), "--stream", timeout=900, cwd=ROOT)
+        (tmp_path / "resume.log").write_text(resumed.stdout + resumed.stderr)
+        assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    finally:
+        left = fed.stop()
+    assert not left
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [g["round"] for g in got] == [1, 2, 3, 4] and (out / "summary.md").exists(), (tmp_path / "resume.log").read_text()[-3000:]
+    assert got[1]["clients"] == [0, 2] and got[1]["rejected"][0]["client"] == 1 and "no reply" in got[1]["rejected"][0]["reason"]
+    assert got[2]["clients"] == [0, 1, 2] and got[3]["clients"] == [0, 1, 2]
+    replay = run_federation(InlineGrid(cfg, fresh=True, fail={(2, 1)}), dataclasses.replace(cfg, out=str(tmp_path / "replay")))
+    for g, r in zip(got, replay, strict=True):
+        for key in ("clients", "divergence", "divergence_per_layer", "bytes_up", "bytes_down", "catch_up_bytes"):
+            assert g[key] == r[key], (g["round"], key, g[key], r[key])
+        for key in ("global_accuracy", "local_accuracy", "train_loss"):
+            assert abs(g[key] - r[key]) <= 1e-4, (g["round"], key)
+
+
+def _restart_supernode(fed, partition: int, deadline_s: float = 240) -> None:
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        proc = fed.start_supernode(partition, fed.node_keys[partition][0])
+        try:
+            proc.wait(timeout=20)  # exits (code 305) while the SuperLink still holds the killed one online
+        except subprocess.TimeoutExpired:
+            return  # up and activated
+        time.sleep(5)
+    raise AssertionError(f"SuperNode {partition} was not let back in within {deadline_s:.0f}s")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""

@@ -26,7 +26,8 @@ class InlineGrid(Grid):
 
     ``fresh=True`` mimics deployment's process per message: the client's model is dropped and its context goes
     through Flower's serialisation before every message, so only ``context.state`` carries a client's memory.
-    ``fail``: (round, partition) pairs whose ClientApp raises; the reply is then an error, as Flower sends.
+    ``fail``: (round, partition) pairs whose SuperNode is lost for that round's train message: it never sees it and
+    never replies (as a SuperNode killed with kill -9), so the round's wait ends without it.
     """
 
     def __init__(self, config: RunConfig, *, fresh: bool = False, fail: set[tuple[int, int]] = frozenset(),
@@ -80,6 +81,8 @@ class InlineGrid(Grid):
             msg.metadata.__dict__["_src_node_id"] = 0
             msg.content = recorddict_from_proto(recorddict_to_proto(msg.content))
             node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == "train" and (int(msg.metadata.group_id or -1), self.contexts[node].node_config["partition-id"]) in self.fail:
+                continue  # lost: no reply at all
             if self.fresh:
                 client_app._ProcessModel._loaded = None
                 self.contexts[node] = context_from_proto(context_to_proto(self.contexts[node]))
