@@ -160,7 +160,8 @@ def test_partial_sampling_on_flower_and_a_resumed_run_keep_the_round_parity(smal
     reference = build(cfg).simulator.run()
     for m in reference:
         U = len(m["clients"])
-        assert (m["bytes_up"], m["bytes_down"]) == hand_count(m["round"], U) and m["divergence"] < 1e-5
+        # catch-up broadcasts to clients that missed a round are counted on top of the hand count
+        assert (m["bytes_up"], m["bytes_down"] - m["catch_up_bytes"]) == hand_count(m["round"], U) and m["divergence"] < 1e-5
     grid = InlineGrid(cfg, fresh=True)
     assert_same_history(run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "flower"))), reference)
     assert any(len(m.content.config_records["config"]["broadcast-rounds"]) > 1 for m in grid.sent if m.metadata.message_type == "train")
