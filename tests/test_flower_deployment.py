@@ -156,7 +156,7 @@ def _wait_lines(path, n: int, proc, timeout: float = 600) -> None:
 
 
 def test_deployment_survives_a_killed_supernode_and_a_killed_serverapp(small_csv, tmp_path):
-    """Real SuperLink and SuperNodes (TLS, auth, a state directory each), fedsa, 4 rounds. SuperNode 1 is killed -9
+    """Real SuperLink and SuperNodes (TLS, auth, a state directory and a model worker each), fedsa, 3 rounds. SuperNode 1 is killed -9
     as round 2 starts: round 2 finishes with the others after round-timeout and records the miss. The ServerApp is
     killed -9 after round 2; SuperNode 1 is restarted (same key, same state directory) and the run resumed
     (resume=true: a new run id, so every client's state comes back from its state directory, client 1's B from before
@@ -164,11 +164,12 @@ def test_deployment_survives_a_killed_supernode_and_a_killed_serverapp(small_csv
     from fedlora.flower.inline import InlineGrid
     from fedlora.flower.server_app import run_federation
 
-    cfg = tiny_config(small_csv, method="fedsa", clients=3, rounds=4)
+    cfg = tiny_config(small_csv, method="fedsa", clients=3, rounds=3)
     out = tmp_path / "flower"
     overrides = tmp_path / "run-config.toml"
     overrides.write_text(to_toml(dataclasses.replace(cfg, out=str(out))) + "round-timeout = 25.0\n")
-    fed = LoopbackFederation(tmp_path / "federation", supernodes=3, env={"OMP_NUM_THREADS": "1"}, state_dirs=True)
+    # model workers (separate processes: a SuperNode's kill leaves its worker, as a service beside it would be)
+    fed = LoopbackFederation(tmp_path / "federation", supernodes=3, env={"OMP_NUM_THREADS": "1"}, state_dirs=True, workers=True)
     try:
         fed.start()
         log = open(tmp_path / "run.log", "w")
@@ -194,9 +195,9 @@ def test_deployment_survives_a_killed_supernode_and_a_killed_serverapp(small_csv
         left = fed.stop()
     assert not left
     got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [g["round"] for g in got] == [1, 2, 3, 4] and (out / "summary.md").exists(), (tmp_path / "resume.log").read_text()[-3000:]
+    assert [g["round"] for g in got] == [1, 2, 3] and (out / "summary.md").exists(), (tmp_path / "resume.log").read_text()[-3000:]
     assert got[1]["clients"] == [0, 2] and got[1]["rejected"][0]["client"] == 1 and "no reply" in got[1]["rejected"][0]["reason"]
-    assert got[2]["clients"] == [0, 1, 2] and got[3]["clients"] == [0, 1, 2]
+    assert got[2]["clients"] == [0, 1, 2] and got[2]["catch_up_bytes"] > 0  # client 1 is sent round 1's and 2's broadcasts
     replay = run_federation(InlineGrid(cfg, fresh=True, fail={(2, 1)}), dataclasses.replace(cfg, out=str(tmp_path / "replay")))
     for g, r in zip(got, replay, strict=True):
         for key in ("clients", "divergence", "divergence_per_layer", "bytes_up", "bytes_down", "catch_up_bytes"):
