@@ -66,3 +66,11 @@ def test_a_client_error_in_the_worker_is_the_client_s_error(small_csv, tmp_path,
 def test_no_worker_on_the_socket_is_one_line(small_csv, tmp_path):
     with pytest.raises(RuntimeError, match="no fedlora model worker answers on .*; start one with `python -m fedlora.flower.worker"):
         request(tmp_path / "none.sock", "stats")
+
+
+def test_a_worker_that_is_gone_costs_time_not_the_run(small_csv, tmp_path):
+    """model-worker names a socket nobody listens on (the worker died): each message is handled in the ClientApp's
+    own process instead, and the numbers are the simulator's."""
+    cfg = tiny_config(small_csv, method="fedsa", rounds=2)
+    history = run_federation(InlineGrid(cfg, model_worker=str(tmp_path / "dead.sock")), dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    assert_same_history(history, build(cfg).simulator.run())

@@ -2,7 +2,8 @@
 
 It imports Flower only. With ``model-worker`` in the SuperNode's node config it hands the message and the client's
 ``context`` to that SuperNode's model worker (:mod:`fedlora.flower.worker`), which holds the model built once, and
-returns the worker's reply with the new ``context.state``. Without it, it runs the same handlers here
+returns the worker's reply with the new ``context.state``; if no worker answers on that socket it says so in the
+SuperNode's log and handles the message itself. Without it, it runs the same handlers here
 (:mod:`fedlora.flower.client_app`, imported on the first message: torch, transformers, PEFT and the model in this
 process, as before). SecAgg+ (``secaggplus_mod``) runs here either way: its keys and masks never leave the SuperNode
 process Flower started, and the worker sees only the fit message it wraps.
@@ -39,11 +40,20 @@ def train(msg: Message, context: Context) -> Message:
 
 def _dispatch(kind: str, msg: Message, context: Context) -> Message:
     path = context.node_config.get("model-worker")
-    if not path:
-        from fedlora.flower import client_app
+    if path:
+        from fedlora.flower.worker import WorkerUnavailable
 
-        return getattr(client_app, kind)(msg, context)
-    return forward(str(path), kind, msg, context)
+        try:
+            return forward(str(path), kind, msg, context)
+        except WorkerUnavailable as exc:  # the worker died or was never started: slower, but the client still answers
+            from logging import WARNING
+
+            from flwr.supercore import log
+
+            log(WARNING, "fedlora: %s; handling this message in the ClientApp process instead", exc)
+    from fedlora.flower import client_app
+
+    return getattr(client_app, kind)(msg, context)
 
 
 def forward(path: str, kind: str, msg: Message, context: Context) -> Message:

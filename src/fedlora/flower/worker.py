@@ -104,15 +104,19 @@ class Worker:
                 self.path.unlink()
 
 
+class WorkerUnavailable(RuntimeError):
+    """No model worker listens on the socket (not started, or it died)."""
+
+
 def request(path: str | Path, kind: str, message: bytes = b"", context: bytes = b"", timeout: float | None = None) -> tuple[dict, bytes, bytes]:
-    """One request to the worker on ``path``; raises one line when none listens there."""
+    """One request to the worker on ``path``; raises :class:`WorkerUnavailable` (one line) when none listens there."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(timeout)
     try:
         conn.connect(str(path))
     except OSError as exc:
         conn.close()
-        raise RuntimeError(f"no fedlora model worker answers on {str(path)!r} ({exc.strerror or exc}); start one with "
+        raise WorkerUnavailable(f"no fedlora model worker answers on {str(path)!r} ({exc.strerror or exc}); start one with "
                            f"`python -m fedlora.flower.worker --socket {path}` or drop model-worker from the node config") from None
     with conn:
         send_frames(conn, json.dumps({"kind": kind}).encode(), message, context)
