@@ -13,6 +13,7 @@ Starting the SuperLink (and SuperNodes) is infrastructure that stays up between 
 
     python benchmarks/bench_flower.py                 # ~5 min on 2 cores
     python benchmarks/bench_flower.py --method fedsa
+    python benchmarks/bench_flower.py --model minilm --clients 2 --local-steps 20 --batch-size 16   # a larger round
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def main() -> None:
     p.add_argument("--method", default="florana")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process, the same for every engine")
     p.add_argument("--model", choices=("tiny", "minilm"), default="tiny", help="tiny random BERT (default) or MiniLM-L6")
+    p.add_argument("--clients", type=int, default=None, help="override the job's clients (one SuperNode each)")
+    p.add_argument("--local-steps", type=int, default=None, help="override the job's local steps per round")
+    p.add_argument("--batch-size", type=int, default=None, help="override the job's batch size")
     p.add_argument("--engines", default="in-process,simulation,deployment,workers",
                    help="comma-separated: in-process (always run: the reference), simulation, deployment, workers")
     args = p.parse_args()
@@ -75,6 +79,8 @@ def main() -> None:
 
     # 1. in-process: `fedlora run`
     cfg = job(args.method, work / "inprocess", args.model)
+    over = {k: v for k, v in (("clients", args.clients), ("local_steps", args.local_steps), ("batch_size", args.batch_size)) if v}
+    cfg = dataclasses.replace(cfg, **over)
     defaults = dataclasses.asdict(RunConfig())
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items() if v != defaults[k] and k != "out"]
     wall = timed([sys.executable, "-m", "fedlora.frontend.cli", "run", "--quiet", *flags, "--out", cfg.out], os.environ | FLOWER_ENV | threads, ROOT)
