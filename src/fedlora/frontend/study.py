@@ -582,7 +582,10 @@ def _diff(values, reference) -> tuple[float, float, str]:
     if math.isnan(mean):
         return mean, half, "—"
     small = max(abs(mean), 0 if math.isnan(half) else half) < 1e-2
-    text = f"{mean:+.2e} ± {half:.1e}" if small and mean != 0 else f"{mean:+.3f} ± {half:.3f}"
+    value = f"{mean:+.2e}" if small and mean != 0 else f"{mean:+.3f}"
+    if math.isnan(half):  # one seed: no interval, so never distinguishable
+        return mean, half, f"{value} (one seed, n.d.)"
+    text = f"{value} ± {half:.1e}" if small and mean != 0 else f"{value} ± {half:.3f}"
     return mean, half, text + ("" if distinguishable(mean, half) else " (n.d.)")
 
 
