@@ -30,7 +30,7 @@ from logging import WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common import FitIns, Parameters, parameters_to_ndarrays
 from flwr.common.serde import recorddict_to_proto
 from flwr.server.client_manager import SimpleClientManager
@@ -193,9 +193,7 @@ def secure_round(strategy, grid: Grid, rnd: int, started: float, *, timeout: flo
     return strategy.close(rnd, sorted(results, key=lambda r: r.cid), failed, started, secure)
 
 
-def _server_context(grid: Grid, state: RecordDict):
-    from flwr.app import Context
-
+def _server_context(grid: Grid, state: RecordDict) -> Context:
     return Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=state, run_config={})
 
 

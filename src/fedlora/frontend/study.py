@@ -1123,6 +1123,7 @@ def readme_table(p: Preset, runs: list[StudyRun], histories: dict[str, list[dict
         if r.name in histories and r.label in labels and r.method in methods:
             by.setdefault((r.method, r.label), {})[r.seed] = histories[r.name][-1]["global_accuracy"]
     n = max((len(v) for v in by.values()), default=0)
+    majority = {label: _mean(rates.get(r.name) for r in runs if r.label == label and r.name in histories) for label in labels}
     lines = [f"Final global accuracy, mean ± 95 % t-interval over {n} paired seeds (`{command}`; {_settings_line(p.base)}). "
              f"(n.d.): not distinguishable from `{REFERENCE}` (its per-seed difference's interval holds 0); "
              "†: did not learn (the interval does not clear the majority-class rate).", "",
@@ -1136,7 +1137,7 @@ def readme_table(p: Preset, runs: list[StudyRun], histories: dict[str, list[dict
                 continue
             seeds = sorted(vals)
             mean, half = interval([vals[s] for s in seeds])
-            maj = _mean(rates.get(r.name) for r in runs if r.label == label and r.name in histories)
+            maj = majority[label]
             cell = _pm([vals[s] for s in seeds])
             if maj is not None and mean - (0 if math.isnan(half) else half) <= maj + MAJORITY_MARGIN:
                 cell += " †"
@@ -1146,7 +1147,7 @@ def readme_table(p: Preset, runs: list[StudyRun], histories: dict[str, list[dict
                 cell += " (n.d.)"
             cells.append(cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    maj_cells = [_f(_mean(rates.get(r.name) for r in runs if r.label == label and r.name in histories)) for label in labels]
+    maj_cells = [_f(majority[label]) for label in labels]
     lines.append("| *majority-class rate* | " + " | ".join(maj_cells) + " |")
     return "\n".join(lines) + "\n"
 
