@@ -148,3 +148,48 @@ def test_causal_lm_fedsa_on_flower_and_its_private_b_exported_from_the_state_dir
         assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert main(["export-private", str(tmp_path / "flower"), "--state-dir", str(tmp_path)]) == 2
     assert "holds no private state of the run" in capsys.readouterr().err
+
+
+class ReplacingGrid(InlineGrid):
+    """Right after round ``after``'s train messages were answered, the SuperNode of ``partition`` is killed -9 (the
+    SuperLink still lists it, it never answers again) and a fresh SuperNode for that partition starts: its own node id
+    (a new key), no state. With ``kill=False`` the old one stays alive: the newcomer is a duplicate."""
+
+    def __init__(self, *args, partition: int, after: int, kill: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.partition, self.after, self.kill = partition, after, kill
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == str(self.after) for m in messages):
+            old = next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == self.partition)
+            if self.kill:
+                self.kill_supernode(old)
+            self.start_supernode(old + 100, self.partition)
+        return replies
+
+
+def test_a_fresh_supernode_takes_over_a_dead_ones_partition_and_catches_up(small_csv, tmp_path):
+    """The dead SuperNode is still listed when the fresh one appears, so the fresh one waits on standby; the dead one
+    misses round 2 (no reply, recorded) and the fresh one takes its partition at round 3, sent what it missed."""
+    cfg = tiny_config(small_csv, method="fedsa", rounds=4)
+    grid = ReplacingGrid(cfg, partition=1, after=1)
+    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "replaced")))
+    assert history[1]["clients"] == [0, 2] and "no reply" in history[1]["rejected"][0]["reason"]
+    assert history[2]["clients"] == [0, 1, 2] and history[2]["n_rejected"] == 0
+    # it never applied round 1's broadcast and the server still holds it (client 1 had not applied it either): the
+    # fresh client gets rounds 1 and 2 as catch-up, counted, and starts its private B afresh
+    assert history[2]["catch_up_bytes"] > 0 and "rejoin_bytes" not in history[2] and history[3]["catch_up_bytes"] == 0
+    assert history[3]["clients"] == [0, 1, 2]
+    flower = json.loads((tmp_path / "replaced" / "flower.json").read_text())
+    assert flower["supernodes"]["1"] == 601
+
+
+def test_a_duplicate_supernode_for_a_live_partition_waits_on_standby(small_csv, tmp_path):
+    cfg = tiny_config(small_csv, method="fedsa", rounds=3)
+    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    grid = ReplacingGrid(cfg, partition=1, after=1, kill=False)
+    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "duplicate")))
+    assert_same_history(history, full)  # the live SuperNode kept its partition
+    assert json.loads((tmp_path / "duplicate" / "flower.json").read_text())["supernodes"]["1"] == 501

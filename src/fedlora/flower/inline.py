@@ -40,6 +40,8 @@ class InlineGrid(Grid):
         for i in range(config.clients):
             self.start_supernode(500 + i, i)
         self.fresh, self.fail, self.sent = fresh, fail, []
+        self.dead: set[int] = set()  # killed SuperNodes the SuperLink still lists
+        self.replies: dict[str, Message] = {}
 
     def start_supernode(self, node: int, partition: int) -> None:
         """A SuperNode for ``partition`` with an empty ``context.state`` (a first start, or a restart: then give it a
@@ -55,6 +57,10 @@ class InlineGrid(Grid):
     def stop_supernode(self, node: int) -> None:
         del self.contexts[node]
 
+    def kill_supernode(self, node: int) -> None:
+        """kill -9 as the SuperLink sees it for its next two heartbeats: still listed, never answering again."""
+        self.dead.add(node)
+
     def set_run(self, run):
         pass
 
@@ -69,30 +75,40 @@ class InlineGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages):
-        raise NotImplementedError
+        """Each message is handled at once; its reply waits for :meth:`pull_messages` (a lost SuperNode's: never)."""
+        ids = []
+        for msg in messages:
+            mid = str(uuid.uuid4())
+            msg.metadata.__dict__["_message_id"] = mid
+            msg.metadata.__dict__["_src_node_id"] = 0
+            ids.append(mid)
+            reply = self._handle(msg)
+            if reply is not None:
+                self.replies[mid] = reply
+        return ids
 
     def pull_messages(self, message_ids):
-        raise NotImplementedError
+        return [self.replies.pop(mid) for mid in message_ids if mid in self.replies]
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            msg.metadata.__dict__["_src_node_id"] = 0
-            msg.content = recorddict_from_proto(recorddict_to_proto(msg.content))
-            node = msg.metadata.dst_node_id
-            if msg.metadata.message_type == "train" and (int(msg.metadata.group_id or -1), self.contexts[node].node_config["partition-id"]) in self.fail:
-                continue  # lost: no reply at all
-            if self.fresh:
-                client_app._ProcessModel._loaded = None
-                self.contexts[node] = context_from_proto(context_to_proto(self.contexts[node]))
-            self.sent.append(msg)
-            try:
-                app = thin_client.app if self.model_worker is not None else client_app.app
-                reply = app(msg, self.contexts[node])
-            except Exception as exc:  # what a SuperNode does when its ClientApp raises
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            if not reply.has_error():
-                reply.content = recorddict_from_proto(recorddict_to_proto(reply.content))
-            replies.append(reply)
-        return replies
+        return self.pull_messages(self.push_messages(list(messages)))
+
+    def _handle(self, msg):
+        msg.content = recorddict_from_proto(recorddict_to_proto(msg.content))
+        node = msg.metadata.dst_node_id
+        if node in self.dead or node not in self.contexts:
+            return None
+        if msg.metadata.message_type == "train" and (int(msg.metadata.group_id or -1), self.contexts[node].node_config["partition-id"]) in self.fail:
+            return None  # lost: no reply at all
+        if self.fresh:
+            client_app._ProcessModel._loaded = None
+            self.contexts[node] = context_from_proto(context_to_proto(self.contexts[node]))
+        self.sent.append(msg)
+        try:
+            app = thin_client.app if self.model_worker is not None else client_app.app
+            reply = app(msg, self.contexts[node])
+        except Exception as exc:  # what a SuperNode does when its ClientApp raises
+            reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        if not reply.has_error():
+            reply.content = recorddict_from_proto(recorddict_to_proto(reply.content))
+        return reply

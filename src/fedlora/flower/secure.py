@@ -185,6 +185,7 @@ def secure_round(strategy, grid: Grid, rnd: int, started: float, *, timeout: flo
         mean = unflatten(parameters_to_ndarrays(shim.results[0][1].parameters), layout(like), like)
         secure = SecureSum(mean, bytes_up=counting.up, bytes_down=counting.down)
     answered = {r.cid for r in results}
+    strategy.noted_silence(answered)  # left out of the sum: perhaps dead (a newcomer for its partition may take over)
     reasons = "; ".join(str(f) for f in shim.failures) if shim.failures else "secure aggregation ended before the unmask stage"
     failed += [Rejection(cid, f"client {cid} is not in round {rnd}'s secure sum ({reasons})")
                for cid in strategy.sampled if cid not in answered and cid not in {f.cid for f in failed}]

@@ -42,6 +42,7 @@ from fedlora.flower.records import (
 from fedlora.frontend.experiment import Experiment
 
 NODE_WAIT_SECONDS = 300.0  # how long the server waits for one SuperNode per partition to connect
+QUERY_WAIT_SECONDS = 30.0  # at a round's start, how long a SuperNode that joined since gets to say its partition
 
 
 class FedLoRAStrategy:
@@ -52,7 +53,10 @@ class FedLoRAStrategy:
         self.sim = exp.simulator
         n = len(self.sim.clients)
         self.nodes: dict[int, int] = {}  # partition id → SuperNode id
-        self._asked: set[int] = set()  # SuperNodes queried for their partition
+        self._asked: set[int] = set()  # SuperNodes that answered the partition query
+        self._queries: dict[str, int] = {}  # message id → SuperNode, partition queries not answered yet
+        self.standby: dict[int, tuple[int, int]] = {}  # partition → (SuperNode, its synced round): a newcomer waiting
+        self.silent: set[int] = set()  # SuperNodes that sent no reply to their last train message
         # Last round whose broadcast each client applied (-1: not even round 0's, for a method that runs one).
         start = -1 if self.sim.method.needs_setup() else 0
         self.synced: dict[int, int] = {cid: start for cid in range(n)}
@@ -64,33 +68,59 @@ class FedLoRAStrategy:
         self.rejoin_bytes = 0  # bytes of the snapshots sent this round
 
     # -- which SuperNode holds which partition ----------------------------------------------------------------------
+    # Queries are pushed and their replies pulled as they come (never one blocking send_and_receive): a SuperNode
+    # the SuperLink still lists but that is gone (it keeps a killed one online for two heartbeats) delays nothing,
+    # and its query stays outstanding, answered or dropped later.
+    def _ask(self, grid: Grid, nodes: list[int]) -> None:
+        """Push a ``partition-id`` query to each of ``nodes``."""
+        if not nodes:
+            return
+        queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+        for mid, node in zip(grid.push_messages(queries), nodes, strict=True):
+            if mid:
+                self._queries[mid] = node
+
+    def _answers(self, grid: Grid, live: set[int]) -> list[tuple[int, int, int]]:
+        """Pull the replies to outstanding queries: (node, partition, synced round) for each usable one."""
+        for mid, node in list(self._queries.items()):
+            if node not in live:  # it left before answering
+                del self._queries[mid]
+        if not self._queries:
+            return []
+        got = []
+        for reply in grid.pull_messages(list(self._queries)):
+            node = self._queries.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            self._asked.add(node)
+            if reply.has_error():
+                log(WARNING, "SuperNode %s could not say its partition: %s", node, reply.error.reason)
+                continue
+            info = reply.content.config_records[NODE]
+            pid = int(info["partition-id"])
+            if not 0 <= pid < len(self.sim.clients):
+                log(WARNING, "SuperNode %s holds partition %s, outside this run's %s clients; not used", node, pid, len(self.sim.clients))
+                continue
+            got.append((node, pid, int(info.get("synced-round", STATE_NONE))))
+        return got
+
+    def _unasked(self, live: set[int]) -> list[int]:
+        known = self._asked | set(self._queries.values()) | set(self.nodes.values())
+        return sorted(node for node in live if node not in known)
+
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_SECONDS) -> dict[int, int]:
         """Ask every SuperNode its ``partition-id`` until each of the run's partitions has one."""
         n = len(self.sim.clients)
-        asked = self._asked
         deadline = time.monotonic() + timeout
         while True:
-            new = [node for node in grid.get_node_ids() if node not in asked]
-            if new:
-                queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in new]
-                for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.monotonic())):
-                    node = reply.metadata.src_node_id
-                    asked.add(node)
-                    if reply.has_error():
-                        log(WARNING, "SuperNode %s could not say its partition: %s", node, reply.error.reason)
-                        continue
-                    info = reply.content.config_records[NODE]
-                    pid = int(info["partition-id"])
-                    if not 0 <= pid < n:
-                        log(WARNING, "SuperNode %s holds partition %s, outside this run's %s clients; not used", node, pid, n)
-                    elif pid in self.nodes and self.nodes[pid] != node:
-                        raise ValueError(
-                            f"SuperNodes {self.nodes[pid]} and {node} both hold partition {pid}; give each SuperNode its own "
-                            "--node-config 'partition-id=N'"
-                        )
-                    else:
-                        self.nodes[pid] = node
-                        self._reconcile(pid, int(info.get("synced-round", STATE_NONE)))
+            live = set(grid.get_node_ids())
+            self._ask(grid, self._unasked(live))
+            for node, pid, synced in self._answers(grid, live):
+                if pid in self.nodes and self.nodes[pid] != node:
+                    raise ValueError(
+                        f"SuperNodes {self.nodes[pid]} and {node} both hold partition {pid}; give each SuperNode its own "
+                        "--node-config 'partition-id=N'"
+                    )
+                self.nodes[pid] = node
+                self._reconcile(pid, synced)
             if len(self.nodes) == n:
                 log(INFO, "fedlora: %s partitions on SuperNodes %s", n, [self.nodes[c] for c in range(n)])
                 return self.nodes
@@ -103,30 +133,33 @@ class FedLoRAStrategy:
                 )
             time.sleep(1.0)
 
-    def refresh(self, grid: Grid) -> None:
-        """Before a round: a SuperNode that (re)connected since (a restart gets a new node id) takes over its
-        partition, and says which round it holds, so a client whose state is gone gets a snapshot."""
+    def refresh(self, grid: Grid, wait: float = QUERY_WAIT_SECONDS) -> None:
+        """Before a round: a SuperNode that (re)connected since (a restart gets a new node id; a fresh SuperNode has a
+        key of its own) takes over its partition, and says which round it holds, so a client whose state is gone gets
+        a snapshot. New SuperNodes get up to ``wait`` seconds to answer; a later answer counts at a later round.
+
+        A partition's SuperNode is replaced only if it is gone or sent no reply to its last train message (it may be
+        a dead one the SuperLink still lists); a newcomer for a partition whose SuperNode is alive waits on standby."""
         live = set(grid.get_node_ids())
-        new = [node for node in live if node not in set(self.nodes.values()) and node not in self._asked]
-        if not new:
-            return
-        queries = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in new]
-        for reply in grid.send_and_receive(queries, timeout=NODE_WAIT_SECONDS):
-            node = reply.metadata.src_node_id
-            self._asked.add(node)
-            if reply.has_error():
-                continue
-            info = reply.content.config_records[NODE]
-            pid = int(info["partition-id"])
-            if not 0 <= pid < len(self.sim.clients):
-                continue
+        self._ask(grid, self._unasked(live))
+        deadline = time.monotonic() + wait
+        while True:
+            for node, pid, synced in self._answers(grid, live):
+                self.standby[pid] = (node, synced)
+            if not self._queries or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        for pid, (node, synced) in sorted(self.standby.items()):
             old = self.nodes.get(pid)
-            if old is not None and old in live:
-                log(WARNING, "SuperNode %s also holds partition %s (SuperNode %s, still connected); not used", node, pid, old)
-                continue
-            log(INFO, "fedlora: partition %s now on SuperNode %s (was %s)", pid, node, old)
-            self.nodes[pid] = node
-            self._reconcile(pid, int(info.get("synced-round", STATE_NONE)))
+            if node not in live:
+                del self.standby[pid]
+            elif old is not None and old in live and old not in self.silent:
+                log(WARNING, "SuperNode %s also holds partition %s (SuperNode %s, still answering); on standby", node, pid, old)
+            else:
+                log(INFO, "fedlora: partition %s now on SuperNode %s (was %s)", pid, node, old)
+                del self.standby[pid]
+                self.nodes[pid] = node
+                self._reconcile(pid, synced)
 
     def _reconcile(self, cid: int, reported: int) -> None:
         """What a (re)connecting client holds against what the server believes: behind, and the broadcasts it needs
@@ -216,9 +249,17 @@ class FedLoRAStrategy:
             got = self._result(msg)
             (results if isinstance(got, ClientResult) else failed).append(got)
         answered = {r.cid for r in results} | {f.cid for f in failed}
+        self.noted_silence(answered)
         failed += [Rejection(cid, f"client {cid} sent no reply in round {rnd}") for cid in self.sampled if cid not in answered]
         results.sort(key=lambda r: r.cid)  # the simulator's order: sampled partition ids, ascending
         return self.close(rnd, results, failed, started)
+
+    def noted_silence(self, answered: set[int]) -> None:
+        """The round's sampled clients whose SuperNode sent no reply at all (perhaps dead: its partition may be taken over)."""
+        for cid in self.sampled:
+            node = self.nodes.get(cid)
+            if node is not None:
+                (self.silent.discard if cid in answered else self.silent.add)(node)
 
     def close(self, rnd: int, results: list[ClientResult], failed: list[Rejection], started: float, secure=None) -> dict:
         """The server half (:meth:`Simulator.close_round`) and the bookkeeping of who applied which broadcast; with
