@@ -155,16 +155,22 @@ def _wait_lines(path, n: int, proc, timeout: float = 600) -> None:
     raise AssertionError(f"{path} did not reach {n} lines in {timeout:.0f}s")
 
 
-def test_deployment_survives_a_killed_supernode_and_a_killed_serverapp(small_csv, tmp_path):
-    """Real SuperLink and SuperNodes (TLS, auth, a state directory and a model worker each), fedsa, 3 rounds. SuperNode 1 is killed -9
-    as round 2 starts: round 2 finishes with the others after round-timeout and records the miss. The ServerApp is
-    killed -9 after round 2; SuperNode 1 is restarted (same key, same state directory) and the run resumed
-    (resume=true: a new run id, so every client's state comes back from its state directory, client 1's B from before
-    the kill). Every round's numbers equal an in-process replay in which client 1 never saw round 2's message."""
+def test_deployment_survives_killed_supernodes_a_fresh_one_and_a_killed_serverapp(small_csv, tmp_path):
+    """Real SuperLink and SuperNodes (TLS, auth, a state directory and a model worker each), fedsa, 4 rounds.
+
+    As round 2 starts, SuperNodes 1 and 2 are killed -9: round 2 finishes with client 0 after round-timeout and records
+    both misses. SuperNode 2's state directory is deleted and a fresh SuperNode with a key of its own is registered
+    and started for partition 2: it waits on standby while the SuperLink still lists the dead one, takes partition 2
+    at round 3 (the dead one was silent) and is sent what it missed (catch-up bytes). The ServerApp is killed -9 after
+    round 3; SuperNode 1 is restarted (same key, same state directory) and the run resumed (resume=true: a new run id,
+    so every client's state comes back from its state directory, client 1's B from before the kill). Every round's
+    numbers equal an in-process replay of the same events."""
+    import shutil
+
     from fedlora.flower.inline import InlineGrid
     from fedlora.flower.server_app import run_federation
 
-    cfg = tiny_config(small_csv, method="fedsa", clients=3, rounds=3)
+    cfg = tiny_config(small_csv, method="fedsa", clients=3, rounds=4)
     out = tmp_path / "flower"
     overrides = tmp_path / "run-config.toml"
     overrides.write_text(to_toml(dataclasses.replace(cfg, out=str(out))) + "round-timeout = 25.0\n")
@@ -172,18 +178,24 @@ def test_deployment_survives_a_killed_supernode_and_a_killed_serverapp(small_csv
     fed = LoopbackFederation(tmp_path / "federation", supernodes=3, env={"OMP_NUM_THREADS": "1"}, state_dirs=True, workers=True)
     try:
         fed.start()
+        listed = fed.flwr("supernode", "list", "loopback", "--format", "json").stdout
+        old_nodes = {int(n["node-id"]) for n in json.loads(listed)["nodes"]}
         log = open(tmp_path / "run.log", "w")
         run = subprocess.Popen(["flwr", "run", str(ROOT), "loopback", "--run-config", str(overrides), "--stream"],
                                env=fed.environ, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                start_new_session=True)
         _wait_lines(out / "metrics.jsonl", 1, run)
-        _kill_family([fed.processes["supernode-1"].pid])  # kill -9, with its SuperExec and ClientApp processes
-        _wait_lines(out / "metrics.jsonl", 2, run)
+        _kill_family([fed.processes["supernode-1"].pid, fed.processes["supernode-2"].pid])  # kill -9, with their SuperExecs
+        shutil.rmtree(fed.workdir / "state" / "supernode-2")  # partition 2's state is gone with its machine
+        private, public = write_node_key(fed.workdir / "keys", "supernode-2-fresh")
+        fed.register(public)
+        fed.start_supernode(2, private, name="supernode-2-fresh")
+        _wait_lines(out / "metrics.jsonl", 3, run, timeout=300)
         serverapps = [p for p in family([fed.processes["superlink"].pid]) if b"flwr-serverapp" in _cmdline(p)]
         assert serverapps, "no ServerApp process found"
         _kill_family(serverapps)
         _kill_family([run.pid])
-        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and not (out / "summary.md").exists()
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and not (out / "summary.md").exists()
         # The SuperLink holds a killed SuperNode online for 2 heartbeats (60 s): restart it until it is let back in.
         _restart_supernode(fed, 1)
         again = tmp_path / "resume.toml"
@@ -195,10 +207,32 @@ def test_deployment_survives_a_killed_supernode_and_a_killed_serverapp(small_csv
         left = fed.stop()
     assert not left
     got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [g["round"] for g in got] == [1, 2, 3] and (out / "summary.md").exists(), (tmp_path / "resume.log").read_text()[-3000:]
-    assert got[1]["clients"] == [0, 2] and got[1]["rejected"][0]["client"] == 1 and "no reply" in got[1]["rejected"][0]["reason"]
-    assert got[2]["clients"] == [0, 1, 2] and got[2]["catch_up_bytes"] > 0  # client 1 is sent round 1's and 2's broadcasts
-    replay = run_federation(InlineGrid(cfg, fresh=True, fail={(2, 1)}), dataclasses.replace(cfg, out=str(tmp_path / "replay")))
+    assert [g["round"] for g in got] == [1, 2, 3, 4] and (out / "summary.md").exists(), (tmp_path / "resume.log").read_text()[-3000:]
+    assert got[1]["clients"] == [0] and [r["client"] for r in got[1]["rejected"]] == [1, 2]
+    assert all("no reply" in r["reason"] for r in got[1]["rejected"])
+    assert got[2]["clients"] == [0, 2] and got[2]["catch_up_bytes"] > 0  # the fresh SuperNode is sent rounds 1 and 2
+    assert [r["client"] for r in got[2]["rejected"]] == [1] and "no reply" in got[2]["rejected"][0]["reason"]
+    assert got[3]["clients"] == [0, 1, 2] and got[3]["catch_up_bytes"] > 0  # client 1 is sent rounds 1 to 3
+    nodes = json.loads((out / "flower.json").read_text())["supernodes"]
+    assert nodes["2"] not in old_nodes and {nodes["0"], nodes["1"]} <= old_nodes  # a restart keeps its key, hence its node id
+
+    # the same events in process: SuperNodes 1 and 2 lost after round 1, a fresh one for partition 2, a resume
+    nodes_dir = tmp_path / "replay-nodes"
+
+    class Replay(InlineGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = super().send_and_receive(messages, timeout=timeout)
+            if any(m.metadata.message_type == "train" and m.metadata.group_id == "1" for m in messages):
+                self.kill_supernode(501)
+                self.kill_supernode(502)
+                shutil.rmtree(nodes_dir / "supernode-2")
+                self.start_supernode(602, 2)
+            return replies
+
+    replay_out = dataclasses.replace(cfg, out=str(tmp_path / "replay"))
+    run_federation(Replay(dataclasses.replace(cfg, rounds=3), fresh=True, state_dir=nodes_dir), dataclasses.replace(replay_out, rounds=3))
+    replay = run_federation(InlineGrid(cfg, fresh=True, state_dir=nodes_dir), replay_out, resume=True)
     for g, r in zip(got, replay, strict=True):
         for key in ("clients", "divergence", "divergence_per_layer", "bytes_up", "bytes_down", "catch_up_bytes"):
             assert g[key] == r[key], (g["round"], key, g[key], r[key])

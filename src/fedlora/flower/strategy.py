@@ -63,6 +63,7 @@ class FedLoRAStrategy:
         self.pending: dict[int, Tensors] = {}  # round → broadcast, kept until every client has applied it
         self.accepted: dict[int, int] = {cid: 0 for cid in range(n)}  # last round each client's result was accepted
         self.sampled: list[int] = []
+        self._sent: list[tuple[Message, int]] = []  # the round's train messages and their clients
         self.reported: dict[int, int] = {}  # partition → the synced round its SuperNode reported when it connected
         self.snapshot: set[int] = set()  # clients whose state is gone: their next message carries a snapshot
         self.rejoin_bytes = 0  # bytes of the snapshots sent this round
@@ -240,17 +241,24 @@ class FedLoRAStrategy:
             for r in rounds:
                 content[broadcast_key(r)] = to_record(method.deliver(h, self.pending[r], self.sim.peers[cid]))
             messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
+        self._sent = list(zip(messages, self.sampled, strict=True))
         return messages
 
     def aggregate_train(self, rnd: int, replies: Iterable[Message], started: float) -> dict:
         """``Simulator.round`` after its clients' turns: screen and aggregate, apply to the server's model, score it."""
-        results, failed = [], []
+        results, failed, unavailable = [], [], set()
+        sent = {m.metadata.message_id: cid for m, cid in self._sent}  # ids were set when the grid pushed them
         for msg in replies:
-            got = self._result(msg)
+            cid = sent.get(msg.metadata.reply_to_message_id)
+            if cid is not None and msg.has_error() and msg.metadata.src_node_id != self.nodes.get(cid):
+                unavailable.add(cid)  # the SuperLink's reply for a SuperNode that stopped its heartbeats: no reply
+                continue
+            got = self._result(msg, cid)
             (results if isinstance(got, ClientResult) else failed).append(got)
         answered = {r.cid for r in results} | {f.cid for f in failed}
         self.noted_silence(answered)
-        failed += [Rejection(cid, f"client {cid} sent no reply in round {rnd}") for cid in self.sampled if cid not in answered]
+        failed += [Rejection(cid, f"client {cid} sent no reply in round {rnd}" + (" (its SuperNode is unavailable)" if cid in unavailable else ""))
+                   for cid in self.sampled if cid not in answered]
         results.sort(key=lambda r: r.cid)  # the simulator's order: sampled partition ids, ascending
         return self.close(rnd, results, failed, started)
 
@@ -287,12 +295,14 @@ class FedLoRAStrategy:
         self.pending = {r: b for r, b in self.pending.items() if r > applied_by_all}
         return sim.history[-1]
 
-    def _result(self, msg: Message) -> ClientResult | Rejection:
-        """A reply as the simulator's ClientResult, or a Rejection (failed, or not in the protocol's layout).
+    def _result(self, msg: Message, cid: int | None = None) -> ClientResult | Rejection:
+        """A reply as the simulator's ClientResult, or a Rejection (failed, or not in the protocol's layout); ``cid``:
+        the client the message answered was sent to, when known (else its sender's partition).
 
         The tensors themselves are screened by :func:`server_step`, exactly as in the simulator."""
         node = msg.metadata.src_node_id
-        cid = next((c for c, n in self.nodes.items() if n == node), -1)
+        if cid is None:
+            cid = next((c for c, n in self.nodes.items() if n == node), -1)
         if msg.has_error():
             return Rejection(cid, f"client {cid} (SuperNode {node}) failed during its turn: {msg.error.reason}")
         try:
