@@ -1,7 +1,10 @@
-"""A Flower deployment on loopback: SuperLink + 2 SuperNodes with TLS and SuperNode authentication, one round.
+"""A Flower deployment on loopback: SuperLink + 2 SuperNodes with TLS and SuperNode authentication.
 
-The run gives `fedlora run`'s numbers, a SuperNode whose key was never registered is refused, and no process the
-federation started (SuperLink, SuperNodes, their SuperExecs, ServerApp and ClientApp processes) is left behind.
+The runs give `fedlora run`'s numbers (a classifier with florana; a tiny Llama instruction-tuned with FedSA, its
+private B exported from the SuperNodes' state directories), a SuperNode whose key was never registered is refused,
+the intruder on the SuperNodes' network can neither register nor run, and no process the federation started
+(SuperLink, SuperNodes, their SuperExecs, ServerApp and ClientApp processes) is left behind. A second deployment
+survives killed SuperNodes, a fresh one, and a killed ServerApp.
 """
 
 import contextlib
@@ -64,11 +67,11 @@ def in_namespace(ns: str, env: dict, *command: str, timeout: float = 120) -> sub
 def test_loopback_deployment_with_tls_and_supernode_auth(small_csv, tmp_path):
     cfg = tiny_config(small_csv, method="florana", clients=2, rounds=1)
     with intruder_namespace() as (ns, address):
-        _deployment(cfg, tmp_path, ns, address)
+        _deployment(cfg, tmp_path, ns, address, small_csv)
 
 
-def _deployment(cfg, tmp_path, ns, address):
-    fed = LoopbackFederation(tmp_path / "federation", supernodes=2, env={"OMP_NUM_THREADS": "1"}, gateway=address)
+def _deployment(cfg, tmp_path, ns, address, small_csv):
+    fed = LoopbackFederation(tmp_path / "federation", supernodes=2, env={"OMP_NUM_THREADS": "1"}, gateway=address, state_dirs=True)
     assert fed.environ["FLWR_HOME"].startswith(str(tmp_path))
     assert fed.environ["FLWR_TELEMETRY_ENABLED"] == "0" and fed.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     try:
@@ -118,11 +121,16 @@ def _deployment(cfg, tmp_path, ns, address):
         assert len(json.loads(nodes.stdout)["nodes"]) == 2  # the intruder's key never got in
         refusals = (fed.logs / "gateway.log").read_text()
         assert "refused POST /v1/control/" in refusals and "from 10.231.0.2" in refusals  # it got there, and no further
+
+        # Generative: instruction tuning of a tiny Llama with FedSA on the same SuperNodes (their ClientApp processes
+        # build the causal LM); its private B stays in their state directories until exported on request.
+        lm_cfg, lm_out = _causal_lm_run(fed, small_csv, tmp_path)
     finally:
         started = family([p.pid for p in fed.processes.values()])
         left = fed.stop()
     assert len(started) >= 5  # SuperLink, 2 SuperNodes and the SuperExecs they started, at least
     assert not left and not family(sorted(started)), "a process of the federation survived its teardown"
+    _check_causal_lm_run(fed, lm_cfg, lm_out, tmp_path)
 
     run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "inprocess")))
     got = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
@@ -135,6 +143,49 @@ def _deployment(cfg, tmp_path, ns, address):
     supernodes = json.loads((tmp_path / "flower" / "flower.json").read_text())["supernodes"]
     assert sorted(supernodes) == ["0", "1"]
 
+
+
+def _causal_lm_run(fed, small_csv, tmp_path):
+    import pandas as pd
+
+    from test_causal_lm import tiny_lm_config
+
+    data = tmp_path / "instr.jsonl"
+    frame = pd.read_csv(small_csv).groupby("label").head(20)
+    data.write_text("".join(json.dumps({"prompt": f"Sentiment of: {t[:80]}", "response": lab, "label": lab}) + "\n"
+                            for t, lab in zip(frame["text"], frame["label"])))
+    cfg = tiny_lm_config(data, method="fedsa", rounds=2)
+    out = tmp_path / "flower-lm"
+    overrides = tmp_path / "run-config-lm.toml"
+    overrides.write_text(to_toml(dataclasses.replace(cfg, out=str(out))))
+    res = fed.run(ROOT, str(overrides), timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return cfg, out
+
+
+def _check_causal_lm_run(fed, cfg, out, tmp_path):
+    """The Flower run equals `fedlora run`, and `fedlora export-private` brings each client's B out of its SuperNode's
+    state directory into the layout `fedlora run` writes, equal to it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedlora.frontend.cli import main
+
+    run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "inprocess-lm")))
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (tmp_path / "inprocess-lm" / "metrics.jsonl").read_text().splitlines()]
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        for key in ("clients", "bytes_up", "bytes_down"):
+            assert g[key] == w[key], key
+        for key in ("global_accuracy", "local_accuracy", "train_loss"):
+            assert abs(g[key] - w[key]) <= 1e-4, key
+    assert not (out / "private").exists()  # nothing private reached the server
+    for i in range(cfg.clients):
+        assert main(["export-private", str(out), "--state-dir", str(fed.workdir / "state" / f"supernode-{i}")]) == 0
+        a = load_file(str(out / "private" / f"client_{i}.safetensors"))
+        b = load_file(str(tmp_path / "inprocess-lm" / "private" / f"client_{i}.safetensors"))
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def _kill_family(pids: list[int]) -> None:
