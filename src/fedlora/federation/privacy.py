@@ -187,7 +187,9 @@ def dp_sgd_steps(model, task, train, cfg, seed: int, privacy: PrivacyConfig, los
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    torch.manual_seed(seed)  # dropout
+    from fedlora.federation.tasks import seed_torch
+
+    seed_torch(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)
     noise_gen = None if privacy.secure_noise else torch.Generator(device=cfg.device).manual_seed(seed + 1)
     n = len(train)

@@ -34,7 +34,7 @@ from fedlora.federation.privacy import (
 )
 from fedlora.federation.protocol import REGISTRY, Method, Peer, RoundContext, ServerUpdate, Tensors
 from fedlora.federation.screening import Rejection, check_structure, norm_outliers, schema, update_norm
-from fedlora.federation.tasks import ClassificationTask, TokenizedSplit
+from fedlora.federation.tasks import ClassificationTask, TokenizedSplit, seed_torch
 
 log = logging.getLogger("fedlora")
 
@@ -223,7 +223,7 @@ def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationCo
     the steps are DP-SGD (``privacy.dp_sgd_steps``)."""
     if cfg.privacy.example_level:
         return dp_sgd_steps(model, task, train, cfg, seed, cfg.privacy, loss_term)
-    torch.manual_seed(seed)  # dropout
+    seed_torch(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = local_optimizer(params, cfg)
