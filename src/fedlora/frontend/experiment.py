@@ -510,7 +510,10 @@ def check_resume(config: RunConfig, meta: dict, out: Path) -> None:
     if saved is None:  # a checkpoint from before settings were kept in it
         return
     mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE}
-    changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    # a setting added to RunConfig after the checkpoint was written counts as its default there (as for a finished run)
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in set(saved) | set(mine)}
+    changed = sorted(k for k in saved if saved.get(k) != mine.get(k))
     if changed:
         diff = ", ".join(f"{k}={mine.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in changed)
         raise ValueError(f"{str(out / 'config.json')!r} no longer matches the run's checkpoint: {diff}; "
