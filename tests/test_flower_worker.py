@@ -74,3 +74,22 @@ def test_a_worker_that_is_gone_costs_time_not_the_run(small_csv, tmp_path):
     cfg = tiny_config(small_csv, method="fedsa", rounds=2)
     history = run_federation(InlineGrid(cfg, model_worker=str(tmp_path / "dead.sock")), dataclasses.replace(cfg, out=str(tmp_path / "run")))
     assert_same_history(history, build(cfg).simulator.run())
+
+
+def test_a_socket_path_too_long_for_unix_sockets(tmp_path, capsys):
+    """A worker asked for a socket path over the 107 bytes AF_UNIX allows says so in one line; the loopback
+    federation puts its workers' sockets in a short folder when its work directory is deep."""
+    from fedlora.flower.loopback import LoopbackFederation
+    from fedlora.flower.worker import MAX_SOCKET_PATH, main
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    assert main(["--socket", str(deep / "w.sock")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "over the 107 a Unix socket allows" in err and "--socket" in err
+    fed = LoopbackFederation(deep, supernodes=2)
+    sock = fed.worker_socket(1)
+    assert len(str(sock)) <= MAX_SOCKET_PATH and sock.name == "supernode-1.sock"
+    assert fed.worker_socket(0).parent == sock.parent  # one folder for the federation's workers
+    assert not fed.stop() and not sock.parent.exists()
+    near = LoopbackFederation(tmp_path / "fed", supernodes=2)
+    assert near.worker_socket(0) == tmp_path / "fed" / "workers" / "supernode-0.sock"

@@ -19,6 +19,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,6 +199,7 @@ class LoopbackFederation:
     gateway: str | None = None  # an address of this host: SuperNodes connect to a Fleet-API-only gateway there
     gateway_port: int = 0
     state_dirs: bool = False  # a state directory for each SuperNode (node config state-dir): clients survive restarts
+    _sockets: Path | None = None  # the short folder of the workers' sockets, where the work directory's path is too long
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -240,7 +242,16 @@ class LoopbackFederation:
         return f"{self.gateway}:{self.gateway_port}" if self.gateway else f"127.0.0.1:{self.port}"
 
     def worker_socket(self, partition: int) -> Path:
-        return self.workdir / "workers" / f"supernode-{partition}.sock"
+        """In the work directory, or in a short private folder under the system's temporary directory when the work
+        directory's path would make the socket's longer than a Unix socket allows."""
+        from fedlora.flower.worker import MAX_SOCKET_PATH
+
+        folder = self.workdir / "workers"
+        if len(os.fsencode(folder / "supernode-0000.sock")) > MAX_SOCKET_PATH:
+            if self._sockets is None:
+                self._sockets = Path(tempfile.mkdtemp(prefix="fedlora-workers-"))
+            folder = self._sockets
+        return folder / f"supernode-{partition}.sock"
 
     def start_worker(self, partition: int) -> subprocess.Popen:
         """``python -m fedlora.flower.worker`` for SuperNode ``partition``; returns once its socket is listening."""
@@ -311,6 +322,8 @@ class LoopbackFederation:
         """End every process this federation started and all they started; returns the ids left (should be none)."""
         roots = [p.pid for p in self.processes.values()]
         left = terminate(family(roots))
+        if self._sockets is not None:
+            shutil.rmtree(self._sockets, ignore_errors=True)
         for p in self.processes.values():
             try:
                 p.wait(timeout=5)

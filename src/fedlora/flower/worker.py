@@ -53,6 +53,8 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with its terminating NUL (Linux)
+
 class Worker:
     """Serves the ClientApp's handlers on one Unix socket; counts the models it built (``stats``)."""
 
@@ -80,6 +82,9 @@ class Worker:
         return {}, recorddict_to_proto(reply.content).SerializeToString(), context_to_proto(ctx).SerializeToString()
 
     def serve(self) -> None:
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise ValueError(f"socket path {str(self.path)!r} is {len(os.fsencode(self.path))} bytes, over the {MAX_SOCKET_PATH} a Unix "
+                             "socket allows; pass a shorter --socket (e.g. under /run or /tmp)")
         if self.path.exists():
             self.path.unlink()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # finally: the socket file is removed
-    Worker(Path(args.socket)).serve()
+    try:
+        Worker(Path(args.socket)).serve()
+    except ValueError as exc:
+        print(f"fedlora model worker: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
