@@ -70,12 +70,14 @@ def test_resumed_without_state_directories_the_clients_rejoin_with_a_snapshot(sm
 
 
 class RestartingGrid(InlineGrid):
-    """Kills the SuperNode of ``partition`` right after round ``after``'s train messages were answered (kill -9: its
-    in-memory state is gone) and starts a new one for the same partition (a new node id)."""
+    """Right after round ``after``'s train messages were answered, starts a new SuperNode for ``partition`` (a new
+    node id, no in-memory state). ``old``: what happens to the one it replaces: ``"stop"``, gone (kill -9, and the
+    SuperLink no longer lists it); ``"kill"``, killed -9 but still listed, never answering again; ``"keep"``, alive
+    (the newcomer is a duplicate)."""
 
-    def __init__(self, *args, partition: int, after: int, **kwargs):
+    def __init__(self, *args, partition: int, after: int, old: str = "stop", **kwargs):
         super().__init__(*args, **kwargs)
-        self.partition, self.after, self.before = partition, after, None
+        self.partition, self.after, self.old, self.before = partition, after, old, None
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
@@ -84,7 +86,10 @@ class RestartingGrid(InlineGrid):
             old = next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == self.partition)
             if self.config.method == "fedsa":
                 self.before = private_b(self, self.partition)
-            self.stop_supernode(old)
+            if self.old == "stop":
+                self.stop_supernode(old)
+            elif self.old == "kill":
+                self.kill_supernode(old)
             self.start_supernode(old + 100, self.partition)
         return replies
 
@@ -150,31 +155,11 @@ def test_causal_lm_fedsa_on_flower_and_its_private_b_exported_from_the_state_dir
     assert "holds no private state of the run" in capsys.readouterr().err
 
 
-class ReplacingGrid(InlineGrid):
-    """Right after round ``after``'s train messages were answered, the SuperNode of ``partition`` is killed -9 (the
-    SuperLink still lists it, it never answers again) and a fresh SuperNode for that partition starts: its own node id
-    (a new key), no state. With ``kill=False`` the old one stays alive: the newcomer is a duplicate."""
-
-    def __init__(self, *args, partition: int, after: int, kill: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.partition, self.after, self.kill = partition, after, kill
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
-        if any(m.metadata.message_type == "train" and m.metadata.group_id == str(self.after) for m in messages):
-            old = next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == self.partition)
-            if self.kill:
-                self.kill_supernode(old)
-            self.start_supernode(old + 100, self.partition)
-        return replies
-
-
 def test_a_fresh_supernode_takes_over_a_dead_ones_partition_and_catches_up(small_csv, tmp_path):
     """The dead SuperNode is still listed when the fresh one appears, so the fresh one waits on standby; the dead one
     misses round 2 (no reply, recorded) and the fresh one takes its partition at round 3, sent what it missed."""
     cfg = tiny_config(small_csv, method="fedsa", rounds=4)
-    grid = ReplacingGrid(cfg, partition=1, after=1)
+    grid = RestartingGrid(cfg, partition=1, after=1, old="kill")
     history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "replaced")))
     assert history[1]["clients"] == [0, 2] and "no reply" in history[1]["rejected"][0]["reason"]
     assert history[2]["clients"] == [0, 1, 2] and history[2]["n_rejected"] == 0
@@ -189,7 +174,7 @@ def test_a_fresh_supernode_takes_over_a_dead_ones_partition_and_catches_up(small
 def test_a_duplicate_supernode_for_a_live_partition_waits_on_standby(small_csv, tmp_path):
     cfg = tiny_config(small_csv, method="fedsa", rounds=3)
     full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
-    grid = ReplacingGrid(cfg, partition=1, after=1, kill=False)
+    grid = RestartingGrid(cfg, partition=1, after=1, old="keep")
     history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "duplicate")))
     assert_same_history(history, full)  # the live SuperNode kept its partition
     assert json.loads((tmp_path / "duplicate" / "flower.json").read_text())["supernodes"]["1"] == 501
