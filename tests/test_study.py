@@ -179,3 +179,8 @@ def test_study_privacy_part_runs_dp_sgd_per_noise_level_and_reads_ffa_claim(smal
     assert eps == sorted(eps) and eps[0] > 0  # ε grows with every round of DP-SGD
     assert (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").exists()  # the no-DP reference is the comparison's run
     assert (tmp_path / "results" / "privacy.png").stat().st_size > 0
+    # `--parts all` is every part, privacy included: the report rebuilt from the same runs keeps section 7
+    again = tmp_path / "all.md"
+    assert main(["study", "--preset", "quick", "--data", str(small_csv), "--parts", "all", "--seeds", "2", "--runs", str(runs),
+                 "--report", str(again), "--report-only", "--quiet"]) == 0
+    assert "## 7. Privacy–utility" in again.read_text()

@@ -245,6 +245,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     p = study.preset(args.preset)
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    if parts == ("all",):
+        parts = study.PARTS
     for part in parts:
         if part not in study.PARTS:
             raise ValueError(f"unknown study part {part!r} in --parts; choose from {', '.join(study.PARTS)}")
@@ -343,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--preset", default="default",
                     help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale,synthetic",
-                    help="comma-separated analyses to run (default: all but privacy, the DP-SGD privacy–utility curve); "
+                    help="comma-separated analyses to run (default: all but privacy, the DP-SGD privacy–utility curve), or all; "
                          "each can be run and committed on its own")
     st.add_argument("--methods", default=None, help="methods of the comparison (default: the study's seven)")
     st.add_argument("--model", default=None, help="override the preset's model")

@@ -664,7 +664,7 @@ def write_report(
         return mean - (0 if math.isnan(half) else half) > majority + MAJORITY_MARGIN
 
     labels = [label for label, _, _ in p.comparison]
-    main_runs = [r for r in runs if not r.label.startswith("synthetic:")]
+    main_runs = [r for r in runs if not r.label.startswith(("synthetic:", "privacy:"))]  # the partition analyses
     missing = [r.name for r in runs if r.name not in histories]
     total_wall = sum(summary_row(h)["wall_s"] for h in histories.values())
     seeds_text = ", ".join(map(str, p.seeds))
