@@ -667,6 +667,13 @@ def write_report(
     main_runs = [r for r in runs if not r.label.startswith(("synthetic:", "privacy:"))]  # the partition analyses
     missing = [r.name for r in runs if r.name not in histories]
     total_wall = sum(summary_row(h)["wall_s"] for h in histories.values())
+    kinds: dict[str, float] = {}
+    for r in runs:
+        if r.name in histories:
+            kind = ("synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
+                    else f"`{p.base.model}` (parts 1–5)")
+            kinds[kind] = kinds.get(kind, 0.0) + summary_row(histories[r.name])["wall_s"]
+    by_kind = ", ".join(f"{k} {v / 60:.0f} min" for k, v in kinds.items()) if len(kinds) > 1 else ""
     seeds_text = ", ".join(map(str, p.seeds))
     L: list[str] = [
         "# Results: the papers' analyses, over paired seeds",
@@ -685,7 +692,9 @@ def write_report(
         + (f" With {len(p.seeds)} seeds the t-interval is wide (t = {_t(len(p.seeds)):.2f} standard errors): a "
            "difference it does not resolve is not evidence of equality." if len(p.seeds) > 1 else ""),
         "",
-        f"{len(histories)} runs, {total_wall / 60:.0f} min of run time on this machine (2 CPU cores, no GPU).",
+        f"{len(histories)} runs, {total_wall / 60:.0f} min of run time on this machine (2 CPU cores, no GPU; the sum "
+        "of the runs' wall times" + (f": {by_kind}" if by_kind else "") + "). Two `fedlora study` processes sharing the "
+        "runs directory take about half of that on the clock.",
         "",
     ]
     if missing:
