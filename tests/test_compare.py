@@ -100,3 +100,20 @@ def test_compare_interrupted_after_its_first_method_finishes_with_the_same_table
     monkeypatch.setattr(Simulator, "round", real_round)
     assert main(args(tmp_path / "cut")) == 0  # the same command again: fedit read back, ffa resumed from round 1
     assert _without_wall_time((tmp_path / "cut" / "comparison.md").read_text()) == _without_wall_time(whole)
+
+
+def test_seeded_table_marks_did_not_learn_when_the_interval_does_not_clear_the_majority_rate():
+    """† follows the interval, not the mean: a mean above the rate whose interval reaches down to it is not shown to
+    have learned; one clear of it by more than its half-width is not marked."""
+    from fedlora.frontend.report import seeded_tables
+
+    def rows(accs):
+        return [{"global_accuracy": a, "local_accuracy": a, "gap": 0.0, "divergence": 0.0, "mb_up": 1.0, "mb_down": 1.0,
+                 "wall_seconds": 1.0} for a in accs]
+
+    text = seeded_tables({"fedit": rows([0.30, 0.25, 0.50]), "ffa": rows([0.80, 0.82, 0.84])}, [0, 1, 2], None, [0.25] * 3)
+    line = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| f")}
+    assert "†" in line["fedit"]  # mean 0.35 > 0.26, but the interval (t = 4.30, n = 3) reaches below it
+    assert "†" not in line["ffa"]
+    one = seeded_tables({"fedit": rows([0.30])}, [0], None, [0.25])
+    assert "†" not in next(ln for ln in one.splitlines() if ln.startswith("| fedit"))  # one seed: its value clears 0.26

@@ -969,10 +969,13 @@ def write_report(
                 for m, by in scale.items():
                     if n in by:
                         rs = list(by[n].values())
-                        L.append(f"| {n} | {m} | {len(rs)} | {_pm(r['global'] for r in rs)} | {_pm(r['local'] for r in rs)} | "
+                        mark = " †" if learned([r["global"] for r in rs], rate(f"N={n}", set(by[n]))) is False else ""
+                        L.append(f"| {n} | {m} | {len(rs)} | {_pm(r['global'] for r in rs)}{mark} | {_pm(r['local'] for r in rs)} | "
                                  f"{_pm(r['gap'] for r in rs)} | {_pm((r['rho'] for r in rs), 4)} | {_pm((r['bound'] for r in rs), 4)} | "
                                  f"{_pm((r['agg_s'] for r in rs), 4)} | {_f(_mean(r['mb_up'] for r in rs) / rounds, 2)} |")
-            L.append("")
+            L += ["", "Majority-class rate of the global test set: "
+                  + ", ".join(f"N={n} {_f(rate(f'N={n}'))}" for n in sorted({n for by in scale.values() for n in by}))
+                  + ". † did not learn (the interval does not clear it).", ""]
             if "fedit" in scale and "florana" in scale:
                 ns = sorted(set(scale["fedit"]) & set(scale["florana"]))
                 cells = []
