@@ -52,6 +52,17 @@ def optional_columns(rows: list[dict]) -> tuple:
 MAJORITY_MARGIN = 0.01  # global accuracy within this of the majority-class rate counts as having learned nothing
 
 
+def learned(values: list[float], majority: float | None) -> bool | None:
+    """Whether accuracies over seeds show learning: their 95 % interval's lower end (the value itself with one seed)
+    clears the majority-class rate by ``MAJORITY_MARGIN``; None when there is no rate or no value."""
+    from fedlora.frontend.stats import interval
+
+    if majority is None or not values:
+        return None
+    mean, half = interval(values)
+    return mean - (0.0 if math.isnan(half) else half) > majority + MAJORITY_MARGIN
+
+
 def markdown_table(rows: list[dict], majority: float | None = None) -> str:
     """The comparison table; with ``majority`` (the global test set's majority-class rate) a global accuracy
     within 0.01 of it is marked † and a line under the table says what that means."""
@@ -99,7 +110,7 @@ def seeded_tables(results: dict[str, list[dict]], seeds: list[int], reference: s
     two are not distinguishable at these seeds). ``results[method][i]`` is ``final_row`` for ``seeds[i]``;
     ``majority[i]`` that seed's global test set's majority-class rate (a global accuracy whose interval does not
     clear the mean rate by 0.01 is marked †; with one seed, whose mean does not)."""
-    from fedlora.frontend.stats import distinguishable, interval, paired
+    from fedlora.frontend.stats import distinguishable, paired
 
     rates = [m for m in majority if m is not None]
     rate = sum(rates) / len(rates) if rates else None
@@ -110,10 +121,8 @@ def seeded_tables(results: dict[str, list[dict]], seeds: list[int], reference: s
         cells = []
         for _, key, digits in columns:
             cell = _pm([r.get(key, math.nan) for r in rows], digits)
-            if key == "global_accuracy" and rate is not None:
-                mean, half = interval([r[key] for r in rows])
-                if mean - (0.0 if math.isnan(half) else half) <= rate + MAJORITY_MARGIN:
-                    cell += " †"
+            if key == "global_accuracy" and learned([r[key] for r in rows], rate) is False:
+                cell += " †"
             cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if rate is not None:

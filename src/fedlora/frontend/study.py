@@ -629,7 +629,7 @@ def write_report(
 
     Every number is the mean over the seeds a run finished for, with the half-width of its 95 % Student-t interval;
     every comparison between methods is a per-seed (paired) difference with its interval."""
-    from fedlora.frontend.report import MAJORITY_MARGIN, final_row, plot_comparison, seeded_tables
+    from fedlora.frontend.report import MAJORITY_MARGIN, final_row, learned, plot_comparison, seeded_tables
 
     report = Path(report)
     figdir = report.parent / report.stem
@@ -655,24 +655,16 @@ def write_report(
         by = seeded(method, label)
         return [summary_row(by[s]) for s in seeds if s in by]
 
-    def learned(values: list[float], majority: float | None) -> bool | None:
-        from fedlora.frontend.stats import interval
-
-        if majority is None or not values:
-            return None
-        mean, half = interval(values)
-        return mean - (0 if math.isnan(half) else half) > majority + MAJORITY_MARGIN
-
     labels = [label for label, _, _ in p.comparison]
     main_runs = [r for r in runs if not r.label.startswith(("synthetic:", "privacy:"))]  # the partition analyses
     missing = [r.name for r in runs if r.name not in histories]
-    total_wall = sum(summary_row(h)["wall_s"] for h in histories.values())
     kinds: dict[str, float] = {}
     for r in runs:
         if r.name in histories:
             kind = ("synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
                     else f"`{p.base.model}` (parts 1–5)")
             kinds[kind] = kinds.get(kind, 0.0) + summary_row(histories[r.name])["wall_s"]
+    total_wall = sum(kinds.values())
     by_kind = ", ".join(f"{k} {v / 60:.0f} min" for k, v in kinds.items()) if len(kinds) > 1 else ""
     seeds_text = ", ".join(map(str, p.seeds))
     L: list[str] = [
@@ -1127,8 +1119,7 @@ def readme_table(p: Preset, runs: list[StudyRun], histories: dict[str, list[dict
     """The comparison in one table for the README: final global accuracy per method and partition, mean ± 95 %
     interval over the seeds, (n.d.) where its paired difference to FedIT's holds 0, † where it did not learn; then
     the majority-class rate per partition."""
-    from fedlora.frontend.report import MAJORITY_MARGIN
-    from fedlora.frontend.stats import interval
+    from fedlora.frontend.report import learned
 
     labels = [label for label, _, _ in p.comparison]
     rates = majority_rates([r for r in runs if r.name in histories])
@@ -1150,10 +1141,8 @@ def readme_table(p: Preset, runs: list[StudyRun], histories: dict[str, list[dict
                 cells.append("—")
                 continue
             seeds = sorted(vals)
-            mean, half = interval([vals[s] for s in seeds])
-            maj = majority[label]
             cell = _pm([vals[s] for s in seeds])
-            if maj is not None and mean - (0 if math.isnan(half) else half) <= maj + MAJORITY_MARGIN:
+            if learned([vals[s] for s in seeds], majority[label]) is False:
                 cell += " †"
             ref = by.get((REFERENCE, label), {})
             common = [s for s in seeds if s in ref]
