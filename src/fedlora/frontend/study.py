@@ -1076,11 +1076,29 @@ def write_report(
                               {m: [h[-1]["global_accuracy"] for h in by_level(m, None).values()] for m in ms}, maj,
                               figdir / "privacy.png")
             L += [f"![privacy–utility]({rel(fig)})", ""]
+            # what DP costs: per noise level, which methods still learn and how much of the no-DP accuracy is left
+            util, floor = [], {}
+            for z in pv.noises:
+                final = {m: [h[-1]["global_accuracy"] for h in by_level(m, z).values()] for m in ms}
+                final = {m: a for m, a in final.items() if a}
+                if not final:
+                    continue
+                floor[z] = {m for m, a in final.items() if learned(a, maj) is False}
+                kept = {m: _mean(a) / _mean(base) for m, a in final.items()
+                        if (base := [h[-1]["global_accuracy"] for h in by_level(m, None).values()]) and _mean(base) > 0}
+                util.append(f"z = {z:g} (ε {_f(_mean(eps_by_z.get(z, [])), 2) if eps_by_z.get(z) else '—'}): "
+                            f"{len(final) - len(floor[z])} of {len(final)} learned"
+                            + (f" ({', '.join(f'`{m}`' for m in ms if m in floor[z])} did not)" if floor[z] else "")
+                            + (f", keeping {_f(min(kept.values()), 2)}–{_f(max(kept.values()), 2)} of their no-DP accuracy" if kept else ""))
+            if util:
+                verdicts.append("- **Utility under DP-SGD** (learned: the interval clears the majority-class rate, "
+                                f"{_f(maj)}; kept: mean accuracy under DP ÷ without): " + "; ".join(util) + ".")
             # FFA-LoRA's claim: noise on both factors (FedIT) hurts more than on one (FFA, A frozen). Per seed, the
             # loss of accuracy DP causes to each, then FFA's minus FedIT's.
             if "fedit" in ms and "ffa" in ms:
                 cells = []
                 holds = contrary = 0
+                floored = 0
                 for z in pv.noises:
                     seeds = sorted(set(by_level("fedit", z)) & set(by_level("ffa", z)) & set(by_level("fedit", None)) & set(by_level("ffa", None)))
                     if not seeds:
@@ -1091,7 +1109,11 @@ def write_report(
                     d, h, t = _diff(drop_fedit, drop_ffa)
                     holds += "n.d." not in t and t != "—" and d > 0
                     contrary += "n.d." not in t and t != "—" and d < 0
-                    cells.append(f"z = {z:g}: FedIT loses {_pm(drop_fedit)}, FFA {_pm(drop_ffa)}, difference {t}")
+                    at_floor = {"fedit", "ffa"} & floor.get(z, set())
+                    floored += bool(at_floor)
+                    cells.append(f"z = {z:g}: FedIT loses {_pm(drop_fedit)}, FFA {_pm(drop_ffa)}, difference {t}"
+                                 + (f" ({' and '.join(sorted(at_floor))} did not learn under DP here: the loss is bounded by the "
+                                    "majority-class rate, so this level cannot separate them)" if at_floor else ""))
                 if cells:
                     verdicts.append(
                         "- **FFA-LoRA: DP noise on both factors hurts more than on one** — "
@@ -1099,6 +1121,9 @@ def write_report(
                            "does not hold here" if contrary else "not distinguishable at these seeds")
                         + " (accuracy lost to DP, per seed; difference = FedIT's loss − FFA's, positive supports the claim): "
                         + "; ".join(cells) + "."
+                        + (f" At {floored} of {len(cells)} noise levels FedIT or FFA did not learn under DP; a test of the "
+                           "claim that can separate them needs a setting where DP-SGD runs learn (more examples per client, "
+                           "so a larger batch at the same sampling rate)." if floored else "")
                     )
 
     if verdicts:
