@@ -175,7 +175,7 @@ def test_study_privacy_part_runs_dp_sgd_per_noise_level_and_reads_ffa_claim(smal
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "(ε " in line]
     at_floor = sum("†" in row[2] for row in rows)  # the z = 1 column
     utility = next(line for line in text.splitlines() if line.startswith("- **Utility under DP-SGD**"))
-    assert f"z = 1 (ε " in utility and f"{len(rows) - at_floor} of {len(rows)} learned" in utility
+    assert "z = 1 (ε " in utility and f"{len(rows) - at_floor} of {len(rows)} learned" in utility
     cfg = json.loads((runs / "privacy-z1" / "ffa" / "seed-1" / "config.json").read_text())
     assert cfg["dp"] == "example" and cfg["dp_noise"] == 1.0
     fedsb = json.loads((runs / "privacy-none" / "fedsb" / "seed-0" / "config.json").read_text())
