@@ -4,6 +4,10 @@ without it, in the same run: one client's local steps as the simulator runs them
     python benchmarks/bench_privacy.py            # MiniLM-L6 (offline default), LoRA r = 8, batch 16
     python benchmarks/bench_privacy.py --quick    # tiny random BERT, seconds
 
+It also times the per-client accounting the simulator does after every round (each client's ε from its ledger of
+one (z, q, steps) entry per round it trained) against Opacus's accountant handed that ledger entry by entry, the
+reference, at a few ledger lengths.
+
 Throughput is examples per second, best of ``--repeats`` interleaved runs (under DP-SGD a step's batch is a Poisson
 draw of expected size 16, so examples are counted as steps × 16 on both sides). Peak memory is each side's
 resident-set high-water mark in its own subprocess (``ru_maxrss``), after one warm-up turn and the timed turns.
@@ -51,6 +55,37 @@ def peak_child(model: str, steps: int, dp: str) -> None:
     print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def accounting(rounds: tuple[int, ...], repeats: int) -> list[tuple[int, float, float, float]]:
+    """(rounds, seconds of fedlora's ε, seconds of the entry-by-entry reference, |relative difference|) per length."""
+    import time
+
+    from opacus.accountants import create_accountant
+
+    from fedlora.federation.privacy import ClientAccountants, PrivacyConfig
+
+    out = []
+    for r in rounds:
+        ledger = ClientAccountants(PrivacyConfig(mode="example", clip=1.0, noise=1.0))
+        for _ in range(r):
+            ledger.spend(0, 0.1, 3)
+
+        def reference(ledger=ledger):
+            acc = create_accountant("rdp")
+            acc.history = list(ledger.history[0])
+            return acc.get_epsilon(delta=1e-5)
+
+        times = {}
+        for name, fn in (("ours", lambda ledger=ledger: ledger.epsilon(0)), ("ref", reference)):
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                value = fn()
+                best = min(best, time.perf_counter() - t)
+            times[name] = (best, value)
+        out.append((r, times["ours"][0], times["ref"][0], abs(times["ours"][1] / times["ref"][1] - 1)))
+    return out
+
+
 def peak(model: str, steps: int, dp: str) -> float:
     out = subprocess.run([sys.executable, __file__, "--child", model, str(steps), dp], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["maxrss_mb"]
@@ -75,6 +110,12 @@ def main() -> None:
     print(f"| without DP (reference) | {eps['none']:.1f} | {mem['none']:.0f} |")
     print(f"| DP-SGD (Opacus: per-example gradients, clip, noise) | {eps['example']:.1f} | {mem['example']:.0f} |")
     print(f"\nthroughput DP / plain = **{eps['example'] / eps['none']:.2f}**, peak memory DP / plain = **{mem['example'] / mem['none']:.2f}**")
+    print("\n## Accounting: one client's ε after R rounds (z = 1, q = 0.1, 3 steps a round; RDP), best of "
+          f"{args.repeats}\n")
+    print("| rounds in the ledger | fedlora ms | Opacus, one entry per round (reference) ms | reference / fedlora | ε rel. difference |")
+    print("|---:|---:|---:|---:|---:|")
+    for r, ours, ref, diff in accounting((1, 10, 60) if args.quick else (1, 10, 60, 200), args.repeats):
+        print(f"| {r} | {ours * 1e3:.0f} | {ref * 1e3:.0f} | {ref / ours:.1f}× | {diff:.1e} |")
 
 
 if __name__ == "__main__":

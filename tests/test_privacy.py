@@ -186,6 +186,26 @@ def test_example_level_dp_trains_and_accounts_each_client(small_csv, tmp_path):
     assert plain[0]["divergence"] != history[0]["divergence"]
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_client_ledger_of_many_rounds_is_the_accountant_over_all_its_steps(accountant):
+    """A client's ledger gets one (z, q, steps) entry per round it trains; its ε is the accountant's over every step,
+    however the entries interleave (two sampling rates here: a client whose data changed size on resume)."""
+    from opacus.accountants import create_accountant
+
+    from fedlora.federation.privacy import ClientAccountants, PrivacyConfig
+
+    ledger = ClientAccountants(PrivacyConfig(mode="example", clip=1.0, noise=1.1, accountant=accountant))
+    rounds = [(0.1, 3)] * 40 + [(0.2, 3)] * 5 + [(0.1, 3)] * 15
+    for q, steps in rounds:
+        ledger.spend(7, q, steps)
+    ref = create_accountant(accountant)
+    for q, steps in rounds:
+        for _ in range(steps):
+            ref.step(noise_multiplier=1.1, sample_rate=q)
+    assert ledger.epsilon(7) == pytest.approx(ref.get_epsilon(1e-5), rel=1e-6)
+    assert ledger.epsilon(7) > ledger.epsilon(8) == 0.0  # a client that never trained spent nothing
+
+
 @pytest.mark.parametrize("adapter", ["dora", "vera", "hira"])
 def test_example_level_dp_refuses_adapters_opacus_cannot_clip(small_csv, capsys, adapter):
     argv = ["run", "--model", "tiny:bert", "--data", str(small_csv), "--clients", "3", "--rounds", "1", "--method", "fedit",
