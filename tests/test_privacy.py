@@ -206,6 +206,24 @@ def test_client_ledger_of_many_rounds_is_the_accountant_over_all_its_steps(accou
     assert ledger.epsilon(7) > ledger.epsilon(8) == 0.0  # a client that never trained spent nothing
 
 
+def test_clients_with_equal_ledgers_share_one_accountant_call(monkeypatch):
+    """A round's ε for every client costs one accountant pass per distinct ledger, not per client or per round."""
+    import opacus.accountants
+
+    from fedlora.federation.privacy import ClientAccountants, PrivacyConfig, _accountant_epsilon
+
+    calls = []
+    real = opacus.accountants.create_accountant
+    monkeypatch.setattr(opacus.accountants, "create_accountant", lambda name: calls.append(name) or real(name))
+    _accountant_epsilon.cache_clear()
+    ledger = ClientAccountants(PrivacyConfig(mode="example", clip=1.0, noise=0.9, delta=3e-6))
+    for _ in range(30):
+        for cid in range(12):
+            ledger.spend(cid, 0.25 if cid < 8 else 0.5, 2)  # two shard sizes
+    eps = {cid: ledger.epsilon(cid) for cid in range(12)}
+    assert len(calls) == 2 and len(set(eps.values())) == 2 and eps[11] > eps[0]
+
+
 @pytest.mark.parametrize("adapter", ["dora", "vera", "hira"])
 def test_example_level_dp_refuses_adapters_opacus_cannot_clip(small_csv, capsys, adapter):
     argv = ["run", "--model", "tiny:bert", "--data", str(small_csv), "--clients", "3", "--rounds", "1", "--method", "fedit",
