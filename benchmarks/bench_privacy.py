@@ -57,7 +57,6 @@ def peak_child(model: str, steps: int, dp: str) -> None:
 
 def accounting(rounds: tuple[int, ...], repeats: int) -> list[tuple[int, float, float, float]]:
     """(rounds, seconds of fedlora's ε, seconds of the entry-by-entry reference, |relative difference|) per length."""
-
     from opacus.accountants import create_accountant
 
     from fedlora.federation.privacy import ClientAccountants, PrivacyConfig

@@ -1056,6 +1056,8 @@ def write_report(
             L += [head, "|---|" + "---:|" * len(levels)]
             maj = rate(label)
             eps_by_z: dict[float, list[float]] = {}
+            finals: dict[float | None, dict[str, list[float]]] = {}  # level → method → final global accuracy per seed
+            floor: dict[float, set[str]] = {}  # noise level → the methods that did not learn under it (†)
             for m in ms:
                 cells = []
                 for z in levels:
@@ -1063,8 +1065,10 @@ def write_report(
                     if not hs:
                         cells.append("—")
                         continue
-                    accs = [h[-1]["global_accuracy"] for h in hs]
+                    accs = finals.setdefault(z, {})[m] = [h[-1]["global_accuracy"] for h in hs]
                     mark = " †" if learned(accs, maj) is False else ""
+                    if mark and z is not None:
+                        floor.setdefault(z, set()).add(m)
                     eps = [h[-1].get("epsilon") for h in hs if h[-1].get("epsilon") is not None]
                     if z is not None:
                         eps_by_z.setdefault(z, []).extend(eps)
@@ -1073,22 +1077,18 @@ def write_report(
             L += ["", f"Majority-class rate: {_f(maj)}. ε per noise level (mean over methods and seeds): "
                   + ", ".join(f"z = {z:g}: {_f(_mean(e), 2)}" for z, e in eps_by_z.items()) + ".", ""]
             fig = fig_privacy({m: {z: [h[-1] for h in by_level(m, z).values()] for z in pv.noises if by_level(m, z)} for m in ms},
-                              {m: [h[-1]["global_accuracy"] for h in by_level(m, None).values()] for m in ms}, maj,
-                              figdir / "privacy.png")
+                              {m: finals.get(None, {}).get(m, []) for m in ms}, maj, figdir / "privacy.png")
             L += [f"![privacy–utility]({rel(fig)})", ""]
             # what DP costs: per noise level, which methods still learn and how much of the no-DP accuracy is left
-            util, floor = [], {}
+            util = []
             for z in pv.noises:
-                final = {m: [h[-1]["global_accuracy"] for h in by_level(m, z).values()] for m in ms}
-                final = {m: a for m, a in final.items() if a}
+                final, out = finals.get(z, {}), floor.get(z, set())
                 if not final:
                     continue
-                floor[z] = {m for m, a in final.items() if learned(a, maj) is False}
-                kept = {m: _mean(a) / _mean(base) for m, a in final.items()
-                        if (base := [h[-1]["global_accuracy"] for h in by_level(m, None).values()]) and _mean(base) > 0}
+                kept = {m: _mean(a) / _mean(base) for m, a in final.items() if (base := finals.get(None, {}).get(m)) and _mean(base) > 0}
                 util.append(f"z = {z:g} (ε {_f(_mean(eps_by_z.get(z, [])), 2) if eps_by_z.get(z) else '—'}): "
-                            f"{len(final) - len(floor[z])} of {len(final)} learned"
-                            + (f" ({', '.join(f'`{m}`' for m in ms if m in floor[z])} did not)" if floor[z] else "")
+                            f"{len(final) - len(out)} of {len(final)} learned"
+                            + (f" ({', '.join(f'`{m}`' for m in ms if m in out)} did not)" if out else "")
                             + (f", keeping {_f(min(kept.values()), 2)}–{_f(max(kept.values()), 2)} of their no-DP accuracy" if kept else ""))
             if util:
                 verdicts.append("- **Utility under DP-SGD** (learned: the interval clears the majority-class rate, "
