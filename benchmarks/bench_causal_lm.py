@@ -36,9 +36,9 @@ KINDS = ("plain", "plain-hf", "sim", "sim+ckpt")
 def setup(model_name: str, steps: int, batch: int):
     from transformers.utils import logging as hf_logging
 
+    from fedlora.app.experiment import RunConfig, build
+    from fedlora.app.models import set_checkpointing
     from fedlora.federation.simulator import round_seed
-    from fedlora.frontend.experiment import RunConfig, build
-    from fedlora.frontend.models import set_checkpointing
 
     hf_logging.disable_progress_bar()
 

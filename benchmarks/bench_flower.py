@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def job(method: str, out: Path, model: str = "tiny"):
-    from fedlora.frontend.experiment import RunConfig
+    from fedlora.app.experiment import RunConfig
 
     if model == "minilm":  # the offline default's model, a short job: what a real deployment pays per round
         return RunConfig(method=method, model="minilm", data="tweets", clients=4, rounds=3, local_steps=4, batch_size=16,
@@ -58,8 +58,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def main() -> None:
+    from fedlora.app.experiment import RunConfig
     from fedlora.flower.loopback import FLOWER_ENV
-    from fedlora.frontend.experiment import RunConfig
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="florana")
@@ -83,7 +83,7 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, **over)
     defaults = dataclasses.asdict(RunConfig())
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items() if v != defaults[k] and k != "out"]
-    wall = timed([sys.executable, "-m", "fedlora.frontend.cli", "run", "--quiet", *flags, "--out", cfg.out], os.environ | FLOWER_ENV | threads, ROOT)
+    wall = timed([sys.executable, "-m", "fedlora.cli.main", "run", "--quiet", *flags, "--out", cfg.out], os.environ | FLOWER_ENV | threads, ROOT)
     rows.append(("in-process (`fedlora run`)", wall, None))
     runs["in-process"] = metrics(Path(cfg.out))
 

@@ -29,15 +29,15 @@ from _reference import best_seconds, simulated_client  # noqa: E402
 
 
 def config(model: str, steps: int, dp: str):
-    from fedlora.frontend.experiment import RunConfig
+    from fedlora.app.experiment import RunConfig
 
     return RunConfig(model=model, clients=1, rounds=1, local_steps=steps, batch_size=16, partition="iid", examples_per_client=steps * 16 + 40,
                      test_examples=50, method="fedit", device="cpu", dp=dp, dp_clip=1.0, dp_noise=1.0)
 
 
 def throughputs(model: str, steps: int, repeats: int) -> dict[str, float]:
+    from fedlora.app.experiment import build
     from fedlora.federation.simulator import round_seed
-    from fedlora.frontend.experiment import build
 
     sims = {dp: build(config(model, steps, dp)).simulator for dp in ("none", "example")}
     fns = {dp: (lambda s=s: simulated_client(s, s.clients[0], round_seed(0, 1, 0))) for dp, s in sims.items()}
@@ -46,8 +46,8 @@ def throughputs(model: str, steps: int, repeats: int) -> dict[str, float]:
 
 
 def peak_child(model: str, steps: int, dp: str) -> None:
+    from fedlora.app.experiment import build
     from fedlora.federation.simulator import round_seed
-    from fedlora.frontend.experiment import build
 
     sim = build(config(model, steps, dp)).simulator
     for _ in range(2):

@@ -40,9 +40,9 @@ def main() -> None:
 
     import torch
 
+    from fedlora.app.experiment import RunConfig, build
     from fedlora.federation.simulator import Simulator
     from fedlora.flower import secure
-    from fedlora.frontend.experiment import RunConfig, build
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)

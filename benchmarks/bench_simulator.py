@@ -24,8 +24,8 @@ from _reference import best_seconds, plain_peft_loop, simulated_client  # noqa: 
 
 
 def throughput(model_name: str, steps: int, repeats: int) -> tuple[float, float]:
+    from fedlora.app.experiment import RunConfig, build
     from fedlora.federation.simulator import round_seed
-    from fedlora.frontend.experiment import RunConfig, build
 
     cfg = RunConfig(model=model_name, clients=1, rounds=1, local_steps=steps, batch_size=16, partition="iid",
                     examples_per_client=steps * 16 + 40, test_examples=50, method="fedit", device="cpu")
@@ -43,7 +43,7 @@ def throughput(model_name: str, steps: int, repeats: int) -> tuple[float, float]
 
 
 def peak_rss_child(model_name: str, clients: int) -> None:
-    from fedlora.frontend.experiment import RunConfig, run_experiment
+    from fedlora.app.experiment import RunConfig, run_experiment
 
     # Every client trains once, so every client holds its private B and head at the end.
     cfg = RunConfig(model=model_name, method="fedsa", clients=clients, rounds=1, local_steps=1, batch_size=8,

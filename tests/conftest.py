@@ -43,7 +43,7 @@ def one_thread():
 
 
 def tiny_config(small_csv, **overrides):
-    from fedlora.frontend.experiment import RunConfig
+    from fedlora.app.experiment import RunConfig
 
     base = dict(
         model="tiny:bert", data=str(small_csv), clients=3, rounds=2, local_steps=2, batch_size=8, rank=4,

@@ -12,16 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "fedlora"
 
-# What each package may import from fedlora (besides itself). aggregation → adapters → federation → front ends;
-# generation and data are leaves the federation (causal-LM scoring) and the front ends use.
+# What each package may import from fedlora (besides itself). aggregation → adapters → federation → app → front ends;
+# generation and data are leaves the federation (causal-LM scoring) and the application use. The two front ends (the
+# CLI and the Flower app) sit side by side on the application layer and never import each other.
+BELOW_APP = {"aggregation", "adapters", "federation", "generation", "data"}
 ALLOWED = {
     "aggregation": set(),
     "generation": set(),
     "data": {"generation"},
     "adapters": {"aggregation"},
     "federation": {"aggregation", "adapters", "generation"},
-    "frontend": {"aggregation", "adapters", "federation", "generation", "data", "flower"},
-    "flower": {"aggregation", "adapters", "federation", "generation", "data", "frontend"},
+    "app": BELOW_APP,
+    "cli": BELOW_APP | {"app"},
+    "flower": BELOW_APP | {"app"},
 }
 
 
@@ -52,16 +55,43 @@ def imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_every_import_goes_down_the_layers():
-    wrong = []
+    """Module-level and function-level imports alike (``imports`` walks the whole tree of each file)."""
+    wrong, counted = [], 0
     for path in sorted(SRC.rglob("*.py")):
         mine = layer_of(".".join(path.relative_to(SRC.parent).with_suffix("").parts))
         if mine == "__init__":
             continue
+        assert mine in ALLOWED, f"{path.relative_to(ROOT)} is in no known layer ({mine}); add it to ALLOWED"
         for line, name in imports(path):
+            counted += 1
             theirs = layer_of(name)
             if theirs and theirs != mine and theirs not in ALLOWED[mine]:
                 wrong.append(f"{path.relative_to(ROOT)}:{line} ({mine}) imports {name} ({theirs})")
+    assert counted > 100, "the import walk found too few imports to be checking anything"
     assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_the_import_walk_sees_function_level_imports(tmp_path):
+    """An import inside a function body counts like one at the top of the module."""
+    f = tmp_path / "fedlora" / "cli" / "x.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("def f():\n    from fedlora.flower.config import to_flower\n    import fedlora.flower.strategy\n")
+    global SRC
+    old, SRC = SRC, tmp_path / "fedlora"
+    try:
+        names = [n for _, n in imports(f)]
+    finally:
+        SRC = old
+    assert names == ["fedlora.flower.config", "fedlora.flower.strategy"]
+    assert "flower" not in ALLOWED["cli"] and "cli" not in ALLOWED["flower"]
+
+
+def test_the_front_ends_import_only_the_application_layer_and_below():
+    """The CLI and the Flower app never import each other, at any depth of a function."""
+    for front, other in (("cli", "flower"), ("flower", "cli")):
+        for path in (SRC / front).rglob("*.py"):
+            hits = [(line, n) for line, n in imports(path) if layer_of(n) == other]
+            assert not hits, f"{path.relative_to(ROOT)} imports the other front end: {hits}"
 
 
 def test_the_aggregation_package_has_no_import_cycle():
@@ -91,7 +121,7 @@ def test_the_aggregation_package_has_no_import_cycle():
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])
 def test_methods_tables_are_generated_from_the_declarations(doc):
-    from fedlora.frontend.report import TABLE_END, TABLE_START, methods_table
+    from fedlora.app.report import TABLE_END, TABLE_START, methods_table
 
     text = (ROOT / doc).read_text()
     table = text.partition(TABLE_START)[2].partition(TABLE_END)[0]
@@ -101,11 +131,11 @@ def test_methods_tables_are_generated_from_the_declarations(doc):
 def test_cli_choices_and_flower_defaults_come_from_one_place():
     import tomllib
 
+    from fedlora.app.experiment import RunConfig
+    from fedlora.cli.main import build_parser
     from fedlora.federation import REGISTRY
     from fedlora.federation.simulator import FederationConfig
     from fedlora.flower.config import to_flower
-    from fedlora.frontend.cli import build_parser
-    from fedlora.frontend.experiment import RunConfig
 
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     flags = {a.dest: a for a in run._actions}

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
+from fedlora.app.experiment import RunConfig, build, run_experiment
 from fedlora.federation import REGISTRY
 from fedlora.federation.causal_lm import IGNORE, CausalLMSplit, CausalLMTask, render
-from fedlora.frontend.experiment import RunConfig, build, run_experiment
 from fedlora.generation import extract_code, gsm8k_reference, last_number, normalise_text, run_program, score
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,7 +39,7 @@ def tiny_lm_config(data, **overrides) -> RunConfig:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from fedlora.frontend.models import load_causal_lm
+    from fedlora.app.models import load_causal_lm
 
     return load_causal_lm("tiny:llama")[1]
 
@@ -74,7 +74,7 @@ def test_every_method_runs_on_a_non_square_llama(instructions_jsonl, method, ada
 
 
 def test_run_directory_and_reload(instructions_jsonl, tmp_path):
-    from fedlora.frontend.export import load_global_model
+    from fedlora.app.export import load_global_model
 
     out = tmp_path / "run"
     exp, history = run_experiment(tiny_lm_config(instructions_jsonl, method="fedex", rounds=1, out=str(out)))
@@ -103,7 +103,7 @@ def test_gradient_checkpointing_trains_the_same(instructions_jsonl):
 
 # ---- the loss sees response tokens only ----------------------------------------------------------------------------
 def test_loss_is_on_response_tokens_only(tokenizer):
-    from fedlora.frontend.models import load_causal_lm
+    from fedlora.app.models import load_causal_lm
 
     model = load_causal_lm("tiny:llama")[0]
     prompts, responses = ["Is the sky blue?", "Name a colour of the sea, please, in one word."], ["yes", "blue"]
@@ -255,7 +255,7 @@ def test_gsm8k_by_name_through_the_hub_loader(monkeypatch):
 
 
 def test_bad_input_is_one_line(instructions_jsonl, tmp_path, capsys):
-    from fedlora.frontend.cli import main
+    from fedlora.cli.main import main
 
     no_prompt = tmp_path / "bad.jsonl"
     no_prompt.write_text('{"question": "hi", "response": "there"}\n' * 4)
@@ -293,7 +293,7 @@ def test_smollm2_loads_from_its_cached_conversion_and_answers():
     import peft
 
     from fedlora.adapters import AdapterSpec
-    from fedlora.frontend.models import load_causal_lm, smollm2_path
+    from fedlora.app.models import load_causal_lm, smollm2_path
 
     smollm2_path()  # converts once (about 30 s) where the cache is empty
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedlora.frontend.cli import main
+from fedlora.cli.main import main
 
 TINY = ["--model", "tiny:bert", "--clients", "3", "--rounds", "2", "--local-steps", "2", "--batch-size", "8",
         "--rank", "4", "--examples-per-client", "40", "--test-examples", "60", "--max-length", "32",
@@ -25,7 +25,7 @@ def test_run_writes_the_run_directory(small_csv, tmp_path, capsys):
 
 
 def test_interrupt_names_the_command_that_continues(small_csv, tmp_path, capsys, monkeypatch):
-    import fedlora.frontend.experiment as experiment
+    import fedlora.app.experiment as experiment
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -43,7 +43,7 @@ def test_compare_table_and_plots(small_csv, tmp_path):
     assert main(["compare", *TINY, "--data", str(small_csv), "--methods", "fedit,fedsa", "--out", str(out)]) == 0
     table = (out / "comparison.md").read_text()
     assert "| fedit |" in table and "| fedsa |" in table
-    from fedlora.frontend.experiment import RunConfig, majority_rate
+    from fedlora.app.experiment import RunConfig, majority_rate
 
     settings = json.loads((out / "fedit" / "config.json").read_text())
     rate = majority_rate(RunConfig(**settings))
@@ -128,5 +128,5 @@ def test_bad_data_model_and_config_inputs(case, small_csv, tmp_path, capsys):
 def test_malformed_toml(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("method = \n")
-    proc = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", "--config", str(bad)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "fedlora.cli.main", "run", "--config", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not valid TOML" in proc.stderr

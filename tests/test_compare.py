@@ -8,9 +8,9 @@ import torch
 from scipy import stats
 
 from conftest import tiny_config
-from fedlora.frontend.cli import main
-from fedlora.frontend.experiment import build
-from fedlora.frontend.stats import distinguishable, interval, paired, parse_seeds
+from fedlora.app.experiment import build
+from fedlora.app.stats import distinguishable, interval, paired, parse_seeds
+from fedlora.cli.main import main
 from test_cli import TINY
 
 
@@ -105,7 +105,7 @@ def test_compare_interrupted_after_its_first_method_finishes_with_the_same_table
 def test_seeded_table_marks_did_not_learn_when_the_interval_does_not_clear_the_majority_rate():
     """† follows the interval, not the mean: a mean above the rate whose interval reaches down to it is not shown to
     have learned; one clear of it by more than its half-width is not marked."""
-    from fedlora.frontend.report import seeded_tables
+    from fedlora.app.report import seeded_tables
 
     def rows(accs):
         return [{"global_accuracy": a, "local_accuracy": a, "gap": 0.0, "divergence": 0.0, "mb_up": 1.0, "mb_down": 1.0,

@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_config
 from fedlora.adapters.structures import LOCAL
+from fedlora.app.experiment import build, load_checkpoint, run_experiment, save_checkpoint
 from fedlora.federation import make_method
-from fedlora.frontend.experiment import build, load_checkpoint, run_experiment, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEYS = ("clients", "divergence", "bytes_up", "bytes_down", "global_accuracy", "local_accuracy", "train_loss")
@@ -118,7 +118,7 @@ def test_resume_and_reload(small_csv, tmp_path):
         for key in KEYS:
             assert a[key] == b[key], (a["round"], key)
 
-    from fedlora.frontend.export import load_global_model
+    from fedlora.app.export import load_global_model
 
     exp, _ = run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "run")))
     assert not (tmp_path / "run" / "adapter" / LOCAL).exists()  # the global adapter only

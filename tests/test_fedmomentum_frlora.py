@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from conftest import tiny_config
 from fedlora.aggregation import aggregate, comm_elements, divergence, eckart_young_bound, method_options
+from fedlora.app.experiment import build
 from fedlora.federation import REGISTRY
 from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, RoundContext, option_flags
 from fedlora.federation.simulator import round_seed
-from fedlora.frontend.experiment import build
 
 F64 = torch.float64
 D = K = 32  # tiny BERT: 4 adapted 32×32 matrices, rank 4, a 3-class head of 3·32 + 3 floats, float32

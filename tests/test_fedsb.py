@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from conftest import tiny_config
 from fedlora.adapters.structures import basis_gain
 from fedlora.aggregation import aggregate, comm_bytes, comm_elements, divergence
+from fedlora.app.experiment import build
 from fedlora.federation import make_method
-from fedlora.frontend.experiment import build
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -138,8 +138,8 @@ def test_server_takes_this_rounds_cores_only_and_round_one_trains(small_csv):
 
 
 def test_export_reloads_the_global_model(small_csv, tmp_path):
-    from fedlora.frontend.experiment import run_experiment
-    from fedlora.frontend.export import load_global_model
+    from fedlora.app.experiment import run_experiment
+    from fedlora.app.export import load_global_model
 
     exp, history = run_experiment(tiny_config(small_csv, method="fedsb", rounds=1, out=str(tmp_path / "run")))
     model, _, _ = load_global_model(tmp_path / "run")

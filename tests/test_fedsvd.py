@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_config
 from fedlora.aggregation import CommBytes, aggregate, comm_bytes, divergence
 from fedlora.aggregation.fedsvd import svd_refactor
+from fedlora.app.experiment import build
 from fedlora.federation import make_method
 from fedlora.federation.simulator import client_weights
-from fedlora.frontend.experiment import build
 from test_aggregation import LargestAllocation
 from test_rolora import TARGETS, trace_broadcasts, trace_training
 

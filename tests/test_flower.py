@@ -18,11 +18,11 @@ pytest.importorskip("flwr")
 
 from flwr.app import Context, RecordDict  # noqa: E402
 
+from fedlora.app.experiment import RunConfig, build  # noqa: E402
 from fedlora.flower import client_app  # noqa: E402
 from fedlora.flower.config import from_flower, to_flower  # noqa: E402
 from fedlora.flower.inline import InlineGrid  # noqa: E402, F401  (also imported from here by other tests)
 from fedlora.flower.server_app import run_federation  # noqa: E402
-from fedlora.frontend.experiment import RunConfig, build  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = ("round", "method", "clients", "divergence", "divergence_per_layer", "bound", "bound_per_layer", "bytes_up", "bytes_down")

@@ -22,9 +22,9 @@ from conftest import tiny_config
 
 pytest.importorskip("flwr")
 
+from fedlora.app.experiment import run_experiment  # noqa: E402
 from fedlora.flower.config import to_toml  # noqa: E402
 from fedlora.flower.loopback import LoopbackFederation, family, write_node_key  # noqa: E402
-from fedlora.frontend.experiment import run_experiment  # noqa: E402
 from test_flower_simulation import ROOT  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # see conftest.one_thread; real Flower processes
@@ -169,7 +169,7 @@ def _check_causal_lm_run(fed, cfg, out, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from fedlora.frontend.cli import main
+    from fedlora.cli.main import main
 
     run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "inprocess-lm")))
     got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

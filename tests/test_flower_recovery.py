@@ -130,8 +130,8 @@ def test_causal_lm_fedsa_on_flower_and_its_private_b_exported_from_the_state_dir
     import pandas as pd
     from safetensors.torch import load_file
 
-    from fedlora.frontend.cli import main
-    from fedlora.frontend.experiment import run_experiment
+    from fedlora.app.experiment import run_experiment
+    from fedlora.cli.main import main
     from test_causal_lm import tiny_lm_config
 
     data = tmp_path / "instr.jsonl"

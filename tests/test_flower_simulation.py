@@ -18,9 +18,9 @@ from conftest import tiny_config
 
 pytest.importorskip("flwr")
 
+from fedlora.app.experiment import run_experiment  # noqa: E402
 from fedlora.flower.config import to_toml  # noqa: E402
 from fedlora.flower.loopback import FLOWER_ENV, family, free_port, terminate  # noqa: E402
-from fedlora.frontend.experiment import run_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ from conftest import tiny_config
 
 pytest.importorskip("flwr")
 
+from fedlora.app.experiment import build  # noqa: E402
 from fedlora.flower.inline import InlineGrid  # noqa: E402
 from fedlora.flower.server_app import run_federation  # noqa: E402
 from fedlora.flower.worker import request  # noqa: E402
-from fedlora.frontend.experiment import build  # noqa: E402
 from test_flower import assert_same_history  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]

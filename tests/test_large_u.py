@@ -177,7 +177,7 @@ def test_a_federation_of_a_hundred_clients_runs_the_linear_paths(small_csv):
     simulator's own metrics (exact: QR-based) then check them: svd within 1 part in 100 of the bound, FLoRA-NA no
     worse than FedIT."""
     from conftest import tiny_config
-    from fedlora.frontend.experiment import build
+    from fedlora.app.experiment import build
 
     runs = {}
     for method, solver in (("svd", "auto"), ("florana", "auto"), ("fedit", ""), ("svd", "exact")):

@@ -16,9 +16,9 @@ from conftest import tiny_config
 from fedlora.aggregation import aggregate, divergence, eckart_young_bound, method_options
 from fedlora.aggregation.fedrot import procrustes_rotation, rotate, rotation_side
 from fedlora.aggregation.lorafair import DEFAULT_LAM
+from fedlora.app.experiment import build
 from fedlora.federation import REGISTRY, make_method, parse_method_options
 from fedlora.federation.protocol import option_flags
-from fedlora.frontend.experiment import build
 
 F64 = torch.float64
 D = K = 32

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from fedlora.app.experiment import build
+from fedlora.cli.main import main
 from fedlora.federation import REGISTRY
-from fedlora.frontend.cli import main
-from fedlora.frontend.experiment import build
 
 D = K = 32
 MODULES = 4
@@ -139,7 +139,7 @@ def test_hetlora_options_reach_the_rule_and_the_regulariser_has_a_gradient(small
 
 @pytest.mark.parametrize("method", ["fedsa", "hetlora"])
 def test_a_mixed_rank_run_resumed_from_its_checkpoint_ends_with_the_same_metrics(small_csv, tmp_path, method):
-    from fedlora.frontend.experiment import load_checkpoint, save_checkpoint
+    from fedlora.app.experiment import load_checkpoint, save_checkpoint
 
     cfg = tiny_config(small_csv, method=method, client_ranks="2,4", rounds=3, fraction=0.67)
     reference = build(cfg).simulator.run()

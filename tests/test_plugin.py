@@ -70,9 +70,9 @@ def test_the_math_is_reachable_through_aggregate(plugin):
 
 
 def test_a_method_registered_here_runs_in_process_on_the_cli_and_on_flower(plugin, small_csv, tmp_path, capsys):
+    from fedlora.app.experiment import build
+    from fedlora.cli.main import main
     from fedlora.flower.server_app import run_federation
-    from fedlora.frontend.cli import main
-    from fedlora.frontend.experiment import build
     from test_flower import InlineGrid, assert_same_history
 
     cfg = tiny_config(small_csv, method=NAME, rounds=3)
@@ -123,6 +123,6 @@ def test_an_installed_plugin_is_found_through_its_entry_point(tmp_path):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: myplug\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[fedlora.methods]\nmyplug = myplug_method\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
-    res = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "methods"], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "fedlora.cli.main", "methods"], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "| `myplug` | an installed plug-in | FedIT under another name |" in res.stdout

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from fedlora.app.experiment import build
+from fedlora.cli.main import main
 from fedlora.federation.privacy import PrivacyConfig, epsilon_spent, l2, noise_for_epsilon, privatise, sample_poisson, update_of
-from fedlora.frontend.cli import main
-from fedlora.frontend.experiment import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

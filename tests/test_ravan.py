@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 from conftest import tiny_config
 from fedlora.aggregation import aggregate, comm_elements
+from fedlora.app.experiment import build
 from fedlora.federation import make_method
-from fedlora.frontend.experiment import build
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedlora.frontend.experiment import build
+from fedlora.app.experiment import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from fedlora.app.experiment import build
 from fedlora.federation.simulator import client_turn, client_weights
-from fedlora.frontend.experiment import build
 
 
 def corrupt(kind):
@@ -124,10 +124,10 @@ def test_killed_run_resumes_to_the_same_metrics(small_csv, tmp_path, method):
             "--max-length", "32", "--partition", "iid", "--method", method, "--quiet"]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     full = tmp_path / "full"
-    subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", *args, "--out", str(full)], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "fedlora.cli.main", "run", *args, "--out", str(full)], check=True, env=env, timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedlora.frontend.cli", "run", *args, "--out", str(killed)], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "fedlora.cli.main", "run", *args, "--out", str(killed)], env=env)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # kill right after round 1's checkpoint lands
@@ -143,7 +143,7 @@ def test_killed_run_resumes_to_the_same_metrics(small_csv, tmp_path, method):
     done = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert 1 <= len(done) < 3, "the kill should land before the run finished"
 
-    res = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", "--resume", str(killed), "--quiet"], env=env, timeout=600,
+    res = subprocess.run([sys.executable, "-m", "fedlora.cli.main", "run", "--resume", str(killed), "--quiet"], env=env, timeout=600,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     a = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
@@ -153,7 +153,7 @@ def test_killed_run_resumes_to_the_same_metrics(small_csv, tmp_path, method):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"method": "fedit"}))
-    proc = subprocess.run([sys.executable, "-m", "fedlora.frontend.cli", "run", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "fedlora.cli.main", "run", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no checkpoint.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import tiny_config
+from fedlora.app.experiment import RunConfig, run_experiment
+from fedlora.cli.main import main
 from fedlora.federation.simulator import check_server_memory
-from fedlora.frontend.cli import main
-from fedlora.frontend.experiment import RunConfig, run_experiment
 
 T = ["--model", "tiny:bert", "--clients", "3", "--rounds", "1", "--examples-per-client", "24", "--test-examples", "60",
      "--max-length", "32", "--local-steps", "2", "--batch-size", "4", "--quiet"]
@@ -75,7 +75,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_under_its_default(tmp_path):
     run resumes; a non-default value for it is still a changed setting."""
     import dataclasses as dc
 
-    from fedlora.frontend.experiment import RunConfig, check_resume
+    from fedlora.app.experiment import RunConfig, check_resume
 
     cfg = RunConfig(rounds=3)
     saved = {k: v for k, v in dc.asdict(cfg).items() if k not in ("secure_aggregation", "secagg_clip", "rounds", "out")}

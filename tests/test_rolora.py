@@ -7,8 +7,8 @@ import torch
 
 from conftest import tiny_config
 from fedlora.aggregation import aggregate, comm_bytes, divergence
+from fedlora.app.experiment import build
 from fedlora.federation.simulator import client_weights
-from fedlora.frontend.experiment import build
 
 F64 = torch.float64
 # Non-square matrices, so that dr ≠ rk: value is 32×32, intermediate.dense 64×32 (d = 64 out, k = 32 in).
@@ -152,8 +152,8 @@ def test_two_rounds_alternate_start_from_the_global_factors_and_match_flower(sma
 def test_partial_sampling_on_flower_and_a_resumed_run_keep_the_round_parity(small_csv, tmp_path):
     """A client that missed rounds applies a B-broadcast and an A-broadcast in turn; a run resumed after round 1
     goes on with an A-round."""
+    from fedlora.app.experiment import load_checkpoint, save_checkpoint
     from fedlora.flower.server_app import run_federation
-    from fedlora.frontend.experiment import load_checkpoint, save_checkpoint
     from test_flower import InlineGrid, assert_same_history
 
     cfg = tiny_config(small_csv, method="rolora", target_modules=TARGETS, rank=R, rounds=3, fraction=0.67)

@@ -15,10 +15,10 @@ pytest.importorskip("flwr")
 from flwr.common import bytes_to_ndarray  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
 
+from fedlora.app.experiment import RunConfig, build  # noqa: E402
+from fedlora.cli.main import main  # noqa: E402
 from fedlora.flower import secure  # noqa: E402
 from fedlora.flower.server_app import run_federation  # noqa: E402
-from fedlora.frontend.cli import main  # noqa: E402
-from fedlora.frontend.experiment import RunConfig, build  # noqa: E402
 from test_flower import InlineGrid  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

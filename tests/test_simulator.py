@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_config
 from fedlora.adapters import ADAPTERS
+from fedlora.app.experiment import build, run_experiment
 from fedlora.federation import REGISTRY
-from fedlora.frontend.experiment import build, run_experiment
 
 COMBOS = [(m, a) for a in ADAPTERS for m, cls in REGISTRY.items() if a in cls.adapters()]
 
@@ -153,8 +153,8 @@ def test_deterministic_on_cpu(small_csv):
 
 @pytest.mark.parametrize("method,adapter", [("florana", "lora"), ("fedex", "lora"), ("flora", "rslora"), ("fedsa", "lora"), ("fedex", "hira")])
 def test_saved_adapter_reloads_and_reproduces_global_accuracy(small_csv, tmp_path, method, adapter):
+    from fedlora.app.export import load_global_model
     from fedlora.federation import ClassificationTask
-    from fedlora.frontend.export import load_global_model
 
     out = tmp_path / "run"
     exp, history = run_experiment(tiny_config(small_csv, method=method, adapter=adapter, out=str(out)))
@@ -170,7 +170,7 @@ def test_saved_adapter_reloads_and_reproduces_global_accuracy(small_csv, tmp_pat
     if adapter in ("lora", "rslora"):  # plain PEFT, no fedlora code, on a fresh base
         from peft import PeftModel
 
-        from fedlora.frontend.models import load_classifier
+        from fedlora.app.models import load_classifier
 
         base, _ = load_classifier("tiny:bert", 3, seed=0)
         model = PeftModel.from_pretrained(base, str(out / "adapter"))
@@ -184,7 +184,7 @@ def test_catch_up_broadcasts_are_counted_when_a_client_that_missed_rounds_is_sam
     """With partial participation a client sampled again after missing rounds is sent every broadcast it missed
     (on Flower, literally: one record per missed round); bytes_down counts them, catch_up_bytes says how many."""
     from conftest import tiny_config
-    from fedlora.frontend.experiment import build
+    from fedlora.app.experiment import build
 
     sim = build(tiny_config(small_csv, method="fedit", clients=5, fraction=0.4, rounds=6)).simulator
     hist = sim.run()
@@ -205,7 +205,7 @@ def test_catch_up_broadcasts_are_counted_when_a_client_that_missed_rounds_is_sam
 
 def test_a_resumed_run_counts_catch_up_as_an_uninterrupted_one(small_csv):
     from conftest import tiny_config
-    from fedlora.frontend.experiment import build
+    from fedlora.app.experiment import build
 
     cfg = tiny_config(small_csv, method="fedit", clients=5, fraction=0.4, rounds=5)
     full = build(cfg).simulator.run()

@@ -10,10 +10,10 @@ import scipy.stats
 import torch
 
 from conftest import tiny_config
+from fedlora.app.experiment import run_experiment
+from fedlora.app.study import DEFAULT_PARTS, all_methods, plan, preset
+from fedlora.cli.main import main
 from fedlora.federation.simulator import mean_pairwise_cosine
-from fedlora.frontend.cli import main
-from fedlora.frontend.experiment import run_experiment
-from fedlora.frontend.study import DEFAULT_PARTS, all_methods, plan, preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,7 @@ def test_mean_pairwise_cosine_on_known_cases():
 
 @pytest.mark.parametrize("method", ["fedit", "ffa", "fedsa", "florana"])
 def test_runs_record_similarity_and_fedit_reference(small_csv, method):
-    from fedlora.frontend.experiment import build
+    from fedlora.app.experiment import build
 
     sim = build(tiny_config(small_csv, method=method, similarity=True)).simulator
     seen = []

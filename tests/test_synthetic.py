@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from fedlora.app.experiment import RunConfig, build
+from fedlora.cli.main import main
 from fedlora.data.synthetic import forward, generate, parse
 from fedlora.federation.tasks import pooled
-from fedlora.frontend.cli import main
-from fedlora.frontend.experiment import RunConfig, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

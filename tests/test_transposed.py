@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fedlora.frontend.experiment import build
+from fedlora.app.experiment import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,8 +178,8 @@ def test_exported_global_model_reloads_on_a_fresh_gpt2(small_csv, tmp_path, meth
     """fedex + LoRA: the folds go inside the exported LoRA (d×k, whatever the base layout); flora + HiRA: into
     base_delta.safetensors, in the stored layout, added to the fresh base as it is. Either way the reloaded model
     is the global model."""
-    from fedlora.frontend.experiment import run_experiment
-    from fedlora.frontend.export import load_global_model
+    from fedlora.app.experiment import run_experiment
+    from fedlora.app.export import load_global_model
 
     out = tmp_path / "run"
     exp, _ = run_experiment(gpt2_config(small_csv, method=method, adapter=adapter, target_modules="c_attn,attn.c_proj",

@@ -17,7 +17,7 @@ rounds is in ``context.state`` (never in module globals):
   weights themselves so a new process reproduces them bit for bit.
 
 The only per-process object is :class:`_ProcessModel`: the run's frozen base model, data and initial adapter as
-:func:`~fedlora.frontend.experiment.build` makes them (seeded, identical in every process), loaded once per process and
+:func:`~fedlora.app.experiment.build` makes them (seeded, identical in every process), loaded once per process and
 reset from ``context.state`` at the start of every message, so no client's state survives in it. In simulation one
 process serves many SuperNodes in turn; in deployment it serves one message.
 """
@@ -25,7 +25,6 @@ process serves many SuperNodes in turn; in deployment it serves one message.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -37,18 +36,14 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
+from fedlora.app.experiment import Experiment, RunConfig, build
+from fedlora.app.private_state import STATE_BASE, STATE_CURRENT, STATE_KEYS, STATE_META, STATE_PRIVATE, STATE_RESULT, run_digest, settings_of
 from fedlora.federation.simulator import client_turn, round_seed
 from fedlora.flower.config import from_flower
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, SNAPSHOT_BASE, SNAPSHOT_CURRENT, UPLOAD, Tensors, broadcast_key, from_record, to_record
 from fedlora.flower.secure import reply_arrays
 from fedlora.flower.thin_client import _secure_mod
-from fedlora.frontend.experiment import Experiment, RunConfig, build
 
-STATE_META = "fedlora.meta"
-STATE_CURRENT = "fedlora.current"
-STATE_PRIVATE = "fedlora.private"
-STATE_BASE = "fedlora.base"
-STATE_RESULT = "fedlora.private.pending"
 STATE_NONE = -2  # the synced round a client reports when it holds no state of this run
 STATE_LOST = "its state was lost"  # in the error a client raises then; the server sends it a snapshot next time
 LEGACY_FIT = "fitins.config"  # present in the fit message of a securely aggregated round (Flower's legacy layout)
@@ -153,9 +148,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-STATE_KEYS = (STATE_META, STATE_CURRENT, STATE_PRIVATE, STATE_BASE, STATE_RESULT)
-
-
 def state_file(context: Context, config: RunConfig, cid: int) -> Path | None:
     """Where this client's durable state lives: ``<state-dir>/<run>/partition-<cid>.safetensors``, ``<run>`` a digest of
     the run's settings (all but ``rounds``, which a resume may raise), so a resumed run finds its clients' state and
@@ -163,9 +155,7 @@ def state_file(context: Context, config: RunConfig, cid: int) -> Path | None:
     root = context.node_config.get("state-dir")
     if not root:
         return None
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "rounds"}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return Path(str(root)) / digest / f"partition-{cid}.safetensors"
+    return Path(str(root)) / run_digest(config) / f"partition-{cid}.safetensors"
 
 
 def save_durable(context: Context, config: RunConfig, cid: int) -> None:
@@ -185,7 +175,7 @@ def save_durable(context: Context, config: RunConfig, cid: int) -> None:
         if key in state.config_records:
             meta[key] = dict(state.config_records[key])
     meta["partition-id"] = cid
-    meta["config"] = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("rounds", "out")}
+    meta["config"] = settings_of(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta)})
@@ -258,38 +248,3 @@ class _ProcessModel:
     def base_weights(self, modules: set[str]) -> Tensors:
         layers = self.exp.simulator.handle.layers
         return {m: layers[m].get_base_layer().weight.detach().clone() for m in sorted(modules)}
-
-
-def export_private(run_dir: Path, state_dir: Path) -> list[Path]:
-    """Write the private tensors (FedSA's B and head, FedDPA's local adapter) that the clients of the Flower run in
-    ``run_dir`` keep in ``state_dir`` (a SuperNode's ``state-dir``) as ``run_dir/private/client_N.safetensors``, the
-    layout ``fedlora run`` writes. Each client's last result counts only if the server accepted it (``flower.json``'s
-    ``accepted``), as in-process. Returns the files written; raises one line when nothing in ``state_dir`` is this run's."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    config = RunConfig(**json.loads((run_dir / "config.json").read_text()))
-    mine = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("rounds", "out")}
-    flower = json.loads((run_dir / "flower.json").read_text())
-    accepted = {int(c): int(r) for c, r in flower.get("accepted", {}).items()}
-    written = []
-    for path in sorted(Path(state_dir).glob("*/partition-*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["fedlora"])
-        if meta.get("config") != json.loads(json.dumps(mine)):
-            continue  # another run's client
-        cid = int(meta["partition-id"])
-        tensors = load_file(str(path))
-        last = int(meta.get(STATE_META, {}).get("result-round", -1))
-        key = STATE_RESULT if accepted.get(cid) == last and STATE_RESULT in meta.get("arrays", []) else STATE_PRIVATE
-        private = {n[len(key) + 1:]: t for n, t in tensors.items() if n.startswith(f"{key}/")}
-        if not private:
-            continue
-        (run_dir / "private").mkdir(exist_ok=True)
-        out = run_dir / "private" / f"client_{cid}.safetensors"
-        save_file({n: t.contiguous() for n, t in private.items()}, str(out))
-        written.append(out)
-    if not written:
-        raise ValueError(f"{str(state_dir)!r} holds no private state of the run in {str(run_dir)!r}; pass the state-dir of a "
-                         "SuperNode of that run (its node config), after the run finished")
-    return written

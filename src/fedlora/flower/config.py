@@ -1,4 +1,4 @@
-"""Flower's run config ⇄ :class:`~fedlora.frontend.experiment.RunConfig`: the keys are ``fedlora run``'s long flags.
+"""Flower's run config ⇄ :class:`~fedlora.app.experiment.RunConfig`: the keys are ``fedlora run``'s long flags.
 
 Flower's run config holds only str, int, float and bool, so the four settings that can be "not given" on the
 CLI have a stated stand-in here: ``examples-per-client = 0`` (no cap), ``keep-head-local = "auto"`` (the method's
@@ -13,7 +13,7 @@ import json
 import typing
 from collections.abc import Mapping
 
-from fedlora.frontend.experiment import RunConfig
+from fedlora.app.experiment import RunConfig
 
 _NONE_STANDINS = {"examples_per_client": 0, "keep_head_local": "auto", "dp_target_epsilon": 0.0, "out": ""}
 

@@ -16,9 +16,9 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.serde import context_from_proto, context_to_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.serverapp import Grid
 
+from fedlora.app.experiment import RunConfig
 from fedlora.flower import client_app, thin_client
 from fedlora.flower.config import to_flower
-from fedlora.frontend.experiment import RunConfig
 
 
 class InlineGrid(Grid):

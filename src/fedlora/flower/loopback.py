@@ -347,8 +347,8 @@ class LoopbackFederation:
 def main(argv: list[str] | None = None) -> int:
     from flwr.common.config import parse_config_args
 
+    from fedlora.app.experiment import RunConfig
     from fedlora.flower.config import from_flower, to_flower, to_toml
-    from fedlora.frontend.experiment import RunConfig
 
     p = argparse.ArgumentParser(prog="python -m fedlora.flower.loopback", description=__doc__.split("\n\n")[0])
     p.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start, one per partition (the run's clients)")

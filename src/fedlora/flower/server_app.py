@@ -21,10 +21,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from fedlora.app.experiment import RunConfig, build, check_resume, load_checkpoint, metrics_line, save_checkpoint
 from fedlora.flower.config import FLOWER_ONLY, flower_options, from_flower
 from fedlora.flower.secure import secure_round
 from fedlora.flower.strategy import FedLoRAStrategy
-from fedlora.frontend.experiment import RunConfig, build, check_resume, load_checkpoint, metrics_line, save_checkpoint
 
 app = ServerApp()
 
@@ -89,8 +89,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
             metrics["global_accuracy"], metrics["local_accuracy"], div, metrics["bytes_up"], metrics["bytes_down"],
             metrics.get("n_rejected", 0))
 
-    from fedlora.frontend.export import save_run_artifacts
-    from fedlora.frontend.report import write_summary
+    from fedlora.app.export import save_run_artifacts
+    from fedlora.app.report import write_summary
 
     history = exp.simulator.history
     save_run_artifacts(exp, out)

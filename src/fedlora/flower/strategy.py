@@ -23,6 +23,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fedlora.app.experiment import Experiment
 from fedlora.federation.screening import Rejection
 from fedlora.federation.simulator import ClientResult, nbytes, sample_round
 from fedlora.flower.client_app import STATE_LOST, STATE_NONE
@@ -39,7 +40,6 @@ from fedlora.flower.records import (
     from_record,
     to_record,
 )
-from fedlora.frontend.experiment import Experiment
 
 NODE_WAIT_SECONDS = 300.0  # how long the server waits for one SuperNode per partition to connect
 QUERY_WAIT_SECONDS = 30.0  # at a round's start, how long a SuperNode that joined since gets to say its partition

@@ -55,7 +55,7 @@ MAJORITY_MARGIN = 0.01  # global accuracy within this of the majority-class rate
 def learned(values: list[float], majority: float | None) -> bool | None:
     """Whether accuracies over seeds show learning: their 95 % interval's lower end (the value itself with one seed)
     clears the majority-class rate by ``MAJORITY_MARGIN``; None when there is no rate or no value."""
-    from fedlora.frontend.stats import interval
+    from fedlora.app.stats import interval
 
     if majority is None or not values:
         return None
@@ -93,7 +93,7 @@ PAIRED = COLUMNS[:4]
 
 
 def _pm(values: list, digits: int) -> str:
-    from fedlora.frontend.stats import interval
+    from fedlora.app.stats import interval
 
     mean, half = interval(values)
     if math.isnan(mean):
@@ -110,7 +110,7 @@ def seeded_tables(results: dict[str, list[dict]], seeds: list[int], reference: s
     two are not distinguishable at these seeds). ``results[method][i]`` is ``final_row`` for ``seeds[i]``;
     ``majority[i]`` that seed's global test set's majority-class rate (a global accuracy whose interval does not
     clear the mean rate by 0.01 is marked †; with one seed, whose mean does not)."""
-    from fedlora.frontend.stats import distinguishable, paired
+    from fedlora.app.stats import distinguishable, paired
 
     rates = [m for m in majority if m is not None]
     rate = sum(rates) / len(rates) if rates else None
@@ -192,7 +192,7 @@ def plot_comparison(histories: dict[str, list[dict]] | dict[str, list[list[dict]
     the global test set's majority-class rate, drawn on the accuracy plot."""
     import matplotlib
 
-    from fedlora.frontend.stats import interval
+    from fedlora.app.stats import interval
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

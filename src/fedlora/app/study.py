@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.frontend.experiment import RunConfig
+from fedlora.app.experiment import RunConfig
 
 PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy")
 DEFAULT_PARTS = PARTS[:-1]  # the privacy–utility curve is asked for by name (--parts privacy): DP-SGD runs are long
@@ -246,7 +246,7 @@ def execute(
     on_round: Callable | None = None,
 ) -> dict[str, list[dict]]:
     """Run what is missing (finished runs are read back, interrupted ones resumed); return name → history."""
-    from fedlora.frontend.experiment import release_run_lock, run_experiment
+    from fedlora.app.experiment import release_run_lock, run_experiment
 
     check_runs_dir(runs, runs_dir)
     histories: dict[str, list[dict]] = {}
@@ -272,9 +272,9 @@ def execute(
 
 
 def _claim(out: Path) -> bool:
-    """Take a run directory for this process (:func:`~fedlora.frontend.experiment.take_run_lock`); False if a live
+    """Take a run directory for this process (:func:`~fedlora.app.experiment.take_run_lock`); False if a live
     process holds it. So several `fedlora study` processes on one --runs directory share the work without overlap."""
-    from fedlora.frontend.experiment import take_run_lock
+    from fedlora.app.experiment import take_run_lock
 
     out.mkdir(parents=True, exist_ok=True)
     return take_run_lock(out) is not False
@@ -452,7 +452,7 @@ def fig_similarity(sims: dict[str, dict[str, dict[tuple[int, str], float]]], pat
 
 def _errorbar(ax, xs, samples, **kw):
     """Mean over seeds with the 95 % t-interval as error bars."""
-    from fedlora.frontend.stats import interval
+    from fedlora.app.stats import interval
 
     stats = [interval(v) for v in samples]
     ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o", capsize=3, **kw)
@@ -500,7 +500,7 @@ def fig_scale(rows: dict[str, dict[int, dict[int, dict]]], path: Path) -> Path:
 
 def fig_privacy(rows: dict[str, dict[float, list[dict]]], baseline: dict[str, list[float]], majority: float | None, path: Path) -> Path:
     """Global accuracy against ε (log scale) per method, error bars over seeds; each method's no-DP accuracy dotted."""
-    from fedlora.frontend.stats import interval
+    from fedlora.app.stats import interval
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -559,7 +559,7 @@ def mean_history(hists: list[list[dict]]) -> list[dict]:
 
 def _pm(values, digits: int = 3) -> str:
     """mean ± half-width of the 95 % t-interval over seeds (the mean alone with one seed)."""
-    from fedlora.frontend.stats import interval
+    from fedlora.app.stats import interval
 
     mean, half = interval(list(values))
     if math.isnan(mean):
@@ -578,7 +578,7 @@ def _t(n: int) -> float:
 
 def _diff(values, reference) -> tuple[float, float, str]:
     """Paired per-seed difference: (mean, half-width, 'Δ ± h' text with '(n.d.)' when the interval holds 0)."""
-    from fedlora.frontend.stats import distinguishable, paired
+    from fedlora.app.stats import distinguishable, paired
 
     mean, half = paired(list(values), list(reference))
     if math.isnan(mean):
@@ -598,7 +598,7 @@ def _median(xs: list[float]) -> float | None:
 
 def majority_rates(runs: list[StudyRun]) -> dict[str, float | None]:
     """Each run's global-test majority-class rate (the test set is drawn per seed, before partitioning)."""
-    from fedlora.frontend.experiment import majority_rate
+    from fedlora.app.experiment import majority_rate
 
     cache: dict[str, float | None] = {}
     out = {}
@@ -629,7 +629,7 @@ def write_report(
 
     Every number is the mean over the seeds a run finished for, with the half-width of its 95 % Student-t interval;
     every comparison between methods is a per-seed (paired) difference with its interval."""
-    from fedlora.frontend.report import MAJORITY_MARGIN, final_row, learned, plot_comparison, seeded_tables
+    from fedlora.app.report import MAJORITY_MARGIN, final_row, learned, plot_comparison, seeded_tables
 
     report = Path(report)
     figdir = report.parent / report.stem
@@ -817,7 +817,7 @@ def write_report(
                 med = [_median(r) for r, _, _ in per_seed.values()]
                 cl = [_median(c) for _, c, _ in per_seed.values()]
                 br = [_median(b) for _, _, b in per_seed.values()]
-                from fedlora.frontend.stats import interval
+                from fedlora.app.stats import interval
 
                 m_med, h_med = interval(med)
                 upper = m_med + (0 if math.isnan(h_med) else h_med)
@@ -1144,7 +1144,7 @@ def readme_table(p: Preset, runs: list[StudyRun], histories: dict[str, list[dict
     """The comparison in one table for the README: final global accuracy per method and partition, mean ± 95 %
     interval over the seeds, (n.d.) where its paired difference to FedIT's holds 0, † where it did not learn; then
     the majority-class rate per partition."""
-    from fedlora.frontend.report import learned
+    from fedlora.app.report import learned
 
     labels = [label for label, _, _ in p.comparison]
     rates = majority_rates([r for r in runs if r.name in histories])

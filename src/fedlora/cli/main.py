@@ -18,7 +18,7 @@ def _methods() -> list[str]:
 
 
 def _fields():
-    from fedlora.frontend.experiment import RunConfig
+    from fedlora.app.experiment import RunConfig
 
     return [f for f in dataclasses.fields(RunConfig) if f.name != "out"]
 
@@ -59,7 +59,7 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def _config_from(args: argparse.Namespace, **extra):
-    from fedlora.frontend.experiment import RunConfig
+    from fedlora.app.experiment import RunConfig
 
     given = _given(args)
     options = [f"{k.removeprefix('option:')}={v}" for k, v in vars(args).items() if k.startswith("option:") and v is not None]
@@ -138,11 +138,11 @@ def _steps(cfg) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedlora.frontend.experiment import run_experiment
-    from fedlora.frontend.report import final_row, markdown_table
+    from fedlora.app.experiment import run_experiment
+    from fedlora.app.report import final_row, markdown_table
 
     if args.resume:
-        from fedlora.frontend.experiment import resume_config
+        from fedlora.app.experiment import resume_config
 
         given = _given(args)
         if any(k != "rounds" for k in given) or args.config:
@@ -184,10 +184,10 @@ def _method_list(text: str) -> list[str]:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run each method on the same data, partition and seed; finished runs in ``--out`` are read back and
     interrupted ones resumed, so a cut-short compare, or one with methods added, redoes no finished work."""
-    from fedlora.frontend import study
-    from fedlora.frontend.experiment import majority_rate, run_experiment
-    from fedlora.frontend.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
-    from fedlora.frontend.stats import parse_seeds
+    from fedlora.app import study
+    from fedlora.app.experiment import majority_rate, run_experiment
+    from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
+    from fedlora.app.stats import parse_seeds
 
     methods = _method_list(args.methods)
     base = _config_from(args, method=methods[0])
@@ -240,8 +240,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from fedlora.frontend import study
-    from fedlora.frontend.stats import parse_seeds
+    from fedlora.app import study
+    from fedlora.app.stats import parse_seeds
 
     p = study.preset(args.preset)
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
@@ -300,7 +300,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from fedlora.frontend.report import methods_table, replace_methods_table
+    from fedlora.app.report import methods_table, replace_methods_table
 
     if not args.write:
         print(methods_table(), end="")
@@ -315,7 +315,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_export_private(args: argparse.Namespace) -> int:
-    from fedlora.flower.client_app import export_private
+    from fedlora.app.private_state import export_private
 
     for path in export_private(Path(args.run), Path(args.state_dir)):
         print(f"wrote {path}")

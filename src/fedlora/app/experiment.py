@@ -297,7 +297,7 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     ``on_progress(kind, n)``: finer-grained progress of causal-LM runs (examples trained, prompts answered)."""
     import peft
 
-    from fedlora.frontend.models import load_classifier
+    from fedlora.app.models import load_classifier
 
     config.validate()
     if config.task == "causal-lm":
@@ -340,8 +340,8 @@ def build_synthetic(config: RunConfig, *, on_client: Callable | None = None, on_
     network with the adapters on ``fc1`` and ``fc2``, scored by accuracy with the loss and its Bayes floor beside it."""
     import peft
 
+    from fedlora.app.models import SyntheticNet
     from fedlora.federation.tasks import SyntheticTask, VectorSplit
-    from fedlora.frontend.models import SyntheticNet
 
     if config.model != "synthetic":
         raise ValueError(f"--data {config.data} brings its own small network; drop --model {config.model} (or pass --model synthetic)")
@@ -406,9 +406,9 @@ def build_causal_lm(config: RunConfig, *, on_client: Callable | None = None, on_
     scored by generation (exact match, last number or pass@1; recorded as global/local accuracy)."""
     import peft
 
+    from fedlora.app.models import load_causal_lm
     from fedlora.data import federate, load_instructions
     from fedlora.federation import CausalLMSplit, CausalLMTask
-    from fedlora.frontend.models import load_causal_lm
 
     data = load_instructions(
         config.data, prompt_column=config.prompt_column, response_column=config.response_column,
@@ -633,8 +633,8 @@ def _run(config: RunConfig, out: Path | None, checkpoint, on_client, on_round, o
         write_metrics(exp.simulator.history)  # drops any line written after the checkpoint a kill interrupted
     history = exp.simulator.run()
     if out is not None:
-        from fedlora.frontend.export import save_run_artifacts
-        from fedlora.frontend.report import write_summary
+        from fedlora.app.export import save_run_artifacts
+        from fedlora.app.report import write_summary
 
         save_run_artifacts(exp, out)
         write_summary(exp, history, out, wall_seconds=time.perf_counter() - t0)

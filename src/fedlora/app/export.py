@@ -87,7 +87,7 @@ def load_global_model(run_dir: str | Path):
     (a causal LM for ``--task causal-lm`` runs)."""
     from peft import PeftModel
 
-    from fedlora.frontend.models import load_causal_lm, load_classifier
+    from fedlora.app.models import load_causal_lm, load_classifier
 
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
