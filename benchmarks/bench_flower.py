@@ -19,7 +19,6 @@ Starting the SuperLink (and SuperNodes) is infrastructure that stays up between 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -80,9 +79,9 @@ def main() -> None:
     # 1. in-process: `fedlora run`
     cfg = job(args.method, work / "inprocess", args.model)
     over = {k: v for k, v in (("clients", args.clients), ("local_steps", args.local_steps), ("batch_size", args.batch_size)) if v}
-    cfg = dataclasses.replace(cfg, **over)
-    defaults = dataclasses.asdict(RunConfig())
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in dataclasses.asdict(cfg).items() if v != defaults[k] and k != "out"]
+    cfg = cfg.replace(**over)
+    defaults = RunConfig().to_dict()
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.to_dict().items() if v != defaults[k] and k != "out"]
     wall = timed([sys.executable, "-m", "fedlora.cli.main", "run", "--quiet", *flags, "--out", cfg.out], os.environ | FLOWER_ENV | threads, ROOT)
     rows.append(("in-process (`fedlora run`)", wall, None))
     runs["in-process"] = metrics(Path(cfg.out))
@@ -128,7 +127,7 @@ def simulation(cfg, work: Path, threads: dict, rows: list, runs: dict) -> None:
     started: set[int] = set()
     try:
         setup = timed(["flwr", "ls", "local"], env, ROOT)  # starts the local SuperLink
-        sim_cfg = dataclasses.replace(cfg, out=str(work / "simulation"))
+        sim_cfg = cfg.replace(out=str(work / "simulation"))
         (work / "simulation.toml").write_text(to_toml(sim_cfg))
         wall = timed(["flwr", "run", ".", "local", "--run-config", str(work / "simulation.toml"),
                       "--federation-config", f"num-supernodes={cfg.clients}", "--stream"], env, ROOT)
@@ -147,7 +146,7 @@ def deployment(cfg, work: Path, threads: dict, rows: list, runs: dict, workers: 
     from fedlora.flower.loopback import LoopbackFederation
 
     name = "workers" if workers else "deployment"
-    dep_cfg = dataclasses.replace(cfg, out=str(work / name))
+    dep_cfg = cfg.replace(out=str(work / name))
     (work / f"{name}.toml").write_text(to_toml(dep_cfg))
     fed = LoopbackFederation(work / f"federation-{name}", supernodes=cfg.clients, env=threads, workers=workers)
     try:

@@ -13,7 +13,6 @@ client, and the largest error of the securely aggregated mean in round 1 against
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
@@ -27,7 +26,7 @@ def run(cfg, secure: bool, means: list) -> list[dict]:
     from fedlora.flower.server_app import run_federation
 
     with tempfile.TemporaryDirectory() as tmp:
-        return run_federation(InlineGrid(cfg), dataclasses.replace(cfg, secure_aggregation=secure, out=f"{tmp}/run"))
+        return run_federation(InlineGrid(cfg), cfg.replace(secure_aggregation=secure, out=f"{tmp}/run"))
 
 
 def main() -> None:

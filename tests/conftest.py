@@ -50,3 +50,18 @@ def tiny_config(small_csv, **overrides):
         examples_per_client=40, test_examples=60, max_length=32, partition="iid", seed=0, lr=5e-3, device="cpu",
     )
     return RunConfig(**(base | overrides))
+
+
+@pytest.fixture(scope="module")
+def instructions_jsonl(small_csv, tmp_path_factory):
+    """60 tweets as prompt/response records (label word as the answer), with the label for partitioning."""
+    import json
+
+    import pandas as pd
+
+    frame = pd.read_csv(small_csv).groupby("label").head(20)
+    path = tmp_path_factory.mktemp("instr") / "tweets.jsonl"
+    with open(path, "w") as f:
+        for text, label in zip(frame["text"], frame["label"]):
+            f.write(json.dumps({"prompt": f"Sentiment of: {text[:80]}", "response": label, "label": label}) + "\n")
+    return path

@@ -19,17 +19,6 @@ from fedlora.generation import extract_code, gsm8k_reference, last_number, norma
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def instructions_jsonl(small_csv, tmp_path_factory):
-    """60 tweets as prompt/response records (label word as the answer), with the label for partitioning."""
-    frame = pd.read_csv(small_csv).groupby("label").head(20)
-    path = tmp_path_factory.mktemp("instr") / "tweets.jsonl"
-    with open(path, "w") as f:
-        for text, label in zip(frame["text"], frame["label"]):
-            f.write(json.dumps({"prompt": f"Sentiment of: {text[:80]}", "response": label, "label": label}) + "\n")
-    return path
-
-
 def tiny_lm_config(data, **overrides) -> RunConfig:
     base = dict(task="causal-lm", model="tiny:llama", data=str(data), clients=2, rounds=2, local_steps=2, batch_size=4,
                 rank=4, examples_per_client=10, test_examples=6, max_length=48, max_new_tokens=3, partition="iid",

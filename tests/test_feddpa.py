@@ -1,7 +1,6 @@
 """FedDPA (METHODS.md): a global adapter run exactly as FedIT, a local adapter that never leaves the client, and
 local scores from the per-instance mix of the two."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -120,7 +119,7 @@ def test_resume_and_reload(small_csv, tmp_path):
 
     from fedlora.app.export import load_global_model
 
-    exp, _ = run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    exp, _ = run_experiment(cfg.replace(out=str(tmp_path / "run")))
     assert not (tmp_path / "run" / "adapter" / LOCAL).exists()  # the global adapter only
     assert sorted(p.name for p in (tmp_path / "run" / "private").iterdir()) == [f"client_{c}.safetensors" for c in sorted(exp.simulator.private)]
     model, _, _ = load_global_model(tmp_path / "run")

@@ -2,7 +2,6 @@
 the tiny model, and both methods end to end (2 rounds × 3 clients) in-process and on the Flower app's in-process
 round with equal metrics and bytes counted by hand."""
 
-import dataclasses
 import math
 
 import pytest
@@ -294,7 +293,7 @@ def assert_flower_equal(cfg, history, tmp_path):
     from test_flower import InlineGrid, assert_same_history
 
     # fresh=True: client processes restart every message, so the folds must survive in context.state
-    flower = run_federation(InlineGrid(cfg, fresh=True), dataclasses.replace(cfg, out=str(tmp_path / "flower")))
+    flower = run_federation(InlineGrid(cfg, fresh=True), cfg.replace(out=str(tmp_path / "flower")))
     assert_same_history(flower, history)
 
 

@@ -1,6 +1,5 @@
 """FedSVD (METHODS.md): B trained against a frozen A; the server re-factors B̄A by its SVD, exactly, without d×k."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -127,5 +126,5 @@ def test_two_rounds_train_B_against_the_broadcast_A_and_match_flower(small_csv, 
         assert m["divergence"] < 1e-5 and m["n_rejected"] == 0
 
     reference = build(cfg).simulator.run()
-    flower = run_federation(InlineGrid(cfg, fresh=True), dataclasses.replace(cfg, out=str(tmp_path / "flower")))
+    flower = run_federation(InlineGrid(cfg, fresh=True), cfg.replace(out=str(tmp_path / "flower")))
     assert_same_history(flower, reference)

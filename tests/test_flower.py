@@ -4,7 +4,6 @@ does. The numbers must equal the in-process simulator's exactly, with partial sa
 restarted client processes and failing clients. Flower's own runtime is exercised in test_flower_simulation.py
 and test_flower_deployment.py."""
 
-import dataclasses
 import json
 import math
 import tomllib
@@ -82,7 +81,7 @@ def test_flower_round_equals_the_simulator(small_csv, tmp_path, method, adapter,
     cfg = tiny_config(small_csv, method=method, adapter=adapter, fraction=fraction, rounds=3)
     reference = build(cfg).simulator.run()
     grid = InlineGrid(cfg, fresh=fresh)
-    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    history = run_federation(grid, cfg.replace(out=str(tmp_path / "run")))
     assert_same_history(history, reference)
     if fraction < 1:  # some client missed a round and caught up on more than one broadcast at once
         assert any(len(m.content.config_records["config"]["broadcast-rounds"]) > 1 for m in grid.sent if m.metadata.message_type == "train")
@@ -107,7 +106,7 @@ def test_failing_client_is_left_out_exactly_as_in_the_simulator(small_csv, tmp_p
     sim.turn = flaky
     reference = sim.run()
     monkeypatch.setattr(client_app, "client_turn", flaky)
-    history = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    history = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "run")))
     assert [x["client"] for x in history[1]["rejected"]] == [1]
     assert "disk full" in history[1]["rejected"][0]["reason"]
     assert_same_history(history, reference)
@@ -130,7 +129,7 @@ def test_a_rejected_upload_is_screened_out_and_its_private_state_dropped(small_c
     sim.turn = corrupt
     reference = sim.run()
     monkeypatch.setattr(client_app, "client_turn", corrupt)
-    history = run_federation(InlineGrid(cfg, fresh=True), dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    history = run_federation(InlineGrid(cfg, fresh=True), cfg.replace(out=str(tmp_path / "run")))
     assert history[1]["clients"] == [1, 2]
     assert [x["client"] for x in history[1]["rejected"]] == [0] and "shape" in history[1]["rejected"][0]["reason"]
     assert_same_history(history, reference)

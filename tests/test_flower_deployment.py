@@ -8,7 +8,6 @@ survives killed SuperNodes, a fresh one, and a killed ServerApp.
 """
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -93,7 +92,7 @@ def _deployment(cfg, tmp_path, ns, address, small_csv):
         assert "Failed to activate SuperNode" in (fed.logs / "unregistered.log").read_text()
 
         overrides = tmp_path / "run-config.toml"
-        overrides.write_text(to_toml(dataclasses.replace(cfg, out=str(tmp_path / "flower"))))
+        overrides.write_text(to_toml(cfg.replace(out=str(tmp_path / "flower"))))
         res = fed.run(ROOT, str(overrides), timeout=900)
         assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
         nodes = fed.flwr("supernode", "list", "loopback", "--format", "json")
@@ -132,7 +131,7 @@ def _deployment(cfg, tmp_path, ns, address, small_csv):
     assert not left and not family(sorted(started)), "a process of the federation survived its teardown"
     _check_causal_lm_run(fed, lm_cfg, lm_out, tmp_path)
 
-    run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "inprocess")))
+    run_experiment(cfg.replace(out=str(tmp_path / "inprocess")))
     got = [json.loads(x) for x in (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (tmp_path / "inprocess" / "metrics.jsonl").read_text().splitlines()]
     assert len(got) == len(want) == 1
@@ -157,7 +156,7 @@ def _causal_lm_run(fed, small_csv, tmp_path):
     cfg = tiny_lm_config(data, method="fedsa", rounds=2)
     out = tmp_path / "flower-lm"
     overrides = tmp_path / "run-config-lm.toml"
-    overrides.write_text(to_toml(dataclasses.replace(cfg, out=str(out))))
+    overrides.write_text(to_toml(cfg.replace(out=str(out))))
     res = fed.run(ROOT, str(overrides), timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return cfg, out
@@ -171,7 +170,7 @@ def _check_causal_lm_run(fed, cfg, out, tmp_path):
 
     from fedlora.cli.main import main
 
-    run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "inprocess-lm")))
+    run_experiment(cfg.replace(out=str(tmp_path / "inprocess-lm")))
     got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (tmp_path / "inprocess-lm" / "metrics.jsonl").read_text().splitlines()]
     assert len(got) == len(want) == 2
@@ -224,7 +223,7 @@ def test_deployment_survives_killed_supernodes_a_fresh_one_and_a_killed_serverap
     cfg = tiny_config(small_csv, method="fedsa", clients=3, rounds=4)
     out = tmp_path / "flower"
     overrides = tmp_path / "run-config.toml"
-    overrides.write_text(to_toml(dataclasses.replace(cfg, out=str(out))) + "round-timeout = 25.0\n")
+    overrides.write_text(to_toml(cfg.replace(out=str(out))) + "round-timeout = 25.0\n")
     # model workers (separate processes: a SuperNode's kill leaves its worker, as a service beside it would be)
     fed = LoopbackFederation(tmp_path / "federation", supernodes=3, env={"OMP_NUM_THREADS": "1"}, state_dirs=True, workers=True)
     try:
@@ -281,8 +280,8 @@ def test_deployment_survives_killed_supernodes_a_fresh_one_and_a_killed_serverap
                 self.start_supernode(602, 2)
             return replies
 
-    replay_out = dataclasses.replace(cfg, out=str(tmp_path / "replay"))
-    run_federation(Replay(dataclasses.replace(cfg, rounds=3), fresh=True, state_dir=nodes_dir), dataclasses.replace(replay_out, rounds=3))
+    replay_out = cfg.replace(out=str(tmp_path / "replay"))
+    run_federation(Replay(cfg.replace(rounds=3), fresh=True, state_dir=nodes_dir), replay_out.replace(rounds=3))
     replay = run_federation(InlineGrid(cfg, fresh=True, state_dir=nodes_dir), replay_out, resume=True)
     for g, r in zip(got, replay, strict=True):
         for key in ("clients", "divergence", "divergence_per_layer", "bytes_up", "bytes_down", "catch_up_bytes"):

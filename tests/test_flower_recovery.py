@@ -3,7 +3,6 @@ directory, a client whose state is gone rejoining with a snapshot (its bytes cou
 grid (:mod:`fedlora.flower.inline`), which serialises every message and client context as Flower does; a restart
 is a new node id with an empty ``context.state``, a resumed run is a new grid (Flower gives it a new run id)."""
 
-import dataclasses
 import json
 
 import pytest
@@ -38,13 +37,13 @@ def test_a_resumed_serverapp_ends_with_the_uninterrupted_metrics(small_csv, tmp_
     empty contexts): with state directories the clients continue from their own state, and every number equals the
     uninterrupted run's, bytes included."""
     cfg = tiny_config(small_csv, method=method, rounds=4, fraction=0.67)
-    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    full = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "full")))
 
     out = tmp_path / "killed"
-    run_federation(InlineGrid(cfg, state_dir=tmp_path / "nodes"), dataclasses.replace(cfg, rounds=2, out=str(out)))
+    run_federation(InlineGrid(cfg, state_dir=tmp_path / "nodes"), cfg.replace(rounds=2, out=str(out)))
     assert (out / "checkpoint.safetensors").exists() and len(lines(out)) == 2
     client_app._ProcessModel._loaded = None  # new processes
-    resumed = run_federation(InlineGrid(cfg, state_dir=tmp_path / "nodes", fresh=True), dataclasses.replace(cfg, out=str(out)), resume=True)
+    resumed = run_federation(InlineGrid(cfg, state_dir=tmp_path / "nodes", fresh=True), cfg.replace(out=str(out)), resume=True)
     assert_same_history(resumed, full)
     assert_same_history(lines(out), full)
 
@@ -53,12 +52,12 @@ def test_resumed_without_state_directories_the_clients_rejoin_with_a_snapshot(sm
     """Nothing of the clients survived: each reports no state, the server sends it the state it should hold (the
     global trainables, and fedex's folded base weights) instead of failing, and counts those bytes."""
     cfg = tiny_config(small_csv, method="fedex", rounds=4)
-    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    full = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "full")))
     out = tmp_path / "killed"
-    run_federation(InlineGrid(cfg), dataclasses.replace(cfg, rounds=2, out=str(out)))
+    run_federation(InlineGrid(cfg), cfg.replace(rounds=2, out=str(out)))
     client_app._ProcessModel._loaded = None
     grid = InlineGrid(cfg, fresh=True)
-    resumed = run_federation(grid, dataclasses.replace(cfg, out=str(out)), resume=True)
+    resumed = run_federation(grid, cfg.replace(out=str(out)), resume=True)
     snapshots = [m for m in grid.sent if m.metadata.message_type == "train" and "snapshot-round" in m.content.config_records["config"]]
     assert len(snapshots) == cfg.clients and all(len(m.content.array_records["snapshot.base"]) for m in snapshots)
     third = resumed[2]
@@ -96,7 +95,7 @@ class RestartingGrid(InlineGrid):
 
 def test_a_supernode_restarted_with_its_state_directory_continues_with_its_own_b(small_csv, tmp_path, monkeypatch):
     cfg = tiny_config(small_csv, method="fedsa", rounds=4)
-    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    full = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "full")))
     starts = {}
     real_turn = client_app.client_turn
 
@@ -107,7 +106,7 @@ def test_a_supernode_restarted_with_its_state_directory_continues_with_its_own_b
 
     monkeypatch.setattr(client_app, "client_turn", turn)
     grid = RestartingGrid(cfg, partition=1, after=2, state_dir=tmp_path / "nodes")
-    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "restarted")))
+    history = run_federation(grid, cfg.replace(out=str(tmp_path / "restarted")))
     assert_same_history(history, full)  # its B came back from the state directory: nothing differs
     assert grid.before and all(torch.equal(starts[k], v) for k, v in grid.before.items())  # its own B, bit for bit
     flower = json.loads((tmp_path / "restarted" / "flower.json").read_text())
@@ -116,9 +115,9 @@ def test_a_supernode_restarted_with_its_state_directory_continues_with_its_own_b
 
 def test_a_supernode_restarted_without_state_rejoins_and_only_it_loses_its_b(small_csv, tmp_path):
     cfg = tiny_config(small_csv, method="fedsa", rounds=4)
-    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    full = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "full")))
     grid = RestartingGrid(cfg, partition=1, after=2)
-    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "restarted")))
+    history = run_federation(grid, cfg.replace(out=str(tmp_path / "restarted")))
     assert history[2]["clients"] == [0, 1, 2] and history[2]["n_rejected"] == 0  # it rejoined at once (it said it had no state)
     assert history[2]["rejoin_bytes"] > 0
     assert_same_history(history[:2], full[:2])
@@ -139,10 +138,10 @@ def test_causal_lm_fedsa_on_flower_and_its_private_b_exported_from_the_state_dir
     data.write_text("".join(json.dumps({"prompt": f"Sentiment of: {t[:80]}", "response": lab, "label": lab}) + "\n"
                             for t, lab in zip(frame["text"], frame["label"])))
     cfg = tiny_lm_config(data, method="fedsa", rounds=2)
-    run_experiment(dataclasses.replace(cfg, out=str(tmp_path / "inprocess")))
+    run_experiment(cfg.replace(out=str(tmp_path / "inprocess")))
     want = lines(tmp_path / "inprocess")
     grid = InlineGrid(cfg, fresh=True, state_dir=tmp_path / "nodes")
-    got = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "flower")))
+    got = run_federation(grid, cfg.replace(out=str(tmp_path / "flower")))
     assert_same_history(got, want)
     assert not (tmp_path / "flower" / "private").exists()  # nothing private reached the server
     for i in range(cfg.clients):
@@ -160,7 +159,7 @@ def test_a_fresh_supernode_takes_over_a_dead_ones_partition_and_catches_up(small
     misses round 2 (no reply, recorded) and the fresh one takes its partition at round 3, sent what it missed."""
     cfg = tiny_config(small_csv, method="fedsa", rounds=4)
     grid = RestartingGrid(cfg, partition=1, after=1, old="kill")
-    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "replaced")))
+    history = run_federation(grid, cfg.replace(out=str(tmp_path / "replaced")))
     assert history[1]["clients"] == [0, 2] and "no reply" in history[1]["rejected"][0]["reason"]
     assert history[2]["clients"] == [0, 1, 2] and history[2]["n_rejected"] == 0
     # it never applied round 1's broadcast and the server still holds it (client 1 had not applied it either): the
@@ -173,8 +172,8 @@ def test_a_fresh_supernode_takes_over_a_dead_ones_partition_and_catches_up(small
 
 def test_a_duplicate_supernode_for_a_live_partition_waits_on_standby(small_csv, tmp_path):
     cfg = tiny_config(small_csv, method="fedsa", rounds=3)
-    full = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "full")))
+    full = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "full")))
     grid = RestartingGrid(cfg, partition=1, after=1, old="keep")
-    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "duplicate")))
+    history = run_federation(grid, cfg.replace(out=str(tmp_path / "duplicate")))
     assert_same_history(history, full)  # the live SuperNode kept its partition
     assert json.loads((tmp_path / "duplicate" / "flower.json").read_text())["supernodes"]["1"] == 501

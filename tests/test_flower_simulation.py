@@ -5,7 +5,6 @@ accuracy within 1e-4. Flower runs with FLWR_HOME in a temporary folder, telemetr
 installation off, and its local SuperLink on free ports; every process it started is ended at the end (by id).
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -89,9 +88,9 @@ def flwr_run(flower, cfg, tmp_path: Path, name: str) -> str:
 def test_flower_simulation_writes_fedlora_runs_numbers(flower, small_csv, tmp_path, method):
     cfg = tiny_config(small_csv, method=method, clients=2, rounds=2)
     flower_out, ref_out = tmp_path / "flower", tmp_path / "inprocess"
-    log = flwr_run(flower, dataclasses.replace(cfg, out=str(flower_out)), tmp_path, method)
+    log = flwr_run(flower, cfg.replace(out=str(flower_out)), tmp_path, method)
 
-    run_experiment(dataclasses.replace(cfg, out=str(ref_out)))
+    run_experiment(cfg.replace(out=str(ref_out)))
     got = [json.loads(x) for x in (flower_out / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (ref_out / "metrics.jsonl").read_text().splitlines()]
     assert [g["round"] for g in got] == [1, 2] and len(want) == 2
@@ -120,9 +119,9 @@ def test_flower_simulation_with_secure_aggregation(flower, small_csv, tmp_path):
     with every client in the sum, and its scores stay within the quantisation's reach of the plain run's."""
     cfg = tiny_config(small_csv, method="fedit", clients=3, rounds=2)
     flower_out, ref_out = tmp_path / "flower", tmp_path / "inprocess"
-    log = flwr_run(flower, dataclasses.replace(cfg, secure_aggregation=True, out=str(flower_out)), tmp_path, "secure")
+    log = flwr_run(flower, cfg.replace(secure_aggregation=True, out=str(flower_out)), tmp_path, "secure")
     assert "Secure aggregation completed" in log
-    run_experiment(dataclasses.replace(cfg, out=str(ref_out)))
+    run_experiment(cfg.replace(out=str(ref_out)))
     got = [json.loads(x) for x in (flower_out / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (ref_out / "metrics.jsonl").read_text().splitlines()]
     for g, w in zip(got, want, strict=True):

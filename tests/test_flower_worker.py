@@ -2,7 +2,6 @@
 once, and the run's numbers are the simulator's (private state, folds, catch-up all cross the worker boundary in
 ``context.state``, never staying in the worker)."""
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -46,7 +45,7 @@ def test_runs_through_the_model_worker_equal_the_simulator_and_build_the_model_o
     cfg = tiny_config(small_csv, method=method, fraction=fraction, rounds=3)
     reference = build(cfg).simulator.run()
     grid = InlineGrid(cfg, model_worker=worker, fresh=True)
-    history = run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    history = run_federation(grid, cfg.replace(out=str(tmp_path / "run")))
     assert_same_history(history, reference)
     stats, _, _ = request(worker, "stats")
     assert stats["builds"] == 1  # one model for every message of the run (the server's own build is in this process)
@@ -57,8 +56,8 @@ def test_a_client_error_in_the_worker_is_the_client_s_error(small_csv, tmp_path,
     """The SuperNodes lack the run's data file: the worker's build raises, each client's reply is that error, and the
     server goes on with none (the error text is the ClientApp's own)."""
     cfg = tiny_config(small_csv, method="fedit", rounds=1)
-    missing = dataclasses.replace(cfg, data=str(tmp_path / "gone.csv"))
-    history = run_federation(InlineGrid(missing, model_worker=worker), dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    missing = cfg.replace(data=str(tmp_path / "gone.csv"))
+    history = run_federation(InlineGrid(missing, model_worker=worker), cfg.replace(out=str(tmp_path / "run")))
     assert history[0]["n_rejected"] == cfg.clients and history[0]["skipped"]
     assert all("DataError: no such file" in r["reason"] and "gone.csv" in r["reason"] for r in history[0]["rejected"])
 
@@ -72,7 +71,7 @@ def test_a_worker_that_is_gone_costs_time_not_the_run(small_csv, tmp_path):
     """model-worker names a socket nobody listens on (the worker died): each message is handled in the ClientApp's
     own process instead, and the numbers are the simulator's."""
     cfg = tiny_config(small_csv, method="fedsa", rounds=2)
-    history = run_federation(InlineGrid(cfg, model_worker=str(tmp_path / "dead.sock")), dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    history = run_federation(InlineGrid(cfg, model_worker=str(tmp_path / "dead.sock")), cfg.replace(out=str(tmp_path / "run")))
     assert_same_history(history, build(cfg).simulator.run())
 
 

@@ -2,7 +2,6 @@
 d×k matrices are formed here, never in the library), the client-side rotation hook, and 2 rounds × 3 clients end to
 end in-process and on the Flower app's in-process round with equal metrics and bytes counted by hand."""
 
-import dataclasses
 import math
 
 import pytest
@@ -390,7 +389,7 @@ def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, 
                 name = k.A if side == "A" else k.B
                 assert (out[name] - start[name]).norm() <= (trained[name] - start[name]).norm() + 1e-6
                 assert not torch.equal(out[name], trained[name])
-    flower = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "flower")))
+    flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
     assert_same_history(flower, history)
     for key in ("fedit_divergence", "global_accuracy"):
         assert [f[key] for f in flower] == pytest.approx([r[key] for r in history], abs=1e-9)

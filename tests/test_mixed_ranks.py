@@ -1,7 +1,6 @@
 """Mixed ranks end to end on a tiny random BERT: every method that allows them runs in-process and on the Flower
 app's in-process round with equal metrics; bytes per client at its own rank; refusals before any training."""
 
-import dataclasses
 import math
 
 import pytest
@@ -73,7 +72,7 @@ def test_mixed_ranks_run_in_process_and_on_flower_with_equal_metrics(small_csv, 
                 if name not in method_private(sim):
                     torch.testing.assert_close(held, glob.narrow(dim, 0, p.rank) * c)
 
-    flower = run_federation(InlineGrid(cfg, fresh=method == "flora"), dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    flower = run_federation(InlineGrid(cfg, fresh=method == "flora"), cfg.replace(out=str(tmp_path / "run")))
     assert_same_history(flower, history)
 
 

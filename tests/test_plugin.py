@@ -1,7 +1,6 @@
 """A method defined entirely in this file — its math and its protocol, registered here — runs through the simulator,
 the CLI and the Flower app's in-process round with no edit anywhere else in fedlora."""
 
-import dataclasses
 import math
 
 import pytest
@@ -87,7 +86,7 @@ def test_a_method_registered_here_runs_in_process_on_the_cli_and_on_flower(plugi
     # the per-client hook: client 0 never takes the global B after round 1, so its view keeps the initial B
     name = h.B_names()[0]
     assert torch.count_nonzero(sim.held[0][name]) == 0 and torch.count_nonzero(sim.held[1][name]) > 0
-    flower = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "flower")))
+    flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
     assert_same_history(flower, history)
 
     # the CLI lists it and runs it; an adapter it declares unsupported fails in one line

@@ -116,7 +116,6 @@ def test_bad_dp_settings_are_one_line_errors(small_csv, capsys, extra, message):
 
 def test_client_dp_on_flower_equals_the_simulator(small_csv, tmp_path):
     """The DP step lives in the server half of the round that both engines share; Poisson sampling too."""
-    import dataclasses
 
     pytest.importorskip("flwr")
     from fedlora.flower.server_app import run_federation
@@ -124,7 +123,7 @@ def test_client_dp_on_flower_equals_the_simulator(small_csv, tmp_path):
 
     cfg = tiny_config(small_csv, method="fedit", dp="client", dp_clip=0.5, dp_noise=0.8, fraction=0.67, rounds=3)
     reference = build(cfg).simulator.run()
-    history = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    history = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "run")))
     assert_same_history(history, reference)
     assert [h["epsilon"] for h in history] == [h["epsilon"] for h in reference]
     assert [h["dp_clipped"] for h in history] == [h["dp_clipped"] for h in reference]

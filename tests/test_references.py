@@ -1,6 +1,5 @@
 """The reference points `central` and `local` (DESIGN.md, trustworthy comparisons)."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ def test_with_one_client_central_is_fedit(small_csv):
 def test_central_pools_every_clients_data_and_steps(small_csv):
     cfg = tiny_config(small_csv, method="central", fraction=0.67)
     sim = build(cfg).simulator
-    fed = build(dataclasses.replace(cfg, method="fedit")).simulator
+    fed = build(cfg.replace(method="fedit")).simulator
     assert len(sim.clients) == 1
     assert len(sim.clients[0].train) == sum(len(c.train) for c in fed.clients)
     assert len(sim.clients[0].test) == sum(len(c.test) for c in fed.clients)
@@ -53,4 +52,4 @@ def test_references_refuse_flower_in_one_line(small_csv, tmp_path):
     for method in ("central", "local"):
         cfg = tiny_config(small_csv, method=method)
         with pytest.raises(ValueError, match=f"method {method} runs in-process only"):
-            run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / method)))
+            run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / method)))

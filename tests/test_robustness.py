@@ -73,15 +73,14 @@ def test_resume_refuses_an_edited_config_and_fewer_rounds(small_csv, tmp_path, c
 def test_a_checkpoint_older_than_a_setting_resumes_under_its_default(tmp_path):
     """A checkpoint written before a RunConfig field existed lacks that key: it counts as the field's default, so the
     run resumes; a non-default value for it is still a changed setting."""
-    import dataclasses as dc
 
     from fedlora.app.experiment import RunConfig, check_resume
 
     cfg = RunConfig(rounds=3)
-    saved = {k: v for k, v in dc.asdict(cfg).items() if k not in ("secure_aggregation", "secagg_clip", "rounds", "out")}
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ("secure_aggregation", "secagg_clip", "rounds", "out")}
     check_resume(cfg, {"round": 1, "config": saved}, tmp_path)  # no error
     with pytest.raises(ValueError, match="secure_aggregation=True"):
-        check_resume(dc.replace(cfg, secure_aggregation=True), {"round": 1, "config": saved}, tmp_path)
+        check_resume(cfg.replace(secure_aggregation=True), {"round": 1, "config": saved}, tmp_path)
 
 
 # 4. TOML values are type-checked at the edge

@@ -1,6 +1,5 @@
 """RoLoRA (METHODS.md): alternating B- and A-rounds, each exact, each sending only the factor it trained."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -145,7 +144,7 @@ def test_two_rounds_alternate_start_from_the_global_factors_and_match_flower(sma
 
     reference = build(cfg).simulator.run()
     assert [m["divergence"] for m in reference] == [m["divergence"] for m in history]
-    flower = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "flower")))
+    flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
     assert_same_history(flower, reference)
 
 
@@ -163,7 +162,7 @@ def test_partial_sampling_on_flower_and_a_resumed_run_keep_the_round_parity(smal
         # catch-up broadcasts to clients that missed a round are counted on top of the hand count
         assert (m["bytes_up"], m["bytes_down"] - m["catch_up_bytes"]) == hand_count(m["round"], U) and m["divergence"] < 1e-5
     grid = InlineGrid(cfg, fresh=True)
-    assert_same_history(run_federation(grid, dataclasses.replace(cfg, out=str(tmp_path / "flower"))), reference)
+    assert_same_history(run_federation(grid, cfg.replace(out=str(tmp_path / "flower"))), reference)
     assert any(len(m.content.config_records["config"]["broadcast-rounds"]) > 1 for m in grid.sent if m.metadata.message_type == "train")
 
     first = build(cfg).simulator

@@ -2,7 +2,6 @@
 run matches the plain Flower run within SecAgg+'s quantisation error. Driven through test_flower's in-process Grid,
 which serialises every message and (``fresh``) every client context as Flower does."""
 
-import dataclasses
 import math
 
 import pytest
@@ -48,11 +47,11 @@ def _spy_means(monkeypatch):
 def test_secure_round_equals_the_plain_flower_round_within_the_quantisation_error(small_csv, tmp_path, monkeypatch, method, fresh):
     cfg = tiny_config(small_csv, method=method, rounds=2, clients=3)
     means = _spy_means(monkeypatch)
-    plain = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, out=str(tmp_path / "plain")))
+    plain = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "plain")))
     plain_means = list(means)
     means.clear()
     grid = InlineGrid(cfg, fresh=fresh)
-    sec_cfg = dataclasses.replace(cfg, secure_aggregation=True, out=str(tmp_path / "secure"))
+    sec_cfg = cfg.replace(secure_aggregation=True, out=str(tmp_path / "secure"))
     history = run_federation(grid, sec_cfg)
 
     # Round 1 starts from the same state, so the clients upload the same tensors: the server's secure mean is the
@@ -86,7 +85,7 @@ def test_the_server_only_ever_holds_masked_uploads(small_csv, tmp_path):
             seen.extend(replies)
             return replies
 
-    run_federation(Recording(cfg), dataclasses.replace(cfg, secure_aggregation=True, out=str(tmp_path / "s")))
+    run_federation(Recording(cfg), cfg.replace(secure_aggregation=True, out=str(tmp_path / "s")))
     masked = [r for r in seen if RECORD_KEY_CONFIGS in r.content.config_records and Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]]
     assert len(masked) == 3
     for r in masked:
@@ -107,7 +106,7 @@ def test_a_client_that_fails_in_the_secure_round_is_left_out_and_the_round_goes_
 
     monkeypatch.setattr(client_app, "client_turn", turn)
     cfg = tiny_config(small_csv, method="fedit", rounds=2, clients=4)
-    history = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, secure_aggregation=True, out=str(tmp_path / "s")))
+    history = run_federation(InlineGrid(cfg), cfg.replace(secure_aggregation=True, out=str(tmp_path / "s")))
     assert history[0]["clients"] == [0, 2, 3] and history[0]["n_rejected"] == 1
     assert "not in round 1's secure sum" in history[0]["rejected"][0]["reason"]
     assert history[1]["clients"] == [0, 1, 2, 3] and not math.isnan(history[1]["global_accuracy"])
@@ -149,5 +148,5 @@ def test_neighbourhoods_grow_logarithmically_and_a_twelve_client_round_survives_
 
     monkeypatch.setattr(client_app, "client_turn", turn)
     cfg = tiny_config(small_csv, method="fedit", rounds=1, clients=12, examples_per_client=12)
-    history = run_federation(InlineGrid(cfg), dataclasses.replace(cfg, secure_aggregation=True, out=str(tmp_path / "s")))
+    history = run_federation(InlineGrid(cfg), cfg.replace(secure_aggregation=True, out=str(tmp_path / "s")))
     assert history[0]["clients"] == [c for c in range(12) if c != 7] and history[0]["n_rejected"] == 1

@@ -4,7 +4,6 @@ its record names and file layout, written by :mod:`fedlora.flower.client_app` an
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -21,13 +20,13 @@ STATE_KEYS = (STATE_META, STATE_CURRENT, STATE_PRIVATE, STATE_BASE, STATE_RESULT
 
 def settings_of(config: RunConfig) -> dict:
     """The settings a client's state belongs to: all but ``rounds`` (a resume may raise it) and ``out`` (the place)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("rounds", "out")}
+    return {k: v for k, v in config.to_dict().items() if k not in ("rounds", "out")}
 
 
 def run_digest(config: RunConfig) -> str:
     """The state-dir folder of a run: a digest of its settings (all but ``rounds``), so a resumed run finds its
     clients' state and another run never does."""
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "rounds"}
+    settings = {k: v for k, v in config.to_dict().items() if k != "rounds"}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,6 @@ them with the criteria stated next to each verdict.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -29,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.app.experiment import RunConfig
+from fedlora.app.config import RunConfig
+from fedlora.app.rundir import RunDir, same_settings
 
 PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy")
 DEFAULT_PARTS = PARTS[:-1]  # the privacy–utility curve is asked for by name (--parts privacy): DP-SGD runs are long
@@ -156,7 +156,7 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
             label = f"N={over['clients']}"
         name = f"{_slug(label)}/{method}/seed-{seed}"
         if name not in runs:
-            cfg = dataclasses.replace(p.base, method=method, partition=partition, alpha=alpha, seed=seed, **over)
+            cfg = p.base.replace(method=method, partition=partition, alpha=alpha, seed=seed, **over)
             runs[name] = StudyRun(name, label, cfg)
 
     comparison = {label: (part, alpha) for label, part, alpha in p.comparison}
@@ -197,12 +197,12 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
                 over = dict(dict(pv.overrides).get(m, ()))
                 if over:  # not the comparison's run of this method: its own baseline
                     name = f"privacy-none/{m}/seed-{s}"
-                    runs.setdefault(name, StudyRun(name, "privacy:none", dataclasses.replace(p.base, method=m, partition=part, alpha=alpha, seed=s, **over)))
+                    runs.setdefault(name, StudyRun(name, "privacy:none", p.base.replace(method=m, partition=part, alpha=alpha, seed=s, **over)))
                 else:
                     add(m, part, alpha, s)
                 for z in pv.noises:
                     name = f"privacy-z{z:g}/{m}/seed-{s}"
-                    cfg = dataclasses.replace(p.base, method=m, partition=part, alpha=alpha, seed=s, dp="example", dp_noise=z,
+                    cfg = p.base.replace(method=m, partition=part, alpha=alpha, seed=s, dp="example", dp_noise=z,
                                               dp_clip=pv.clip, **over)
                     runs[name] = StudyRun(name, f"privacy:{z:g}", cfg)
     if "synthetic" in parts and p.synthetic is not None:
@@ -212,7 +212,7 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
                 for m in all_methods():
                     name = f"synthetic-{level}/{m}/seed-{s}"
                     over = dict(dict(p.synthetic.overrides).get(m, ()))
-                    cfg = dataclasses.replace(p.synthetic.base, method=m, data=f"synthetic:{level}", seed=s, **over)
+                    cfg = p.synthetic.base.replace(method=m, data=f"synthetic:{level}", seed=s, **over)
                     runs[name] = StudyRun(name, f"synthetic:{level}", cfg)
     return list(runs.values())
 
@@ -222,19 +222,7 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
 
 
 def finished_history(out: Path, cfg: RunConfig) -> list[dict] | None:
-    path = out / "metrics.jsonl"
-    if not (out / "summary.md").exists() or not path.exists():
-        return None
-    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return history if len(history) >= cfg.rounds else None
-
-
-def same_settings(out: Path, cfg: RunConfig) -> bool:
-    saved = json.loads((out / "config.json").read_text())
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
-    mine = dataclasses.asdict(cfg)
-    # a setting added to RunConfig after the run was made counts as its default
-    return all(saved.get(k, defaults.get(k)) == v for k, v in mine.items() if k != "out")
+    return RunDir(out).finished(cfg)
 
 
 def execute(
@@ -245,44 +233,37 @@ def execute(
     on_client: Callable | None = None,
     on_round: Callable | None = None,
 ) -> dict[str, list[dict]]:
-    """Run what is missing (finished runs are read back, interrupted ones resumed); return name → history."""
-    from fedlora.app.experiment import release_run_lock, run_experiment
+    """Run what is missing (finished runs are read back, interrupted ones resumed); return name → history. A run
+    another `fedlora study` process on the same --runs directory holds is left to it, so several processes share the
+    work without overlap."""
+    from fedlora.app.experiment import run_or_resume
 
     check_runs_dir(runs, runs_dir)
     histories: dict[str, list[dict]] = {}
     for i, run in enumerate(runs):
-        out = runs_dir / run.name
-        cfg = dataclasses.replace(run.config, out=str(out))
-        done = finished_history(out, cfg)
+        run_dir = RunDir(runs_dir / run.name)
+        cfg = run.config.replace(out=str(run_dir.path))
+        done = run_dir.finished(cfg)
         if done is not None:
             histories[run.name] = done
             continue
-        if not _claim(out):
-            continue  # another `fedlora study` process on the same --runs directory is running it
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        taken = run_dir.take()
+        if taken is False:
+            continue  # another process is running it
         try:
             if on_start:
                 on_start(i, run)
-            resume = (out / "checkpoint.safetensors").exists()
-            if not resume and (out / "metrics.jsonl").exists():
-                (out / "metrics.jsonl").unlink()  # killed before its first checkpoint: nothing to keep
-            _, histories[run.name] = run_experiment(cfg, on_client=on_client, on_round=on_round, resume=resume)
+            histories[run.name], _ = run_or_resume(cfg, on_client=on_client, on_round=on_round)
         finally:
-            release_run_lock(out)
+            if taken:
+                run_dir.release()
     return histories
-
-
-def _claim(out: Path) -> bool:
-    """Take a run directory for this process (:func:`~fedlora.app.experiment.take_run_lock`); False if a live
-    process holds it. So several `fedlora study` processes on one --runs directory share the work without overlap."""
-    from fedlora.app.experiment import take_run_lock
-
-    out.mkdir(parents=True, exist_ok=True)
-    return take_run_lock(out) is not False
 
 
 def check_runs_dir(runs: list[StudyRun], runs_dir: Path) -> None:
     """Refuse, before any work, a runs directory whose runs were made with other settings."""
-    check_run_configs([dataclasses.replace(run.config, out=str(runs_dir / run.name)) for run in runs], "--runs directory")
+    check_run_configs([run.config.replace(out=str(runs_dir / run.name)) for run in runs], "--runs directory")
 
 
 def check_run_configs(configs: list[RunConfig], what: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -18,9 +17,9 @@ def _methods() -> list[str]:
 
 
 def _fields():
-    from fedlora.app.experiment import RunConfig
+    from fedlora.app.config import RunConfig
 
-    return [f for f in dataclasses.fields(RunConfig) if f.name != "out"]
+    return [f for f in RunConfig.fields() if f.name != "out"]
 
 
 def _method_help() -> str:
@@ -32,24 +31,31 @@ def _method_help() -> str:
 
 
 def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
-    """One flag per RunConfig field (its help and default from the field), and one per declared method option.
-    Every flag defaults to "not given" so a --config file's values survive unless the flag is passed."""
+    """One flag per setting (its help and default from the setting's declaration, grouped by the part that owns it), and
+    one per declared method option. Every flag defaults to "not given" so a --config file's values survive unless the
+    flag is passed."""
+    import dataclasses
+
+    from fedlora.app.config import PARTS, base_type
     from fedlora.federation.protocol import option_flags
 
-    for f in _fields():
-        if f.name == "method" and not with_method:
-            continue
-        flag = f"--{f.name.replace('_', '-')}"
-        default = "" if f.default is None else f" (default {f.default})" if f.default != "" else ""
-        help_ = _method_help() if f.name == "method" else f.metadata["help"] + default
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            typ = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-            p.add_argument(flag, type=typ, default=None, help=help_)
+    for part, cls in PARTS.items():
+        group = p.add_argument_group(f"{part} settings", (cls.__doc__ or "").strip().splitlines()[0])
+        for f in dataclasses.fields(cls):
+            if f.name == "out" or (f.name == "method" and not with_method):
+                continue
+            flag = f"--{f.name.replace('_', '-')}"
+            default = "" if f.default is None else f" (default {f.default})" if f.default != "" else ""
+            help_ = _method_help() if f.name == "method" else f.metadata["help"] + default
+            typ = base_type(f.name)
+            if typ is bool:
+                group.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_)
+            else:
+                group.add_argument(flag, type=typ, default=None, help=help_)
+    options = p.add_argument_group("method options", "each method's own options (also as --method-options NAME-OPTION=VALUE)")
     for flag, (method, _, decl) in option_flags().items():
         choices = f": {', '.join(map(str, decl.choices))}" if decl.choices else ""
-        p.add_argument(f"--{flag}", default=None, dest=f"option:{flag}", metavar="VALUE", help=f"{method}: {decl.help}{choices} (default {decl.default})")
+        options.add_argument(f"--{flag}", default=None, dest=f"option:{flag}", metavar="VALUE", help=f"{method}: {decl.help}{choices} (default {decl.default})")
     p.add_argument("--config", default=None, help="TOML file with run settings (flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -59,7 +65,7 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def _config_from(args: argparse.Namespace, **extra):
-    from fedlora.app.experiment import RunConfig
+    from fedlora.app.config import RunConfig
 
     given = _given(args)
     options = [f"{k.removeprefix('option:')}={v}" for k, v in vars(args).items() if k.startswith("option:") and v is not None]
@@ -167,80 +173,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_list(text: str) -> list[str]:
-    """``--methods``: registered names, each once, at least one; checked before anything trains."""
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    if not methods:
-        raise ValueError(f"--methods {text!r} names no method; pass a comma-separated list, e.g. --methods fedit,florana")
-    for m in methods:
-        if m not in _methods():
-            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(_methods())}")
-    twice = sorted({m for m in methods if methods.count(m) > 1})
-    if twice:
-        raise ValueError(f"--methods names {', '.join(twice)} more than once; list each method once")
-    return methods
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Run each method on the same data, partition and seed; finished runs in ``--out`` are read back and
-    interrupted ones resumed, so a cut-short compare, or one with methods added, redoes no finished work."""
-    from fedlora.app import study
-    from fedlora.app.experiment import majority_rate, run_experiment
-    from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
+    """Run each method on the same data, partition and seed (:func:`fedlora.app.compare.compare`)."""
+    from fedlora.app.compare import compare, method_list
     from fedlora.app.stats import parse_seeds
 
-    methods = _method_list(args.methods)
+    methods = method_list(args.methods)
     base = _config_from(args, method=methods[0])
     out = Path(args.out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
     args.resume_hint = "fedlora compare " + " ".join(list(args.argv) + ([] if args.out else ["--out", str(out)]))
-    seeds = parse_seeds(args.seeds) if args.seeds else [base.seed]
-    reference = args.reference
-    if reference not in methods:
-        reference = None  # no paired differences without the reference among the methods
-    paired_seeds = args.seeds is not None
-    runs = [(m, s, dataclasses.replace(base, method=m, seed=s, out=str(out / m / f"seed-{s}" if paired_seeds else out / m)))
-            for m in methods for s in seeds]
-    for _, _, c in runs:  # every bad input is reported before the first method trains
-        c.validate()
-    study.check_run_configs([c for _, _, c in runs], "--out")
-    majority = [majority_rate(dataclasses.replace(base, seed=s)) for s in seeds]
-    results: dict[str, list[dict]] = {}
-    histories: dict[str, list[list[dict]]] = {}
-    settings = json.dumps({k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "out", "seed")})
-    for method, seed, cfg in runs:
-        run_dir = Path(cfg.out)
-        label = f"{method} (seed {seed})" if paired_seeds else method
-        done = study.finished_history(run_dir, cfg)
-        if done is not None:  # finished earlier (a compare that was cut short, or one with fewer methods): read back
-            print(f"{label}: finished run read back from {run_dir}")
-            history = done
-        else:
-            resume = (run_dir / "checkpoint.safetensors").exists()  # interrupted: continue from its last round
-            if not resume and (run_dir / "metrics.jsonl").exists():
-                (run_dir / "metrics.jsonl").unlink()  # killed before its first checkpoint: nothing to keep
-            with _Progress(_steps(cfg), f"{label} · {cfg.adapter}", args.quiet) as prog:
-                _, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog), resume=resume)
-        # wall s: the rounds' own wall time, the same whether a run was made now, resumed or read back
-        results.setdefault(method, []).append(final_row(method, history, sum(m["wall_seconds"] for m in history)))
-        histories.setdefault(method, []).append(history)
-        if paired_seeds:
-            table = seeded_tables(results, seeds, reference, majority)
-        else:
-            table = markdown_table([rows[0] for rows in results.values()], majority[0])
-        (out / "comparison.md").write_text(
-            f"# fedlora compare\n\n{table}\nSettings: {settings}, seed{'s' if paired_seeds else ''} "
-            f"{', '.join(map(str, seeds))}\n\n{PROTOCOL}\n"
-        )
-    rates = [m for m in majority if m is not None]
-    plot_comparison(histories if paired_seeds else {m: h[0] for m, h in histories.items()}, out,
-                    majority=sum(rates) / len(rates) if rates else None)
-    print(table)
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+
+    def watch(label, cfg):
+        return _Progress(_steps(cfg), f"{label} · {cfg.adapter}", args.quiet)
+
+    result = compare(base, methods, seeds=seeds, reference=args.reference, out=out, watch=watch)
+    print(result.table)
     print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png)")
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     from fedlora.app import study
+    from fedlora.app.compare import method_list
     from fedlora.app.stats import parse_seeds
 
     p = study.preset(args.preset)
@@ -250,16 +205,16 @@ def cmd_study(args: argparse.Namespace) -> int:
     for part in parts:
         if part not in study.PARTS:
             raise ValueError(f"unknown study part {part!r} in --parts; choose from {', '.join(study.PARTS)}")
-    methods = tuple(_method_list(args.methods or ",".join(study.COMPARISON_METHODS)))
+    methods = tuple(method_list(args.methods or ",".join(study.COMPARISON_METHODS)))
     over = {k: v for k, v in (("model", args.model), ("data", args.data), ("device", args.device)) if v is not None}
     if over:
-        p = dataclasses.replace(p, base=dataclasses.replace(p.base, **over))
+        p = dataclasses.replace(p, base=p.base.replace(**over))
     if args.seeds:
         p = dataclasses.replace(p, seeds=tuple(parse_seeds(args.seeds)))
     if args.synthetic_seeds and p.synthetic is not None:
         p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, seeds=tuple(parse_seeds(args.synthetic_seeds))))
     if args.device and p.synthetic is not None:
-        p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, base=dataclasses.replace(p.synthetic.base, device=args.device)))
+        p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, base=p.synthetic.base.replace(device=args.device)))
     runs = study.plan(p, methods=methods, parts=parts)
     for r in runs:  # every bad setting is reported before the first run trains
         r.config.validate()

@@ -24,7 +24,6 @@ process serves many SuperNodes in turn; in deployment it serves one message.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -227,7 +226,7 @@ class _ProcessModel:
 
     @classmethod
     def get(cls, config: RunConfig) -> _ProcessModel:
-        key = json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k != "out"}, sort_keys=True)
+        key = json.dumps({k: v for k, v in config.to_dict().items() if k != "out"}, sort_keys=True)
         if cls._loaded is None or cls._loaded.key != key:
             cls._loaded = None  # drop a previous run's model before loading the next
             exp = build(config)

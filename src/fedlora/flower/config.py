@@ -1,21 +1,19 @@
-"""Flower's run config ⇄ :class:`~fedlora.app.experiment.RunConfig`: the keys are ``fedlora run``'s long flags.
+"""Flower's run config ⇄ :class:`~fedlora.app.config.RunConfig`: the keys are ``fedlora run``'s long flags.
 
-Flower's run config holds only str, int, float and bool, so the four settings that can be "not given" on the
-CLI have a stated stand-in here: ``examples-per-client = 0`` (no cap), ``keep-head-local = "auto"`` (the method's
-default), ``dp-target-epsilon = 0`` (no target: ``dp-noise`` as given) and ``out = ""`` (``runs/METHOD-TIMESTAMP`` in
-the ServerApp's working directory).
+Flower's run config holds only str, int, float and bool, so a setting that can be "not given" has a stand-in here,
+declared beside the setting itself (``setting(..., flower=...)`` in :mod:`fedlora.app.config`):
+``examples-per-client = 0`` (no cap), ``keep-head-local = "auto"`` (the method's default), ``dp-target-epsilon = 0``
+(no target: ``dp-noise`` as given), ``model = ""``, ``target-modules = ""`` and ``max-length = 0`` (the task's
+defaults, resolved after the run config is merged, as for the CLI) and ``out = ""`` (``runs/METHOD-TIMESTAMP`` in the
+ServerApp's working directory).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
 from collections.abc import Mapping
 
-from fedlora.app.experiment import RunConfig
-
-_NONE_STANDINS = {"examples_per_client": 0, "keep_head_local": "auto", "dp_target_epsilon": 0.0, "out": ""}
+from fedlora.app.config import RunConfig, base_type, optional
 
 # Keys of the Flower run config that are not `fedlora run` flags: how the ServerApp runs, not what it computes.
 FLOWER_ONLY: dict[str, bool | float] = {
@@ -42,19 +40,24 @@ def flower_options(user_config: Mapping[str, object]) -> dict[str, bool | float]
     return out
 
 
+def _standin(f) -> object:
+    return f.metadata["flower"]
+
+
 def to_flower(config: RunConfig) -> dict[str, str | int | float | bool]:
-    """The run config Flower holds for ``config`` (``[tool.flwr.app.config]`` is ``to_flower(RunConfig())``)."""
+    """The run config Flower holds for ``config`` (``[tool.flwr.app.config]`` is ``to_flower(RunConfig())``). Settings
+    not given keep their stand-in, so a task set in the run config still gets its own defaults."""
+    given = config.given()
     out = {}
-    for f in dataclasses.fields(RunConfig):
-        value = getattr(config, f.name)
-        out[f.name.replace("_", "-")] = _NONE_STANDINS[f.name] if value is None else value
+    for f in RunConfig.fields():
+        value = given[f.name]
+        out[f.name.replace("_", "-")] = _standin(f) if value is None else value
     return out | FLOWER_ONLY
 
 
 def from_flower(user_config: Mapping[str, object]) -> RunConfig:
     """The :class:`RunConfig` of a Flower run config; a key or value ``fedlora run`` would reject raises ValueError."""
-    hints = typing.get_type_hints(RunConfig)
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    fields = {f.name: f for f in RunConfig.fields()}
     values = {}
     for key, raw in user_config.items():
         if key in FLOWER_ONLY:  # the ServerApp's own (flower_options)
@@ -63,26 +66,18 @@ def from_flower(user_config: Mapping[str, object]) -> RunConfig:
         if name not in fields:
             known = ", ".join(sorted([f.replace("_", "-") for f in fields] + list(FLOWER_ONLY)))
             raise ValueError(f"run config key {key!r} is not a flag of `fedlora run`; use one of: {known}")
-        values[name] = _coerce(key, name, raw, hints[name])
+        values[name] = _coerce(key, fields[name], raw)
     return RunConfig(**values)
 
 
-def _coerce(key: str, name: str, raw: object, hint: object) -> object:
-    optional = type(None) in typing.get_args(hint)
-    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if optional else hint
-    if optional:
-        if name == "keep_head_local" and isinstance(raw, str):
-            lowered = raw.strip().lower()
-            if lowered in ("auto", ""):
-                return None
-            if lowered in ("true", "false"):
-                return lowered == "true"
-        if name == "examples_per_client" and isinstance(raw, int) and not isinstance(raw, bool) and raw <= 0:
+def _coerce(key: str, f, raw: object) -> object:
+    base = base_type(f.name)
+    if optional(f.name):
+        standin = _standin(f)
+        if name_is_auto(f.name, raw, standin):
             return None
-        if name == "out" and raw == "":
-            return None
-        if name == "dp_target_epsilon" and isinstance(raw, int | float) and not isinstance(raw, bool) and raw <= 0:
-            return None
+        if base is bool and isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
     if base is bool and isinstance(raw, bool):
         return raw
     if base is int and isinstance(raw, int | float) and not isinstance(raw, bool) and float(raw).is_integer():
@@ -92,8 +87,18 @@ def _coerce(key: str, name: str, raw: object, hint: object) -> object:
     if base is str and isinstance(raw, str):
         return raw
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a quoted string"}[base]
-    extra = {"keep_head_local": ' or "auto"', "examples_per_client": " (0 for no cap)"}.get(name, "")
+    extra = f" (or {json.dumps(_standin(f))} for the default)" if optional(f.name) else ""
     raise ValueError(f"run config {key}={raw!r} has the wrong type; pass {expected}{extra}, e.g. --run-config \"{key}=...\"")
+
+
+def name_is_auto(name: str, raw: object, standin: object) -> bool:
+    """Whether ``raw`` is the stand-in for "not given": the stand-in itself, "" or "auto" for a string one, any
+    number ≤ 0 for a numeric one."""
+    if isinstance(standin, str):
+        return isinstance(raw, str) and raw.strip().lower() in ("", "auto", standin)
+    if isinstance(standin, int | float) and not isinstance(standin, bool):
+        return isinstance(raw, int | float) and not isinstance(raw, bool) and raw <= 0
+    return raw == standin
 
 
 def to_toml(config: RunConfig, *, changed_only: bool = True) -> str:

@@ -10,7 +10,6 @@ clients' mean B and head), as with ``fedlora run``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from logging import INFO
@@ -21,7 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from fedlora.app.experiment import RunConfig, build, check_resume, load_checkpoint, metrics_line, save_checkpoint
+from fedlora.app.experiment import RunConfig, RunDir, build, default_out
 from fedlora.flower.config import FLOWER_ONLY, flower_options, from_flower
 from fedlora.flower.secure import secure_round
 from fedlora.flower.strategy import FedLoRAStrategy
@@ -39,37 +38,42 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round_timeout: float = FLOWER_ONLY["round-timeout"]) -> list[dict]:
     """Build, connect the partitions' SuperNodes, run every round, write the run directory; returns the metrics.
 
-    After every round the run directory gets ``checkpoint.safetensors`` (the simulator's, with the strategy's own
-    state in it: which broadcasts each client has applied, the broadcasts still pending); ``resume=True`` continues
-    the run in ``config.out`` from it. A round waits ``round_timeout`` seconds for its replies; a SuperNode silent
-    longer is left out of the round (recorded as rejected) and rejoins when it answers again."""
+    The run directory is held with the same lock as ``fedlora run`` (a second run, or a resume beside the first, on
+    the same ``out`` is refused). After every round it gets ``checkpoint.safetensors`` (the simulator's, with the
+    strategy's own state in it: which broadcasts each client has applied, the broadcasts still pending);
+    ``resume=True`` continues the run in ``config.out`` from it. A round waits ``round_timeout`` seconds for its
+    replies; a SuperNode silent longer is left out of the round (recorded as rejected) and rejoins when it answers again."""
+    config.validate()
     if not config.out:
         if resume:
             raise ValueError("resume needs the run directory: pass --run-config \"out='runs/NAME' resume=true\"")
-        config.out = str(Path("runs") / time.strftime(f"{config.method}-flower-%Y%m%d-%H%M%S"))
-    out = Path(config.out).resolve()
-    checkpoint = None
-    if resume:
-        checkpoint = load_checkpoint(out)
-        check_resume(config, checkpoint[1], out)
-    elif (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:  # as `fedlora run`
-        raise ValueError(f"{str(out)!r} already holds a run; pass a new out, e.g. --run-config \"out='{out}-2'\", "
-                         "or resume=true to continue it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    log(INFO, "fedlora: %s on Flower, %s clients, %s rounds; run directory %s%s", config.method, config.clients, config.rounds, out,
-        f" (resumed after round {checkpoint[1]['round']})" if checkpoint else "")
-
-    t0 = time.perf_counter()
-    exp = build(config)
-    why = exp.simulator.method.in_process_only
+        config.out = default_out(config, "-flower")
+    why = method_in_process_only(config)
     if why:
         raise ValueError(f"method {config.method} runs in-process only ({why}); run it with `fedlora run --method {config.method}`")
+    run_dir = RunDir(Path(config.out).resolve()).prepare()
+    with run_dir.hold():
+        checkpoint = run_dir.start(config, resume=resume, new_run_hint="pass a new out, e.g. --run-config \"out='{out}-2'\", "
+                                   "or resume=true to continue it")
+        return _rounds(grid, config, run_dir, checkpoint, round_timeout)
+
+
+def method_in_process_only(config: RunConfig) -> str | None:
+    """Why the settings' method cannot run on Flower (``central``, ``local``), or None; known before any loading."""
+    return config.method_object().in_process_only
+
+
+def _rounds(grid: Grid, config: RunConfig, run_dir: RunDir, checkpoint, round_timeout: float) -> list[dict]:
+    out = run_dir.path
+    log(INFO, "fedlora: %s on Flower, %s clients, %s rounds; run directory %s%s", config.method, config.clients, config.rounds, out,
+        f" (resumed after round {checkpoint[1]['round']})" if checkpoint else "")
+    t0 = time.perf_counter()
+    exp = build(config)
     strategy = FedLoRAStrategy(exp)
     if checkpoint is not None:
         exp.simulator.restore(*checkpoint)
         strategy.load(*checkpoint)
-    (out / "metrics.jsonl").write_text("".join(metrics_line(m) for m in exp.simulator.history))  # drops rounds after the checkpoint
+    run_dir.reset_metrics(exp.simulator.history)
     strategy.connect(grid)
     if checkpoint is None:
         strategy.setup(grid, round_timeout)  # round 0, for a method that has one
@@ -81,20 +85,19 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
         else:
             replies = grid.send_and_receive(strategy.configure_train(rnd), timeout=round_timeout)
             metrics = strategy.aggregate_train(rnd, replies, started)
-        with open(out / "metrics.jsonl", "a") as f:  # the line `fedlora run` writes (NaN as null)
-            f.write(metrics_line(metrics))
-        save_checkpoint(exp.simulator, out, config, extra=strategy.state())
+        run_dir.record(metrics, exp.simulator, config, extra=strategy.state())  # the line `fedlora run` writes (NaN as null)
         div = "—" if metrics["divergence"] is None else f"{metrics['divergence']:.4f}"
         log(INFO, "fedlora: round %s  global %.3f  local %.3f  ρ %s  up %s B  down %s B  rejected %s", rnd,
             metrics["global_accuracy"], metrics["local_accuracy"], div, metrics["bytes_up"], metrics["bytes_down"],
             metrics.get("n_rejected", 0))
-
-    from fedlora.app.export import save_run_artifacts
-    from fedlora.app.report import write_summary
-
     history = exp.simulator.history
-    save_run_artifacts(exp, out)
-    write_summary(exp, history, out, wall_seconds=time.perf_counter() - t0)
+    run_dir.finish(exp, history, time.perf_counter() - t0)
+    _write_flower_json(out, grid, strategy, exp)
+    log(INFO, "fedlora: run directory %s", out)
+    return history
+
+
+def _write_flower_json(out: Path, grid: Grid, strategy: FedLoRAStrategy, exp) -> None:
     (out / "flower.json").write_text(json.dumps({
         "flwr_version": flwr.__version__,
         "run_id": grid.run.run_id,
@@ -103,6 +106,3 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
         if exp.simulator.method.private(exp.simulator.handle) else None,
         "accepted": {str(cid): r for cid, r in sorted(strategy.accepted.items())},
     }, indent=2) + "\n")
-    log(INFO, "fedlora: run directory %s", out)
-    return history
-

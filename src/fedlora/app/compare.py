@@ -1,0 +1,115 @@
+"""Several methods on the same data, partition and seeds (``fedlora compare``, ``fedlora.compare``).
+
+Finished runs in the comparison's directory are read back and interrupted ones resumed, so a cut-short comparison,
+or one with methods added, redoes no finished work. With ``seeds``, seed s gives every method the same partition,
+initial adapter, client sampling and batch order, and the table shows 95 % intervals and paired differences to the
+reference method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedlora.app import experiment
+from fedlora.app.build import majority_rate
+from fedlora.app.config import RunConfig
+
+
+@dataclass
+class Comparison:
+    """What a comparison wrote: its directory, its markdown table, and per method the final rows and histories
+    (one per seed, in the order of ``seeds``)."""
+
+    out: Path
+    table: str
+    seeds: list[int]
+    results: dict[str, list[dict]] = field(default_factory=dict)
+    histories: dict[str, list[list[dict]]] = field(default_factory=dict)
+
+
+def method_list(methods: str | Sequence[str]) -> list[str]:
+    """``--methods``: registered names, each once, at least one; checked before anything trains."""
+    from fedlora.federation import method_names
+
+    text = methods if isinstance(methods, str) else ",".join(methods)
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"--methods {text!r} names no method; pass a comma-separated list, e.g. --methods fedit,florana")
+    for m in names:
+        if m not in method_names():
+            raise ValueError(f"unknown method {m!r} in --methods; choose from {', '.join(method_names())}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ValueError(f"--methods names {', '.join(twice)} more than once; list each method once")
+    return names
+
+
+def plan(base: RunConfig, methods: Sequence[str], seeds: Sequence[int] | None, out: Path) -> list[tuple[str, int, RunConfig]]:
+    """(method, seed, settings) of every run, each validated: every bad input is reported before the first trains."""
+    from fedlora.app.study import check_run_configs
+
+    paired = seeds is not None
+    runs = [(m, s, base.replace(method=m, seed=s, out=str(out / m / f"seed-{s}" if paired else out / m)))
+            for m in methods for s in (seeds if paired else [base.seed])]
+    for _, _, c in runs:
+        c.validate()
+    check_run_configs([c for _, _, c in runs], "--out")
+    return runs
+
+
+def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[int] | None = None, reference: str | None = "fedit",
+            out: str | Path | None = None, watch: Callable[[str, RunConfig], contextlib.AbstractContextManager] | None = None) -> Comparison:
+    """Run each of ``methods`` with ``base``'s other settings and write ``comparison.md`` and its plots into ``out``.
+
+    ``seeds``: paired seeds (the table then has intervals and paired differences to ``reference``); None: ``base.seed``
+    alone. ``watch(label, config)``: a context manager per run whose ``client``, ``round`` and ``work`` attributes (any
+    may be missing) receive the run's progress, as the CLI's progress bar does."""
+    from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
+
+    methods = method_list(methods)
+    out = Path(out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
+    paired = seeds is not None
+    seed_list = list(seeds) if paired else [base.seed]
+    if reference not in methods:
+        reference = None  # no paired differences without the reference among the methods
+    runs = plan(base, methods, seeds, out)
+    majority = [majority_rate(base.replace(seed=s)) for s in seed_list]
+    result = Comparison(out, "", seed_list)
+    settings = json.dumps({k: v for k, v in base.to_dict().items() if k not in ("method", "out", "seed")})
+    for method, seed, cfg in runs:
+        label = f"{method} (seed {seed})" if paired else method
+        history = _one_run(cfg, label, watch)
+        # wall s: the rounds' own wall time, the same whether a run was made now, resumed or read back
+        result.results.setdefault(method, []).append(final_row(method, history, sum(m["wall_seconds"] for m in history)))
+        result.histories.setdefault(method, []).append(history)
+        if paired:
+            result.table = seeded_tables(result.results, seed_list, reference, majority)
+        else:
+            result.table = markdown_table([rows[0] for rows in result.results.values()], majority[0])
+        (out / "comparison.md").write_text(
+            f"# fedlora compare\n\n{result.table}\nSettings: {settings}, seed{'s' if paired else ''} "
+            f"{', '.join(map(str, seed_list))}\n\n{PROTOCOL}\n"
+        )
+    rates = [m for m in majority if m is not None]
+    plot_comparison(result.histories if paired else {m: h[0] for m, h in result.histories.items()}, out,
+                    majority=sum(rates) / len(rates) if rates else None)
+    return result
+
+
+def _one_run(cfg: RunConfig, label: str, watch) -> list[dict]:
+    """A finished run read back, an interrupted one resumed, or a new one made."""
+    from fedlora.app.rundir import RunDir
+
+    done = RunDir(cfg.out).finished(cfg)
+    if done is not None:  # finished earlier (a compare that was cut short, or one with fewer methods): read back
+        print(f"{label}: finished run read back from {cfg.out}")
+        return done
+    with (watch(label, cfg) if watch else contextlib.nullcontext()) as w:
+        history, _ = experiment.run_or_resume(cfg, on_client=getattr(w, "client", None), on_round=getattr(w, "round", None),
+                                              on_progress=getattr(w, "work", None))
+    return history

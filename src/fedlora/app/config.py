@@ -1,0 +1,456 @@
+"""A run's settings, owned by concern: federation, adapter, data, task, privacy and runtime.
+
+Each part is a dataclass whose fields carry their default and help, and whose ``check`` raises one sentence naming
+the value and the fix. :class:`RunConfig` composes the parts and is read and written by the flat names that every
+edge shares: ``fedlora run``'s long flags (``--local-steps``), TOML keys (``local-steps``), Flower's run config keys
+and ``config.json``. The CLI flags, the TOML reader and the Flower run config are all generated from these fields.
+
+Three settings depend on the task (``model``, ``target_modules``, ``max_length``): "not given" is kept as None
+through every merge (flags over a TOML file, a Flower run config over ``pyproject.toml``'s defaults) and resolved
+from the task kind (:mod:`fedlora.app.tasks`) when read, the same way for every front end. Validation runs once per
+settings, at the edge (:meth:`RunConfig.validate`); the method object it builds to check them is the one the build
+then uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+from fedlora.federation import FederationConfig, PrivacyConfig, make_method, method_names, parse_method_options
+
+_FED = FederationConfig()  # the round loop's defaults are the run's: one place
+_DP = PrivacyConfig()
+
+
+def setting(default, help: str, *, flower=None):
+    """A settings field with its help (the flag's help, the TOML key's and Flower's). ``flower``: where ``default``
+    is None ("not given"), the stand-in Flower's run config holds for it (it holds no null)."""
+    return field(default=default, metadata={"help": help, "flower": flower})
+
+
+class Part:
+    """One concern's settings. ``check(run)`` may read other parts' (resolved) values through ``run``."""
+
+    def check(self, run: RunConfig) -> None:  # pragma: no cover - every part overrides it
+        raise NotImplementedError
+
+
+@dataclass
+class FederationSettings(Part):
+    """The method and the round loop: who trains, how much, and how the server combines it."""
+
+    method: str = setting("florana", "aggregation method (see the methods table)")
+    method_options: str = setting("", "method options as NAME-OPTION=VALUE pairs, e.g. 'hetlora-weights=data' (also as their own flags)")
+    clients: int = setting(10, "number of clients")
+    fraction: float = setting(_FED.fraction, "fraction of clients sampled per round, in (0, 1]")
+    rounds: int = setting(_FED.rounds, "federated rounds")
+    local_steps: int = setting(_FED.local_steps, "optimizer steps per client per round")
+    batch_size: int = setting(_FED.batch_size, "local batch size")
+    lr: float = setting(_FED.lr, "local learning rate")
+    optimizer: str = setting(_FED.optimizer, "local optimizer: adamw, or sgd (plain gradient steps)")
+    max_grad_norm: float = setting(_FED.max_grad_norm, "clip each local step's gradient to this L2 norm; 0 turns it off")
+    weighting: str = setting(_FED.weighting, "client weights: examples (n_u/Σn) or uniform")
+    max_norm_ratio: float = setting(_FED.max_norm_ratio, "reject a client update above this × the round's median norm; 0 turns it off")
+    keep_head_local: bool | None = setting(None, "keep each client's classifier head private (default: the method's; fedsa keeps it)",
+                                           flower="auto")
+    similarity: bool = setting(_FED.similarity, "also record the clients' mean pairwise cosine similarity of A and B per module")
+
+    def check(self, run: RunConfig) -> None:
+        if self.method not in method_names():
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
+        if self.clients < 1:
+            raise ValueError(f"clients={self.clients} is below 1; pass --clients 1 or more")
+        run.federation_config()  # the round loop's own checks (rounds, fraction, lr, optimizer, …)
+
+
+@dataclass
+class AdapterSettings(Part):
+    """The adapter every client trains: its kind, rank(s), scale and the layers it adapts."""
+
+    adapter: str = setting("lora", "lora, rslora, dora, vera or hira")
+    rank: int = setting(8, "adapter rank r")
+    client_ranks: str = setting("", "mixed ranks: comma-separated ranks given to clients in turn (client u gets the (u mod n)-th), "
+                                    "e.g. 4,8,16; empty: --rank for all")
+    lora_alpha: float = setting(16.0, "LoRA alpha; a client's scale is alpha/r (rsLoRA alpha/sqrt r)")
+    target_modules: str | None = setting(None, "comma-separated linear layers to adapt (default: the task's; classification: query,value; "
+                                               "causal-lm: q_proj,v_proj)", flower="")
+
+    def check(self, run: RunConfig) -> None:
+        from fedlora.adapters import ADAPTERS
+
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        run.ranks()
+        run.adapter_spec()
+
+
+@dataclass
+class DataSettings(Part):
+    """Where the examples come from, how they are split over the clients, and what is held out."""
+
+    data: str = setting("tweets", "tweets (offline default), bbc, a .csv/.jsonl file, hf:NAME[:CONFIG], or synthetic:ALPHA,BETA (a generated "
+                                  "task with model and input heterogeneity, its own small network); causal-lm also gsm8k, mbpp, humaneval")
+    text_column: str = setting("text", "text column of --data files/datasets")
+    label_column: str = setting("label", "label column of --data files/datasets")
+    partition: str = setting("dirichlet", "iid, dirichlet or pathological")
+    alpha: float = setting(0.5, "Dirichlet concentration over labels; smaller is more skewed")
+    labels_per_client: int = setting(2, "labels per client for --partition pathological")
+    examples_per_client: int | None = setting(200, "cap on each client's shard, train+test", flower=0)
+    test_examples: int = setting(500, "size of the global test set held out before partitioning")
+    local_test_fraction: float = setting(0.2, "fraction of each client's shard held out as its local test set")
+    max_length: int | None = setting(None, "max tokens per example (default: the task's; classification: 64; causal-lm: 128, "
+                                           "prompt + response)", flower=0)
+
+    def check(self, run: RunConfig) -> None:
+        from fedlora.data import PARTITIONS
+
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
+        if not self.alpha > 0:
+            raise ValueError(f"Dirichlet alpha={self.alpha} must be positive; pass e.g. --alpha 0.5 (smaller is more skewed)")
+        if run.max_length < 8:
+            raise ValueError(f"max_length={run.max_length} is too short; pass --max-length 8 or more")
+        if self.examples_per_client is not None and self.examples_per_client < 2:
+            raise ValueError(f"examples_per_client={self.examples_per_client} leaves no room for a local test split; pass 2 or more")
+        if self.test_examples < 1:
+            raise ValueError(f"test_examples={self.test_examples} leaves no global test set to score the global model on; "
+                             "pass --test-examples 1 or more")
+
+
+@dataclass
+class TaskSettings(Part):
+    """The task kind and its model; the causal-LM task's prompt/response fields and how answers are scored."""
+
+    task: str = setting("classification", "classification or causal-lm (instruction tuning, scored by generation)")
+    model: str | None = setting(None, "minilm (offline default), tiny:bert, tiny:gpt2, or a Hugging Face name/path; "
+                                      "causal-lm: smollm2 (offline default), tiny:llama, or a name/path", flower="")
+    prompt_column: str = setting("prompt", "causal-lm: prompt field of --data files/datasets")
+    response_column: str = setting("response", "causal-lm: response field of --data files/datasets")
+    scoring: str = setting("auto", "causal-lm: auto (the data's own), exact, number (last number, GSM8K) or pass@1 (code)")
+    max_new_tokens: int = setting(64, "causal-lm: most tokens generated per answer when scoring")
+    code_timeout: float = setting(10.0, "causal-lm pass@1: seconds each candidate program may run")
+    gradient_checkpointing: bool = setting(False, "causal-lm: recompute activations in the backward pass (less memory, ~30%% slower)")
+
+    def check(self, run: RunConfig) -> None:
+        from fedlora.app.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        run.task_kind().check(run)
+
+
+@dataclass
+class PrivacySettings(Part):
+    """Differential privacy (DESIGN.md, "Privacy"; fedlora.federation.privacy) and secure aggregation (Flower only)."""
+
+    dp: str = setting(_DP.mode, "differential privacy: none; client (DP-FedAvg: clipped client updates, Gaussian noise on their sum, "
+                                "Poisson client sampling at --fraction; linear methods only); example (DP-SGD in every client's "
+                                "local training with Opacus; lora and rslora)")
+    dp_clip: float = setting(_DP.clip, "DP: L2 bound C on one client's update (client) or on one example's gradient (example)")
+    dp_noise: float = setting(_DP.noise, "DP: noise multiplier z (standard deviation z·C on the sum of the clipped updates or gradients)")
+    dp_delta: float = setting(_DP.delta, "DP: δ of the reported (ε, δ); keep it below 1/number of clients")
+    dp_target_epsilon: float | None = setting(None, "DP: choose --dp-noise so that the planned rounds spend this ε at --dp-delta", flower=0.0)
+    dp_accountant: str = setting(_DP.accountant, "DP: Opacus's accountant, rdp or prv")
+    dp_secure_noise: bool = setting(_DP.secure_noise, "DP: draw the noise from the OS's randomness, not the run's seed (deployments: nobody "
+                                                      "who knows the seed can subtract it; runs are then not reproducible)")
+    secure_aggregation: bool = setting(False, "Flower only: SecAgg+, so the server sees only the weighted sum of the uploads "
+                                              "(linear methods, one rank for all; no per-client divergence or screening)")
+    secagg_clip: float = setting(8.0, "SecAgg+: every uploaded value must lie in [-clip, clip] (quantised over it in 2^22 steps)")
+
+    def check(self, run: RunConfig) -> None:
+        run.privacy_config()  # the accountant's own checks (mode, clip, noise, δ, target ε)
+        if self.secure_aggregation:
+            self._check_secure(run)
+
+    def _check_secure(self, run: RunConfig) -> None:
+        """Secure aggregation gives the server one weighted sum: only a rule that needs nothing else can run on it."""
+        if not run.method_object().is_linear():
+            raise ValueError(f"secure aggregation: method {run.method} needs each client's factors, not only their sum; "
+                             "pick a linear method (fedit, ffa, fedsa, …: `fedlora methods`) or drop secure-aggregation")
+        ranks = run.ranks()
+        if ranks is not None and len(set(ranks)) > 1:
+            raise ValueError("secure aggregation sums uploads of one shape; mixed --client-ranks cannot be summed, drop one of the two")
+        if self.dp == "client":
+            raise ValueError("secure aggregation with --dp client is not supported: the server clips each client's update, "
+                             "which it cannot see under SecAgg+; use --dp example (DP-SGD on the clients) instead")
+        if run.similarity:
+            raise ValueError("secure aggregation hides each client's factors, so --similarity cannot be measured; drop one of the two")
+        if not self.secagg_clip > 0:
+            raise ValueError(f"secagg_clip={self.secagg_clip} must be positive; pass e.g. secagg-clip = 8.0")
+
+
+@dataclass
+class RuntimeSettings(Part):
+    """Where and how reproducibly the run executes, and where it writes."""
+
+    seed: int = setting(_FED.seed, "seed for partitions, sampling, init and training")
+    device: str = setting("auto", "auto, cpu or cuda[:N]")
+    out: str | None = setting(None, "run directory (default runs/METHOD-TIMESTAMP)", flower="")
+
+    def check(self, run: RunConfig) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"unknown device {self.device!r}; pass --device auto, cpu, cuda or cuda:N (N a GPU index)")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device} asks for a GPU but this machine has no CUDA device PyTorch can use; "
+                                 "pass --device cpu (or auto)")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                n = torch.cuda.device_count()
+                raise ValueError(f"--device {self.device}: this machine has {n} CUDA device(s); pass cuda:0 … cuda:{n - 1}")
+
+
+# The parts in the order their checks run (and their flags are listed): a run's method before its privacy.
+PARTS: dict[str, type[Part]] = {
+    "federation": FederationSettings,
+    "adapter": AdapterSettings,
+    "data": DataSettings,
+    "task": TaskSettings,
+    "privacy": PrivacySettings,
+    "runtime": RuntimeSettings,
+}
+# Settings whose default depends on the task kind: None ("not given") until read.
+TASK_DEPENDENT = ("model", "target_modules", "max_length")
+
+
+@functools.cache
+def _fields() -> tuple[tuple[str, dataclasses.Field], ...]:
+    return tuple((part, f) for part, cls in PARTS.items() for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _owner() -> dict[str, str]:
+    return {f.name: part for part, f in _fields()}
+
+
+@functools.lru_cache(maxsize=256)
+def parse_ranks(text: str, clients: int) -> tuple[int, ...] | None:
+    """Each client's rank under ``--client-ranks`` (in turn), or None for one rank for all."""
+    if not text.strip():
+        return None
+    try:
+        cycle = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        cycle = []
+    if not cycle or min(cycle) < 1:
+        raise ValueError(f"client_ranks={text!r} is not a list of ranks ≥ 1; pass e.g. --client-ranks 4,8,16")
+    return tuple(cycle[u % len(cycle)] for u in range(clients))
+
+
+class _Parts:
+    """``config.parts.federation`` … ``config.parts.runtime``."""
+
+    def __init__(self, parts: dict[str, Part]):
+        self.__dict__.update(parts)
+
+    def items(self):
+        return self.__dict__.items()
+
+
+class RunConfig:
+    """Every setting of a run, composed of the parts above (``config.parts.privacy``, …) and read or written by its
+    flat name (``config.dp_noise``), which is ``fedlora run``'s long flag with dashes as underscores."""
+
+    def __init__(self, **settings):
+        owner = _owner()
+        unknown = sorted(set(settings) - set(owner))
+        if unknown:
+            raise TypeError(f"RunConfig got unknown setting(s) {', '.join(unknown)}")
+        parts = {name: cls(**{k: v for k, v in settings.items() if owner[k] == name}) for name, cls in PARTS.items()}
+        object.__setattr__(self, "parts", _Parts(parts))
+        object.__setattr__(self, "_validated", None)  # the settings last validated
+        object.__setattr__(self, "_method", None)  # (settings, the method object built for them), until a build takes it
+
+    # ---- the flat view -----------------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        owner = _owner()
+        if name not in owner:
+            raise AttributeError(f"{type(self).__name__!r} has no setting {name!r}")
+        value = getattr(self.parts.__dict__[owner[name]], name)
+        if value is None and name in TASK_DEPENDENT:
+            return self.task_kind().defaults[name]
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        owner = _owner()
+        if name not in owner:
+            raise AttributeError(f"{type(self).__name__!r} has no setting {name!r}")
+        setattr(self.parts.__dict__[owner[name]], name, value)
+
+    @classmethod
+    def fields(cls) -> list[dataclasses.Field]:
+        """Every setting's field (name, default, type, help in ``metadata``), part by part."""
+        return [f for _, f in _fields()]
+
+    def given(self) -> dict[str, object]:
+        """The settings as stored: a task-dependent one not given is None (what ``replace`` and Flower's defaults use)."""
+        return {f.name: getattr(self.parts.__dict__[part], f.name) for part, f in _fields()}
+
+    def to_dict(self) -> dict[str, object]:
+        """The settings as the run uses them (task defaults resolved): ``config.json``, checkpoints, digests."""
+        return {f.name: getattr(self, f.name) for _, f in _fields()}
+
+    def replace(self, **changes) -> RunConfig:
+        """A new config with ``changes``; settings not given stay not given (a new task gets its own defaults)."""
+        return type(self)(**(self.given() | changes))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RunConfig) and self.given() == other.given()
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        defaults = type(self)().given()
+        changed = ", ".join(f"{k}={v!r}" for k, v in self.given().items() if v != defaults[k])
+        return f"RunConfig({changed})"
+
+    # ---- derived objects ---------------------------------------------------------------------------------------
+    def task_kind(self):
+        """The task kind (:mod:`fedlora.app.tasks`) that builds this run: its defaults, checks, data and model."""
+        from fedlora.app.tasks import task_kind
+
+        return task_kind(self.parts.task.task, self.parts.data.data)
+
+    def ranks(self) -> list[int] | None:
+        """Each client's rank under ``--client-ranks`` (in turn), or None for one rank for all."""
+        ranks = parse_ranks(self.client_ranks, self.clients)
+        return None if ranks is None else list(ranks)
+
+    def adapter_spec(self):
+        """The model's adapter: at the largest client rank under ``--client-ranks``."""
+        from fedlora.adapters import AdapterSpec
+
+        targets = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        ranks = self.ranks()
+        return AdapterSpec(kind=self.adapter, r=max(ranks) if ranks else self.rank, alpha=self.lora_alpha, target_modules=targets)
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def federation_config(self) -> FederationConfig:
+        return FederationConfig(
+            rounds=self.rounds, fraction=self.fraction, local_steps=self.local_steps, batch_size=self.batch_size,
+            lr=self.lr, optimizer=self.optimizer, max_grad_norm=self.max_grad_norm, seed=self.seed, weighting=self.weighting,
+            device=self.resolved_device(),
+            max_norm_ratio=self.max_norm_ratio, similarity=self.similarity, privacy=self.privacy_config(),
+        )
+
+    def privacy_config(self) -> PrivacyConfig:
+        return PrivacyConfig(mode=self.dp, clip=float(self.dp_clip), noise=float(self.dp_noise), delta=float(self.dp_delta),
+                             target_epsilon=None if self.dp_target_epsilon is None else float(self.dp_target_epsilon),
+                             accountant=self.dp_accountant, secure_noise=bool(self.dp_secure_noise))
+
+    def _key(self) -> str:
+        return json.dumps(self.given(), sort_keys=True, default=str)
+
+    def method_object(self):
+        """The method object these settings make: built once per settings and kept for :meth:`make_method`."""
+        key = self._key()
+        if self._method is None or self._method[0] != key:
+            ranks = self.ranks()
+            method = make_method(self.method, self.adapter, mixed_ranks=ranks is not None and len(set(ranks)) > 1,
+                                 keep_head_local=self.keep_head_local, **parse_method_options(self.method, self.method_options))
+            object.__setattr__(self, "_method", (key, method))
+        return self._method[1]
+
+    def make_method(self):
+        """The method's protocol object for a build: the one validation made, handed over once; a fresh one after."""
+        method = self.method_object()
+        object.__setattr__(self, "_method", None)
+        return method
+
+    # ---- validation, once, at the edge -------------------------------------------------------------------------
+    def validate(self) -> RunConfig:
+        """Every part's checks (none needs data or a model); ValueError with one sentence naming the value and the
+        fix. Settings already validated, unchanged since, are not checked again."""
+        key = self._key()
+        if self._validated == key:
+            return self
+        for _, part in self.parts.items():
+            part.check(self)
+        self.method_object()  # the method × adapter × ranks × options checks; the object is kept for the build
+        object.__setattr__(self, "_validated", key)
+        return self
+
+    # ---- TOML ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, **overrides) -> RunConfig:
+        """Settings from a TOML file: flat keys (``local-steps = 4``, at the top or under ``[run]``) or one table per
+        part (``[privacy]`` with ``dp = "client"``); ``overrides`` (the flags given) win."""
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"config file {str(path)!r} does not exist; pass an existing TOML file to --config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML ({exc}); fix the file or drop --config") from None
+        flat = _flatten(raw.get("run", raw), str(path))
+        for key, value in flat.items():
+            cls.check_type(key, value, f"config file {str(path)!r}")
+        return cls(**(flat | overrides))
+
+    @classmethod
+    def check_type(cls, key: str, value: object, where: str) -> None:
+        """Refuse a value of the wrong type for setting ``key`` in one line naming the key, ``where`` and the type
+        expected (a string where a boolean belongs is an error, not a guess)."""
+        kind = base_type(key)
+        if kind is bool:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif kind is int:
+            ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind is float:
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            ok, expected = isinstance(value, str), "a string"
+        if not ok:
+            default = next(f.default for f in cls.fields() if f.name == key)
+            example = f" (e.g. {key.replace('_', '-')} = {json.dumps(default)})" if default is not None else ""
+            raise ValueError(f"{where}: {key.replace('_', '-')} = {json.dumps(value, default=str)} is not {expected}{example}")
+
+
+def _flatten(raw: dict, where: str) -> dict[str, object]:
+    owner = _owner()
+    flat: dict[str, object] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in PARTS and isinstance(value, dict):
+            for k, v in value.items():
+                n = k.replace("-", "_")
+                if owner.get(n) != name:
+                    raise ValueError(f"config file {where!r}: [{name}] has no setting {k!r}; its settings are "
+                                     f"{', '.join(f.name.replace('_', '-') for f in dataclasses.fields(PARTS[name]))}")
+                flat[n] = v
+        else:
+            flat[name] = value
+    unknown = sorted(set(flat) - set(owner))
+    if unknown:
+        raise ValueError(f"config file {where!r} has unknown key(s) {', '.join(unknown)}; use the long flag names of `fedlora run`")
+    return flat
+
+
+@functools.cache
+def base_type(name: str) -> type:
+    """The setting's type without ``| None`` (bool, int, float or str)."""
+    part = PARTS[_owner()[name]]
+    hint = typing.get_type_hints(part)[name]
+    kinds = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    return kinds[0]
+
+
+@functools.cache
+def optional(name: str) -> bool:
+    """Whether the setting can be "not given" (None)."""
+    return type(None) in typing.get_args(typing.get_type_hints(PARTS[_owner()[name]])[name])

@@ -1,0 +1,237 @@
+"""A run directory: the one object every way of making a run (``fedlora run``, ``compare``, ``study``, the Flower
+ServerApp) writes through.
+
+``RunDir(out)`` creates the directory or refuses in one line; ``hold()`` takes its lock (another live process
+writing it is refused, a lock left by a killed process is taken over); ``start(config, resume=…)`` checks a resume
+against the checkpoint's settings or refuses to overwrite a finished run, and writes ``config.json``; every round
+``record(metrics, sim, config)`` appends its line to ``metrics.jsonl`` and replaces ``checkpoint.safetensors``
+atomically; ``finish`` writes the adapter and ``summary.md``. ``finished(config)`` reads a finished run back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fedlora.app.config import RunConfig
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+_LOCK = ".running"
+_RESUMABLE = ("rounds", "out")  # settings a resume may change (more rounds) or that name the place
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    raise TypeError(type(obj))
+
+
+def metrics_line(m: dict) -> str:
+    """One metrics.jsonl line. NaN (no local test examples, a skipped round) is written as null: strict JSON."""
+    clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in m.items()}
+    return json.dumps(clean, default=_json_default) + "\n"
+
+
+def _settings(config: RunConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
+
+
+class RunDir:
+    def __init__(self, out: str | os.PathLike):
+        self.path = Path(out)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # ---- the place and its lock ----------------------------------------------------------------------------------
+    def prepare(self) -> RunDir:
+        """Create the directory or refuse in one line: an existing file, a path under a file, or no write permission."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is an existing file, not a directory; pass a directory path")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot create the run directory {str(out)!r} ({exc.strerror or type(exc).__name__}); pass a writable --out") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"the run directory {str(out)!r} is not writable; pass a writable --out")
+        return self
+
+    def take(self) -> bool | None:
+        """Take the directory for this process with an exclusive lock file holding our pid. True: taken now (give it
+        back with :meth:`release`); None: this process holds it already; False: another live process does. A lock
+        whose process is gone (killed) is stale and taken over."""
+        lock = self.path / _LOCK
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(lock.read_text().strip() or 0)
+                    if pid == os.getpid():
+                        return None
+                    os.kill(pid, 0)
+                    return False  # alive
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    lock.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                except PermissionError:
+                    return False
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
+
+    def holder(self) -> str:
+        try:
+            return (self.path / _LOCK).read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        (self.path / _LOCK).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def hold(self):
+        """The directory's lock for the block, or one line saying which process writes it."""
+        taken = self.take()
+        if taken is False:
+            raise ValueError(f"{str(self.path)!r} is being written by process {self.holder()} (a run, compare, study or Flower "
+                             "ServerApp); wait for it to finish, or pass another --out")
+        try:
+            yield self
+        finally:
+            if taken:
+                self.release()
+
+    # ---- the run in it -------------------------------------------------------------------------------------------
+    def start(self, config: RunConfig, *, resume: bool, new_run_hint: str = "pass a new --out, or --resume {out} to continue it") -> tuple | None:
+        """Check and record the run's settings; the checkpoint to resume from (None for a new run)."""
+        checkpoint = None
+        if resume:
+            checkpoint = self.load_checkpoint()
+            check_resume(config, checkpoint[1], self.path)
+        elif self.has_metrics():
+            raise ValueError(f"{str(self.path)!r} already holds a run; {new_run_hint.format(out=self.path)}")
+        (self.path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        return checkpoint
+
+    def has_metrics(self) -> bool:
+        path = self.path / METRICS
+        return path.exists() and path.stat().st_size > 0
+
+    def reset_metrics(self, history: list[dict]) -> None:
+        """``metrics.jsonl`` as the checkpoint has it: drops any line written after the checkpoint a kill interrupted."""
+        (self.path / METRICS).write_text("".join(metrics_line(m) for m in history))
+
+    def record(self, metrics: dict, sim, config: RunConfig, extra: tuple[dict, dict] | None = None) -> None:
+        """One finished round: its metrics line, then the checkpoint."""
+        with open(self.path / METRICS, "a") as f:
+            f.write(metrics_line(metrics))
+        self.save_checkpoint(sim, config, extra)
+
+    def finish(self, exp, history: list[dict], wall_seconds: float) -> None:
+        from fedlora.app.export import save_run_artifacts
+        from fedlora.app.report import write_summary
+
+        save_run_artifacts(exp, self.path)
+        write_summary(exp, history, self.path, wall_seconds=wall_seconds)
+
+    def finished(self, config: RunConfig) -> list[dict] | None:
+        """The history of a finished run of at least ``config.rounds`` rounds, else None."""
+        path = self.path / METRICS
+        if not (self.path / "summary.md").exists() or not path.exists():
+            return None
+        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return history if len(history) >= config.rounds else None
+
+    def interrupted(self) -> bool:
+        """Whether a run here stopped after a checkpoint (resume it); a run killed before its first checkpoint leaves
+        nothing worth keeping, and its metrics are removed."""
+        if (self.path / CHECKPOINT).exists():
+            return True
+        (self.path / METRICS).unlink(missing_ok=True)
+        return False
+
+    # ---- the checkpoint ------------------------------------------------------------------------------------------
+    def save_checkpoint(self, sim, config: RunConfig | None = None, extra: tuple[dict, dict] | None = None) -> None:
+        save_checkpoint(sim, self.path, config, extra)
+
+    def load_checkpoint(self) -> tuple[dict, dict]:
+        return load_checkpoint(self.path)
+
+
+def save_checkpoint(sim, out: Path, config: RunConfig | None = None, extra: tuple[dict, dict] | None = None) -> None:
+    """One file, replaced atomically: a kill at any moment leaves the previous complete checkpoint. ``config``: the
+    run's settings, kept inside the checkpoint so a resume can refuse an edited config.json. ``extra``: (tensors, meta)
+    of the Flower strategy, under its own keys (the simulator's restore ignores them)."""
+    tensors, meta = sim.snapshot()
+    if extra is not None:
+        tensors |= extra[0]
+        meta["flower"] = extra[1]
+    if config is not None:
+        meta["config"] = _settings(config)
+    tmp = out / (CHECKPOINT + ".tmp")
+    save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta, default=_json_default)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out / CHECKPOINT)
+
+
+def load_checkpoint(out: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(out) / CHECKPOINT
+    if not path.exists():
+        raise ValueError(f"{str(out)!r} has no {CHECKPOINT}; resume needs a run directory with at least one finished round")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["fedlora"])
+        return load_file(str(path)), meta
+    except Exception as exc:  # truncated, garbage, or not ours: the file and the directory are left as they are
+        raise ValueError(f"{str(path)!r} is not a readable fedlora checkpoint ({type(exc).__name__}); nothing was changed: "
+                         "restore the file from a copy, or start a new run with another --out") from None
+
+
+def _saved_settings(saved: dict, mine: dict) -> dict:
+    """A setting added to RunConfig after a run or checkpoint was written counts as its default there."""
+    defaults = {f.name: f.default for f in RunConfig.fields()}
+    return {k: saved.get(k, defaults.get(k)) for k in set(saved) | set(mine)}
+
+
+def check_resume(config: RunConfig, meta: dict, out: Path) -> None:
+    """Refuse to resume a checkpoint under settings other than its own (an edited config.json), or with fewer
+    rounds than it has finished."""
+    done = int(meta.get("round", 0))
+    if config.rounds < done:
+        raise ValueError(f"{str(out)!r} has finished {done} rounds; --rounds {config.rounds} would cut it short: pass --rounds {done} or more")
+    if meta.get("config") is None:  # a checkpoint from before settings were kept in it
+        return
+    mine = _settings(config)
+    saved = _saved_settings(meta["config"], mine)
+    changed = sorted(k for k in saved if saved.get(k) != mine.get(k))
+    if changed:
+        diff = ", ".join(f"{k}={mine.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in changed)
+        raise ValueError(f"{str(Path(out) / 'config.json')!r} no longer matches the run's checkpoint: {diff}; "
+                         "restore config.json, or start a new run with another --out")
+
+
+def same_settings(out: Path, config: RunConfig) -> bool:
+    """Whether the run in ``out`` was made with ``config``'s settings (all but ``out``)."""
+    mine = {k: v for k, v in config.to_dict().items() if k != "out"}
+    saved = _saved_settings(json.loads((Path(out) / "config.json").read_text()), mine)
+    return all(saved.get(k) == v for k, v in mine.items())
+
+
+def resume_config(out: str | os.PathLike, **overrides) -> RunConfig:
+    path = Path(out) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{str(out)!r} has no config.json; pass the --out directory of an earlier run to --resume")
+    return RunConfig(**(json.loads(path.read_text()) | overrides | {"out": str(out)}))
