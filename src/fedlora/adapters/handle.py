@@ -20,8 +20,7 @@ from torch import Tensor, nn
 
 from fedlora.adapters.spec import AdapterSpec
 from fedlora.adapters.structures import CoreB
-from fedlora.aggregation import Aggregate
-from fedlora.aggregation.fedsb import block_diagonal
+from fedlora.aggregation import Aggregate, block_diagonal
 
 _VERA_D_INITIAL = 0.1  # PEFT's VeraConfig.d_initial default: λ_d starts at 0.1, λ_b at 0.
 
