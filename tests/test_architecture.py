@@ -33,8 +33,9 @@ def layer_of(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
-def imports(path: Path) -> list[tuple[int, str]]:
-    """Every fedlora module ``path`` imports, with the line, resolving relative imports."""
+def imports(path: Path, *, members: bool = False) -> list[tuple[int, str]]:
+    """Every fedlora module ``path`` imports, with the line, resolving relative imports. ``members``: also each name
+    imported from a module (``from fedlora.aggregation import fedsb`` gives ``fedlora.aggregation.fedsb`` too)."""
     package = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
@@ -50,7 +51,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
             else:
                 name = node.module or ""
             if name.startswith("fedlora"):
-                out += [(node.lineno, name)] + [(node.lineno, f"{name}.{a.name}") for a in node.names if name == "fedlora"]
+                out += [(node.lineno, name)] + [(node.lineno, f"{name}.{a.name}") for a in node.names if members or name == "fedlora"]
     return out
 
 
@@ -117,6 +118,46 @@ def test_the_aggregation_package_has_no_import_cycle():
 
     for n in graph:
         visit(n, [])
+
+
+def rule_modules() -> set[str]:
+    """The aggregation modules that hold one method's rule: those that call ``register_rule`` (as its decorator)."""
+    out = set()
+    for path in (SRC / "aggregation").glob("*.py"):
+        calls = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)]
+        if any(getattr(c.func, "id", getattr(c.func, "attr", None)) == "register_rule" for c in calls):
+            out.add(f"fedlora.aggregation.{path.stem}")
+    return out
+
+
+def rule_imports(path: Path, rules: set[str]) -> list[tuple[int, str]]:
+    """The imports in ``path`` of a rule module or of anything inside one (``fedlora.aggregation.fedsb.x``)."""
+    return [(line, n) for line, n in imports(path, members=True) if any(n == r or n.startswith(r + ".") for r in rules)]
+
+
+def test_the_adapter_layer_imports_no_method_math(tmp_path):
+    """The adapters may use the generic aggregation utilities (``Aggregate``, ``block_diagonal``), never a method's
+    rule module: a method's math belongs to the method (its rule file, or its protocol file in federation/methods)."""
+    global SRC
+    rules = rule_modules()
+    assert {"fedlora.aggregation.fedit", "fedlora.aggregation.fedsb", "fedlora.aggregation.flora"} <= rules
+    assert not rules & {"fedlora.aggregation.registry", "fedlora.aggregation._common", "fedlora.aggregation.result",
+                        "fedlora.aggregation.comm", "fedlora.aggregation"}
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {name}" for path in sorted((SRC / "adapters").rglob("*.py"))
+             for line, name in rule_imports(path, rules)]
+    assert not wrong, "the adapter layer imports a method's rule:\n" + "\n".join(wrong)
+    # The check sees every spelling of such an import (and lets the generic ones through).
+    f = tmp_path / "fedlora" / "adapters" / "x.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("from fedlora.aggregation.fedsb import average_cores\nfrom fedlora.aggregation import Aggregate, flora\n"
+                 "from ..aggregation import fedit\ndef f():\n    import fedlora.aggregation.ravan\n")
+    old, SRC = SRC, tmp_path / "fedlora"
+    try:
+        hits = [n for _, n in rule_imports(f, rules)]
+    finally:
+        SRC = old
+    assert hits == ["fedlora.aggregation.fedsb", "fedlora.aggregation.fedsb.average_cores", "fedlora.aggregation.flora",
+                    "fedlora.aggregation.fedit", "fedlora.aggregation.ravan"]
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])

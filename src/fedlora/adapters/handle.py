@@ -3,6 +3,8 @@
 The simulator keeps ONE model in memory. A client "is" the set of trainable tensors loaded into it while it
 trains; this handle moves those tensors in and out as ``dict[str, Tensor]`` keyed by parameter name, exposes
 each adapted module's factors ``(B, A)`` for the aggregation math, and folds server updates into the frozen base.
+What differs between adapter kinds (VeRA's vectors, HiRA's fold, DoRA's magnitude…) is asked of the spec's kind
+object (:mod:`fedlora.adapters.kinds`), never decided here by its name.
 
 Orientation: every factor product and weight-space update here is d×k (out×in, ``B A``), whatever the layer. A base
 weight may be stored transposed, k×d (in×out: transformers' ``Conv1D`` in GPT-2-style models, which PEFT marks with
@@ -11,19 +13,16 @@ weight may be stored transposed, k×d (in×out: transformers' ``Conv1D`` in GPT-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from peft.utils import transpose
 from torch import Tensor, nn
 
+from fedlora.adapters.kinds import MATRIX
 from fedlora.adapters.spec import AdapterSpec
 from fedlora.adapters.structures import CoreB
-from fedlora.aggregation import Aggregate
-from fedlora.aggregation.fedsb import block_diagonal
-
-_VERA_D_INITIAL = 0.1  # PEFT's VeraConfig.d_initial default: λ_d starts at 0.1, λ_b at 0.
+from fedlora.aggregation import Aggregate, block_diagonal
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,8 @@ class AdapterHandle:
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self.layers: dict[str, nn.Module] = {}
         self.keys: dict[str, ModuleKeys] = {}
-        b_attr, a_attr = {"vera": ("vera_lambda_b", "vera_lambda_d"), "hira": ("hira_B", "hira_A")}.get(
-            spec.kind, ("lora_B", "lora_A")
-        )
+        self.kind = spec.variant
+        b_attr, a_attr = self.kind.b_attr, self.kind.a_attr
         for name, module in model.named_modules():
             if hasattr(module, b_attr) and hasattr(module, "get_base_layer") and "default" in getattr(module, b_attr):
                 short = name.removeprefix("base_model.model.")
@@ -68,7 +66,7 @@ class AdapterHandle:
         # rest are zero, and stay zero in training: their gradients vanish with the zero partner) at scale s(r_u).
         self.rank = spec.r
         self.rank_dim: dict[str, int] = {}  # factor tensor name -> its rank dimension (B: 1, A: 0)
-        if spec.kind != "vera" and not self.cored:
+        if self.kind.factor_form == MATRIX and not self.cored:
             for k in self.keys.values():
                 self.rank_dim[k.B], self.rank_dim[k.A] = 1, 0
         self._scaling = {m: layer.scaling["default"] for m, layer in self.layers.items()
@@ -152,18 +150,13 @@ class AdapterHandle:
                       *, B: bool = True, A: bool = True) -> None:
         """Write each module's broadcast factors into trainables ``out``, padded with zeros to the model's rank.
 
-        VeRA's factors are ``diag(λ)·shared``: the vectors are combined with the aggregate's coefficients p, q."""
+        The kind writes them (:meth:`AdapterKind.write`): VeRA's factors are ``diag(λ)·shared``, so its vectors are
+        combined with the aggregate's coefficients p, q."""
         for module, agg in layers.items():
             k = self.keys[module]
-            if self.spec.kind == "vera":
-                if B and agg.p is not None:
-                    out[k.B] = combine_vectors([u[k.B] for u in uploads], agg.p)
-                if A and agg.q is not None:
-                    out[k.A] = combine_vectors([u[k.A] for u in uploads], agg.q)
-                continue
-            for on, name, t in ((B, k.B, agg.B), (A, k.A, agg.A)):
-                if on and t is not None:
-                    out[name] = self.pad(name, t.contiguous())
+            for on, name, t, coef in ((B, k.B, agg.B, agg.p), (A, k.A, agg.A, agg.q)):
+                if on and (written := self.kind.write(self, name, t, uploads, coef)) is not None:
+                    out[name] = written
 
     def pad(self, name: str, t: Tensor) -> Tensor:
         """Factor ``t`` zero-padded to the model's rank (as it is when already full)."""
@@ -189,17 +182,11 @@ class AdapterHandle:
         return [k.A for k in self.keys.values()]
 
     # ---- the factor view used by the aggregation math ---------------------------------------------------------
-    def _vera_shared(self, module: str) -> tuple[Tensor, Tensor]:
-        layer = self.layers[module]
-        B = layer.vera_B["default"][: layer.out_features, :]
-        A = layer.vera_A["default"][:, : layer.in_features]
-        return B, A
-
     def factors(self, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per-module ``(B_u, A_u)`` with ΔW_u = s·B_u A_u (s common to all clients, see DESIGN.md).
 
-        VeRA's client factors are ``B_u = diag(λ_b,u)·B`` and ``A_u = diag(λ_d,u)·A`` over its frozen shared B, A.
-        A missing key gives no entry (e.g. FedSA uploads no B).
+        The kind reads them (:meth:`AdapterKind.factors`): VeRA's client factors are ``B_u = diag(λ_b,u)·B`` and
+        ``A_u = diag(λ_d,u)·A`` over its frozen shared B, A. A missing key gives no entry (e.g. FedSA uploads no B).
         """
         Bs, As = {}, {}
         for module, k in self.keys.items():
@@ -208,17 +195,12 @@ class AdapterHandle:
                     B = tensors[k.B] if k.B in tensors else self._params[k.B].detach()
                     Bs[module] = B @ block_diagonal(self.core_of(tensors, module))
                 As[module] = tensors[k.A] if k.A in tensors else self._params[k.A].detach()
-            elif self.spec.kind == "vera":
-                Bsh, Ash = self._vera_shared(module)
-                if k.B in tensors:
-                    Bs[module] = tensors[k.B].unsqueeze(1) * Bsh
-                if k.A in tensors:
-                    As[module] = tensors[k.A].unsqueeze(1) * Ash
             else:
-                if k.B in tensors:
-                    Bs[module] = tensors[k.B]
-                if k.A in tensors:
-                    As[module] = tensors[k.A]
+                B, A = self.kind.factors(self.layers[module], tensors.get(k.B), tensors.get(k.A))
+                if B is not None:
+                    Bs[module] = B
+                if A is not None:
+                    As[module] = A
         return Bs, As
 
     def core_of(self, tensors: dict[str, Tensor], module: str) -> Tensor:
@@ -252,7 +234,7 @@ class AdapterHandle:
         for module, delta in deltas.items():
             weight = self.layers[module].get_base_layer().weight
             delta = self.base_layout(module, delta.to(weight.dtype))
-            step = weight * delta if self.spec.kind == "hira" else delta * self.scaling(module)
+            step = self.kind.fold_step(weight, delta, self.scaling(module))
             weight.add_(step)
             self.folded[module] = self.folded[module] + step if module in self.folded else step.clone()
 
@@ -266,25 +248,7 @@ class AdapterHandle:
         """
         gen = torch.Generator().manual_seed(int(seed))
         out: dict[str, Tensor] = {}
-        for module, k in self.keys.items():
-            b, a = self._params[k.B], self._params[k.A]
-            if self.spec.kind == "vera":
-                out[k.B] = torch.zeros_like(b)
-                out[k.A] = torch.full_like(a, _VERA_D_INITIAL)
-                continue
-            fan_in = a.shape[1]
-            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=√5) on an r×k matrix gives U(-1/√k, 1/√k)
-            out[k.A] = (torch.rand(a.shape, generator=gen, dtype=torch.float32) * 2 - 1).mul_(bound).to(a.dtype)
-            out[k.B] = torch.zeros_like(b)
-            if self.spec.kind == "dora":
-                layer = self.layers[module]
-                mag = layer.lora_magnitude_vector["default"]
-                mag_name = next(n for n in self.other_names if n.startswith(f"base_model.model.{module}.lora_magnitude_vector"))
-                weight = self.base_layout(module, layer.get_base_layer().weight)  # d×k: PEFT's norm of each output row
-                out[mag_name] = weight.norm(p=2, dim=1).to(mag.weight.dtype)
+        for module in self.keys:
+            out.update(self.kind.fresh(self, module, gen))
         return out if rank is None else self.truncate(out, rank)
 
-
-def combine_vectors(vectors: list[Tensor], coef: Tensor) -> Tensor:
-    stacked = torch.stack(vectors).to(torch.float64)
-    return (coef.to(torch.float64) @ stacked).to(vectors[0].dtype)

@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 
 import peft
 
-ADAPTERS: tuple[str, ...] = ("lora", "rslora", "dora", "vera", "hira")
-# Adapters whose clients may have different ranks on one base model: a client of rank r_u uses the first r_u
-# components of the model's r_max and the scale s(r_u). VeRA's rank is that of its frozen shared projections.
-MIXED_RANK_ADAPTERS: tuple[str, ...] = ("lora", "rslora", "dora", "hira")
+from fedlora.adapters.kinds import AdapterKind, adapter_kind
 
 
 @dataclass(frozen=True)
@@ -19,7 +16,8 @@ class AdapterSpec:
 
     ``kind``: ``lora`` (scaling α/r), ``rslora`` (α/√r), ``dora`` (LoRA plus a trained magnitude vector),
     ``vera`` (frozen shared random B, A; trained vectors λ_b ∈ R^d, λ_d ∈ R^r), ``hira`` (ΔW = W0 ⊙ BA).
-    ``alpha`` is ignored by VeRA and HiRA, which have no scaling in PEFT. ``fan_in_fan_out``: the targets store
+    :attr:`variant` is the kind's object (:mod:`fedlora.adapters.kinds`), which does everything that differs between
+    kinds. ``alpha`` is ignored by VeRA and HiRA, which have no scaling in PEFT. ``fan_in_fan_out``: the targets store
     their weight transposed, in×out (transformers' ``Conv1D``, GPT-2-style models); :meth:`for_model` sets it.
     """
 
@@ -32,8 +30,7 @@ class AdapterSpec:
     fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in ADAPTERS:
-            raise ValueError(f"unknown adapter {self.kind!r}; choose one of {', '.join(ADAPTERS)}")
+        adapter_kind(self.kind)  # an unknown name fails here, naming the choices
         if int(self.r) < 1:
             raise ValueError(f"adapter rank r={self.r} is below 1; pass a rank of at least 1 (e.g. --rank 8)")
         if not self.alpha > 0:
@@ -44,17 +41,18 @@ class AdapterSpec:
             raise ValueError("no target modules given; pass the names of the linear layers to adapt, e.g. query,value")
 
     @property
+    def variant(self) -> AdapterKind:
+        """The object of this spec's adapter kind (its factors, write, fold, fresh init, PEFT config, traits)."""
+        return adapter_kind(self.kind)
+
+    @property
     def scaling(self) -> float:
         """The common scale s of ΔW = s·BA (DESIGN.md: it factors out of every aggregation formula)."""
         return self.scale_at(self.r)
 
     def scale_at(self, rank: int) -> float:
         """The scale s_u of a client of rank ``rank``: α/r (rsLoRA α/√r); 1 for VeRA and HiRA (no scaling in PEFT)."""
-        if self.kind == "rslora":
-            return self.alpha / rank**0.5
-        if self.kind in ("lora", "dora"):
-            return self.alpha / rank
-        return 1.0
+        return self.variant.scale(self.alpha, rank)
 
     def for_model(self, model) -> AdapterSpec:
         """This spec with ``fan_in_fan_out`` set as ``model``'s targets need it: True where they are transformers'
@@ -76,15 +74,4 @@ class AdapterSpec:
             modules_to_save=list(self.modules_to_save) or None,
             fan_in_fan_out=self.fan_in_fan_out,
         )
-        if self.kind == "vera":
-            # VeRA's shared random B, A are rebuilt from this key, so every client holds the same ones.
-            return peft.VeraConfig(vera_dropout=self.dropout, projection_prng_key=0, save_projection=True, **common)
-        if self.kind == "hira":
-            return peft.HiraConfig(hira_dropout=self.dropout, **common)
-        return peft.LoraConfig(
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            use_rslora=self.kind == "rslora",
-            use_dora=self.kind == "dora",
-            **common,
-        )
+        return self.variant.peft_config(self, common)

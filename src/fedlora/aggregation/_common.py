@@ -368,6 +368,12 @@ def stack(tensors: Sequence[Tensor], dim: int) -> Tensor:
     return torch.cat(list(tensors), dim=dim).to(torch.float64)
 
 
+def block_diagonal(core: Tensor) -> Tensor:
+    """An h×r×r stack of blocks (or one r×r block) as the hr×hr block-diagonal matrix (the core structures' cores:
+    Fed-SB's one block, RAVAN's one per head; the adapter layer reads factors ``B·blockdiag(cores)`` with it)."""
+    return core if core.dim() == 2 else torch.block_diag(*core.unbind(0))
+
+
 def gram(x: Tensor, *, rows: bool = False) -> Tensor:
     """Gram of a float64 matrix's columns (``xᵀx``) or rows (``xxᵀ``), returned on the CPU. O(d·n²).
 

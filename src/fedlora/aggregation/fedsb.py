@@ -12,21 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from ._common import combine, shared_factor
+from ._common import block_diagonal, combine, shared_factor
 from .registry import register_rule
 from .result import Aggregate
 
 
 def _comm(d: int, k: int, r: int, U: int) -> tuple[int, int]:
     return r * r, r * r  # only the core: B and A are frozen and shared
-
-
-def block_diagonal(core: Tensor) -> Tensor:
-    """An h×r×r stack of blocks (or one r×r block) as the hr×hr block-diagonal matrix."""
-    return core if core.dim() == 2 else torch.block_diag(*core.unbind(0))
 
 
 def average_cores(Bs: Sequence[Tensor], As: Sequence[Tensor], w: Tensor, cores: Sequence[Tensor], method: str,

@@ -60,7 +60,7 @@ def save_run_artifacts(exp, out: Path) -> None:
     sim, h = exp.simulator, exp.simulator.handle
     out = Path(out)
     h.set(sim.global_state())
-    merged = (bool(h.folded) or h.cored) and h.spec.kind in ("lora", "rslora")
+    merged = (bool(h.folded) or h.cored) and h.kind.exports_as_lora
     if merged:
         _merged_lora(exp, out / "adapter")
     else:  # the global adapter only (FedDPA's local adapters are each client's, under private/)

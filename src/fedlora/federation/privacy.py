@@ -34,9 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedlora.adapters import EXAMPLE_DP_ADAPTERS  # noqa: F401  # the kinds whose trait per_example_grads is set
+
 Tensors = dict[str, Tensor]
 DP_MODES = ("none", "client", "example")
-EXAMPLE_DP_ADAPTERS = ("lora", "rslora")  # Opacus's per-example gradients cover PEFT's LoRA layers (nn.Linear) only
 ACCOUNTANTS = ("rdp", "prv")
 
 

@@ -33,7 +33,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from fedlora.adapters import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterHandle, AdapterSpec
+from fedlora.adapters import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterHandle, AdapterSpec, adapter_kind
 from fedlora.aggregation import Aggregate, ModelAggregate, aggregate_model, get_rule
 
 Tensors = dict[str, Tensor]
@@ -366,7 +366,7 @@ def make_method(name: str, adapter: str = "lora", *, mixed_ranks: bool = False, 
         if not cls.mixed_ranks:
             ok = ", ".join(n for n, c in REGISTRY.items() if c.mixed_ranks)
             raise ValueError(f"method {name} cannot train clients of different ranks (--client-ranks); use one of {ok}, or one rank for all")
-        if adapter not in MIXED_RANK_ADAPTERS:
+        if not adapter_kind(adapter).mixed_ranks:
             raise ValueError(f"adapter {adapter} cannot give clients different ranks (its rank is that of its shared "
                              f"random projections); use {', '.join(MIXED_RANK_ADAPTERS)}, or one rank for all")
     return cls(**options)

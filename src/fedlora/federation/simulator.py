@@ -441,7 +441,7 @@ class Simulator:
                              "choose a setup-free option (e.g. --fedsb-init random)")
         if cfg.privacy.example_level:
             kind = self.handle.spec.kind
-            if kind not in EXAMPLE_DP_ADAPTERS:
+            if not self.handle.kind.per_example_grads:
                 raise ValueError(f"--dp example needs per-example gradients, which Opacus computes for {' and '.join(EXAMPLE_DP_ADAPTERS)} "
                                  f"layers but not for {kind}'s (DoRA's magnitude, VeRA's and HiRA's vectors); pass --adapter lora or rslora")
             privacy = cfg.privacy

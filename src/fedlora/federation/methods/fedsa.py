@@ -1,7 +1,6 @@
 """FedSA-LoRA (Guo et al., ICLR 2025): only A is shared; each client keeps its B (and head).
 Math: :mod:`fedlora.aggregation.fedsa`."""
 
-from fedlora.adapters import combine_vectors
 from fedlora.federation.protocol import Method, ServerUpdate, register, to_global
 
 
@@ -38,9 +37,10 @@ class FedSA(Method):
         h.write_factors(layers, uploads, new, B=False)
         evaluation = dict(new) | agg.others
         for module, layer in layers.items():
-            if layer.eval_B is None and h.spec.kind != "vera":
-                continue  # no client reported its B: the global model is scored with the server's own
-            name = h.keys[module].B  # VeRA: λ_b, the client's own vector, averaged with the data weights
-            evaluation[name] = combine_vectors([u[name] for u in uploads], weights) if h.spec.kind == "vera" else h.pad(name, layer.eval_B)
+            # The clients' mean B as the kind writes it: the rule's eval_B (None: no client reported its B, and the
+            # global model is scored with the server's own); VeRA: the clients' λ_b averaged with the data weights.
+            name = h.keys[module].B
+            if (mean_B := h.kind.write(h, name, layer.eval_B, uploads, weights)) is not None:
+                evaluation[name] = mean_B
         broadcast = {n: t for n, t in new.items() if n not in private}
         return ServerUpdate(broadcast=broadcast, eval_tensors=evaluation, layers=agg.layers, scales=ctx.scales)
