@@ -1,0 +1,82 @@
+"""Answer rules for generated text scored against a list of references (any match counts), as benchmarks use them.
+
+- ``exact``: SQuAD's normalised exact match (lower-case, punctuation and the articles a/an/the removed, whitespace
+  collapsed; ``normalize_answer`` of the SQuAD v1.1 evaluation script): ``"The Eiffel tower."`` = ``"eiffel Tower"``.
+- ``includes``: a normalised reference occurs in the normalised generation as whole words (OpenAI Evals'
+  ``Includes``, with SQuAD normalisation on both sides): ``"It is Paris, France"`` includes ``"paris"``.
+- ``number``: the last number of the generation equals the reference's (GSM8K; a reference holding ``####`` is a
+  GSM8K solution and its number after the last ``####`` counts): :func:`fedlora.generation.answers.last_number`.
+- ``choice``: the choice letter the generation picks (``"B"``, ``"(B)"``, ``"B. text"``, ``"... the answer is (B)"``)
+  equals the reference letter (``"B"`` or ``"(B)"``); BBH's multiple-choice subtasks and MMLU asked to generate.
+
+Pure functions over strings; imports only :mod:`fedlora.generation.answers`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable, Sequence
+
+from fedlora.generation.answers import gsm8k_reference, last_number
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+# In order of trust: the generation starts with the letter; it says "answer is X"; it names "(X)" somewhere.
+_CHOICE = (
+    re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:[.:)]|\s*$))", re.IGNORECASE),
+    re.compile(r"answer(?:\s+is|:)?\s*\(?([A-Z])\b\)?", re.IGNORECASE),
+    re.compile(r"\(([A-Z])\)"),
+)
+
+
+def squad_normalise(text: str) -> str:
+    """SQuAD v1.1's ``normalize_answer``: lower-case, drop punctuation, drop articles, collapse whitespace."""
+    text = str(text).lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def choice_letter(text: str) -> str | None:
+    """The upper-case choice letter ``text`` picks, or None (see the module docstring for the forms read)."""
+    for pattern in _CHOICE:
+        match = pattern.search(str(text))
+        if match:
+            return next(g for g in match.groups() if g).upper()
+    return None
+
+
+def _reference_number(reference: str) -> str | None:
+    return gsm8k_reference(reference) if "####" in reference else last_number(reference)
+
+
+def _exact(generation: str, reference: str) -> bool:
+    return squad_normalise(generation) == squad_normalise(reference)
+
+
+def _includes(generation: str, reference: str) -> bool:
+    ref = squad_normalise(reference)
+    return bool(ref) and f" {ref} " in f" {squad_normalise(generation)} "
+
+
+def _number(generation: str, reference: str) -> bool:
+    got = last_number(generation)
+    return got is not None and got == _reference_number(reference)
+
+
+def _choice(generation: str, reference: str) -> bool:
+    got = choice_letter(generation)
+    return got is not None and got == choice_letter(reference)
+
+
+RULES: dict[str, Callable[[str, str], bool]] = {"exact": _exact, "includes": _includes, "number": _number, "choice": _choice}
+
+
+def judge(rule: str, generation: str, references: Sequence[str]) -> bool:
+    """Whether ``generation`` is correct under ``rule`` against any of ``references``."""
+    try:
+        check = RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown answer rule {rule!r}; choose one of {', '.join(RULES)}") from None
+    if isinstance(references, str):
+        references = [references]
+    return any(check(generation, ref) for ref in references)
