@@ -15,7 +15,9 @@ Excluded for their licence (`EXCLUDED_DATA`; the wheel's ``LICENSE.md`` lists pe
 (``theory_of_mind/tomi``, CC BY-NC 4.0: the tasks ``theory_of_mind``, ``theory_of_mind.tomi``,
 ``theory_of_mind.tomi_light``) and Steganography (``steganography``, CC BY-NC components). The other datasets
 the notes list (Text Compression, Schelling Point, Ballots, Sandbagging, Already Said That) are commercial-use
-licences and belong to evals that are not loadable anyway; SocialIQA (CC BY 4.0) is kept.
+licences and belong to evals that are not loadable anyway; SocialIQA (CC BY 4.0) is kept, and so is Hi-ToM
+(``theory_of_mind.hitom*``), which the notes do not list (so the package's MIT licence covers it as shipped; its
+own repository states no licence).
 
 Records (`load_evals`): ``prompt`` (the chat messages rendered as one readable string), ``messages`` (the same
 as a list of ``{"role", "content"}`` dicts, few-shot turns as user/assistant, for a chat template), ``response``
@@ -103,8 +105,10 @@ def registry() -> tuple[dict[str, EvalTask], dict[str, str]]:
 
 
 def list_tasks(*, include_unavailable: bool = False) -> pd.DataFrame:
-    """The Evals tasks, largest first: ``name``, ``rows``, ``scoring``, ``language``, ``eval_class`` (and with
-    `include_unavailable`, every other task too, with ``reason`` saying why it cannot be loaded)."""
+    """The Evals tasks, largest first: ``name``, ``rows`` (non-empty lines of its samples files, capped by its
+    ``n_samples``; `load_evals` skips the few without an input or ideal answer), ``scoring``, ``language``,
+    ``eval_class`` (and with `include_unavailable`, every other task too, with ``reason`` saying why it cannot be
+    loaded, and 0 rows when its data is not in the wheel)."""
     tasks, _ = registry()
     counts = _row_counts()
     rows = [
