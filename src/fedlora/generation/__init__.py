@@ -8,14 +8,18 @@ from fedlora.generation.answers import (
     SCORINGS,
     extract_answer,
     extract_code,
+    fuzzy_match,
     gsm8k_reference,
+    includes_match,
     last_number,
+    normalise_squad,
     normalise_text,
+    prefix_match,
     score,
 )
 from fedlora.generation.sandbox import RunResult, run_program
 
 __all__ = [
     "SCORINGS", "extract_answer", "extract_code", "gsm8k_reference", "last_number", "normalise_text", "score",
-    "RunResult", "run_program",
+    "prefix_match", "includes_match", "fuzzy_match", "normalise_squad", "RunResult", "run_program",
 ]
