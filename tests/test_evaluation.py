@@ -187,13 +187,15 @@ def test_answer_rules():
     assert squad_normalise("The Eiffel  Tower!") == "eiffel tower"
     assert judge("exact", "the Eiffel tower.", ["Big Ben", "eiffel tower"])
     assert not judge("exact", "Eiffel tower in Paris", ["eiffel tower"])
-    assert judge("includes", "It is Paris, France.", ["paris"]) and not judge("includes", "Parisian food", ["paris"])
+    # Evals' own rules: Includes is a plain substring (case-sensitive unless includes_nocase), Match a prefix
+    assert judge("includes", "It is Paris, France.", ["Paris"]) and not judge("includes", "It is Paris.", ["paris"])
+    assert judge("includes_nocase", "It is Paris.", ["paris"]) and judge("prefix", " B) yes", ["B"]) and not judge("prefix", "(B)", ["B"])
     assert judge("number", "so she pays $1,000.00 in total", ["Natalia sold 48... #### 1000"])
     assert not judge("number", "no number", ["3"])
     assert [choice_letter(t) for t in ["B", "(c)", "D. Paris", "the answer is (A).", "A dog runs", "none"]] == ["B", "C", "D", "A", None, None]
     assert judge("choice", "(B) because", ["(B)"]) and not judge("choice", "A", ["B"])
     with pytest.raises(ValueError, match="unknown answer rule"):
-        judge("fuzzy", "a", ["a"])
+        judge("bleu", "a", ["a"])
 
 
 def test_generate_evaluation_scores_by_each_items_rule(lm, monkeypatch):

@@ -2,8 +2,9 @@
 
 - ``exact``: SQuAD's normalised exact match (lower-case, punctuation and the articles a/an/the removed, whitespace
   collapsed; ``normalize_answer`` of the SQuAD v1.1 evaluation script): ``"The Eiffel tower."`` = ``"eiffel Tower"``.
-- ``includes``: a normalised reference occurs in the normalised generation as whole words (OpenAI Evals'
-  ``Includes``, with SQuAD normalisation on both sides): ``"It is Paris, France"`` includes ``"paris"``.
+- ``includes``, ``includes_nocase``, ``prefix``, ``fuzzy``: OpenAI Evals' own rules (``Includes`` with and without
+  ``ignore_case``, ``Match``, ``FuzzyMatch``), as :mod:`fedlora.generation.answers` defines them, so a task of the Evals
+  registry is scored by the rule its registry entry names.
 - ``number``: the last number of the generation equals the reference's (GSM8K; a reference holding ``####`` is a
   GSM8K solution and its number after the last ``####`` counts): :func:`fedlora.generation.answers.last_number`.
 - ``choice``: the choice letter the generation picks (``"B"``, ``"(B)"``, ``"B. text"``, ``"... the answer is (B)"``)
@@ -15,13 +16,10 @@ Pure functions over strings; imports only :mod:`fedlora.generation.answers`.
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Callable, Sequence
 
-from fedlora.generation.answers import gsm8k_reference, last_number
+from fedlora.generation.answers import fuzzy_match, gsm8k_reference, includes_match, last_number, normalise_squad, prefix_match
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
 # In order of trust: the generation starts with the letter; it says "answer is X"; it names "(X)" somewhere.
 _CHOICE = (
     re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])(?:[.:)]|\s*$))", re.IGNORECASE),
@@ -30,10 +28,7 @@ _CHOICE = (
 )
 
 
-def squad_normalise(text: str) -> str:
-    """SQuAD v1.1's ``normalize_answer``: lower-case, drop punctuation, drop articles, collapse whitespace."""
-    text = str(text).lower().translate(_PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+squad_normalise = normalise_squad  # SQuAD v1.1's ``normalize_answer``: lower-case, no punctuation or articles, one space
 
 
 def choice_letter(text: str) -> str | None:
@@ -53,11 +48,6 @@ def _exact(generation: str, reference: str) -> bool:
     return squad_normalise(generation) == squad_normalise(reference)
 
 
-def _includes(generation: str, reference: str) -> bool:
-    ref = squad_normalise(reference)
-    return bool(ref) and f" {ref} " in f" {squad_normalise(generation)} "
-
-
 def _number(generation: str, reference: str) -> bool:
     got = last_number(generation)
     return got is not None and got == _reference_number(reference)
@@ -68,7 +58,11 @@ def _choice(generation: str, reference: str) -> bool:
     return got is not None and got == choice_letter(reference)
 
 
-RULES: dict[str, Callable[[str, str], bool]] = {"exact": _exact, "includes": _includes, "number": _number, "choice": _choice}
+RULES: dict[str, Callable[[str, str], bool]] = {
+    "exact": _exact, "number": _number, "choice": _choice,
+    "includes": includes_match, "includes_nocase": lambda g, r: includes_match(g, r, ignore_case=True),
+    "prefix": prefix_match, "fuzzy": fuzzy_match,
+}
 
 
 def judge(rule: str, generation: str, references: Sequence[str]) -> bool:
