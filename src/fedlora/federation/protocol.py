@@ -351,6 +351,11 @@ def method_names() -> list[str]:
     return list(REGISTRY)
 
 
+def linear_methods() -> list[str]:
+    """The registered methods whose server rule is a weighted sum of the uploads (secure aggregation, central DP)."""
+    return [name for name, cls in REGISTRY.items() if cls.linear]
+
+
 def method_class(name: str) -> type[Method]:
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(REGISTRY)}")
