@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from fedlora.aggregation import RULES, Aggregate, aggregate, divergence, register_rule
 from fedlora.federation import REGISTRY, Method, register
-from fedlora.federation.protocol import ServerUpdate
+from fedlora.federation.protocol import ServerUpdate, broadcast_trained
 
 NAME = "shrunkmean"
 
@@ -125,3 +125,57 @@ def test_an_installed_plugin_is_found_through_its_entry_point(tmp_path):
     res = subprocess.run([sys.executable, "-m", "fedlora.cli.main", "methods"], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "| `myplug` | an installed plug-in | FedIT under another name |" in res.stdout
+
+
+BONLY = "bonly"
+
+
+class BOnly(Method):
+    """A second test method whose bytes differ from every built-in's table row: A frozen at the shared init, only B
+    travels, and its rule declares exactly that."""
+
+    name = rule = BONLY
+    title = "a test method sending only B"
+    summary = "B̂ = Σ w_u B_u, A frozen"
+    up = down = "dr"
+    exact = True
+    unsupported = {"vera": "test only"}
+
+    def frozen(self, h, rnd):
+        return h.A_names()
+
+    def aggregate(self, h, uploads, weights, current, ctx):
+        agg = self.combine(h, uploads, weights, current, ctx)
+        return broadcast_trained(h, agg, uploads, current, ctx, self.frozen(h, ctx.number))  # A stays where it is
+
+
+@pytest.fixture
+def bonly():
+    from fedlora.aggregation.ffa import ffa
+
+    def register_with(comm):
+        register_rule(BONLY, comm=comm)(ffa)
+        register(BOnly)
+
+    yield register_with
+    RULES.pop(BONLY, None)
+    REGISTRY.pop(BONLY, None)
+
+
+def test_a_new_method_is_held_to_its_own_declaration_with_no_test_table_edit(bonly, small_csv):
+    """test_simulator's every-method check, which knows nothing of this method, counts its bytes against the bytes
+    its rule declares: right, they agree; declared wrongly, the check fails."""
+    from fedlora.app.experiment import build
+    from test_simulator import check_run
+
+    bonly(lambda d, k, r, U: (d * r, d * r))
+    exp = build(tiny_config(small_csv, method=BONLY))
+    exp.simulator.run()
+    check_run(exp, BONLY, "lora")
+
+    RULES.pop(BONLY)
+    bonly(lambda d, k, r, U: (r * (d + k), r * (d + k)))  # declares A too, which never travels
+    exp = build(tiny_config(small_csv, method=BONLY))
+    exp.simulator.run()
+    with pytest.raises(AssertionError, match="its rule's comm declares"):
+        check_run(exp, BONLY, "lora")

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_config
 from fedlora.adapters import ADAPTERS
 from fedlora.app.experiment import build, run_experiment
-from fedlora.federation import REGISTRY
+from fedlora.federation import REGISTRY, nbytes
 
 COMBOS = [(m, a) for a in ADAPTERS for m, cls in REGISTRY.items() if a in cls.adapters()]
 
@@ -20,8 +20,10 @@ HEAD = 3 * 32 + 3  # classifier weight + bias (3 labels)
 F32 = 4
 
 
-def hand_count(method: str, adapter: str, U: int, rnd: int = 1) -> tuple[int, int]:
-    """Bytes up and down per client in round ``rnd``, from the shapes alone (DESIGN.md's table, METHODS.md)."""
+def hand_count(method: str, adapter: str, U: int, rnd: int = 1, *, setup: bool = True) -> tuple[int, int] | None:
+    """Bytes up and down per client in round ``rnd``, from the shapes alone (DESIGN.md's table, METHODS.md): an
+    independent check of the declarations for the methods it knows; None for any other (a new method is held to its
+    declaration alone). ``setup``: round 1's row also carries round 0 (fedsb). fedmomentum's download is its bound."""
     if adapter == "vera":  # vectors λ_b ∈ R^d and λ_d ∈ R^r stand in for B and A
         b, a = D, R
     else:
@@ -43,15 +45,18 @@ def hand_count(method: str, adapter: str, U: int, rnd: int = 1) -> tuple[int, in
         "lorafair": (b + a, b + a),
         "fedrot": (b + a, b + a),
         "frlora": (b + a, min(D * K, R * (D + K))),  # down: only the fold B̄Ā (clients re-initialise)
-        "fedmomentum": (b + a, b + a),  # plus each matrix's fold, whose rank depends on the data (checked below)
+        # plus each matrix's fold, of rank f ≤ min(Ur, d) − r: which rank depends on the data (checked below)
+        "fedmomentum": (b + a, b + a + min(D * K, (U * R - R) * (D + K))),
         # only the r×r core (B and A are frozen shared bases); round 1's row also carries round 0, the gradient
         # estimates up (d·k) and the bases from their SVD down (r(d+k))
-        "fedsb": (R * R + (D * K if rnd == 1 else 0), R * R + (R * (D + K) if rnd == 1 else 0)),
+        "fedsb": (R * R + (D * K if rnd == 1 and setup else 0), R * R + (R * (D + K) if rnd == 1 and setup else 0)),
         "ravan": (4 * (R * R + 1), 4 * R * R),  # 4 heads: H_i and s_i up, the averaged s_i·H_i down
         "feddpa": (b + a, b + a),  # the global adapter, as FedIT; the local one never travels
         "central": (0, 0),  # reference points: nothing crosses a network
         "local": (0, 0),
-    }[method]
+    }.get(method)
+    if per is None:
+        return None
     if method in ("central", "local"):
         return 0, 0
     other_up = extra if method == "fedsa" else shared_other  # FedSA keeps its head local by default
@@ -59,11 +64,52 @@ def hand_count(method: str, adapter: str, U: int, rnd: int = 1) -> tuple[int, in
     return F32 * (MODULES * per[0] + other_up), F32 * (MODULES * per[1] + other_down)
 
 
-@pytest.mark.parametrize("method,adapter", COMBOS)
-def test_every_method_and_adapter_runs(small_csv, method, adapter):
-    cfg = tiny_config(small_csv, method=method, adapter=adapter)
-    exp = build(cfg)
-    history = exp.simulator.run()
+def declared_count(sim, clients: list[int], rnd: int) -> tuple[int, int]:
+    """Bytes up and down of round ``rnd`` with ``clients`` accepted, by the method's declaration: per adapted d×k
+    matrix and client its rule's ``comm`` at the client's rank (``Method.declared_elements``), in the factors'
+    dtype, plus the non-factor trainables its upload layout lists (the head unless kept local, DoRA's magnitudes),
+    averaged and sent back. The declaration counts LoRA-form factors (not VeRA's vectors) and no round 0."""
+    h, method = sim.handle, sim.method
+    size = next(iter(sim.global_tensors.values())).element_size()
+    up = down = 0
+    for cid in clients:
+        for layer in h.layers.values():
+            e_up, e_down = method.declared_elements(layer.out_features, layer.in_features, sim.peers[cid].rank, len(clients), rnd)
+            up, down = up + e_up * size, down + e_down * size
+        if method.communicates:
+            others = nbytes({n: t for n, t in method.upload(h, sim.held[cid], rnd).items() if n in h.other_names})
+            up, down = up + others, down + others
+    return up, down
+
+
+def check_bytes(sim, adapter: str, h: dict) -> None:
+    """A round's counted bytes (from the tensors the simulator sent) against the hand count where the method is in
+    it, and against the method's declaration, which the hand count checks in turn."""
+    method, rnd, U = sim.method.name, h["round"], len(h["clients"])
+    counted = h["bytes_up"], h["bytes_down"]
+    hand = hand_count(method, adapter, U, rnd)
+    if hand is not None:
+        assert counted[0] == U * hand[0], (counted[0], U * hand[0])
+        if method == "fedmomentum":  # r(d+k) + min(dk, f(d+k)) per matrix, f the fold's rank: 0 ≤ f ≤ min(Ur, d) − r
+            fold = U * hand[1] - counted[1]
+            assert 0 <= fold <= U * F32 * MODULES * min(D * K, (U * R - R) * (D + K)) and fold % (U * F32 * (D + K)) == 0
+        else:
+            assert counted[1] == U * hand[1], (counted[1], U * hand[1])
+    if adapter == "vera":  # the declaration counts d×r and r×k factors; VeRA sends vectors (hand count only)
+        return
+    declared = declared_count(sim, h["clients"], rnd)
+    if hand is not None:  # the hand count, independently, says what the declaration says
+        assert declared == tuple(U * x for x in hand_count(method, adapter, U, rnd, setup=False)), (method, declared)
+    elif sim.method.needs_setup() and rnd == 1:  # round 0's bytes (not in the declaration) ride on round 1's row
+        assert counted[0] >= declared[0] and counted[1] >= declared[1], (counted, declared)
+    else:
+        assert counted == declared, f"{method} sent {counted} bytes (up, down) in round {rnd}; its rule's comm declares {declared}"
+
+
+def check_run(exp, method: str, adapter: str) -> None:
+    """What every method's run must show: both rounds, scores in range, bytes as counted and as declared, ρ finite
+    and never below the Eckart–Young bound (or ≈ 0 for an exact method)."""
+    history = exp.simulator.history
     assert [h["round"] for h in history] == [1, 2]
     U = 3
     if method == "local":  # a reference point: clients never communicate, nothing to aggregate or measure
@@ -72,17 +118,11 @@ def test_every_method_and_adapter_runs(small_csv, method, adapter):
     if method == "central":  # one pooled client holding every client's data
         U = 1
     for h in history:
-        up, down = hand_count(method, adapter, U, h["round"])
         assert h["clients"] == list(range(U))
         assert 0.0 <= h["global_accuracy"] <= 1.0 and 0.0 <= h["local_accuracy"] <= 1.0
         assert math.isfinite(h["train_loss"])
         assert h["local_global_gap"] == pytest.approx(h["local_accuracy"] - h["global_accuracy"])
-        assert h["bytes_up"] == U * up, (h["bytes_up"], U * up)
-        if method == "fedmomentum":  # r(d+k) + min(dk, f(d+k)) per matrix, f the fold's rank: 0 ≤ f ≤ min(Ur, d) − r
-            extra = h["bytes_down"] - U * down
-            assert 0 <= extra <= U * F32 * MODULES * min(D * K, (U * R - R) * (D + K)) and extra % (U * F32 * (D + K)) == 0
-        else:
-            assert h["bytes_down"] == U * down, (h["bytes_down"], U * down)
+        check_bytes(exp.simulator, adapter, h)
         # fedsa: ρ of the shared Â with the clients' mean B, the rank-r stand-in its global model is scored with
         assert set(h["divergence_per_layer"]) == set(exp.simulator.handle.layers)
         # ρ is not bounded by 1 in general (test_aggregation: ρ = 8.35 for opposed clients); it is finite here
@@ -97,6 +137,13 @@ def test_every_method_and_adapter_runs(small_csv, method, adapter):
             assert h["divergence"] == pytest.approx(h["bound"], rel=1e-3, abs=1e-6)
     # training moved the adapter: the second round's update is not zero
     assert history[-1]["divergence"] > 0 or REGISTRY[method].exact
+
+
+@pytest.mark.parametrize("method,adapter", COMBOS)
+def test_every_method_and_adapter_runs(small_csv, method, adapter):
+    exp = build(tiny_config(small_csv, method=method, adapter=adapter))
+    exp.simulator.run()
+    check_run(exp, method, adapter)
 
 
 def test_florana_never_worse_than_fedit_in_a_run(small_csv):

@@ -1,7 +1,10 @@
 """Bytes each method sends per client and adapted matrix, from what each rule declares (``register_rule(comm=…)``).
 
-Counts the factor tensors only; heads and other non-LoRA trainables are counted by the federation layer from
-the tensors it actually sends. Imports only torch.
+A rule's ``comm`` is the one declaration of a method's bytes: this module reads it, the federation layer's
+``Method.declared_elements`` reads it (with the round's options), the methods table states it, and the tests hold
+the bytes the simulator counts from the tensors it actually sends to it. It counts the factor tensors only (LoRA's
+d×r and r×k, or the r×r cores of the core structures); heads and other non-LoRA trainables are counted by the
+federation layer from the tensors it sends. Imports only torch.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ Comm = Callable[[int, int, int, int], tuple[int, int]]
 class Rule:
     """A registered server rule and what it declares.
 
-    ``comm(d, k, r, U)``: elements one client uploads and downloads per d×k matrix at rank r with U clients.
+    ``comm(d, k, r, U)``: elements one client uploads and downloads per d×k matrix at rank r with U clients (and any
+    rule option it names as a keyword); the one declaration of a method's bytes (``comm.py``).
     ``needs_B``: False when clients upload only A (the rule then gets ``Bs=None`` or the Bs for scoring only).
     ``mixed_ranks``: whether clients may upload different ranks (segment averaging, stacking, truncation…).
     ``truncates``: under mixed ranks or scales, client u receives ``(B̂[:, :r_u], Â[:r_u]) / √s_u`` (``.clients``);

@@ -21,20 +21,29 @@ sample rate q; ε at δ after every round. ``noise_for_epsilon`` picks z for a t
 The noise comes from a generator seeded by the run's seed and the round (reproducible runs, which a study needs);
 a deployment that must not let anyone who knows the seed subtract the noise should seed it from the OS
 (``secure_noise=True``).
+
+A run holds its privacy in one :class:`RunPrivacy` (``settle_privacy`` refuses what DP cannot cover and fixes the
+noise before any work): the round asks it whether an empty round releases noise, tells it who trained, and reads ε.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fedlora.adapters import EXAMPLE_DP_ADAPTERS  # noqa: F401  # the kinds whose trait per_example_grads is set
+from fedlora.adapters import EXAMPLE_DP_ADAPTERS, adapter_kind  # the kinds whose trait per_example_grads is set
+from fedlora.federation.protocol import linear_methods
+
+log = logging.getLogger("fedlora")
 
 Tensors = dict[str, Tensor]
 DP_MODES = ("none", "client", "example")
@@ -264,3 +273,87 @@ class ClientAccountants:
 
     def load(self, state: dict) -> None:
         self.history = {int(c): [tuple(e) for e in v] for c, v in state.items()}
+
+
+# ---- a run's privacy, as its rounds use it --------------------------------------------------------------------------
+
+
+@dataclass
+class RunPrivacy:
+    """A run's differential privacy: the settled config (``settle_privacy``), the client sampling rate q, and under
+    example-level DP every client's accountant. The round asks it whether an empty round still releases noise
+    (client level), tells it who trained (example level), and reports ε after every round."""
+
+    config: PrivacyConfig
+    sample_rate: float
+    accountants: ClientAccountants | None = None
+
+    @property
+    def client_level(self) -> bool:
+        return self.config.client_level
+
+    def spend(self, cids: list[int], rate: Callable[[int], float], steps: int) -> None:
+        """Clients ``cids`` trained ``steps`` steps this round (accepted or not): under example-level DP each spent
+        privacy at its per-step example sampling rate ``rate(cid)``."""
+        if self.accountants is not None:
+            for cid in cids:
+                self.accountants.spend(cid, rate(cid), steps)
+
+    def metrics(self, rnd: int) -> dict:
+        """ε at δ after round ``rnd`` (example level: the largest any client has spent so far, and each client's)."""
+        p = self.config
+        if not p.enabled:
+            return {}
+        if p.example_level:
+            per_client = {cid: self.accountants.epsilon(cid) for cid in sorted(self.accountants.history)}
+            spent = {"epsilon": max(per_client.values(), default=0.0), "epsilon_per_client": per_client}
+        else:
+            spent = {"epsilon": epsilon_spent(p.noise, self.sample_rate, rnd, p.delta, p.accountant)}
+        return spent | {"delta": p.delta, "dp_noise_multiplier": p.noise, "dp_clip": p.clip, "dp_accountant": p.accountant}
+
+    def state(self) -> dict:
+        return {"dp_accountants": self.accountants.state()} if self.accountants is not None else {}
+
+    def load(self, meta: dict) -> None:
+        if self.accountants is not None:
+            self.accountants.load(meta.get("dp_accountants", {}))
+
+
+def settle_privacy(cfg, method, adapter: str, train_sizes: list[int], mixed: bool):
+    """``(cfg, RunPrivacy)`` for a run's ``FederationConfig``: refuse what DP cannot cover and fix the noise for a target
+    ε. Client level also replaces the weighting and norm screening (uniform weights bound the sensitivity; the
+    clipping bounds every update). ``adapter``: the adapter kind; ``train_sizes``: each client's training examples."""
+    p = cfg.privacy
+    if p.enabled and method.needs_setup():
+        raise ValueError(f"--dp {p.mode} does not cover {method.name}'s setup round (its uploads are not clipped or noised); "
+                         "choose a setup-free option (e.g. --fedsb-init random)")
+    if p.example_level:
+        cfg = _settle_example_level(cfg, adapter, train_sizes)
+        return cfg, RunPrivacy(cfg.privacy, cfg.fraction, ClientAccountants(cfg.privacy))
+    if p.client_level:
+        cfg = _settle_client_level(cfg, method, mixed)
+    return cfg, RunPrivacy(cfg.privacy, cfg.fraction)
+
+
+def _settle_example_level(cfg, adapter: str, train_sizes: list[int]):
+    if not adapter_kind(adapter).per_example_grads:
+        raise ValueError(f"--dp example needs per-example gradients, which Opacus computes for {' and '.join(EXAMPLE_DP_ADAPTERS)} "
+                         f"layers but not for {adapter}'s (DoRA's magnitude, VeRA's and HiRA's vectors); pass --adapter lora or rslora")
+    privacy = cfg.privacy
+    if privacy.target_epsilon is not None:  # the client that samples fastest and joins every round meets it
+        rate = max(example_rate(cfg.batch_size, n) for n in train_sizes)
+        noise = noise_for_epsilon(privacy.target_epsilon, privacy.delta, rate, cfg.rounds * cfg.local_steps, privacy.accountant)
+        privacy = dataclasses.replace(privacy, noise=noise, target_epsilon=None)
+    return dataclasses.replace(cfg, privacy=privacy)
+
+
+def _settle_client_level(cfg, method, mixed: bool):
+    if not method.is_linear():
+        raise ValueError(f"--dp client needs a method whose server rule is a weighted sum of the uploads (linear: "
+                         f"{', '.join(linear_methods())}); {method.name} needs each client's factors")
+    if mixed:
+        raise ValueError("--dp client with mixed client ranks is not supported; drop --client-ranks")
+    if cfg.weighting != "uniform":
+        log.warning("--dp client: client weights are uniform (the sensitivity needs bounded weights); --weighting %s is ignored", cfg.weighting)
+    privacy = cfg.privacy.resolved(sample_rate=cfg.fraction, rounds=cfg.rounds)
+    return dataclasses.replace(cfg, privacy=privacy, weighting="uniform", max_norm_ratio=0.0)

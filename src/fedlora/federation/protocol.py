@@ -34,7 +34,7 @@ from typing import ClassVar
 from torch import Tensor, nn
 
 from fedlora.adapters import ADAPTERS, MIXED_RANK_ADAPTERS, AdapterHandle, AdapterSpec, adapter_kind
-from fedlora.aggregation import Aggregate, ModelAggregate, aggregate_model, get_rule
+from fedlora.aggregation import Aggregate, ModelAggregate, aggregate_model, comm_elements, get_rule
 
 Tensors = dict[str, Tensor]
 
@@ -120,7 +120,9 @@ class Method:
     title: ClassVar[str] = ""  # the paper
     rule: ClassVar[str] = ""  # the registered aggregation rule
     summary: ClassVar[str] = ""  # the server rule, one line, for the methods table
-    up: ClassVar[str] = "r(d+k)"  # elements per client per adapted matrix, for the methods table
+    # The methods table's rendering of the rule's ``comm`` (elements per client per adapted matrix): the declaration
+    # is the rule's (``declared_elements``); the tests evaluate this text against it.
+    up: ClassVar[str] = "r(d+k)"
     down: ClassVar[str] = "r(d+k)"
     exact: ClassVar[bool] = False  # ΔŴ = ΔW* by construction
     at_bound: ClassVar[bool] = False  # ΔŴ is the best rank-r broadcast: its ρ is the Eckart–Young bound
@@ -162,6 +164,20 @@ class Method:
     def is_linear(self) -> bool:
         """Whether this instance (with its options) needs only the weighted sum of the uploads."""
         return self.linear
+
+    # ---- bytes: declared once, by the rule --------------------------------------------------------------------
+    def comm_options(self, rnd: int) -> dict[str, object]:
+        """The rule options round ``rnd``'s bytes depend on (RoLoRA: the factor the round sends)."""
+        return dict(self.rule_options)
+
+    def declared_elements(self, d: int, k: int, r: int, U: int, rnd: int) -> tuple[int, int]:
+        """``(up, down)`` elements one client of rank r sends and receives per adapted d×k matrix in round ``rnd``
+        with U clients: the rule's declaration (``register_rule(comm=…)``), the one statement of a method's bytes.
+        Non-factor trainables (the head, DoRA's magnitudes) and round 0 are counted from the tensors sent; a
+        reference point that never communicates declares none."""
+        if not self.communicates:
+            return 0, 0
+        return comm_elements(self.rule, d, k, r, U, **self.comm_options(rnd))
 
     # ---- building the model ------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, spec: AdapterSpec, seed: int) -> None:
@@ -349,6 +365,11 @@ def load_plugins() -> None:
 
 def method_names() -> list[str]:
     return list(REGISTRY)
+
+
+def linear_methods() -> list[str]:
+    """The registered methods whose server rule is a weighted sum of the uploads (secure aggregation, central DP)."""
+    return [name for name, cls in REGISTRY.items() if cls.linear]
 
 
 def method_class(name: str) -> type[Method]:

@@ -5,13 +5,17 @@ set of trainable tensors loaded into the shared model while it trains; between i
 its method declares private (FedSA's B and head), so memory grows by that and nothing else. With mixed ranks
 (``SimClient.rank``) the model holds the largest rank and a client of rank r_u uses its first r_u components at
 scale s(r_u); clients of one rank share one view of the global state.
+
+The server half of a round (:meth:`Simulator.close_round`, which the Flower strategy runs too) is a few short steps:
+screen, count what arrived, take the round's inputs one of three ways (plain, client-level DP, secure sum:
+:mod:`fedlora.federation.server_round`), the one aggregation step, broadcast and apply, score, record. Bytes are
+added up only by the run's ledger (:class:`~fedlora.federation.traffic.Traffic`), privacy state is kept by
+:class:`~fedlora.federation.privacy.RunPrivacy`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,21 +24,37 @@ import torch
 from torch import Tensor, nn
 
 from fedlora.adapters import AdapterHandle
-from fedlora.aggregation import RULES, aggregate, divergence, eckart_young_bound, get_rule
-from fedlora.federation.privacy import (
-    EXAMPLE_DP_ADAPTERS,
-    ClientAccountants,
-    PrivacyConfig,
-    dp_sgd_steps,
-    epsilon_spent,
-    example_rate,
-    noise_for_epsilon,
-    privatise,
-    sample_poisson,
+from fedlora.aggregation import RULES, get_rule
+from fedlora.federation.privacy import PrivacyConfig, dp_sgd_steps, example_rate, sample_poisson, settle_privacy
+from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors, linear_methods
+from fedlora.federation.screening import Rejection
+from fedlora.federation.server_round import (
+    ClientResult,
+    Measures,
+    RoundInputs,
+    SecureSum,
+    aggregate_step,
+    client_dp_inputs,
+    client_weights,
+    finish_metrics,
+    layer_metrics,
+    local_scores,
+    mean_pairwise_cosine,
+    plain_inputs,
+    screen,
+    secure_inputs,
+    similarity_metrics,
 )
-from fedlora.federation.protocol import REGISTRY, Method, Peer, RoundContext, ServerUpdate, Tensors
-from fedlora.federation.screening import Rejection, check_structure, norm_outliers, schema, update_norm
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit, seed_torch
+from fedlora.federation.traffic import RoundBytes, Traffic, nbytes
+
+# Names other modules import from here (the round's steps live in server_round.py, the byte ledger in traffic.py).
+__all__ = [
+    "ClientResult", "FederationConfig", "SecureSum", "SimClient", "Simulator", "check_server_memory", "client_turn",
+    "client_weights", "finish_metrics", "layer_metrics", "linear_methods", "local_optimizer", "mean_pairwise_cosine",
+    "nbytes", "round_seed", "sample_clients", "sample_round", "screen", "server_memory_bytes", "similarity_metrics",
+    "train_local",
+]
 
 log = logging.getLogger("fedlora")
 
@@ -97,10 +117,6 @@ class SimClient:
     rank: int | None = None  # the client's adapter rank r_u (None: the model's)
 
 
-def nbytes(tensors: Tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def round_seed(seed: int, rnd: int, cid: int = -1) -> int:
     return (seed * 1_000_003 + rnd * 10_007 + cid + 1) % (2**63 - 1)
 
@@ -111,109 +127,12 @@ def sample_clients(n_clients: int, fraction: float, seed: int, rnd: int) -> list
     return sorted(order[:m].tolist())
 
 
-def linear_methods() -> list[str]:
-    """The registered methods whose server rule is a weighted sum of the uploads (secure aggregation, central DP)."""
-    return [name for name, cls in REGISTRY.items() if cls.linear]
-
-
 def sample_round(n_clients: int, cfg: FederationConfig, rnd: int) -> list[int]:
     """The clients of round ``rnd``: a seeded fixed-size sample, or under client-level DP Poisson sampling at rate
     ``fraction`` (what the accountant's amplification by sampling assumes)."""
     if cfg.privacy.client_level:
         return sample_poisson(n_clients, cfg.fraction, round_seed(cfg.seed, rnd, -3))
     return sample_clients(n_clients, cfg.fraction, cfg.seed, rnd)
-
-
-def client_weights(sizes: list[int], weighting: str) -> Tensor:
-    w = torch.ones(len(sizes), dtype=torch.float64) if weighting == "uniform" else torch.tensor(sizes, dtype=torch.float64)
-    return w / w.sum()
-
-
-def layer_metrics(h: AdapterHandle, inputs: list[Tensors], weights: Tensor, current: Tensors, update: ServerUpdate, bound: bool):
-    """Per adapted module: the aggregation divergence ρ, and (``bound``) the Eckart–Young bound and FedIT's ρ on
-    the same uploads, the two references any method's ρ is read against within one run. Under mixed ranks all
-    three are in the scaled product space (ΔW* = Σ w_u s_u B_u A_u; FedIT with segment averaging; the bound at
-    the largest rank).
-
-    For FedSA (personalised) ΔŴ is what the global model is scored with: Â and the clients' mean B, so ρ measures
-    how far that stand-in is from ΔW*; modules whose B no client reported give no entry. A factor no client sent
-    because it was frozen (FFA's A, RoLoRA's other factor) is the shared start every client trained against.
-    """
-    views = [h.factors(t) for t in inputs]
-    B0, A0 = h.factors(current)  # a factor not sent this round (frozen) is the shared start
-    rho, rho_min, rho_fedit = {}, {}, {}
-    for module, layer in update.layers.items():
-        if layer.B is None and layer.eval_B is None:  # FedSA with no client's B to score: nothing to measure
-            continue
-        Bs = [v[0].get(module, B0[module]) for v in views]
-        As = [v[1].get(module, A0[module]) for v in views]
-        rho[module] = float(divergence(Bs, As, weights, layer, scales=update.scales))
-        if bound:
-            rho_min[module] = float(eckart_young_bound(Bs, As, weights, scales=update.scales))
-            fedit = aggregate("fedit", Bs, As, weights, scales=update.scales)
-            rho_fedit[module] = float(divergence(Bs, As, weights, fedit, scales=update.scales))
-    return (rho or None), (rho_min or None), (rho_fedit or None)
-
-
-def mean_pairwise_cosine(tensors: list[Tensor]) -> float | None:
-    """Mean over client pairs u < v of cos(X_u, X_v), the tensors flattened (None below two clients).
-
-    A zero tensor has no direction; its pairs count as 0. O(U²·size) through one Gram matrix.
-    """
-    if len(tensors) < 2:
-        return None
-    shape = [max(t.shape[i] for t in tensors) for i in range(tensors[0].dim())]  # mixed ranks: zero-padded
-    X = torch.stack([_padded(t.detach().to(torch.float64), shape).reshape(-1) for t in tensors])
-    norms = X.norm(dim=1)
-    X = X / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]
-    G = X @ X.T
-    U = len(tensors)
-    return float((G.sum() - G.diagonal().sum()) / (U * (U - 1)))
-
-
-def _padded(t: Tensor, shape: list[int]) -> Tensor:
-    if list(t.shape) == shape:
-        return t
-    out = t.new_zeros(shape)
-    out[tuple(slice(0, n) for n in t.shape)] = t
-    return out
-
-
-def similarity_metrics(h: AdapterHandle, method: Method, inputs: list[Tensors], current: Tensors) -> dict[str, dict[str, float] | None]:
-    """Mean pairwise cosine similarity across the round's clients, per adapted module, of the factors they hold
-    after local training (``A``, ``B``; FedSA-LoRA's Figure 2) and of their local updates relative to the round's
-    broadcast (``dA``, ``dB``: the factor minus the start every client shared, which removes the common
-    initialisation). A factor a client does not train (FFA's frozen A) is identical across clients (cos 1, no
-    update); a private factor (FedSA's B) has no common start, so its update similarity is not defined."""
-    views = [h.factors(t) for t in inputs]
-    B0, A0 = h.factors(current)
-    private = set(method.private(h))
-    out: dict[str, dict[str, float] | None] = {}
-    for kind, idx, start in (("B", 0, B0), ("A", 1, A0)):
-        fac, upd = {}, {}
-        for module in h.keys:
-            tensors = [v[idx].get(module, start.get(module)) for v in views]
-            if any(t is None for t in tensors):
-                continue
-            fac[module] = mean_pairwise_cosine(tensors)
-            name = getattr(h.keys[module], kind)
-            if name in private or module not in start or not any(name in t for t in inputs):
-                continue  # no common start (private) or never trained (frozen): no update to compare
-            upd[module] = mean_pairwise_cosine([t - _cut(start[module], t) for t in tensors])
-        out[f"similarity_{kind}_per_layer"] = {k: v for k, v in fac.items() if v is not None} or None
-        out[f"similarity_d{kind}_per_layer"] = {k: v for k, v in upd.items() if v is not None} or None
-    for kind in ("A", "B", "dA", "dB"):
-        out[f"similarity_{kind}"] = _mean(out[f"similarity_{kind}_per_layer"])
-    return out
-
-
-def _cut(start: Tensor, t: Tensor) -> Tensor:
-    """The common start cut to a client's shape (mixed ranks: its first r_u components, before its rescale)."""
-    return start[tuple(slice(0, n) for n in t.shape)] if start.shape != t.shape else start
-
-
-def _mean(values: dict[str, float] | None) -> float | None:
-    return None if not values else sum(values.values()) / len(values)
 
 
 def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationConfig, seed: int,
@@ -245,30 +164,6 @@ def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationCo
     return sum(losses) / len(losses)
 
 
-@dataclass
-class SecureSum:
-    """What the server learns in a securely aggregated round: the weighted mean of the accepted clients' uploads and
-    eval extras (one tensor dict), and the bytes the protocol moved (keys, shares, masked vectors)."""
-
-    mean: Tensors
-    bytes_up: int
-    bytes_down: int
-
-
-@dataclass
-class ClientResult:
-    """What one client's turn produced: its upload (protocol bytes), eval-only extras, private state, scores."""
-
-    cid: int
-    upload: Tensors
-    extras: Tensors
-    private: Tensors
-    n_train: int
-    n_test: int
-    local_accuracy: float
-    train_loss: float
-
-
 def peer_of(h: AdapterHandle, client: SimClient) -> Peer:
     rank = h.rank if client.rank is None else client.rank
     return Peer(client.cid, rank, h.spec.scale_at(rank))
@@ -292,25 +187,6 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
         private={n: trained[n] for n in method.private(h)}, n_train=len(client.train), n_test=len(client.test),
         local_accuracy=acc, train_loss=loss,
     )
-
-
-def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: Callable[[int], Tensors], cfg: FederationConfig,
-           rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
-    """Split the round's results into accepted and rejected (structure, dtype, NaN/Inf, norm outliers). Each client
-    is checked against what it started from (``held(cid)``: its own rank under mixed ranks)."""
-    accepted, rejected, norms = [], [], []
-    for r in results:
-        start = held(r.cid)
-        reason = (check_structure(r.cid, r.upload, schema(method.upload(h, start, rnd)), "upload")
-                  or check_structure(r.cid, r.extras, schema(method.eval_extras(h, start)), "evaluation tensors"))
-        if reason:
-            rejected.append(Rejection(r.cid, reason))
-        else:
-            accepted.append(r)
-            norms.append(update_norm(r.upload, start))
-    outliers = norm_outliers([r.cid for r in accepted], norms, cfg.max_norm_ratio)
-    bad = {o.cid for o in outliers}
-    return [r for r in accepted if r.cid not in bad], rejected + outliers
 
 
 def server_memory_bytes(h: AdapterHandle, U: int, *, quadratic: bool = False) -> int:
@@ -340,19 +216,13 @@ def check_server_memory(h: AdapterHandle, U: int, *, quadratic: bool = False) ->
                          f"this machine's {total / 2**30:.1f} GiB; lower --rank, --clients or --fraction")
 
 
-def finish_metrics(metrics: dict, global_accuracy: float, wall_seconds: float) -> dict:
-    """Add the global score, the local–global gap and the wall time, in the order metrics.jsonl shows them."""
-    out = {k: metrics[k] for k in ("round", "method", "clients", "train_loss")}
-    out |= {"global_accuracy": global_accuracy, "local_accuracy": metrics["local_accuracy"],
-            "local_global_gap": metrics["local_accuracy"] - global_accuracy}
-    out |= {k: v for k, v in metrics.items() if k not in out}
-    out["wall_seconds"] = wall_seconds
-    return out
-
-
 @dataclass
 class Simulator:
-    """Runs a method over clients on one shared PEFT model. ``run()`` returns one metrics dict per round."""
+    """Runs a method over clients on one shared PEFT model. ``run()`` returns one metrics dict per round.
+
+    State: each client's view of the global state (``held``: what it starts its next round from, before its
+    ``private`` tensors), the server's ``global_tensors`` and the ``eval_tensors`` it scores, the metrics
+    ``history``; the run's byte ledger (``traffic``) and differential privacy (``privacy``)."""
 
     model: nn.Module
     handle: AdapterHandle
@@ -374,27 +244,28 @@ class Simulator:
         for p in self.peers:
             if not 1 <= p.rank <= h.rank:
                 raise ValueError(f"client {p.cid} has rank {p.rank} but the model's adapter has rank {h.rank}; build it at the largest client rank")
-        self.mixed = any(p.rank != h.rank for p in self.peers)
         rule = get_rule(self.method.rule) if self.method.rule in RULES else None
         check_server_memory(h, max(1, int(round(self.config.fraction * len(self.clients)))), quadratic=bool(rule and rule.quadratic))
-        self.accountants = None
-        if self.config.privacy.enabled:
-            self._check_privacy()
-        self.server = Peer(-1, h.rank, h.spec.scale_at(h.rank))
+        self.config, self.privacy = settle_privacy(self.config, self.method, h.spec.kind, [len(c.train) for c in self.clients], self.mixed)
         self.global_tensors: Tensors = h.get()
         self.eval_tensors: Tensors = self.global_tensors
-        # What each client starts its next round from (before its private state): the global state at its rank.
-        # Round 1: the seeded init, each client's first r_u components (as PEFT would initialise it at r_u).
+        # Round 1 starts every client from the seeded init at its rank (its first r_u components, as PEFT would
+        # initialise it at r_u); clients of one rank share one view.
         views = {r: self.global_tensors if r == h.rank else h.truncate(self.global_tensors, r) for r in {p.rank for p in self.peers}}
         self.held: dict[int, Tensors] = {p.cid: views[p.rank] for p in self.peers}
         self.private: dict[int, Tensors] = {}
         self.history: list[dict] = []
-        self.setup_bytes: tuple[int, int] | None = None  # round 0's (up, down), counted in round 1's row
-        # Catch-up: the last round whose broadcast each client has been sent (and counted), and each round's broadcast
-        # size per client rank, so a client that missed rounds pays for the broadcasts it is sent when next sampled.
-        self.sent: dict[int, int] = {p.cid: 0 for p in self.peers}
-        self.broadcast_bytes: dict[int, dict[int, int]] = {}
-        self.set_up = False  # round 0 done (or not needed once a round has run)
+        self.traffic = Traffic({p.cid: p.rank for p in self.peers})
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the clients have different ranks (the aggregation math then runs in the scaled space)."""
+        return any(p.rank != self.handle.rank for p in self.peers)
+
+    @property
+    def server(self) -> Peer:
+        """The server's own model as the protocol sees it: the largest rank, at its scale."""
+        return Peer(-1, self.handle.rank, self.handle.spec.scale_at(self.handle.rank))
 
     # -- round 0: the method's initialisation round, when it has one -----------------------------------------------
     def setup(self) -> None:
@@ -414,82 +285,52 @@ class Simulator:
     def close_setup(self, results: list[tuple[int, Tensors, int]]) -> Tensors:
         """The server half of round 0, shared with the Flower strategy: ``results`` are (cid, upload, n_train).
         Returns the broadcast, already applied here."""
-        h, method, cfg = self.handle, self.method, self.config
+        h, method = self.handle, self.method
+        results = self._usable_setup(results)
+        weights = client_weights([n for _, _, n in results], self.config.weighting)
+        broadcast = method.setup_aggregate(h, [u for _, u, _ in results], weights, self.global_tensors)
+        self.traffic.record_setup([u for _, u, _ in results], [method.deliver(h, broadcast, p) for p in self.peers])
+        self._apply(ServerUpdate(broadcast=broadcast), round_seed(self.config.seed, 0))
+        h.set(self.global_tensors)
+        return broadcast
+
+    def _usable_setup(self, results: list[tuple[int, Tensors, int]]) -> list[tuple[int, Tensors, int]]:
+        """Round 0's answers without non-finite ones; refused in one line when none is left."""
+        name = self.method.name
         if not results:
-            raise ValueError(f"no client answered {method.name}'s initialisation round; check the clients' logs and restart the run")
+            raise ValueError(f"no client answered {name}'s initialisation round; check the clients' logs and restart the run")
         bad = [cid for cid, u, _ in results if not all(bool(torch.isfinite(t).all()) for t in u.values())]
         for cid in bad:
             log.warning("round 0: client %d sent non-finite values; left out of the initialisation", cid)
         results = [r for r in results if r[0] not in bad]
         if not results:
-            raise ValueError(f"no client sent a usable answer in {method.name}'s initialisation round; check the clients' data and restart the run")
-        weights = client_weights([n for _, _, n in results], cfg.weighting)
-        broadcast = method.setup_aggregate(h, [u for _, u, _ in results], weights, self.global_tensors)
-        up = sum(nbytes(u) for _, u, _ in results)
-        down = sum(nbytes(method.deliver(h, broadcast, p)) for p in self.peers)
-        self._apply(ServerUpdate(broadcast=broadcast), round_seed(cfg.seed, 0))
-        h.set(self.global_tensors)
-        self.setup_bytes, self.set_up = (up, down), True
-        return broadcast
+            raise ValueError(f"no client sent a usable answer in {name}'s initialisation round; check the clients' data and restart the run")
+        return results
 
-    def _check_privacy(self) -> None:
-        """Refuse what DP cannot cover and fix the noise for a target ε. Client-level: also replace the weighting and
-        norm screening (uniform weights bound the sensitivity; the clipping bounds every update)."""
-        cfg, method = self.config, self.method
-        if method.needs_setup():
-            raise ValueError(f"--dp {cfg.privacy.mode} does not cover {method.name}'s setup round (its uploads are not clipped or noised); "
-                             "choose a setup-free option (e.g. --fedsb-init random)")
-        if cfg.privacy.example_level:
-            kind = self.handle.spec.kind
-            if not self.handle.kind.per_example_grads:
-                raise ValueError(f"--dp example needs per-example gradients, which Opacus computes for {' and '.join(EXAMPLE_DP_ADAPTERS)} "
-                                 f"layers but not for {kind}'s (DoRA's magnitude, VeRA's and HiRA's vectors); pass --adapter lora or rslora")
-            privacy = cfg.privacy
-            if privacy.target_epsilon is not None:  # the client that samples fastest and joins every round meets it
-                rate = max(example_rate(cfg.batch_size, len(c.train)) for c in self.clients)
-                privacy = dataclasses.replace(privacy, noise=noise_for_epsilon(privacy.target_epsilon, privacy.delta, rate,
-                                                                               cfg.rounds * cfg.local_steps, privacy.accountant),
-                                              target_epsilon=None)
-            self.config = dataclasses.replace(cfg, privacy=privacy)
-            self.accountants = ClientAccountants(privacy)
-            return
-        if not method.is_linear():
-            raise ValueError(f"--dp client needs a method whose server rule is a weighted sum of the uploads (linear: "
-                             f"{', '.join(linear_methods())}); {method.name} needs each client's factors")
-        if self.mixed:
-            raise ValueError("--dp client with mixed client ranks is not supported; drop --client-ranks")
-        if cfg.weighting != "uniform":
-            log.warning("--dp client: client weights are uniform (the sensitivity needs bounded weights); --weighting %s is ignored", cfg.weighting)
-        privacy = cfg.privacy.resolved(sample_rate=cfg.fraction, rounds=cfg.rounds)
-        self.config = dataclasses.replace(cfg, privacy=privacy, weighting="uniform", max_norm_ratio=0.0)
-
-    def privacy_metrics(self, rnd: int) -> dict:
-        p, cfg = self.config.privacy, self.config
-        if not p.enabled:
-            return {}
-        if p.example_level:  # the largest ε any client has spent so far, and each client's
-            per_client = {cid: self.accountants.epsilon(cid) for cid in sorted(self.accountants.history)}
-            return {"epsilon": max(per_client.values(), default=0.0), "epsilon_per_client": per_client, "delta": p.delta,
-                    "dp_noise_multiplier": p.noise, "dp_clip": p.clip, "dp_accountant": p.accountant}
-        return {"epsilon": epsilon_spent(p.noise, cfg.fraction, rnd, p.delta, p.accountant), "delta": p.delta,
-                "dp_noise_multiplier": p.noise, "dp_clip": p.clip, "dp_accountant": p.accountant}
+    def _setup_due(self) -> bool:
+        # Round 0 has run when its bytes wait for round 1's row (or a round has run since).
+        return not self.history and self.method.needs_setup() and self.traffic.setup is None
 
     # -- the round: sample → local training → upload → aggregate → apply → evaluate ------------------------------
     def round(self, rnd: int) -> dict:
-        cfg, h, method = self.config, self.handle, self.method
-        start = time.perf_counter()
-        if not self.history and not self.set_up and method.needs_setup():
+        started = time.perf_counter()
+        if self._setup_due():
             self.setup()
+        results, failed = self._turns(rnd)
+        return self.close_round(results, failed, rnd, started)[2]
+
+    def _turns(self, rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
+        """The sampled clients' turns, in order; a client that raises is a rejection, not the end of the run."""
         results, failed = [], []
-        for cid in sample_round(len(self.clients), cfg, rnd):
+        for cid in sample_round(len(self.clients), self.config, rnd):
             try:
-                results.append(self.turn(h, method, self.task, self.clients[cid], self.held[cid] | self.private.get(cid, {}), cfg, rnd))
-            except Exception as exc:  # a failing client is data, not the end of the run
+                start = self.held[cid] | self.private.get(cid, {})
+                results.append(self.turn(self.handle, self.method, self.task, self.clients[cid], start, self.config, rnd))
+            except Exception as exc:
                 failed.append(Rejection(cid, f"client {cid} raised {type(exc).__name__} during its turn: {exc}"))
             if self.on_client:
                 self.on_client(rnd, cid)
-        _, _, metrics = self.close_round(results, failed, rnd, start)
-        return metrics
+        return results, failed
 
     def close_round(self, results: list[ClientResult], failed: list[Rejection], rnd: int, started: float,
                     secure: SecureSum | None = None):
@@ -500,99 +341,109 @@ class Simulator:
         ``secure``: the round ran under secure aggregation, so ``results`` carry each client's scores but no tensors
         and the server holds only the weighted mean of their uploads and extras. A linear rule is applied to that mean
         alone (the same update as on the uploads); nothing per client can be screened or measured (ρ, bound,
-        similarity are None); the bytes are the protocol's."""
-        cfg, h, method = self.config, self.handle, self.method
-        if secure is not None:
-            received = secure.bytes_up
-            accepted, rejected = list(results), list(failed)  # SecAgg+'s clipping range is the only bound on an upload
-        else:
-            received = sum(nbytes(r.upload) for r in results if isinstance(r.upload, dict) and all(isinstance(t, Tensor) for t in r.upload.values()))
-            accepted, rejected = screen(h, method, results, self.held.__getitem__, cfg, rnd)
-            rejected = list(failed) + rejected
-        for rej in rejected:
-            log.warning("round %d: rejected %s", rnd, rej.reason)
-        catch_up = self._catch_up({r.cid for r in results} | {f.cid for f in failed}, rnd)
-        metrics = {
-            "round": rnd, "method": method.name, "clients": [r.cid for r in accepted],
-            "train_loss": sum(r.train_loss for r in accepted) / len(accepted) if accepted else math.nan,
-            "local_accuracy": math.nan,
-        }
-        rho = rho_min = rho_fedit = None
-        update, down, seconds = None, 0, 0.0
-        setup, self.setup_bytes = self.setup_bytes or (0, 0), None  # round 0's bytes go into the first round's row
-        dp = cfg.privacy
-        if dp.example_level:  # every client that trained spent privacy, accepted or not
-            for cid in [r.cid for r in results] + [f.cid for f in failed]:
-                self.accountants.spend(cid, example_rate(cfg.batch_size, len(self.clients[cid].train)), cfg.local_steps)
-        if accepted or dp.client_level:  # under DP a round nobody joined still releases its noise
-            inputs = [r.upload | r.extras for r in accepted]
-            weights = client_weights([r.n_train for r in accepted], cfg.weighting)  # renormalised over accepted clients
-            seed = round_seed(cfg.seed, rnd)
-            peers = [self.peers[r.cid] for r in accepted]
-            if dp.client_level:
-                template = None if accepted else method.upload(h, self.global_tensors, rnd)
-                uploads, diag = privatise([r.upload for r in accepted], [self.held[r.cid] for r in accepted], dp,
-                                          cfg.fraction * len(self.clients), round_seed(cfg.seed, rnd, -2), template)
-                inputs = [u | r.extras for u, r in zip(uploads, accepted)] if accepted else uploads
-                peers = peers or [self.server]
-                weights = client_weights([1] * len(inputs), "uniform")
-                metrics |= {"dp_clipped": diag["clipped"], "dp_noise_std": diag["noise_std"]}
-            if secure is not None:  # one input, the weighted mean: a linear rule gives the same update from it
-                inputs, weights, peers = [secure.mean], client_weights([1], "uniform"), peers[:1]
-                metrics["secure_aggregation"] = True
-            ctx = RoundContext(rnd, seed, peers, mixed=self.mixed)
-            t_agg = time.perf_counter()
-            update = method.aggregate(h, inputs, weights, self.global_tensors, ctx)
-            seconds = time.perf_counter() - t_agg
-            if secure is None:
-                rho, rho_min, rho_fedit = layer_metrics(h, inputs, weights, self.global_tensors, update, cfg.bound)
-            if cfg.similarity and secure is None:
-                metrics |= similarity_metrics(h, method, inputs, self.global_tensors)
-            n_local = sum(r.n_test for r in accepted)
-            metrics["local_accuracy"] = sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan
-            sizes = {}
-            for peer in self.peers:  # the broadcast's size for each client rank (catch-up later costs the same)
-                if peer.rank not in sizes:
-                    sizes[peer.rank] = nbytes(method.deliver(h, update.broadcast, peer))
-            self.broadcast_bytes[rnd] = sizes
-            down = sum(sizes[self.peers[r.cid].rank] for r in accepted)
-            for r in accepted:
-                self.sent[r.cid] = rnd
-            down += secure.bytes_down if secure is not None else 0
-            self._apply(update, seed)
-            for r in accepted:
-                if r.private:
-                    self.private[r.cid] = r.private
+        similarity are None); the bytes are the protocol's, recorded in ``traffic`` by whoever ran it."""
+        accepted, rejected = self._screen(results, failed, rnd, secure)
+        self._arrived(results, failed, rnd)
+        update, step, measures = None, None, Measures()
+        if accepted or self.privacy.client_level:  # under client-level DP a round nobody joined still releases its noise
+            step = self._inputs(accepted, rnd, secure)
+            update, measures = self._aggregate(step, rnd)
+            self._broadcast(update, accepted, rnd)
         else:
             log.warning("round %d: no client left after screening; round skipped, global model unchanged", rnd)
-        metrics |= self.privacy_metrics(rnd)
-        metrics |= {
-            "divergence": _mean(rho), "divergence_per_layer": rho, "bound": _mean(rho_min), "bound_per_layer": rho_min,
-            "fedit_divergence": _mean(rho_fedit), "fedit_divergence_per_layer": rho_fedit,
-            "bytes_up": received + setup[0], "bytes_down": down + setup[1] + catch_up, "catch_up_bytes": catch_up,
-            "aggregation_seconds": seconds,
-            "rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted,
-        }
-        if not method.communicates:  # a reference point (central, local): nothing crosses a network
-            metrics["bytes_up"] = metrics["bytes_down"] = metrics["catch_up_bytes"] = 0
-        states = method.scored_states(self.held, self.private)
-        if states:  # e.g. `local`: the mean of the clients' own models on the global test set
+        sent = self.traffic.close()
+        metrics = self._metrics(rnd, accepted, rejected, step, measures, sent)
+        return update, accepted, self._record(metrics, sent, started)
+
+    def _screen(self, results: list[ClientResult], failed: list[Rejection], rnd: int, secure: SecureSum | None):
+        """(accepted, rejected): the failed clients and those screening rejects; under secure aggregation SecAgg+'s
+        clipping range is the only bound on an upload."""
+        if secure is not None:
+            accepted, rejected = list(results), list(failed)
+        else:
+            accepted, screened = screen(self.handle, self.method, results, self.held.__getitem__, self.config.max_norm_ratio, rnd)
+            rejected = list(failed) + screened
+        for rej in rejected:
+            log.warning("round %d: rejected %s", rnd, rej.reason)
+        return accepted, rejected
+
+    def _arrived(self, results: list[ClientResult], failed: list[Rejection], rnd: int) -> None:
+        """What the round's sampled clients cost, accepted or not: their uploads, the broadcasts they missed and are
+        sent now, and under example-level DP the privacy their training spent."""
+        sampled = [r.cid for r in results] + [f.cid for f in failed]
+        for r in results:
+            self.traffic.record_upload(r.cid, r.upload)
+        self.traffic.record_sampled(set(sampled), rnd)
+        cfg = self.config
+        self.privacy.spend(sampled, lambda cid: example_rate(cfg.batch_size, len(self.clients[cid].train)), cfg.local_steps)
+
+    def _inputs(self, accepted: list[ClientResult], rnd: int, secure: SecureSum | None) -> RoundInputs:
+        """What the rule is given: the one secure mean, the clipped and noised uploads, or the uploads themselves."""
+        peers = [self.peers[r.cid] for r in accepted]
+        if secure is not None:
+            return secure_inputs(secure, peers)
+        if not self.privacy.client_level:
+            return plain_inputs(accepted, peers, self.config.weighting)
+        cfg = self.config
+        template = None if accepted else self.method.upload(self.handle, self.global_tensors, rnd)
+        return client_dp_inputs(accepted, [self.held[r.cid] for r in accepted], cfg.privacy, cfg.fraction * len(self.clients),
+                                round_seed(cfg.seed, rnd, -2), template, peers or [self.server])
+
+    def _aggregate(self, step: RoundInputs, rnd: int) -> tuple[ServerUpdate, Measures]:
+        cfg = self.config
+        ctx = RoundContext(rnd, round_seed(cfg.seed, rnd), step.peers, mixed=self.mixed)
+        return aggregate_step(self.handle, self.method, step, self.global_tensors, ctx, bound=cfg.bound, similarity=cfg.similarity)
+
+    def _broadcast(self, update: ServerUpdate, accepted: list[ClientResult], rnd: int) -> None:
+        """Send the round's result to the accepted clients (the others get it when next sampled), apply it here and
+        to every client's view, and keep the accepted clients' private state."""
+        at_rank = {}
+        for peer in self.peers:  # the broadcast's size for each client rank (catch-up later costs the same)
+            at_rank.setdefault(peer.rank, peer)
+        delivered = {rank: self.method.deliver(self.handle, update.broadcast, p) for rank, p in at_rank.items()}
+        self.traffic.record_broadcast(rnd, delivered, [r.cid for r in accepted])
+        self._apply(update, round_seed(self.config.seed, rnd))
+        for r in accepted:
+            if r.private:
+                self.private[r.cid] = r.private
+
+    def _metrics(self, rnd: int, accepted: list[ClientResult], rejected: list[Rejection], step: RoundInputs | None,
+                 measures: Measures, sent: RoundBytes) -> dict:
+        """The round's metrics line before the global score, in the order metrics.jsonl shows it."""
+        metrics = {"round": rnd, "method": self.method.name, "clients": [r.cid for r in accepted]} | local_scores(accepted)
+        metrics |= (step.notes if step else {}) | measures.similarity | self.privacy.metrics(rnd) | measures.divergence()
+        metrics |= sent.metrics(self.method.communicates) | {"aggregation_seconds": measures.seconds}
+        return metrics | {"rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted}
+
+    def _record(self, metrics: dict, sent: RoundBytes, started: float) -> dict:
+        """Score the global model, finish the metrics line, keep it and pass it on."""
+        global_accuracy, extra = self._score_global()
+        metrics = finish_metrics(metrics | extra, global_accuracy, time.perf_counter() - started)
+        if sent.rejoin:  # Flower: snapshots sent to clients that lost their state (in bytes_down too)
+            metrics["rejoin_bytes"] = sent.rejoin
+        self.history.append(metrics)
+        if self.on_round:
+            self.on_round(metrics)
+        return metrics
+
+    def _score_global(self) -> tuple[float, dict]:
+        """The global accuracy (for ``local``, the mean of the clients' own models), and the task's extra global
+        metrics (the synthetic task's loss against its known floor)."""
+        h, cfg, extra = self.handle, self.config, {}
+        states = self.method.scored_states(self.held, self.private)
+        if states:
             scores = []
             for state in states:
                 h.set(state)
                 scores.append(self.task.evaluate(self.model, self.global_test, cfg.device))
-            global_acc = sum(scores) / len(scores)
+            accuracy = sum(scores) / len(scores)
         else:
             h.set(self.eval_tensors)
-            global_acc = self.task.evaluate(self.model, self.global_test, cfg.device)
-            if hasattr(self.task, "global_metrics"):  # e.g. the synthetic task's loss against its known floor
-                metrics |= self.task.global_metrics(self.model, self.global_test, cfg.device)
+            accuracy = self.task.evaluate(self.model, self.global_test, cfg.device)
+            if hasattr(self.task, "global_metrics"):
+                extra = self.task.global_metrics(self.model, self.global_test, cfg.device)
         h.set(self.global_tensors)
-        metrics = finish_metrics(metrics, global_acc, time.perf_counter() - started)
-        self.history.append(metrics)
-        if self.on_round:
-            self.on_round(metrics)
-        return update, accepted, metrics
+        return accuracy, extra
 
     def _apply(self, update: ServerUpdate, seed: int) -> None:
         """Fold once into the shared base (it serves every client), then move the server's model and every client's
@@ -603,6 +454,7 @@ class Simulator:
         old = self.global_tensors
         self.global_tensors = method.take(h, update.broadcast, old, self.server, seed)
         self.eval_tensors = update.eval_tensors if update.eval_tensors is not None else self.global_tensors
+
         def key(view: Tensors, delivered: Tensors, rank: int) -> tuple:
             return id(view), rank, tuple((n, id(t)) for n, t in delivered.items())
 
@@ -621,24 +473,10 @@ class Simulator:
         return self.history
 
     # -- checkpoints: everything a resumed run needs to continue bit-for-bit ------------------------------------
-    def _catch_up(self, sampled: set[int], rnd: int) -> int:
-        """Bytes of the broadcasts the round's sampled clients missed (rounds after the last one they were sent, before
-        this one): what their train message carries besides the last round's broadcast, as on Flower."""
-        total = 0
-        for cid in sampled:
-            if cid not in self.sent:
-                continue
-            rank = self.peers[cid].rank
-            total += sum(self.broadcast_bytes.get(r, {}).get(rank, 0) for r in range(self.sent[cid] + 1, rnd))
-            self.sent[cid] = max(self.sent[cid], rnd - 1)
-        oldest = min(self.sent.values(), default=rnd)
-        self.broadcast_bytes = {r: b for r, b in self.broadcast_bytes.items() if r > oldest}
-        return total
-
     def snapshot(self) -> tuple[Tensors, dict]:
         """(tensors, meta) after the last completed round: global and scored trainables, each client's view where
         it is not the global one (mixed ranks), each client's private state, and for methods that fold into the
-        base the current base weights of the adapted modules."""
+        base the current base weights of the adapted modules; the byte ledger and the DP accountants."""
         h = self.handle
         tensors = {f"global/{n}": t for n, t in self.global_tensors.items()}
         # FedSA scores with tensors clients never start from; elsewhere eval and global are the same tensors.
@@ -650,13 +488,21 @@ class Simulator:
         for module, folded in h.folded.items():
             tensors[f"base/{module}"] = h.layers[module].get_base_layer().weight.detach()
             tensors[f"folded/{module}"] = folded
-        meta = {"round": len(self.history), "history": self.history, "sent": self.sent, "broadcast_bytes": self.broadcast_bytes}
-        if self.accountants is not None:
-            meta["dp_accountants"] = self.accountants.state()
+        meta = {"round": len(self.history), "history": self.history} | self.traffic.state() | self.privacy.state()
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
     @torch.no_grad()
     def restore(self, tensors: Tensors, meta: dict) -> None:
+        held = self._restore_tensors(tensors)
+        self.eval_tensors = dict(self.global_tensors) | self.eval_tensors
+        self.held = {p.cid: self.global_tensors | held[p.cid] if p.cid in held else self.global_tensors for p in self.peers}
+        self.handle.set(self.global_tensors)
+        self.history = list(meta["history"])
+        self.traffic.load(meta, len(self.history))
+        self.privacy.load(meta)
+
+    def _restore_tensors(self, tensors: Tensors) -> dict[int, Tensors]:
+        """Put ``snapshot``'s tensors back (global, eval, private, folded base weights); returns the clients' own views."""
         h, device = self.handle, self.config.device
         self.global_tensors, self.eval_tensors, self.private = {}, {}, {}
         held: dict[int, Tensors] = {}
@@ -674,16 +520,7 @@ class Simulator:
                 h.layers[rest].get_base_layer().weight.copy_(t)
             elif kind == "folded":
                 h.folded[rest] = t
-        self.eval_tensors = dict(self.global_tensors) | self.eval_tensors
-        self.held = {p.cid: self.global_tensors | held[p.cid] if p.cid in held else self.global_tensors for p in self.peers}
-        h.set(self.global_tensors)
-        self.history = list(meta["history"])
-        rounds = len(self.history)  # a checkpoint from before catch-up was counted: every client as if sent everything
-        self.sent = {int(c): int(r) for c, r in meta.get("sent", {p.cid: rounds for p in self.peers}).items()}
-        self.broadcast_bytes = {int(r): {int(k): int(v) for k, v in b.items()} for r, b in meta.get("broadcast_bytes", {}).items()}
-        if self.accountants is not None:
-            self.accountants.load(meta.get("dp_accountants", {}))
-        self.set_up = bool(self.history)
+        return held
 
     def global_state(self) -> Tensors:
         """Trainables of the global model as scored (FedSA: Â with the clients' mean B and head)."""

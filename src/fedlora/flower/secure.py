@@ -183,7 +183,8 @@ def secure_round(strategy, grid: Grid, rnd: int, started: float, *, timeout: flo
         start = sim.held[results[0].cid]
         like = method.upload(h, start, rnd) | method.eval_extras(h, start)
         mean = unflatten(parameters_to_ndarrays(shim.results[0][1].parameters), layout(like), like)
-        secure = SecureSum(mean, bytes_up=counting.up, bytes_down=counting.down)
+        sim.traffic.record_protocol(counting.up, counting.down)
+        secure = SecureSum(mean)
     answered = {r.cid for r in results}
     strategy.noted_silence(answered)  # left out of the sum: perhaps dead (a newcomer for its partition may take over)
     reasons = "; ".join(str(f) for f in shim.failures) if shim.failures else "secure aggregation ended before the unmask stage"

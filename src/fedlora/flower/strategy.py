@@ -25,7 +25,7 @@ from flwr.supercore import log
 
 from fedlora.app.experiment import Experiment
 from fedlora.federation.screening import Rejection
-from fedlora.federation.simulator import ClientResult, nbytes, sample_round
+from fedlora.federation.simulator import ClientResult, sample_round
 from fedlora.flower.client_app import STATE_LOST, STATE_NONE
 from fedlora.flower.records import (
     CONFIG,
@@ -66,7 +66,6 @@ class FedLoRAStrategy:
         self._sent: list[tuple[Message, int]] = []  # the round's train messages and their clients
         self.reported: dict[int, int] = {}  # partition → the synced round its SuperNode reported when it connected
         self.snapshot: set[int] = set()  # clients whose state is gone: their next message carries a snapshot
-        self.rejoin_bytes = 0  # bytes of the snapshots sent this round
 
     # -- which SuperNode holds which partition ----------------------------------------------------------------------
     # Queries are pushed and their replies pulled as they come (never one blocking send_and_receive): a SuperNode
@@ -223,7 +222,6 @@ class FedLoRAStrategy:
         cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
         messages = []
         self.sampled = sample_round(len(self.sim.clients), cfg, rnd)
-        self.rejoin_bytes = 0
         for cid in self.sampled:
             if cid in self.snapshot:  # its state is gone: the state it should hold now, instead of the broadcasts
                 current = self.sim.held[cid]
@@ -231,8 +229,7 @@ class FedLoRAStrategy:
                 order = {"round": rnd, "partition-id": cid, "broadcast-rounds": [], "accepted-round": self.accepted[cid],
                          "snapshot-round": rnd - 1}
                 content = RecordDict({CONFIG: ConfigRecord(order), SNAPSHOT_CURRENT: to_record(current), SNAPSHOT_BASE: to_record(base)})
-                self.rejoin_bytes += nbytes(current) + nbytes(base)
-                self.sim.sent[cid] = rnd - 1  # what it missed is in the snapshot, not sent again as catch-up
+                self.sim.traffic.record_snapshot(cid, rnd, current, base)  # what it missed is in it: no catch-up
                 messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
                 continue
             rounds = list(range(self.synced[cid] + 1, rnd))
@@ -274,7 +271,7 @@ class FedLoRAStrategy:
         ``secure`` (:class:`~fedlora.federation.simulator.SecureSum`) the round was securely aggregated."""
         sim = self.sim
         failed.sort(key=lambda f: f.cid)
-        update, accepted, metrics = sim.close_round(results, failed, rnd, started, secure)
+        update, accepted, _ = sim.close_round(results, failed, rnd, started, secure)
         for r in accepted:
             self.accepted[r.cid] = rnd
 
@@ -284,9 +281,6 @@ class FedLoRAStrategy:
         for f in failed:  # its state is gone (a SuperNode restarted without a state directory): a snapshot next time
             if STATE_LOST in f.reason and 0 <= f.cid < len(sim.clients):
                 self.snapshot.add(f.cid)
-        if self.rejoin_bytes:  # snapshots count as what the server sent this round
-            metrics["bytes_down"] += self.rejoin_bytes
-            metrics["rejoin_bytes"] = self.rejoin_bytes
         if update is not None:
             self.pending[rnd] = update.broadcast
         else:  # nothing to apply: an empty broadcast keeps every client's round count in step

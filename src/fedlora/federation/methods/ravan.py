@@ -31,7 +31,7 @@ class RAVAN(FedSB):
     summary = "h heads s_i B_i H_i A_i, bases frozen; clients train H_i, s_i; server averages s_i H_i per head"
     up = "h(r²+1)"
     down = "h·r²"
-    options = {"heads": Option(4, "RAVAN's number of heads h (each of rank --rank; h·rank ≤ the smaller side of a layer)")}
+    options = {"heads": Option(4, "RAVAN's number of heads h (each of rank --rank; h·rank ≤ the smaller side of a layer)", to_rule=True)}
     gains = True
 
     def __init__(self, **options):

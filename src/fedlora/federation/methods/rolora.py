@@ -29,6 +29,9 @@ class RoLoRA(Method):
     def frozen(self, h, rnd):
         return h.A_names() if self.trained(rnd) == "B" else h.B_names()
 
+    def comm_options(self, rnd):
+        return {"trained": self.trained(rnd)}
+
     def aggregate(self, h, uploads, weights, current, ctx):
         # The frozen factor reaches the rule as the shared start; only the trained one is written and broadcast.
         agg = self.combine(h, uploads, weights, current, ctx, trained=self.trained(ctx.number))
