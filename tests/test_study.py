@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import scipy.stats
 import torch
 
 from conftest import tiny_config
+from fedlora.app import study
 from fedlora.app.experiment import run_experiment
-from fedlora.app.study import DEFAULT_PARTS, all_methods, plan, preset
+from fedlora.app.study import PARTS, SECTIONS, all_methods, plan, preset
 from fedlora.cli.main import main
 from fedlora.federation.simulator import mean_pairwise_cosine
 
@@ -77,55 +83,140 @@ def test_similarity_is_opt_in(small_csv):
     assert not any(k.startswith("similarity_") for k in hist[0])
 
 
-def test_study_quick_writes_every_section_from_its_runs_and_reuses_them(small_csv, tmp_path, capsys):
-    runs, report = tmp_path / "runs", tmp_path / "doc" / "results.md"
-    args = ["study", "--preset", "quick", "--data", str(small_csv), "--methods", "fedit,fedsa,florana,svd",
-            "--runs", str(runs), "--report", str(report), "--quiet"]
-    assert main(args) == 0
-    text = report.read_text()
-    for title in ("## 1. Method comparison", "## 2. Aggregation divergence", "## 3. A/B similarity",
-                  "## 4. Accuracy vs heterogeneity", "## 5. Scale", "## 6. The synthetic task", "## Reading"):
+# ---------------------------------------------------------------------------------------------------------
+# One small study with every part, privacy included, run once and read by the tests below.
+
+METHODS = ("fedit", "fedsa", "florana", "svd")  # the comparison: every method divergence and heterogeneity need
+# The report's section headings, in the order of the parts.
+HEADINGS = {"comparison": "## 1. Method comparison", "divergence": "## 2. Aggregation divergence",
+            "similarity": "## 3. A/B similarity", "heterogeneity": "## 4. Accuracy vs heterogeneity", "scale": "## 5. Scale",
+            "synthetic": "## 6. The synthetic task", "privacy": "## 7. Privacy–utility"}
+
+
+def small_preset() -> study.Preset:
+    """The quick preset cut down to what the report needs to show every section: two partitions (IID and α = 0.5,
+    no extra α), two seeds, one synthetic level on one seed, one scale round; the privacy plan is quick's."""
+    q = preset("quick")
+    iid, _, half = q.comparison
+    base = q.base.replace(examples_per_client=24, test_examples=30, local_steps=1, max_length=16)
+    return dataclasses.replace(
+        q, base=base, comparison=(iid, half), extra_alphas=(), similarity=(iid[0], half[0]), scale_pool=48, scale_rounds=1,
+        synthetic=dataclasses.replace(q.synthetic, levels=("1,1",), seeds=(0,)),
+    )
+
+
+def study_cli(*args: str) -> int:
+    """``fedlora study --preset quick ARGS`` with the quick preset cut down to :func:`small_preset`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(study, "preset", lambda name: small_preset())
+        return main(["study", "--preset", "quick", *args])
+
+
+@pytest.fixture(scope="module")
+def small_study(small_csv, tmp_path_factory, one_thread):
+    """The small study's runs and report (`--parts all`); ``args``: its settings, for more reports from its runs.
+    Under pytest-xdist the workers share one copy: the first to take the lock runs the study, the others read it."""
+
+    from filelock import FileLock
+
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    root = tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp()
+    d = root / "small-study"
+    data, runs, report = d / "data.csv", d / "runs", d / "doc" / "results.md"
+    args = ["--data", str(data), "--methods", ",".join(METHODS), "--runs", str(runs), "--quiet"]
+    with FileLock(str(root / "small-study.lock")):
+        if not report.exists():
+            d.mkdir(exist_ok=True)
+            shutil.copyfile(small_csv, data)  # one path for every worker: it is part of each run's settings
+            assert study_cli(*args, "--parts", "all", "--report", str(report)) == 0
+    return SimpleNamespace(runs=runs, report=report, args=args, text=report.read_text())
+
+
+def finals(runs: Path, name: str, seeds=(0, 1)) -> list[dict]:
+    return [json.loads((runs / name / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()[-1]) for s in seeds]
+
+
+def test_study_writes_every_section_from_its_runs(small_study):
+    text, runs = small_study.text, small_study.runs
+    for title in (*HEADINGS.values(), "## Reading"):
         assert title in text
-    for png in ("divergence_rounds", "divergence_layers", "similarity", "heterogeneity", "scale",
+    for png in ("divergence_rounds", "divergence_layers", "similarity", "heterogeneity", "scale", "privacy",
                 "comparison-alpha0.5/accuracy", "synthetic-1,1/accuracy"):
-        assert (report.parent / "results" / f"{png}.png").stat().st_size > 0
+        assert (small_study.report.parent / "results" / f"{png}.png").stat().st_size > 0
         assert f"](results/{png}.png)" in text
-    assert "fedlora study --preset quick" in text and "**2 seeds** (0, 1)" in text
+    assert "fedlora study --preset quick" in text and "**2 seeds** (0, 1)" in text and "Incomplete" not in text
     # a number in the report is the mean over seeds of the runs' metrics, with its interval from scipy
-    finals = [[json.loads(line) for line in (runs / "alpha0.5" / "florana" / f"seed-{s}" / "metrics.jsonl").read_text().splitlines()][-1]
-              for s in (0, 1)]
     section = text[text.index("### α=0.5"):]
     row = re.search(r"^\| florana \| ([0-9.]+) ± ([0-9.]+)", section, re.M)
-    accs = [f["global_accuracy"] for f in finals]
+    accs = [f["global_accuracy"] for f in finals(runs, "alpha0.5/florana")]
     assert float(row.group(1)) == pytest.approx(sum(accs) / 2, abs=5e-4)
     assert float(row.group(2)) == pytest.approx(scipy.stats.t.ppf(0.975, 1) * abs(accs[0] - accs[1]) / 2, abs=5e-4)
     assert "Majority-class rate of the global test set" in section
     assert "Paired difference to `fedit`" in section
     # the synthetic sweep runs every shipped method, in the layout of `fedlora compare --seeds`
     for m in all_methods():
-        assert (runs / "synthetic-1,1" / m / "seed-1" / "metrics.jsonl").exists(), m
+        assert (runs / "synthetic-1,1" / m / "seed-0" / "metrics.jsonl").exists(), m
     # the scale runs spread one pool over more clients; seeds are seeds
     cfg3 = json.loads((runs / "scale3" / "fedit" / "seed-1" / "config.json").read_text())
     cfg6 = json.loads((runs / "scale6" / "fedit" / "seed-1" / "config.json").read_text())
     assert cfg3["examples_per_client"] == 2 * cfg6["examples_per_client"] and cfg3["seed"] == 1
 
-    # The README's table: one accuracy cell per method and partition, with the majority-class rate.
+
+def test_study_privacy_part_runs_dp_sgd_per_noise_level_and_reads_ffa_claim(small_study):
+    text, runs = small_study.text, small_study.runs
+    assert "(ε " in text and "FFA-LoRA: DP noise on both factors" in text
+    # the utility verdict counts the methods that learned under DP as the table's † does
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "(ε " in line]
+    at_floor = sum("†" in row[2] for row in rows)  # the z = 1 column
+    utility = next(line for line in text.splitlines() if line.startswith("- **Utility under DP-SGD**"))
+    assert "z = 1 (ε " in utility and f"{len(rows) - at_floor} of {len(rows)} learned" in utility
+    cfg = json.loads((runs / "privacy-z1" / "ffa" / "seed-1" / "config.json").read_text())
+    assert cfg["dp"] == "example" and cfg["dp_noise"] == 1.0
+    fedsb = json.loads((runs / "privacy-none" / "fedsb" / "seed-0" / "config.json").read_text())
+    assert fedsb["dp"] == "none" and fedsb["method_options"] == "fedsb-init=random"
+    eps = [json.loads(line)["epsilon"] for line in (runs / "privacy-z1" / "fedit" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert eps == sorted(eps) and eps[0] > 0  # ε grows with every round of DP-SGD
+    # the no-DP reference is the comparison's run; the part runs alone
+    names = {r.name for r in plan(small_preset(), parts=("privacy",))}
+    assert "iid/fedit/seed-0" in names and "privacy-none/fedit/seed-0" not in names and "privacy-none/fedsb/seed-0" in names
+
+
+def test_report_sections_follow_the_order_of_the_parts(small_study, tmp_path):
+    assert [part for part, _ in SECTIONS if part in PARTS] == list(PARTS)
+    headings = [line for line in small_study.text.splitlines() if line.startswith("## ")]
+    assert [next(p for p, h in HEADINGS.items() if line.startswith(h)) for line in headings[:-1]] == list(PARTS)
+    assert headings[-1] == "## Reading: which claims hold here"
+    assert small_study.text.index("Protocol:") < small_study.text.index(headings[0])
+    # --report-only from the same runs, two parts asked for in the other order: only theirs, in the parts' order
+    report = tmp_path / "two.md"
+    assert study_cli(*small_study.args, "--parts", "scale,similarity", "--report", str(report), "--report-only") == 0
+    headings = [line for line in report.read_text().splitlines() if line.startswith("## ")]
+    assert [h[:5] for h in headings] == ["## 3.", "## 5.", "## Re"]
+
+
+def test_study_reuses_its_runs_and_writes_the_readme_table(small_study, tmp_path, capsys):
+    # Run again, parts in another order: nothing retrains, the report is rewritten from the finished runs, the same.
+    runs = small_study.runs
+    stamp = (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- study table: generated by `fedlora study --readme` -->\nPLACEHOLDER\n<!-- end of study table -->\nrest\n")
-    assert main([*args, "--report-only", "--readme", str(readme)]) == 0
+    args = [*small_study.args, "--parts", ",".join(reversed(PARTS)), "--report", str(tmp_path / "again.md"), "--readme", str(readme)]
+    capsys.readouterr()
+    assert study_cli(*args) == 0
+    n = len(plan(small_preset(), methods=METHODS, parts=PARTS))
+    assert f"{n} runs ({n} already finished)" in capsys.readouterr().err
+    assert (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    command = re.compile(r"^    fedlora study .*$", re.M)
+    again = (tmp_path / "again.md").read_text().replace("](again/", "](results/")
+    assert command.sub("", again) == command.sub("", small_study.text)
+
+    # The README's table: one accuracy cell per method and partition, with the majority-class rate.
     table = readme.read_text()
     assert table.startswith("intro\n") and table.endswith("rest\n") and "PLACEHOLDER" not in table
     row = re.search(r"^\| florana \| .* \| ([0-9.]+) ± [0-9.]+[^|]* \|$", table, re.M)
+    accs = [f["global_accuracy"] for f in finals(runs, "alpha0.5/florana")]
     assert float(row.group(1)) == pytest.approx(sum(accs) / 2, abs=5e-4)
     assert "| *majority-class rate* |" in table
-
-    # Run again: nothing retrains, the report is rewritten from the finished runs.
-    stamp = (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns
-    capsys.readouterr()
-    assert main(args) == 0
-    n = len(plan(preset("quick"), methods=("fedit", "fedsa", "florana", "svd"), parts=DEFAULT_PARTS))
-    assert f"{n} runs ({n} already finished)" in capsys.readouterr().err
-    assert (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == stamp
 
 
 def test_study_parts_run_alone_and_plan_whole_seeds():
@@ -162,30 +253,3 @@ def test_study_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
-
-
-def test_study_privacy_part_runs_dp_sgd_per_noise_level_and_reads_ffa_claim(small_csv, tmp_path):
-    runs, report = tmp_path / "runs", tmp_path / "results.md"
-    args = ["study", "--preset", "quick", "--data", str(small_csv), "--parts", "privacy", "--seeds", "2",
-            "--runs", str(runs), "--report", str(report), "--quiet"]
-    assert main(args) == 0
-    text = report.read_text()
-    assert "## 7. Privacy–utility" in text and "(ε " in text and "FFA-LoRA: DP noise on both factors" in text
-    # the utility verdict counts the methods that learned under DP as the table's † does
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "(ε " in line]
-    at_floor = sum("†" in row[2] for row in rows)  # the z = 1 column
-    utility = next(line for line in text.splitlines() if line.startswith("- **Utility under DP-SGD**"))
-    assert "z = 1 (ε " in utility and f"{len(rows) - at_floor} of {len(rows)} learned" in utility
-    cfg = json.loads((runs / "privacy-z1" / "ffa" / "seed-1" / "config.json").read_text())
-    assert cfg["dp"] == "example" and cfg["dp_noise"] == 1.0
-    fedsb = json.loads((runs / "privacy-none" / "fedsb" / "seed-0" / "config.json").read_text())
-    assert fedsb["dp"] == "none" and fedsb["method_options"] == "fedsb-init=random"
-    eps = [json.loads(line)["epsilon"] for line in (runs / "privacy-z1" / "fedit" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
-    assert eps == sorted(eps) and eps[0] > 0  # ε grows with every round of DP-SGD
-    assert (runs / "iid" / "fedit" / "seed-0" / "metrics.jsonl").exists()  # the no-DP reference is the comparison's run
-    assert (tmp_path / "results" / "privacy.png").stat().st_size > 0
-    # `--parts all` is every part, privacy included: the report rebuilt from the same runs keeps section 7
-    again = tmp_path / "all.md"
-    assert main(["study", "--preset", "quick", "--data", str(small_csv), "--parts", "all", "--seeds", "2", "--runs", str(runs),
-                 "--report", str(again), "--report-only", "--quiet"]) == 0
-    assert "## 7. Privacy–utility" in again.read_text()

@@ -21,11 +21,12 @@ them with the criteria stated next to each verdict.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.app.config import RunConfig
@@ -436,7 +437,7 @@ def _errorbar(ax, xs, samples, **kw):
     from fedlora.app.stats import interval
 
     stats = [interval(v) for v in samples]
-    ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o", capsize=3, **kw)
+    return ax.errorbar(xs, [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o", capsize=3, **kw)
 
 
 def fig_heterogeneity(by_m: dict[str, dict[str, dict[int, list[dict]]]], order: list[str], path: Path,
@@ -488,9 +489,7 @@ def fig_privacy(rows: dict[str, dict[float, list[dict]]], baseline: dict[str, li
     for m, by_z in rows.items():
         zs = sorted(by_z, reverse=True)  # more noise → less ε → left
         xs = [_mean(r.get("epsilon") for r in by_z[z]) for z in zs]
-        stats = [interval([r["global_accuracy"] for r in by_z[z]]) for z in zs]
-        line = ax.errorbar(xs, [a for a, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats], marker="o",
-                           capsize=3, label=m, color=COLORS.get(m))
+        line = _errorbar(ax, xs, [[r["global_accuracy"] for r in by_z[z]] for z in zs], label=m, color=COLORS.get(m))
         if baseline.get(m):
             ax.axhline(interval(baseline[m])[0], ls=":", color=line[0].get_color(), alpha=0.7)
     if majority is not None:
@@ -596,6 +595,651 @@ def majority_rates(runs: list[StudyRun]) -> dict[str, float | None]:
     return out
 
 
+@dataclass
+class ReportContext:
+    """What every section of the report reads: the study's settings, its runs, their histories (finished runs
+    only), their majority-class rates and where figures go (``figdir``; None for the README table). Sections add
+    their reading of the papers' claims to ``verdicts``; the last section prints them."""
+
+    p: Preset
+    runs: list[StudyRun]
+    histories: dict[str, list[dict]]
+    command: str
+    parts: tuple[str, ...] = PARTS
+    methods: tuple[str, ...] = COMPARISON_METHODS
+    figdir: Path | None = None
+    rates: dict[str, float | None] = field(default_factory=dict)
+    verdicts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, p: Preset, runs: list[StudyRun], histories: dict[str, list[dict]], **kw) -> ReportContext:
+        return cls(p, runs, histories, rates=majority_rates([r for r in runs if r.name in histories]), **kw)
+
+    @property
+    def labels(self) -> list[str]:
+        """The comparison's partition labels, in the preset's order."""
+        return [label for label, _, _ in self.p.comparison]
+
+    @functools.cached_property
+    def _finished(self) -> dict[tuple[str, str], dict[int, list[dict]]]:
+        by: dict[tuple[str, str], dict[int, list[dict]]] = {}
+        for r in self.runs:
+            if r.name in self.histories:
+                by.setdefault((r.method, r.label), {})[r.seed] = self.histories[r.name]
+        return by
+
+    def seeded(self, method: str, label: str) -> dict[int, list[dict]]:
+        """seed → history of the finished runs of ``method`` on ``label``."""
+        return self._finished.get((method, label), {})
+
+    def rate(self, label: str, seeds=None) -> float | None:
+        """The mean majority-class rate of the finished runs on ``label`` (of those seeds)."""
+        return _mean(self.rates.get(r.name) for r in self.runs
+                     if r.label == label and r.name in self.histories and (seeds is None or r.seed in seeds))
+
+    def common_seeds(self, ms, label: str) -> list[int]:
+        """The seeds every method in ``ms`` finished on ``label`` (paired comparisons use only these)."""
+        sets = [set(self.seeded(m, label)) for m in ms]
+        sets = [x for x in sets if x]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def rel(self, path) -> str:
+        """A figure's link, relative to the report."""
+        return f"{self.figdir.name}/{Path(path).name}"
+
+
+def _dagger(accs, majority: float | None) -> str:
+    """' †' where the accuracies over seeds do not show learning (:func:`~fedlora.app.report.learned`)."""
+    from fedlora.app.report import learned
+
+    return " †" if learned(accs, majority) is False else ""
+
+
+def _distinct(text: str) -> bool:
+    """Whether a :func:`_diff` text is a difference its interval resolves."""
+    return "n.d." not in text and text != "—"
+
+
+def _overrides_note(overrides, ending: str, methods=None) -> str:
+    """' `m` runs with k = v.' for the methods a plan runs with settings of their own."""
+    return "".join(f" `{m}` runs with {', '.join(f'{k} = {v}' for k, v in o)}{ending}"
+                   for m, o in overrides if methods is None or m in methods)
+
+
+def _preamble(ctx: ReportContext) -> str:
+    p = ctx.p
+    seeds_text = ", ".join(map(str, p.seeds))
+    return "\n".join([
+        "# Results: the papers' analyses, over paired seeds",
+        "",
+        "Generated by `fedlora study`; every number and figure below comes from the runs that command performs "
+        "(nothing is typed in by hand). Re-create it with:",
+        "",
+        f"    {ctx.command}",
+        "",
+        f"Settings of every run unless a section says otherwise: {_settings_line(p.base)}.",
+        "",
+        f"**{len(p.seeds)} seeds** ({seeds_text}). Seed s gives every method the same partition, global test set, "
+        "initial adapter, client sampling and batch order. Every number is the mean over the seeds, ± the half-width "
+        "of its 95 % Student-t interval over them; a comparison between two methods is the mean of their per-seed "
+        "differences with its own interval, marked (n.d.) — not distinguishable — when that interval holds 0."
+        + (f" With {len(p.seeds)} seeds the t-interval is wide (t = {_t(len(p.seeds)):.2f} standard errors): a "
+           "difference it does not resolve is not evidence of equality." if len(p.seeds) > 1 else ""),
+        "",
+    ])
+
+
+def _run_time(ctx: ReportContext) -> str:
+    kinds: dict[str, float] = {}
+    for r in ctx.runs:
+        if r.name in ctx.histories:
+            kind = ("synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
+                    else f"`{ctx.p.base.model}` (parts 1–5)")
+            kinds[kind] = kinds.get(kind, 0.0) + summary_row(ctx.histories[r.name])["wall_s"]
+    total_wall = sum(kinds.values())
+    by_kind = ", ".join(f"{k} {v / 60:.0f} min" for k, v in kinds.items()) if len(kinds) > 1 else ""
+    L = [f"{len(ctx.histories)} runs, {total_wall / 60:.0f} min of run time on this machine (2 CPU cores, no GPU; the sum "
+         "of the runs' wall times" + (f": {by_kind}" if by_kind else "") + "). Two `fedlora study` processes sharing the "
+         "runs directory take about half of that on the clock.", ""]
+    missing = [r.name for r in ctx.runs if r.name not in ctx.histories]
+    if missing:
+        L += [f"**Incomplete**: {len(missing)} of {len(ctx.runs)} runs not finished yet; sections that need them are "
+              "partial and say on how many seeds they stand. Run the same command again to finish them.", ""]
+    return "\n".join(L)
+
+
+def _protocol(ctx: ReportContext) -> str:
+    from fedlora.app.report import MAJORITY_MARGIN
+
+    return "\n".join([
+        "Protocol: global accuracy is the global model on a test set held out before partitioning (for `fedsa`: "
+        "shared Â with the clients' mean B and heads); local accuracy is each client's own model right after "
+        "local training on its own held-out shard, example-weighted; gap = local − global; ρ = ‖ΔW* − ΔŴ‖/‖ΔW*‖ "
+        "per adapted matrix (for `fedsa`, ΔŴ uses the mean B that the global model is scored with); bytes are "
+        "the tensors actually sent, summed over clients and rounds. A global accuracy whose interval does not "
+        f"clear the majority-class rate of the global test set by {MAJORITY_MARGIN} is marked † \"did not learn\".", ""])
+
+
+def _seeded_block(ctx: ReportContext, ms: list[str], label: str, figname: str) -> tuple[list[str], dict[str, list[dict]], list[int]]:
+    """A partition's (or synthetic level's) table over the seeds every method in ``ms`` finished, each method's
+    final rows per seed, and its figure of accuracy over rounds; (lines, rows by method, seeds)."""
+    from fedlora.app.report import final_row, plot_comparison, seeded_tables
+
+    seeds = ctx.common_seeds(ms, label)
+    if not seeds:
+        return [], {}, []
+    by = {m: ctx.seeded(m, label) for m in ms}
+    results = {m: [final_row(m, by[m][s], summary_row(by[m][s])["wall_s"]) for s in seeds] for m in ms}
+    table = seeded_tables(results, seeds, REFERENCE if REFERENCE in results else None, [ctx.rate(label, {s}) for s in seeds])
+    figs = ctx.figdir / figname
+    figs.mkdir(exist_ok=True)
+    plot_comparison({m: [by[m][s] for s in seeds] for m in ms}, figs, majority=ctx.rate(label, set(seeds)))
+    return [f"### {label}", "", table, f"![accuracy over rounds, {label}]({ctx.figdir.name}/{figs.name}/accuracy.png)", ""], results, seeds
+
+
+def _comparison(ctx: ReportContext) -> str:
+    L = ["## 1. Method comparison", "",
+         "Final-round accuracy; ρ is the mean over rounds and matrices; MB summed over rounds; paired "
+         f"differences to `{REFERENCE}`.", ""]
+    not_learned, lowest, separated = [], [], []
+    for label in ctx.labels:
+        ms = [m for m in ctx.methods if ctx.seeded(m, label)]
+        block, results, seeds = _seeded_block(ctx, ms, label, f"comparison-{_slug(label)}")
+        if not seeds:
+            continue
+        L += block
+        maj = ctx.rate(label, set(seeds))
+        not_learned += [f"{m} at {label}" for m in ms if _dagger([r["global_accuracy"] for r in results[m]], maj)]
+        worst = min(ms, key=lambda m: _mean(r["global_accuracy"] for r in results[m]))
+        lowest.append(f"{label}: lowest `{worst}` {_pm([r['global_accuracy'] for r in results[worst]])} against a "
+                      f"majority-class rate of {_f(maj)}")
+        if REFERENCE in results:
+            ref = [r["global_accuracy"] for r in results[REFERENCE]]
+            for m in ms:
+                if m != REFERENCE:
+                    text = _diff([r["global_accuracy"] for r in results[m]], ref)[2]
+                    if _distinct(text):
+                        separated.append(f"`{m}` {text} at {label}")
+    if lowest:
+        ctx.verdicts.append(
+            ("- **Every method learned** in every partition (its global accuracy's interval clears the "
+             "majority-class rate): " if not not_learned else
+             f"- **Did not learn** (†, the interval of global accuracy does not clear the majority-class rate): "
+             f"{', '.join(not_learned)}. Lowest per partition: ")
+            + "; ".join(lowest) + ".")
+        ctx.verdicts.append(
+            "- **Methods vs FedIT in global accuracy**: "
+            + (("distinguishable at these seeds: " + "; ".join(separated) + "; every other method is not "
+                "distinguishable from FedIT.") if separated else
+               "no method is distinguishable from FedIT at these seeds in any partition.")
+        )
+    return "\n".join(L)
+
+
+def _divergence(ctx: ReportContext) -> str:
+    panels = {}
+    for label in ctx.labels:
+        hs = {m: mean_history(list(ctx.seeded(m, label).values())) for m in DIVERGENCE_METHODS if ctx.seeded(m, label)}
+        if hs:
+            panels[label] = hs
+    if not panels:
+        return ""
+    n_seeds = max(len(ctx.seeded(m, l)) for l in panels for m in panels[l])
+    L = ["## 2. Aggregation divergence over rounds and per layer (FLoRA-NA Figures 2 and 4)", "",
+         "After round 1 every method's clients train from a different global model, so each run's ρ is read "
+         "against references computed on *that run's own uploads* every round: the Eckart–Young bound "
+         f"(dashed in the figures) and FedIT's ρ on the same uploads (`fedit@same`). Curves and tables are "
+         f"means over {n_seeds} seeds.", ""]
+    fig = fig_divergence_rounds(panels, ctx.figdir / "divergence_rounds.png")
+    L += [f"![divergence over rounds]({ctx.rel(fig)})", ""]
+    focus = "α=0.5" if "α=0.5" in panels else next(iter(panels))
+    fig = fig_divergence_layers(panels[focus], ctx.figdir / "divergence_layers.png", focus)
+    L += [f"![divergence per layer]({ctx.rel(fig)})", ""]
+    L += _divergence_tables(panels[focus], focus)
+    _divergence_reading(ctx)
+    return "\n".join(L)
+
+
+def _divergence_tables(hists: dict[str, list[dict]], focus: str) -> list[str]:
+    """Each method's mean ρ (with FedIT's on the same uploads and the bound) per round, then per adapted matrix."""
+    ms = list(hists)
+    L = [f"Mean ρ per round ({focus}; each method: its ρ / FedIT's ρ on the same uploads / the bound):", "",
+         "| round | " + " | ".join(ms) + " |", "|---:|" + "---:|" * len(ms)]
+    for i in range(max(len(h) for h in hists.values())):
+        cells = []
+        for m in ms:
+            h = hists[m]
+            cells.append(" / ".join(_f(h[i].get(k), 4) for k in ("divergence", "fedit_divergence", "bound")) if i < len(h) else "—")
+        L.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    L.append("")
+    keys = ("divergence_per_layer", "fedit_divergence_per_layer", "bound_per_layer")
+    vals = {m: [mean_per_layer(h, key) for key in keys] for m, h in hists.items()}
+    L += [f"Mean ρ per adapted matrix over rounds ({focus}; ρ / fedit@same / bound):", "",
+          "| layer | module | " + " | ".join(ms) + " |", "|---:|---|" + "---:|" * len(ms)]
+    for k in sorted(set().union(*[set(v[0]) for v in vals.values()])):
+        L.append(f"| {k[0]} | {k[1]} | " + " | ".join(" / ".join(_f(v.get(k), 4) for v in vals[m]) for m in ms) + " |")
+    L.append("")
+    return L
+
+
+def _divergence_reading(ctx: ReportContext) -> None:
+    """Claim: FLoRA-NA's divergence is far below FedIT's, layer by layer and round by round. Per seed: the median
+    over partitions, rounds and matrices of ρ_florana / ρ_fedit@same, and the share of the room to the bound it
+    closes; then the interval over seeds. And `svd`'s ρ is the bound."""
+    from fedlora.app.stats import interval
+
+    per_seed: dict[int, tuple[list, list, list]] = {}
+    pairs = below = 0
+    svd_dev = []
+    for label in ctx.labels:
+        for seed, hist in ctx.seeded("florana", label).items():
+            ratios, closed, bound_ratio = per_seed.setdefault(seed, ([], [], []))
+            for h in hist:
+                for mod, v in (h.get("divergence_per_layer") or {}).items():
+                    ref = (h.get("fedit_divergence_per_layer") or {}).get(mod)
+                    bnd = (h.get("bound_per_layer") or {}).get(mod)
+                    if ref:
+                        pairs += 1
+                        below += v <= ref * (1 + 1e-9)
+                        ratios.append(v / ref)
+                        if bnd is not None:
+                            bound_ratio.append(bnd / ref)
+                            if ref - bnd > 1e-12:
+                                closed.append((ref - v) / (ref - bnd))
+        for hist in ctx.seeded("svd", label).values():
+            for h in hist:
+                for mod, v in (h.get("divergence_per_layer") or {}).items():
+                    bnd = (h.get("bound_per_layer") or {}).get(mod)
+                    if bnd:
+                        svd_dev.append(abs(v - bnd) / bnd)
+    if per_seed:
+        med = [_median(r) for r, _, _ in per_seed.values()]
+        cl = [_median(c) for _, c, _ in per_seed.values()]
+        br = [_median(b) for _, _, b in per_seed.values()]
+        m_med, h_med = interval(med)
+        upper = m_med + (0 if math.isnan(h_med) else h_med)
+        ctx.verdicts.append(
+            f"- **FLoRA-NA: divergence far below FedIT's, per layer and per round** — "
+            f"{'holds' if upper <= 0.5 else 'holds in direction, not in size'}. Over all partitions, rounds "
+            f"and matrices ({pairs} cases, {len(per_seed)} seeds), FLoRA-NA's ρ is at or below FedIT's on the "
+            f"same uploads in {below} (it cannot be above: it starts from the FedIT point). The median ratio "
+            f"ρ_FLoRA-NA / ρ_FedIT is {_pm(med)} over seeds (criterion for 'far below': the interval's upper "
+            f"end ≤ 0.5); it closes {_pm([100 * c for c in cl if c is not None], 0)} % of the room between FedIT "
+            f"and the Eckart–Young bound, and the bound itself is {_pm(br)} of FedIT's ρ: no rank-r broadcast "
+            "can be far below FedIT when the bound is not."
+        )
+    if svd_dev:
+        ctx.verdicts.append(f"- **Rank-r optimum**: `svd`'s ρ equals the Eckart–Young bound in every round, matrix "
+                            f"and seed (largest relative difference {max(svd_dev):.1e}), as it must.")
+
+
+def _similarity_stats(ctx: ReportContext) -> tuple[dict[str, dict[str, dict]], dict[str, dict[int, dict]]]:
+    """Per similarity partition of the `fedit` runs' final round: the per-matrix cosines averaged over seeds (for
+    the figure), and per seed the mean over matrices of cos A, B, ΔA, ΔB with the count of matrices where cos A > cos B."""
+    sims: dict[str, dict[str, dict]] = {}  # mean over seeds, for the figure
+    stats: dict[str, dict[int, dict]] = {}  # label → seed → {A, B, dA, dB, more, n}
+    for label in ctx.p.similarity:
+        by = ctx.seeded("fedit", label)
+        if not by:
+            continue
+        stats[label] = {}
+        for seed, h in by.items():
+            per = {k: per_layer(h[-1].get(f"similarity_{k}_per_layer")) for k in ("A", "B", "dA", "dB")}
+            keys = set(per["A"]) & set(per["B"])
+            stats[label][seed] = {k: _mean(per[k].values()) for k in per} | {
+                "more": sum(per["A"][k] > per["B"][k] for k in keys), "n": len(keys)}
+        last = mean_history([[h[-1]] for h in by.values()])[0]
+        sims[label] = {k: per_layer(last.get(f"similarity_{k}_per_layer")) for k in ("A", "B", "dA", "dB")}
+    return sims, stats
+
+
+def _similarity(ctx: ReportContext) -> str:
+    sims, stats = _similarity_stats(ctx)
+    if not sims:
+        return ""
+    L = ["## 3. A/B similarity across clients (FedSA-LoRA Figure 2)", "",
+         "Mean pairwise cosine similarity across the clients of `fedit` runs, final round, per adapted matrix: "
+         "of the factors each client holds after local training (A, B: what FedSA-LoRA plots) and of its "
+         "local update in that round (ΔA, ΔB: the factor minus the broadcast every client started from, "
+         "which removes what clients share by construction). Figure: means over seeds.", ""]
+    fig = fig_similarity(sims, ctx.figdir / "similarity.png")
+    L += [f"![A/B similarity]({ctx.rel(fig)})", ""]
+    L += ["| partition | seeds | cos A | cos B | cos ΔA | cos ΔB | cos A − cos B (paired) | matrices with cos A > cos B |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, by in stats.items():
+        v = list(by.values())
+        L.append(f"| {label} | {len(v)} | {_pm(x['A'] for x in v)} | {_pm(x['B'] for x in v)} | {_pm(x['dA'] for x in v)} | "
+                 f"{_pm(x['dB'] for x in v)} | {_diff([x['A'] for x in v], [x['B'] for x in v])[2]} | "
+                 f"{sum(x['more'] for x in v)} / {sum(x['n'] for x in v)} |")
+    L.append("")
+    _similarity_reading(ctx, stats)
+    return "\n".join(L)
+
+
+def _similarity_reading(ctx: ReportContext, stats: dict[str, dict[int, dict]]) -> None:
+    """FedSA-LoRA's claims: A similar across clients and B client-specific, B more so as heterogeneity grows."""
+    all_more = sum(x["more"] for by in stats.values() for x in by.values())
+    all_n = sum(x["n"] for by in stats.values() for x in by.values())
+    ab = {l: _diff([x["A"] for x in by.values()], [x["B"] for x in by.values()]) for l, by in stats.items()}
+    dab = {l: _diff([x["dA"] for x in by.values()], [x["dB"] for x in by.values()]) for l, by in stats.items()}
+    ctx.verdicts.append(
+        f"- **FedSA-LoRA: A similar across clients, B client-specific** — "
+        f"{'holds for the factors' if all_more == all_n else f'holds for the factors in {all_more} of {all_n} matrix-seeds'} "
+        "(cos A − cos B per partition: " + ", ".join(f"{l} {t}" for l, (_, _, t) in ab.items())
+        + "). For the local updates, cos ΔA − cos ΔB: " + ", ".join(f"{l} {t}" for l, (_, _, t) in dab.items())
+        + ". Where the factors differ much more than the updates, the asymmetry comes from the shared random "
+        "initialisation of A (B starts at zero), not from what the clients learn."
+    )
+    ordered = [l for l in ctx.p.similarity if l in stats]
+    if len(ordered) >= 2:
+        first, last_l = ordered[0], ordered[-1]
+        seeds = sorted(set(stats[first]) & set(stats[last_l]))
+        mean, _, text = _diff([stats[last_l][s]["B"] for s in seeds], [stats[first][s]["B"] for s in seeds])
+        word = ("holds" if _distinct(text) and mean < 0 else
+                "not distinguishable at these seeds" if not _distinct(text) else "does not hold here")
+        ctx.verdicts.append(
+            f"- **FedSA-LoRA: B more client-specific as data gets more heterogeneous** — {word}: mean cos B "
+            + " → ".join(f"{l} {_pm(x['B'] for x in stats[l].values())}" for l in ordered)
+            + f"; paired change {first} → {last_l}: {text}. ΔB: "
+            + " → ".join(f"{l} {_pm(x['dB'] for x in stats[l].values())}" for l in ordered) + "."
+        )
+
+
+def _heterogeneity(ctx: ReportContext) -> str:
+    order = sorted({r.label for r in ctx.runs if r.method in HETEROGENEITY_METHODS and not r.label.startswith(("N=", "synthetic:", "privacy:"))},
+                   key=lambda l: float("inf") if l == "IID" else float(l.removeprefix("α=")))
+    by_m = {m: {l: ctx.seeded(m, l) for l in order if ctx.seeded(m, l)} for m in HETEROGENEITY_METHODS}
+    by_m = {m: v for m, v in by_m.items() if v}
+    if not by_m:
+        return ""
+    L = ["## 4. Accuracy vs heterogeneity (FLoRA-NA Figure 3)", "",
+         "Final-round accuracy, mean ± 95 % interval over seeds (error bars in the figure); the dotted line "
+         "is the majority-class rate.", ""]
+    fig = fig_heterogeneity(by_m, order, ctx.figdir / "heterogeneity.png", {l: ctx.rate(l) for l in order})
+    L += [f"![accuracy vs heterogeneity]({ctx.rel(fig)})", ""]
+    L += ["| method | " + " | ".join(f"{l} global / local / gap" for l in order) + " |", "|---|" + "---|" * len(order)]
+    for m, by in by_m.items():
+        cells = []
+        for l in order:
+            if l not in by:
+                cells.append("—")
+                continue
+            rs = [summary_row(h) for h in by[l].values()]
+            mark = _dagger([r["global"] for r in rs], ctx.rate(l))
+            cells.append(f"{_pm(r['global'] for r in rs)}{mark} / {_pm(r['local'] for r in rs)} / {_pm(r['gap'] for r in rs)}")
+        L.append(f"| {m} | " + " | ".join(cells) + " |")
+    L += ["", "Majority-class rate: " + ", ".join(f"{l} {_f(ctx.rate(l))}" for l in order) + ". † did not learn.", ""]
+    if "fedit" in by_m and "florana" in by_m:
+        _heterogeneity_reading(ctx, by_m, order)
+    return "\n".join(L)
+
+
+def _heterogeneity_reading(ctx: ReportContext, by_m: dict[str, dict[str, dict[int, list[dict]]]], order: list[str]) -> None:
+    """FLoRA-NA's claim: a smaller local–global gap and a higher global accuracy than FedIT's under heterogeneity."""
+    parts_txt, smaller, better, n = [], 0, 0, 0
+    for l in order:
+        seeds = sorted(set(by_m["fedit"].get(l, {})) & set(by_m["florana"].get(l, {})))
+        if not seeds:
+            continue
+        fl = [summary_row(by_m["florana"][l][s]) for s in seeds]
+        fi = [summary_row(by_m["fedit"][l][s]) for s in seeds]
+        dg, _, tg = _diff([r["gap"] for r in fl], [r["gap"] for r in fi])
+        da, _, ta = _diff([r["global"] for r in fl], [r["global"] for r in fi])
+        n += 1
+        smaller += "n.d." not in tg and dg < 0
+        better += "n.d." not in ta and da > 0
+        parts_txt.append(f"{l}: gap {tg}, global {ta}")
+    ctx.verdicts.append(
+        "- **FLoRA-NA: closes the local–global gap and raises global accuracy under heterogeneity** — "
+        + ("holds" if n and smaller == n else "holds in part" if smaller or better else
+           "not supported here (no distinguishable difference)" if n else "no data")
+        + f": FLoRA-NA − FedIT, paired per seed ({'; '.join(parts_txt)}). A smaller gap distinguishable "
+        f"from FedIT's in {smaller} of {n} partitions, a higher global accuracy in {better} of {n}."
+    )
+
+
+def _scale(ctx: ReportContext) -> str:
+    scale: dict[str, dict[int, dict[int, dict]]] = {}  # method → clients → seed → summary_row
+    for r in ctx.runs:
+        if r.label.startswith("N=") and r.name in ctx.histories:
+            scale.setdefault(r.method, {}).setdefault(r.config.clients, {})[r.seed] = summary_row(ctx.histories[r.name])
+    if not scale:
+        return ""
+    p = ctx.p
+    rounds = next(r for r in ctx.runs if r.label.startswith("N=")).config.rounds
+    L = [f"## 5. Scale: {', '.join(str(n) for n in p.scale_clients)} clients", "",
+         f"One pool of {p.scale_pool} examples spread IID over N clients, so each client holds "
+         f"{p.scale_pool}/N; about one local epoch per round (local steps = train examples / batch), "
+         f"{rounds} rounds, all clients every round; other settings as above. Aggregation "
+         "time is the server's `method.aggregate` wall time per round (all adapted matrices).", ""]
+    fig = fig_scale(scale, ctx.figdir / "scale.png")
+    L += [f"![scale]({ctx.rel(fig)})", "",
+          "| clients | method | seeds | global acc | local acc | gap | mean ρ | bound | aggregation s / round | MB up / round |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ns = sorted({n for by in scale.values() for n in by})
+    for n in ns:
+        for m, by in scale.items():
+            if n in by:
+                rs = list(by[n].values())
+                mark = _dagger([r["global"] for r in rs], ctx.rate(f"N={n}", set(by[n])))
+                L.append(f"| {n} | {m} | {len(rs)} | {_pm(r['global'] for r in rs)}{mark} | {_pm(r['local'] for r in rs)} | "
+                         f"{_pm(r['gap'] for r in rs)} | {_pm((r['rho'] for r in rs), 4)} | {_pm((r['bound'] for r in rs), 4)} | "
+                         f"{_pm((r['agg_s'] for r in rs), 4)} | {_f(_mean(r['mb_up'] for r in rs) / rounds, 2)} |")
+    L += ["", "Majority-class rate of the global test set: "
+          + ", ".join(f"N={n} {_f(ctx.rate(f'N={n}'))}" for n in ns)
+          + ". † did not learn (the interval does not clear it).", ""]
+    if "fedit" in scale and "florana" in scale:
+        _scale_reading(ctx, scale)
+    return "\n".join(L)
+
+
+def _scale_reading(ctx: ReportContext, scale: dict[str, dict[int, dict[int, dict]]]) -> None:
+    """FLoRA-NA at scale: its ρ relative to FedIT's, its server cost and its accuracy difference, per client count."""
+    cells = []
+    for n in sorted(set(scale["fedit"]) & set(scale["florana"])):
+        seeds = sorted(set(scale["fedit"][n]) & set(scale["florana"][n]))
+        fl, fi = [scale["florana"][n][s] for s in seeds], [scale["fedit"][n][s] for s in seeds]
+        ratio = _pm([r["rho"] / r["rho_fedit"] for r in fl if r["rho_fedit"]])
+        cost = _pm([a["agg_s"] / b["agg_s"] for a, b in zip(fl, fi) if a["agg_s"] and b["agg_s"]], 1)
+        share = _pm([100 * r["agg_s"] / r["round_s"] for r in fl if r["agg_s"] and r["round_s"]], 1)
+        cells.append(f"N={n}: ρ ratio {ratio}, server time {cost}× FedIT's ({share} % of its round), "
+                     f"global accuracy FLoRA-NA − FedIT {_diff([r['global'] for r in fl], [r['global'] for r in fi])[2]}")
+    ctx.verdicts.append("- **Scale** — FLoRA-NA's ρ relative to FedIT's on the same uploads (mean over rounds), "
+                        "its server cost and its accuracy difference, per seed: " + "; ".join(cells) + ".")
+
+
+def _synthetic(ctx: ReportContext) -> str:
+    sp = ctx.p.synthetic
+    if sp is None or not any(r.name in ctx.histories for r in ctx.runs if r.label.startswith("synthetic:")):
+        return ""
+    L = ["## 6. The synthetic task: does less divergence converge better?", "",
+         f"Every method shipped, on the teacher–student task of docs/synthetic.md at heterogeneity levels "
+         f"{', '.join(sp.levels)} (model α, input β), {len(sp.seeds)} paired seeds. "
+         f"Settings: {_settings_line(sp.base).replace(', max 64 tokens', '')}. `loss` is the global "
+         "model's cross-entropy on the global test set, `loss − floor` its distance to the Bayes loss of the "
+         "teachers." + _overrides_note(sp.overrides, " (see the preset)."),
+         ""]
+    claim = []
+    for label in (f"synthetic:{lv}" for lv in sp.levels):
+        ms = [m for m in all_methods() if ctx.seeded(m, label)]
+        block, results, seeds = _seeded_block(ctx, ms, label, _slug(label))
+        L += block
+        if REFERENCE in results:
+            claim.append(_synthetic_claim(label, results, len(seeds)))
+    if claim:
+        ctx.verdicts.append("- **Synthetic task: less divergence, better convergence (FLoRA-NA)?** Paired "
+                            "differences to FedIT (negative loss is better): " + " · ".join(claim) + ".")
+    return "\n".join(L)
+
+
+def _synthetic_claim(label: str, results: dict[str, list[dict]], n_seeds: int) -> str:
+    """One level's paired differences to FedIT: FLoRA-NA's ρ, loss and accuracy, and which final losses differ."""
+    ref = results[REFERENCE]
+    better = []
+    for m, rows in results.items():
+        if m == REFERENCE or "global_loss" not in rows[0]:
+            continue
+        t = _diff([r["global_loss"] for r in rows], [r["global_loss"] for r in ref])[2]
+        if _distinct(t):
+            better.append(f"`{m}` {t}")
+    fl = results.get("florana")
+    return (
+        f"{label} ({n_seeds} seeds): "
+        + (f"FLoRA-NA − FedIT ρ {_diff([r['divergence'] for r in fl], [r['divergence'] for r in ref])[2]}, "
+           f"loss {_diff([r['global_loss'] for r in fl], [r['global_loss'] for r in ref])[2]}, global accuracy "
+           f"{_diff([r['global_accuracy'] for r in fl], [r['global_accuracy'] for r in ref])[2]}; " if fl else "")
+        + ("final loss distinguishable from FedIT's: " + ", ".join(better) if better else
+           "no method's final loss is distinguishable from FedIT's")
+    )
+
+
+def _privacy_level(ctx: ReportContext, method: str, z: float | None) -> dict[int, list[dict]]:
+    """seed → history of ``method`` in the privacy part at noise multiplier ``z`` (None: its run without DP)."""
+    pv = ctx.p.privacy
+    if z is None:
+        return ctx.seeded(method, "privacy:none") if dict(pv.overrides).get(method) else ctx.seeded(method, pv.partition[0])
+    return ctx.seeded(method, f"privacy:{z:g}")
+
+
+@dataclass
+class _PrivacyTable:
+    lines: list[str]
+    finals: dict[float | None, dict[str, list[float]]]  # level → method → final global accuracy per seed
+    eps: dict[float, list[float]]  # noise level → final ε of every method and seed
+    floor: dict[float, set[str]]  # noise level → the methods that did not learn under it (†)
+
+
+def _privacy_table(ctx: ReportContext, ms: list[str], maj: float | None) -> _PrivacyTable:
+    """Final global accuracy (and ε) per method and noise level, without DP first."""
+    levels: list[float | None] = [None, *ctx.p.privacy.noises]
+    t = _PrivacyTable(["| method | " + " | ".join("no DP" if z is None else f"z = {z:g}" for z in levels) + " |",
+                       "|---|" + "---:|" * len(levels)], {}, {}, {})
+    for m in ms:
+        cells = []
+        for z in levels:
+            hs = list(_privacy_level(ctx, m, z).values())
+            if not hs:
+                cells.append("—")
+                continue
+            accs = t.finals.setdefault(z, {})[m] = [h[-1]["global_accuracy"] for h in hs]
+            mark = _dagger(accs, maj)
+            if mark and z is not None:
+                t.floor.setdefault(z, set()).add(m)
+            eps = [h[-1].get("epsilon") for h in hs if h[-1].get("epsilon") is not None]
+            if z is not None:
+                t.eps.setdefault(z, []).extend(eps)
+            cells.append(f"{_pm(accs)}{mark}" + (f" (ε {_f(_mean(eps), 2)})" if eps else ""))
+        t.lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return t
+
+
+def _privacy(ctx: ReportContext) -> str:
+    pv, base = ctx.p.privacy, ctx.p.base
+    if pv is None:
+        return ""
+    label = pv.partition[0]
+    ms = [m for m in pv.methods if any(_privacy_level(ctx, m, z) for z in (None, *pv.noises))]
+    if not ms:
+        return ""
+    L = ["## 7. Privacy–utility: example-level DP (DP-SGD with Opacus)", "",
+         f"Each method trained with DP-SGD on every client (per-example clip C = {pv.clip:g}, noise multiplier z, "
+         f"Poisson batches of expected size {base.batch_size}) on the {label} partition, against the same run "
+         "without DP. ε is at δ = "
+         f"{base.dp_delta:g} from Opacus's {base.dp_accountant.upper()} accountant: each client's own batch "
+         "sampling rate and steps, the largest over clients (example-level DP protects one example of one client). "
+         "Final-round global accuracy, mean ± 95 % interval over seeds; † did not learn."
+         + _overrides_note(pv.overrides, ", with and without DP.", ms),
+         ""]
+    maj = ctx.rate(label)
+    t = _privacy_table(ctx, ms, maj)
+    L += t.lines
+    L += ["", f"Majority-class rate: {_f(maj)}. ε per noise level (mean over methods and seeds): "
+          + ", ".join(f"z = {z:g}: {_f(_mean(e), 2)}" for z, e in t.eps.items()) + ".", ""]
+    fig = fig_privacy({m: {z: [h[-1] for h in _privacy_level(ctx, m, z).values()] for z in pv.noises if _privacy_level(ctx, m, z)} for m in ms},
+                      {m: t.finals.get(None, {}).get(m, []) for m in ms}, maj, ctx.figdir / "privacy.png")
+    L += [f"![privacy–utility]({ctx.rel(fig)})", ""]
+    _privacy_utility_reading(ctx, ms, t, maj)
+    if "fedit" in ms and "ffa" in ms:
+        _ffa_reading(ctx, t)
+    return "\n".join(L)
+
+
+def _privacy_utility_reading(ctx: ReportContext, ms: list[str], t: _PrivacyTable, maj: float | None) -> None:
+    """What DP costs: per noise level, which methods still learn and how much of the no-DP accuracy is left."""
+    util = []
+    for z in ctx.p.privacy.noises:
+        final, out = t.finals.get(z, {}), t.floor.get(z, set())
+        if not final:
+            continue
+        kept = {m: _mean(a) / _mean(base) for m, a in final.items() if (base := t.finals.get(None, {}).get(m)) and _mean(base) > 0}
+        util.append(f"z = {z:g} (ε {_f(_mean(t.eps.get(z, [])), 2) if t.eps.get(z) else '—'}): "
+                    f"{len(final) - len(out)} of {len(final)} learned"
+                    + (f" ({', '.join(f'`{m}`' for m in ms if m in out)} did not)" if out else "")
+                    + (f", keeping {_f(min(kept.values()), 2)}–{_f(max(kept.values()), 2)} of their no-DP accuracy" if kept else ""))
+    if util:
+        ctx.verdicts.append("- **Utility under DP-SGD** (learned: the interval clears the majority-class rate, "
+                            f"{_f(maj)}; kept: mean accuracy under DP ÷ without): " + "; ".join(util) + ".")
+
+
+def _ffa_reading(ctx: ReportContext, t: _PrivacyTable) -> None:
+    """FFA-LoRA's claim: noise on both factors (FedIT) hurts more than on one (FFA, A frozen). Per seed, the loss
+    of accuracy DP causes to each, then FFA's minus FedIT's."""
+    cells = []
+    holds = contrary = floored = 0
+    for z in ctx.p.privacy.noises:
+        runs = {(m, zz): _privacy_level(ctx, m, zz) for m in ("fedit", "ffa") for zz in (None, z)}
+        seeds = sorted(set.intersection(*(set(v) for v in runs.values())))
+        if not seeds:
+            continue
+        drop = {m: [runs[m, None][s][-1]["global_accuracy"] - runs[m, z][s][-1]["global_accuracy"] for s in seeds]
+                for m in ("fedit", "ffa")}
+        d, _, text = _diff(drop["fedit"], drop["ffa"])
+        holds += _distinct(text) and d > 0
+        contrary += _distinct(text) and d < 0
+        at_floor = {"fedit", "ffa"} & t.floor.get(z, set())
+        floored += bool(at_floor)
+        cells.append(f"z = {z:g}: FedIT loses {_pm(drop['fedit'])}, FFA {_pm(drop['ffa'])}, difference {text}"
+                     + (f" ({' and '.join(sorted(at_floor))} did not learn under DP here: the loss is bounded by the "
+                        "majority-class rate, so this level cannot separate them)" if at_floor else ""))
+    if cells:
+        ctx.verdicts.append(
+            "- **FFA-LoRA: DP noise on both factors hurts more than on one** — "
+            + ("holds" if holds == len(cells) else "holds at some noise levels" if holds else
+               "does not hold here" if contrary else "not distinguishable at these seeds")
+            + " (accuracy lost to DP, per seed; difference = FedIT's loss − FFA's, positive supports the claim): "
+            + "; ".join(cells) + "."
+            + (f" At {floored} of {len(cells)} noise levels FedIT or FFA did not learn under DP; a test of the "
+               "claim that can separate them needs a setting where DP-SGD runs learn (more examples per client, "
+               "so a larger batch at the same sampling rate)." if floored else "")
+        )
+
+
+def _reading(ctx: ReportContext) -> str:
+    if not ctx.verdicts:
+        return ""
+    return "\n".join(["## Reading: which claims hold here", "",
+                      "Computed from the tables above with the stated criteria (every interval 95 %, over the seeds shown); "
+                      "a small model and short training, so a difference the intervals do not resolve is not evidence either way.",
+                      "", *ctx.verdicts, ""])
+
+
+# The report's sections in the order of the study's parts; a section whose part was not asked for is left out.
+# The first three and the last belong to no part and are always written (the last reads what the others concluded).
+SECTIONS: tuple[tuple[str, Callable[[ReportContext], str]], ...] = (
+    ("preamble", _preamble),
+    ("run time", _run_time),
+    ("protocol", _protocol),
+    ("comparison", _comparison),
+    ("divergence", _divergence),
+    ("similarity", _similarity),
+    ("heterogeneity", _heterogeneity),
+    ("scale", _scale),
+    ("synthetic", _synthetic),
+    ("privacy", _privacy),
+    ("reading", _reading),
+)
+
+
 def write_report(
     p: Preset,
     runs: list[StudyRun],
@@ -609,511 +1253,14 @@ def write_report(
     """Write the markdown report and its PNGs (``<report dir>/<report stem>/``); return the report path.
 
     Every number is the mean over the seeds a run finished for, with the half-width of its 95 % Student-t interval;
-    every comparison between methods is a per-seed (paired) difference with its interval."""
-    from fedlora.app.report import MAJORITY_MARGIN, final_row, learned, plot_comparison, seeded_tables
-
+    every comparison between methods is a per-seed (paired) difference with its interval. One function per section
+    (:data:`SECTIONS`), each returning its markdown ("" when it has nothing to show)."""
     report = Path(report)
     figdir = report.parent / report.stem
     figdir.mkdir(parents=True, exist_ok=True)
-    rel = lambda path: f"{figdir.name}/{Path(path).name}"  # noqa: E731
-    rates = majority_rates([r for r in runs if r.name in histories])
-
-    def seeded(method: str, label: str) -> dict[int, list[dict]]:
-        """seed → history of the finished runs of ``method`` on ``label``."""
-        return {r.seed: histories[r.name] for r in runs if r.method == method and r.label == label and r.name in histories}
-
-    def rate(label: str, seeds=None) -> float | None:
-        vals = [rates.get(r.name) for r in runs if r.label == label and r.name in histories and (seeds is None or r.seed in seeds)]
-        return _mean(vals)
-
-    def common_seeds(ms, label: str) -> list[int]:
-        """The seeds every method in ``ms`` finished on ``label`` (paired comparisons use only these)."""
-        sets = [set(seeded(m, label)) for m in ms]
-        sets = [x for x in sets if x]
-        return sorted(set.intersection(*sets)) if sets else []
-
-    def rows(method: str, label: str, seeds: list[int]) -> list[dict]:
-        by = seeded(method, label)
-        return [summary_row(by[s]) for s in seeds if s in by]
-
-    labels = [label for label, _, _ in p.comparison]
-    main_runs = [r for r in runs if not r.label.startswith(("synthetic:", "privacy:"))]  # the partition analyses
-    missing = [r.name for r in runs if r.name not in histories]
-    kinds: dict[str, float] = {}
-    for r in runs:
-        if r.name in histories:
-            kind = ("synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
-                    else f"`{p.base.model}` (parts 1–5)")
-            kinds[kind] = kinds.get(kind, 0.0) + summary_row(histories[r.name])["wall_s"]
-    total_wall = sum(kinds.values())
-    by_kind = ", ".join(f"{k} {v / 60:.0f} min" for k, v in kinds.items()) if len(kinds) > 1 else ""
-    seeds_text = ", ".join(map(str, p.seeds))
-    L: list[str] = [
-        "# Results: the papers' analyses, over paired seeds",
-        "",
-        "Generated by `fedlora study`; every number and figure below comes from the runs that command performs "
-        "(nothing is typed in by hand). Re-create it with:",
-        "",
-        f"    {command}",
-        "",
-        f"Settings of every run unless a section says otherwise: {_settings_line(p.base)}.",
-        "",
-        f"**{len(p.seeds)} seeds** ({seeds_text}). Seed s gives every method the same partition, global test set, "
-        "initial adapter, client sampling and batch order. Every number is the mean over the seeds, ± the half-width "
-        "of its 95 % Student-t interval over them; a comparison between two methods is the mean of their per-seed "
-        "differences with its own interval, marked (n.d.) — not distinguishable — when that interval holds 0."
-        + (f" With {len(p.seeds)} seeds the t-interval is wide (t = {_t(len(p.seeds)):.2f} standard errors): a "
-           "difference it does not resolve is not evidence of equality." if len(p.seeds) > 1 else ""),
-        "",
-        f"{len(histories)} runs, {total_wall / 60:.0f} min of run time on this machine (2 CPU cores, no GPU; the sum "
-        "of the runs' wall times" + (f": {by_kind}" if by_kind else "") + "). Two `fedlora study` processes sharing the "
-        "runs directory take about half of that on the clock.",
-        "",
-    ]
-    if missing:
-        L += [f"**Incomplete**: {len(missing)} of {len(runs)} runs not finished yet; sections that need them are "
-              "partial and say on how many seeds they stand. Run the same command again to finish them.", ""]
-    L += ["Protocol: global accuracy is the global model on a test set held out before partitioning (for `fedsa`: "
-          "shared Â with the clients' mean B and heads); local accuracy is each client's own model right after "
-          "local training on its own held-out shard, example-weighted; gap = local − global; ρ = ‖ΔW* − ΔŴ‖/‖ΔW*‖ "
-          "per adapted matrix (for `fedsa`, ΔŴ uses the mean B that the global model is scored with); bytes are "
-          "the tensors actually sent, summed over clients and rounds. A global accuracy whose interval does not "
-          f"clear the majority-class rate of the global test set by {MAJORITY_MARGIN} is marked † \"did not learn\".", ""]
-    verdicts: list[str] = []
-
-    # 1. comparison ---------------------------------------------------------------------------------------
-    if "comparison" in parts:
-        L += ["## 1. Method comparison", "",
-              "Final-round accuracy; ρ is the mean over rounds and matrices; MB summed over rounds; paired "
-              f"differences to `{REFERENCE}`.", ""]
-        not_learned, lowest, separated = [], [], []
-        for label in labels:
-            ms = [m for m in methods if seeded(m, label)]
-            seeds = common_seeds(ms, label)
-            if not seeds:
-                continue
-            results = {m: [final_row(m, seeded(m, label)[s], summary_row(seeded(m, label)[s])["wall_s"]) for s in seeds] for m in ms}
-            majority = [rate(label, {s}) for s in seeds]
-            L += [f"### {label}", "", seeded_tables(results, seeds, REFERENCE if REFERENCE in results else None, majority)]
-            figs = figdir / f"comparison-{_slug(label)}"
-            figs.mkdir(exist_ok=True)
-            plot_comparison({m: [seeded(m, label)[s] for s in seeds] for m in ms}, figs, majority=rate(label, set(seeds)))
-            L += [f"![accuracy over rounds, {label}]({figdir.name}/{figs.name}/accuracy.png)", ""]
-            maj = rate(label, set(seeds))
-            for m in ms:
-                accs = [r["global_accuracy"] for r in results[m]]
-                if learned(accs, maj) is False:
-                    not_learned.append(f"{m} at {label}")
-            worst = min(ms, key=lambda m: _mean(r["global_accuracy"] for r in results[m]))
-            lowest.append(f"{label}: lowest `{worst}` {_pm([r['global_accuracy'] for r in results[worst]])} against a "
-                          f"majority-class rate of {_f(maj)}")
-            if REFERENCE in results:
-                ref = [r["global_accuracy"] for r in results[REFERENCE]]
-                for m in ms:
-                    if m != REFERENCE:
-                        mean, half, text = _diff([r["global_accuracy"] for r in results[m]], ref)
-                        if "n.d." not in text and text != "—":
-                            separated.append(f"`{m}` {text} at {label}")
-        if lowest:
-            verdicts.append(
-                ("- **Every method learned** in every partition (its global accuracy's interval clears the "
-                 "majority-class rate): " if not not_learned else
-                 f"- **Did not learn** (†, the interval of global accuracy does not clear the majority-class rate): "
-                 f"{', '.join(not_learned)}. Lowest per partition: ")
-                + "; ".join(lowest) + ".")
-            verdicts.append(
-                "- **Methods vs FedIT in global accuracy**: "
-                + (("distinguishable at these seeds: " + "; ".join(separated) + "; every other method is not "
-                    "distinguishable from FedIT.") if separated else
-                   "no method is distinguishable from FedIT at these seeds in any partition.")
-            )
-
-    # 2. divergence ---------------------------------------------------------------------------------------
-    if "divergence" in parts:
-        panels = {}
-        for label in labels:
-            hs = {m: mean_history(list(seeded(m, label).values())) for m in DIVERGENCE_METHODS if seeded(m, label)}
-            if hs:
-                panels[label] = hs
-        if panels:
-            n_seeds = max(len(seeded(m, l)) for l in panels for m in panels[l])
-            L += ["## 2. Aggregation divergence over rounds and per layer (FLoRA-NA Figures 2 and 4)", "",
-                  "After round 1 every method's clients train from a different global model, so each run's ρ is read "
-                  "against references computed on *that run's own uploads* every round: the Eckart–Young bound "
-                  f"(dashed in the figures) and FedIT's ρ on the same uploads (`fedit@same`). Curves and tables are "
-                  f"means over {n_seeds} seeds.", ""]
-            fig = fig_divergence_rounds(panels, figdir / "divergence_rounds.png")
-            L += [f"![divergence over rounds]({rel(fig)})", ""]
-            focus = "α=0.5" if "α=0.5" in panels else next(iter(panels))
-            fig = fig_divergence_layers(panels[focus], figdir / "divergence_layers.png", focus)
-            L += [f"![divergence per layer]({rel(fig)})", ""]
-            ms = list(panels[focus])
-            L += [f"Mean ρ per round ({focus}; each method: its ρ / FedIT's ρ on the same uploads / the bound):", "",
-                  "| round | " + " | ".join(ms) + " |", "|---:|" + "---:|" * len(ms)]
-            for i in range(max(len(h) for h in panels[focus].values())):
-                cells = []
-                for m in ms:
-                    h = panels[focus][m]
-                    cells.append(" / ".join(_f(h[i].get(k), 4) for k in ("divergence", "fedit_divergence", "bound")) if i < len(h) else "—")
-                L.append(f"| {i + 1} | " + " | ".join(cells) + " |")
-            L.append("")
-            layer_vals = {m: mean_per_layer(h, "divergence_per_layer") for m, h in panels[focus].items()}
-            ref_vals = {m: mean_per_layer(h, "fedit_divergence_per_layer") for m, h in panels[focus].items()}
-            bound_vals = {m: mean_per_layer(h, "bound_per_layer") for m, h in panels[focus].items()}
-            keys = sorted(set().union(*[set(v) for v in layer_vals.values()]))
-            L += [f"Mean ρ per adapted matrix over rounds ({focus}; ρ / fedit@same / bound):", "",
-                  "| layer | module | " + " | ".join(ms) + " |", "|---:|---|" + "---:|" * len(ms)]
-            for k in keys:
-                L.append(f"| {k[0]} | {k[1]} | " + " | ".join(
-                    f"{_f(layer_vals[m].get(k), 4)} / {_f(ref_vals[m].get(k), 4)} / {_f(bound_vals[m].get(k), 4)}" for m in ms) + " |")
-            L.append("")
-            # Claim: FLoRA-NA's divergence is far below FedIT's, layer by layer and round by round. Per seed: the
-            # median over partitions, rounds and matrices of ρ_florana / ρ_fedit@same, and the share of the room to
-            # the bound it closes; then the interval over seeds.
-            per_seed: dict[int, tuple[list, list, list]] = {}
-            pairs = below = 0
-            svd_dev = []
-            for label in labels:
-                for seed, hist in seeded("florana", label).items():
-                    ratios, closed, bound_ratio = per_seed.setdefault(seed, ([], [], []))
-                    for h in hist:
-                        for mod, v in (h.get("divergence_per_layer") or {}).items():
-                            ref = (h.get("fedit_divergence_per_layer") or {}).get(mod)
-                            bnd = (h.get("bound_per_layer") or {}).get(mod)
-                            if ref:
-                                pairs += 1
-                                below += v <= ref * (1 + 1e-9)
-                                ratios.append(v / ref)
-                                if bnd is not None:
-                                    bound_ratio.append(bnd / ref)
-                                    if ref - bnd > 1e-12:
-                                        closed.append((ref - v) / (ref - bnd))
-                for hist in seeded("svd", label).values():
-                    for h in hist:
-                        for mod, v in (h.get("divergence_per_layer") or {}).items():
-                            bnd = (h.get("bound_per_layer") or {}).get(mod)
-                            if bnd:
-                                svd_dev.append(abs(v - bnd) / bnd)
-            if per_seed:
-                med = [_median(r) for r, _, _ in per_seed.values()]
-                cl = [_median(c) for _, c, _ in per_seed.values()]
-                br = [_median(b) for _, _, b in per_seed.values()]
-                from fedlora.app.stats import interval
-
-                m_med, h_med = interval(med)
-                upper = m_med + (0 if math.isnan(h_med) else h_med)
-                verdicts.append(
-                    f"- **FLoRA-NA: divergence far below FedIT's, per layer and per round** — "
-                    f"{'holds' if upper <= 0.5 else 'holds in direction, not in size'}. Over all partitions, rounds "
-                    f"and matrices ({pairs} cases, {len(per_seed)} seeds), FLoRA-NA's ρ is at or below FedIT's on the "
-                    f"same uploads in {below} (it cannot be above: it starts from the FedIT point). The median ratio "
-                    f"ρ_FLoRA-NA / ρ_FedIT is {_pm(med)} over seeds (criterion for 'far below': the interval's upper "
-                    f"end ≤ 0.5); it closes {_pm([100 * c for c in cl if c is not None], 0)} % of the room between FedIT "
-                    f"and the Eckart–Young bound, and the bound itself is {_pm(br)} of FedIT's ρ: no rank-r broadcast "
-                    "can be far below FedIT when the bound is not."
-                )
-            if svd_dev:
-                verdicts.append(f"- **Rank-r optimum**: `svd`'s ρ equals the Eckart–Young bound in every round, matrix "
-                                f"and seed (largest relative difference {max(svd_dev):.1e}), as it must.")
-
-    # 3. similarity ---------------------------------------------------------------------------------------
-    if "similarity" in parts:
-        sims: dict[str, dict[str, dict]] = {}  # mean over seeds, for the figure
-        stats: dict[str, dict[int, dict]] = {}  # label → seed → {A, B, dA, dB, more, n}
-        for label in p.similarity:
-            by = seeded("fedit", label)
-            if not by:
-                continue
-            stats[label] = {}
-            for seed, h in by.items():
-                per = {k: per_layer(h[-1].get(f"similarity_{k}_per_layer")) for k in ("A", "B", "dA", "dB")}
-                keys = set(per["A"]) & set(per["B"])
-                stats[label][seed] = {k: _mean(per[k].values()) for k in per} | {
-                    "more": sum(per["A"][k] > per["B"][k] for k in keys), "n": len(keys)}
-            last = mean_history([[h[-1]] for h in by.values()])[0]
-            sims[label] = {k: per_layer(last.get(f"similarity_{k}_per_layer")) for k in ("A", "B", "dA", "dB")}
-        if sims:
-            L += ["## 3. A/B similarity across clients (FedSA-LoRA Figure 2)", "",
-                  "Mean pairwise cosine similarity across the clients of `fedit` runs, final round, per adapted matrix: "
-                  "of the factors each client holds after local training (A, B: what FedSA-LoRA plots) and of its "
-                  "local update in that round (ΔA, ΔB: the factor minus the broadcast every client started from, "
-                  "which removes what clients share by construction). Figure: means over seeds.", ""]
-            fig = fig_similarity(sims, figdir / "similarity.png")
-            L += [f"![A/B similarity]({rel(fig)})", ""]
-            L += ["| partition | seeds | cos A | cos B | cos ΔA | cos ΔB | cos A − cos B (paired) | matrices with cos A > cos B |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-            for label, by in stats.items():
-                v = list(by.values())
-                L.append(f"| {label} | {len(v)} | {_pm(x['A'] for x in v)} | {_pm(x['B'] for x in v)} | {_pm(x['dA'] for x in v)} | "
-                         f"{_pm(x['dB'] for x in v)} | {_diff([x['A'] for x in v], [x['B'] for x in v])[2]} | "
-                         f"{sum(x['more'] for x in v)} / {sum(x['n'] for x in v)} |")
-            L.append("")
-            all_more = sum(x["more"] for by in stats.values() for x in by.values())
-            all_n = sum(x["n"] for by in stats.values() for x in by.values())
-            ab = {l: _diff([x["A"] for x in by.values()], [x["B"] for x in by.values()]) for l, by in stats.items()}
-            dab = {l: _diff([x["dA"] for x in by.values()], [x["dB"] for x in by.values()]) for l, by in stats.items()}
-            verdicts.append(
-                f"- **FedSA-LoRA: A similar across clients, B client-specific** — "
-                f"{'holds for the factors' if all_more == all_n else f'holds for the factors in {all_more} of {all_n} matrix-seeds'} "
-                "(cos A − cos B per partition: " + ", ".join(f"{l} {t}" for l, (_, _, t) in ab.items())
-                + "). For the local updates, cos ΔA − cos ΔB: " + ", ".join(f"{l} {t}" for l, (_, _, t) in dab.items())
-                + ". Where the factors differ much more than the updates, the asymmetry comes from the shared random "
-                "initialisation of A (B starts at zero), not from what the clients learn."
-            )
-            ordered = [l for l in p.similarity if l in stats]
-            if len(ordered) >= 2:
-                first, last_l = ordered[0], ordered[-1]
-                seeds = sorted(set(stats[first]) & set(stats[last_l]))
-                mean, half, text = _diff([stats[last_l][s]["B"] for s in seeds], [stats[first][s]["B"] for s in seeds])
-                word = ("holds" if "n.d." not in text and mean < 0 else
-                        "not distinguishable at these seeds" if "n.d." in text or text == "—" else "does not hold here")
-                verdicts.append(
-                    f"- **FedSA-LoRA: B more client-specific as data gets more heterogeneous** — {word}: mean cos B "
-                    + " → ".join(f"{l} {_pm(x['B'] for x in stats[l].values())}" for l in ordered)
-                    + f"; paired change {first} → {last_l}: {text}. ΔB: "
-                    + " → ".join(f"{l} {_pm(x['dB'] for x in stats[l].values())}" for l in ordered) + "."
-                )
-
-    # 4. heterogeneity ------------------------------------------------------------------------------------
-    if "heterogeneity" in parts:
-        order = sorted({r.label for r in main_runs if r.method in HETEROGENEITY_METHODS and not r.label.startswith("N=")},
-                       key=lambda l: float("inf") if l == "IID" else float(l.removeprefix("α=")))
-        by_m = {m: {l: seeded(m, l) for l in order if seeded(m, l)} for m in HETEROGENEITY_METHODS}
-        by_m = {m: v for m, v in by_m.items() if v}
-        if by_m:
-            L += ["## 4. Accuracy vs heterogeneity (FLoRA-NA Figure 3)", "",
-                  "Final-round accuracy, mean ± 95 % interval over seeds (error bars in the figure); the dotted line "
-                  "is the majority-class rate.", ""]
-            fig = fig_heterogeneity(by_m, order, figdir / "heterogeneity.png", {l: rate(l) for l in order})
-            L += [f"![accuracy vs heterogeneity]({rel(fig)})", ""]
-            L += ["| method | " + " | ".join(f"{l} global / local / gap" for l in order) + " |", "|---|" + "---|" * len(order)]
-            for m, by in by_m.items():
-                cells = []
-                for l in order:
-                    if l not in by:
-                        cells.append("—")
-                        continue
-                    rs = [summary_row(h) for h in by[l].values()]
-                    mark = " †" if learned([r["global"] for r in rs], rate(l)) is False else ""
-                    cells.append(f"{_pm(r['global'] for r in rs)}{mark} / {_pm(r['local'] for r in rs)} / {_pm(r['gap'] for r in rs)}")
-                L.append(f"| {m} | " + " | ".join(cells) + " |")
-            L += ["", "Majority-class rate: " + ", ".join(f"{l} {_f(rate(l))}" for l in order) + ". † did not learn.", ""]
-            if "fedit" in by_m and "florana" in by_m:
-                parts_txt, smaller, better, n = [], 0, 0, 0
-                for l in order:
-                    seeds = sorted(set(by_m["fedit"].get(l, {})) & set(by_m["florana"].get(l, {})))
-                    if not seeds:
-                        continue
-                    fl = [summary_row(by_m["florana"][l][s]) for s in seeds]
-                    fi = [summary_row(by_m["fedit"][l][s]) for s in seeds]
-                    dg, hg, tg = _diff([r["gap"] for r in fl], [r["gap"] for r in fi])
-                    da, ha, ta = _diff([r["global"] for r in fl], [r["global"] for r in fi])
-                    n += 1
-                    smaller += "n.d." not in tg and dg < 0
-                    better += "n.d." not in ta and da > 0
-                    parts_txt.append(f"{l}: gap {tg}, global {ta}")
-                verdicts.append(
-                    "- **FLoRA-NA: closes the local–global gap and raises global accuracy under heterogeneity** — "
-                    + ("holds" if n and smaller == n else "holds in part" if smaller or better else
-                       "not supported here (no distinguishable difference)" if n else "no data")
-                    + f": FLoRA-NA − FedIT, paired per seed ({'; '.join(parts_txt)}). A smaller gap distinguishable "
-                    f"from FedIT's in {smaller} of {n} partitions, a higher global accuracy in {better} of {n}."
-                )
-
-    # 5. scale --------------------------------------------------------------------------------------------
-    if "scale" in parts:
-        scale = {}
-        for r in main_runs:
-            if r.label.startswith("N=") and r.name in histories:
-                scale.setdefault(r.method, {}).setdefault(r.config.clients, {})[r.seed] = summary_row(histories[r.name])
-        if scale:
-            any_run = next(r for r in runs if r.label.startswith("N="))
-            L += [f"## 5. Scale: {', '.join(str(n) for n in p.scale_clients)} clients", "",
-                  f"One pool of {p.scale_pool} examples spread IID over N clients, so each client holds "
-                  f"{p.scale_pool}/N; about one local epoch per round (local steps = train examples / batch), "
-                  f"{any_run.config.rounds} rounds, all clients every round; other settings as above. Aggregation "
-                  "time is the server's `method.aggregate` wall time per round (all adapted matrices).", ""]
-            fig = fig_scale(scale, figdir / "scale.png")
-            L += [f"![scale]({rel(fig)})", "",
-                  "| clients | method | seeds | global acc | local acc | gap | mean ρ | bound | aggregation s / round | MB up / round |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            rounds = any_run.config.rounds
-            for n in sorted({n for by in scale.values() for n in by}):
-                for m, by in scale.items():
-                    if n in by:
-                        rs = list(by[n].values())
-                        mark = " †" if learned([r["global"] for r in rs], rate(f"N={n}", set(by[n]))) is False else ""
-                        L.append(f"| {n} | {m} | {len(rs)} | {_pm(r['global'] for r in rs)}{mark} | {_pm(r['local'] for r in rs)} | "
-                                 f"{_pm(r['gap'] for r in rs)} | {_pm((r['rho'] for r in rs), 4)} | {_pm((r['bound'] for r in rs), 4)} | "
-                                 f"{_pm((r['agg_s'] for r in rs), 4)} | {_f(_mean(r['mb_up'] for r in rs) / rounds, 2)} |")
-            L += ["", "Majority-class rate of the global test set: "
-                  + ", ".join(f"N={n} {_f(rate(f'N={n}'))}" for n in sorted({n for by in scale.values() for n in by}))
-                  + ". † did not learn (the interval does not clear it).", ""]
-            if "fedit" in scale and "florana" in scale:
-                ns = sorted(set(scale["fedit"]) & set(scale["florana"]))
-                cells = []
-                for n in ns:
-                    seeds = sorted(set(scale["fedit"][n]) & set(scale["florana"][n]))
-                    fl, fi = [scale["florana"][n][s] for s in seeds], [scale["fedit"][n][s] for s in seeds]
-                    ratio = _pm([r["rho"] / r["rho_fedit"] for r in fl if r["rho_fedit"]])
-                    cost = _pm([a["agg_s"] / b["agg_s"] for a, b in zip(fl, fi) if a["agg_s"] and b["agg_s"]], 1)
-                    share = _pm([100 * r["agg_s"] / r["round_s"] for r in fl if r["agg_s"] and r["round_s"]], 1)
-                    cells.append(f"N={n}: ρ ratio {ratio}, server time {cost}× FedIT's ({share} % of its round), "
-                                 f"global accuracy FLoRA-NA − FedIT {_diff([r['global'] for r in fl], [r['global'] for r in fi])[2]}")
-                verdicts.append("- **Scale** — FLoRA-NA's ρ relative to FedIT's on the same uploads (mean over rounds), "
-                                "its server cost and its accuracy difference, per seed: " + "; ".join(cells) + ".")
-
-    # 6. synthetic ----------------------------------------------------------------------------------------
-    if "synthetic" in parts and p.synthetic is not None:
-        syn = [r for r in runs if r.label.startswith("synthetic:")]
-        levels = [f"synthetic:{lv}" for lv in p.synthetic.levels]
-        if any(r.name in histories for r in syn):
-            L += ["## 6. The synthetic task: does less divergence converge better?", "",
-                  f"Every method shipped, on the teacher–student task of docs/synthetic.md at heterogeneity levels "
-                  f"{', '.join(p.synthetic.levels)} (model α, input β), {len(p.synthetic.seeds)} paired seeds. "
-                  f"Settings: {_settings_line(p.synthetic.base).replace(', max 64 tokens', '')}. `loss` is the global "
-                  "model's cross-entropy on the global test set, `loss − floor` its distance to the Bayes loss of the "
-                  "teachers."
-                  + "".join(f" `{m}` runs with {', '.join(f'{k} = {v}' for k, v in o)} (see the preset)." for m, o in p.synthetic.overrides),
-                  ""]
-            claim = []
-            for label in levels:
-                ms = [m for m in all_methods() if seeded(m, label)]
-                seeds = common_seeds(ms, label)
-                if not seeds:
-                    continue
-                results = {m: [final_row(m, seeded(m, label)[s], summary_row(seeded(m, label)[s])["wall_s"]) for s in seeds] for m in ms}
-                L += [f"### {label}", "", seeded_tables(results, seeds, REFERENCE if REFERENCE in results else None,
-                                                        [rate(label, {s}) for s in seeds])]
-                figs = figdir / _slug(label)
-                figs.mkdir(exist_ok=True)
-                plot_comparison({m: [seeded(m, label)[s] for s in seeds] for m in ms}, figs, majority=rate(label, set(seeds)))
-                L += [f"![accuracy over rounds, {label}]({figdir.name}/{figs.name}/accuracy.png)", ""]
-                if REFERENCE in results:
-                    ref = results[REFERENCE]
-                    better = []
-                    for m in ms:
-                        if m == REFERENCE or "global_loss" not in results[m][0]:
-                            continue
-                        d, h, t = _diff([r["global_loss"] for r in results[m]], [r["global_loss"] for r in ref])
-                        if "n.d." not in t and t != "—":
-                            better.append(f"`{m}` {t}")
-                    fl = results.get("florana")
-                    claim.append(
-                        f"{label} ({len(seeds)} seeds): "
-                        + (f"FLoRA-NA − FedIT ρ {_diff([r['divergence'] for r in fl], [r['divergence'] for r in ref])[2]}, "
-                           f"loss {_diff([r['global_loss'] for r in fl], [r['global_loss'] for r in ref])[2]}, global accuracy "
-                           f"{_diff([r['global_accuracy'] for r in fl], [r['global_accuracy'] for r in ref])[2]}; " if fl else "")
-                        + ("final loss distinguishable from FedIT's: " + ", ".join(better) if better else
-                           "no method's final loss is distinguishable from FedIT's")
-                    )
-            if claim:
-                verdicts.append("- **Synthetic task: less divergence, better convergence (FLoRA-NA)?** Paired "
-                                "differences to FedIT (negative loss is better): " + " · ".join(claim) + ".")
-
-    # 7. privacy ------------------------------------------------------------------------------------------
-    if "privacy" in parts and p.privacy is not None:
-        pv = p.privacy
-        label = pv.partition[0]
-
-        def by_level(m: str, z: float | None) -> dict[int, list[dict]]:
-            if z is None:
-                return seeded(m, "privacy:none") if dict(pv.overrides).get(m) else seeded(m, label)
-            return seeded(m, f"privacy:{z:g}")
-
-        levels: list[float | None] = [None, *pv.noises]
-        ms = [m for m in pv.methods if any(by_level(m, z) for z in levels)]
-        if ms:
-            L += ["## 7. Privacy–utility: example-level DP (DP-SGD with Opacus)", "",
-                  f"Each method trained with DP-SGD on every client (per-example clip C = {pv.clip:g}, noise multiplier z, "
-                  f"Poisson batches of expected size {p.base.batch_size}) on the {label} partition, against the same run "
-                  "without DP. ε is at δ = "
-                  f"{p.base.dp_delta:g} from Opacus's {p.base.dp_accountant.upper()} accountant: each client's own batch "
-                  "sampling rate and steps, the largest over clients (example-level DP protects one example of one client). "
-                  "Final-round global accuracy, mean ± 95 % interval over seeds; † did not learn."
-                  + "".join(f" `{m}` runs with {', '.join(f'{k} = {v}' for k, v in o)}, with and without DP." for m, o in pv.overrides if m in ms),
-                  ""]
-            head = "| method | " + " | ".join("no DP" if z is None else f"z = {z:g}" for z in levels) + " |"
-            L += [head, "|---|" + "---:|" * len(levels)]
-            maj = rate(label)
-            eps_by_z: dict[float, list[float]] = {}
-            finals: dict[float | None, dict[str, list[float]]] = {}  # level → method → final global accuracy per seed
-            floor: dict[float, set[str]] = {}  # noise level → the methods that did not learn under it (†)
-            for m in ms:
-                cells = []
-                for z in levels:
-                    hs = list(by_level(m, z).values())
-                    if not hs:
-                        cells.append("—")
-                        continue
-                    accs = finals.setdefault(z, {})[m] = [h[-1]["global_accuracy"] for h in hs]
-                    mark = " †" if learned(accs, maj) is False else ""
-                    if mark and z is not None:
-                        floor.setdefault(z, set()).add(m)
-                    eps = [h[-1].get("epsilon") for h in hs if h[-1].get("epsilon") is not None]
-                    if z is not None:
-                        eps_by_z.setdefault(z, []).extend(eps)
-                    cells.append(f"{_pm(accs)}{mark}" + (f" (ε {_f(_mean(eps), 2)})" if eps else ""))
-                L.append(f"| {m} | " + " | ".join(cells) + " |")
-            L += ["", f"Majority-class rate: {_f(maj)}. ε per noise level (mean over methods and seeds): "
-                  + ", ".join(f"z = {z:g}: {_f(_mean(e), 2)}" for z, e in eps_by_z.items()) + ".", ""]
-            fig = fig_privacy({m: {z: [h[-1] for h in by_level(m, z).values()] for z in pv.noises if by_level(m, z)} for m in ms},
-                              {m: finals.get(None, {}).get(m, []) for m in ms}, maj, figdir / "privacy.png")
-            L += [f"![privacy–utility]({rel(fig)})", ""]
-            # what DP costs: per noise level, which methods still learn and how much of the no-DP accuracy is left
-            util = []
-            for z in pv.noises:
-                final, out = finals.get(z, {}), floor.get(z, set())
-                if not final:
-                    continue
-                kept = {m: _mean(a) / _mean(base) for m, a in final.items() if (base := finals.get(None, {}).get(m)) and _mean(base) > 0}
-                util.append(f"z = {z:g} (ε {_f(_mean(eps_by_z.get(z, [])), 2) if eps_by_z.get(z) else '—'}): "
-                            f"{len(final) - len(out)} of {len(final)} learned"
-                            + (f" ({', '.join(f'`{m}`' for m in ms if m in out)} did not)" if out else "")
-                            + (f", keeping {_f(min(kept.values()), 2)}–{_f(max(kept.values()), 2)} of their no-DP accuracy" if kept else ""))
-            if util:
-                verdicts.append("- **Utility under DP-SGD** (learned: the interval clears the majority-class rate, "
-                                f"{_f(maj)}; kept: mean accuracy under DP ÷ without): " + "; ".join(util) + ".")
-            # FFA-LoRA's claim: noise on both factors (FedIT) hurts more than on one (FFA, A frozen). Per seed, the
-            # loss of accuracy DP causes to each, then FFA's minus FedIT's.
-            if "fedit" in ms and "ffa" in ms:
-                cells = []
-                holds = contrary = 0
-                floored = 0
-                for z in pv.noises:
-                    seeds = sorted(set(by_level("fedit", z)) & set(by_level("ffa", z)) & set(by_level("fedit", None)) & set(by_level("ffa", None)))
-                    if not seeds:
-                        continue
-                    acc = lambda m, zz, seeds=seeds: [by_level(m, zz)[sd][-1]["global_accuracy"] for sd in seeds]  # noqa: E731
-                    drop_fedit = [a - b for a, b in zip(acc("fedit", None), acc("fedit", z))]
-                    drop_ffa = [a - b for a, b in zip(acc("ffa", None), acc("ffa", z))]
-                    d, h, t = _diff(drop_fedit, drop_ffa)
-                    holds += "n.d." not in t and t != "—" and d > 0
-                    contrary += "n.d." not in t and t != "—" and d < 0
-                    at_floor = {"fedit", "ffa"} & floor.get(z, set())
-                    floored += bool(at_floor)
-                    cells.append(f"z = {z:g}: FedIT loses {_pm(drop_fedit)}, FFA {_pm(drop_ffa)}, difference {t}"
-                                 + (f" ({' and '.join(sorted(at_floor))} did not learn under DP here: the loss is bounded by the "
-                                    "majority-class rate, so this level cannot separate them)" if at_floor else ""))
-                if cells:
-                    verdicts.append(
-                        "- **FFA-LoRA: DP noise on both factors hurts more than on one** — "
-                        + ("holds" if holds == len(cells) else "holds at some noise levels" if holds else
-                           "does not hold here" if contrary else "not distinguishable at these seeds")
-                        + " (accuracy lost to DP, per seed; difference = FedIT's loss − FFA's, positive supports the claim): "
-                        + "; ".join(cells) + "."
-                        + (f" At {floored} of {len(cells)} noise levels FedIT or FFA did not learn under DP; a test of the "
-                           "claim that can separate them needs a setting where DP-SGD runs learn (more examples per client, "
-                           "so a larger batch at the same sampling rate)." if floored else "")
-                    )
-
-    if verdicts:
-        L += ["## Reading: which claims hold here", "",
-              "Computed from the tables above with the stated criteria (every interval 95 %, over the seeds shown); "
-              "a small model and short training, so a difference the intervals do not resolve is not evidence either way.",
-              ""] + verdicts + [""]
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(L) + "\n")
+    ctx = ReportContext.of(p, runs, histories, command=command, parts=parts, methods=methods, figdir=figdir)
+    texts = [section(ctx) for part, section in SECTIONS if part in parts or part not in PARTS]
+    report.write_text("\n".join(t for t in texts if t) + "\n")
     return report
 
 
@@ -1125,39 +1272,32 @@ def readme_table(p: Preset, runs: list[StudyRun], histories: dict[str, list[dict
     """The comparison in one table for the README: final global accuracy per method and partition, mean ± 95 %
     interval over the seeds, (n.d.) where its paired difference to FedIT's holds 0, † where it did not learn; then
     the majority-class rate per partition."""
-    from fedlora.app.report import learned
-
-    labels = [label for label, _, _ in p.comparison]
-    rates = majority_rates([r for r in runs if r.name in histories])
-    by: dict[tuple[str, str], dict[int, float]] = {}
-    for r in runs:
-        if r.name in histories and r.label in labels and r.method in methods:
-            by.setdefault((r.method, r.label), {})[r.seed] = histories[r.name][-1]["global_accuracy"]
+    ctx = ReportContext.of(p, runs, histories, command=command, methods=methods)
+    by = {(m, label): {s: h[-1]["global_accuracy"] for s, h in ctx.seeded(m, label).items()}
+          for m in methods for label in ctx.labels}
+    by = {k: v for k, v in by.items() if v}
     n = max((len(v) for v in by.values()), default=0)
-    majority = {label: _mean(rates.get(r.name) for r in runs if r.label == label and r.name in histories) for label in labels}
+    majority = {label: ctx.rate(label) for label in ctx.labels}
     lines = [f"Final global accuracy, mean ± 95 % t-interval over {n} paired seeds (`{command}`; {_settings_line(p.base)}). "
              f"(n.d.): not distinguishable from `{REFERENCE}` (its per-seed difference's interval holds 0); "
              "†: did not learn (the interval does not clear the majority-class rate).", "",
-             "| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+             "| method | " + " | ".join(ctx.labels) + " |", "|---|" + "---:|" * len(ctx.labels)]
     for m in methods:
         cells = []
-        for label in labels:
+        for label in ctx.labels:
             vals = by.get((m, label), {})
             if not vals:
                 cells.append("—")
                 continue
             seeds = sorted(vals)
-            cell = _pm([vals[s] for s in seeds])
-            if learned([vals[s] for s in seeds], majority[label]) is False:
-                cell += " †"
+            cell = _pm([vals[s] for s in seeds]) + _dagger([vals[s] for s in seeds], majority[label])
             ref = by.get((REFERENCE, label), {})
             common = [s for s in seeds if s in ref]
             if m != REFERENCE and len(common) > 1 and "n.d." in _diff([vals[s] for s in common], [ref[s] for s in common])[2]:
                 cell += " (n.d.)"
             cells.append(cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    maj_cells = [_f(majority[label]) for label in labels]
-    lines.append("| *majority-class rate* | " + " | ".join(maj_cells) + " |")
+    lines.append("| *majority-class rate* | " + " | ".join(_f(majority[label]) for label in ctx.labels) + " |")
     return "\n".join(lines) + "\n"
 
 
