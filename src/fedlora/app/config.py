@@ -106,13 +106,17 @@ class DataSettings(Part):
     test_examples: int = setting(500, "size of the global test set held out before partitioning")
     local_test_fraction: float = setting(0.2, "fraction of each client's shard held out as its local test set")
     max_length: int | None = setting(None, "max tokens per example (default: the task's; classification: 64; causal-lm: 128, "
-                                           "prompt + response)", flower=0)
+                                           "instruct: 256, prompt + response)", flower=0)
+    split_by: str = setting("", "partition over this attribute instead of the label (task, category, subject, language, source, "
+                                "user: a field of --data); --partition one gives each client one value (instruct: default task)")
 
     def check(self, run: RunConfig) -> None:
-        from fedlora.data import PARTITIONS
+        from fedlora.data.partition import PARTITIONS, SPLIT_PARTITIONS
 
-        if self.partition not in PARTITIONS:
-            raise ValueError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
+        allowed = SPLIT_PARTITIONS if run.attribute else PARTITIONS
+        if self.partition not in allowed:
+            hint = " (one: with --split-by, one attribute value per client)" if self.partition == "one" else ""
+            raise ValueError(f"unknown partition {self.partition!r}; choose one of {', '.join(allowed)}{hint}")
         if not self.alpha > 0:
             raise ValueError(f"Dirichlet alpha={self.alpha} must be positive; pass e.g. --alpha 0.5 (smaller is more skewed)")
         if run.max_length < 8:
@@ -128,7 +132,8 @@ class DataSettings(Part):
 class TaskSettings(Part):
     """The task kind and its model; the causal-LM task's prompt/response fields and how answers are scored."""
 
-    task: str = setting("classification", "classification or causal-lm (instruction tuning, scored by generation)")
+    task: str = setting("classification", "classification; causal-lm (instruction tuning on one task, scored by generation); instruct "
+                                          "(clients holding different tasks, scored per task and on --eval benchmarks)")
     model: str | None = setting(None, "minilm (offline default), tiny:bert, tiny:gpt2, or a Hugging Face name/path; "
                                       "causal-lm: smollm2 (offline default), tiny:llama, or a name/path", flower="")
     prompt_column: str = setting("prompt", "causal-lm: prompt field of --data files/datasets")
@@ -137,6 +142,9 @@ class TaskSettings(Part):
     max_new_tokens: int = setting(64, "causal-lm: most tokens generated per answer when scoring")
     code_timeout: float = setting(10.0, "causal-lm pass@1: seconds each candidate program may run")
     gradient_checkpointing: bool = setting(False, "causal-lm: recompute activations in the backward pass (less memory, ~30%% slower)")
+    eval: str = setting("", "instruct: benchmarks scored on the global model every round (the forgetting check): mmlu[:N], mmlu5[:N], "
+                            "truthfulqa[:N], gsm8k[:N], bbh[:N] (N: a fixed seeded subset), comma-separated")
+    quantize: str = setting("none", "causal-lm, instruct: 4bit loads the base in bitsandbytes' NF4 (QLoRA, FlowerTune; CUDA only)")
 
     def check(self, run: RunConfig) -> None:
         from fedlora.app.tasks import TASKS
@@ -319,6 +327,11 @@ class RunConfig:
         from fedlora.app.tasks import task_kind
 
         return task_kind(self.parts.task.task, self.parts.data.data)
+
+    @property
+    def attribute(self) -> str | None:
+        """The field partitioned over instead of the label: ``--split-by``, or the task for instruct runs."""
+        return self.split_by or self.task_kind().attribute
 
     def ranks(self) -> list[int] | None:
         """Each client's rank under ``--client-ranks`` (in turn), or None for one rank for all."""

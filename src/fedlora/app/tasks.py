@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # The --task flag's values. Synthetic data (``synthetic:α,β``) is its own kind under ``classification``.
-TASKS = ("classification", "causal-lm")
+TASKS = ("classification", "causal-lm", "instruct")
 
 
 @dataclass
@@ -29,14 +29,18 @@ class Loaded:
     label_names: list[str]
     summary: list[dict] = field(default_factory=list)
     task: object | None = None
+    reference: dict | None = None  # the base model's scores before any training (instruct), the reference row
 
 
 class TaskKind:
     name: str
     defaults: dict[str, object]
+    attribute: str | None = None  # the field partitioned over when --split-by is not given (None: the label)
 
     def check(self, run) -> None:
         """Checks of the settings this kind depends on (no data or model needed)."""
+        if run.split_by:
+            raise ValueError(f"--split-by {run.split_by} partitions instruction data by an attribute; pass --task instruct, or drop --split-by")
 
     def load(self, run, on_progress: Callable[[str, int], None] | None = None) -> Loaded:
         raise NotImplementedError
@@ -58,6 +62,7 @@ class TextClassification(TaskKind):
     defaults = {"model": "minilm", "target_modules": "query,value", "max_length": 64}
 
     def check(self, run) -> None:
+        super().check(run)
         if run.model in ("smollm2", "tiny:llama"):
             raise ValueError(f"model {run.model!r} is a causal LM; pass --task causal-lm, or --model minilm for classification")
 
@@ -90,6 +95,7 @@ class Synthetic(TaskKind):
     defaults = {"model": "synthetic", "target_modules": "fc1,fc2", "max_length": 64}
 
     def check(self, run) -> None:
+        super().check(run)
         if run.model != "synthetic":
             raise ValueError(f"--data {run.data} brings its own small network; drop --model {run.model} (or pass --model synthetic)")
 
@@ -123,6 +129,12 @@ class CausalLM(TaskKind):
     def check(self, run) -> None:
         from fedlora.generation import SCORINGS
 
+        if run.split_by and self.name != "instruct":
+            super().check(run)
+        if run.quantize != "none":
+            from fedlora.app.models import quantization_config
+
+            quantization_config(run.quantize)
         if run.model in ("minilm", "tiny:bert", "tiny:gpt2"):
             raise ValueError(f"model {run.model!r} is a model for classification; "
                              "with --task causal-lm pass --model smollm2, tiny:llama or a causal-LM name/path")
@@ -141,7 +153,7 @@ class CausalLM(TaskKind):
         data = load_instructions(run.data, prompt_column=run.prompt_column, response_column=run.response_column,
                                  label_column=run.label_column, scoring=run.scoring, seed=run.seed)
         fed = federate(data, **_federate_args(run))
-        model, tokenizer = load_causal_lm(run.model, seed=run.seed, gradient_checkpointing=run.gradient_checkpointing)
+        model, tokenizer = load_causal_lm(run.model, seed=run.seed, gradient_checkpointing=run.gradient_checkpointing, quantize=run.quantize)
 
         def split(ds) -> CausalLMSplit:
             return CausalLMSplit.from_records(tokenizer, list(ds["prompt"]), list(ds["response"]), list(ds["reference"]),
@@ -153,13 +165,77 @@ class CausalLM(TaskKind):
                       list(fed.label_names), fed.partition_summary(), task)
 
 
+class Instruct(CausalLM):
+    """Clients holding different tasks (``evals:NAME,…``, Dolly, a file), partitioned by a natural attribute (the task
+    unless ``--split-by``), trained on response tokens and scored per task by each task's answer rule, with
+    ``--eval`` benchmarks on the global model and the base model's scores before training as the reference row."""
+
+    name = "instruct"
+    defaults = {"model": "smollm2", "target_modules": "q_proj,v_proj", "max_length": 256}
+    attribute = "task"
+
+    def check(self, run) -> None:
+        super().check(run)
+        if run.scoring != "auto":
+            raise ValueError("--scoring is the causal-lm task's; instruct tasks are scored by each task's own rule: drop --scoring")
+        if run.eval:
+            from fedlora.app.benchmarks import check_archives
+
+            check_archives(run.eval)
+        if run.data.startswith("evals:"):
+            from fedlora.data.archives import wheel_path
+
+            wheel_path("evals")
+
+    def load(self, run, on_progress=None) -> Loaded:
+        from fedlora.app.models import load_causal_lm
+        from fedlora.data import federate
+        from fedlora.data.instruct import load_instruct
+        from fedlora.federation.instruct import InstructSplit, InstructTask
+
+        data = load_instruct(run.data, prompt_column=run.prompt_column, response_column=run.response_column,
+                             split_by=run.attribute, seed=run.seed)
+        fed = federate(data, split_by=run.attribute, **_federate_args(run))
+        benchmarks = self.benchmarks(run)
+        model, tokenizer = load_causal_lm(run.model, seed=run.seed, gradient_checkpointing=run.gradient_checkpointing, quantize=run.quantize)
+        columns = ("prompt", "response", "references", "rule", "task")
+
+        def split(ds) -> InstructSplit:
+            return InstructSplit.from_rows(tokenizer, [dict(zip(columns, row)) for row in zip(*(ds[c] for c in columns))], run.max_length)
+
+        task = InstructTask(tokenizer, benchmarks=benchmarks, max_new_tokens=run.max_new_tokens, eval_batch_size=max(16, run.batch_size),
+                            on_progress=on_progress)
+        reference = self.reference(run, model, tokenizer, split(fed.global_test), task)
+        return Loaded(model, tokenizer, "CAUSAL_LM", [(c.cid, c.train, c.test) for c in fed.clients], fed.global_test, split,
+                      list(fed.label_names), fed.partition_summary(), task, reference)
+
+    def benchmarks(self, run) -> list:
+        from fedlora.app.benchmarks import benchmark_evaluations
+
+        return benchmark_evaluations(run.eval, seed=run.seed) if run.eval else []
+
+    def reference(self, run, model, tokenizer, global_test, task) -> dict:
+        """The base model's scores on the global test tasks and the benchmarks, before any adapter exists: computed
+        once per (model, data, evaluations) and cached, so every method and seed of a comparison reads the same row."""
+        from fedlora.app.models import cache_dir
+        from fedlora.federation.evaluation import base_scores
+
+        evaluations = [global_test.evaluation(max_new_tokens=run.max_new_tokens), *task.benchmarks]
+        if run.quantize == "none":
+            model.to(run.resolved_device())  # where the simulator will hold it anyway
+        key = {"model": run.model, "max_length": run.max_length, "quantize": run.quantize}
+        scores = base_scores(model, tokenizer, evaluations, cache_dir=cache_dir() / "base-scores", key=key,
+                             device=run.resolved_device(), batch_size=task.eval_batch_size)
+        return {k: v for k, v in scores.items() if not k.endswith("/n")}
+
+
 def _federate_args(run) -> dict:
     return dict(n_clients=run.clients, partition=run.partition, alpha=run.alpha, labels_per_client=run.labels_per_client,
                 test_examples=run.test_examples, examples_per_client=run.examples_per_client,
                 local_test_fraction=run.local_test_fraction, seed=run.seed)
 
 
-KINDS: dict[str, TaskKind] = {k.name: k for k in (TextClassification(), Synthetic(), CausalLM())}
+KINDS: dict[str, TaskKind] = {k.name: k for k in (TextClassification(), Synthetic(), CausalLM(), Instruct())}
 
 
 def task_kind(task: str, data: str) -> TaskKind:

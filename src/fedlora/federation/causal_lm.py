@@ -105,6 +105,34 @@ class CausalLMSplit:
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
     @classmethod
+    def pool(cls, splits: list[CausalLMSplit]) -> CausalLMSplit:
+        """One split holding every example of ``splits``, padded to the widest (``central``'s union of the clients' data)."""
+        import dataclasses
+
+        width = max(s.input_ids.shape[1] for s in splits)
+        p_width = max(s.prompt_ids.shape[1] for s in splits)
+
+        def padded(t: Tensor, w: int, value: int) -> Tensor:
+            return nn.functional.pad(t, (0, w - t.shape[1]), value=value)
+
+        first = splits[0]
+        values = {}
+        for f in dataclasses.fields(first):
+            parts = [getattr(s, f.name) for s in splits]
+            if f.name in ("input_ids", "attention_mask", "labels"):
+                fill = {"input_ids": first.pad_token_id, "attention_mask": 0, "labels": IGNORE}[f.name]
+                values[f.name] = torch.cat([padded(t, width, fill) for t in parts])
+            elif f.name == "prompt_ids":
+                values[f.name] = torch.cat([padded(t, p_width, first.pad_token_id) for t in parts])
+            elif isinstance(parts[0], Tensor):
+                values[f.name] = torch.cat(parts)
+            elif isinstance(parts[0], list):
+                values[f.name] = [x for p in parts for x in p]
+            else:
+                values[f.name] = parts[0]
+        return type(first)(**values)
+
+    @classmethod
     def from_records(cls, tokenizer, prompts: list[str], responses: list[str], references: list[str],
                      tests: list[str] | None, max_length: int) -> CausalLMSplit:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

