@@ -86,11 +86,10 @@ def test_benchmarks_are_scored_every_round(tasks_jsonl, tmp_path):
 
 def test_an_instruct_round_on_flower_equals_the_simulator(tasks_jsonl, tmp_path):
     pytest.importorskip("flwr")
-    from test_flower import assert_same_history
-
     from fedlora.app.experiment import run_experiment
     from fedlora.flower.inline import InlineGrid
     from fedlora.flower.server_app import run_federation
+    from test_flower import assert_same_history
 
     cfg = config(tasks_jsonl, clients=2, method="fedsa")
     flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
