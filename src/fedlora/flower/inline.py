@@ -5,6 +5,12 @@ is exactly what Flower would carry; ``fresh=True`` also drops the client's proce
 context before every message, as deployment's process per message does. Tests use it to check the Flower app's
 numbers against the simulator without Flower's runtime; ``benchmarks/bench_secure.py`` uses it to time secure
 aggregation.
+
+Why it stays in the library rather than under tests/: it is the check a method's author runs on the Flower path.
+A plug-in method (one math file and one protocol file, possibly in the author's own package) is proven to give the
+simulator's numbers on Flower's message path with ``run_federation(InlineGrid(config), config)``, in seconds and
+without starting a SuperLink (tests/test_plugin.py does exactly that); the benchmarks import it too, and they are
+not a test package. It imports only the Flower front end and ``flwr``, so it adds nothing to the layers below.
 """
 
 from __future__ import annotations
