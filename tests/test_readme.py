@@ -20,9 +20,9 @@ def python_example() -> str:
     return match.group(1)
 
 
-def shell_commands() -> list[str]:
-    """Every `fedlora ...` command line in the README's bash blocks."""
-    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+def shell_commands(text: str = README) -> list[str]:
+    """Every `fedlora ...` command line in the code blocks of ``text``."""
+    blocks = re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.S)
     return [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("fedlora ")]
 
 
@@ -42,8 +42,9 @@ def test_the_tours_commands_parse_with_the_flags_they_name():
 
     commands = shell_commands()
     assert any(c.startswith("fedlora run") for c in commands) and any(c.startswith("fedlora compare") for c in commands)
+    docs = {path.name: shell_commands(path.read_text()) for path in sorted((ROOT / "docs").glob("*.md"))}
+    assert docs["instruct.md"], "docs/instruct.md's run command is checked too"
     parser = build_parser()
-    for command in commands:
-        argv = command.split()[1:]
-        argv = [a for a in argv if not a.startswith("#")]
+    for command in commands + [c for cs in docs.values() for c in cs]:
+        argv = command.split("#")[0].split()[1:]
         parser.parse_args(argv)  # an unknown flag or a bad value exits (SystemExit) and fails here

@@ -53,7 +53,9 @@ class FederationSettings(Part):
     rounds: int = setting(_FED.rounds, "federated rounds")
     local_steps: int = setting(_FED.local_steps, "optimizer steps per client per round")
     batch_size: int = setting(_FED.batch_size, "local batch size")
-    lr: float = setting(_FED.lr, "local learning rate")
+    lr: float = setting(_FED.lr, "local learning rate (with --lr-schedule cosine: the first rounds')")
+    lr_schedule: str = setting(_FED.lr_schedule, "constant, or cosine: annealed from --lr to --lr-min over the rounds (FlowerTune's)")
+    lr_min: float = setting(_FED.lr_min, "the last round's learning rate under --lr-schedule cosine")
     optimizer: str = setting(_FED.optimizer, "local optimizer: adamw, or sgd (plain gradient steps)")
     max_grad_norm: float = setting(_FED.max_grad_norm, "clip each local step's gradient to this L2 norm; 0 turns it off")
     weighting: str = setting(_FED.weighting, "client weights: examples (n_u/Σn) or uniform")
@@ -303,6 +305,11 @@ class RunConfig:
         """The settings as stored: a task-dependent one not given is None (what ``replace`` and Flower's defaults use)."""
         return {f.name: getattr(self.parts.__dict__[part], f.name) for part, f in _fields()}
 
+    def given_only(self) -> dict[str, object]:
+        """The settings that differ from the defaults (what a config file or flags set)."""
+        defaults = type(self)().given()
+        return {k: v for k, v in self.given().items() if v != defaults[k]}
+
     def to_dict(self) -> dict[str, object]:
         """The settings as the run uses them (task defaults resolved): ``config.json``, checkpoints, digests."""
         return {f.name: getattr(self, f.name) for _, f in _fields()}
@@ -356,7 +363,8 @@ class RunConfig:
     def federation_config(self) -> FederationConfig:
         return FederationConfig(
             rounds=self.rounds, fraction=self.fraction, local_steps=self.local_steps, batch_size=self.batch_size,
-            lr=self.lr, optimizer=self.optimizer, max_grad_norm=self.max_grad_norm, seed=self.seed, weighting=self.weighting,
+            lr=self.lr, lr_schedule=self.lr_schedule, lr_min=self.lr_min, optimizer=self.optimizer, max_grad_norm=self.max_grad_norm,
+            seed=self.seed, weighting=self.weighting,
             device=self.resolved_device(),
             max_norm_ratio=self.max_norm_ratio, similarity=self.similarity, privacy=self.privacy_config(),
         )

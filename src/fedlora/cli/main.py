@@ -57,6 +57,8 @@ def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> N
         choices = f": {', '.join(map(str, decl.choices))}" if decl.choices else ""
         options.add_argument(f"--{flag}", default=None, dest=f"option:{flag}", metavar="VALUE", help=f"{method}: {decl.help}{choices} (default {decl.default})")
     p.add_argument("--config", default=None, help="TOML file with run settings (flags override it)")
+    p.add_argument("--preset", default=None, help="named settings of a standard setup: flowertune-nlp, dolly-category "
+                   "(docs/instruct.md; --config and flags override it)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
@@ -72,6 +74,11 @@ def _config_from(args: argparse.Namespace, **extra):
     if options:
         given["method_options"] = ",".join(filter(None, [given.get("method_options", ""), *options]))
     given |= extra
+    if getattr(args, "preset", None):
+        from fedlora.app.presets import preset
+
+        given = preset(args.preset) | (RunConfig.from_toml(args.config).given_only() if args.config else {}) | given
+        return RunConfig(**given)
     if args.config:
         return RunConfig.from_toml(args.config, **given)
     return RunConfig(**given)

@@ -12,6 +12,7 @@ Specs:
 - ``evals:NAME[,NAME…]``: tasks of OpenAI Evals' registry by their registry names (``evals:quartz,logiqa``,
   ``evals:theory_of_mind.socialiqa``), read from the ``evals`` wheel (:mod:`fedlora.data.evals_registry`); each task is
   scored by its registry entry's rule.
+- ``alpaca-gpt4``: Alpaca-GPT4 from the Hub (FlowerTune's general-NLP data), one task.
 - ``dolly``: Databricks' Dolly-15k from the Hub (``category`` as the attribute; FedIT's, FLoRA's and FLoRIST's
   split), the context appended to the instruction.
 - a ``.jsonl``/``.json``/``.csv`` file or ``hf:NAME[:CONFIG]``: records with ``--prompt-column`` and
@@ -31,6 +32,7 @@ from .sampling import int_column, stratified_choice
 from .sources import DataError, _encode, _file_spec, _read_file
 
 DOLLY = ("databricks/databricks-dolly-15k", None)
+ALPACA_GPT4 = ("vicgalle/alpaca-gpt4", None)
 _KEPT = ("prompt", "response", "references", "rule", "task")
 
 
@@ -45,6 +47,8 @@ def load_instruct(spec: str, *, prompt_column: str = "prompt", response_column: 
         records, name = _from_evals(frame), spec
     elif spec == "dolly":
         records, name = _dolly(_hub(*DOLLY)), "dolly"
+    elif spec == "alpaca-gpt4":
+        records, name = _alpaca(_hub(*ALPACA_GPT4)), "alpaca-gpt4"
     elif (file := _file_spec(spec)) is not None:
         records, name = _generic(_read_file(*file), file[0].stem, prompt_column, response_column), file[0].name
     elif spec.startswith("hf:"):
@@ -75,6 +79,14 @@ def _dolly(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"prompt": prompt, "response": frame["response"].astype(str), "references": frame["response"].map(lambda r: [str(r)]),
                          "rule": "exact", "task": frame["category"].astype(str), "category": frame["category"].astype(str),
                          "source": "dolly"})
+
+
+def _alpaca(frame: pd.DataFrame) -> pd.DataFrame:
+    """Alpaca-GPT4 (FlowerTune's general-NLP data): the instruction with its input, the GPT-4 output; one task."""
+    extra = frame["input"].fillna("").astype(str).str.strip()
+    prompt = frame["instruction"].astype(str).str.strip() + np.where(extra != "", "\n\n" + extra, "")
+    return pd.DataFrame({"prompt": prompt, "response": frame["output"].astype(str), "references": frame["output"].map(lambda r: [str(r)]),
+                         "rule": "exact", "task": "alpaca-gpt4", "source": "alpaca-gpt4"})
 
 
 def _generic(frame: pd.DataFrame, name: str, prompt_column: str, response_column: str) -> pd.DataFrame:

@@ -15,7 +15,9 @@ added up only by the run's ledger (:class:`~fedlora.federation.traffic.Traffic`)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,13 +55,23 @@ __all__ = [
     "ClientResult", "FederationConfig", "SecureSum", "SimClient", "Simulator", "check_server_memory", "client_turn",
     "client_weights", "finish_metrics", "layer_metrics", "linear_methods", "local_optimizer", "mean_pairwise_cosine",
     "nbytes", "round_seed", "sample_clients", "sample_round", "screen", "server_memory_bytes", "similarity_metrics",
-    "train_local",
+    "train_local", "round_lr", "LR_SCHEDULES",
 ]
 
 log = logging.getLogger("fedlora")
 
 WEIGHTINGS = ("examples", "uniform")
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def round_lr(cfg, rnd: int) -> float:
+    """The local learning rate of round ``rnd``: ``lr`` throughout (constant), or cosine-annealed from ``lr`` towards
+    ``lr_min`` over the rounds, FlowerTune's schedule: lr_min + ½(lr − lr_min)(1 + cos(π·rnd/rounds)), so the last
+    round trains at lr_min."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * rnd / cfg.rounds))
 
 
 def local_optimizer(params, cfg) -> torch.optim.Optimizer:
@@ -87,6 +99,8 @@ class FederationConfig:
     max_norm_ratio: float = 10.0  # reject updates above this × the round's median norm (0: off); see screening.py
     similarity: bool = False  # also record the clients' mean pairwise cosine similarity of A and B per module
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # client-level DP (privacy.py)
+    lr_schedule: str = "constant"  # constant, or cosine from lr to lr_min over the rounds (round_lr)
+    lr_min: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -107,6 +121,10 @@ class FederationConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be ≥ 0; pass 0 (off) or a norm such as 1.0")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.lr_schedule == "cosine" and not 0 <= self.lr_min < self.lr:
+            raise ValueError(f"lr_min={self.lr_min} must lie in [0, lr={self.lr}) for the cosine schedule; pass e.g. --lr-min 1e-6")
 
 
 @dataclass
@@ -177,6 +195,8 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     h.set_trainable(h.trainable_names, True)
     h.set_trainable(method.frozen(h, rnd), False)  # per round: RoLoRA alternates, FFA always freezes A
     seed = round_seed(cfg.seed, rnd, client.cid)
+    if cfg.lr_schedule != "constant":
+        cfg = dataclasses.replace(cfg, lr=round_lr(cfg, rnd), lr_schedule="constant")
     loss = train_local(h.model, task, client.train, cfg, seed, lambda: method.loss_term(h, peer))
     method.local_training(h, lambda: train_local(h.model, task, client.train, cfg, seed + 1))
     with method.local_scoring(h, client.train, cfg.device):
