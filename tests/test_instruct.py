@@ -162,3 +162,14 @@ def test_presets_fill_settings_that_flags_override(capsys, tmp_path):
     assert "--quantize 4bit needs a CUDA GPU" in capsys.readouterr().err
     assert main(["run", "--preset", "nope", "--quiet"]) == 2
     assert "unknown preset 'nope'; choose one of flowertune-nlp, dolly-category" in capsys.readouterr().err
+
+
+def test_central_pools_clients_whose_examples_have_different_widths(tasks_jsonl):
+    """``central`` trains on the union of the clients' data; causal-LM splits are padded to the widest first."""
+    from fedlora.app.build import build
+
+    sim = build(config(tasks_jsonl, method="central")).simulator
+    (one,) = sim.clients
+    assert len(one.train) == 3 * int(12 * 0.8 + 0.5) and one.train.input_ids.shape[1] == one.train.labels.shape[1]
+    assert sorted(set(one.train.tasks)) == ["add", "compare", "repeat"]
+    assert sim.run()[-1]["clients"] == [0]  # the one pooled client

@@ -109,28 +109,17 @@ class CausalLMSplit:
         """One split holding every example of ``splits``, padded to the widest (``central``'s union of the clients' data)."""
         import dataclasses
 
+        from fedlora.federation.tasks import concat
+
         width = max(s.input_ids.shape[1] for s in splits)
         p_width = max(s.prompt_ids.shape[1] for s in splits)
 
         def padded(t: Tensor, w: int, value: int) -> Tensor:
             return nn.functional.pad(t, (0, w - t.shape[1]), value=value)
 
-        first = splits[0]
-        values = {}
-        for f in dataclasses.fields(first):
-            parts = [getattr(s, f.name) for s in splits]
-            if f.name in ("input_ids", "attention_mask", "labels"):
-                fill = {"input_ids": first.pad_token_id, "attention_mask": 0, "labels": IGNORE}[f.name]
-                values[f.name] = torch.cat([padded(t, width, fill) for t in parts])
-            elif f.name == "prompt_ids":
-                values[f.name] = torch.cat([padded(t, p_width, first.pad_token_id) for t in parts])
-            elif isinstance(parts[0], Tensor):
-                values[f.name] = torch.cat(parts)
-            elif isinstance(parts[0], list):
-                values[f.name] = [x for p in parts for x in p]
-            else:
-                values[f.name] = parts[0]
-        return type(first)(**values)
+        return concat([dataclasses.replace(
+            s, input_ids=padded(s.input_ids, width, s.pad_token_id), attention_mask=padded(s.attention_mask, width, 0),
+            labels=padded(s.labels, width, IGNORE), prompt_ids=padded(s.prompt_ids, p_width, s.pad_token_id)) for s in splits])
 
     @classmethod
     def from_records(cls, tokenizer, prompts: list[str], responses: list[str], references: list[str],

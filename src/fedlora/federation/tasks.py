@@ -109,11 +109,17 @@ class SyntheticTask(ClassificationTask):
 def pooled(splits: list):
     """One split holding every example of ``splits`` (the same split type, padded to one width): the union of the
     clients' data that the ``central`` reference trains on."""
-    import dataclasses
-
     first = splits[0]
     if hasattr(type(first), "pool"):  # a split that knows how to pad itself (causal LM: to the widest example)
         return type(first).pool(splits)
+    return concat(splits)
+
+
+def concat(splits: list):
+    """The fields of ``splits`` end to end: tensors concatenated (of one width), lists joined, anything else the first's."""
+    import dataclasses
+
+    first = splits[0]
     values = {}
     for f in dataclasses.fields(first):
         parts = [getattr(s, f.name) for s in splits]
@@ -126,4 +132,3 @@ def pooled(splits: list):
         else:
             values[f.name] = parts[0]
     return type(first)(**values)
-
