@@ -173,3 +173,24 @@ def test_central_pools_clients_whose_examples_have_different_widths(tasks_jsonl)
     assert len(one.train) == 3 * int(12 * 0.8 + 0.5) and one.train.input_ids.shape[1] == one.train.labels.shape[1]
     assert sorted(set(one.train.tasks)) == ["add", "compare", "repeat"]
     assert sim.run()[-1]["clients"] == [0]  # the one pooled client
+
+
+def test_the_study_part_reports_every_method_against_the_base_model(tasks_jsonl, tmp_path):
+    import dataclasses
+
+    from fedlora.app import study
+
+    p = dataclasses.replace(study.preset("quick"), instruct=study.InstructPlan(
+        config(tasks_jsonl, rank=8, local_steps=2), ("fedit", "fedsa", "flexlora"), (0, 1)))
+    runs = study.plan(p, parts=("instruct",))
+    assert [r.name for r in runs] == [f"instruct/{m}/seed-{s}" for s in (0, 1) for m in ("fedit", "fedsa", "flexlora")]
+    assert next(r for r in runs if r.method == "flexlora").config.client_ranks == "4,8,16"
+    histories = study.execute(runs, tmp_path / "runs")
+    assert all(h[-1]["reference"]["heldout/exact"] == histories[runs[0].name][-1]["reference"]["heldout/exact"]
+               for name, h in histories.items() if name.endswith("seed-0"))  # one base row per seed for every method
+    text = study.write_report(p, runs, histories, tmp_path / "r.md", command="test", parts=("instruct",)).read_text()
+    section = text.partition("## 8. Instruction tuning across tasks")[2]
+    for row in ("| fedit | 2 |", "| fedsa | 2 |", "| flexlora | 2 |", "| base model | 2 |"):
+        assert row in section, row
+    assert "Δ heldout/exact" in section and "Instruction tuning moves held-out task scores above the base model's" in text
+    assert "## 1." not in text  # only the part asked for

@@ -32,8 +32,12 @@ from pathlib import Path
 from fedlora.app.config import RunConfig
 from fedlora.app.rundir import RunDir, same_settings
 
-PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy")
-DEFAULT_PARTS = PARTS[:-1]  # the privacy–utility curve is asked for by name (--parts privacy): DP-SGD runs are long
+PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy", "instruct")
+# The privacy–utility curve and the instruction-tuning track are asked for by name (--parts privacy,instruct): DP-SGD
+# runs and a causal LM's runs are long.
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "instruct"))
+# The instruction-tuning track's methods: FedIT and the methods its papers compare, FlexLoRA with mixed ranks.
+INSTRUCT_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "flexlora", "fedsb", "feddpa")
 PRESETS = ("default", "quick")
 # The analyses of the FLoRA-NA and FedSA-LoRA papers, over the methods they compare (a study design, not dispatch).
 COMPARISON_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "svd")
@@ -68,6 +72,18 @@ class PrivacyPlan:
 
 
 @dataclass(frozen=True)
+class InstructPlan:
+    """The instruction-tuning track: clients each holding different tasks (--task instruct), every method on the same
+    seeds, the base model's scores before training as the reference row."""
+
+    base: RunConfig
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    # FlexLoRA is the track's mixed-rank method: clients at ranks 4, 8 and 16 in turn
+    overrides: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (("flexlora", (("client_ranks", "4,8,16"),)),)
+
+
+@dataclass(frozen=True)
 class Preset:
     """The knobs that size the study. ``default`` is about three hours on 2 CPU cores with MiniLM, three seeds."""
 
@@ -81,6 +97,7 @@ class Preset:
     seeds: tuple[int, ...] = (0, 1, 2)
     synthetic: SyntheticPlan | None = None
     privacy: PrivacyPlan | None = None
+    instruct: InstructPlan | None = None
 
 
 def preset(name: str) -> Preset:
@@ -102,7 +119,14 @@ def preset(name: str) -> Preset:
             levels, tuple(range(20)),
         )
         privacy = PrivacyPlan(("fedit", "ffa", "fedsa", "fedsvd", "fedsb"), (0.5, 1.0, 2.0), 1.0, ("IID", "iid", 1.0))
-        return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic, privacy)
+        # SmolLM2 on three OpenAI Evals tasks, one per client; MMLU (100 questions, 0-shot) as the forgetting check
+        instruct = InstructPlan(
+            RunConfig(task="instruct", data="evals:quartz,logiqa,theory_of_mind.socialiqa", clients=3, partition="one", rounds=3,
+                      local_steps=4, batch_size=4, lr=1e-3, examples_per_client=60, test_examples=60, max_new_tokens=4,
+                      eval="mmlu:100", seed=0),
+            INSTRUCT_METHODS, (0, 1, 2),
+        )
+        return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic, privacy, instruct)
     base = RunConfig(
         model="tiny:bert", data="tweets", clients=3, rounds=2, local_steps=2, batch_size=8, lr=5e-3, rank=4,
         examples_per_client=40, test_examples=60, max_length=32, similarity=True, seed=0, device="cpu",
@@ -206,6 +230,11 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
                     cfg = p.base.replace(method=m, partition=part, alpha=alpha, seed=s, dp="example", dp_noise=z,
                                               dp_clip=pv.clip, **over)
                     runs[name] = StudyRun(name, f"privacy:{z:g}", cfg)
+    if "instruct" in parts and p.instruct is not None:
+        for s in p.instruct.seeds:
+            for m in p.instruct.methods:
+                name = f"instruct/{m}/seed-{s}"
+                runs[name] = StudyRun(name, "instruct", p.instruct.base.replace(method=m, seed=s, **dict(dict(p.instruct.overrides).get(m, ()))))
     if "synthetic" in parts and p.synthetic is not None:
         # the layout of `fedlora compare --seeds`: synthetic-LEVEL/METHOD/seed-S, so a compare's runs can be reused
         for s in p.synthetic.seeds:
@@ -1214,6 +1243,60 @@ def _ffa_reading(ctx: ReportContext, t: _PrivacyTable) -> None:
         )
 
 
+def _instruct(ctx: ReportContext) -> str:
+    """The instruction-tuning track: each method's held-out task score and benchmark scores after the last round,
+    and their paired change from the base model's (the reference row every run records)."""
+    label = "instruct"
+    ms = [m for m in (ctx.p.instruct.methods if ctx.p.instruct else ()) if ctx.seeded(m, label)]
+    if not ms:
+        return ""
+    cfg = next(r.config for r in ctx.runs if r.label == label)
+    keys = _instruct_keys(ctx, ms, label)
+    L = ["## 8. Instruction tuning across tasks", "",
+         f"`--task instruct`: {cfg.model} on `{cfg.data}`, {cfg.clients} clients ({cfg.partition}, split by "
+         f"{cfg.attribute}), {cfg.rounds} rounds × {cfg.local_steps} local steps, batch {cfg.batch_size}, lr {cfg.lr}; "
+         f"benchmarks `{cfg.eval or 'none'}`. Scores after the last round; Δ is the paired per-seed change from the base "
+         "model's score before any training (the reference row, the same for every method of a seed).", "",
+         "| method | seeds | " + " | ".join(f"{k} | Δ {k}" for k in keys) + " | local |",
+         "|---|---:|" + "---:|---:|" * len(keys) + "---:|"]
+    base_row = ["base model", "—"]
+    for m in ms:
+        hs = ctx.seeded(m, label)
+        finals = [h[-1] for h in hs.values()]
+        refs = [h[-1].get("reference", {}) for h in hs.values()]
+        cells = []
+        for k in keys:
+            after = [f.get(k, math.nan) for f in finals]
+            before = [r.get(k, math.nan) for r in refs]
+            cells += [_pm(after), _diff(after, before)[2]]
+        L.append(f"| {m} | {len(hs)} | " + " | ".join(cells) + f" | {_pm(f['local_accuracy'] for f in finals)} |")
+        if base_row[1] == "—":
+            base_row = ["base model", str(len(refs))] + [c for k in keys for c in (_pm(r.get(k, math.nan) for r in refs), "")] + ["—"]
+    L += ["| " + " | ".join(base_row) + " |", ""]
+    moved = [m for m in ms if _instruct_moved(ctx, m, label)]
+    why = ("the paired Δ interval of heldout/exact clears 0" if moved else
+           "no paired Δ interval of heldout/exact clears 0: fine-tuning did not measurably help at these settings")
+    ctx.verdicts.append(f"- **Instruction tuning moves held-out task scores above the base model's**: "
+                        f"{', '.join(moved) if moved else 'no method'} of {len(ms)} ({why}).")
+    return "\n".join(L)
+
+
+def _instruct_keys(ctx: ReportContext, ms: list[str], label: str) -> list[str]:
+    """heldout/exact, then each benchmark's headline score (acc, exact), in a stable order."""
+    final = next(iter(ctx.seeded(ms[0], label).values()))[-1]
+    heads = sorted(k for k in final if isinstance(final[k], float) and k.count("/") == 1 and k.split("/")[1] in ("acc", "exact")
+                   and not k.startswith("heldout/"))
+    return ["heldout/exact", *heads]
+
+
+def _instruct_moved(ctx: ReportContext, m: str, label: str) -> bool:
+    from fedlora.app.stats import distinguishable, paired
+
+    hs = list(ctx.seeded(m, label).values())
+    mean, half = paired([h[-1]["heldout/exact"] for h in hs], [h[-1].get("reference", {}).get("heldout/exact", math.nan) for h in hs])
+    return not math.isnan(half) and mean > 0 and distinguishable(mean, half)
+
+
 def _reading(ctx: ReportContext) -> str:
     if not ctx.verdicts:
         return ""
@@ -1236,6 +1319,7 @@ SECTIONS: tuple[tuple[str, Callable[[ReportContext], str]], ...] = (
     ("scale", _scale),
     ("synthetic", _synthetic),
     ("privacy", _privacy),
+    ("instruct", _instruct),
     ("reading", _reading),
 )
 

@@ -205,7 +205,7 @@ class Instruct(CausalLM):
 
         task = InstructTask(tokenizer, benchmarks=benchmarks, max_new_tokens=run.max_new_tokens, eval_batch_size=max(16, run.batch_size),
                             on_progress=on_progress)
-        reference = self.reference(run, model, tokenizer, split(fed.global_test), task)
+        reference = task.reference = self.reference(run, model, tokenizer, split(fed.global_test), task)
         return Loaded(model, tokenizer, "CAUSAL_LM", [(c.cid, c.train, c.test) for c in fed.clients], fed.global_test, split,
                       list(fed.label_names), fed.partition_summary(), task, reference)
 

@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--preset", default="default",
                     help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale,synthetic",
-                    help="comma-separated analyses to run (default: all but privacy, the DP-SGD privacy–utility curve), or all; "
+                    help="comma-separated analyses to run (default: all but privacy, the DP-SGD privacy–utility curve, and "
+                         "instruct, instruction tuning of SmolLM2 across tasks), or all; "
                          "each can be run and committed on its own")
     st.add_argument("--methods", default=None, help="methods of the comparison (default: the study's seven)")
     st.add_argument("--model", default=None, help="override the preset's model")

@@ -63,6 +63,7 @@ class InstructTask:
         self.on_progress = on_progress
         self._lm = CausalLMTask(tokenizer, on_progress=on_progress)
         self._last: tuple[int, dict[str, float]] | None = None  # (id of the split, its scores) of the latest evaluate()
+        self.reference: dict[str, float] | None = None  # the base model's scores before training, recorded every round
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         return self._lm.loss(model, batch)
@@ -89,4 +90,6 @@ class InstructTask:
         if self.benchmarks:
             out |= {k: v for k, v in evaluate_all(model, self.tokenizer, self.benchmarks, device=device,
                                                   batch_size=self.eval_batch_size).items() if not k.endswith("/n")}
+        if self.reference is not None:  # so that every history carries its own reference row
+            out["reference"] = dict(self.reference)
         return out
