@@ -102,14 +102,11 @@ def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[in
 
 
 def _one_run(cfg: RunConfig, label: str, watch) -> list[dict]:
-    """A finished run read back, an interrupted one resumed, or a new one made."""
-    from fedlora.app.rundir import RunDir
-
-    done = RunDir(cfg.out).finished(cfg)
-    if done is not None:  # finished earlier (a compare that was cut short, or one with fewer methods): read back
-        print(f"{label}: finished run read back from {cfg.out}")
-        return done
+    """A finished run read back (a compare that was cut short, or one with fewer methods), an interrupted one resumed,
+    or a new one made."""
     with (watch(label, cfg) if watch else contextlib.nullcontext()) as w:
-        history, _ = experiment.run_or_resume(cfg, on_client=getattr(w, "client", None), on_round=getattr(w, "round", None),
-                                              on_progress=getattr(w, "work", None))
+        history, read_back = experiment.run_or_resume(cfg, on_client=getattr(w, "client", None), on_round=getattr(w, "round", None),
+                                                      on_progress=getattr(w, "work", None))
+    if read_back:
+        print(f"{label}: finished run read back from {cfg.out}")
     return history

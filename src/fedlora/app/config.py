@@ -324,9 +324,7 @@ class RunConfig:
     __hash__ = None  # mutable
 
     def __repr__(self) -> str:
-        defaults = type(self)().given()
-        changed = ", ".join(f"{k}={v!r}" for k, v in self.given().items() if v != defaults[k])
-        return f"RunConfig({changed})"
+        return f"RunConfig({', '.join(f'{k}={v!r}' for k, v in self.given_only().items())})"
 
     # ---- derived objects ---------------------------------------------------------------------------------------
     def task_kind(self):

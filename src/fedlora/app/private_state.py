@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from fedlora.app.experiment import RunConfig
+from fedlora.app.rundir import run_settings
 
 STATE_META = "fedlora.meta"
 STATE_CURRENT = "fedlora.current"
@@ -16,11 +17,6 @@ STATE_PRIVATE = "fedlora.private"
 STATE_BASE = "fedlora.base"
 STATE_RESULT = "fedlora.private.pending"
 STATE_KEYS = (STATE_META, STATE_CURRENT, STATE_PRIVATE, STATE_BASE, STATE_RESULT)
-
-
-def settings_of(config: RunConfig) -> dict:
-    """The settings a client's state belongs to: all but ``rounds`` (a resume may raise it) and ``out`` (the place)."""
-    return {k: v for k, v in config.to_dict().items() if k not in ("rounds", "out")}
 
 
 def run_digest(config: RunConfig) -> str:
@@ -39,7 +35,7 @@ def export_private(run_dir: Path, state_dir: Path) -> list[Path]:
     from safetensors.torch import load_file, save_file
 
     config = RunConfig(**json.loads((run_dir / "config.json").read_text()))
-    mine = settings_of(config)
+    mine = run_settings(config)  # a client's state belongs to the run's settings, as its checkpoint does
     flower = json.loads((run_dir / "flower.json").read_text())
     accepted = {int(c): int(r) for c, r in flower.get("accepted", {}).items()}
     written = []

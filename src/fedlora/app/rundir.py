@@ -38,7 +38,8 @@ def metrics_line(m: dict) -> str:
     return json.dumps(clean, default=_json_default) + "\n"
 
 
-def _settings(config: RunConfig) -> dict:
+def run_settings(config: RunConfig) -> dict:
+    """The settings a run's state belongs to: all but those a resume may change (``rounds``) or that name the place."""
     return {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
 
 
@@ -178,7 +179,7 @@ def save_checkpoint(sim, out: Path, config: RunConfig | None = None, extra: tupl
         tensors |= extra[0]
         meta["flower"] = extra[1]
     if config is not None:
-        meta["config"] = _settings(config)
+        meta["config"] = run_settings(config)
     tmp = out / (CHECKPOINT + ".tmp")
     save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta, default=_json_default)})
     with open(tmp, "rb") as f:
@@ -216,7 +217,7 @@ def check_resume(config: RunConfig, meta: dict, out: Path) -> None:
         raise ValueError(f"{str(out)!r} has finished {done} rounds; --rounds {config.rounds} would cut it short: pass --rounds {done} or more")
     if meta.get("config") is None:  # a checkpoint from before settings were kept in it
         return
-    mine = _settings(config)
+    mine = run_settings(config)
     saved = _saved_settings(meta["config"], mine)
     changed = sorted(k for k in saved if saved.get(k) != mine.get(k))
     if changed:

@@ -39,7 +39,7 @@ class TaskKind:
 
     def check(self, run) -> None:
         """Checks of the settings this kind depends on (no data or model needed)."""
-        if run.split_by:
+        if run.split_by and self.attribute is None:
             raise ValueError(f"--split-by {run.split_by} partitions instruction data by an attribute; pass --task instruct, or drop --split-by")
 
     def load(self, run, on_progress: Callable[[str, int], None] | None = None) -> Loaded:
@@ -129,8 +129,7 @@ class CausalLM(TaskKind):
     def check(self, run) -> None:
         from fedlora.generation import SCORINGS
 
-        if run.split_by and self.name != "instruct":
-            super().check(run)
+        super().check(run)
         if run.quantize != "none":
             from fedlora.app.models import quantization_config
 

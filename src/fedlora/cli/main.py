@@ -34,8 +34,6 @@ def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> N
     """One flag per setting (its help and default from the setting's declaration, grouped by the part that owns it), and
     one per declared method option. Every flag defaults to "not given" so a --config file's values survive unless the
     flag is passed."""
-    import dataclasses
-
     from fedlora.app.config import PARTS, base_type
     from fedlora.federation.protocol import option_flags
 
@@ -151,7 +149,7 @@ def _steps(cfg) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedlora.app.experiment import run_experiment
+    from fedlora.app.experiment import default_out, run_experiment
     from fedlora.app.report import final_row, markdown_table
 
     if args.resume:
@@ -169,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     cfg = _config_from(args)
     if cfg.out is None:
-        cfg.out = args.out or str(Path("runs") / time.strftime(f"{cfg.method}-%Y%m%d-%H%M%S"))
+        cfg.out = args.out or default_out(cfg)
     cfg.validate()
     args.resume_hint = f"fedlora run --resume {cfg.out}"
     t0 = time.perf_counter()

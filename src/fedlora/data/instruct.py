@@ -27,8 +27,7 @@ import datasets
 import numpy as np
 import pandas as pd
 
-from .instructions import InstructionData
-from .sampling import int_column, stratified_choice
+from .instructions import InstructionData, _hub, require_fields
 from .sources import DataError, _encode, _file_spec, _read_file
 
 DOLLY = ("databricks/databricks-dolly-15k", None)
@@ -46,14 +45,14 @@ def load_instruct(spec: str, *, prompt_column: str = "prompt", response_column: 
         frame = load_evals(spec.removeprefix("evals:"), limit_per_task=limit_per_task, seed=seed)
         records, name = _from_evals(frame), spec
     elif spec == "dolly":
-        records, name = _dolly(_hub(*DOLLY)), "dolly"
+        records, name = _dolly(_hub(*DOLLY, None)[0]), "dolly"
     elif spec == "alpaca-gpt4":
-        records, name = _alpaca(_hub(*ALPACA_GPT4)), "alpaca-gpt4"
+        records, name = _alpaca(_hub(*ALPACA_GPT4, None)[0]), "alpaca-gpt4"
     elif (file := _file_spec(spec)) is not None:
         records, name = _generic(_read_file(*file), file[0].stem, prompt_column, response_column), file[0].name
     elif spec.startswith("hf:"):
         hub, _, config = spec.removeprefix("hf:").partition(":")
-        records, name = _generic(_hub(hub, config or None), hub.rsplit("/", 1)[-1], prompt_column, response_column), spec
+        records, name = _generic(_hub(hub, config or None, None)[0], hub.rsplit("/", 1)[-1], prompt_column, response_column), spec
     else:
         raise DataError(f"--data {spec!r} is not instruction data; pass evals:NAME[,NAME…] (OpenAI Evals tasks), dolly, "
                         "a .jsonl/.csv file with prompt and response fields, or hf:NAME")
@@ -90,11 +89,7 @@ def _alpaca(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _generic(frame: pd.DataFrame, name: str, prompt_column: str, response_column: str) -> pd.DataFrame:
-    for column, flag in ((prompt_column, "--prompt-column"), (response_column, "--response-column")):
-        if column not in frame.columns:
-            listing = ", ".join(str(c) for c in frame.columns)
-            raise DataError(f"'{name}' has no {flag.removeprefix('--').removesuffix('-column')} field '{column}' (fields: {listing}); "
-                            f"pass {flag} NAME")
+    require_fields(frame, name, prompt_column, response_column)
     out = pd.DataFrame({"prompt": frame[prompt_column].astype(str), "response": frame[response_column].astype(str)})
     answers = frame["answer"] if "answer" in frame.columns else frame[response_column]
     out["references"] = answers.map(lambda a: [str(x) for x in a] if isinstance(a, list | tuple | np.ndarray) else [str(a)])
@@ -109,15 +104,6 @@ def _generic(frame: pd.DataFrame, name: str, prompt_column: str, response_column
 def _is_attribute(column: pd.Series) -> bool:
     """A column of plain values (not lists or dicts) that could label rows: an attribute ``--split-by`` may name."""
     return not column.map(lambda v: isinstance(v, list | dict | tuple | np.ndarray)).any()
-
-
-def _hub(name: str, config: str | None) -> pd.DataFrame:
-    try:
-        loaded = datasets.load_dataset(name, config, split="train")
-    except Exception as err:  # connection, not found, bad config: all mean the same to the user
-        raise DataError(f"could not load '{name}' from the Hugging Face Hub ({type(err).__name__}); check the name and network, "
-                        "or pass evals:NAME or a local .jsonl file") from err
-    return loaded.to_pandas()
 
 
 def _to_dataset(records: pd.DataFrame, name: str, split_by: str) -> InstructionData:
@@ -149,9 +135,3 @@ def _to_dataset(records: pd.DataFrame, name: str, split_by: str) -> InstructionD
     columns["references"] = [[str(r) for r in refs] for refs in columns["references"]]
     ds = datasets.Dataset.from_dict(columns | {"label": codes.tolist()}, features=features)
     return InstructionData(dataset=ds, label_names=list(names), name=name, scoring="auto")
-
-
-def stratified_subset(data: InstructionData, n: int, seed: int) -> InstructionData:
-    """A seeded subset of ``n`` records with the label's mix."""
-    keep = stratified_choice(int_column(data.dataset, "label"), n, np.random.default_rng(seed))
-    return InstructionData(dataset=data.dataset.select(keep), label_names=data.label_names, name=data.name, scoring=data.scoring)

@@ -163,11 +163,16 @@ def humaneval_records(frame: pd.DataFrame, name: str = "humaneval") -> pd.DataFr
     })
 
 
-def _generic(frame: pd.DataFrame, name: str, prompt_column: str, response_column: str, label_column: str) -> tuple[pd.DataFrame, str]:
+def require_fields(frame: pd.DataFrame, name: str, prompt_column: str, response_column: str) -> None:
+    """One line naming the missing prompt or response field, the fields there are, and the flag that picks another."""
     for column, flag in ((prompt_column, "--prompt-column"), (response_column, "--response-column")):
         if column not in frame.columns:
             listing = ", ".join(str(c) for c in frame.columns)
             raise DataError(f"'{name}' has no {flag.removeprefix('--').removesuffix('-column')} field '{column}' (fields: {listing}); pass {flag} NAME")
+
+
+def _generic(frame: pd.DataFrame, name: str, prompt_column: str, response_column: str, label_column: str) -> tuple[pd.DataFrame, str]:
+    require_fields(frame, name, prompt_column, response_column)
     response = frame[response_column].astype(str)
     has_tests = "tests" in frame.columns
     records = pd.DataFrame({

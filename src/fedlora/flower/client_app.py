@@ -36,7 +36,8 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from fedlora.app.experiment import Experiment, RunConfig, build
-from fedlora.app.private_state import STATE_BASE, STATE_CURRENT, STATE_KEYS, STATE_META, STATE_PRIVATE, STATE_RESULT, run_digest, settings_of
+from fedlora.app.private_state import STATE_BASE, STATE_CURRENT, STATE_KEYS, STATE_META, STATE_PRIVATE, STATE_RESULT, run_digest
+from fedlora.app.rundir import run_settings
 from fedlora.federation.simulator import client_turn, round_seed
 from fedlora.flower.config import from_flower
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, SNAPSHOT_BASE, SNAPSHOT_CURRENT, UPLOAD, Tensors, broadcast_key, from_record, to_record
@@ -174,7 +175,7 @@ def save_durable(context: Context, config: RunConfig, cid: int) -> None:
         if key in state.config_records:
             meta[key] = dict(state.config_records[key])
     meta["partition-id"] = cid
-    meta["config"] = settings_of(config)
+    meta["config"] = run_settings(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta)})
