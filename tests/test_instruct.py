@@ -194,3 +194,7 @@ def test_the_study_part_reports_every_method_against_the_base_model(tasks_jsonl,
         assert row in section, row
     assert "Δ heldout/exact" in section and "Instruction tuning moves held-out task scores above the base model's" in text
     assert "## 1." not in text  # only the part asked for
+    # the report of this part alone is headed by its own settings and seeds, not the preset's classification runs
+    head = text.partition("## 8.")[0]
+    assert "model `tiny:llama`" in head and "**2 seeds** (0, 1)" in head and "greedy answers" in head, head
+    assert "majority-class rate" not in head and "`tiny:bert` (parts 1–5)" not in head, head

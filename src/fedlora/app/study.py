@@ -26,7 +26,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedlora.app.config import RunConfig
@@ -695,8 +695,19 @@ def _overrides_note(overrides, ending: str, methods=None) -> str:
                    for m, o in overrides if methods is None or m in methods)
 
 
+# The parts that run the preset's base settings (MiniLM on BBC News in the default preset) and its seeds.
+BASE_PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "privacy")
+
+
+def _instruct_only(ctx: ReportContext) -> bool:
+    """A report of the instruction-tuning track alone: its settings and seeds head the report."""
+    return ctx.p.instruct is not None and not any(part in ctx.parts for part in (*BASE_PARTS, "synthetic"))
+
+
 def _preamble(ctx: ReportContext) -> str:
     p = ctx.p
+    if _instruct_only(ctx):
+        p = replace(p, base=p.instruct.base, seeds=p.instruct.seeds)
     seeds_text = ", ".join(map(str, p.seeds))
     return "\n".join([
         "# Results: the papers' analyses, over paired seeds",
@@ -706,7 +717,9 @@ def _preamble(ctx: ReportContext) -> str:
         "",
         f"    {ctx.command}",
         "",
-        f"Settings of every run unless a section says otherwise: {_settings_line(p.base)}.",
+        f"Settings of every run unless a section says otherwise: {_settings_line(p.base)}"
+        + (f"; a chat template, the loss on response tokens only, greedy answers of at most {p.base.max_new_tokens} "
+           "new tokens." if p.base.task == "instruct" else "."),
         "",
         f"**{len(p.seeds)} seeds** ({seeds_text}). Seed s gives every method the same partition, global test set, "
         "initial adapter, client sampling and batch order. Every number is the mean over the seeds, ± the half-width "
@@ -723,7 +736,7 @@ def _run_time(ctx: ReportContext) -> str:
     for r in ctx.runs:
         if r.name in ctx.histories:
             kind = ("synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
-                    else f"`{ctx.p.base.model}` (parts 1–5)")
+                    else "instruction tuning (part 8)" if r.label == "instruct" else f"`{ctx.p.base.model}` (parts 1–5)")
             kinds[kind] = kinds.get(kind, 0.0) + summary_row(ctx.histories[r.name])["wall_s"]
     total_wall = sum(kinds.values())
     by_kind = ", ".join(f"{k} {v / 60:.0f} min" for k, v in kinds.items()) if len(kinds) > 1 else ""
@@ -740,6 +753,8 @@ def _run_time(ctx: ReportContext) -> str:
 def _protocol(ctx: ReportContext) -> str:
     from fedlora.app.report import MAJORITY_MARGIN
 
+    if not any(part in ctx.parts for part in BASE_PARTS):
+        return ""  # the synthetic and instruction-tuning sections state their own protocol
     return "\n".join([
         "Protocol: global accuracy is the global model on a test set held out before partitioning (for `fedsa`: "
         "shared Â with the clients' mean B and heads); local accuracy is each client's own model right after "
@@ -1257,6 +1272,11 @@ def _instruct(ctx: ReportContext) -> str:
          f"{cfg.attribute}), {cfg.rounds} rounds × {cfg.local_steps} local steps, batch {cfg.batch_size}, lr {cfg.lr}; "
          f"benchmarks `{cfg.eval or 'none'}`. Scores after the last round; Δ is the paired per-seed change from the base "
          "model's score before any training (the reference row, the same for every method of a seed).", "",
+         f"`heldout/exact`: every held-out test example of every task (the global test set, {cfg.test_examples} examples) "
+         f"answered greedily in at most {cfg.max_new_tokens} new tokens and judged by its task's own answer rule (the Evals "
+         "registry's match, includes or fuzzy match); `local`: each client's own model on its own tasks' local test "
+         "examples. A benchmark's `acc` is lm-evaluation-harness's multiple-choice accuracy (the choice of highest "
+         "log-likelihood), 0-shot, on a seeded subset of the size given.", "",
          "| method | seeds | " + " | ".join(f"{k} | Δ {k}" for k in keys) + " | local |",
          "|---|---:|" + "---:|---:|" * len(keys) + "---:|"]
     base_row = ["base model", "—"]
