@@ -227,3 +227,24 @@ def test_a_flower_round_with_avgm_equals_the_simulator(small_csv, tmp_path):
     plain = build(tiny_config(small_csv, method="ffa", fraction=0.67)).simulator
     plain.run()  # round 1's momentum is g (x̄ itself); round 2's step is where the optimiser shows
     assert any(not torch.equal(t, plain.global_tensors[n]) for n, t in exp.simulator.global_tensors.items())
+
+
+def test_a_resumed_flower_run_continues_the_optimiser_state(small_csv, tmp_path):
+    """The Flower ServerApp's checkpoint carries the optimiser's state: 2 rounds, a new ServerApp resumed, 1 round,
+    ends with the uninterrupted 3-round run's numbers."""
+    pytest.importorskip("flwr")
+    from fedlora.flower import client_app
+    from fedlora.flower.inline import InlineGrid
+    from fedlora.flower.server_app import run_federation
+    from test_flower import assert_same_history
+
+    cfg = tiny_config(small_csv, method="fedit", rounds=3, server_opt="adam", server_lr=0.05)
+    full = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "full")))
+    out = tmp_path / "killed"
+    run_federation(InlineGrid(cfg, state_dir=tmp_path / "nodes"), cfg.replace(rounds=2, out=str(out)))
+    client_app._ProcessModel._loaded = None  # new processes
+    resumed = run_federation(InlineGrid(cfg, state_dir=tmp_path / "nodes", fresh=True), cfg.replace(out=str(out)), resume=True)
+    assert_same_history(resumed, full)
+    (a, _), (b, _) = load_checkpoint(tmp_path / "full"), load_checkpoint(out)
+    kept = [k for k in a if k.startswith(("global/", "serveropt/"))]
+    assert any(k.startswith("serveropt/v/") for k in kept) and all(torch.equal(a[k], b[k]) for k in kept)
