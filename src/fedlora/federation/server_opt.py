@@ -117,7 +117,8 @@ class ServerOptimizer:
         for name, t in update.broadcast.items():
             if name in h.trainable_set and name in current:
                 stepped[name] = broadcast[name] = self._tensor(h, name, current[name], t, trained)
-        for module in {key.rpartition(".")[0] for key in update.broadcast if key.rpartition(".")[2] in (FOLD, FOLD_L, FOLD_R)}:
+        folds = dict.fromkeys(key.rpartition(".")[0] for key in update.broadcast if key.rpartition(".")[2] in (FOLD, FOLD_L, FOLD_R))
+        for module in folds:  # in the broadcast's order (the same in every process)
             fold = update.broadcast.get(f"{module}.{FOLD}")
             F = fold if fold is not None else update.broadcast[f"{module}.{FOLD_L}"] @ update.broadcast[f"{module}.{FOLD_R}"]
             for key in (FOLD, FOLD_L, FOLD_R):
