@@ -22,10 +22,13 @@ from .metrics import divergence, eckart_young_bound
 from .model import ModelAggregate, aggregate_model
 from .registry import METHODS, RULES, Rule, aggregate, get_rule, method_options, mixed_rank_rules, register_rule
 from .result import Aggregate
+from .server_opt import SERVER_OPTIMIZERS, ServerOptRule
 
 __all__ = [
     "METHODS",
     "RULES",
+    "SERVER_OPTIMIZERS",
+    "ServerOptRule",
     "Aggregate",
     "CommBytes",
     "ModelAggregate",

@@ -23,10 +23,12 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
-from fedlora.federation import FederationConfig, PrivacyConfig, make_method, method_names, parse_method_options
+from fedlora.federation import FederationConfig, PrivacyConfig, make_method, method_class, method_names, parse_method_options
+from fedlora.federation.server_opt import ServerOptConfig, check_server_opt
 
 _FED = FederationConfig()  # the round loop's defaults are the run's: one place
 _DP = PrivacyConfig()
+_OPT = ServerOptConfig()
 
 
 def setting(default, help: str, *, flower=None):
@@ -63,13 +65,21 @@ class FederationSettings(Part):
     keep_head_local: bool | None = setting(None, "keep each client's classifier head private (default: the method's; fedsa keeps it)",
                                            flower="auto")
     similarity: bool = setting(_FED.similarity, "also record the clients' mean pairwise cosine similarity of A and B per module")
+    server_opt: str = setting(_OPT.name, "server optimiser on the method's result each round: avg (none), avgm (FedAvgM), adam, yogi or "
+                                         "adagrad (Reddi et al.'s Alg. 2: v0 = tau^2, no bias correction); see docs/usage.md")
+    server_lr: float | None = setting(_OPT.lr, "server learning rate eta (default: 1 for avgm, 1e-2 for adam, yogi, adagrad)", flower=0.0)
+    server_momentum: float = setting(_OPT.momentum, "avgm: the server momentum beta")
+    server_beta1: float = setting(_OPT.beta1, "adam, yogi, adagrad: beta1 of the first moment")
+    server_beta2: float = setting(_OPT.beta2, "adam, yogi: beta2 of the second moment")
+    server_tau: float = setting(_OPT.tau, "adam, yogi, adagrad: tau, the adaptivity (v starts at tau^2)")
 
     def check(self, run: RunConfig) -> None:
         if self.method not in method_names():
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if self.clients < 1:
             raise ValueError(f"clients={self.clients} is below 1; pass --clients 1 or more")
-        run.federation_config()  # the round loop's own checks (rounds, fraction, lr, optimizer, …)
+        fed = run.federation_config()  # the round loop's own checks (rounds, fraction, lr, optimizer, server optimiser, …)
+        check_server_opt(method_class(self.method), fed.server_opt)
 
 
 @dataclass
@@ -365,7 +375,13 @@ class RunConfig:
             seed=self.seed, weighting=self.weighting,
             device=self.resolved_device(),
             max_norm_ratio=self.max_norm_ratio, similarity=self.similarity, privacy=self.privacy_config(),
+            server_opt=self.server_opt_config(),
         )
+
+    def server_opt_config(self) -> ServerOptConfig:
+        return ServerOptConfig(name=self.server_opt, lr=None if self.server_lr is None else float(self.server_lr),
+                               momentum=float(self.server_momentum), beta1=float(self.server_beta1), beta2=float(self.server_beta2),
+                               tau=float(self.server_tau))
 
     def privacy_config(self) -> PrivacyConfig:
         return PrivacyConfig(mode=self.dp, clip=float(self.dp_clip), noise=float(self.dp_noise), delta=float(self.dp_delta),

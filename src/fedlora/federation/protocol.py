@@ -41,6 +41,8 @@ Tensors = dict[str, Tensor]
 # Wire keys of base-weight updates in a broadcast, per adapted module: a dense d×k update, or its factors L, R
 # (ΔW0 = s·L R at the model's scale s). Any method may send them; Method.fold applies them.
 FOLD, FOLD_L, FOLD_R = "fold", "fold_L", "fold_R"
+# Method.server_opt: where a server optimiser steps the method's result (see there).
+SERVER_OPT_FACTORS, SERVER_OPT_FOLD = "factors", "fold"
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,12 @@ class Method:
     pooled: ClassVar[bool] = False
     communicates: ClassVar[bool] = True
     in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
+    # Server optimisers (``--server-opt``; METHODS.md "Server optimisers"; :mod:`fedlora.federation.server_opt`):
+    # SERVER_OPT_FACTORS when the method's result lies in the coordinates of the round's start factors (each trained
+    # tensor of the broadcast is stepped), SERVER_OPT_FOLD when its result is a fold into the base (the fold is
+    # stepped, dense d×k), "" when refused, for the reason ``server_opt_refusal`` (one clause, shown after "because").
+    server_opt: ClassVar[str] = ""
+    server_opt_refusal: ClassVar[str] = "it declares no coordinates a server optimiser could step (Method.server_opt)"
 
     def __init__(self, *, keep_head_local: bool | None = None, **options):
         declared = {k: options.pop(k) for k in list(options) if k in self.options}

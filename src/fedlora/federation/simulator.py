@@ -30,6 +30,7 @@ from fedlora.aggregation import RULES, get_rule
 from fedlora.federation.privacy import PrivacyConfig, dp_sgd_steps, example_rate, sample_poisson, settle_privacy
 from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors, linear_methods
 from fedlora.federation.screening import Rejection
+from fedlora.federation.server_opt import ServerOptConfig, ServerOptimizer
 from fedlora.federation.server_round import (
     ClientResult,
     Measures,
@@ -101,6 +102,7 @@ class FederationConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # client-level DP (privacy.py)
     lr_schedule: str = "constant"  # constant, or cosine from lr to lr_min over the rounds (round_lr)
     lr_min: float = 0.0
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)  # the server optimiser on the method's result (server_opt.py)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -276,6 +278,7 @@ class Simulator:
         self.private: dict[int, Tensors] = {}
         self.history: list[dict] = []
         self.traffic = Traffic({p.cid: p.rank for p in self.peers})
+        self.server_opt = ServerOptimizer(self.config.server_opt, self.method)  # refuses a method that declares none
 
     @property
     def mixed(self) -> bool:
@@ -412,7 +415,9 @@ class Simulator:
     def _aggregate(self, step: RoundInputs, rnd: int) -> tuple[ServerUpdate, Measures]:
         cfg = self.config
         ctx = RoundContext(rnd, round_seed(cfg.seed, rnd), step.peers, mixed=self.mixed)
-        return aggregate_step(self.handle, self.method, step, self.global_tensors, ctx, bound=cfg.bound, similarity=cfg.similarity)
+        update, measures = aggregate_step(self.handle, self.method, step, self.global_tensors, ctx, bound=cfg.bound, similarity=cfg.similarity)
+        # The server optimiser post-processes the method's result (measured above as the method's own).
+        return self.server_opt.step(self.handle, update, self.global_tensors, ctx), measures
 
     def _broadcast(self, update: ServerUpdate, accepted: list[ClientResult], rnd: int) -> None:
         """Send the round's result to the accepted clients (the others get it when next sampled), apply it here and
@@ -496,7 +501,7 @@ class Simulator:
     def snapshot(self) -> tuple[Tensors, dict]:
         """(tensors, meta) after the last completed round: global and scored trainables, each client's view where
         it is not the global one (mixed ranks), each client's private state, and for methods that fold into the
-        base the current base weights of the adapted modules; the byte ledger and the DP accountants."""
+        base the current base weights of the adapted modules; the server optimiser's state; the byte ledger and the DP accountants."""
         h = self.handle
         tensors = {f"global/{n}": t for n, t in self.global_tensors.items()}
         # FedSA scores with tensors clients never start from; elsewhere eval and global are the same tensors.
@@ -508,12 +513,14 @@ class Simulator:
         for module, folded in h.folded.items():
             tensors[f"base/{module}"] = h.layers[module].get_base_layer().weight.detach()
             tensors[f"folded/{module}"] = folded
+        tensors |= self.server_opt.state()
         meta = {"round": len(self.history), "history": self.history} | self.traffic.state() | self.privacy.state()
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
     @torch.no_grad()
     def restore(self, tensors: Tensors, meta: dict) -> None:
         held = self._restore_tensors(tensors)
+        self.server_opt.load({k: t.to(self.config.device) for k, t in tensors.items() if k.startswith("serveropt/")})
         self.eval_tensors = dict(self.global_tensors) | self.eval_tensors
         self.held = {p.cid: self.global_tensors | held[p.cid] if p.cid in held else self.global_tensors for p in self.peers}
         self.handle.set(self.global_tensors)

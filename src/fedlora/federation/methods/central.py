@@ -16,6 +16,7 @@ class Central(Method):
     name = "central"
     title = "centralised training (reference point)"
     rule = "fedit"
+    server_opt_refusal = "it is a reference point that pools the clients' data, not a federation"
     summary = "reference: one model on the union of the clients' data, the federation's examples per round"
     up = "0"
     down = "0"

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from fedlora.adapters.structures import LOCAL, add_local_adapter, cosine_to, mean_pooled
-from fedlora.federation.protocol import Method, Option, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, Option, register
 
 REFERENCE_EXAMPLES = 64  # training examples whose representations a client compares each test input with
 
@@ -36,6 +36,7 @@ class FedDPA(Method):
     name = "feddpa"
     title = "FedDPA (Yang et al., NeurIPS 2024)"
     rule = "fedit"
+    server_opt = SERVER_OPT_FACTORS
     summary = "global adapter as FedIT + a private local adapter; outputs mixed per instance by similarity"
     exactness = "personalised"
     personalised = True

@@ -11,6 +11,7 @@ class FedEx(Method):
     name = "fedex"
     title = "FedEx-LoRA (Singhal et al., ACL 2025)"
     rule = "fedex"
+    server_opt_refusal = "its residual fold is tied to the exact product of this round's averaged factors; stepping the factors would break its exactness"
     summary = "FedIT's B̂, Â; fold ΔW* − B̂Â into W0"
     down = "r(d+k) + min(dk, (U+1)r(d+k))"
     exact = True

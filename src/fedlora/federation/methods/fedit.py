@@ -1,6 +1,6 @@
 """FedIT (Zhang et al., ICASSP 2024): average B and A separately. Math: :mod:`fedlora.aggregation.fedit`."""
 
-from fedlora.federation.protocol import Method, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, register
 
 
 @register
@@ -11,6 +11,7 @@ class FedIT(Method):
     name = "fedit"
     title = "FedIT (Zhang et al., ICASSP 2024)"
     rule = "fedit"
+    server_opt = SERVER_OPT_FACTORS
     summary = "B̂ = Σ w_u B_u, Â = Σ w_u A_u (mixed ranks: segment averaging)"
     linear = True
     mixed_ranks = True

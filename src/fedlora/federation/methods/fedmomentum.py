@@ -24,6 +24,7 @@ class FedMomentum(Method):
     name = "fedmomentum"
     title = "FedMomentum (Yan et al., 2026)"
     rule = "fedmomentum"
+    server_opt_refusal = "its fold is tied to the exact product and it keeps a momentum of its own"
     summary = "[ΔW*]_r as the new LoRA (factor-space SVD); fold the next components up to energy τ into W0"
     down = "r(d+k) + min(dk, f(d+k)), f ≤ min(Ur,d,k) − r the folded rank"
     exact = False

@@ -4,7 +4,7 @@ runs FedIT. Math: :mod:`fedlora.aggregation.fedrot`."""
 import math
 
 from fedlora.aggregation.fedrot import procrustes_rotation, rotate, rotation_side
-from fedlora.federation.protocol import Method, Option, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, Option, register
 
 
 @register
@@ -31,6 +31,7 @@ class FedRot(Method):
     name = "fedrot"
     title = "FedRot-LoRA (ICML 2026)"
     rule = "fedrot"
+    server_opt = SERVER_OPT_FACTORS
     summary = "clients upload (B_u R, Rᵀ A_u), R the soft Procrustes rotation of B (even rounds) or A (odd) toward the global factor; then FedIT"
     linear = True
     unsupported = {"vera": "FedRot-LoRA rotates the rank space, and VeRA's λ vectors (diagonal scalings of frozen shared "

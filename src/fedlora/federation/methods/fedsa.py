@@ -1,7 +1,7 @@
 """FedSA-LoRA (Guo et al., ICLR 2025): only A is shared; each client keeps its B (and head).
 Math: :mod:`fedlora.aggregation.fedsa`."""
 
-from fedlora.federation.protocol import Method, ServerUpdate, register, to_global
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, ServerUpdate, register, to_global
 
 
 @register
@@ -12,6 +12,7 @@ class FedSA(Method):
     name = "fedsa"
     title = "FedSA-LoRA (Guo et al., ICLR 2025)"
     rule = "fedsa"
+    server_opt = SERVER_OPT_FACTORS
     summary = "Â = Σ w_u A_u; each client keeps its B (and head)"
     up = "rk"
     down = "rk"

@@ -5,7 +5,7 @@ import torch
 
 from fedlora.adapters.structures import basis_gain, install_core
 from fedlora.aggregation import aggregate
-from fedlora.federation.protocol import Method, Option, ServerUpdate, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, Option, ServerUpdate, register
 
 SETUP_EXAMPLES = 64  # examples per client in the gradient estimate of round 0
 
@@ -38,6 +38,7 @@ class FedSB(Method):
     name = "fedsb"
     title = "Fed-SB (Singhal et al., 2025; LoRA-SB)"
     rule = "fedsb"
+    server_opt = SERVER_OPT_FACTORS
     summary = "B, A frozen shared bases; clients train R (r×r); R̄ = Σ w_u R_u (this round's only)"
     up = "r²"
     down = "r²"

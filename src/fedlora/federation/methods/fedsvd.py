@@ -16,6 +16,7 @@ class FedSVD(Method):
     name = "fedsvd"
     title = "FedSVD (Lee et al., NeurIPS 2025)"
     rule = "fedsvd"
+    server_opt_refusal = "it re-bases A every round (an SVD of the product), so per-factor optimiser state would have no fixed coordinates"
     summary = "A frozen; B̄ = Σ w_u B_u; B̄A = U S Vᵀ (QRs + r×r SVD, never d×k); send A = V_rᵀ, B = U_r S_r"
     up = "dr"
     down = "r(d+k)"

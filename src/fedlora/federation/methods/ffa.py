@@ -1,7 +1,7 @@
 """FFA-LoRA (Sun et al., ICLR 2024): A frozen at a shared seeded A0, only B trains and travels.
 Math: :mod:`fedlora.aggregation.ffa`."""
 
-from fedlora.federation.protocol import Method, broadcast_trained, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, broadcast_trained, register
 
 
 @register
@@ -11,6 +11,7 @@ class FFA(Method):
     name = "ffa"
     title = "FFA-LoRA (Sun et al., ICLR 2024)"
     rule = "ffa"
+    server_opt = SERVER_OPT_FACTORS
     summary = "A frozen at a shared seeded A0; B̂ = Σ w_u B_u"
     up = "dr"
     down = "dr"

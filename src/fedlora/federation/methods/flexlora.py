@@ -16,6 +16,7 @@ class FlexLoRA(Method):
     name = "flexlora"
     title = "FlexLoRA (Bai et al., NeurIPS 2024)"
     rule = "flexlora"
+    server_opt_refusal = "its result is a new rank-r basis every round (a truncated SVD), so per-factor optimiser state would have no fixed coordinates"
     summary = "client u receives [ΔW*]_{r_u} (truncated SVD at its own rank, factor space)"
     up = "r_u(d+k)"
     down = "r_u(d+k)"

@@ -1,7 +1,7 @@
 """FLoRA (Wang et al., NeurIPS 2024): stack every client's factors, fold the product into W0, re-initialise.
 Math: :mod:`fedlora.aggregation.flora`."""
 
-from fedlora.federation.protocol import FOLD_L, FOLD_R, Method, ServerUpdate, register, to_global
+from fedlora.federation.protocol import FOLD_L, FOLD_R, SERVER_OPT_FOLD, Method, ServerUpdate, register, to_global
 
 
 @register
@@ -15,6 +15,7 @@ class FLoRA(Method):
     name = "flora"
     title = "FLoRA (Wang et al., NeurIPS 2024)"
     rule = "flora"
+    server_opt = SERVER_OPT_FOLD
     summary = "stack B̂ = [B_1…B_U], Â = [w_1A_1;…;w_UA_U]; fold B̂Â into W0, re-init LoRA"
     down = "U·r(d+k)"
     exact = True

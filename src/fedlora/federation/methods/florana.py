@@ -1,6 +1,6 @@
 """FLoRA-NA (Nguyen et al., 2025): the best coefficient combination. Math: :mod:`fedlora.aggregation.florana`."""
 
-from fedlora.federation.protocol import Method, Option, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, Option, register
 
 
 @register
@@ -10,6 +10,7 @@ class FLoRANA(Method):
     name = "florana"
     title = "FLoRA-NA (Nguyen et al., 2025)"
     rule = "florana"
+    server_opt = SERVER_OPT_FACTORS
     summary = "B̂ = Σ p_u B_u, Â = Σ q_u A_u, (p, q) = argmin ‖ΔW* − B̂Â‖ (alternating solve: Gram space; above U·r = 256 CG without Grams)"
     exactness = "nearly"
     options = {"solver": Option("auto", "FLoRA-NA's solver: exact (Gram space, 8 random restarts), iterative (conjugate gradients without Grams, "

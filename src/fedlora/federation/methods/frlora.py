@@ -1,7 +1,7 @@
 """FRLoRA (Yan et al., ICLR 2025): fold FedIT's update into the base of the global model and every client, then
 re-initialise the LoRA. Math: :mod:`fedlora.aggregation.frlora`."""
 
-from fedlora.federation.protocol import Method, ServerUpdate, register, send_fold
+from fedlora.federation.protocol import SERVER_OPT_FOLD, Method, ServerUpdate, register, send_fold
 
 
 @register
@@ -30,6 +30,7 @@ class FRLoRA(Method):
     name = "frlora"
     title = "FRLoRA (Yan et al., ICLR 2025)"
     rule = "frlora"
+    server_opt = SERVER_OPT_FOLD
     summary = "fold FedIT's B̄Ā into W0 on every client, re-init LoRA (PEFT's seeded init)"
     down = "min(dk, r(d+k))"
     exact = False

@@ -3,7 +3,7 @@ Math: :mod:`fedlora.aggregation.hetlora`."""
 
 import math
 
-from fedlora.federation.protocol import Method, Option, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, Option, register
 
 
 @register
@@ -20,6 +20,7 @@ class HetLoRA(Method):
     name = "hetlora"
     title = "HetLoRA (Cho et al., EMNLP 2024)"
     rule = "hetlora"
+    server_opt = SERVER_OPT_FACTORS
     summary = "zero-pad to r_max, B_g = Σ ω_u B_u, A_g = Σ ω_u A_u with ω_u ∝ ‖s_u B_u A_u‖ (or data weights); client u gets its first r_u"
     up = "r_u(d+k)"
     down = "r_u(d+k)"

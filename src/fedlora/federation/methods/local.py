@@ -14,6 +14,7 @@ class Local(Method):
     name = "local"
     title = "local training only (reference point)"
     rule = "fedit"
+    server_opt_refusal = "its clients share nothing, so the server has no result to step"
     summary = "reference: no server; global accuracy = mean of the clients' own models on the global test set"
     up = "0"
     down = "0"

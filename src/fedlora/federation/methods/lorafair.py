@@ -4,7 +4,7 @@ from the corrected pair. Math: :mod:`fedlora.aggregation.lorafair`."""
 import math
 
 from fedlora.aggregation.lorafair import DEFAULT_LAM
-from fedlora.federation.protocol import Method, Option, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, Option, register
 
 
 @register
@@ -25,6 +25,7 @@ class LoRAFAIR(Method):
     name = "lorafair"
     title = "LoRA-FAIR (Bian et al., ICCV 2025)"
     rule = "lorafair"
+    server_opt = SERVER_OPT_FACTORS
     summary = "FedIT's Ā; B̄′ = B̄ + ΔB, ΔB = argmin ‖ΔW* − (B̄ + ΔB)Ā‖² + λ‖ΔB‖² (r×r ridge); clients restart from (B̄′, Ā)"
     unsupported = {"vera": "LoRA-FAIR's corrected B̄ + ΔB is not of VeRA's diag(λ_b)·B form over its frozen shared B; choose lora, rslora, dora or hira"}
     options = {"lam": Option(DEFAULT_LAM, "LoRA-FAIR ridge strength λ of the B correction, ≥ 0 (0: the exact projection onto Ā's row space)")}

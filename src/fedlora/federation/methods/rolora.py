@@ -1,7 +1,7 @@
 """RoLoRA (Chen et al., NeurIPS 2025): rounds alternate between training and sending only B and only A.
 Math: :mod:`fedlora.aggregation.rolora`."""
 
-from fedlora.federation.protocol import Method, broadcast_trained, register
+from fedlora.federation.protocol import SERVER_OPT_FACTORS, Method, broadcast_trained, register
 
 
 @register
@@ -15,6 +15,7 @@ class RoLoRA(Method):
     name = "rolora"
     title = "RoLoRA (Chen et al., NeurIPS 2025)"
     rule = "rolora"
+    server_opt = SERVER_OPT_FACTORS
     summary = "alternating: odd rounds train B (A frozen), B̂ = Σ w_u B_u; even rounds train A (B frozen), Â = Σ w_u A_u"
     up = "dr (B-rounds), rk (A-rounds)"
     down = "dr (B-rounds), rk (A-rounds)"

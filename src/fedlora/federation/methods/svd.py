@@ -14,6 +14,7 @@ class SVD(Method):
     name = "svd"
     title = "rank-r optimum (Eckart–Young)"
     rule = "svd"
+    server_opt_refusal = "its result is a new rank-r basis every round (a truncated SVD), so per-factor optimiser state would have no fixed coordinates"
     summary = "B̂Â = [ΔW*]_r in factor space (a (Ur)² Gram core; above U·r = 256 a randomized range finder, linear in U)"
     at_bound = True
     exactness = "at the Eckart–Young bound"
