@@ -201,9 +201,11 @@ class Method:
         """The rule options round ``rnd``'s bytes depend on (RoLoRA: the factor the round sends)."""
         return dict(self.rule_options)
 
-    def declared_elements(self, d: int, k: int, r: int, U: int, rnd: int) -> tuple[int, int]:
+    def declared_elements(self, d: int, k: int, r: int, U: int, rnd: int, *, module: str | None = None,
+                          peer: Peer | None = None) -> tuple[int, int]:
         """``(up, down)`` elements one client of rank r sends and receives per adapted d×k matrix in round ``rnd``
         with U clients: the rule's declaration (``register_rule(comm=…)``), the one statement of a method's bytes.
+        ``module`` and ``peer``, where given, name the matrix and the client (Fed-HeLLo: only allocated blocks go up).
         Non-factor trainables (the head, DoRA's magnitudes) and round 0 are counted from the tensors sent; a
         reference point that never communicates declares none."""
         if not self.communicates:
