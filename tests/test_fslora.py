@@ -123,7 +123,7 @@ def test_clients_train_their_sketch_at_scale_s_r_over_k(small_csv, adapter):
     history = sim.run()
     assert [(r, c) for r, c, _ in seen] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
     assert [x for _, _, x in seen] == pytest.approx([p.scale for p in sim.peers] * 2)
-    for rnd, m in enumerate(history, 1):
+    for m in history:
         per = sum(MODULES * k * (D + K) + HEAD for k in (1, 2, 4)) * F32
         assert (m["bytes_up"], m["bytes_down"]) == (per, per) and not m["rejected"]
         assert math.isfinite(m["divergence"])

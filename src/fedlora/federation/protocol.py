@@ -459,10 +459,17 @@ def option_flags() -> dict[str, tuple[str, str, Option]]:
 def parse_method_options(name: str, text: str) -> dict[str, object]:
     """Method ``name``'s validated options from ``"METHOD-OPTION=VALUE,…"`` (``--method-options``; Flower's
     ``method-options``). Options of other registered methods are skipped (``fedlora compare`` passes one string
-    to every method); an unknown option fails in one line."""
+    to every method); an unknown option fails in one line. A value may hold commas (``fedhello-layers=6,9,12``): a
+    piece without ``=`` after a pair continues its value."""
     flags = option_flags()
     out = {}
-    for item in (x.strip() for x in text.split(",") if x.strip()):
+    items: list[str] = []
+    for piece in (x.strip() for x in text.split(",") if x.strip()):
+        if "=" not in piece and items and "=" in items[-1]:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    for item in items:
         key, eq, value = item.partition("=")
         key = key.strip().replace("_", "-")
         if not eq or key not in flags:
