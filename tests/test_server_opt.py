@@ -179,6 +179,36 @@ def test_rolora_frozen_factor_is_neither_stepped_nor_its_state_touched(small_csv
         assert all(torch.equal(sim.server_opt.moments[n][k], t) for k, t in state.items()), n
 
 
+def test_fslora_steps_every_component_its_sketches_did_not_cover(small_csv):
+    """FSLoRA's zeros outside a client's sketch are its estimator: the optimiser steps all r components, not only the
+    first max k_u (the mixed-rank rule for the other methods)."""
+    sim = build(tiny_config(small_csv, method="fslora", rank=8, client_ranks="2,2,2", rounds=1, server_opt="avgm",
+                            server_lr=0.5, server_momentum=0.0)).simulator
+    seen, aggregate = [], sim.method.aggregate
+    sim.method.aggregate = lambda *a, **k: seen.append(aggregate(*a, **k)) or seen[-1]
+    before = dict(sim.global_tensors)
+    sim.round(1)
+    for k in sim.handle.keys.values():  # x ← x − η(x − x̄) on every component, beyond the sketch size 2 too
+        want = before[k.B] - 0.5 * (before[k.B] - seen[-1].broadcast[k.B])
+        assert torch.allclose(sim.global_tensors[k.B], want, atol=1e-6) and sim.server_opt.moments[k.B]["m"][:, 2:].abs().sum() > 0
+
+
+def test_fedhello_blocks_nobody_trained_are_not_stepped(small_csv):
+    """A block no client of the round was allocated keeps its factors under momentum, and its state stays empty."""
+    sim = build(tiny_config(small_csv, method="fedhello", method_options="fedhello-layers=1", clients=1, rounds=2,
+                            server_opt="avgm", server_lr=1.0, server_momentum=0.9)).simulator
+    h, method = sim.handle, sim.method
+    for rnd in (1, 2):
+        ctx = RoundContext(rnd, 0, [sim.peers[0]])
+        idle = method.untrained(h, ctx)
+        assert idle and len(idle) < 2 * len(h.keys)  # one block of the tiny model's two
+        before = {n: sim.global_tensors[n].clone() for n in idle}
+        moments = {n: {k: t.clone() for k, t in sim.server_opt.moments.get(n, {}).items()} for n in idle}
+        sim.round(rnd)
+        assert all(torch.equal(sim.global_tensors[n], before[n]) for n in idle), rnd
+        assert all({k: t for k, t in sim.server_opt.moments.get(n, {}).items()}.keys() == moments[n].keys() for n in idle)
+
+
 @pytest.mark.parametrize("kind", ["avgm", "adam"])
 def test_three_rounds_equal_two_rounds_resume_and_one(small_csv, tmp_path, kind):
     cfg = tiny_config(small_csv, method="fedit", rounds=3, server_opt=kind)

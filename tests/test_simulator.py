@@ -73,8 +73,9 @@ def declared_count(sim, clients: list[int], rnd: int) -> tuple[int, int]:
     size = next(iter(sim.global_tensors.values())).element_size()
     up = down = 0
     for cid in clients:
-        for layer in h.layers.values():
-            e_up, e_down = method.declared_elements(layer.out_features, layer.in_features, sim.peers[cid].rank, len(clients), rnd)
+        for module, layer in h.layers.items():
+            e_up, e_down = method.declared_elements(layer.out_features, layer.in_features, sim.peers[cid].rank, len(clients), rnd,
+                                                    module=module, peer=sim.peers[cid])
             up, down = up + e_up * size, down + e_down * size
         if method.communicates:
             others = nbytes({n: t for n, t in method.upload(h, sim.held[cid], rnd).items() if n in h.other_names})

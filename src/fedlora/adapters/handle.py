@@ -114,9 +114,10 @@ class AdapterHandle:
         return out if rank is None or rank == self.rank else self.truncate(out, rank)
 
     @torch.no_grad()
-    def set(self, tensors: dict[str, Tensor], *, rank: int | None = None) -> None:
+    def set(self, tensors: dict[str, Tensor], *, rank: int | None = None, scale: float | None = None) -> None:
         """Load trainables into the model. Factors of a lower rank fill the first components (the rest zero);
-        ``rank`` also sets every layer's scale to that rank's s(r) (the model's own at ``None``)."""
+        ``rank`` also sets every layer's scale to that rank's s(r) (the model's own at ``None``), or to ``scale``
+        where given (FSLoRA's sketch of rank k trains at s(r)·r/k)."""
         for n, t in tensors.items():
             p = self._params.get(n)
             if p is None:
@@ -127,7 +128,8 @@ class AdapterHandle:
                 p.narrow(dim, 0, t.shape[dim]).copy_(t)
             else:
                 p.copy_(t)
-        ratio = self.spec.scale_at(self.rank if rank is None else rank) / self.spec.scale_at(self.rank)
+        target = scale if scale is not None else self.spec.scale_at(self.rank if rank is None else rank)
+        ratio = target / self.spec.scale_at(self.rank)
         for module, s in self._scaling.items():
             self.layers[module].scaling["default"] = s * ratio
 

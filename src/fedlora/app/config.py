@@ -23,7 +23,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
-from fedlora.federation import FederationConfig, PrivacyConfig, make_method, method_class, method_names, parse_method_options
+from fedlora.federation import REGISTRY, FederationConfig, Method, PrivacyConfig, make_method, method_class, method_names, parse_method_options
 from fedlora.federation.server_opt import ServerOptConfig, check_server_opt
 
 _FED = FederationConfig()  # the round loop's defaults are the run's: one place
@@ -348,18 +348,22 @@ class RunConfig:
         """The field partitioned over instead of the label: ``--split-by``, or the task for instruct runs."""
         return self.split_by or self.task_kind().attribute
 
+    def _resolved_ranks(self) -> tuple[int, list[int] | None]:
+        """(the model's rank, each client's rank or None): the method's reading of ``--rank`` and ``--client-ranks``
+        (``Method.ranks``: by default the model holds the largest client rank; FSLoRA's are sketch sizes)."""
+        given = parse_ranks(self.client_ranks, self.clients)
+        return REGISTRY.get(self.method, Method).ranks(self.rank, None if given is None else list(given), self.clients)
+
     def ranks(self) -> list[int] | None:
         """Each client's rank under ``--client-ranks`` (in turn), or None for one rank for all."""
-        ranks = parse_ranks(self.client_ranks, self.clients)
-        return None if ranks is None else list(ranks)
+        return self._resolved_ranks()[1]
 
     def adapter_spec(self):
-        """The model's adapter: at the largest client rank under ``--client-ranks``."""
+        """The model's adapter: at the largest client rank under ``--client-ranks`` (the method says: ``Method.ranks``)."""
         from fedlora.adapters import AdapterSpec
 
         targets = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
-        ranks = self.ranks()
-        return AdapterSpec(kind=self.adapter, r=max(ranks) if ranks else self.rank, alpha=self.lora_alpha, target_modules=targets)
+        return AdapterSpec(kind=self.adapter, r=self._resolved_ranks()[0], alpha=self.lora_alpha, target_modules=targets)
 
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -273,7 +273,7 @@ def methods_table() -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for name, cls in REGISTRY.items():
         rows.append(f"| `{name}` | {cls.title} | {cls.summary} | {cls.up} | {cls.down} | {cls.exact_text()} | "
-                    f"{cls.linear_text()} | {'yes' if cls.mixed_ranks else 'no'} | {', '.join(cls.adapters())} |")
+                    f"{cls.linear_text()} | {cls.mixed_text()} | {', '.join(cls.adapters())} |")
     return "\n".join(rows) + "\n"
 
 

@@ -12,7 +12,8 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
 - once, when the model is built: :meth:`Method.prepare` (an adapter structure PEFT lacks: Fed-SB's core,
   FedDPA's second adapter); then, if :meth:`Method.needs_setup`, a round 0: :meth:`Method.setup_upload` on every
   client, :meth:`Method.setup_aggregate` on the server (Fed-SB's federated gradient init);
-- client: :meth:`Method.frozen` (per round), :meth:`Method.private`, :meth:`Method.loss_term`,
+- client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
+  client), :meth:`Method.private`, :meth:`Method.loss_term`,
   :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
   client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras`;
 - server: :meth:`Method.aggregate` → :class:`ServerUpdate`; :meth:`Method.deliver` (what client ``peer``
@@ -26,6 +27,7 @@ May import :mod:`fedlora.adapters` and :mod:`fedlora.aggregation`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -132,6 +134,9 @@ class Method:
     personalised: ClassVar[bool] = False  # clients keep private trainables and are scored on their own models
     linear: ClassVar[bool] = False  # the server needs only the weighted sum of the uploads (secure aggregation, DP)
     mixed_ranks: ClassVar[bool] = False  # clients may have different ranks
+    # What ``--client-ranks`` gives each client: its adapter rank (the model holds the largest), or the size of its
+    # sketch of the global rank-r adapter (``--rank``; FSLoRA): ``Method.ranks`` resolves them.
+    client_ranks_are: ClassVar[str] = "ranks"
     unsupported: ClassVar[dict[str, str]] = {}  # adapter -> why this method cannot use it
     options: ClassVar[dict[str, Option]] = {}  # method options (CLI flags --NAME-OPTION)
     keeps_head_local: ClassVar[bool] = False  # default of --keep-head-local
@@ -147,6 +152,16 @@ class Method:
     server_opt: ClassVar[str] = ""
     server_opt_refusal: ClassVar[str] = "it declares no coordinates a server optimiser could step (Method.server_opt)"
 
+    # Hooks that grew an argument (wave 3): an override written before it (a plug-in) is wrapped to drop it.
+    _grown: ClassVar[dict[str, str]] = {"frozen": "peer", "upload": "peer", "deliver": "seed"}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for hook, arg in Method._grown.items():
+            fn = cls.__dict__.get(hook)
+            if fn is not None and arg not in inspect.signature(fn).parameters:
+                setattr(cls, hook, _dropping(fn, arg))
+
     def __init__(self, *, keep_head_local: bool | None = None, **options):
         declared = {k: options.pop(k) for k in list(options) if k in self.options}
         self.settings = {k: o.default for k, o in self.options.items()} | {
@@ -156,6 +171,7 @@ class Method:
         self.rule_options = {k: v for k, v in self.settings.items() if self.options[k].to_rule} | options
         self.keep_head_local = self.keeps_head_local if keep_head_local is None else keep_head_local
         self._delivered: tuple[Tensors | None, dict[int, Tensors]] = (None, {})  # deliver's views of the last broadcast
+        self._started: tuple[Tensors | None, dict[int, Tensors]] = (None, {})  # start's views of the initial state
 
     @classmethod
     def adapters(cls) -> tuple[str, ...]:
@@ -169,18 +185,45 @@ class Method:
     def linear_text(cls) -> str:
         return "yes" if cls.linear else "no"
 
+    @classmethod
+    def mixed_text(cls) -> str:
+        return ("yes" if cls.client_ranks_are == "ranks" else cls.client_ranks_are) if cls.mixed_ranks else "no"
+
+    def stepped_rank(self, h: AdapterHandle, ctx: RoundContext) -> int:
+        """The rank components of the global factors the round's clients trained, which a server optimiser steps: the
+        largest rank among them (the components beyond it keep the method's result and their state)."""
+        return max((p.rank for p in ctx.peers), default=h.rank)
+
+    def untrained(self, h: AdapterHandle, ctx: RoundContext) -> set[str]:
+        """Trainables of the round's broadcast nobody trained in round ``ctx.number``: a server optimiser leaves them,
+        and their state, alone (stepping them with g = 0 would let momentum move them)."""
+        return set()
+
     def is_linear(self) -> bool:
         """Whether this instance (with its options) needs only the weighted sum of the uploads."""
         return self.linear
+
+    # ---- ranks ------------------------------------------------------------------------------------------------
+    @classmethod
+    def ranks(cls, rank: int, given: list[int] | None, clients: int) -> tuple[int, list[int] | None]:
+        """``(model rank, each client's rank or None for the model's)`` from ``--rank`` and the ``--client-ranks``
+        cycle ``given``: by default the model holds the largest client rank."""
+        return (max(given) if given else rank), given
+
+    def peer_scale(self, spec: AdapterSpec, rank: int) -> float:
+        """The scale s_u a client of rank ``rank`` trains at (``Peer.scale``): its own s(r_u) by default."""
+        return spec.scale_at(rank)
 
     # ---- bytes: declared once, by the rule --------------------------------------------------------------------
     def comm_options(self, rnd: int) -> dict[str, object]:
         """The rule options round ``rnd``'s bytes depend on (RoLoRA: the factor the round sends)."""
         return dict(self.rule_options)
 
-    def declared_elements(self, d: int, k: int, r: int, U: int, rnd: int) -> tuple[int, int]:
+    def declared_elements(self, d: int, k: int, r: int, U: int, rnd: int, *, module: str | None = None,
+                          peer: Peer | None = None) -> tuple[int, int]:
         """``(up, down)`` elements one client of rank r sends and receives per adapted d×k matrix in round ``rnd``
         with U clients: the rule's declaration (``register_rule(comm=…)``), the one statement of a method's bytes.
+        ``module`` and ``peer``, where given, name the matrix and the client (Fed-HeLLo: only allocated blocks go up).
         Non-factor trainables (the head, DoRA's magnitudes) and round 0 are counted from the tensors sent; a
         reference point that never communicates declares none."""
         if not self.communicates:
@@ -208,8 +251,20 @@ class Method:
         raise NotImplementedError(f"{self.name} runs no round 0")
 
     # ---- client side -----------------------------------------------------------------------------------------
-    def frozen(self, h: AdapterHandle, rnd: int) -> list[str]:
-        """Trainables clients must not change in round ``rnd`` (FFA: the shared A0)."""
+    def start(self, h: AdapterHandle, initial: Tensors, peer: Peer, seed: int) -> Tensors:
+        """What client ``peer`` starts round 1 from, given the initial trainables (rank r_max) and round 1's seed
+        (``RoundContext.seed``): its first r_u components, as PEFT would initialise it at r_u (FSLoRA: its sketch).
+        Clients of one rank get the same tensors (computed once per initial state and rank)."""
+        if self._started[0] is not initial:
+            self._started = (initial, {})
+        views = self._started[1]
+        if peer.rank not in views:
+            views[peer.rank] = h.truncate(initial, peer.rank)
+        return views[peer.rank]
+
+    def frozen(self, h: AdapterHandle, rnd: int, peer: Peer | None = None) -> list[str]:
+        """Trainables client ``peer`` must not change in round ``rnd`` (FFA: the shared A0; Fed-HeLLo: the blocks not
+        allocated to it). ``peer`` is None where no client is meant (the server's own model): what all clients freeze."""
         return []
 
     def private(self, h: AdapterHandle) -> list[str]:
@@ -229,11 +284,12 @@ class Method:
         two adapters, against its training examples ``train``). The global model is always scored as it stands."""
         return nullcontext()
 
-    def upload(self, h: AdapterHandle, tensors: Tensors, rnd: int, start: Tensors | None = None) -> Tensors:
-        """What a client sends after local training in round ``rnd``; ``start`` is what it started the round from
-        (the global state it received, at its rank: FedRot-LoRA aligns to it). Must keep the keys and shapes when
+    def upload(self, h: AdapterHandle, tensors: Tensors, rnd: int, start: Tensors | None = None,
+               peer: Peer | None = None) -> Tensors:
+        """What client ``peer`` sends after local training in round ``rnd``; ``start`` is what it started the round
+        from (the global state it received, at its rank: FedRot-LoRA aligns to it). Must keep the keys and shapes when
         ``start`` is None (the server derives the expected upload layout that way)."""
-        private = set(self.private(h)) | set(self.frozen(h, rnd))
+        private = set(self.private(h)) | set(self.frozen(h, rnd, peer=peer))
         return {n: t for n, t in tensors.items() if n not in private}
 
     def scored_states(self, held: dict[int, Tensors], private: dict[int, Tensors]) -> list[Tensors] | None:
@@ -253,10 +309,11 @@ class Method:
         h.write_factors(to_global(h, agg.layers, ctx), uploads, new)
         return ServerUpdate(broadcast=new, layers=agg.layers, scales=ctx.scales)
 
-    def deliver(self, h: AdapterHandle, broadcast: Tensors, peer: Peer) -> Tensors:
+    def deliver(self, h: AdapterHandle, broadcast: Tensors, peer: Peer, seed: int | None = None) -> Tensors:
         """What client ``peer`` receives of a broadcast: under mixed ranks its own truncation of the global factors
         at its scale (the rank-r_u factors of METHODS.md); base-weight updates are the same for every client.
-        Clients of one rank get the same tensors (computed once per broadcast and rank)."""
+        Clients of one rank get the same tensors (computed once per broadcast and rank). ``seed``: the
+        ``RoundContext.seed`` of the round the client trains with it (FSLoRA draws its sketch from it)."""
         if peer.rank == h.rank:
             return broadcast
         if self._delivered[0] is not broadcast:
@@ -312,6 +369,17 @@ class Method:
         """``fold`` then ``take``: what a client does with what it received."""
         self.fold(h, delivered)
         return self.take(h, delivered, current, peer, seed)
+
+
+def _dropping(fn: Callable, arg: str) -> Callable:
+    """``fn`` (a hook override without keyword ``arg``) called without it."""
+
+    def hook(self, *args, **kwargs):
+        kwargs.pop(arg, None)
+        return fn(self, *args, **kwargs)
+
+    hook.__wrapped__ = fn
+    return hook
 
 
 def to_global(h: AdapterHandle, layers: dict[str, Aggregate], ctx: RoundContext) -> dict[str, Aggregate]:
@@ -409,10 +477,17 @@ def option_flags() -> dict[str, tuple[str, str, Option]]:
 def parse_method_options(name: str, text: str) -> dict[str, object]:
     """Method ``name``'s validated options from ``"METHOD-OPTION=VALUE,…"`` (``--method-options``; Flower's
     ``method-options``). Options of other registered methods are skipped (``fedlora compare`` passes one string
-    to every method); an unknown option fails in one line."""
+    to every method); an unknown option fails in one line. A value may hold commas (``fedhello-layers=6,9,12``): a
+    piece without ``=`` after a pair continues its value."""
     flags = option_flags()
     out = {}
-    for item in (x.strip() for x in text.split(",") if x.strip()):
+    items: list[str] = []
+    for piece in (x.strip() for x in text.split(",") if x.strip()):
+        if "=" not in piece and items and "=" in items[-1]:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    for item in items:
         key, eq, value = item.partition("=")
         key = key.strip().replace("_", "-")
         if not eq or key not in flags:

@@ -15,8 +15,10 @@ Choices where METHODS.md leaves them open (our choice):
   rank and scale) and ``x̄`` the broadcast the method computed from it.
 - ``SERVER_OPT_FACTORS``: every trainable tensor in the broadcast is stepped. A tensor the broadcast does not carry
   (a factor frozen this round: FFA's A0, RoLoRA's other factor, Fed-SB's bases, a private one) is not stepped and
-  its state is untouched. Under mixed ranks the rank components beyond the largest rank of the round's clients
-  were trained by nobody: they take the method's result as it is and their state is untouched.
+  its state is untouched; so is one the method names as trained by nobody this round (``Method.untrained``:
+  Fed-HeLLo's blocks no client was allocated). Under mixed ranks the rank components beyond the largest rank of the
+  round's clients were trained by nobody: they take the method's result as it is and their state is untouched
+  (``Method.stepped_rank``; FSLoRA steps every component: the zeros outside a sketch are part of its estimator).
 - ``SERVER_OPT_FOLD`` (FLoRA, FRLoRA): the base's pseudo-gradient is ``g = −F`` with F the round's fold as sent
   (d×k, ``fold`` or ``fold_L @ fold_R``; the base moves by ``s·F`` on LoRA, ``W0 ⊙ F`` on HiRA), the state is a
   dense d×k per matrix and the stepped fold goes down dense: the LoRA saving of bytes down is gone (a one-line
@@ -102,7 +104,7 @@ class ServerOptimizer:
 
     def __init__(self, cfg: ServerOptConfig, method: Method):
         check_server_opt(method, cfg)
-        self.cfg, self.rule = cfg, cfg.rule()
+        self.cfg, self.rule, self.method = cfg, cfg.rule(), method
         self.moments: dict[str, dict[str, Tensor]] = {}
         if cfg.active and method.server_opt == SERVER_OPT_FOLD:
             log.warning("--server-opt %s on %s: its state is a dense d×k matrix per adapted layer and each round's step goes down "
@@ -112,10 +114,10 @@ class ServerOptimizer:
         """The round's update with its trained tensors and folds stepped (``current``: the round's start ``x_t``)."""
         if not self.cfg.active:
             return update
-        trained = max((p.rank for p in ctx.peers), default=h.rank)
+        trained, untrained = self.method.stepped_rank(h, ctx), self.method.untrained(h, ctx)
         broadcast, stepped = dict(update.broadcast), {}
         for name, t in update.broadcast.items():
-            if name in h.trainable_set and name in current:
+            if name in h.trainable_set and name in current and name not in untrained:
                 stepped[name] = broadcast[name] = self._tensor(h, name, current[name], t, trained)
         folds = dict.fromkeys(key.rpartition(".")[0] for key in update.broadcast if key.rpartition(".")[2] in (FOLD, FOLD_L, FOLD_R))
         for module in folds:  # in the broadcast's order (the same in every process)

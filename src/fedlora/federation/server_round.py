@@ -127,13 +127,15 @@ def local_scores(accepted: list[ClientResult]) -> dict[str, float]:
 
 
 def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: Callable[[int], Tensors], max_norm_ratio: float,
-           rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
+           rnd: int, peer: Callable[[int], Peer] | None = None) -> tuple[list[ClientResult], list[Rejection]]:
     """Split the round's results into accepted and rejected (structure, dtype, NaN/Inf, norm outliers). Each client
-    is checked against what it started from (``held(cid)``: its own rank under mixed ranks)."""
+    is checked against what it started from (``held(cid)``: its own rank under mixed ranks) and the layout its
+    upload has (``peer(cid)``: Fed-HeLLo's clients upload their own blocks)."""
     accepted, rejected, norms = [], [], []
     for r in results:
         start = held(r.cid)
-        reason = (check_structure(r.cid, r.upload, schema(method.upload(h, start, rnd)), "upload")
+        layout = method.upload(h, start, rnd, peer=None if peer is None else peer(r.cid))
+        reason = (check_structure(r.cid, r.upload, schema(layout), "upload")
                   or check_structure(r.cid, r.extras, schema(method.eval_extras(h, start)), "evaluation tensors"))
         if reason:
             rejected.append(Rejection(r.cid, reason))

@@ -184,18 +184,18 @@ def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationCo
     return sum(losses) / len(losses)
 
 
-def peer_of(h: AdapterHandle, client: SimClient) -> Peer:
+def peer_of(h: AdapterHandle, client: SimClient, method: Method | None = None) -> Peer:
     rank = h.rank if client.rank is None else client.rank
-    return Peer(client.cid, rank, h.spec.scale_at(rank))
+    return Peer(client.cid, rank, h.spec.scale_at(rank) if method is None else method.peer_scale(h.spec, rank))
 
 
 def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start: Tensors, cfg: FederationConfig, rnd: int) -> ClientResult:
     """Load the client's start state at its rank, train the round's trainables, score it on its own test shard,
     and split what it holds into upload, eval extras and private state."""
-    peer = peer_of(h, client)
-    h.set(start, rank=peer.rank)
+    peer = peer_of(h, client, method)
+    h.set(start, rank=peer.rank, scale=peer.scale)
     h.set_trainable(h.trainable_names, True)
-    h.set_trainable(method.frozen(h, rnd), False)  # per round: RoLoRA alternates, FFA always freezes A
+    h.set_trainable(method.frozen(h, rnd, peer=peer), False)  # per round (RoLoRA alternates) and client (Fed-HeLLo)
     seed = round_seed(cfg.seed, rnd, client.cid)
     if cfg.lr_schedule != "constant":
         cfg = dataclasses.replace(cfg, lr=round_lr(cfg, rnd), lr_schedule="constant")
@@ -205,7 +205,7 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
         acc = task.evaluate(h.model, client.test, cfg.device)
     trained = h.get(rank=peer.rank)
     return ClientResult(
-        cid=client.cid, upload=method.upload(h, trained, rnd, start), extras=method.eval_extras(h, trained),
+        cid=client.cid, upload=method.upload(h, trained, rnd, start, peer=peer), extras=method.eval_extras(h, trained),
         private={n: trained[n] for n in method.private(h)}, n_train=len(client.train), n_test=len(client.test),
         local_accuracy=acc, train_loss=loss,
     )
@@ -262,7 +262,7 @@ class Simulator:
             raise ValueError("no clients to federate; pass --clients 1 or more")
         h = self.handle
         self.model.to(self.config.device)
-        self.peers: list[Peer] = [peer_of(h, c) for c in self.clients]
+        self.peers: list[Peer] = [peer_of(h, c, self.method) for c in self.clients]
         for p in self.peers:
             if not 1 <= p.rank <= h.rank:
                 raise ValueError(f"client {p.cid} has rank {p.rank} but the model's adapter has rank {h.rank}; build it at the largest client rank")
@@ -272,9 +272,9 @@ class Simulator:
         self.global_tensors: Tensors = h.get()
         self.eval_tensors: Tensors = self.global_tensors
         # Round 1 starts every client from the seeded init at its rank (its first r_u components, as PEFT would
-        # initialise it at r_u); clients of one rank share one view.
-        views = {r: self.global_tensors if r == h.rank else h.truncate(self.global_tensors, r) for r in {p.rank for p in self.peers}}
-        self.held: dict[int, Tensors] = {p.cid: views[p.rank] for p in self.peers}
+        # initialise it at r_u; the method's ``start``); clients of one rank share one view.
+        first = round_seed(self.config.seed, 1)
+        self.held: dict[int, Tensors] = {p.cid: self.method.start(h, self.global_tensors, p, first) for p in self.peers}
         self.private: dict[int, Tensors] = {}
         self.history: list[dict] = []
         self.traffic = Traffic({p.cid: p.rank for p in self.peers})
@@ -297,7 +297,8 @@ class Simulator:
         h, method, cfg = self.handle, self.method, self.config
         results = []
         for client in self.clients:
-            h.set(self.held[client.cid], rank=self.peers[client.cid].rank)
+            peer = self.peers[client.cid]
+            h.set(self.held[client.cid], rank=peer.rank, scale=peer.scale)
             try:
                 results.append((client.cid, method.setup_upload(h, self.task, client.train, cfg), len(client.train)))
             except Exception as exc:  # as in a round: a failing client is left out, the run goes on
@@ -312,8 +313,9 @@ class Simulator:
         results = self._usable_setup(results)
         weights = client_weights([n for _, _, n in results], self.config.weighting)
         broadcast = method.setup_aggregate(h, [u for _, u, _ in results], weights, self.global_tensors)
-        self.traffic.record_setup([u for _, u, _ in results], [method.deliver(h, broadcast, p) for p in self.peers])
-        self._apply(ServerUpdate(broadcast=broadcast), round_seed(self.config.seed, 0))
+        first = round_seed(self.config.seed, 1)
+        self.traffic.record_setup([u for _, u, _ in results], [method.deliver(h, broadcast, p, seed=first) for p in self.peers])
+        self._apply(ServerUpdate(broadcast=broadcast), round_seed(self.config.seed, 0), first)
         h.set(self.global_tensors)
         return broadcast
 
@@ -384,7 +386,8 @@ class Simulator:
         if secure is not None:
             accepted, rejected = list(results), list(failed)
         else:
-            accepted, screened = screen(self.handle, self.method, results, self.held.__getitem__, self.config.max_norm_ratio, rnd)
+            accepted, screened = screen(self.handle, self.method, results, self.held.__getitem__, self.config.max_norm_ratio, rnd,
+                                        self.peers.__getitem__)
             rejected = list(failed) + screened
         for rej in rejected:
             log.warning("round %d: rejected %s", rnd, rej.reason)
@@ -425,9 +428,10 @@ class Simulator:
         at_rank = {}
         for peer in self.peers:  # the broadcast's size for each client rank (catch-up later costs the same)
             at_rank.setdefault(peer.rank, peer)
-        delivered = {rank: self.method.deliver(self.handle, update.broadcast, p) for rank, p in at_rank.items()}
+        after = round_seed(self.config.seed, rnd + 1)  # the round the clients train with it
+        delivered = {rank: self.method.deliver(self.handle, update.broadcast, p, seed=after) for rank, p in at_rank.items()}
         self.traffic.record_broadcast(rnd, delivered, [r.cid for r in accepted])
-        self._apply(update, round_seed(self.config.seed, rnd))
+        self._apply(update, round_seed(self.config.seed, rnd), after)
         for r in accepted:
             if r.private:
                 self.private[r.cid] = r.private
@@ -470,10 +474,10 @@ class Simulator:
         h.set(self.global_tensors)
         return accuracy, extra
 
-    def _apply(self, update: ServerUpdate, seed: int) -> None:
+    def _apply(self, update: ServerUpdate, seed: int, after: int) -> None:
         """Fold once into the shared base (it serves every client), then move the server's model and every client's
         view (sampled or not: Flower clients catch up on the broadcasts they missed) to the round's state. Clients
-        holding the same view at the same rank keep sharing one."""
+        holding the same view at the same rank keep sharing one. ``seed``: this round's; ``after``: the next one's."""
         h, method = self.handle, self.method
         method.fold(h, update.broadcast)
         old = self.global_tensors
@@ -486,7 +490,7 @@ class Simulator:
         moved = {key(old, update.broadcast, h.rank): self.global_tensors}
         views = dict(self.held)  # every old view stays alive (and its id unique) until all are moved
         for p in self.peers:
-            delivered = method.deliver(h, update.broadcast, p)
+            delivered = method.deliver(h, update.broadcast, p, seed=after)
             k = key(views[p.cid], delivered, p.rank)
             if k not in moved:
                 moved[k] = method.take(h, delivered, views[p.cid], p, seed)

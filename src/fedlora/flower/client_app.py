@@ -95,9 +95,12 @@ def train(msg: Message, context: Context) -> Message:
     stored_base = from_record(state.array_records[STATE_BASE], device) if STATE_BASE in state.array_records else {}
     proc.reset(stored_base)
     peer = sim.peers[cid]
-    current = from_record(state.array_records[STATE_CURRENT], device) if STATE_CURRENT in state.array_records else h.truncate(proc.initial, peer.rank)
+    if STATE_CURRENT in state.array_records:
+        current = from_record(state.array_records[STATE_CURRENT], device)
+    else:  # round 1's start from the initial state (the method's, at this client's rank)
+        current = method.start(h, proc.initial, peer, round_seed(config.seed, 1))
     if rnd == 0:  # the method's initialisation round (Fed-SB's gradient estimate): from the initial state, no state kept
-        h.set(current, rank=peer.rank)
+        h.set(current, rank=peer.rank, scale=peer.scale)
         upload = method.setup_upload(h, sim.task, sim.clients[cid].train, sim.config)
         metrics = MetricRecord({"partition-id": cid, "n-train": len(sim.clients[cid].train), "n-test": 0,
                                 "local-accuracy": float("nan"), "train-loss": float("nan")})

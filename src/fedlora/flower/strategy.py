@@ -25,7 +25,7 @@ from flwr.supercore import log
 
 from fedlora.app.experiment import Experiment
 from fedlora.federation.screening import Rejection
-from fedlora.federation.simulator import ClientResult, sample_round
+from fedlora.federation.simulator import ClientResult, round_seed, sample_round
 from fedlora.flower.client_app import STATE_LOST, STATE_NONE
 from fedlora.flower.records import (
     CONFIG,
@@ -236,7 +236,8 @@ class FedLoRAStrategy:
             order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]}
             content = RecordDict({CONFIG: ConfigRecord(order)})
             for r in rounds:
-                content[broadcast_key(r)] = to_record(method.deliver(h, self.pending[r], self.sim.peers[cid]))
+                delivered = method.deliver(h, self.pending[r], self.sim.peers[cid], seed=round_seed(cfg.seed, r + 1))
+                content[broadcast_key(r)] = to_record(delivered)
             messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
         self._sent = list(zip(messages, self.sampled, strict=True))
         return messages

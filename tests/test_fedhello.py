@@ -1,0 +1,188 @@
+"""Fed-HeLLo (METHODS.md, wave 3): each client trains the LoRA of the blocks allocated to it this round; each block
+is averaged over the clients that trained it; blocks are read from module names exactly (never by substring)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedlora.adapters.handle import ModuleKeys
+from fedlora.aggregation import aggregate
+from fedlora.aggregation.fedhello import BOTTLENECK, allocate, block_of, layer_probabilities
+from fedlora.app.experiment import build, load_checkpoint, run_experiment, save_checkpoint
+from fedlora.federation import Peer, make_method
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+D = K = 32
+R = 4
+HEAD = 3 * 32 + 3
+F32 = 4
+KEYS = ("clients", "divergence", "bytes_up", "bytes_down", "global_accuracy", "local_accuracy", "train_loss")
+
+
+def test_blocks_are_parsed_exactly_from_module_names():
+    assert block_of("bert.encoder.layer.1.attention.self.query") == 1
+    assert block_of("bert.encoder.layer.10.attention.self.query") == 10
+    assert block_of("transformer.h.11.attn.c_attn") == 11
+    assert block_of("model.layers.5.self_attn.q_proj") == 5
+    assert block_of("classifier.dense") is None
+
+
+def test_freezing_block_1_does_not_freeze_blocks_10_and_11():
+    """The official code's trap: ``str(nd) in n`` freezes 10 and 11 with 1."""
+    method = make_method("fedhello")
+    modules = [f"bert.encoder.layer.{b}.attention.self.{m}" for b in range(12) for m in ("query", "value")]
+    method.blocks = {m: block_of(m) for m in modules}
+    h = SimpleNamespace(keys={m: ModuleKeys(B=f"{m}.B", A=f"{m}.A") for m in modules})
+    method.allocated = lambda rnd, cid: {10, 11}  # client trains blocks 10 and 11 only
+    frozen = set(method.frozen(h, 1, peer=Peer(0, R, 1.0)))
+    for m in modules:
+        assert (f"{m}.B" in frozen) == (block_of(m) not in (10, 11)), m
+    method.allocated = lambda rnd, cid: {1}  # block 1 trains; 10 and 11 (names containing "1") stay frozen
+    frozen = set(method.frozen(h, 1, peer=Peer(0, R, 1.0)))
+    for m in modules:
+        assert (f"{m}.A" in frozen) == (block_of(m) != 1), m
+    assert method.frozen(h, 1) == []  # no client: nothing frozen (the server's model)
+
+
+def test_layer_probabilities_follow_the_patterns():
+    torch.testing.assert_close(layer_probabilities(12, "bottleneck"), torch.tensor(BOTTLENECK, dtype=F64) / 27)
+    torch.testing.assert_close(layer_probabilities(6, "bottleneck"), torch.tensor([3, 3, 2, 1, 3, 3], dtype=F64) / 15)  # nearest index
+    torch.testing.assert_close(layer_probabilities(4, "uniform"), torch.full((4,), 0.25, dtype=F64))
+    torch.testing.assert_close(layer_probabilities(4, "triangle"), torch.tensor([1, 2, 3, 4], dtype=F64) / 10)
+    torch.testing.assert_close(layer_probabilities(4, "inverted"), torch.tensor([4, 3, 2, 1], dtype=F64) / 10)
+    with pytest.raises(ValueError, match="unknown Fed-HeLLo pattern 'fim'"):
+        layer_probabilities(4, "fim")
+
+
+def test_allocation_is_seeded_distinct_and_drawn_with_the_probabilities():
+    blocks = list(range(6))
+    p = layer_probabilities(6, "triangle")
+    got = allocate(blocks, 3, p, 7, 2, 1)
+    assert got == sorted(set(got)) and len(got) == 3 and got == allocate(blocks, 3, p, 7, 2, 1)
+    assert allocate(blocks, 9, p, 7, 2, 1) == blocks
+    counts = torch.zeros(6, dtype=F64)
+    n = 3000
+    for rnd in range(n):
+        counts[allocate(blocks, 1, p, 0, rnd, 0)[0]] += 1
+    assert torch.allclose(counts / n, p, atol=0.03)
+    assert len({tuple(allocate(blocks, 2, p, 0, 1, c)) for c in range(10)}) > 1  # per client
+
+
+def test_the_rule_averages_over_the_trainers_only():
+    g = torch.Generator().manual_seed(0)
+    Bs = [torch.randn(8, 3, generator=g, dtype=F64) for _ in range(3)]
+    As = [torch.randn(3, 5, generator=g, dtype=F64) for _ in range(3)]
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
+    one = aggregate("fedhello", Bs, As, w, trained=[False, True, False])
+    torch.testing.assert_close(one.B, Bs[1])  # one trainer: its factors
+    torch.testing.assert_close(one.A, As[1])
+    two = aggregate("fedhello", Bs, As, w, trained=[True, False, True])
+    torch.testing.assert_close(two.B, (0.5 * Bs[0] + 0.2 * Bs[2]) / 0.7)  # renormalised over the trainers
+    fedit = aggregate("fedit", Bs, As, w)
+    torch.testing.assert_close(aggregate("fedhello", Bs, As, w).B, fedit.B)
+    with pytest.raises(ValueError, match="no client with weight trained this block"):
+        aggregate("fedhello", Bs, As, w, trained=[False] * 3)
+
+
+def spy_on(sim):
+    seen = []
+    inner = sim.method.aggregate
+
+    def spy(h, uploads, weights, current, ctx):
+        update = inner(h, uploads, weights, current, ctx)
+        seen.append((ctx, uploads, weights, current, update))
+        return update
+
+    sim.method.aggregate = spy
+    return seen
+
+
+def test_a_run_trains_sends_and_averages_only_the_allocated_blocks(small_csv):
+    sim = build(tiny_config(small_csv, method="fedhello", method_options="fedhello-layers=1")).simulator
+    h, method = sim.handle, sim.method
+    assert sorted(set(method.blocks.values())) == [0, 1]
+    seen = spy_on(sim)
+    history = sim.run()
+    for (ctx, uploads, weights, current, update), m in zip(seen, history):
+        up = down = 0
+        for peer, upload in zip(ctx.peers, uploads):
+            blocks = method.allocated(ctx.number, peer.cid)
+            assert len(blocks) == 1
+            for module, k in h.keys.items():
+                trained = block_of(module) in blocks
+                assert (k.B in upload, k.A in upload) == (trained, trained)
+                if trained:
+                    up += R * (D + K)
+                down += R * (D + K)
+            up, down = up + HEAD, down + HEAD
+        assert (m["bytes_up"], m["bytes_down"]) == (F32 * up, F32 * down)
+        assert set(m["divergence_per_layer"]) == set(h.layers)
+        cids = [p.cid for p in ctx.peers]
+        for module, k in h.keys.items():
+            who = [i for i, p in enumerate(ctx.peers) if block_of(module) in method.allocated(ctx.number, p.cid)]
+            if not who:  # nobody trained the block: unchanged
+                assert torch.equal(update.broadcast[k.B], current[k.B])
+                continue
+            w = weights[who] / weights[who].sum()
+            expect = sum(float(wu) * uploads[i][k.B] for wu, i in zip(w, who))
+            torch.testing.assert_close(update.broadcast[k.B], expect)
+        assert cids == [0, 1, 2]
+
+
+def test_every_client_training_every_block_is_fedit(small_csv):
+    ref = build(tiny_config(small_csv, method="fedit")).simulator
+    ref_history = ref.run()
+    sim = build(tiny_config(small_csv, method="fedhello", method_options="fedhello-layers=2")).simulator
+    history = sim.run()
+    for a, b in zip(history, ref_history):
+        assert (a["bytes_up"], a["bytes_down"]) == (b["bytes_up"], b["bytes_down"])
+        assert a["global_accuracy"] == pytest.approx(b["global_accuracy"], abs=0.02)
+    for n, t in ref.global_tensors.items():
+        torch.testing.assert_close(sim.global_tensors[n], t, rtol=1e-4, atol=1e-5)
+
+
+def test_flower_in_process_round_resume_and_export(small_csv, tmp_path):
+    from fedlora.app.export import load_global_model
+    from fedlora.federation import ClassificationTask
+    from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid, assert_same_history
+
+    cfg = tiny_config(small_csv, method="fedhello", method_options="fedhello-layers=1,2,1", rounds=3, fraction=0.67)
+    reference = build(cfg).simulator.run()
+    flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
+    assert_same_history(flower, reference)
+
+    first = build(cfg).simulator
+    first.round(1)
+    (tmp_path / "ckpt").mkdir()
+    save_checkpoint(first, tmp_path / "ckpt")
+    resumed = build(cfg).simulator
+    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
+    for a, b in zip(resumed.run(), reference):
+        for key in KEYS:
+            assert a[key] == b[key], (a["round"], key)
+
+    out = tmp_path / "run"
+    exp, history = run_experiment(cfg.replace(rounds=2, out=str(out)))
+    model, _, _ = load_global_model(out)
+    acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
+    assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)
+
+
+def test_refusals_are_one_line(small_csv):
+    with pytest.raises(ValueError, match="does not support adapter dora"):
+        make_method("fedhello", "dora")
+    with pytest.raises(ValueError, match="fedhello-layers='0,2' is not a list of block counts"):
+        make_method("fedhello", layers="0,2")
+    with pytest.raises(ValueError, match="option pattern='fim' of method fedhello is not one of"):
+        make_method("fedhello", pattern="fim")
+    from fedlora.federation import parse_method_options
+
+    assert parse_method_options("fedhello", "fedhello-layers=6,9,12,fedhello-pattern=uniform") == {"layers": "6,9,12", "pattern": "uniform"}
+    with pytest.raises(ValueError, match="cannot train clients of different ranks"):
+        tiny_config(small_csv, method="fedhello", client_ranks="2,4").validate()
+    with pytest.raises(ValueError, match="secure aggregation: method fedhello needs each client's factors"):
+        tiny_config(small_csv, method="fedhello", secure_aggregation=True).validate()
