@@ -284,14 +284,7 @@ class Method:
     # ---- applying a broadcast on a client (or the server's own model) ----------------------------------------
     def fold(self, h: AdapterHandle, delivered: Tensors) -> None:
         """Fold the broadcast's base-weight updates into the frozen base, once per model."""
-        deltas = {}
-        for key, t in delivered.items():
-            module, _, kind = key.rpartition(".")
-            if kind == FOLD:
-                deltas[module] = t
-            elif kind == FOLD_L:
-                deltas[module] = t @ delivered[f"{module}.{FOLD_R}"]
-        if deltas:
+        if deltas := fold_deltas(delivered):
             h.fold(deltas)
 
     def take(self, h: AdapterHandle, delivered: Tensors, current: Tensors, peer: Peer, seed: int) -> Tensors:
@@ -319,6 +312,18 @@ def to_global(h: AdapterHandle, layers: dict[str, Aggregate], ctx: RoundContext)
                        eval_B=None if a.eval_B is None else a.eval_B / root, base_delta_factors=fold)
 
     return {m: conv(a) for m, a in layers.items()}
+
+
+def fold_deltas(delivered: Tensors) -> Tensors:
+    """Per module, the d×k base-weight update a broadcast carries (``{module}.fold``, or ``fold_L @ fold_R``)."""
+    deltas = {}
+    for key, t in delivered.items():
+        module, _, kind = key.rpartition(".")
+        if kind == FOLD:
+            deltas[module] = t
+        elif kind == FOLD_L:
+            deltas[module] = t @ delivered[f"{module}.{FOLD_R}"]
+    return deltas
 
 
 def send_fold(broadcast: Tensors, module: str, L: Tensor, R: Tensor) -> None:
