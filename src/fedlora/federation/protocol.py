@@ -102,13 +102,15 @@ class ServerUpdate:
     ``eval_tensors``: trainables to score the global model with, when that is not what clients start from
     (FedSA: shared Â with the mean of the clients' B and heads; never sent).
     ``layers``: the per-module :class:`~fedlora.aggregation.Aggregate` as the math returned it (in the scaled
-    product space under mixed ranks), and ``scales`` the client scales it used: for metrics.
+    product space under mixed ranks), and ``scales`` the client scales it used: for metrics. ``notes``: the method's
+    own diagnostics of the round, added to its metrics line as they are (FLoRIST's kept rank per layer).
     """
 
     broadcast: Tensors
     eval_tensors: Tensors | None = None
     layers: dict[str, Aggregate] = field(default_factory=dict)
     scales: list[float] | None = None
+    notes: dict = field(default_factory=dict)
 
 
 class Method:
