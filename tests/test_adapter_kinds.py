@@ -171,3 +171,32 @@ def test_fold_then_fresh_init_keeps_the_function(kind, transposed):
     h.set(h.fresh_factors(seed=10))
     for m, (y, _) in outputs(h, x).items():
         torch.testing.assert_close(y, before[m][0], rtol=1e-5, atol=1e-5, msg=f"{kind}: fold + fresh changed {m}")
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_fedex_with_hira_is_exact_on_random_factors(transposed):
+    """FedEx-LoRA with HiRA: after the fold of the residual R = ΔW* − B̂Â and taking B̂, Â, every layer's weight is
+    W0 ⊙ (1 + Σ w_u B_u A_u) (HiRA's FedAvg of the clients' models), exactly; the plain fold W0 ⊙ R would leave
+    the cross term W0 ⊙ R ⊙ B̂Â, over 100 times the tolerance on these factors."""
+    from fedlora.federation import methods  # noqa: F401  (registers fedex)
+    from fedlora.federation.protocol import Peer, RoundContext, fold_deltas, make_method
+
+    h = handle("hira", transposed)
+    start = h.get()
+    uploads = [trained(h, 20 + u) for u in range(3)]
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    W0 = {m: h.base_layout(m, layer.get_base_layer().weight).detach().double().clone() for m, layer in h.layers.items()}
+    method = make_method("fedex", "hira")
+    ctx = RoundContext(number=1, seed=3, peers=[Peer(u, R, 1.0) for u in range(3)])
+    update = method.aggregate(h, uploads, w, start, ctx)
+    new = method.apply(h, update.broadcast, start, Peer(-1, R, 1.0), seed=3)
+    B, A = h.factors(new)
+    Bu = [h.factors(u) for u in uploads]
+    deltas = fold_deltas(update.broadcast)
+    for m, layer in h.layers.items():
+        ideal = W0[m] * (1 + sum(float(c) * b[0][m].double() @ b[1][m].double() for c, b in zip(w, Bu)))
+        base = h.base_layout(m, layer.get_base_layer().weight).detach().double()
+        kept = B[m].double() @ A[m].double()
+        torch.testing.assert_close(base * (1 + kept), ideal, rtol=0, atol=1e-5)
+        plain = (W0[m] * (1 + deltas[m].double())) * (1 + kept)  # the fold without the correction
+        assert float((plain - ideal).abs().max()) > 100 * 1e-5

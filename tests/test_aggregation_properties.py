@@ -107,6 +107,9 @@ def test_results_are_finite_shaped_and_cost_what_comm_bytes_says(case, method):
     elif "fold_rank" in res.info:  # fedmomentum: the declared count is the bound; the fold's rank f depends on the data
         f = res.info["fold_rank"]
         assert res.down_bytes() == 8 * (r * (d + k) + min(d * k, f * (d + k))) <= comm_bytes(method, d, k, r, U, F64).down
+    elif "kept_rank" in res.info:  # florist: the fold [ΔW*]_p alone, p ≤ min(Ur, d, k) the kept rank (the declared bound)
+        p = res.info["kept_rank"]
+        assert res.down_bytes() == 8 * min(d * k, p * (d + k)) <= comm_bytes(method, d, k, r, U, F64).down
     else:
         assert res.down_bytes() == comm_bytes(method, d, k, r, U, F64).down
     if res.p is not None and res.B is not None:

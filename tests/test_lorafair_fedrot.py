@@ -239,6 +239,36 @@ def test_the_rotation_is_the_closest_among_rotations_even_when_a_reflection_woul
 
 
 @pytest.mark.parametrize("side", ["A", "B"])
+def test_the_reflection_allowing_alignment_undoes_a_reflection_exactly_where_the_default_cannot(side):
+    """A misalignment that is a reflection, B_u = B P, A_u = Pᵀ A (P orthogonal, det −1): the official hard alignment
+    over O(r) (``reflect``) lands on the reference exactly, and FedIT of such copies is exact; the default, confined to
+    SO(r), stays far off. Both keep each client's product."""
+    g = torch.Generator().manual_seed(11)
+    d, k, r = 10, 8, 4
+    B, A = torch.randn(d, r, generator=g, dtype=F64), torch.randn(r, k, generator=g, dtype=F64)
+    P = random_rotation(r, g) @ torch.diag(torch.tensor([-1.0, 1.0, 1.0, 1.0], dtype=F64))
+    assert float(torch.linalg.det(P)) == pytest.approx(-1.0)
+    Bu, Au = B @ P, P.T @ A
+    ref, mine = (A, Au) if side == "A" else (B, Bu)
+    hard = procrustes_rotation(ref, mine, side, reflect=True)
+    torch.testing.assert_close(hard, P.T, rtol=0, atol=1e-10)
+    B2, A2 = rotate(Bu, Au, hard)
+    torch.testing.assert_close(B2, B, rtol=0, atol=1e-10)
+    torch.testing.assert_close(A2, A, rtol=0, atol=1e-10)
+    default = procrustes_rotation(ref, mine, side)
+    B3, A3 = rotate(Bu, Au, default)
+    assert float(torch.linalg.det(default)) == pytest.approx(1.0, abs=1e-12)
+    assert float(torch.linalg.matrix_norm(A3 - A if side == "A" else B3 - B)) > 0.1 * float(torch.linalg.matrix_norm(ref))
+    torch.testing.assert_close(B3 @ A3, B @ A, rtol=0, atol=1e-10)
+    # FedIT of the aligned copies with an unaligned client (B, A): exact with reflect, not with the default
+    w = torch.tensor([0.5, 0.5], dtype=F64)
+    assert divergence([B, B2], [A, A2], w, aggregate("fedit", [B, B2], [A, A2], w)) < 1e-10
+    assert divergence([B, B3], [A, A3], w, aggregate("fedit", [B, B3], [A, A3], w)) > 1e-3
+    with pytest.raises(ValueError, match="the alignment that allows reflections is the hard one, but lam is 0.5"):
+        procrustes_rotation(ref, mine, side, lam=0.5, reflect=True)
+
+
+@pytest.mark.parametrize("side", ["A", "B"])
 def test_hard_alignment_of_rotated_copies_makes_fedit_exact(side):
     g = torch.Generator().manual_seed(7)
     d, k, r, U = 10, 8, 4, 4
@@ -288,7 +318,10 @@ def test_declarations_and_options():
     assert parse_method_options("fedrot", "fedrot-lam=1,fedrot-first=A") == {"lam": 1.0, "first": "A"}
     assert make_method("lorafair").rule_options == {"lam": DEFAULT_LAM}
     assert make_method("lorafair", lam=0.0).rule_options == {"lam": 0.0}
-    assert make_method("fedrot").settings == {"lam": 0.5, "first": "B"} and make_method("fedrot").rule_options == {}
+    assert make_method("fedrot").settings == {"lam": 0.5, "first": "B", "reflect": False} and make_method("fedrot").rule_options == {}
+    assert parse_method_options("fedrot", "fedrot-lam=1,fedrot-reflect=true") == {"lam": 1.0, "reflect": True}
+    with pytest.raises(ValueError, match="option reflect=True of method fedrot is the hard alignment, but lam is 0.5; pass fedrot-lam=1"):
+        make_method("fedrot", reflect=True)
     with pytest.raises(ValueError, match="option lam=-1.0 of method lorafair must be a finite number ≥ 0"):
         make_method("lorafair", lam=-1.0)
     with pytest.raises(ValueError, match=r"option lam=2.0 of method fedrot must be in \[0, 1\]"):

@@ -23,8 +23,9 @@ FIXED = [m for m, cls in REGISTRY.items() if not cls.mixed_ranks]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def hand_count(method: str, ranks: list[int], adapter: str) -> tuple[int, int]:
-    """Bytes up and down over the round's three clients, each at its own rank (DESIGN.md, METHODS.md)."""
+def hand_count(method: str, ranks: list[int], adapter: str, kept: dict[str, int] | None = None) -> tuple[int, int]:
+    """Bytes up and down over the round's three clients, each at its own rank (DESIGN.md, METHODS.md); ``kept``:
+    FLoRIST's kept rank p per matrix, as the round reports it."""
     extra = MODULES * D if adapter == "dora" else 0
     up = down = 0
     for r in ranks:
@@ -35,6 +36,9 @@ def hand_count(method: str, ranks: list[int], adapter: str) -> tuple[int, int]:
         elif method == "flora":  # everyone receives the whole stack
             up += factors + HEAD + extra
             down += MODULES * sum(ranks) * (D + K) + HEAD + extra
+        elif method == "florist":  # everyone receives the folds [ΔW*]_p, dense or factored
+            up += factors + HEAD + extra
+            down += sum(min(D * K, p * (D + K)) for p in kept.values()) + HEAD + extra
         else:
             up += factors + HEAD + extra
             down += factors + HEAD + extra
@@ -51,20 +55,22 @@ def test_mixed_ranks_run_in_process_and_on_flower_with_equal_metrics(small_csv, 
     sim, h = exp.simulator, exp.simulator.handle
     assert h.rank == 4 and [p.rank for p in sim.peers] == [2, 4, 3]  # --rank is superseded by the largest client rank
     history = sim.run()
-    up, down = hand_count(method, [2, 4, 3], adapter)
+    restarts = method in ("flora", "florist")  # a fresh LoRA every round
     for m in history:
         assert m["clients"] == [0, 1, 2] and not m["rejected"]
-        assert (m["bytes_up"], m["bytes_down"]) == (up, down)
+        assert (m["bytes_up"], m["bytes_down"]) == hand_count(method, [2, 4, 3], adapter, m.get("florist_rank_per_layer"))
         assert math.isfinite(m["divergence"]) and math.isfinite(m["global_accuracy"])
         if REGISTRY[method].exact:
             assert m["divergence"] < 1e-5
+        elif method == "florist":  # the fold keeps τ = 0.9 of the energy, possibly beyond rank r
+            assert m["divergence"] <= math.sqrt(1 - 0.9) + 1e-6
         else:
             assert m["bound"] <= m["divergence"] + 1e-6
     # Each client holds the global state at its own rank: the first r_u components, each factor × √(s_max/s_u)
-    # (FLoRA re-initialises every round: a fresh init at r_u is the first r_u components, unscaled).
+    # (FLoRA and FLoRIST re-initialise every round: a fresh init at r_u is the first r_u components, unscaled).
     s = h.spec.scale_at
     for p in sim.peers:
-        c = 1.0 if method == "flora" else (s(4) / s(p.rank)) ** 0.5
+        c = 1.0 if restarts else (s(4) / s(p.rank)) ** 0.5
         for k in h.keys.values():
             for name, dim in ((k.B, 1), (k.A, 0)):
                 held, glob = sim.held[p.cid][name], sim.global_tensors[name]
@@ -72,7 +78,7 @@ def test_mixed_ranks_run_in_process_and_on_flower_with_equal_metrics(small_csv, 
                 if name not in method_private(sim):
                     torch.testing.assert_close(held, glob.narrow(dim, 0, p.rank) * c)
 
-    flower = run_federation(InlineGrid(cfg, fresh=method == "flora"), cfg.replace(out=str(tmp_path / "run")))
+    flower = run_federation(InlineGrid(cfg, fresh=restarts), cfg.replace(out=str(tmp_path / "run")))
     assert_same_history(flower, history)
 
 

@@ -52,6 +52,8 @@ def hand_count(method: str, adapter: str, U: int, rnd: int = 1, *, setup: bool =
         "fedsb": (R * R + (D * K if rnd == 1 and setup else 0), R * R + (R * (D + K) if rnd == 1 and setup else 0)),
         "ravan": (4 * (R * R + 1), 4 * R * R),  # 4 heads: H_i and s_i up, the averaged s_i·H_i down
         "feddpa": (b + a, b + a),  # the global adapter, as FedIT; the local one never travels
+        # down: only each matrix's fold [ΔW*]_p, p ≤ min(Ur, d) the kept rank: which p the round reports (checked below)
+        "florist": (b + a, min(D * K, min(U * R, D) * (D + K))),
         "central": (0, 0),  # reference points: nothing crosses a network
         "local": (0, 0),
     }.get(method)
@@ -94,6 +96,9 @@ def check_bytes(sim, adapter: str, h: dict) -> None:
         if method == "fedmomentum":  # r(d+k) + min(dk, f(d+k)) per matrix, f the fold's rank: 0 ≤ f ≤ min(Ur, d) − r
             fold = U * hand[1] - counted[1]
             assert 0 <= fold <= U * F32 * MODULES * min(D * K, (U * R - R) * (D + K)) and fold % (U * F32 * (D + K)) == 0
+        elif method == "florist":  # the fold's kept rank p per matrix, as the round reports it
+            folds = sum(min(D * K, p * (D + K)) for p in h["florist_rank_per_layer"].values())
+            assert counted[1] == U * (F32 * folds + hand[1] - F32 * MODULES * min(D * K, min(U * R, D) * (D + K)))
         else:
             assert counted[1] == U * hand[1], (counted[1], U * hand[1])
     if adapter == "vera":  # the declaration counts d×r and r×k factors; VeRA sends vectors (hand count only)
@@ -132,6 +137,8 @@ def check_run(exp, method: str, adapter: str) -> None:
             assert h["divergence"] < 1e-5
         elif method == "fedmomentum":  # folds beyond rank r, exact up to the energy threshold τ = 0.9999
             assert h["divergence"] <= math.sqrt(1 - 0.9999) + 1e-6
+        elif method == "florist":  # folds [ΔW*]_p with energy ≥ τ = 0.9, p possibly beyond r
+            assert h["divergence"] <= math.sqrt(1 - 0.9) + 1e-6
         else:  # no rank-r broadcast beats the Eckart–Young bound
             assert h["bound"] <= h["divergence"] + 1e-6
         if method in ("svd", "flexlora"):  # equal ranks: FlexLoRA is the rank-r optimum

@@ -92,10 +92,10 @@ def test_tiny_gpt2_targets_are_conv1d_with_factors_out_by_r_and_r_by_in(small_cs
         assert tuple(h.parameter(k.B).shape) == (d, 4) and tuple(h.parameter(k.A).shape) == (4, kk)
 
 
-# fedex + HiRA is left out: its fold leaves a cross term W0 ⊙ R ⊙ B̂Â by design (not an exact FedAvg); flora + HiRA
-# re-initialises B = 0, so its fold W0 += W0 ⊙ Σ w_u B_u A_u is exact and checks HiRA's elementwise fold.
+# fedex + HiRA folds its residual as W0 ⊙ R ⊘ (1 + B̂Â), beside the B̂Â it keeps; flora + HiRA re-initialises B = 0,
+# so its fold W0 += W0 ⊙ Σ w_u B_u A_u checks HiRA's plain elementwise fold.
 @pytest.mark.parametrize("target", ["c_attn", "attn.c_proj"])
-@pytest.mark.parametrize("method,adapter", [("fedex", "lora"), ("flora", "lora"), ("flora", "hira")])
+@pytest.mark.parametrize("method,adapter", [("fedex", "lora"), ("fedex", "hira"), ("flora", "lora"), ("flora", "hira")])
 def test_fold_into_conv1d_gives_the_exact_fedavg_of_the_clients(small_csv, method, adapter, target):
     sim = build(gpt2_config(small_csv, method=method, adapter=adapter, target_modules=target)).simulator
     h = sim.handle

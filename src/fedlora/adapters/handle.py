@@ -230,13 +230,16 @@ class AdapterHandle:
         return transpose(t, self.transposed[module])
 
     @torch.no_grad()
-    def fold(self, deltas: dict[str, Tensor]) -> None:
+    def fold(self, deltas: dict[str, Tensor], kept: dict[str, Tensor] | None = None) -> None:
         """Add each module's update Δ (d×k) to its frozen base weight: W0 += s·Δ (HiRA: W0 += W0 ⊙ Δ), in the
-        weight's own layout (Δᵀ where it is stored k×d); ``folded`` accumulates what was added, in that layout."""
+        weight's own layout (Δᵀ where it is stored k×d); ``folded`` accumulates what was added, in that layout.
+        ``kept``: per module the product B̂Â (d×k) the adapter keeps beside the fold, for a kind that needs it
+        (``AdapterKind.fold_sees_kept``: HiRA then adds W0 ⊙ Δ ⊘ (1 + B̂Â))."""
         for module, delta in deltas.items():
             weight = self.layers[module].get_base_layer().weight
             delta = self.base_layout(module, delta.to(weight.dtype))
-            step = self.kind.fold_step(weight, delta, self.scaling(module))
+            product = None if kept is None or module not in kept else self.base_layout(module, kept[module].to(weight.dtype))
+            step = self.kind.fold_step(weight, delta, self.scaling(module), product)
             weight.add_(step)
             self.folded[module] = self.folded[module] + step if module in self.folded else step.clone()
 

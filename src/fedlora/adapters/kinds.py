@@ -49,6 +49,9 @@ class AdapterKind:
     # The global model (factors plus whatever was folded into the base) is exactly a plain PEFT LoRA adapter of the
     # total update: only where ΔW = s·BA adds to W0 with nothing else trained (app/export.py).
     exports_as_lora: ClassVar[bool] = False
+    # The adapter's update depends on the base weight (HiRA's W0 ⊙ BA), so a fold next to factors that stay
+    # (FedEx-LoRA's residual beside B̂Â) must see them: ``fold_step(…, kept=B̂Â)``.
+    fold_sees_kept: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<adapter {self.name}>"
@@ -74,8 +77,11 @@ class AdapterKind:
         return None if factor is None else h.pad(name, factor.contiguous())
 
     # ---- the frozen base and re-initialisation -------------------------------------------------------------------
-    def fold_step(self, weight: Tensor, delta: Tensor, scaling: float) -> Tensor:
-        """What a d×k update Δ (in ``weight``'s layout) adds to the frozen base weight: s·Δ."""
+    def fold_step(self, weight: Tensor, delta: Tensor, scaling: float, kept: Tensor | None = None) -> Tensor:
+        """What a d×k update Δ (in ``weight``'s layout) adds to the frozen base weight: s·Δ.
+
+        ``kept``: the product B̂Â (same layout) the adapter holds after the fold, for a kind whose update is
+        multiplied by the base (``fold_sees_kept``); an additive kind ignores it."""
         return delta * scaling
 
     def fresh(self, h: AdapterHandle, module: str, gen: torch.Generator) -> dict[str, Tensor]:
@@ -200,7 +206,14 @@ class VeRA(AdapterKind):
 @register_adapter
 class HiRA(AdapterKind):
     """HiRA (Huang et al., ICLR 2025): ΔW = W0 ⊙ BA, no scaling. With W0 shared, ``Σ w_u W0⊙(B_uA_u) = W0 ⊙ ΔW*``:
-    the same aggregation, and a folded update Δ adds ``W0 ⊙ Δ``."""
+    the same aggregation, and a folded update Δ adds ``W0 ⊙ Δ``.
+
+    A fold beside factors the adapter keeps (FedEx-LoRA's residual R = ΔW* − K beside K = B̂Â) is multiplied by
+    them: the new base ``W0 ⊙ (1 + R)`` gives the weight ``W0 ⊙ (1 + R) ⊙ (1 + K)``, a cross term ``W0 ⊙ R ⊙ K``
+    off ``W0 ⊙ (1 + ΔW*)``. So such a fold adds ``W0 ⊙ R ⊘ (1 + K)`` instead: the weight is then
+    ``W0 ⊙ (1 + K + R) = W0 ⊙ (1 + ΔW*)`` exactly. Our choice where ``|1 + K_ij| < 1e-6`` (HiRA's multiplier nearly
+    zeroes that entry whatever the base holds, so no base reaches it): add ``W0 ⊙ R`` there, the plain fold. The
+    client computes K from the factors it received: nothing more is sent."""
 
     name = "hira"
     title = "HiRA"
@@ -210,8 +223,14 @@ class HiRA(AdapterKind):
     def peft_config(self, spec: AdapterSpec, common: dict) -> peft.PeftConfig:
         return peft.HiraConfig(hira_dropout=spec.dropout, **common)
 
-    def fold_step(self, weight: Tensor, delta: Tensor, scaling: float) -> Tensor:
-        return weight * delta
+    fold_sees_kept = True
+    tiny: ClassVar[float] = 1e-6
+
+    def fold_step(self, weight: Tensor, delta: Tensor, scaling: float, kept: Tensor | None = None) -> Tensor:
+        if kept is None:
+            return weight * delta
+        den = 1 + kept.to(delta.dtype)
+        return weight * torch.where(den.abs() > self.tiny, delta / den, delta)
 
 
 def combine_vectors(vectors: list[Tensor], coef: Tensor) -> Tensor:

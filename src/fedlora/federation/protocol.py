@@ -106,13 +106,15 @@ class ServerUpdate:
     ``eval_tensors``: trainables to score the global model with, when that is not what clients start from
     (FedSA: shared Â with the mean of the clients' B and heads; never sent).
     ``layers``: the per-module :class:`~fedlora.aggregation.Aggregate` as the math returned it (in the scaled
-    product space under mixed ranks), and ``scales`` the client scales it used: for metrics.
+    product space under mixed ranks), and ``scales`` the client scales it used: for metrics. ``notes``: the method's
+    own diagnostics of the round, added to its metrics line as they are (FLoRIST's kept rank per layer).
     """
 
     broadcast: Tensors
     eval_tensors: Tensors | None = None
     layers: dict[str, Aggregate] = field(default_factory=dict)
     scales: list[float] | None = None
+    notes: dict = field(default_factory=dict)
 
 
 class Method:
@@ -349,14 +351,7 @@ class Method:
     # ---- applying a broadcast on a client (or the server's own model) ----------------------------------------
     def fold(self, h: AdapterHandle, delivered: Tensors) -> None:
         """Fold the broadcast's base-weight updates into the frozen base, once per model."""
-        deltas = {}
-        for key, t in delivered.items():
-            module, _, kind = key.rpartition(".")
-            if kind == FOLD:
-                deltas[module] = t
-            elif kind == FOLD_L:
-                deltas[module] = t @ delivered[f"{module}.{FOLD_R}"]
-        if deltas:
+        if deltas := fold_deltas(delivered):
             h.fold(deltas)
 
     def take(self, h: AdapterHandle, delivered: Tensors, current: Tensors, peer: Peer, seed: int) -> Tensors:
@@ -395,6 +390,18 @@ def to_global(h: AdapterHandle, layers: dict[str, Aggregate], ctx: RoundContext)
                        eval_B=None if a.eval_B is None else a.eval_B / root, base_delta_factors=fold)
 
     return {m: conv(a) for m, a in layers.items()}
+
+
+def fold_deltas(delivered: Tensors) -> Tensors:
+    """Per module, the d×k base-weight update a broadcast carries (``{module}.fold``, or ``fold_L @ fold_R``)."""
+    deltas = {}
+    for key, t in delivered.items():
+        module, _, kind = key.rpartition(".")
+        if kind == FOLD:
+            deltas[module] = t
+        elif kind == FOLD_L:
+            deltas[module] = t @ delivered[f"{module}.{FOLD_R}"]
+    return deltas
 
 
 def send_fold(broadcast: Tensors, module: str, L: Tensor, R: Tensor) -> None:

@@ -100,6 +100,7 @@ class Measures:
     rho_fedit: dict[str, float] | None = None
     similarity: dict = field(default_factory=dict)
     seconds: float = 0.0
+    notes: dict = field(default_factory=dict)  # the method's own diagnostics (ServerUpdate.notes)
 
     def divergence(self) -> dict:
         return {"divergence": _mean(self.rho), "divergence_per_layer": self.rho, "bound": _mean(self.rho_min),
@@ -111,7 +112,7 @@ def aggregate_step(h: AdapterHandle, method: Method, step: RoundInputs, current:
     """The method's rule on the round's inputs (timed), measured against them where they are the clients' own."""
     started = time.perf_counter()
     update = method.aggregate(h, step.inputs, step.weights, current, ctx)
-    measures = Measures(seconds=time.perf_counter() - started)
+    measures = Measures(seconds=time.perf_counter() - started, notes=dict(update.notes))
     if step.individual:
         measures.rho, measures.rho_min, measures.rho_fedit = layer_metrics(h, step.inputs, step.weights, current, update, bound)
         if similarity:

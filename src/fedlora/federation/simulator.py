@@ -440,7 +440,7 @@ class Simulator:
                  measures: Measures, sent: RoundBytes) -> dict:
         """The round's metrics line before the global score, in the order metrics.jsonl shows it."""
         metrics = {"round": rnd, "method": self.method.name, "clients": [r.cid for r in accepted]} | local_scores(accepted)
-        metrics |= (step.notes if step else {}) | measures.similarity | self.privacy.metrics(rnd) | measures.divergence()
+        metrics |= (step.notes if step else {}) | measures.similarity | self.privacy.metrics(rnd) | measures.divergence() | measures.notes
         metrics |= sent.metrics(self.method.communicates) | {"aggregation_seconds": measures.seconds}
         return metrics | {"rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted}
 

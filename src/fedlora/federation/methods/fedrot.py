@@ -15,7 +15,9 @@ class FedRot(Method):
 
     Choices: ``lam`` (``--fedrot-lam``, default 0.5, in [0, 1]) is the soft rotation R′ = proj_SO(r)((1−λ)I + λR*),
     projected to the nearest rotation with the determinant sign fixed (the official code's hard mode, its default,
-    may return a reflection; here R is always a rotation); λ = 1 is the hard rotation, λ = 0 plain FedIT. Round
+    may return a reflection; here R is a rotation unless ``reflect``); λ = 1 is the hard rotation, λ = 0 plain FedIT.
+    ``reflect`` (``--fedrot-reflect``, default off; with λ = 1 only) is that official hard alignment over all of
+    O(r): on a misalignment that is a reflection it lands on the reference exactly, where a rotation cannot. Round
     parity follows METHODS.md by default (B in round 2, A in round 3, …); ``--fedrot-first A`` gives the official
     code's order (0-based rounds with ``initialshare: A``: A in round 2). The order matters early: in round 2 B_ref
     is the small B of one round's training, and aligning B to it can rotate the clients' large, already aligned A
@@ -40,6 +42,8 @@ class FedRot(Method):
         "lam": Option(0.5, "FedRot-LoRA rotation strength λ in [0, 1]: R′ = proj_SO(r)((1−λ)I + λR*) (1: hard Procrustes, 0: FedIT)"),
         "first": Option("B", "FedRot-LoRA factor aligned in even rounds (the other in odd rounds from 3): B (METHODS.md) or A "
                         "(the official code's order)", ("B", "A")),
+        "reflect": Option(False, "FedRot-LoRA alignment over all orthogonal matrices, reflections included (the official "
+                                 "code's hard alignment, no determinant fix); needs fedrot-lam=1"),
     }
 
     def __init__(self, **options):
@@ -47,6 +51,9 @@ class FedRot(Method):
         lam = self.settings["lam"]
         if not (math.isfinite(lam) and 0.0 <= lam <= 1.0):
             raise ValueError(f"option lam={lam!r} of method fedrot must be in [0, 1]; pass e.g. fedrot-lam=0.5")
+        if self.settings["reflect"] and lam != 1.0:
+            raise ValueError(f"option reflect=True of method fedrot is the hard alignment, but lam is {lam!r}; pass fedrot-lam=1 "
+                             "with it (a soft step toward a reflection passes through a singular matrix)")
 
     def upload(self, h, tensors, rnd, start=None):
         out = super().upload(h, tensors, rnd, start)
@@ -59,6 +66,6 @@ class FedRot(Method):
             if module not in Bs or module not in As:
                 continue
             ref, mine = (A_ref[module], As[module]) if side == "A" else (B_ref[module], Bs[module])
-            R = procrustes_rotation(ref, mine, side, lam=self.settings["lam"])
+            R = procrustes_rotation(ref, mine, side, lam=self.settings["lam"], reflect=self.settings["reflect"])
             out[k.B], out[k.A] = rotate(Bs[module], As[module], R)
         return out
