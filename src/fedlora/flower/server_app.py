@@ -28,11 +28,34 @@ from fedlora.flower.strategy import FedLoRAStrategy
 app = ServerApp()
 
 
+class RunRefused(ValueError):
+    """A run the ServerApp refuses (a setting, the run directory, a resume that does not fit): one line in Flower's log.
+
+    Our choice: Flower logs a ServerApp's exception with its traceback and marks the run failed with
+    ``str(exception)`` as its status details (``flwr ls``). For the one-line errors fedlora gives everywhere else
+    (ValueError, as the CLI prints them) the traceback says nothing, so this exception shows none: its
+    ``__traceback__`` reads as None (Python still unwinds with the real one). Its name in the log,
+    ``fedlora.RunRefused``, is what ``scripts/flower_deploy.sh`` looks for to exit 2 rather than 1."""
+
+    __module__ = "fedlora"
+
+    @property
+    def __traceback__(self):
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value) -> None:
+        pass
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = from_flower(context.run_config).validate()
-    options = flower_options(context.run_config)
-    run_federation(grid, config, resume=bool(options["resume"]), round_timeout=float(options["round-timeout"]))
+    try:
+        config = from_flower(context.run_config).validate()
+        options = flower_options(context.run_config)
+        run_federation(grid, config, resume=bool(options["resume"]), round_timeout=float(options["round-timeout"]))
+    except ValueError as exc:  # as the CLI: one line, no traceback
+        raise RunRefused(str(exc.args[0]) if exc.args else str(exc)) from None
 
 
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round_timeout: float = FLOWER_ONLY["round-timeout"]) -> list[dict]:
