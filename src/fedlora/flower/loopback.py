@@ -414,6 +414,7 @@ class LoopbackFederation:
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, object, dict]:
     """The command line, the run's settings and the Flower-only keys given (resume, round-timeout), all checked
     before any process starts: a bad one is one line and exit 2."""
+    import click
     from flwr.common.config import parse_config_args
 
     from fedlora.app.experiment import RunConfig
@@ -422,7 +423,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, object, dict]:
 
     p = argparse.ArgumentParser(prog="python -m fedlora.flower.loopback", description=__doc__.split("\n\n")[0])
     p.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start, one per partition (the run's clients)")
-    p.add_argument("--run-config", default="", help="overrides as \"k=v ...\" or a .toml file; keys are `fedlora run`'s long flags")
+    p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\" | FILE.toml",
+                   help="overrides as \"k=v ...\" or a .toml file; keys are `fedlora run`'s long flags; given again, the "
+                   "later wins (e.g. --run-config run.toml --run-config \"resume=true\")")
     p.add_argument("--app", default=".", help="the Flower app: this repository (default .)")
     p.add_argument("--workdir", default=None, help="certificates, keys, FLWR_HOME, logs, the SuperNodes' state directories "
                    "(default: a new temporary folder; to resume a run with its clients' state, pass the same one again)")
@@ -433,8 +436,17 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, object, dict]:
     p.add_argument("--state-dirs", action=argparse.BooleanOptionalAction, default=True,
                    help="a state directory for each SuperNode, so its client survives a restart (default on)")
     args = p.parse_args(argv)
+    overrides = {}
+    for item in args.run_config:
+        try:
+            overrides |= parse_config_args([item] if item else None)
+        except OSError as exc:
+            refuse(f"--run-config {item}: {exc.strerror or exc}; pass an existing .toml file or \"k=v ...\"")
+        except (ValueError, click.ClickException) as exc:  # TOML that does not parse, in a file or in "k=v ..."
+            where = f" ({exc})" if isinstance(exc, ValueError) else ""  # Flower's own message for "k=v" is a paragraph
+            refuse(f"--run-config {item!r} is not valid TOML{where}; values are TOML: strings need quotes, e.g. "
+                   "--run-config \"method='fedsa' rounds=2\"")
     try:
-        overrides = parse_config_args([args.run_config] if args.run_config else None)
         overrides.setdefault("clients", args.supernodes)
         config = from_flower(to_flower(RunConfig()) | overrides).validate()
         options = {k: v for k, v in flower_options(overrides).items() if k in overrides}  # given, checked
