@@ -112,17 +112,18 @@ def _wait_lines(path, n: int, proc, timeout: float = 600) -> None:
 
 def _wait_gone(pids: set[int], timeout: float = 90) -> set[int]:
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        left = {p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)}
-        if not left:
+    while True:
+        left = {p for p in pids if _state(p) != "Z"}
+        if not left or time.time() > deadline:
             return left
         time.sleep(0.5)
-    return left
 
 
 def _state(pid: int) -> str:
+    """A process's state letter; "Z" for a zombie or a process that is gone."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
         return stat[stat.rindex(")") + 2]
     except (OSError, ValueError):
         return "Z"
@@ -172,7 +173,8 @@ def test_a_deployment_killed_after_round_2_resumes_through_the_script(small_csv,
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert "stopped every process it started" in resumed.stdout
     got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    want = run_experiment(cfg.replace(out=str(tmp_path / "inprocess")))
+    run_experiment(cfg.replace(out=str(tmp_path / "inprocess")))
+    want = [json.loads(x) for x in (tmp_path / "inprocess" / "metrics.jsonl").read_text().splitlines()]
     assert [g["round"] for g in got] == [1, 2, 3, 4] and (out / "summary.md").exists()
     for g, w in zip(got, want, strict=True):
         for key in ("clients", "bytes_up", "bytes_down", "divergence"):

@@ -11,8 +11,10 @@ clients' mean B and head), as with ``fedlora run``.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import flwr
@@ -48,8 +50,34 @@ class RunRefused(ValueError):
         pass
 
 
+def exit_with_parent(grace: float = 10.0, poll: float = 1.0) -> threading.Thread | None:
+    """End this process ``grace`` seconds after its parent (Flower's SuperExec) is gone; the watching thread.
+
+    Our choice: Flower's ServerApp process watches its parent and starts its own exit when it dies, but that exit
+    first pushes the run's status and logs to the SuperLink, which is gone with it, and retries for minutes. Meanwhile
+    the process holds the run directory's lock, so ``resume=true`` after the deployment was killed was refused as
+    "being written". Nothing it could still write is worth keeping (the checkpoint is replaced atomically), so it
+    ends without ceremony; its lock is then stale and taken over."""
+    parent = os.getppid()
+    if parent <= 1:
+        return None
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        time.sleep(grace)  # Flower's own exit first, when it can still finish
+        log(ERROR, "fedlora: the ServerApp's parent process (Flower's SuperExec) is gone; exiting. Continue the run "
+            "with resume=true in its run config")
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="fedlora-exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    exit_with_parent()
     try:
         config = from_flower(context.run_config).validate()
         options = flower_options(context.run_config)
