@@ -207,3 +207,22 @@ def test_a_failed_run_exits_non_zero_with_the_server_apps_reason(tmp_path):
     assert code == 1 and "finished:failed: CUDA out of memory; see" in reason and "\n" not in reason
     code, reason = fed.outcome(subprocess.CompletedProcess([], 1, "", "SuperLink unreachable\n"))
     assert code == 1 and "SuperLink unreachable" in reason
+
+
+def test_the_server_app_ends_once_the_parent_flower_named_is_gone(monkeypatch):
+    """Flower's own exit retries the dead SuperLink for minutes, holding the run directory's lock; ours follows the
+    `--parent-pid` Flower gives flwr-serverapp, and does nothing where there is none (in-process runs)."""
+    import threading
+
+    from fedlora.flower.server_app import exit_with_parent
+
+    assert exit_with_parent(argv=["flwr-serverapp", "--token", "x"]) is None
+    parent = subprocess.Popen(["sleep", "30"])
+    exited = threading.Event()
+    monkeypatch.setattr(os, "_exit", lambda code: exited.set())
+    watcher = exit_with_parent(grace=0.0, poll=0.05, argv=["flwr-serverapp", "--parent-pid", str(parent.pid)])
+    time.sleep(0.3)
+    assert watcher.is_alive() and not exited.is_set()  # the parent lives: nothing happens
+    parent.kill()
+    parent.wait()
+    assert exited.wait(5) and (watcher.join(5) or not watcher.is_alive())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from logging import ERROR, INFO
@@ -50,20 +51,32 @@ class RunRefused(ValueError):
         pass
 
 
-def exit_with_parent(grace: float = 10.0, poll: float = 1.0) -> threading.Thread | None:
-    """End this process ``grace`` seconds after its parent (Flower's SuperExec) is gone; the watching thread.
+def exit_with_parent(grace: float = 10.0, poll: float = 1.0, argv: list[str] | None = None) -> threading.Thread | None:
+    """End this process ``grace`` seconds after the parent Flower named (``--parent-pid``: the SuperExec that started
+    this ``flwr-serverapp``) is gone; the watching thread, or None where Flower named no parent (in-process runs).
 
-    Our choice: Flower's ServerApp process watches its parent and starts its own exit when it dies, but that exit
-    first pushes the run's status and logs to the SuperLink, which is gone with it, and retries for minutes. Meanwhile
-    the process holds the run directory's lock, so ``resume=true`` after the deployment was killed was refused as
-    "being written". Nothing it could still write is worth keeping (the checkpoint is replaced atomically), so it
-    ends without ceremony; its lock is then stale and taken over."""
-    parent = os.getppid()
-    if parent <= 1:
+    Our choice: Flower's ServerApp process watches that parent too and starts its own exit when it dies, but that
+    exit first pushes the run's status and logs to the SuperLink, which is gone with it, and retries for minutes.
+    Meanwhile the process holds the run directory's lock, so ``resume=true`` after the deployment was killed was
+    refused as "being written". Nothing it could still write is worth keeping (the checkpoint is replaced
+    atomically), so it ends without ceremony; its lock is then stale and taken over."""
+    argv = sys.argv if argv is None else argv
+    try:
+        parent = int(argv[argv.index("--parent-pid") + 1])
+    except (ValueError, IndexError):
         return None
 
+    def alive() -> bool:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
     def watch() -> None:
-        while os.getppid() == parent:
+        while alive():
             time.sleep(poll)
         time.sleep(grace)  # Flower's own exit first, when it can still finish
         log(ERROR, "fedlora: the ServerApp's parent process (Flower's SuperExec) is gone; exiting. Continue the run "
