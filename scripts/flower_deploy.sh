@@ -10,12 +10,16 @@
 # (keys are `fedlora run`'s long flags), --workdir DIR (default: a temporary folder), --app DIR (default: this repo),
 # --gateway ADDRESS (SuperNodes connect through a Fleet-API-only gateway on ADDRESS, an address of this host; the
 # SuperLink then listens on 127.0.0.1 only), --no-workers, --no-state-dirs (by default each SuperNode gets a model
-# worker and a state directory). Certificates, SuperNode keys, FLWR_HOME and logs go to the work directory;
-# telemetry and runtime dependency installation are off.
+# worker and a state directory). Certificates, SuperNode keys, FLWR_HOME, state directories and logs go to the work
+# directory; telemetry and runtime dependency installation are off. --run-config may be given again (the later wins).
+#
+# A killed deployment continues with the same command, the same --workdir and --run-config "resume=true" added.
+# Exit status: 0 when the run completed; 2 for a setting refused (before anything starts, or by the ServerApp: e.g. a
+# run directory that already holds a run); 1 for any other failure; the reason in one line on stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1

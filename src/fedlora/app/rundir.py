@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from fedlora.app.config import RunConfig
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 _LOCK = ".running"
+_EMPTY_LOCK_GRACE = 10.0  # seconds an empty lock file counts as being written
 _RESUMABLE = ("rounds", "out")  # settings a resume may change (more rounds) or that name the place
 
 
@@ -41,6 +43,59 @@ def metrics_line(m: dict) -> str:
 def run_settings(config: RunConfig) -> dict:
     """The settings a run's state belongs to: all but those a resume may change (``rounds``) or that name the place."""
     return {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of ``/proc/PID/stat``), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]  # after "pid (comm) ": state is field 3, starttime field 22
+
+
+def lock_text(pid: int) -> str:
+    """What a lock file holds: ``PID [START-TIME BOOT-ID]`` (the last two where /proc has them)."""
+    start, boot = _start_time(pid), _boot_id()
+    return f"{pid} {start} {boot}" if start and boot else str(pid)
+
+
+def lock_is_live(lock: Path) -> bool | None:
+    """Whether the process that wrote a lock file still runs: None when it is this process, False when it is gone (or
+    its pid now belongs to another process: a different start time or boot id), True otherwise. Raises
+    FileNotFoundError when the lock is gone."""
+    text = lock.read_text()
+    parts = text.split()
+    if not parts:  # being written this instant, or left empty by a kill between creating and writing it
+        return time.time() - lock.stat().st_mtime < _EMPTY_LOCK_GRACE
+    try:
+        pid = int(parts[0])
+    except ValueError:
+        return False  # not a lock we wrote: nothing holds it
+    if pid <= 0:
+        return False
+    if len(parts) >= 3:
+        if parts[2] != _boot_id():
+            return False  # written before a reboot
+        start = _start_time(pid)
+        if start is not None and start != parts[1]:
+            return False  # the pid belongs to another process now
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 class RunDir:
@@ -65,34 +120,38 @@ class RunDir:
         return self
 
     def take(self) -> bool | None:
-        """Take the directory for this process with an exclusive lock file holding our pid. True: taken now (give it
-        back with :meth:`release`); None: this process holds it already; False: another live process does. A lock
-        whose process is gone (killed) is stale and taken over."""
+        """Take the directory for this process with an exclusive lock file. True: taken now (give it back with
+        :meth:`release`); None: this process holds it already; False: another live process does. A lock whose process
+        is gone (killed) is stale and taken over.
+
+        Our choice: the lock holds the pid, the process's start time (``/proc/PID/stat``, clock ticks since boot) and
+        the kernel's boot id, so a pid that a new process has taken since (a container or machine restart reuses low
+        pids) does not keep a dead run's lock alive. Where /proc is missing (not Linux) the pid alone decides; a lock
+        written with the pid alone (older fedlora) too."""
         lock = self.path / _LOCK
         for _ in range(2):
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 try:
-                    pid = int(lock.read_text().strip() or 0)
-                    if pid == os.getpid():
-                        return None
-                    os.kill(pid, 0)
-                    return False  # alive
-                except (ValueError, ProcessLookupError, FileNotFoundError):
-                    lock.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                except PermissionError:
+                    alive = lock_is_live(lock)
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                if alive is None:
+                    return None
+                if alive:
                     return False
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(lock_text(os.getpid()))
             return True
         return False
 
     def holder(self) -> str:
         try:
-            return (self.path / _LOCK).read_text().strip() or "?"
-        except OSError:
+            return (self.path / _LOCK).read_text().split()[0]
+        except (OSError, IndexError):
             return "?"
 
     def release(self) -> None:
@@ -103,8 +162,10 @@ class RunDir:
         """The directory's lock for the block, or one line saying which process writes it."""
         taken = self.take()
         if taken is False:
+            lock = self.path / _LOCK
             raise ValueError(f"{str(self.path)!r} is being written by process {self.holder()} (a run, compare, study or Flower "
-                             "ServerApp); wait for it to finish, or pass another --out")
+                             f"ServerApp); wait for it to finish, or pass another --out; if no run is writing it (process "
+                             f"{self.holder()} is not a fedlora run), delete {str(lock)!r}")
         try:
             yield self
         finally:

@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 CONNECTION = "loopback"
 FLOWER_ENV = {
@@ -184,6 +185,27 @@ def terminate(pids: set[int], grace: float = 10.0) -> set[int]:
     return pids & set(_proc_table())
 
 
+def _parent_death_signal():
+    """A ``preexec_fn`` that has the child sent SIGTERM when the thread that started it ends (Linux's
+    ``PR_SET_PDEATHSIG``); None where there is no prctl. Flower's own processes below the SuperLink and the SuperNodes
+    watch their parents, so the whole deployment goes when the launcher is killed -9."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_signal() -> None:
+        prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the signal was set
+            os._exit(1)
+
+    return set_signal
+
+
 # -- the federation --------------------------------------------------------------------------------------------------
 @dataclass
 class LoopbackFederation:
@@ -199,6 +221,7 @@ class LoopbackFederation:
     gateway: str | None = None  # an address of this host: SuperNodes connect to a Fleet-API-only gateway there
     gateway_port: int = 0
     state_dirs: bool = False  # a state directory for each SuperNode (node config state-dir): clients survive restarts
+    die_with_parent: bool = False  # every process started gets SIGTERM when this one dies, even by kill -9 (Linux)
     _sockets: Path | None = None  # the short folder of the workers' sockets, where the work directory's path is too long
 
     def __post_init__(self) -> None:
@@ -256,6 +279,7 @@ class LoopbackFederation:
     def start_worker(self, partition: int) -> subprocess.Popen:
         """``python -m fedlora.flower.worker`` for SuperNode ``partition``; returns once its socket is listening."""
         sock = self.worker_socket(partition)
+        sock.unlink(missing_ok=True)  # a killed worker's socket (a work directory used again): wait for the new one
         proc = self._spawn(f"worker-{partition}", [sys.executable, "-m", "fedlora.flower.worker", "--socket", str(sock)])
         deadline = time.monotonic() + 120
         while not sock.exists():
@@ -282,7 +306,8 @@ class LoopbackFederation:
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
         proc = subprocess.Popen(command, env=self.environ, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=self.workdir, start_new_session=True)
+                                cwd=self.workdir, start_new_session=True,
+                                preexec_fn=_parent_death_signal() if self.die_with_parent else None)
         log.close()
         self.processes[name] = proc
         return proc
@@ -312,10 +337,52 @@ class LoopbackFederation:
         ])
 
     # ---- run ----
-    def run(self, app: Path, run_config: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-        """``flwr run APP loopback --run-config ... --stream``: returns when the run has finished."""
-        return self.flwr("run", str(Path(app).resolve()), CONNECTION, "--run-config", run_config, "--stream",
-                         timeout=timeout, cwd=Path(app).resolve())
+    def run(self, app: Path, run_config: str, timeout: float | None = 1800, echo: bool = False) -> subprocess.CompletedProcess:
+        """``flwr run APP loopback --run-config ... --stream``: returns when the run has finished. ``echo``: copy its
+        output (the ServerApp's log) to this process's stdout as it comes."""
+        command = ["flwr", "run", str(Path(app).resolve()), CONNECTION, "--run-config", run_config, "--stream"]
+        if not echo:
+            return self.flwr(*command[1:], timeout=timeout, cwd=Path(app).resolve())
+        proc = subprocess.Popen(command, env=self.environ, cwd=Path(app).resolve(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        lines = []
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return subprocess.CompletedProcess(command, proc.returncode, "".join(lines), "")
+
+    def outcome(self, res: subprocess.CompletedProcess) -> tuple[int, str]:
+        """(exit code, reason) of a finished ``flwr run``: 0 when the SuperLink lists the run as completed; 2 when the
+        ServerApp refused it (its log names ``fedlora.RunRefused``), 1 for any other failure. ``flwr run --stream``
+        itself exits 0 whatever became of the run, so the run's status is asked of the SuperLink (``flwr ls``)."""
+        import json
+        import re
+
+        output = res.stdout + res.stderr
+        started = re.search(r"Successfully started run (\d+)", output)
+        if res.returncode != 0 or not started:
+            last = [line for line in output.splitlines() if line.strip()][-1:] or ["no output"]
+            return res.returncode or 1, f"`flwr run` failed (exit code {res.returncode}): {last[0].strip()}"
+        listed = self.flwr("ls", CONNECTION, "--run-id", started[1], "--format", "json")
+        try:
+            run = json.loads(listed.stdout)["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            return 1, f"could not read run {started[1]}'s status from the SuperLink: {(listed.stdout + listed.stderr).strip()[-500:]}"
+        status, details = run["status"], (run.get("status-details") or "").strip()
+        if status.endswith(":completed"):
+            return 0, ""
+        refused = re.search(r"^fedlora\.RunRefused: (.*)$", output, re.MULTILINE)
+        if refused:
+            return 2, refused[1].strip()
+        reason = details.removeprefix("ServerApp failed with exception:").strip() or "no details"
+        return 1, f"run {started[1]} ended {status}: {reason.splitlines()[0]}; see {self.logs}"
 
     # ---- stop ----
     def stop(self) -> set[int]:
@@ -344,17 +411,24 @@ class LoopbackFederation:
             raise RuntimeError(f"processes {sorted(left)} survived the federation's teardown")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, object, dict]:
+    """The command line, the run's settings and the Flower-only keys given (resume, round-timeout), all checked
+    before any process starts: a bad one is one line and exit 2."""
+    import click
     from flwr.common.config import parse_config_args
 
     from fedlora.app.experiment import RunConfig
-    from fedlora.flower.config import from_flower, to_flower, to_toml
+    from fedlora.flower.config import FLOWER_ONLY, flower_options, from_flower, to_flower
+    from fedlora.flower.server_app import method_in_process_only
 
     p = argparse.ArgumentParser(prog="python -m fedlora.flower.loopback", description=__doc__.split("\n\n")[0])
     p.add_argument("--supernodes", type=int, default=2, help="SuperNodes to start, one per partition (the run's clients)")
-    p.add_argument("--run-config", default="", help="overrides as \"k=v ...\" or a .toml file; keys are `fedlora run`'s long flags")
+    p.add_argument("--run-config", action="append", default=[], metavar="\"k=v ...\" | FILE.toml",
+                   help="overrides as \"k=v ...\" or a .toml file; keys are `fedlora run`'s long flags; given again, the "
+                   "later wins (e.g. --run-config run.toml --run-config \"resume=true\")")
     p.add_argument("--app", default=".", help="the Flower app: this repository (default .)")
-    p.add_argument("--workdir", default=None, help="certificates, keys, FLWR_HOME, logs (default: a new temporary folder)")
+    p.add_argument("--workdir", default=None, help="certificates, keys, FLWR_HOME, logs, the SuperNodes' state directories "
+                   "(default: a new temporary folder; to resume a run with its clients' state, pass the same one again)")
     p.add_argument("--gateway", default=None, metavar="ADDRESS",
                    help="SuperNodes connect through a Fleet-API-only gateway on ADDRESS (an address of this host)")
     p.add_argument("--workers", action=argparse.BooleanOptionalAction, default=True,
@@ -362,36 +436,76 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dirs", action=argparse.BooleanOptionalAction, default=True,
                    help="a state directory for each SuperNode, so its client survives a restart (default on)")
     args = p.parse_args(argv)
-    # Every setting is checked before a process starts.
+    overrides = {}
+    for item in args.run_config:
+        try:
+            overrides |= parse_config_args([item] if item else None)
+        except OSError as exc:
+            refuse(f"--run-config {item}: {exc.strerror or exc}; pass an existing .toml file or \"k=v ...\"")
+        except (ValueError, click.ClickException) as exc:  # TOML that does not parse, in a file or in "k=v ..."
+            where = f" ({exc})" if isinstance(exc, ValueError) else ""  # Flower's own message for "k=v" is a paragraph
+            refuse(f"--run-config {item!r} is not valid TOML{where}; values are TOML: strings need quotes, e.g. "
+                   "--run-config \"method='fedsa' rounds=2\"")
     try:
-        overrides = parse_config_args([args.run_config] if args.run_config else None)
         overrides.setdefault("clients", args.supernodes)
         config = from_flower(to_flower(RunConfig()) | overrides).validate()
+        options = {k: v for k, v in flower_options(overrides).items() if k in overrides}  # given, checked
+        why = method_in_process_only(config)
     except (ValueError, OSError) as exc:
-        p.error(str(exc))
+        refuse(str(exc))
+    if why:
+        refuse(f"method {config.method} runs in-process only ({why}); run it with `fedlora run --method {config.method}`")
     if config.clients != args.supernodes:
-        p.error(f"the run has clients={config.clients} but --supernodes {args.supernodes}; one SuperNode per client")
+        refuse(f"the run has clients={config.clients} but --supernodes {args.supernodes}; one SuperNode per client")
+    if options.get("resume") and not config.out:
+        refuse("resume needs the run directory: pass --run-config \"out='/abs/path/runs/NAME' resume=true\"")
+    assert set(options) <= set(FLOWER_ONLY)
+    return args, config, options
+
+
+def refuse(message: str) -> NoReturn:
+    """A setting refused before anything starts: one line on stderr, exit 2."""
+    print(f"flower_deploy: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run_config_toml(config, options: dict) -> str:
+    """The run config file the launcher hands to ``flwr run``: the settings that differ from the defaults, and the
+    Flower-only keys (``resume``, ``round-timeout``) that were given."""
+    import json
+
+    from fedlora.flower.config import to_toml
+
+    return to_toml(config) + "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start, run, stop. Exit 0 only when the run finished; a run the ServerApp refused (a setting, the run directory,
+    a resume that does not fit) exits 2 and one that failed otherwise 1, each with the ServerApp's reason in one line
+    on stderr. A ``kill -9`` of this process takes what it started with it (they get SIGTERM)."""
+    args, config, options = _parse(argv)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="fedlora-loopback-"))
     workdir.mkdir(parents=True, exist_ok=True)
     run_config = workdir / "run-config.toml"
-    run_config.write_text(to_toml(config))
+    run_config.write_text(run_config_toml(config, options))
     print(f"loopback federation in {workdir} (logs in {workdir / 'logs'})", flush=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of this script still stops what it started
-    fed = LoopbackFederation(workdir, args.supernodes, workers=args.workers, state_dirs=args.state_dirs, gateway=args.gateway)
+    fed = LoopbackFederation(workdir, args.supernodes, workers=args.workers, state_dirs=args.state_dirs, gateway=args.gateway,
+                             die_with_parent=True)
     rc, left = 1, set()
     try:
         fed.start()
         print(f"SuperLink 127.0.0.1:{fed.port} (TLS, SuperNode auth); {args.supernodes} SuperNodes registered and started"
               + (", each with a model worker" if args.workers else ""), flush=True)
-        res = fed.run(Path(args.app), str(run_config))
-        sys.stdout.write(res.stdout)
-        sys.stderr.write(res.stderr)
-        rc = res.returncode
+        res = fed.run(Path(args.app), str(run_config), timeout=None, echo=True)
+        rc, reason = fed.outcome(res)
+        if rc:
+            print(f"flower_deploy: error: {reason}", file=sys.stderr, flush=True)
     finally:
         left = fed.stop()
         print("stopped every process it started" if not left else f"could not stop processes {sorted(left)}", flush=True)
-    return rc if not left else 1
+    return rc if not left else (rc or 1)
 
 
 if __name__ == "__main__":

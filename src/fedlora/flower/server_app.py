@@ -11,8 +11,11 @@ clients' mean B and head), as with ``fedlora run``.
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import time
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import flwr
@@ -28,11 +31,72 @@ from fedlora.flower.strategy import FedLoRAStrategy
 app = ServerApp()
 
 
+class RunRefused(ValueError):
+    """A run the ServerApp refuses (a setting, the run directory, a resume that does not fit): one line in Flower's log.
+
+    Our choice: Flower logs a ServerApp's exception with its traceback and marks the run failed with
+    ``str(exception)`` as its status details (``flwr ls``). For the one-line errors fedlora gives everywhere else
+    (ValueError, as the CLI prints them) the traceback says nothing, so this exception shows none: its
+    ``__traceback__`` reads as None (Python still unwinds with the real one). Its name in the log,
+    ``fedlora.RunRefused``, is what ``scripts/flower_deploy.sh`` looks for to exit 2 rather than 1."""
+
+    __module__ = "fedlora"
+
+    @property
+    def __traceback__(self):
+        return None
+
+    @__traceback__.setter
+    def __traceback__(self, value) -> None:
+        pass
+
+
+def exit_with_parent(grace: float = 10.0, poll: float = 1.0, argv: list[str] | None = None) -> threading.Thread | None:
+    """End this process ``grace`` seconds after the parent Flower named (``--parent-pid``: the SuperExec that started
+    this ``flwr-serverapp``) is gone; the watching thread, or None where Flower named no parent (in-process runs).
+
+    Our choice: Flower's ServerApp process watches that parent too and starts its own exit when it dies, but that
+    exit first pushes the run's status and logs to the SuperLink, which is gone with it, and retries for minutes.
+    Meanwhile the process holds the run directory's lock, so ``resume=true`` after the deployment was killed was
+    refused as "being written". Nothing it could still write is worth keeping (the checkpoint is replaced
+    atomically), so it ends without ceremony; its lock is then stale and taken over."""
+    argv = sys.argv if argv is None else argv
+    try:
+        parent = int(argv[argv.index("--parent-pid") + 1])
+    except (ValueError, IndexError):
+        return None
+
+    def alive() -> bool:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def watch() -> None:
+        while alive():
+            time.sleep(poll)
+        time.sleep(grace)  # Flower's own exit first, when it can still finish
+        log(ERROR, "fedlora: the ServerApp's parent process (Flower's SuperExec) is gone; exiting. Continue the run "
+            "with resume=true in its run config")
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="fedlora-exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = from_flower(context.run_config).validate()
-    options = flower_options(context.run_config)
-    run_federation(grid, config, resume=bool(options["resume"]), round_timeout=float(options["round-timeout"]))
+    exit_with_parent()
+    try:
+        config = from_flower(context.run_config).validate()
+        options = flower_options(context.run_config)
+        run_federation(grid, config, resume=bool(options["resume"]), round_timeout=float(options["round-timeout"]))
+    except ValueError as exc:  # as the CLI: one line, no traceback
+        raise RunRefused(str(exc.args[0]) if exc.args else str(exc)) from None
 
 
 def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round_timeout: float = FLOWER_ONLY["round-timeout"]) -> list[dict]:
