@@ -148,6 +148,9 @@ class Method:
     pooled: ClassVar[bool] = False
     communicates: ClassVar[bool] = True
     in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
+    # Why the run has no one global model to export (a personalised structure PEFT cannot load: FedLEASE); "" : it has.
+    # The artefacts are still written; load_global_model refuses with this reason.
+    no_global_model: ClassVar[str] = ""
     # Server optimisers (``--server-opt``; METHODS.md "Server optimisers"; :mod:`fedlora.federation.server_opt`):
     # SERVER_OPT_FACTORS when the method's result lies in the coordinates of the round's start factors (each trained
     # tensor of the broadcast is stepped), SERVER_OPT_FOLD when its result is a fold into the base (the fold is

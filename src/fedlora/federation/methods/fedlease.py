@@ -57,6 +57,8 @@ class FedLEASE(Method):
     personalised = True
     server_opt = SERVER_OPT_FACTORS
     in_process_only = "its global score is every client's own model with its private router, which a Flower server never receives"
+    no_global_model = ("fedlease has no one global model to load: each client mixes the shared experts with its own router; "
+                       "resume the run's checkpoint (each client's experts, cluster and router are there) and score a client's own state")
     unsupported = {kind: _STRUCTURE.format(name) for kind, name in (("dora", "DoRA"), ("vera", "VeRA"), ("hira", "HiRA"))}
     options = {"max_experts": Option(MAX_EXPERTS, "FedLEASE: the largest number of clusters (experts) tried, K ≤ min(this, N−1)")}
 
