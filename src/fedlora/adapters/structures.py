@@ -11,6 +11,11 @@ adapters, and :class:`~fedlora.adapters.AdapterHandle` reads the result as ordin
 - **dual** (FedDPA): a second LoRA adapter ``local`` on the same layers, mixed per instance with the global one:
   ``y = W0x + s(1−α_x)·B_gA_g x + s·α_x·B_lA_l x`` (:class:`DualMix`). With α = 0 (the default state) the model
   is the global adapter alone.
+- **experts** (FedLEASE): ``y = W0x + s·Σ_e ω_e(x)·B_eA_e x`` over E LoRA experts with a router
+  (:class:`ExpertsA`, :class:`ExpertsB`): ``lora_A`` holds expert 0's A as ``weight`` and the others' in ``more``,
+  the router ``G`` (Linear k→2E−1 with bias, zero) and the slot map ``slots`` (each slot's expert, −1 unused);
+  ``lora_B`` holds the B's the same way. The handle reads expert 0 as the layer's factors (B, A); the rest are
+  other trainables the method names.
 """
 
 from __future__ import annotations
@@ -44,6 +49,81 @@ class CoreB(nn.Module):
         cores = self.core if self.gain is None else self.core * self.gain[:, None, None]
         y = torch.einsum("...hj,hij->...hi", z.unflatten(-1, (h, r)), cores.to(z.dtype)).flatten(-2)
         return F.linear(y, self.weight)
+
+
+def slot_map(cluster: int, experts: int) -> list[int]:
+    """The expert of each of the 2M−1 router slots of a client in ``cluster``: M times c, then the others in order."""
+    if not 0 <= cluster < experts:
+        raise ValueError(f"cluster {cluster} is not one of the {experts} experts")
+    return [cluster] * experts + [e for e in range(experts) if e != cluster]
+
+
+def routing_weights(logits: Tensor, slots: Tensor, n_experts: int) -> Tensor:
+    """``ω`` (…, n_experts) from router ``logits`` (…, S) and ``slots`` (S: each slot's expert, −1 for an unused
+    slot, so a model sized for more experts than the clustering found routes over the 2M−1 used ones): softmax over
+    the used slots, the top-M (M = (used+1)/2) kept, ties to the lower slot, summed per expert, not renormalised."""
+    used = slots >= 0
+    m = (int(used.sum()) + 1) // 2
+    p = torch.softmax(logits.masked_fill(~used, float("-inf")), dim=-1)
+    order = torch.sort(p.detach(), dim=-1, descending=True, stable=True).indices  # stable: ties keep the lower slot
+    chosen = torch.zeros_like(p).scatter(-1, order[..., :m], 1.0)
+    expert = slots.clamp_min(0).long().expand_as(p)
+    return torch.zeros(*p.shape[:-1], n_experts, dtype=p.dtype, device=p.device).scatter_add(-1, expert, p * chosen)
+
+
+class ExpertsA(nn.Module):
+    """``lora_A`` of the experts structure: ``x ↦ [ω_e(x)·A_e x]_e`` (…, E·r), ``ω`` from the router ``G`` and the slot
+    map (:func:`routing_weights`). Each expert's A is its own parameter, so freezing one
+    is ``requires_grad`` on it. ``slots`` is per-client state held like a trainable and never trained (the method
+    freezes it every round); with the default map ``[0, −1, …]`` the layer is plain LoRA on expert 0."""
+
+    def __init__(self, A0: Tensor, experts: int):
+        super().__init__()
+        r, k = A0.shape
+        self.weight = nn.Parameter(A0)
+        self.more = nn.ParameterList([nn.Parameter(A0.new_zeros(r, k)) for _ in range(experts - 1)])
+        self.router = nn.Linear(k, 2 * experts - 1, bias=True, device=A0.device, dtype=A0.dtype)
+        nn.init.zeros_(self.router.weight)
+        nn.init.zeros_(self.router.bias)
+        default = torch.full((2 * experts - 1,), -1.0, dtype=A0.dtype, device=A0.device)
+        default[0] = 0.0
+        self.slots = nn.Parameter(default)
+
+    def experts(self) -> list[Tensor]:
+        return [self.weight, *self.more]
+
+    def forward(self, x: Tensor) -> Tensor:
+        A = torch.stack(self.experts())  # E×r×k
+        z = torch.einsum("erk,...k->...er", A.to(x.dtype), x)
+        omega = routing_weights(self.router(x.to(self.router.weight.dtype)), self.slots.detach().round(), A.shape[0])
+        return (z * omega.to(z.dtype).unsqueeze(-1)).flatten(-2)
+
+
+class ExpertsB(nn.Module):
+    """``lora_B`` of the experts structure: ``z ↦ Σ_e B_e z_e`` (z: …, E·r, as :class:`ExpertsA` gives it)."""
+
+    def __init__(self, B0: Tensor, experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(B0)
+        self.more = nn.ParameterList([nn.Parameter(torch.zeros_like(B0)) for _ in range(experts - 1)])
+
+    def experts(self) -> list[Tensor]:
+        return [self.weight, *self.more]
+
+    def forward(self, z: Tensor) -> Tensor:
+        return F.linear(z, torch.cat(self.experts(), dim=1).to(z.dtype))
+
+
+@torch.no_grad()
+def install_experts(model: nn.Module, experts: int) -> None:
+    """Turn every LoRA layer of ``model`` into the experts structure with ``experts`` slots for experts: expert 0 is the
+    layer's LoRA as PEFT initialised it, the others zero, the router zero, the slot map plain LoRA on expert 0."""
+    if experts < 1:
+        raise ValueError(f"an experts structure needs at least one expert, not {experts}")
+    for _, layer in lora_layers(model):
+        A0, B0 = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        layer.lora_A["default"] = ExpertsA(A0.detach().clone(), experts)
+        layer.lora_B["default"] = ExpertsB(B0.detach().clone(), experts)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -153,5 +233,5 @@ def cosine_to(reps: Tensor, reference: Tensor) -> Tensor:
     return (a @ b.T).mean(-1)
 
 
-__all__ = ["LOCAL", "CoreB", "DualMix", "add_local_adapter", "basis_gain", "cosine_to", "install_core", "lora_layers",
-           "mean_pooled"]
+__all__ = ["LOCAL", "CoreB", "DualMix", "ExpertsA", "ExpertsB", "add_local_adapter", "basis_gain", "cosine_to",
+           "install_core", "install_experts", "lora_layers", "mean_pooled", "routing_weights", "slot_map"]

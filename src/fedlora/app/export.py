@@ -77,6 +77,7 @@ def save_run_artifacts(exp, out: Path) -> None:
         "folds_in_adapter": merged,
         "base_delta": "base_delta.safetensors" if h.folded else None,
         "private_clients": sorted(sim.private),
+        "no_global_model": sim.method.no_global_model,
     }
     (out / "adapter" / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     h.set(sim.global_tensors)
@@ -92,6 +93,8 @@ def load_global_model(run_dir: str | Path):
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     manifest = json.loads((run_dir / "adapter" / MANIFEST).read_text())
+    if manifest.get("no_global_model"):
+        raise ValueError(manifest["no_global_model"])
     if config.get("task") == "causal-lm":  # label_names are then the partition's labels, not a head's
         base, tokenizer = load_causal_lm(config["model"], seed=config["seed"])
     else:

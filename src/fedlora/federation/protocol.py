@@ -11,7 +11,8 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
 
 - once, when the model is built: :meth:`Method.prepare` (an adapter structure PEFT lacks: Fed-SB's core,
   FedDPA's second adapter); then, if :meth:`Method.needs_setup`, a round 0: :meth:`Method.setup_upload` on every
-  client, :meth:`Method.setup_aggregate` on the server (Fed-SB's federated gradient init);
+  client, :meth:`Method.setup_aggregate` on the server, which sees who sent what (Fed-SB's federated gradient
+  init; FedLEASE's round-0 LoRA, clustering and expert init; ``deliver`` then gives each client its own part);
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
   client), :meth:`Method.private`, :meth:`Method.loss_term`,
   :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
@@ -147,6 +148,9 @@ class Method:
     pooled: ClassVar[bool] = False
     communicates: ClassVar[bool] = True
     in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
+    # Why the run has no one global model to export (a personalised structure PEFT cannot load: FedLEASE); "" : it has.
+    # The artefacts are still written; load_global_model refuses with this reason.
+    no_global_model: ClassVar[str] = ""
     # Server optimisers (``--server-opt``; METHODS.md "Server optimisers"; :mod:`fedlora.federation.server_opt`):
     # SERVER_OPT_FACTORS when the method's result lies in the coordinates of the round's start factors (each trained
     # tensor of the broadcast is stepped), SERVER_OPT_FOLD when its result is a fold into the base (the fold is
@@ -155,7 +159,7 @@ class Method:
     server_opt_refusal: ClassVar[str] = "it declares no coordinates a server optimiser could step (Method.server_opt)"
 
     # Hooks that grew an argument (wave 3): an override written before it (a plug-in) is wrapped to drop it.
-    _grown: ClassVar[dict[str, str]] = {"frozen": "peer", "upload": "peer", "deliver": "seed"}
+    _grown: ClassVar[dict[str, str]] = {"frozen": "peer", "upload": "peer", "deliver": "seed", "setup_aggregate": "peers"}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -248,8 +252,10 @@ class Method:
         """Round 0 on a client holding the initial state: what it sends (``train``: its training split)."""
         raise NotImplementedError(f"{self.name} runs no round 0")
 
-    def setup_aggregate(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors) -> Tensors:
-        """Round 0 on the server: the broadcast every client (and the server's model) applies before round 1."""
+    def setup_aggregate(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors,
+                        peers: list[Peer] | None = None) -> Tensors:
+        """Round 0 on the server: the broadcast every client (and the server's model) applies before round 1;
+        ``peers``: who sent each upload (FedLEASE clusters them; ``deliver`` may then give each its own part)."""
         raise NotImplementedError(f"{self.name} runs no round 0")
 
     # ---- client side -----------------------------------------------------------------------------------------

@@ -312,7 +312,8 @@ class Simulator:
         h, method = self.handle, self.method
         results = self._usable_setup(results)
         weights = client_weights([n for _, _, n in results], self.config.weighting)
-        broadcast = method.setup_aggregate(h, [u for _, u, _ in results], weights, self.global_tensors)
+        broadcast = method.setup_aggregate(h, [u for _, u, _ in results], weights, self.global_tensors,
+                                           peers=[self.peers[cid] for cid, _, _ in results])
         first = round_seed(self.config.seed, 1)
         self.traffic.record_setup([u for _, u, _ in results], [method.deliver(h, broadcast, p, seed=first) for p in self.peers])
         self._apply(ServerUpdate(broadcast=broadcast), round_seed(self.config.seed, 0), first)
