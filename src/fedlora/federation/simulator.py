@@ -519,7 +519,7 @@ class Simulator:
             tensors[f"base/{module}"] = h.layers[module].get_base_layer().weight.detach()
             tensors[f"folded/{module}"] = folded
         tensors |= self.server_opt.state()
-        tensors |= {f"method/{k}": t for k, t in self.method.server_state().items()}
+        tensors |= {f"method/{k}": t.clone() for k, t in self.method.server_state().items()}  # may share storage with global/
         meta = {"round": len(self.history), "history": self.history} | self.traffic.state() | self.privacy.state()
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
