@@ -147,7 +147,7 @@ def test_four_rounds_all_stages_four_clients(small_csv):
     ups, w, update = seen[2]
     for c in set(method.labels.values()):
         members = [i for i, cid in enumerate(history[2]["clients"]) if method.labels[cid] == c]
-        for m, k in h.keys.items():
+        for k in h.keys.values():
             res = aggregate("hilora", [ups[i][k.B] for i in members], [ups[i][k.A] for i in members], w[members] / w[members].sum())
             for cid in (cid for cid, lab in method.labels.items() if lab == c):
                 torch.testing.assert_close(sim.held[cid][k.B] @ sim.held[cid][k.A], res.B @ res.A, rtol=0, atol=1e-5)
