@@ -16,6 +16,8 @@ adapters, and :class:`~fedlora.adapters.AdapterHandle` reads the result as ordin
   the router ``G`` (Linear k→2E−1 with bias, zero) and the slot map ``slots`` (each slot's expert, −1 unused);
   ``lora_B`` holds the B's the same way. The handle reads expert 0 as the layer's factors (B, A); the rest are
   other trainables the method names.
+- **summed** (HiLoRA's leaf tier): a second LoRA adapter on the same layers whose path is added to the default
+  one: ``y = W0x + s·B A x + s·B_l A_l x`` (:class:`SummedAdapter`). PEFT's init (B_l = 0) adds nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LOCAL = "local"  # the name of FedDPA's second (private) adapter
+LEAF = "leaf"  # the name of HiLoRA's summed leaf adapter
 
 
 class CoreB(nn.Module):
@@ -205,19 +208,48 @@ class DualMix:
             self.alpha = before
 
 
+class SummedAdapter:
+    """HiLoRA's leaf tier: a forward hook on every LoRA layer adds ``s_l·B_l A_l x`` of adapter ``name`` to PEFT's
+    output (nothing while adapters are disabled)."""
+
+    def __init__(self, model: nn.Module, name: str = LEAF):
+        self.name = name
+        self.layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+        for layer in self.layers:
+            layer.register_forward_hook(self._hook)
+
+    def _hook(self, layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if layer.disable_adapters:
+            return output
+        n = self.name
+        x = args[0].to(layer.lora_A[n].weight.dtype)
+        return output + (layer.lora_B[n](layer.lora_A[n](layer.lora_dropout[n](x))) * layer.scaling[n]).to(output.dtype)
+
+
+def add_adapter_copy(model: nn.Module, config, name: str) -> None:
+    """A second LoRA adapter ``name`` on the same layers (``config``: the default adapter's PEFT config), its factors
+    trainable, without a task head of its own (PEFT copies the head for a new adapter; the head stays the default's)."""
+    model.add_adapter(name, config)
+    for pname, p in model.named_parameters():
+        if f".{name}." in pname and ".lora_" in pname:
+            p.requires_grad_(True)
+    for module in model.modules():
+        saved = getattr(module, "modules_to_save", None)
+        if isinstance(saved, nn.ModuleDict) and name in saved:
+            del saved[name]
+
+
 def add_local_adapter(model: nn.Module, config) -> DualMix:
     """FedDPA: add the private ``local`` LoRA (``config``: the global adapter's PEFT config, without a head of its
     own), make its factors trainable, and return the mix that combines the two."""
-    model.add_adapter(LOCAL, config)
-    for name, p in model.named_parameters():
-        if f".{LOCAL}." in name and ".lora_" in name:
-            p.requires_grad_(True)
-    # PEFT also copies the task head for the new adapter; FedDPA's head is the global one, so drop the copy.
-    for module in model.modules():
-        saved = getattr(module, "modules_to_save", None)
-        if isinstance(saved, nn.ModuleDict) and LOCAL in saved:
-            del saved[LOCAL]
+    add_adapter_copy(model, config, LOCAL)
     return DualMix(model)
+
+
+def add_summed_adapter(model: nn.Module, config, name: str = LEAF) -> SummedAdapter:
+    """HiLoRA: add the leaf LoRA ``name``, whose path is added to the default adapter's."""
+    add_adapter_copy(model, config, name)
+    return SummedAdapter(model, name)
 
 
 def mean_pooled(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -233,5 +265,6 @@ def cosine_to(reps: Tensor, reference: Tensor) -> Tensor:
     return (a @ b.T).mean(-1)
 
 
-__all__ = ["LOCAL", "CoreB", "DualMix", "ExpertsA", "ExpertsB", "add_local_adapter", "basis_gain", "cosine_to",
-           "install_core", "install_experts", "lora_layers", "mean_pooled", "routing_weights", "slot_map"]
+__all__ = ["LEAF", "LOCAL", "CoreB", "DualMix", "ExpertsA", "ExpertsB", "SummedAdapter", "add_adapter_copy", "add_local_adapter",
+           "add_summed_adapter", "basis_gain", "cosine_to", "install_core", "install_experts", "lora_layers", "mean_pooled",
+           "routing_weights", "slot_map"]

@@ -10,7 +10,8 @@ derived from these declarations: no code outside a method's own files decides by
 Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; so do these):
 
 - once, when the model is built: :meth:`Method.prepare` (an adapter structure PEFT lacks: Fed-SB's core,
-  FedDPA's second adapter); then, if :meth:`Method.needs_setup`, a round 0: :meth:`Method.setup_upload` on every
+  FedDPA's second adapter, HiLoRA's leaf tier) and :meth:`Method.schedule` (the run's rounds and clients: HiLoRA's
+  stages); then, if :meth:`Method.needs_setup`, a round 0: :meth:`Method.setup_upload` on every
   client, :meth:`Method.setup_aggregate` on the server, which sees who sent what (Fed-SB's federated gradient
   init; FedLEASE's round-0 LoRA, clustering and expert init; ``deliver`` then gives each client its own part);
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
@@ -21,6 +22,9 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
   receives, counted per client in bytes down);
 - client again: :meth:`Method.fold` (base-weight updates) and :meth:`Method.take` (the trainables to start
   from); :meth:`Method.apply` is both.
+
+State a method keeps on the server across rounds (HiLoRA's tracked B̄, clusters and cluster LoRAs) goes into the
+checkpoint through :meth:`Method.server_state` and :meth:`Method.load_server_state`.
 
 Tensors are ``dict[str, Tensor]`` keyed by the PEFT parameter name (see :class:`fedlora.adapters.AdapterHandle`).
 May import :mod:`fedlora.adapters` and :mod:`fedlora.aggregation`.
@@ -241,6 +245,18 @@ class Method:
         """Change the PEFT model's adapter structure before anything reads it (Fed-SB's and RAVAN's frozen bases and
         cores, FedDPA's second adapter). Called once per process right after PEFT wraps the model, with the run's
         seed, so the simulator, the Flower server and every SuperNode build the same model."""
+
+    def schedule(self, rounds: int, clients: int = 0) -> None:
+        """Told the run's number of rounds and of clients once, before round 1 (HiLoRA's stages and clustering)."""
+
+    # ---- state kept on the server across rounds (checkpointed) -------------------------------------------------
+    def server_state(self) -> Tensors:
+        """What the method keeps on the server between rounds, as tensors for the checkpoint (HiLoRA's tracked B̄,
+        clusters and cluster LoRAs); {} for a method that keeps nothing."""
+        return {}
+
+    def load_server_state(self, tensors: Tensors) -> None:
+        """Put back what :meth:`server_state` returned (a resumed run)."""
 
     # ---- round 0, for a method that needs one ------------------------------------------------------------------
     def needs_setup(self) -> bool:

@@ -268,6 +268,7 @@ class Simulator:
                 raise ValueError(f"client {p.cid} has rank {p.rank} but the model's adapter has rank {h.rank}; build it at the largest client rank")
         rule = get_rule(self.method.rule) if self.method.rule in RULES else None
         check_server_memory(h, max(1, int(round(self.config.fraction * len(self.clients)))), quadratic=bool(rule and rule.quadratic))
+        self.method.schedule(self.config.rounds, len(self.clients))
         self.config, self.privacy = settle_privacy(self.config, self.method, h.spec.kind, [len(c.train) for c in self.clients], self.mixed)
         self.global_tensors: Tensors = h.get()
         self.eval_tensors: Tensors = self.global_tensors
@@ -519,6 +520,7 @@ class Simulator:
             tensors[f"base/{module}"] = h.layers[module].get_base_layer().weight.detach()
             tensors[f"folded/{module}"] = folded
         tensors |= self.server_opt.state()
+        tensors |= {f"method/{k}": t.clone() for k, t in self.method.server_state().items()}  # may share storage with global/
         meta = {"round": len(self.history), "history": self.history} | self.traffic.state() | self.privacy.state()
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
@@ -526,6 +528,7 @@ class Simulator:
     def restore(self, tensors: Tensors, meta: dict) -> None:
         held = self._restore_tensors(tensors)
         self.server_opt.load({k: t.to(self.config.device) for k, t in tensors.items() if k.startswith("serveropt/")})
+        self.method.load_server_state({k.removeprefix("method/"): t for k, t in tensors.items() if k.startswith("method/")})
         self.eval_tensors = dict(self.global_tensors) | self.eval_tensors
         self.held = {p.cid: self.global_tensors | held[p.cid] if p.cid in held else self.global_tensors for p in self.peers}
         self.handle.set(self.global_tensors)
