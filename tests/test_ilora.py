@@ -195,7 +195,7 @@ def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, 
             new = rec["update"].broadcast
             G1 = s * new[k.B].double() @ new[k.A].double()
             torch.testing.assert_close(G1, dense_qr_truncation(M, h.rank)[1], atol=2e-5, rtol=0)
-            for p in sim.peers:  # each client holds the nested truncation at its rank and scale
+            for p in sim.peers if rec is rounds[-1] else []:  # each client holds the nested truncation at its rank and scale
                 view = sim.held[p.cid]
                 got = p.scale * view[k.B].double() @ view[k.A].double()
                 torch.testing.assert_close(got, dense_qr_truncation(M, p.rank)[1], atol=2e-5, rtol=0)
