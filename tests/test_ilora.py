@@ -163,7 +163,7 @@ def test_round_one_model_is_W0_for_every_client_rank(small_csv, adapter, ranks):
 
 
 def run_recording(sim):
-    h, rounds = sim.handle, []
+    rounds = []
     original = sim.method.aggregate
 
     def spy(h_, ups, weights, current, ctx):
