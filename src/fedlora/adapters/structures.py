@@ -29,8 +29,6 @@ import torch.nn.functional as F
 from peft.utils import transpose
 from torch import Tensor, nn
 
-from fedlora.aggregation.ilora import qr_truncate
-
 LOCAL = "local"  # the name of FedDPA's second (private) adapter
 # Attributes set on a PEFT LoRA layer: the update folded into its base weight while the structure was built (in
 # the weight's own layout; AdapterHandle starts its ``folded`` from it), and the rank of the client whose factors
@@ -157,7 +155,8 @@ class QROffset:
     """ILoRA's frozen offset on every LoRA layer (see the module docstring): the base holds ``W0 − T_r``; for a
     client of rank ρ < r a forward hook adds ``Q[:, ρ:r] R[ρ:r] x`` so its base is ``W0 − T_ρ``."""
 
-    def __init__(self, model: nn.Module, rank: int, scale: float):
+    def __init__(self, model: nn.Module, rank: int, scale: float, qr: Callable[[Tensor, int], tuple[Tensor, Tensor]]):
+        """``qr(W, r)``: the method's ``(Q[:, :r], R[:r])`` of a d×k weight W (float64)."""
         self.rank = rank
         for name, layer in lora_layers(model):
             weight = layer.get_base_layer().weight
@@ -165,7 +164,7 @@ class QROffset:
             W = transpose(weight.detach(), flip).to(torch.float64)  # d×k
             if rank > min(W.shape):
                 raise ValueError(f"ilora: rank {rank} exceeds what layer {name} ({W.shape[0]}×{W.shape[1]}) can hold; pass a smaller --rank")
-            Q, R = qr_truncate(W, torch.eye(W.shape[1], dtype=W.dtype, device=W.device), rank)
+            Q, R = qr(W, rank)
             step = transpose(-(Q @ R), flip).to(weight.dtype)
             with torch.no_grad():
                 weight.add_(step)

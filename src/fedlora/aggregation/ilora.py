@@ -44,6 +44,11 @@ def qr_truncate(L: Tensor, R_f: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return Q, (Q.T @ L) @ R_f
 
 
+def qr_init(W: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(Q[:, :r], R[:r])`` of the Householder QR ``W = QR`` (diag R ≥ 0): ILoRA's start ``T_r = Q[:, :r] R[:r]``."""
+    return qr_truncate(W, torch.eye(W.shape[1], dtype=W.dtype, device=W.device), rank)
+
+
 def svd_truncate(L: Tensor, R_f: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """``(U_r, Σ_r V_rᵀ)`` of ``M = L R_f``: the best rank-``rank`` fit ``[M]_r``, via the QR of L (d×n) and the SVD of
     the n×k core; never forms M."""

@@ -5,7 +5,7 @@ import torch
 
 from fedlora.adapters.structures import QROffset
 from fedlora.aggregation import Aggregate, aggregate
-from fedlora.aggregation.ilora import TRUNCATIONS
+from fedlora.aggregation.ilora import TRUNCATIONS, qr_init
 from fedlora.federation.protocol import Method, Option, ServerUpdate, register
 
 
@@ -61,7 +61,7 @@ class ILoRA(Method):
     }
 
     def prepare(self, model, spec, seed):
-        QROffset(model, spec.r, spec.scale_at(spec.r))
+        QROffset(model, spec.r, spec.scale_at(spec.r), qr_init)
 
     # ---- what client u holds: the nested truncation at its rank and scale ------------------------------------------
     def deliver(self, h, broadcast, peer, seed=None):
