@@ -67,7 +67,8 @@ def test_mixed_ranks_run_in_process_and_on_flower_with_equal_metrics(small_csv, 
         else:
             assert m["bound"] <= m["divergence"] + 1e-6
     # Each client holds the global state at its own rank: the first r_u components, each factor × √(s_max/s_u)
-    # (FLoRA and FLoRIST re-initialise every round: a fresh init at r_u is the first r_u components, unscaled).
+    # (FLoRA and FLoRIST re-initialise every round: a fresh init at r_u is the first r_u components, unscaled;
+    # ILoRA keeps B orthonormal: B unscaled, A × s_max/s_u — the same product).
     s = h.spec.scale_at
     for p in sim.peers:
         c = 1.0 if restarts else (s(4) / s(p.rank)) ** 0.5
@@ -75,8 +76,9 @@ def test_mixed_ranks_run_in_process_and_on_flower_with_equal_metrics(small_csv, 
             for name, dim in ((k.B, 1), (k.A, 0)):
                 held, glob = sim.held[p.cid][name], sim.global_tensors[name]
                 assert held.shape[dim] == p.rank
+                f = (1.0 if name == k.B else c * c) if method == "ilora" else c
                 if name not in method_private(sim):
-                    torch.testing.assert_close(held, glob.narrow(dim, 0, p.rank) * c)
+                    torch.testing.assert_close(held, glob.narrow(dim, 0, p.rank) * f)
 
     flower = run_federation(InlineGrid(cfg, fresh=restarts), cfg.replace(out=str(tmp_path / "run")))
     assert_same_history(flower, history)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fedlora.adapters.kinds import MATRIX
 from fedlora.adapters.spec import AdapterSpec
-from fedlora.adapters.structures import CoreB
+from fedlora.adapters.structures import BUILD_FOLD, LOADED_RANK, CoreB
 from fedlora.aggregation import Aggregate, block_diagonal
 
 
@@ -61,7 +61,9 @@ class AdapterHandle:
         self.cored = any(k.core for k in self.keys.values())
         # Σ of every weight-space update folded into each base weight, in that weight's own layout (k×d where it
         # is stored transposed): exactly what was added to it.
-        self.folded: dict[str, Tensor] = {}
+        # A structure may fold into the base while it is built (ILoRA's offset, BUILD_FOLD): that counts too.
+        self.folded: dict[str, Tensor] = {m: getattr(layer, BUILD_FOLD).clone() for m, layer in self.layers.items()
+                                          if getattr(layer, BUILD_FOLD, None) is not None}
         # Mixed ranks: the model holds rank r_max = spec.r; a client of rank r_u uses the first r_u components (the
         # rest are zero, and stay zero in training: their gradients vanish with the zero partner) at scale s(r_u).
         self.rank = spec.r
@@ -132,6 +134,8 @@ class AdapterHandle:
         ratio = target / self.spec.scale_at(self.rank)
         for module, s in self._scaling.items():
             self.layers[module].scaling["default"] = s * ratio
+        for layer in self.layers.values():  # the loaded client's rank, for structures that depend on it (ILoRA's offset)
+            setattr(layer, LOADED_RANK, self.rank if rank is None else rank)
 
     def truncate(self, tensors: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
         """The first ``rank`` components of every factor in ``tensors`` (other tensors as they are)."""

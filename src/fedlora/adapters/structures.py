@@ -18,6 +18,12 @@ adapters, and :class:`~fedlora.adapters.AdapterHandle` reads the result as ordin
   other trainables the method names.
 - **summed** (HiLoRA's leaf tier): a second LoRA adapter on the same layers whose path is added to the default
   one: ``y = W0x + s·B A x + s·B_l A_l x`` (:class:`SummedAdapter`). PEFT's init (B_l = 0) adds nothing.
+- **QR offset** (ILoRA): the adapter starts from the QR part ``T_r = Q[:, :r] R[:r]`` of each base weight W0
+  (``lora_B = Q[:, :r]``, ``lora_A = R[:r]/s``) and the base holds ``W0 − T_r`` (folded once, at build, and
+  recorded as a build fold the handle reads: :data:`BUILD_FOLD`), so the model starts at W0 exactly. A client of
+  a lower rank ρ has the offset ``−T_ρ``: a forward hook adds the frozen tail ``Q[:, ρ:r] R[ρ:r]`` (buffers, not
+  trainables; ρ is the rank the handle last loaded, :data:`LOADED_RANK`). One base in memory; with one rank the
+  hook adds nothing.
 """
 
 from __future__ import annotations
@@ -27,10 +33,15 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from peft.utils import transpose
 from torch import Tensor, nn
 
 LOCAL = "local"  # the name of FedDPA's second (private) adapter
 LEAF = "leaf"  # the name of HiLoRA's summed leaf adapter
+# Attributes set on a PEFT LoRA layer: the update folded into its base weight while the structure was built (in
+# the weight's own layout; AdapterHandle starts its ``folded`` from it), and the rank of the client whose factors
+# the handle last loaded (AdapterHandle.set; structures whose effect depends on the client's rank read it).
+BUILD_FOLD, LOADED_RANK = "fedlora_build_fold", "fedlora_loaded_rank"
 
 
 class CoreB(nn.Module):
@@ -252,6 +263,39 @@ def add_summed_adapter(model: nn.Module, config, name: str = LEAF) -> SummedAdap
     return SummedAdapter(model, name)
 
 
+class QROffset:
+    """ILoRA's frozen offset on every LoRA layer (see the module docstring): the base holds ``W0 − T_r``; for a
+    client of rank ρ < r a forward hook adds ``Q[:, ρ:r] R[ρ:r] x`` so its base is ``W0 − T_ρ``."""
+
+    def __init__(self, model: nn.Module, rank: int, scale: float, qr: Callable[[Tensor, int], tuple[Tensor, Tensor]]):
+        """``qr(W, r)``: the method's ``(Q[:, :r], R[:r])`` of a d×k weight W (float64)."""
+        self.rank = rank
+        for name, layer in lora_layers(model):
+            weight = layer.get_base_layer().weight
+            flip = bool(getattr(layer, "fan_in_fan_out", False))
+            W = transpose(weight.detach(), flip).to(torch.float64)  # d×k
+            if rank > min(W.shape):
+                raise ValueError(f"ilora: rank {rank} exceeds what layer {name} ({W.shape[0]}×{W.shape[1]}) can hold; pass a smaller --rank")
+            Q, R = qr(W, rank)
+            step = transpose(-(Q @ R), flip).to(weight.dtype)
+            with torch.no_grad():
+                weight.add_(step)
+                layer.lora_B["default"].weight.copy_(Q.to(weight.dtype))
+                layer.lora_A["default"].weight.copy_((R / scale).to(weight.dtype))
+            setattr(layer, BUILD_FOLD, step)
+            layer.register_buffer("qr_offset_Q", Q.to(weight.dtype), persistent=False)
+            layer.register_buffer("qr_offset_R", R.to(weight.dtype), persistent=False)
+            layer.register_forward_hook(self._hook)
+
+    def _hook(self, layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        rho = getattr(layer, LOADED_RANK, self.rank)
+        if rho >= self.rank:
+            return output
+        x = args[0].to(layer.qr_offset_R.dtype)
+        tail = F.linear(F.linear(x, layer.qr_offset_R[rho:]), layer.qr_offset_Q[:, rho:])
+        return output + tail.to(output.dtype)
+
+
 def mean_pooled(hidden: Tensor, mask: Tensor) -> Tensor:
     """Mean of the hidden states over the real tokens (never a padding token)."""
     m = mask.to(hidden.dtype).unsqueeze(-1)
@@ -265,6 +309,6 @@ def cosine_to(reps: Tensor, reference: Tensor) -> Tensor:
     return (a @ b.T).mean(-1)
 
 
-__all__ = ["LEAF", "LOCAL", "CoreB", "DualMix", "ExpertsA", "ExpertsB", "SummedAdapter", "add_adapter_copy", "add_local_adapter",
-           "add_summed_adapter", "basis_gain", "cosine_to", "install_core", "install_experts", "lora_layers", "mean_pooled",
-           "routing_weights", "slot_map"]
+__all__ = ["BUILD_FOLD", "LEAF", "LOADED_RANK", "LOCAL", "CoreB", "DualMix", "ExpertsA", "ExpertsB", "QROffset",
+           "SummedAdapter", "add_adapter_copy", "add_local_adapter", "add_summed_adapter", "basis_gain", "cosine_to",
+           "install_core", "install_experts", "lora_layers", "mean_pooled", "routing_weights", "slot_map"]
