@@ -17,13 +17,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 
+from fedlora.app.stats import SEED_MAX  # seeds are mixed into generator seeds (×1,000,003 and more): 32 bits keep them in range
 from fedlora.federation import FederationConfig, PrivacyConfig, make_method, method_names, parse_method_options
+from fedlora.federation.privacy import check_privacy
+from fedlora.federation.protocol import check_option_owners
+
 
 _FED = FederationConfig()  # the round loop's defaults are the run's: one place
 _DP = PrivacyConfig()
@@ -69,6 +74,7 @@ class FederationSettings(Part):
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if self.clients < 1:
             raise ValueError(f"clients={self.clients} is below 1; pass --clients 1 or more")
+        check_option_owners(self.method_options, [self.method])  # another method's option would be ignored silently
         run.federation_config()  # the round loop's own checks (rounds, fraction, lr, optimizer, …)
 
 
@@ -89,6 +95,10 @@ class AdapterSettings(Part):
 
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"--lora-alpha {self.lora_alpha} must be a finite positive number; pass e.g. --lora-alpha 16")
+        if self.rank < 1:
+            raise ValueError(f"--rank {self.rank} is below 1; pass e.g. --rank 8")
         run.ranks()
         run.adapter_spec()
 
@@ -119,8 +129,11 @@ class DataSettings(Part):
         if self.partition not in allowed:
             hint = " (one: with --split-by, one attribute value per client)" if self.partition == "one" else ""
             raise ValueError(f"unknown partition {self.partition!r}; choose one of {', '.join(allowed)}{hint}")
-        if not self.alpha > 0:
-            raise ValueError(f"Dirichlet alpha={self.alpha} must be positive; pass e.g. --alpha 0.5 (smaller is more skewed)")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"--alpha {self.alpha} must be a finite positive Dirichlet concentration; pass e.g. --alpha 0.5 "
+                             "(smaller is more skewed; for equal label mixes pass --partition iid)")
+        if not 0.0 <= self.local_test_fraction < 1.0:
+            raise ValueError(f"--local-test-fraction {self.local_test_fraction} is outside [0, 1); pass e.g. 0.2 (0: no local test set)")
         if run.max_length < 8:
             raise ValueError(f"max_length={run.max_length} is too short; pass --max-length 8 or more")
         if self.examples_per_client is not None and self.examples_per_client < 2:
@@ -175,7 +188,8 @@ class PrivacySettings(Part):
     secagg_clip: float = setting(8.0, "SecAgg+: every uploaded value must lie in [-clip, clip] (quantised over it in 2^22 steps)")
 
     def check(self, run: RunConfig) -> None:
-        run.privacy_config()  # the accountant's own checks (mode, clip, noise, δ, target ε)
+        ranks = run.ranks()  # the accountant's own checks (mode, clip, noise, δ, target ε), then what DP cannot cover
+        check_privacy(run.privacy_config(), run.method_object(), run.adapter, ranks is not None and len(set(ranks)) > 1, run.clients)
         if self.secure_aggregation:
             self._check_secure(run)
 
@@ -205,6 +219,8 @@ class RuntimeSettings(Part):
     out: str | None = setting(None, "run directory (default runs/METHOD-TIMESTAMP)", flower="")
 
     def check(self, run: RunConfig) -> None:
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"--seed {self.seed} is outside [0, {SEED_MAX}] (2^32 − 1); pass e.g. --seed 0")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"unknown device {self.device!r}; pass --device auto, cpu, cuda or cuda:N (N a GPU index)")
         if self.device.startswith("cuda"):
@@ -252,7 +268,10 @@ def parse_ranks(text: str, clients: int) -> tuple[int, ...] | None:
     except ValueError:
         cycle = []
     if not cycle or min(cycle) < 1:
-        raise ValueError(f"client_ranks={text!r} is not a list of ranks ≥ 1; pass e.g. --client-ranks 4,8,16")
+        raise ValueError(f"--client-ranks {text!r} is not a list of ranks ≥ 1; pass e.g. --client-ranks 4,8,16")
+    if len(cycle) > clients:
+        raise ValueError(f"--client-ranks {text!r} gives {len(cycle)} ranks to {clients} clients, so {len(cycle) - clients} would go "
+                         f"unused; pass at most {clients} ranks (they are given to clients in turn) or raise --clients")
     return tuple(cycle[u % len(cycle)] for u in range(clients))
 
 

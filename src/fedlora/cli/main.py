@@ -134,7 +134,8 @@ class _Progress:
         if "global_loss" in m:
             line += f"  loss {m['global_loss']:.3f} (floor {m['bayes_loss']:.3f})"
         if "epsilon" in m:
-            line += f"  ε {m['epsilon']:.3g} (δ {m['delta']:.0e})"
+            eps = "none (no noise)" if m["epsilon"] is None else f"{m['epsilon']:.3g}"
+            line += f"  ε {eps} (δ {m['delta']:.0e})"
         if not self.quiet:
             self.progress.console.print(line)
 
@@ -205,6 +206,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     p = study.preset(args.preset)
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    if not parts:
+        raise ValueError(f"--parts {args.parts!r} names no part; pass a comma-separated list of {', '.join(study.PARTS)}, or all")
     if parts == ("all",):
         parts = study.PARTS
     for part in parts:
@@ -217,7 +220,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.seeds:
         p = dataclasses.replace(p, seeds=tuple(parse_seeds(args.seeds)))
     if args.synthetic_seeds and p.synthetic is not None:
-        p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, seeds=tuple(parse_seeds(args.synthetic_seeds))))
+        p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, seeds=tuple(parse_seeds(args.synthetic_seeds, "--synthetic-seeds"))))
     if args.device and p.synthetic is not None:
         p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, base=p.synthetic.base.replace(device=args.device)))
     runs = study.plan(p, methods=methods, parts=parts)
@@ -296,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default=None, help="directory for the table, plots and one run directory per method")
     cmp_.add_argument("--seeds", default=None, help="paired seeds, e.g. 0,1,2 (or a count: 3 means 0,1,2); the table then shows "
                       "95%% intervals and paired differences to --reference (default: --seed alone)")
-    cmp_.add_argument("--reference", default="fedit", help="the method paired differences are taken against (default fedit)")
+    cmp_.add_argument("--reference", default=None, help="the method paired differences are taken against, one of --methods "
+                      "(default fedit when it is compared)")
     cmp_.set_defaults(func=cmd_compare)
     me = sub.add_parser("methods", help="the registered methods with their rules, bytes, traits and adapters (markdown)")
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
