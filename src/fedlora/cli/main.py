@@ -342,8 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    from fedlora.app.rundir import TrainedNothing
+
     try:
         return args.func(args)
+    except TrainedNothing as exc:  # the run finished (its files are kept) but no round aggregated anything
+        print(f"fedlora: error: {exc.args[0]}", file=sys.stderr)
+        return 3
     except ValueError as exc:
         msg = exc.args[0] if exc.args else str(exc)
         print(f"fedlora: error: {msg}", file=sys.stderr)
