@@ -345,6 +345,17 @@ class RunConfig:
     def __repr__(self) -> str:
         return f"RunConfig({', '.join(f'{k}={v!r}' for k, v in self.given_only().items())})"
 
+    def with_absolute_paths(self) -> RunConfig:
+        """``model`` and ``data`` that name an existing local path made absolute, in place (what a front end does before
+        writing config.json): a run resumed, reloaded or exported from another working directory then finds the same
+        files, and a relative name is never looked up on a model hub instead. Names (minilm, tweets, hf:…, tiny:…)
+        and paths that do not exist are kept as given."""
+        for name in ("model", "data"):
+            value = getattr(self.parts.__dict__[_owner()[name]], name)
+            if _local_path(value, directory_ok=name == "model"):
+                setattr(self, name, os.path.abspath(value))
+        return self
+
     # ---- derived objects ---------------------------------------------------------------------------------------
     def task_kind(self):
         """The task kind (:mod:`fedlora.app.tasks`) that builds this run: its defaults, checks, data and model."""
@@ -457,6 +468,20 @@ class RunConfig:
             default = next(f.default for f in cls.fields() if f.name == key)
             example = f" (e.g. {key.replace('_', '-')} = {json.dumps(default)})" if default is not None else ""
             raise ValueError(f"{where}: {key.replace('_', '-')} = {json.dumps(value, default=str)} is not {expected}{example}")
+
+
+# names the loaders resolve before looking at the file system (models, then packaged data sets)
+_NAMES = ("minilm", "smollm2", "synthetic", "tweets", "bbc", "gsm8k", "mbpp", "humaneval")
+
+
+def _local_path(value: str | None, *, directory_ok: bool) -> bool:
+    """Whether ``value`` names an existing local file (or, ``directory_ok``, a model directory) by a relative path;
+    not a name (minilm, tweets) or a prefixed one (hf:…, tiny:…), which a same-named folder must not shadow."""
+    if not value or os.path.isabs(value) or ":" in value or value in _NAMES:
+        return False
+    if os.path.isfile(value):
+        return True
+    return os.path.isdir(value) and (directory_ok or os.sep in value or value.startswith("."))
 
 
 def _flatten(raw: dict, where: str) -> dict[str, object]:

@@ -76,10 +76,10 @@ def _config_from(args: argparse.Namespace, **extra):
         from fedlora.app.presets import preset
 
         given = preset(args.preset) | (RunConfig.from_toml(args.config).given_only() if args.config else {}) | given
-        return RunConfig(**given)
+        return RunConfig(**given).with_absolute_paths()
     if args.config:
-        return RunConfig.from_toml(args.config, **given)
-    return RunConfig(**given)
+        return RunConfig.from_toml(args.config, **given).with_absolute_paths()
+    return RunConfig(**given).with_absolute_paths()
 
 
 class _Progress:
@@ -216,7 +216,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     methods = tuple(method_list(args.methods or ",".join(study.COMPARISON_METHODS)))
     over = {k: v for k, v in (("model", args.model), ("data", args.data), ("device", args.device)) if v is not None}
     if over:
-        p = dataclasses.replace(p, base=p.base.replace(**over))
+        p = dataclasses.replace(p, base=p.base.replace(**over).with_absolute_paths())
     if args.seeds:
         p = dataclasses.replace(p, seeds=tuple(parse_seeds(args.seeds)))
     if args.synthetic_seeds and p.synthetic is not None:
