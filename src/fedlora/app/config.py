@@ -29,7 +29,6 @@ from fedlora.federation import FederationConfig, PrivacyConfig, make_method, met
 from fedlora.federation.privacy import check_privacy
 from fedlora.federation.protocol import check_option_owners
 
-
 _FED = FederationConfig()  # the round loop's defaults are the run's: one place
 _DP = PrivacyConfig()
 

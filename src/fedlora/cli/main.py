@@ -336,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's concern
+    import logging
+
+    # fedlora's warnings as plain lines; set first, so a library that configures the root logger on import (Opacus:
+    # timestamped "asctime:LEVEL:" lines) finds it configured and leaves it alone
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -28,6 +28,7 @@ noise before any work): the round asks it whether an empty round releases noise,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -103,8 +104,9 @@ def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: i
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant))
+        with _quiet_accountant():
+            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                                              accountant=accountant))
     except ValueError as exc:
         raise ValueError(f"no noise multiplier reaches ε = {epsilon} at δ = {delta} over {steps} rounds at sampling rate {sample_rate}: {exc}; "
                          "raise --dp-target-epsilon or --dp-delta") from None
@@ -141,7 +143,17 @@ def _accountant_epsilon(entries: tuple[tuple[tuple[float, float], int], ...], de
     acc.history = [(z, q, steps) for (z, q), steps in entries]
     # our choice: at large δ the RDP/PRV conversion can return ε < 0; (ε, δ)-DP with ε < 0 implies (0, δ)-DP, so 0 is
     # the bound reported (never a negative ε)
-    return max(0.0, float(acc.get_epsilon(delta=delta)))
+    with _quiet_accountant():
+        return max(0.0, float(acc.get_epsilon(delta=delta)))
+
+
+@contextlib.contextmanager
+def _quiet_accountant():
+    """Opacus's RDP accountant warns on stderr when its best order is the largest it tries (the bound it returns is
+    then valid, only not the tightest): our choice is to report that valid ε without the library's warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def sample_poisson(n_clients: int, rate: float, seed: int) -> list[int]:
