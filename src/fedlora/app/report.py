@@ -156,6 +156,7 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
     # mixed ranks: --rank is unused; the title names the clients' ranks (client u has the (u mod n)-th)
     rank_text = f"r={cfg.rank}" if ranks is None else f"client ranks {cfg.client_ranks.replace(' ', '')} (r_max={max(ranks)})"
     eps = history[-1].get("epsilon")
+    eps = "none (no noise, no bound)" if eps is None else f"{eps:.4g}"
     lines = [
         f"# fedlora run: {cfg.method} · {cfg.adapter} {rank_text}",
         "",
@@ -164,7 +165,7 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
         + f"), {cfg.rounds} rounds × {cfg.local_steps} local steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}.",
         "",
         *([f"Client-level differential privacy (DP-FedAvg): clip C = {cfg.dp_clip}, noise multiplier z = {history[-1]['dp_noise_multiplier']:.4g}, "
-           f"Poisson client sampling at q = {cfg.fraction}; ε = {'none (no noise, no bound)' if eps is None else f'{eps:.4g}'} at δ = {history[-1]['delta']:g} after "
+           f"Poisson client sampling at q = {cfg.fraction}; ε = {eps} at δ = {history[-1]['delta']:g} after "
            f"{history[-1]['round']} rounds (Opacus {history[-1]['dp_accountant'].upper()} accountant).", ""] if "epsilon" in history[-1] else []),
         "## Final",
         "",
