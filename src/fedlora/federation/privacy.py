@@ -149,10 +149,12 @@ def _accountant_epsilon(entries: tuple[tuple[tuple[float, float], int], ...], de
 
 @contextlib.contextmanager
 def _quiet_accountant():
-    """Opacus's RDP accountant warns on stderr when its best order is the largest it tries (the bound it returns is
-    then valid, only not the tightest): our choice is to report that valid ε without the library's warning."""
+    """Opacus's RDP accountant warns on stderr when its best order is the largest or smallest it tries (the bound it
+    returns is then valid, only not the tightest), and PRV's numpy warns on log(0) at sampling rate 1: our choice is
+    to report that valid ε without the library's warnings."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus")
         yield
 
 
