@@ -213,7 +213,7 @@ def test_method_options_are_checked(small_csv, tmp_path, capsys, extra, needle):
     (["--method", "hetlora", "--client-ranks", "2,x"], "--client-ranks '2,x' is not a list of ranks"),
     (["--method", "hetlora", "--client-ranks", "2,4,8,16"], "--client-ranks '2,4,8,16' gives 4 ranks to 3 clients, so 1 would go unused"),
     (["--method", "hetlora", "--client-ranks", "2,64"], "no client rank above 32"),
-    (["--alpha", "inf"], "--alpha inf must be a finite positive Dirichlet concentration"),
+    (["--alpha", "inf"], "Dirichlet alpha=inf (--alpha) must be a finite positive number"),
 ])
 def test_small_ones(small_csv, tmp_path, capsys, extra, needle):
     assert needle in one_line_error(capsys, run_args(small_csv, tmp_path, *extra))

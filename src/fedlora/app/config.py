@@ -96,8 +96,6 @@ class AdapterSettings(Part):
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
         if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
             raise ValueError(f"--lora-alpha {self.lora_alpha} must be a finite positive number; pass e.g. --lora-alpha 16")
-        if self.rank < 1:
-            raise ValueError(f"--rank {self.rank} is below 1; pass e.g. --rank 8")
         run.ranks()
         run.adapter_spec()
 
@@ -129,7 +127,7 @@ class DataSettings(Part):
             hint = " (one: with --split-by, one attribute value per client)" if self.partition == "one" else ""
             raise ValueError(f"unknown partition {self.partition!r}; choose one of {', '.join(allowed)}{hint}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
-            raise ValueError(f"--alpha {self.alpha} must be a finite positive Dirichlet concentration; pass e.g. --alpha 0.5 "
+            raise ValueError(f"Dirichlet alpha={self.alpha} (--alpha) must be a finite positive number; pass e.g. --alpha 0.5 "
                              "(smaller is more skewed; for equal label mixes pass --partition iid)")
         if not 0.0 <= self.local_test_fraction < 1.0:
             raise ValueError(f"--local-test-fraction {self.local_test_fraction} is outside [0, 1); pass e.g. 0.2 (0: no local test set)")
