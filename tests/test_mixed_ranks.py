@@ -114,7 +114,7 @@ def test_methods_without_mixed_ranks_fail_before_training_in_one_line(small_csv,
 
 
 def test_bad_client_ranks_and_vera_with_mixed_ranks_say_how_to_fix(small_csv):
-    with pytest.raises(ValueError, match=r"client_ranks='4,x' is not a list of ranks ≥ 1; pass e.g. --client-ranks 4,8,16"):
+    with pytest.raises(ValueError, match=r"--client-ranks '4,x' is not a list of ranks ≥ 1; pass e.g. --client-ranks 4,8,16"):
         tiny_config(small_csv, client_ranks="4,x").validate()
     with pytest.raises(ValueError, match=r"adapter vera cannot give clients different ranks"):
         tiny_config(small_csv, method="fedit", adapter="vera", client_ranks="4,8").validate()
@@ -140,7 +140,7 @@ def test_hetlora_options_reach_the_rule_and_the_regulariser_has_a_gradient(small
     assert float(term.detach()) > 0 and h.parameter(k.B).grad[:, 2:4].abs().sum() > 0 and h.parameter(k.B).grad[:, :2].abs().sum() == 0
     with pytest.raises(ValueError, match="method option 'hetlora-weight=data' is not one of"):
         tiny_config(small_csv, method="hetlora", method_options="hetlora-weight=data").validate()
-    with pytest.raises(ValueError, match="option weights='norm' of method hetlora is not one of sparsity, data"):
+    with pytest.raises(ValueError, match="option hetlora-weights='norm' of method hetlora is not one of sparsity, data"):
         tiny_config(small_csv, method="hetlora", method_options="hetlora-weights=norm").validate()
 
 

@@ -83,7 +83,7 @@ def test_no_noise_and_no_clip_is_exactly_the_uniform_weighted_run(small_csv):
     dp = build(tiny_config(small_csv, method="fedit", dp="client", dp_clip=math.inf, dp_noise=0.0)).simulator.run()
     for a, b in zip(plain, dp):
         assert a["global_accuracy"] == b["global_accuracy"] and a["divergence"] == b["divergence"] and a["train_loss"] == b["train_loss"]
-    assert dp[-1]["epsilon"] == math.inf and dp[-1]["delta"] == 1e-5
+    assert dp[-1]["epsilon"] is None and dp[-1]["delta"] == 1e-5  # no noise: no finite ε, recorded as null
 
 
 def test_a_dp_run_records_epsilon_each_round(small_csv, tmp_path, capsys):

@@ -92,7 +92,8 @@ class AdapterHandle:
             d, k = layer.out_features, layer.in_features
             if spec.r > min(d, k):
                 raise ValueError(f"adapter rank {spec.r} exceeds what layer {module} ({d}×{k}) can hold (a rank above min(d, k) = {min(d, k)} "
-                                 f"adds nothing and costs memory); pass --rank {min(d, k)} or less")
+                                 f"adds nothing and costs memory); pass --rank {min(d, k)} or less (under --client-ranks: "
+                                 f"no client rank above {min(d, k)})")
         factor_names = {n for k in self.keys.values() for n in (k.B, k.A, k.core, k.gain) if n}
         self.trainable_names: list[str] = [n for n, p in self._params.items() if p.requires_grad]
         self.trainable_set: frozenset[str] = frozenset(self.trainable_names)

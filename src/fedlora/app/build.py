@@ -49,6 +49,26 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     return Experiment(config, sim, loaded.tokenizer, loaded.label_names, loaded.summary, loaded.reference)
 
 
+def check_methods_on_model(configs: list[RunConfig]) -> None:
+    """What only the model can tell about each config's method (RAVAN's heads × rank against a layer's sides), checked
+    on one load of the model before any of them trains (a comparison). Only methods that change the adapter's
+    structure (:meth:`~fedlora.federation.Method.prepare`) are tried: each on its own copy of the model."""
+    import copy
+
+    from fedlora.federation import Method
+
+    structural = [c for c in configs if type(c.method_object()).prepare is not Method.prepare]
+    if not structural:
+        return
+    loaded = structural[0].task_kind().load(structural[0])
+    for config in structural:
+        model = copy.deepcopy(loaded.model)
+        spec = config.adapter_spec().for_model(model)
+        peft_model = wrap(model, spec, loaded.peft_task_type, config)
+        config.make_method().prepare(peft_model, spec, config.seed)  # handed over: the build makes a fresh one
+        del model, peft_model
+
+
 def wrap(model, spec, task_type: str | None, config: RunConfig):
     """The PEFT model of ``model`` with ``spec``'s adapter; adapted layers that match nothing fail in one line."""
     import peft

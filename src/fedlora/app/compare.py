@@ -50,24 +50,34 @@ def method_list(methods: str | Sequence[str]) -> list[str]:
 
 
 def plan(base: RunConfig, methods: Sequence[str], seeds: Sequence[int] | None, out: Path) -> list[tuple[str, int, RunConfig]]:
-    """(method, seed, settings) of every run, each validated: every bad input is reported before the first trains."""
+    """(method, seed, settings) of every run, each validated: every bad input is reported before the first trains.
+    Each method's run gets only its own method options (an option of a method not compared is refused)."""
+    from fedlora.app.build import check_methods_on_model
     from fedlora.app.study import check_run_configs
+    from fedlora.federation.protocol import check_option_owners, options_of
 
+    check_option_owners(base.method_options, list(methods))
     paired = seeds is not None
-    runs = [(m, s, base.replace(method=m, seed=s, out=str(out / m / f"seed-{s}" if paired else out / m)))
+    runs = [(m, s, base.replace(method=m, seed=s, method_options=options_of(m, base.method_options),
+                                out=str(out / m / f"seed-{s}" if paired else out / m)))
             for m in methods for s in (seeds if paired else [base.seed])]
     for _, _, c in runs:
         c.validate()
     check_run_configs([c for _, _, c in runs], "--out")
+    first = {}
+    for m, _, c in runs:
+        first.setdefault(m, c)
+    check_methods_on_model(list(first.values()))  # what only the model can tell (RAVAN's heads × rank), before any training
     return runs
 
 
-def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[int] | None = None, reference: str | None = "fedit",
+def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[int] | None = None, reference: str | None = None,
             out: str | Path | None = None, watch: Callable[[str, RunConfig], contextlib.AbstractContextManager] | None = None) -> Comparison:
     """Run each of ``methods`` with ``base``'s other settings and write ``comparison.md`` and its plots into ``out``.
 
     ``seeds``: paired seeds (the table then has intervals and paired differences to ``reference``); None: ``base.seed``
-    alone. ``watch(label, config)``: a context manager per run whose ``client``, ``round`` and ``work`` attributes (any
+    alone. ``reference``: one of ``methods`` (another is refused in one line); None: fedit when it is compared, else
+    no paired differences. ``watch(label, config)``: a context manager per run whose ``client``, ``round`` and ``work`` attributes (any
     may be missing) receive the run's progress, as the CLI's progress bar does."""
     from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
 
@@ -75,8 +85,11 @@ def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[in
     out = Path(out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
     paired = seeds is not None
     seed_list = list(seeds) if paired else [base.seed]
-    if reference not in methods:
-        reference = None  # no paired differences without the reference among the methods
+    if reference is None:
+        reference = "fedit" if "fedit" in methods else None
+    elif reference not in methods:
+        raise ValueError(f"--reference {reference} is not one of the compared methods ({', '.join(methods)}); "
+                         f"pass one of them, or add {reference} to --methods")
     runs = plan(base, methods, seeds, out)
     majority = [majority_rate(base.replace(seed=s)) for s in seed_list]
     result = Comparison(out, "", seed_list)

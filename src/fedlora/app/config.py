@@ -17,13 +17,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 
+from fedlora.app.stats import SEED_MAX  # seeds are mixed into generator seeds (×1,000,003 and more): 32 bits keep them in range
 from fedlora.federation import REGISTRY, FederationConfig, Method, PrivacyConfig, make_method, method_class, method_names, parse_method_options
+from fedlora.federation.privacy import check_privacy
+from fedlora.federation.protocol import check_option_owners
 from fedlora.federation.server_opt import ServerOptConfig, check_server_opt
 
 _FED = FederationConfig()  # the round loop's defaults are the run's: one place
@@ -78,6 +82,7 @@ class FederationSettings(Part):
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(method_names())}")
         if self.clients < 1:
             raise ValueError(f"clients={self.clients} is below 1; pass --clients 1 or more")
+        check_option_owners(self.method_options, [self.method])  # another method's option would be ignored silently
         fed = run.federation_config()  # the round loop's own checks (rounds, fraction, lr, optimizer, server optimiser, …)
         check_server_opt(method_class(self.method), fed.server_opt)
 
@@ -99,6 +104,8 @@ class AdapterSettings(Part):
 
         if self.adapter not in ADAPTERS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"--lora-alpha {self.lora_alpha} must be a finite positive number; pass e.g. --lora-alpha 16")
         run.ranks()
         run.adapter_spec()
 
@@ -129,8 +136,11 @@ class DataSettings(Part):
         if self.partition not in allowed:
             hint = " (one: with --split-by, one attribute value per client)" if self.partition == "one" else ""
             raise ValueError(f"unknown partition {self.partition!r}; choose one of {', '.join(allowed)}{hint}")
-        if not self.alpha > 0:
-            raise ValueError(f"Dirichlet alpha={self.alpha} must be positive; pass e.g. --alpha 0.5 (smaller is more skewed)")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"Dirichlet alpha={self.alpha} (--alpha) must be a finite positive number; pass e.g. --alpha 0.5 "
+                             "(smaller is more skewed; for equal label mixes pass --partition iid)")
+        if not 0.0 <= self.local_test_fraction < 1.0:
+            raise ValueError(f"--local-test-fraction {self.local_test_fraction} is outside [0, 1); pass e.g. 0.2 (0: no local test set)")
         if run.max_length < 8:
             raise ValueError(f"max_length={run.max_length} is too short; pass --max-length 8 or more")
         if self.examples_per_client is not None and self.examples_per_client < 2:
@@ -185,7 +195,8 @@ class PrivacySettings(Part):
     secagg_clip: float = setting(8.0, "SecAgg+: every uploaded value must lie in [-clip, clip] (quantised over it in 2^22 steps)")
 
     def check(self, run: RunConfig) -> None:
-        run.privacy_config()  # the accountant's own checks (mode, clip, noise, δ, target ε)
+        ranks = run.ranks()  # the accountant's own checks (mode, clip, noise, δ, target ε), then what DP cannot cover
+        check_privacy(run.privacy_config(), run.method_object(), run.adapter, ranks is not None and len(set(ranks)) > 1, run.clients)
         if self.secure_aggregation:
             self._check_secure(run)
 
@@ -215,6 +226,8 @@ class RuntimeSettings(Part):
     out: str | None = setting(None, "run directory (default runs/METHOD-TIMESTAMP)", flower="")
 
     def check(self, run: RunConfig) -> None:
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"--seed {self.seed} is outside [0, {SEED_MAX}] (2^32 − 1); pass e.g. --seed 0")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"unknown device {self.device!r}; pass --device auto, cpu, cuda or cuda:N (N a GPU index)")
         if self.device.startswith("cuda"):
@@ -262,7 +275,10 @@ def parse_ranks(text: str, clients: int) -> tuple[int, ...] | None:
     except ValueError:
         cycle = []
     if not cycle or min(cycle) < 1:
-        raise ValueError(f"client_ranks={text!r} is not a list of ranks ≥ 1; pass e.g. --client-ranks 4,8,16")
+        raise ValueError(f"--client-ranks {text!r} is not a list of ranks ≥ 1; pass e.g. --client-ranks 4,8,16")
+    if len(cycle) > clients:
+        raise ValueError(f"--client-ranks {text!r} gives {len(cycle)} ranks to {clients} clients, so {len(cycle) - clients} would go "
+                         f"unused; pass at most {clients} ranks (they are given to clients in turn) or raise --clients")
     return tuple(cycle[u % len(cycle)] for u in range(clients))
 
 
@@ -335,6 +351,17 @@ class RunConfig:
 
     def __repr__(self) -> str:
         return f"RunConfig({', '.join(f'{k}={v!r}' for k, v in self.given_only().items())})"
+
+    def with_absolute_paths(self) -> RunConfig:
+        """``model`` and ``data`` that name an existing local path made absolute, in place (what a front end does before
+        writing config.json): a run resumed, reloaded or exported from another working directory then finds the same
+        files, and a relative name is never looked up on a model hub instead. Names (minilm, tweets, hf:…, tiny:…)
+        and paths that do not exist are kept as given."""
+        for name in ("model", "data"):
+            value = getattr(self.parts.__dict__[_owner()[name]], name)
+            if _local_path(value, directory_ok=name == "model"):
+                setattr(self, name, os.path.abspath(value))
+        return self
 
     # ---- derived objects ---------------------------------------------------------------------------------------
     def task_kind(self):
@@ -458,6 +485,20 @@ class RunConfig:
             default = next(f.default for f in cls.fields() if f.name == key)
             example = f" (e.g. {key.replace('_', '-')} = {json.dumps(default)})" if default is not None else ""
             raise ValueError(f"{where}: {key.replace('_', '-')} = {json.dumps(value, default=str)} is not {expected}{example}")
+
+
+# names the loaders resolve before looking at the file system (models, then packaged data sets)
+_NAMES = ("minilm", "smollm2", "synthetic", "tweets", "bbc", "gsm8k", "mbpp", "humaneval")
+
+
+def _local_path(value: str | None, *, directory_ok: bool) -> bool:
+    """Whether ``value`` names an existing local file (or, ``directory_ok``, a model directory) by a relative path;
+    not a name (minilm, tweets) or a prefixed one (hf:…, tiny:…), which a same-named folder must not shadow."""
+    if not value or os.path.isabs(value) or ":" in value or value in _NAMES:
+        return False
+    if os.path.isfile(value):
+        return True
+    return os.path.isdir(value) and (directory_ok or os.sep in value or value.startswith("."))
 
 
 def _flatten(raw: dict, where: str) -> dict[str, object]:

@@ -16,6 +16,7 @@ from fedlora.app.rundir import (
     CHECKPOINT,
     RunDir,
     check_resume,
+    check_trained,
     load_checkpoint,
     metrics_line,
     resume_config,
@@ -66,6 +67,7 @@ def _run(config: RunConfig, run_dir: RunDir | None, checkpoint, on_client, on_ro
     history = exp.simulator.run()
     if run_dir is not None:
         run_dir.finish(exp, history, time.perf_counter() - t0)
+    check_trained(history, config.out)  # after the files are written: a run that trained nothing is kept, and refused
     return exp, history
 
 
@@ -75,6 +77,7 @@ def run_or_resume(config: RunConfig, **callbacks) -> tuple[list[dict], bool]:
     run_dir = RunDir(config.out)
     done = run_dir.finished(config)
     if done is not None:
+        check_trained(done, config.out)
         return done, True
     resume = run_dir.path.exists() and run_dir.interrupted()
     _, history = run_experiment(config, resume=resume, **callbacks)

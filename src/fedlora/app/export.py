@@ -71,7 +71,9 @@ def save_run_artifacts(exp, out: Path) -> None:
         (out / "private").mkdir(exist_ok=True)
         for cid, tensors in sorted(sim.private.items()):
             save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "private" / f"client_{cid}.safetensors"))
+    _name_base_model(out / "adapter" / "adapter_config.json", exp.config.model)
     manifest = {
+        "base_model": exp.config.model,
         "label_names": exp.label_names,
         "adapter": h.spec.kind,
         "folds_in_adapter": merged,
@@ -81,6 +83,20 @@ def save_run_artifacts(exp, out: Path) -> None:
     }
     (out / "adapter" / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     h.set(sim.global_tensors)
+
+
+def _name_base_model(path: Path, model: str) -> None:
+    """``base_model_name_or_path`` of the exported adapter: what PEFT recorded when it names the base absolutely (a
+    hub name, an absolute path); otherwise (None for a model built from a config, ``tiny:bert``; a relative path) the
+    run's ``--model``, absolute when it is a local path, so the adapter says which base it belongs to."""
+    import os
+
+    cfg = json.loads(path.read_text())
+    recorded = cfg.get("base_model_name_or_path")
+    if recorded and (os.path.isabs(recorded) or not os.path.exists(recorded)):
+        return
+    cfg["base_model_name_or_path"] = os.path.abspath(model) if os.path.exists(model) and ":" not in model else model
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_global_model(run_dir: str | Path):

@@ -152,15 +152,20 @@ def seeded_tables(results: dict[str, list[dict]], seeds: list[int], reference: s
 
 def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -> None:
     cfg = exp.config
+    ranks = cfg.ranks()
+    # mixed ranks: --rank is unused; the title names the clients' ranks (client u has the (u mod n)-th)
+    rank_text = f"r={cfg.rank}" if ranks is None else f"client ranks {cfg.client_ranks.replace(' ', '')} (r_max={max(ranks)})"
+    eps = history[-1].get("epsilon")
+    eps = "none (no noise, no bound)" if eps is None else f"{eps:.4g}"
     lines = [
-        f"# fedlora run: {cfg.method} · {cfg.adapter} r={cfg.rank}",
+        f"# fedlora run: {cfg.method} · {cfg.adapter} {rank_text}",
         "",
         f"Model `{cfg.model}`, data `{cfg.data}`, {cfg.clients} clients ({cfg.partition}"
         + (f", α={cfg.alpha}" if cfg.partition == "dirichlet" else "")
         + f"), {cfg.rounds} rounds × {cfg.local_steps} local steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}.",
         "",
         *([f"Client-level differential privacy (DP-FedAvg): clip C = {cfg.dp_clip}, noise multiplier z = {history[-1]['dp_noise_multiplier']:.4g}, "
-           f"Poisson client sampling at q = {cfg.fraction}; ε = {history[-1]['epsilon']:.4g} at δ = {history[-1]['delta']:g} after "
+           f"Poisson client sampling at q = {cfg.fraction}; ε = {eps} at δ = {history[-1]['delta']:g} after "
            f"{history[-1]['round']} rounds (Opacus {history[-1]['dp_accountant'].upper()} accountant).", ""] if "epsilon" in history[-1] else []),
         "## Final",
         "",
@@ -177,12 +182,14 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
         )
     lines += scores_against_base(exp.reference, history[-1])
     lines += ["", "## Protocol", "", PROTOCOL, "", "## Clients", ""]
-    lines += ["| client | train | test | labels (train/test) |", "|---|---|---|---|"]
+    lines += ["| client | train | test | labels (train/test) |" + (" rank |" if ranks else ""), "|---|---|---|---|" + ("---|" if ranks else "")]
     names = list(exp.label_names)
     for c in exp.data_summary:
         train, test = c.get("train_labels") or [], c.get("test_labels") or []
         mix = " · ".join(f"{names[i] if i < len(names) else i} {a}/{b}" for i, (a, b) in enumerate(zip(train, test)) if a or b)
-        lines.append(f"| {c.get('cid')} | {c.get('n_train')} | {c.get('n_test')} | {mix or '—'} |")
+        cid = c.get("cid")
+        rank = f" {ranks[cid]} |" if ranks and isinstance(cid, int) and cid < len(ranks) else (" — |" if ranks else "")
+        lines.append(f"| {cid} | {c.get('n_train')} | {c.get('n_test')} | {mix or '—'} |{rank}")
     Path(out, "summary.md").write_text("\n".join(lines) + "\n")
 
 

@@ -40,6 +40,33 @@ def metrics_line(m: dict) -> str:
     return json.dumps(clean, default=_json_default) + "\n"
 
 
+class TrainedNothing(ValueError):
+    """A run that finished without any round aggregating anything (every client failed or was rejected in every
+    round): its files are kept, and the front ends end non-zero (the CLI with exit code 3) with the reason."""
+
+
+def check_trained(history: list[dict], out: str | os.PathLike | None = None) -> None:
+    """Refuse a finished history in which no round aggregated anything, in one line naming the most frequent
+    rejection (client ids left out, so one cause shared by every client reads once) and the fix."""
+    import re
+    from collections import Counter
+
+    if not history or not all(m.get("skipped") for m in history):
+        return
+    reasons = Counter(re.sub(r"client \d+", "a client", r.get("reason", "")) for m in history for r in m.get("rejected") or [])
+    if reasons:
+        reason, n = reasons.most_common(1)[0]
+        total = sum(reasons.values())
+        why = f"{f'all {total}' if n == total else f'{n} of {total}'} client turn{'s' if total > 1 else ''} failed the same way: {reason}"
+    else:
+        why = "no client took part"
+    fix = ("training diverged: lower --lr, or clip with --max-grad-norm" if "NaN or Inf" in why or "non-finite" in why
+           else "fix the cause above")
+    kept = f"; its files are kept in {str(out)!r}" if out else ""
+    raise TrainedNothing(f"no round of the run aggregated anything ({len(history)} round{'s' if len(history) > 1 else ''} skipped; "
+                         f"{why}): {fix}, and start a new run{kept}")
+
+
 def run_settings(config: RunConfig) -> dict:
     """The settings a run's state belongs to: all but those a resume may change (``rounds``) or that name the place."""
     return {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}

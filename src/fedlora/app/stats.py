@@ -13,19 +13,32 @@ from collections.abc import Sequence
 LEVEL = 0.95
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` → [0, 1, 2]; a single number N → the seeds 0 … N−1."""
+MAX_SEEDS = 1000  # paired seeds of one comparison: each is a full run per method, so more is a typo, not a plan
+SEED_MAX = 2**32 - 1  # as --seed (fedlora.app.config.SEED_MAX)
+
+
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """``"0,1,2"`` → [0, 1, 2]; a single number N → the seeds 0 … N−1. At most ``MAX_SEEDS`` seeds, each in
+    [0, 2^32 − 1]; ``flag`` names the option in the one-line errors."""
     items = [x.strip() for x in str(text).split(",") if x.strip()]
     try:
         values = [int(x) for x in items]
     except ValueError:
-        raise ValueError(f"--seeds {text!r} is not a list of integers; pass e.g. --seeds 0,1,2 or --seeds 3") from None
+        raise ValueError(f"{flag} {text!r} is not a list of integers; pass e.g. {flag} 0,1,2 or {flag} 3") from None
     if len(values) == 1:
         if values[0] < 1:
-            raise ValueError(f"--seeds {text!r} asks for no seed; pass a count of at least 1 (e.g. 3) or a list (0,1,2)")
+            raise ValueError(f"{flag} {text!r} asks for no seed; pass a count of at least 1 (e.g. 3) or a list (0,1,2)")
+        if values[0] > MAX_SEEDS:
+            raise ValueError(f"{flag} {text!r} asks for {values[0]} seeds, more than {MAX_SEEDS} (each is a full run of every method); "
+                             f"pass a count from 1 to {MAX_SEEDS}, e.g. {flag} 3")
         return list(range(values[0]))
     if not values or len(set(values)) != len(values):
-        raise ValueError(f"--seeds {text!r} repeats a seed or names none; pass distinct seeds, e.g. 0,1,2")
+        raise ValueError(f"{flag} {text!r} repeats a seed or names none; pass distinct seeds, e.g. 0,1,2")
+    if len(values) > MAX_SEEDS:
+        raise ValueError(f"{flag} lists {len(values)} seeds, more than {MAX_SEEDS}; pass at most {MAX_SEEDS}")
+    bad = [v for v in values if not 0 <= v <= SEED_MAX]
+    if bad:
+        raise ValueError(f"{flag} {text!r}: seed {bad[0]} is outside [0, {SEED_MAX}] (2^32 − 1); pass seeds in that range")
     return values
 
 

@@ -96,6 +96,9 @@ class Synthetic(TaskKind):
 
     def check(self, run) -> None:
         super().check(run)
+        from fedlora.data.synthetic import parse
+
+        parse(run.data)  # α and β in range, before anything is generated
         if run.model != "synthetic":
             raise ValueError(f"--data {run.data} brings its own small network; drop --model {run.model} (or pass --model synthetic)")
 

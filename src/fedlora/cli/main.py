@@ -76,10 +76,10 @@ def _config_from(args: argparse.Namespace, **extra):
         from fedlora.app.presets import preset
 
         given = preset(args.preset) | (RunConfig.from_toml(args.config).given_only() if args.config else {}) | given
-        return RunConfig(**given)
+        return RunConfig(**given).with_absolute_paths()
     if args.config:
-        return RunConfig.from_toml(args.config, **given)
-    return RunConfig(**given)
+        return RunConfig.from_toml(args.config, **given).with_absolute_paths()
+    return RunConfig(**given).with_absolute_paths()
 
 
 class _Progress:
@@ -134,7 +134,8 @@ class _Progress:
         if "global_loss" in m:
             line += f"  loss {m['global_loss']:.3f} (floor {m['bayes_loss']:.3f})"
         if "epsilon" in m:
-            line += f"  ε {m['epsilon']:.3g} (δ {m['delta']:.0e})"
+            eps = "none (no noise)" if m["epsilon"] is None else f"{m['epsilon']:.3g}"
+            line += f"  ε {eps} (δ {m['delta']:.0e})"
         if not self.quiet:
             self.progress.console.print(line)
 
@@ -205,6 +206,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     p = study.preset(args.preset)
     parts = tuple(x.strip() for x in args.parts.split(",") if x.strip())
+    if not parts:
+        raise ValueError(f"--parts {args.parts!r} names no part; pass a comma-separated list of {', '.join(study.PARTS)}, or all")
     if parts == ("all",):
         parts = study.PARTS
     for part in parts:
@@ -213,11 +216,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     methods = tuple(method_list(args.methods or ",".join(study.COMPARISON_METHODS)))
     over = {k: v for k, v in (("model", args.model), ("data", args.data), ("device", args.device)) if v is not None}
     if over:
-        p = dataclasses.replace(p, base=p.base.replace(**over))
+        p = dataclasses.replace(p, base=p.base.replace(**over).with_absolute_paths())
     if args.seeds:
         p = dataclasses.replace(p, seeds=tuple(parse_seeds(args.seeds)))
     if args.synthetic_seeds and p.synthetic is not None:
-        p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, seeds=tuple(parse_seeds(args.synthetic_seeds))))
+        p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, seeds=tuple(parse_seeds(args.synthetic_seeds, "--synthetic-seeds"))))
     if args.device and p.synthetic is not None:
         p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, base=p.synthetic.base.replace(device=args.device)))
     runs = study.plan(p, methods=methods, parts=parts)
@@ -296,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default=None, help="directory for the table, plots and one run directory per method")
     cmp_.add_argument("--seeds", default=None, help="paired seeds, e.g. 0,1,2 (or a count: 3 means 0,1,2); the table then shows "
                       "95%% intervals and paired differences to --reference (default: --seed alone)")
-    cmp_.add_argument("--reference", default="fedit", help="the method paired differences are taken against (default fedit)")
+    cmp_.add_argument("--reference", default=None, help="the method paired differences are taken against, one of --methods "
+                      "(default fedit when it is compared)")
     cmp_.set_defaults(func=cmd_compare)
     me = sub.add_parser("methods", help="the registered methods with their rules, bytes, traits and adapters (markdown)")
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
@@ -332,14 +336,24 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter, not the user's concern
+    import logging
+
+    # fedlora's warnings as plain lines; set first, so a library that configures the root logger on import (Opacus:
+    # timestamped "asctime:LEVEL:" lines) finds it configured and leaves it alone
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    from fedlora.app.rundir import TrainedNothing
+
     try:
         return args.func(args)
+    except TrainedNothing as exc:  # the run finished (its files are kept) but no round aggregated anything
+        print(f"fedlora: error: {exc.args[0]}", file=sys.stderr)
+        return 3
     except ValueError as exc:
         msg = exc.args[0] if exc.args else str(exc)
         print(f"fedlora: error: {msg}", file=sys.stderr)

@@ -121,9 +121,40 @@ def _file_spec(spec: str) -> tuple[Path, str] | None:
         raise DataError(f"'{spec}' is not a .csv, .json or .jsonl file; convert it to one of those")
     else:
         return None
+    if path.is_dir():
+        raise DataError(f"'{path}' is a directory, not a {fmt} file; pass the file inside it (e.g. {path}/train.{fmt})")
     if not path.is_file():
         raise DataError(f"no such file '{path}'; check the path (or pass 'tweets' or 'bbc' for a packaged corpus)")
+    if fmt == "csv":
+        _check_csv_header(path)
     return path, fmt
+
+
+MAX_COLUMNS = 10_000  # our choice: a labelled-text or instruction file has a handful; more is a wrong delimiter or format
+_HEADER_BYTES = 1 << 20
+
+
+def _check_csv_header(path: Path) -> None:
+    """Refuse, before pandas parses it, a CSV whose header line is longer than 1 MiB or any of whose lines has more
+    than ``MAX_COLUMNS`` fields (a line of millions of fields would otherwise parse for hours, in gigabytes). Lines
+    are screened by their comma count; only one over the bound is parsed (quoted commas in a long text are no field)."""
+    import csv
+
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and len(raw) > _HEADER_BYTES:
+                raise DataError(f"'{path}': its header line is longer than {_HEADER_BYTES >> 20} MiB; a CSV needs a short header row "
+                                "naming its columns (e.g. text,label), check the file's format")
+            if raw.count(b",") < MAX_COLUMNS:
+                continue
+            line = raw.decode("utf-8", errors="replace")
+            try:
+                n = len(next(csv.reader([line]), []))
+            except csv.Error:  # one field over csv's own size limit: count the separators instead
+                n = line.count(",") + 1
+            if n > MAX_COLUMNS:
+                raise DataError(f"'{path}' line {number} has {n} fields, more than {MAX_COLUMNS}; a data file needs a few columns "
+                                "(e.g. text,label): check the delimiter and the file's format")
 
 
 def _read_file(path: Path, fmt: str) -> pd.DataFrame:

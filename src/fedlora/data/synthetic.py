@@ -45,6 +45,11 @@ def is_synthetic(spec: str) -> bool:
     return isinstance(spec, str) and spec.split(":", 1)[0] == "synthetic"
 
 
+# Our choice: α, β ≤ 10^4. Past it each teacher's labels are already its argmax (the logits saturate) and the inputs'
+# tanh saturates, so the task no longer changes; far past it (α ~ 1e38) the float32 weights overflow.
+MAX_HETEROGENEITY = 1e4
+
+
 def parse(spec: str) -> SyntheticSpec:
     """``synthetic:α,β`` (both ≥ 0) → SyntheticSpec; ``synthetic`` alone is ``synthetic:1,1``."""
     _, _, rest = spec.partition(":")
@@ -56,6 +61,9 @@ def parse(spec: str) -> SyntheticSpec:
         raise ValueError(f"--data {spec!r} is not synthetic:ALPHA,BETA; pass e.g. synthetic:1,1 (model and input heterogeneity, ≥ 0)") from None
     if not (a >= 0 and b >= 0 and math.isfinite(a) and math.isfinite(b)):
         raise ValueError(f"--data {spec!r}: α and β must be finite and ≥ 0; pass e.g. synthetic:0,0 (IID) or synthetic:1,1")
+    if max(a, b) > MAX_HETEROGENEITY:
+        raise ValueError(f"--data {spec!r}: α and β must be at most {MAX_HETEROGENEITY:g} (beyond it the teachers' logits saturate, "
+                         "and far beyond it overflow float32); pass e.g. synthetic:1,1")
     return SyntheticSpec(a, b)
 
 

@@ -28,6 +28,7 @@ noise before any work): the round asks it whether an empty round releases noise,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -103,8 +104,9 @@ def noise_for_epsilon(epsilon: float, delta: float, sample_rate: float, steps: i
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant))
+        with _quiet_accountant():
+            return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                                              accountant=accountant))
     except ValueError as exc:
         raise ValueError(f"no noise multiplier reaches ε = {epsilon} at δ = {delta} over {steps} rounds at sampling rate {sample_rate}: {exc}; "
                          "raise --dp-target-epsilon or --dp-delta") from None
@@ -139,7 +141,21 @@ def _accountant_epsilon(entries: tuple[tuple[tuple[float, float], int], ...], de
 
     acc = create_accountant(accountant)
     acc.history = [(z, q, steps) for (z, q), steps in entries]
-    return float(acc.get_epsilon(delta=delta))
+    # our choice: at large δ the RDP/PRV conversion can return ε < 0; (ε, δ)-DP with ε < 0 implies (0, δ)-DP, so 0 is
+    # the bound reported (never a negative ε)
+    with _quiet_accountant():
+        return max(0.0, float(acc.get_epsilon(delta=delta)))
+
+
+@contextlib.contextmanager
+def _quiet_accountant():
+    """Opacus's RDP accountant warns on stderr when its best order is the largest or smallest it tries (the bound it
+    returns is then valid, only not the tightest), and PRV's numpy warns on log(0) at sampling rate 1: our choice is
+    to report that valid ε without the library's warnings."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="opacus")
+        yield
 
 
 def sample_poisson(n_clients: int, rate: float, seed: int) -> list[int]:
@@ -300,15 +316,18 @@ class RunPrivacy:
                 self.accountants.spend(cid, rate(cid), steps)
 
     def metrics(self, rnd: int) -> dict:
-        """ε at δ after round ``rnd`` (example level: the largest any client has spent so far, and each client's)."""
+        """ε at δ after round ``rnd`` (example level: the largest any client has spent so far, and each client's).
+        Without noise (``--dp-noise 0``) no finite ε bounds the run: it is recorded as None (null in metrics.jsonl,
+        strict JSON), not as infinity."""
         p = self.config
         if not p.enabled:
             return {}
         if p.example_level:
-            per_client = {cid: self.accountants.epsilon(cid) for cid in sorted(self.accountants.history)}
-            spent = {"epsilon": max(per_client.values(), default=0.0), "epsilon_per_client": per_client}
+            per_client = {cid: _finite(self.accountants.epsilon(cid)) for cid in sorted(self.accountants.history)}
+            values = list(per_client.values())
+            spent = {"epsilon": None if None in values else max(values, default=0.0), "epsilon_per_client": per_client}
         else:
-            spent = {"epsilon": epsilon_spent(p.noise, self.sample_rate, rnd, p.delta, p.accountant)}
+            spent = {"epsilon": _finite(epsilon_spent(p.noise, self.sample_rate, rnd, p.delta, p.accountant))}
         return spent | {"delta": p.delta, "dp_noise_multiplier": p.noise, "dp_clip": p.clip, "dp_accountant": p.accountant}
 
     def state(self) -> dict:
@@ -319,14 +338,45 @@ class RunPrivacy:
             self.accountants.load(meta.get("dp_accountants", {}))
 
 
+def check_privacy(p: PrivacyConfig, method, adapter: str, mixed: bool, clients: int) -> None:
+    """What DP cannot cover, refused before any data or model is loaded: a method's unprotected setup round, a
+    method or adapter the mode cannot clip, mixed ranks under client level, and a δ at or above 1/N (N: the
+    clients under client level), which would let the mechanism release one participant's data outright."""
+    if not p.enabled:
+        return
+    if method.needs_setup():
+        raise ValueError(f"--dp {p.mode} does not cover {method.name}'s setup round (its uploads are not clipped or noised); "
+                         "choose a setup-free option (e.g. --fedsb-init random)")
+    if p.example_level:
+        if not adapter_kind(adapter).per_example_grads:
+            raise ValueError(f"--dp example needs per-example gradients, which Opacus computes for {' and '.join(EXAMPLE_DP_ADAPTERS)} "
+                             f"layers but not for {adapter}'s (DoRA's magnitude, VeRA's and HiRA's vectors); pass --adapter lora or rslora")
+        if method.has_loss_term():
+            raise ValueError(f"--dp example cannot clip {method.name}'s extra loss term per example (HetLoRA's regulariser); "
+                             "pass --hetlora-lam 0 or drop --dp example")
+        return
+    if not method.is_linear():
+        raise ValueError(f"--dp client needs a method whose server rule is a weighted sum of the uploads (linear: "
+                         f"{', '.join(linear_methods())}); {method.name} needs each client's factors")
+    if mixed:
+        raise ValueError("--dp client with mixed client ranks is not supported; drop --client-ranks")
+    if p.delta >= 1 / clients:
+        raise ValueError(f"--dp-delta {p.delta:g} is not below 1/{clients} (1/number of clients): a δ that large allows "
+                         f"releasing one client's data outright; pass e.g. --dp-delta 1e-5")
+
+
+def _finite(epsilon: float) -> float | None:
+    return epsilon if math.isfinite(epsilon) else None
+
+
 def settle_privacy(cfg, method, adapter: str, train_sizes: list[int], mixed: bool):
     """``(cfg, RunPrivacy)`` for a run's ``FederationConfig``: refuse what DP cannot cover and fix the noise for a target
     ε. Client level also replaces the weighting and norm screening (uniform weights bound the sensitivity; the
     clipping bounds every update). ``adapter``: the adapter kind; ``train_sizes``: each client's training examples."""
     p = cfg.privacy
-    if p.enabled and method.needs_setup():
-        raise ValueError(f"--dp {p.mode} does not cover {method.name}'s setup round (its uploads are not clipped or noised); "
-                         "choose a setup-free option (e.g. --fedsb-init random)")
+    check_privacy(p, method, adapter, mixed, len(train_sizes))
+    if p.enabled and p.noise == 0 and p.target_epsilon is None:
+        log.warning("--dp %s with --dp-noise 0 adds no noise: the run has no privacy guarantee and records epsilon as null", p.mode)
     if p.example_level:
         cfg = _settle_example_level(cfg, adapter, train_sizes)
         return cfg, RunPrivacy(cfg.privacy, cfg.fraction, ClientAccountants(cfg.privacy))
@@ -336,10 +386,11 @@ def settle_privacy(cfg, method, adapter: str, train_sizes: list[int], mixed: boo
 
 
 def _settle_example_level(cfg, adapter: str, train_sizes: list[int]):
-    if not adapter_kind(adapter).per_example_grads:
-        raise ValueError(f"--dp example needs per-example gradients, which Opacus computes for {' and '.join(EXAMPLE_DP_ADAPTERS)} "
-                         f"layers but not for {adapter}'s (DoRA's magnitude, VeRA's and HiRA's vectors); pass --adapter lora or rslora")
     privacy = cfg.privacy
+    largest = max(train_sizes, default=1)
+    if privacy.delta >= 1 / largest:
+        raise ValueError(f"--dp-delta {privacy.delta:g} is not below 1/{largest} (1/a client's training examples): a δ that large "
+                         "allows releasing one example outright; pass e.g. --dp-delta 1e-5")
     if privacy.target_epsilon is not None:  # the client that samples fastest and joins every round meets it
         rate = max(example_rate(cfg.batch_size, n) for n in train_sizes)
         noise = noise_for_epsilon(privacy.target_epsilon, privacy.delta, rate, cfg.rounds * cfg.local_steps, privacy.accountant)
@@ -348,11 +399,6 @@ def _settle_example_level(cfg, adapter: str, train_sizes: list[int]):
 
 
 def _settle_client_level(cfg, method, mixed: bool):
-    if not method.is_linear():
-        raise ValueError(f"--dp client needs a method whose server rule is a weighted sum of the uploads (linear: "
-                         f"{', '.join(linear_methods())}); {method.name} needs each client's factors")
-    if mixed:
-        raise ValueError("--dp client with mixed client ranks is not supported; drop --client-ranks")
     if cfg.weighting != "uniform":
         log.warning("--dp client: client weights are uniform (the sensitivity needs bounded weights); --weighting %s is ignored", cfg.weighting)
     privacy = cfg.privacy.resolved(sample_rate=cfg.fraction, rounds=cfg.rounds)

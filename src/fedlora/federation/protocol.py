@@ -33,6 +33,7 @@ May import :mod:`fedlora.adapters` and :mod:`fedlora.aggregation`.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -79,26 +80,45 @@ class RoundContext:
 
 @dataclass(frozen=True)
 class Option:
-    """A method option: ``fedlora run --{method}-{name}`` on the CLI, ``method-options`` on Flower."""
+    """A method option: ``fedlora run --{method}-{name}`` on the CLI, ``method-options`` on Flower. ``interval``: the
+    range a number must lie in, e.g. ``"[0, 1]"``, ``"(0, 1]"`` or ``"[0, inf)"`` (the paper's or the math's; a
+    number option without one must still be finite)."""
 
     default: object
     help: str
     choices: tuple | None = None
     to_rule: bool = False  # also passed to the aggregation rule under the same name (e.g. svd's solver)
+    interval: str | None = None
 
     def coerce(self, method: str, name: str, raw: object) -> object:
         kind = type(self.default)
+        flag = f"{method}-{name}".replace("_", "-")
         try:
             if kind is bool and isinstance(raw, str):
                 if raw.lower() not in ("true", "false"):
                     raise ValueError
                 raw = raw.lower() == "true"
             value = raw if isinstance(raw, kind) else kind(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"option {name}={raw!r} of method {method} is not a {kind.__name__}; pass e.g. {name}={self.default}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"option {flag}={raw!r} of method {method} is not a {kind.__name__}; pass e.g. {flag}={self.default}") from None
         if self.choices and value not in self.choices:
-            raise ValueError(f"option {name}={value!r} of method {method} is not one of {', '.join(map(str, self.choices))}")
+            raise ValueError(f"option {flag}={value!r} of method {method} is not one of {', '.join(map(str, self.choices))}")
+        if kind in (int, float) and not in_interval(value, self.interval or "(-inf, inf)"):
+            where = f"in {self.interval}" if self.interval else "a finite number"
+            raise ValueError(f"option {flag}={value!r} of method {method} must be {where}; pass e.g. {flag}={self.default}")
         return value
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval`` (``"[0, 1)"``, ``"(0, inf)"``, …); NaN lies in none, and an infinite
+    end is open."""
+    lo_text, hi_text = (x.strip() for x in interval[1:-1].split(","))
+    lo, hi = float(lo_text), float(hi_text)
+    if value != value or value in (math.inf, -math.inf):
+        return False
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
 
 
 @dataclass
@@ -294,6 +314,11 @@ class Method:
     def private(self, h: AdapterHandle) -> list[str]:
         """Trainables each client keeps across its rounds instead of taking the global ones."""
         return list(h.head_names) if self.keep_head_local else []
+
+    def has_loss_term(self) -> bool:
+        """Whether :meth:`loss_term` adds anything with these options (example-level DP cannot clip such a term per
+        example, so the run is refused before training)."""
+        return False
 
     def loss_term(self, h: AdapterHandle, peer: Peer) -> Tensor | None:
         """A term added to the client's training loss (HetLoRA's rank self-pruning regulariser), or None."""
@@ -503,26 +528,55 @@ def option_flags() -> dict[str, tuple[str, str, Option]]:
     return {f"{m}-{o}".replace("_", "-"): (m, o, opt) for m, cls in REGISTRY.items() for o, opt in cls.options.items()}
 
 
-def parse_method_options(name: str, text: str) -> dict[str, object]:
-    """Method ``name``'s validated options from ``"METHOD-OPTION=VALUE,…"`` (``--method-options``; Flower's
-    ``method-options``). Options of other registered methods are skipped (``fedlora compare`` passes one string
-    to every method); an unknown option fails in one line. A value may hold commas (``fedhello-layers=6,9,12``): a
-    piece without ``=`` after a pair continues its value."""
-    flags = option_flags()
-    out = {}
+def _option_items(text: str) -> list[str]:
+    """The ``METHOD-OPTION=VALUE`` items of a comma-separated text. A value may hold commas
+    (``fedhello-layers=6,9,12``): a piece without ``=`` after a pair continues its value."""
     items: list[str] = []
     for piece in (x.strip() for x in text.split(",") if x.strip()):
         if "=" not in piece and items and "=" in items[-1]:
             items[-1] += "," + piece
         else:
             items.append(piece)
-    for item in items:
+    return items
+
+
+def split_method_options(text: str) -> dict[str, list[tuple[str, str, Option, str]]]:
+    """``"METHOD-OPTION=VALUE,…"`` by the method each option belongs to: (flag, option, declaration, value). An
+    unknown option, or one given twice (``--method-options`` and its own flag, or twice in one string), fails in
+    one line."""
+    flags = option_flags()
+    out: dict[str, list[tuple[str, str, Option, str]]] = {}
+    seen: set[str] = set()
+    for item in _option_items(text):
         key, eq, value = item.partition("=")
         key = key.strip().replace("_", "-")
         if not eq or key not in flags:
             known = ", ".join(flags) or "none"
             raise ValueError(f"method option {item!r} is not one of {known}; pass METHOD-OPTION=VALUE pairs, e.g. --method-options 'hetlora-weights=data'")
+        if key in seen:
+            raise ValueError(f"method option {key} is given more than once (as --{key} or in --method-options); give it once")
+        seen.add(key)
         method, option, decl = flags[key]
-        if method == name:
-            out[option] = decl.coerce(name, option, value.strip())
+        out.setdefault(method, []).append((key, option, decl, value.strip()))
     return out
+
+
+def check_option_owners(text: str, methods: list[str] | tuple[str, ...]) -> None:
+    """Refuse options of methods that are not run (``--method fedit --ravan-heads 0``): they would be ignored."""
+    for method, items in split_method_options(text).items():
+        if method not in methods:
+            runs = f"--method {methods[0]}" if len(methods) == 1 else f"--methods {','.join(methods)}"
+            raise ValueError(f"option {items[0][0]}={items[0][3]} belongs to method {method}, which this run does not use ({runs}); "
+                             f"drop it, or run {method}")
+
+
+def options_of(name: str, text: str) -> str:
+    """Only method ``name``'s items of ``"METHOD-OPTION=VALUE,…"`` (a comparison gives each method its own)."""
+    return ",".join(f"{flag}={value}" for flag, _, _, value in split_method_options(text).get(name, []))
+
+
+def parse_method_options(name: str, text: str) -> dict[str, object]:
+    """Method ``name``'s validated options from ``"METHOD-OPTION=VALUE,…"`` (``--method-options``; Flower's
+    ``method-options``). Options of other registered methods are skipped here (:func:`check_option_owners` refuses
+    them where a run is configured); an unknown option, or one given twice, fails in one line."""
+    return {option: decl.coerce(name, option, value) for _, option, decl, value in split_method_options(text).get(name, [])}

@@ -113,13 +113,13 @@ class FederationConfig:
             raise ValueError(f"local_steps={self.local_steps} is below 1; pass --local-steps 1 or more")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} is below 1; pass --batch-size 1 or more")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be positive; pass e.g. --lr 5e-4")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr} must be a finite positive number; pass e.g. --lr 5e-4")
         if self.max_norm_ratio < 0 or (0 < self.max_norm_ratio <= 1):
             raise ValueError(f"max_norm_ratio={self.max_norm_ratio} would reject ordinary clients; pass 0 (off) or a ratio above 1, e.g. 10")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if not self.max_grad_norm >= 0:
+        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be ≥ 0; pass 0 (off) or a norm such as 1.0")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")

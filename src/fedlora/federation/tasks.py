@@ -44,6 +44,9 @@ class TokenizedSplit:
 
     @classmethod
     def from_texts(cls, tokenizer, texts: list[str], labels: list[int], max_length: int) -> TokenizedSplit:
+        if len(texts) == 0:  # an empty split (--local-test-fraction 0: no local test set), which tokenizers refuse
+            empty = torch.zeros((0, max_length), dtype=torch.long)
+            return cls(empty, empty.clone(), torch.zeros(0, dtype=torch.long))
         enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
         return cls(enc["input_ids"], enc["attention_mask"], torch.as_tensor(list(labels), dtype=torch.long))
 

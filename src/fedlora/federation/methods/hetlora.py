@@ -28,8 +28,9 @@ class HetLoRA(Method):
     unsupported = {"vera": "HetLoRA pads and truncates factor ranks, which VeRA's shared projections fix; choose lora, rslora, dora or hira"}
     options = {
         "weights": Option("sparsity", "HetLoRA aggregation weights: sparsity (the paper's) or data", ("sparsity", "data")),
-        "lam": Option(0.0, "HetLoRA rank self-pruning regulariser strength λ (0: off)"),
-        "gamma": Option(0.99, "HetLoRA regulariser: components from ⌈γ r_u⌉ on are penalised"),
+        "lam": Option(0.0, "HetLoRA rank self-pruning regulariser strength λ ≥ 0 (0: off)", interval="[0, inf)"),
+        "gamma": Option(0.99, "HetLoRA regulariser: components from ⌈γ r_u⌉ on are penalised, γ in (0, 1] (the paper's "
+                              "decay factor, below 1; 1 penalises nothing)", interval="(0, 1]"),
     }
 
     @classmethod
@@ -42,6 +43,9 @@ class HetLoRA(Method):
     def __init__(self, **options):
         super().__init__(**options)
         self.rule_options = {"weighting": self.settings["weights"], **self.rule_options}
+
+    def has_loss_term(self) -> bool:
+        return self.settings["lam"] > 0 and self.settings["gamma"] < 1
 
     def loss_term(self, h, peer):
         lam = self.settings["lam"]
