@@ -136,7 +136,7 @@ def test_after_step_resets_unselected_columns_bit_identically_under_weight_decay
         assert torch.equal(now[h.keys[m].A], start[h.keys[m].A])
 
 
-def test_budgets_options_and_refusals(small_csv):
+def test_budgets_options_and_refusals(small_csv, capsys):
     cfg = tiny_config(small_csv, method="loraa2", rank=8, client_ranks="1,2,3")
     assert cfg.ranks() is None and cfg.adapter_spec().r == 8  # every client holds the global rank-8 adapter
     method = cfg.method_object()
@@ -146,6 +146,12 @@ def test_budgets_options_and_refusals(small_csv):
     assert make_method("loraa2", budget=3).budget(8) == 3
     with pytest.raises(ValueError, match="upload budgets in ranks per module, but 9 exceeds the rank 8"):
         tiny_config(small_csv, method="loraa2", rank=8, client_ranks="2,9").validate()
+    from fedlora.cli.main import main
+
+    code = main(["run", "--method", "loraa2", "--rank", "4", "--client-ranks", "2,5", "--model", "tiny:bert", "--data", str(small_csv),
+                 "--quiet", "--out", "/nonexistent/never"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "upload budgets in ranks per module, but 5 exceeds the rank 4" in err
     with pytest.raises(ValueError, match="loraa2-lr-ratio=0.0 must be positive"):
         make_method("loraa2", lr_ratio=0)
     for adapter in ("dora", "vera"):
