@@ -205,7 +205,8 @@ def dp_sgd_steps(model, task, train, cfg, seed: int, privacy: PrivacyConfig, los
     with probability q = batch_size/n, the sampling the accountant assumes), Opacus's ``GradSampleModule`` computes the
     per-example gradients of the trainables, its ``DPOptimizer`` clips each to ``privacy.clip`` and adds Gaussian
     noise of standard deviation z·C to their sum before the AdamW step. A step whose batch is empty still adds its
-    noise. Returns the mean training loss. The caller accounts for (z, q, steps)."""
+    noise. ``after_step`` and ``lr_factors`` as in ``simulator.train_local`` (post-processing and step sizes: the
+    accounting is unchanged). Returns the mean training loss. The caller accounts for (z, q, steps)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
