@@ -294,7 +294,7 @@ def test_bound_rank_defaults_to_client_rank():
 
 # rules that need the frozen A every client shares (rolora: its B-round default; fedsb and ravan without cores=: the
 # clients' factors B·C_u over the shared bases)
-SHARED_A = ("ffa", "rolora", "fedsvd", "fedsb", "ravan")
+SHARED_A = ("ffa", "rolora", "fedsvd", "fedsb", "ravan", "loraa2")
 
 
 def energy_threshold_one(method):

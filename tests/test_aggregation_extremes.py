@@ -30,7 +30,7 @@ def uploads(method, scale, dtype=F64, seed=0):
     Bs = [rnd(D, R) for _ in range(U)]
     As = [rnd(R, K) for _ in range(U)]
     options = {}
-    if method in ("ffa", "rolora", "fedsvd"):
+    if method in ("ffa", "rolora", "fedsvd", "loraa2"):
         As = [As[0].clone() for _ in As]
     elif method == "fedsb":
         Bs, As = [Bs[0].clone() for _ in Bs], [As[0].clone() for _ in As]
@@ -146,6 +146,6 @@ def test_tiny_zero_and_large_but_safe_uploads_still_aggregate_finitely(method, d
     assert rho == rho and rho >= 0.0  # never NaN (inf only when ΔW* = 0 but ΔŴ ≠ 0)
     bound = eckart_young_bound(Bs, As, w)
     assert math.isfinite(bound)
-    if scale != 0.0 and method in ("fedex", "flora", "ffa", "rolora", "fedsvd") and not (dtype == torch.float32 and scale < 1e-20):
+    if scale != 0.0 and method in ("fedex", "flora", "ffa", "rolora", "fedsvd", "loraa2") and not (dtype == torch.float32 and scale < 1e-20):
         assert rho < (1e-5 if dtype == torch.float32 else 1e-10)  # the exact rules stay exact at any safe scale
     assert capfd.readouterr().err == ""

@@ -18,7 +18,7 @@ F32 = 4
 RANKS = "2,4,3"  # clients 0, 1, 2 get ranks 2, 4, 3; the model holds rank 4
 
 MIXED = [m for m, cls in REGISTRY.items() if cls.mixed_ranks and cls.client_ranks_are == "ranks"]  # fslora: sketch sizes (test_fslora)
-FIXED = [m for m, cls in REGISTRY.items() if not cls.mixed_ranks]
+FIXED = [m for m, cls in REGISTRY.items() if not cls.mixed_ranks and cls.client_ranks_are == "ranks"]  # loraa2: budgets (test_loraa2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

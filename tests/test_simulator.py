@@ -70,7 +70,8 @@ def declared_count(sim, clients: list[int], rnd: int) -> tuple[int, int]:
     """Bytes up and down of round ``rnd`` with ``clients`` accepted, by the method's declaration: per adapted d×k
     matrix and client its rule's ``comm`` at the client's rank (``Method.declared_elements``), in the factors'
     dtype, plus the non-factor trainables its upload layout lists (the head unless kept local, DoRA's magnitudes),
-    averaged and sent back. The declaration counts LoRA-form factors (not VeRA's vectors) and no round 0."""
+    averaged and sent back, plus its declared side bytes up (``Method.side_bytes``: LoRA-A²'s
+    mask). The declaration counts LoRA-form factors (not VeRA's vectors) and no round 0."""
     h, method = sim.handle, sim.method
     size = next(iter(sim.global_tensors.values())).element_size()
     up = down = 0
@@ -81,7 +82,7 @@ def declared_count(sim, clients: list[int], rnd: int) -> tuple[int, int]:
             up, down = up + e_up * size, down + e_down * size
         if method.communicates:
             others = nbytes({n: t for n, t in method.upload(h, sim.held[cid], rnd).items() if n in h.other_names})
-            up, down = up + others, down + others
+            up, down = up + others + method.side_bytes(h, rnd, peer=sim.peers[cid]), down + others
     return up, down
 
 

@@ -63,9 +63,10 @@ def test_the_ledger_round_trips_through_a_checkpoint_and_reads_old_ones():
 # ---- the methods table's text, read as a formula in d, k, r, U (h: RAVAN's heads) -------------------------------
 def formula(text: str):
     """A callable for one formula of the table's notation: juxtaposed letters multiply (``dk``, ``r(d+k)``), ``·``
-    and ``²`` as written, ``r_u`` is the client's r."""
+    and ``²`` as written, ``⌈x/n⌉`` a ceiling, ``r_u`` is the client's r."""
     s = text.replace("r_u", "r").replace("·", "*").replace("²", "**2").replace("−", "-").replace(" ", "")
-    tokens = re.findall(r"min|max|\*\*|\d+|[A-Za-z]|[()+\-*,]", s)
+    s = re.sub(r"⌈(\w+)/(\d+)⌉", r"(-(-\1//\2))", s)  # a ceiling (LoRA-A²'s default budget ⌈r/4⌉)
+    tokens = re.findall(r"min|max|\*\*|//|\d+|[A-Za-z]|[()+\-*,]", s)
     assert "".join(tokens) == s, f"the table's bytes text {text!r} is not a formula in d, k, r, U"
     out = []
     for prev, tok in zip([None, *tokens], tokens):

@@ -427,8 +427,11 @@ class RunConfig:
         key = self._key()
         if self._method is None or self._method[0] != key:
             ranks = self.ranks()
+            given = {}  # --client-ranks read as something else than adapter ranks (LoRA-A²'s budgets): as given
+            if REGISTRY.get(self.method, Method).client_ranks_are != "ranks" and self.client_ranks.strip():
+                given = {"client_ranks": list(parse_ranks(self.client_ranks, self.clients))}
             method = make_method(self.method, self.adapter, mixed_ranks=ranks is not None and len(set(ranks)) > 1,
-                                 keep_head_local=self.keep_head_local, **parse_method_options(self.method, self.method_options))
+                                 keep_head_local=self.keep_head_local, **given, **parse_method_options(self.method, self.method_options))
             object.__setattr__(self, "_method", (key, method))
         return self._method[1]
 

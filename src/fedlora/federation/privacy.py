@@ -216,12 +216,13 @@ def privatise(uploads: list[Tensors], starts: list[Tensors], cfg: PrivacyConfig,
 # ---- example-level DP: DP-SGD inside a client's local training (Opacus) -------------------------------------------
 
 
-def dp_sgd_steps(model, task, train, cfg, seed: int, privacy: PrivacyConfig, loss_term=None) -> float:
+def dp_sgd_steps(model, task, train, cfg, seed: int, privacy: PrivacyConfig, loss_term=None, after_step=None, lr_factors=None) -> float:
     """A client's local steps as DP-SGD (Abadi et al. 2016) with Opacus: each step draws a Poisson batch (every example
     with probability q = batch_size/n, the sampling the accountant assumes), Opacus's ``GradSampleModule`` computes the
     per-example gradients of the trainables, its ``DPOptimizer`` clips each to ``privacy.clip`` and adds Gaussian
     noise of standard deviation z·C to their sum before the AdamW step. A step whose batch is empty still adds its
-    noise. Returns the mean training loss. The caller accounts for (z, q, steps)."""
+    noise. ``after_step`` and ``lr_factors`` as in ``simulator.train_local`` (post-processing and step sizes: the
+    accounting is unchanged). Returns the mean training loss. The caller accounts for (z, q, steps)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -240,7 +241,7 @@ def dp_sgd_steps(model, task, train, cfg, seed: int, privacy: PrivacyConfig, los
     try:
         from fedlora.federation.simulator import local_optimizer
 
-        opt = DPOptimizer(local_optimizer(params, cfg), noise_multiplier=privacy.noise,
+        opt = DPOptimizer(local_optimizer(params, cfg, lr_factors), noise_multiplier=privacy.noise,
                           max_grad_norm=privacy.clip, expected_batch_size=max(1, round(rate * n)), generator=noise_gen,
                           secure_mode=privacy.secure_noise)
         gs.train()
@@ -259,6 +260,8 @@ def dp_sgd_steps(model, task, train, cfg, seed: int, privacy: PrivacyConfig, los
                 loss.backward()
                 losses.append(float(loss.detach()))
             opt.step()
+            if after_step:
+                after_step()
             opt.zero_grad(set_to_none=True)
     finally:
         gs._close()

@@ -15,10 +15,14 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
   client, :meth:`Method.setup_aggregate` on the server, which sees who sent what (Fed-SB's federated gradient
   init; FedLEASE's round-0 LoRA, clustering and expert init; ``deliver`` then gives each client its own part);
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
-  client), :meth:`Method.private`, :meth:`Method.loss_term`,
+  client), :meth:`Method.private`, :meth:`Method.learning_rates` (per-trainable multipliers of the local lr),
+  :meth:`Method.before_training` (a probe before the round's training: LoRA-A²'s rank selection),
+  :meth:`Method.loss_term`, :meth:`Method.after_step` (after every optimizer step: LoRA-A²'s mask reset),
   :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
   client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras`;
-- server: :meth:`Method.aggregate` → :class:`ServerUpdate`; :meth:`Method.deliver` (what client ``peer``
+- server: :meth:`Method.receive` (an upload read into the trainables' layout, before screening: LoRA-A²'s selected
+  columns and mask; bytes are counted from what was sent, with :meth:`Method.side_bytes` declaring non-factor
+  side information); :meth:`Method.aggregate` → :class:`ServerUpdate`; :meth:`Method.deliver` (what client ``peer``
   receives, counted per client in bytes down);
 - client again: :meth:`Method.fold` (base-weight updates) and :meth:`Method.take` (the trainables to start
   from); :meth:`Method.apply` is both.
@@ -192,7 +196,10 @@ class Method:
             if fn is not None and arg not in inspect.signature(fn).parameters:
                 setattr(cls, hook, _dropping(fn, arg))
 
-    def __init__(self, *, keep_head_local: bool | None = None, **options):
+    def __init__(self, *, keep_head_local: bool | None = None, client_ranks: list[int] | None = None, **options):
+        # ``--client-ranks`` as given (cycled over clients), for a method that reads it as something other than
+        # adapter ranks (``client_ranks_are``; LoRA-A²'s upload budgets); None when not given.
+        self.client_ranks = list(client_ranks) if client_ranks else None
         declared = {k: options.pop(k) for k in list(options) if k in self.options}
         self.settings = {k: o.default for k, o in self.options.items()} | {
             k: self.options[k].coerce(self.name, k, v) for k, v in declared.items()
@@ -324,6 +331,22 @@ class Method:
         """A term added to the client's training loss (HetLoRA's rank self-pruning regulariser), or None."""
         return None
 
+    def learning_rates(self, h: AdapterHandle, rnd: int, peer: Peer) -> dict[str, float]:
+        """Multipliers of the round's local learning rate by trainable name (LoRA-A²'s η_B = 5η_A, after LoRA+);
+        trainables not named train at the round's lr."""
+        return {}
+
+    def before_training(self, h: AdapterHandle, peer: Peer, rnd: int, steps: Callable[[int], float], local_steps: int) -> None:
+        """Client ``peer``'s work after loading its start state and before round ``rnd``'s ``local_steps`` local steps
+        (LoRA-A²'s probe for its rank selection). ``steps(n)`` runs n local steps on whatever is trainable, with the
+        round's data order, lr, multipliers and loss term and a fresh optimiser, but without :meth:`after_step`;
+        whatever the hook changes in the model it must set back (``h.get`` before, ``h.set`` after): the round's
+        training starts from the state it was given, with the same seeds."""
+
+    def after_step(self, h: AdapterHandle, peer: Peer, rnd: int) -> None:
+        """After every optimizer step of client ``peer``'s round-``rnd`` training (LoRA-A² resets the components it
+        did not select, which masks the whole update, weight decay included)."""
+
     def local_training(self, h: AdapterHandle, steps: Callable[[], float]) -> None:
         """After the round's training: training whose result never leaves the client (FedDPA's local adapter).
         ``steps()`` runs the round's local steps on whatever is trainable when it is called."""
@@ -341,6 +364,12 @@ class Method:
         private = set(self.private(h)) | set(self.frozen(h, rnd, peer=peer))
         return {n: t for n, t in tensors.items() if n not in private}
 
+    def side_bytes(self, h: AdapterHandle, rnd: int, peer: Peer | None = None) -> int:
+        """Bytes client ``peer`` sends in round ``rnd`` besides its factors (declared per matrix by the rule) and its
+        other trainables: a method's side information (LoRA-A²'s N·r-bit selection mask, packed). The declaration
+        the tests hold the counted bytes to; 0 by default."""
+        return 0
+
     def scored_states(self, held: dict[int, Tensors], private: dict[int, Tensors]) -> list[Tensors] | None:
         """The models whose mean accuracy on the global test set is the round's global accuracy, when that is not the
         one global model (``local``: every client's own); ``held``/``private``: each client's state."""
@@ -351,6 +380,13 @@ class Method:
         return {}
 
     # ---- server side -----------------------------------------------------------------------------------------
+    def receive(self, h: AdapterHandle, upload: Tensors, start: Tensors, rnd: int, peer: Peer) -> Tensors:
+        """What the server reads client ``peer``'s round-``rnd`` upload as, before screening checks it against
+        ``upload(h, start, rnd, peer=peer)`` (the layout) and the rule is given it; ``start`` is what the client started
+        the round from. Default: the upload as sent. LoRA-A²: its selected columns and mask, decoded into the dense
+        trained factor. Raises ValueError on an upload it cannot read (the client is rejected with that reason)."""
+        return upload
+
     def aggregate(self, h: AdapterHandle, uploads: list[Tensors], weights: Tensor, current: Tensors, ctx: RoundContext) -> ServerUpdate:
         """Combine the accepted uploads (``ctx.peers`` in the same order) into the next global state."""
         agg = self.combine(h, uploads, weights, current, ctx)

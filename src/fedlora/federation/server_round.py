@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -131,16 +131,24 @@ def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: 
            rnd: int, peer: Callable[[int], Peer] | None = None) -> tuple[list[ClientResult], list[Rejection]]:
     """Split the round's results into accepted and rejected (structure, dtype, NaN/Inf, norm outliers). Each client
     is checked against what it started from (``held(cid)``: its own rank under mixed ranks) and the layout its
-    upload has (``peer(cid)``: Fed-HeLLo's clients upload their own blocks)."""
+    upload has (``peer(cid)``: Fed-HeLLo's clients upload their own blocks). An accepted result carries its upload as
+    the server reads it (``Method.receive``); the bytes were counted from what it sent."""
     accepted, rejected, norms = [], [], []
     for r in results:
         start = held(r.cid)
-        layout = method.upload(h, start, rnd, peer=None if peer is None else peer(r.cid))
-        reason = (check_structure(r.cid, r.upload, schema(layout), "upload")
+        who = None if peer is None else peer(r.cid)
+        layout = method.upload(h, start, rnd, peer=who)
+        try:  # the upload as the server reads it (Method.receive: LoRA-A² decodes its selected columns)
+            upload = r.upload if who is None else method.receive(h, r.upload, start, rnd, who)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            rejected.append(Rejection(r.cid, f"client {r.cid}'s upload cannot be read: {exc}"))
+            continue
+        reason = (check_structure(r.cid, upload, schema(layout), "upload")
                   or check_structure(r.cid, r.extras, schema(method.eval_extras(h, start)), "evaluation tensors"))
         if reason:
             rejected.append(Rejection(r.cid, reason))
         else:
+            r = r if upload is r.upload else replace(r, upload=upload)
             accepted.append(r)
             norms.append(update_norm(r.upload, start))
     outliers = norm_outliers([r.cid for r in accepted], norms, max_norm_ratio)

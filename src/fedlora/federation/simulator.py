@@ -75,8 +75,15 @@ def round_lr(cfg, rnd: int) -> float:
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * rnd / cfg.rounds))
 
 
-def local_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """A fresh local optimizer (clients keep no optimizer state across rounds)."""
+def local_optimizer(params, cfg, lr_factors: dict[int, float] | None = None) -> torch.optim.Optimizer:
+    """A fresh local optimizer (clients keep no optimizer state across rounds). ``lr_factors``: multipliers of the
+    lr by ``id(parameter)`` (``Method.learning_rates``); the others train at ``cfg.lr``."""
+    params = list(params)
+    if lr_factors:
+        groups: dict[float, list] = {}
+        for p in params:
+            groups.setdefault(float(lr_factors.get(id(p), 1.0)), []).append(p)
+        params = [{"params": ps, "lr": cfg.lr * f} for f, ps in groups.items()]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -156,16 +163,18 @@ def sample_round(n_clients: int, cfg: FederationConfig, rnd: int) -> list[int]:
 
 
 def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationConfig, seed: int,
-                loss_term: Callable[[], Tensor | None] | None = None) -> float:
+                loss_term: Callable[[], Tensor | None] | None = None, after_step: Callable[[], None] | None = None,
+                lr_factors: dict[int, float] | None = None) -> float:
     """A client's local steps on the model as loaded; fresh AdamW each round (clients keep no optimizer state).
-    ``loss_term``: the method's extra term added to each step's loss (HetLoRA's regulariser). Under example-level DP
-    the steps are DP-SGD (``privacy.dp_sgd_steps``)."""
+    ``loss_term``: the method's extra term added to each step's loss (HetLoRA's regulariser); ``after_step``: called
+    after every optimizer step (LoRA-A²'s mask reset); ``lr_factors``: lr multipliers by ``id(parameter)``. Under
+    example-level DP the steps are DP-SGD (``privacy.dp_sgd_steps``)."""
     if cfg.privacy.example_level:
-        return dp_sgd_steps(model, task, train, cfg, seed, cfg.privacy, loss_term)
+        return dp_sgd_steps(model, task, train, cfg, seed, cfg.privacy, loss_term, after_step, lr_factors)
     seed_torch(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = local_optimizer(params, cfg)
+    opt = local_optimizer(params, cfg, lr_factors)
     model.train()
     n, order, pos, losses = len(train), torch.empty(0, dtype=torch.long), 0, []
     for _ in range(cfg.local_steps):
@@ -179,6 +188,8 @@ def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationCo
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
+        if after_step:
+            after_step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return sum(losses) / len(losses)
@@ -199,7 +210,14 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     seed = round_seed(cfg.seed, rnd, client.cid)
     if cfg.lr_schedule != "constant":
         cfg = dataclasses.replace(cfg, lr=round_lr(cfg, rnd), lr_schedule="constant")
-    loss = train_local(h.model, task, client.train, cfg, seed, lambda: method.loss_term(h, peer))
+    lr_factors = {id(h.parameter(n)): f for n, f in method.learning_rates(h, rnd, peer).items()}
+    term = lambda: method.loss_term(h, peer)  # noqa: E731
+
+    def steps(n: int) -> float:  # the round's training, n steps, without after_step (Method.before_training)
+        return train_local(h.model, task, client.train, dataclasses.replace(cfg, local_steps=n), seed, term, None, lr_factors)
+
+    method.before_training(h, peer, rnd, steps, cfg.local_steps)
+    loss = train_local(h.model, task, client.train, cfg, seed, term, lambda: method.after_step(h, peer, rnd), lr_factors)
     method.local_training(h, lambda: train_local(h.model, task, client.train, cfg, seed + 1))
     with method.local_scoring(h, client.train, cfg.device):
         acc = task.evaluate(h.model, client.test, cfg.device)
