@@ -11,6 +11,9 @@ adapters, and :class:`~fedlora.adapters.AdapterHandle` reads the result as ordin
 - **dual** (FedDPA): a second LoRA adapter ``local`` on the same layers, mixed per instance with the global one:
   ``y = W0x + s(1−α_x)·B_gA_g x + s·α_x·B_lA_l x`` (:class:`DualMix`). With α = 0 (the default state) the model
   is the global adapter alone.
+- **sparse** (SLoRA's stage 1): a :class:`SparseDelta` beside the LoRA path, ``W = W0 + scatter_Ω(v) + s·BA``: a
+  fixed seeded index set Ω (a buffer, the same in every process) and a trainable ``v`` (zero at start), added by a
+  forward hook (:func:`install_sparse`). Once ``off`` (SLoRA's switch: v is zero from then on) the hook adds nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +47,45 @@ class CoreB(nn.Module):
         cores = self.core if self.gain is None else self.core * self.gain[:, None, None]
         y = torch.einsum("...hj,hij->...hi", z.unflatten(-1, (h, r)), cores.to(z.dtype)).flatten(-2)
         return F.linear(y, self.weight)
+
+
+class SparseDelta(nn.Module):
+    """``scatter_Ω(v)`` for one d×k matrix: ``values`` (trainable, |Ω|) at the flat row-major indices ``index``."""
+
+    def __init__(self, index: Tensor, d: int, k: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.d, self.k = d, k
+        self.register_buffer("index", index.to(device), persistent=False)
+        self.values = nn.Parameter(torch.zeros(len(index), dtype=dtype, device=device))
+        self.off = False  # set once the values are dropped for good: the hook then skips the zero product
+
+    def dense(self, values: Tensor | None = None) -> Tensor:
+        """The d×k (out×in) matrix ``scatter_Ω(values)`` (the module's own values by default)."""
+        from fedlora.aggregation.slora import scatter
+
+        return scatter(self.values if values is None else values, self.index, self.d, self.k)
+
+
+def _sparse_hook(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    sparse = layer.sparse_delta
+    if sparse.off or layer.disable_adapters:
+        return output
+    x = args[0]
+    return output + F.linear(x.to(sparse.values.dtype), sparse.dense()).to(output.dtype)
+
+
+@torch.no_grad()
+def install_sparse(model: nn.Module, *, density: float, seed: int) -> None:
+    """Give every LoRA layer of ``model`` a :class:`SparseDelta` (SLoRA's stage 1): Ω drawn from the run's ``seed``
+    and the layer's name (:func:`fedlora.aggregation.slora.support_seed`), ``v`` zero and trainable."""
+    from fedlora.aggregation.slora import sparse_indices, support_seed
+
+    for name, layer in lora_layers(model):
+        d, k = layer.out_features, layer.in_features
+        weight = layer.lora_A["default"].weight
+        index = sparse_indices(d, k, density, support_seed(seed, name.removeprefix("base_model.model.")))
+        layer.sparse_delta = SparseDelta(index, d, k, weight.dtype, weight.device)
+        layer.register_forward_hook(_sparse_hook)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -153,5 +195,5 @@ def cosine_to(reps: Tensor, reference: Tensor) -> Tensor:
     return (a @ b.T).mean(-1)
 
 
-__all__ = ["LOCAL", "CoreB", "DualMix", "add_local_adapter", "basis_gain", "cosine_to", "install_core", "lora_layers",
-           "mean_pooled"]
+__all__ = ["LOCAL", "CoreB", "DualMix", "SparseDelta", "add_local_adapter", "basis_gain", "cosine_to", "install_core",
+           "install_sparse", "lora_layers", "mean_pooled"]

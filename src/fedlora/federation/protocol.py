@@ -10,7 +10,8 @@ derived from these declarations: no code outside a method's own files decides by
 Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; so do these):
 
 - once, when the model is built: :meth:`Method.prepare` (an adapter structure PEFT lacks: Fed-SB's core,
-  FedDPA's second adapter); then, if :meth:`Method.needs_setup`, a round 0: :meth:`Method.setup_upload` on every
+  FedDPA's second adapter, SLoRA's sparse delta); :meth:`Method.plan` (the run's number of rounds, for a schedule
+  in fractions of it: SLoRA's switch round); then, if :meth:`Method.needs_setup`, a round 0: :meth:`Method.setup_upload` on every
   client, :meth:`Method.setup_aggregate` on the server (Fed-SB's federated gradient init);
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
   client), :meth:`Method.private`, :meth:`Method.loss_term`,
@@ -237,6 +238,10 @@ class Method:
         """Change the PEFT model's adapter structure before anything reads it (Fed-SB's and RAVAN's frozen bases and
         cores, FedDPA's second adapter). Called once per process right after PEFT wraps the model, with the run's
         seed, so the simulator, the Flower server and every SuperNode build the same model."""
+
+    def plan(self, rounds: int) -> None:
+        """Told the run's number of rounds T once, when the simulator (in-process, the Flower server or a SuperNode)
+        is built, before any round: for a schedule in fractions of T (SLoRA's switch at ⌈0.2T⌉). Default: nothing."""
 
     # ---- round 0, for a method that needs one ------------------------------------------------------------------
     def needs_setup(self) -> bool:

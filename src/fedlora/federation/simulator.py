@@ -269,6 +269,7 @@ class Simulator:
         rule = get_rule(self.method.rule) if self.method.rule in RULES else None
         check_server_memory(h, max(1, int(round(self.config.fraction * len(self.clients)))), quadratic=bool(rule and rule.quadratic))
         self.config, self.privacy = settle_privacy(self.config, self.method, h.spec.kind, [len(c.train) for c in self.clients], self.mixed)
+        self.method.plan(self.config.rounds)
         self.global_tensors: Tensors = h.get()
         self.eval_tensors: Tensors = self.global_tensors
         # Round 1 starts every client from the seeded init at its rank (its first r_u components, as PEFT would

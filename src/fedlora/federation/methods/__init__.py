@@ -9,4 +9,4 @@ it after the built-in methods (:func:`fedlora.federation.protocol.load_plugins`)
 """
 
 from . import fedit, ffa, fedsa, flora, fedex, florana, svd, flexlora, hetlora, rolora, fedsvd  # noqa: F401  # isort: skip
-from . import lorafair, fedrot, fedmomentum, frlora, fedsb, ravan, feddpa, florist, fslora, fedhello, central, local  # noqa: F401  # isort: skip
+from . import lorafair, fedrot, fedmomentum, frlora, fedsb, ravan, feddpa, florist, fslora, fedhello, slora, central, local  # noqa: F401  # isort: skip
