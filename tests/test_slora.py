@@ -144,6 +144,10 @@ def test_three_rounds_across_the_switch_three_clients_in_process(small_csv, adap
     h = sim.handle
     seen = _spy(sim)
     B0 = h.get(h.B_names())
+    for module, layer in h.layers.items():  # the model's Ω is the seeded one; its dense view is scatter_Ω
+        assert torch.equal(layer.sparse_delta.index, sparse_indices(D, K, 0.01, support_seed(0, module)))
+        v = torch.randn(len(layer.sparse_delta.index), dtype=F64)
+        assert torch.equal(layer.sparse_delta.dense(v), scatter(v, layer.sparse_delta.index, D, K))
     history = sim.run()
     assert [x["slora_stage"] for x in history] == ["sparse", "switch", "lora"]
     v_elems = MODULES * math.ceil(0.01 * D * K)

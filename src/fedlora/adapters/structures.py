@@ -60,10 +60,10 @@ class SparseDelta(nn.Module):
         self.off = False  # set once the values are dropped for good: the hook then skips the zero product
 
     def dense(self, values: Tensor | None = None) -> Tensor:
-        """The d×k (out×in) matrix ``scatter_Ω(values)`` (the module's own values by default)."""
-        from fedlora.aggregation.slora import scatter
-
-        return scatter(self.values if values is None else values, self.index, self.d, self.k)
+        """The d×k (out×in) matrix ``scatter_Ω(values)`` (the module's own values by default): the values at the flat
+        row-major indices, zeros elsewhere; differentiable in the values."""
+        v = self.values if values is None else values
+        return v.new_zeros(self.d * self.k).index_put((self.index.to(v.device),), v).view(self.d, self.k)
 
 
 def _sparse_hook(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
@@ -75,15 +75,14 @@ def _sparse_hook(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def install_sparse(model: nn.Module, *, density: float, seed: int) -> None:
-    """Give every LoRA layer of ``model`` a :class:`SparseDelta` (SLoRA's stage 1): Ω drawn from the run's ``seed``
-    and the layer's name (:func:`fedlora.aggregation.slora.support_seed`), ``v`` zero and trainable."""
-    from fedlora.aggregation.slora import sparse_indices, support_seed
-
+def install_sparse(model: nn.Module, indices: Callable[[str, int, int], Tensor]) -> None:
+    """Give every LoRA layer of ``model`` a :class:`SparseDelta` (SLoRA's stage 1) with ``v`` zero and trainable:
+    ``indices(name, d, k)`` is the layer's Ω (flat row-major indices into d×k; ``name`` without PEFT's
+    ``base_model.model.`` prefix), which the method draws the same in every process."""
     for name, layer in lora_layers(model):
         d, k = layer.out_features, layer.in_features
         weight = layer.lora_A["default"].weight
-        index = sparse_indices(d, k, density, support_seed(seed, name.removeprefix("base_model.model.")))
+        index = indices(name.removeprefix("base_model.model."), d, k)
         layer.sparse_delta = SparseDelta(index, d, k, weight.dtype, weight.device)
         layer.register_forward_hook(_sparse_hook)
 

@@ -8,7 +8,7 @@ import torch
 
 from fedlora.adapters.structures import install_sparse
 from fedlora.aggregation import aggregate
-from fedlora.aggregation.slora import DEFAULT_DENSITY, RESIDUALS, check_density, switch_init
+from fedlora.aggregation.slora import DEFAULT_DENSITY, RESIDUALS, check_density, sparse_indices, support_seed, switch_init
 from fedlora.federation.protocol import FOLD, SERVER_OPT_FACTORS, Method, Option, ServerUpdate, broadcast_trained, register
 
 STAGE1_SHARE = 0.2  # R1 = ⌈0.2T⌉ by default (the reference code: 5 rounds)
@@ -51,8 +51,8 @@ class SLoRA(Method):
     rule = "slora"
     summary = ("rounds ≤ R1: v on a seeded sparse Ω (|Ω| = ⌈δdk⌉), v̄ = Σ w_u v_u (exact); then LoRA from the rank-r SVD "
                "of scatter_Ω(v̄), trained as FedIT")
-    up = "⌈δdk⌉ (rounds ≤ R1), r(d+k)"
-    down = "⌈δdk⌉ (rounds < R1), r(d+k)"
+    up = "⌈δdk⌉ (rounds 1 to R1), r(d+k)"
+    down = "⌈δdk⌉ (rounds before R1), r(d+k) (from the switch round on)"
     exactness = "stage 1 yes; then as FedIT"
     linear = True
     server_opt = SERVER_OPT_FACTORS  # v in stage 1, FedIT's factors in stage 2
@@ -95,7 +95,8 @@ class SLoRA(Method):
         return {"stage": self.stage(rnd), "density": self.settings["density"], "residual": self.settings["residual"]}
 
     def prepare(self, model, spec, seed):
-        install_sparse(model, density=self.settings["density"], seed=seed)
+        density = self.settings["density"]
+        install_sparse(model, lambda name, d, k: sparse_indices(d, k, density, support_seed(seed, name)))
 
     def frozen(self, h, rnd, peer=None):
         if self.stage(rnd) == "lora":
