@@ -238,3 +238,22 @@ def test_flower_in_process_round_resume_before_and_after_the_switch_and_export(s
             torch.testing.assert_close(model(**batch).logits, sim.model(**batch).logits, rtol=1e-4, atol=1e-5)
         if rounds == 1:
             assert any(sim.global_tensors[n].any() for n in sim.handle.sparse_names())  # there was a delta to export
+
+
+def test_a_server_optimiser_steps_v_then_the_factors_but_not_the_switch(small_csv):
+    cfg = tiny_config(small_csv, method="slora", rounds=3, method_options=OPTIONS)
+    plain = build(cfg).simulator.run()
+    same = build(cfg.replace(server_opt="avgm", server_lr=1.0, server_momentum=0.0)).simulator.run()  # η = 1, β = 0
+    for a, b in zip(same, plain):
+        for key in ("divergence", "bytes_up", "bytes_down", "global_accuracy", "train_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (a["round"], key)
+    sim = build(cfg.replace(server_opt="adam")).simulator
+    h, seen = sim.handle, _spy(sim)
+    sim.round(1)
+    v = h.sparse_names()[0]
+    assert not torch.allclose(sim.global_tensors[v], seen[0][3].broadcast[v])  # v stepped by Adam
+    sim.round(2)
+    for n in h.B_names() + h.A_names():  # the SVD start is not a step
+        assert torch.equal(sim.global_tensors[n], seen[1][3].broadcast[n])
+    sim.round(3)
+    assert not torch.allclose(sim.global_tensors[h.B_names()[0]], seen[2][3].broadcast[h.B_names()[0]])  # FedIT's factors stepped

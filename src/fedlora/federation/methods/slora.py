@@ -49,7 +49,7 @@ class SLoRA(Method):
     name = "slora"
     title = "SLoRA (Babakniya et al., 2023)"
     rule = "slora"
-    summary = ("rounds ≤ R1: v on a seeded sparse Ω (|Ω| = ⌈δdk⌉), v̄ = Σ w_u v_u (exact); then LoRA from the rank-r SVD "
+    summary = ("rounds ≤ R1: v on a seeded sparse Ω of ⌈δdk⌉ entries, v̄ = Σ w_u v_u (exact); then LoRA from the rank-r SVD "
                "of scatter_Ω(v̄), trained as FedIT")
     up = "⌈δdk⌉ (rounds 1 to R1), r(d+k)"
     down = "⌈δdk⌉ (rounds before R1), r(d+k) (from the switch round on)"
