@@ -1,6 +1,7 @@
 """The byte ledger against hand counts, and every method's byte declaration: its rule's ``comm`` is the one source,
 and the methods table's up/down text, read as a formula, must say the same for any registered method."""
 
+import math
 import re
 
 import pytest
@@ -65,16 +66,16 @@ def formula(text: str):
     """A callable for one formula of the table's notation: juxtaposed letters multiply (``dk``, ``r(d+k)``), ``·``
     and ``²`` as written, ``⌈x/n⌉`` a ceiling, ``r_u`` is the client's r."""
     s = text.replace("r_u", "r").replace("·", "*").replace("²", "**2").replace("−", "-").replace(" ", "")
-    s = re.sub(r"⌈(\w+)/(\d+)⌉", r"(-(-\1//\2))", s)  # a ceiling (LoRA-A²'s default budget ⌈r/4⌉)
-    tokens = re.findall(r"min|max|\*\*|//|\d+|[A-Za-z]|[()+\-*,]", s)
+    s = s.replace("⌈", "ceil(").replace("⌉", ")")  # ⌈x⌉; δ: SLoRA's density
+    tokens = re.findall(r"min|max|ceil|\*\*|//|\d+|[A-Za-zδ]|[()+\-*/,]", s)
     assert "".join(tokens) == s, f"the table's bytes text {text!r} is not a formula in d, k, r, U"
     out = []
     for prev, tok in zip([None, *tokens], tokens):
-        if prev and (prev == ")" or prev[-1].isalnum() and prev not in ("min", "max")) and (tok[0].isalpha() or tok == "("):
+        if prev and (prev == ")" or prev[-1].isalnum() and prev not in ("min", "max", "ceil")) and (tok[0].isalpha() or tok == "("):
             out.append("*")
         out.append(tok)
     expr = "".join(out)
-    return lambda **v: eval(expr, {"__builtins__": {}, "min": min, "max": max}, v)
+    return lambda **v: eval(expr, {"__builtins__": {}, "min": min, "max": max, "ceil": math.ceil}, v)
 
 
 def readings(text: str, **values) -> set[int]:
@@ -101,9 +102,11 @@ def readings(text: str, **values) -> set[int]:
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_the_methods_table_states_what_the_rule_declares(name):
     method = make_method(name)
+    method.schedule(10)  # a run of 10 rounds (SLoRA: sparse rounds 1, the switch in round 2, LoRA from round 3)
     heads = method.comm_options(1).get("heads", 1)
+    density = method.comm_options(1).get("density", 0.0)
     for d, k, r, U in [(64, 48, 4, 3), (768, 3072, 8, 10), (40, 40, 16, 200)]:
         declared = {method.declared_elements(d, k, r, U, rnd) for rnd in (1, 2, 3, 4)}
         for side, text in ((0, method.up), (1, method.down)):
-            stated = readings(text, d=d, k=k, r=r, U=U, h=heads)
+            stated = readings(text, d=d, k=k, r=r, U=U, h=heads, δ=density)
             assert stated == {x[side] for x in declared}, (name, ("up", "down")[side], text, stated, declared)

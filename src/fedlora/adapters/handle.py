@@ -13,7 +13,7 @@ weight may be stored transposed, k×d (in×out: transformers' ``Conv1D`` in GPT-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from peft.utils import transpose
@@ -33,6 +33,7 @@ class ModuleKeys:
     A: str  # LoRA/DoRA/HiRA: the r×k factor; VeRA: λ_d ∈ R^r; core structure: the frozen basis A (hr×k)
     core: str | None = None  # core structure (Fed-SB, RAVAN): the trainable h×r×r cores between the bases
     gain: str | None = None  # RAVAN: the trainable per-head scalars
+    sparse: str | None = None  # sparse structure (SLoRA's stage 1): the trainable values v of W0 + scatter_Ω(v)
 
 
 class AdapterHandle:
@@ -57,8 +58,12 @@ class AdapterHandle:
                                                   gain=f"{prefix}.gain" if core.gain is not None else None)
                 else:
                     self.keys[short] = ModuleKeys(B=self._find(name, b_attr), A=self._find(name, a_attr))
+                if getattr(module, "sparse_delta", None) is not None:
+                    self.keys[short] = replace(self.keys[short], sparse=f"{name}.sparse_delta.values")
         # Core structure (Fed-SB, RAVAN): B and A are frozen shared bases; a client's factors are B·blockdiag(cores), A.
         self.cored = any(k.core for k in self.keys.values())
+        # Sparse structure (SLoRA): a trainable v per module beside the factors, W = W0 + scatter_Ω(v) + s·BA.
+        self.sparse = any(k.sparse for k in self.keys.values())
         # Σ of every weight-space update folded into each base weight, in that weight's own layout (k×d where it
         # is stored transposed): exactly what was added to it.
         # A structure may fold into the base while it is built (ILoRA's offset, BUILD_FOLD): that counts too.
@@ -94,7 +99,7 @@ class AdapterHandle:
                 raise ValueError(f"adapter rank {spec.r} exceeds what layer {module} ({d}×{k}) can hold (a rank above min(d, k) = {min(d, k)} "
                                  f"adds nothing and costs memory); pass --rank {min(d, k)} or less (under --client-ranks: "
                                  f"no client rank above {min(d, k)})")
-        factor_names = {n for k in self.keys.values() for n in (k.B, k.A, k.core, k.gain) if n}
+        factor_names = {n for k in self.keys.values() for n in (k.B, k.A, k.core, k.gain, k.sparse) if n}
         self.trainable_names: list[str] = [n for n, p in self._params.items() if p.requires_grad]
         self.trainable_set: frozenset[str] = frozenset(self.trainable_names)
         self.other_names: list[str] = [n for n in self.trainable_names if n not in factor_names]
@@ -223,6 +228,15 @@ class AdapterHandle:
 
     def gain_names(self) -> list[str]:
         return [k.gain for k in self.keys.values() if k.gain]
+
+    def sparse_names(self) -> list[str]:
+        return [k.sparse for k in self.keys.values() if k.sparse]
+
+    def sparse_delta(self, tensors: dict[str, Tensor], module: str) -> Tensor:
+        """Sparse structure: ``module``'s d×k ``scatter_Ω(v)`` for the v in ``tensors`` (the model's where not given)."""
+        k = self.keys[module]
+        sparse = self.layers[module].sparse_delta
+        return sparse.dense(tensors.get(k.sparse, self._params[k.sparse]).detach())
 
     def scaling(self, module: str) -> float:
         """The model's own scale s(r_max) of ``module`` (whatever client rank its layers are set to now)."""

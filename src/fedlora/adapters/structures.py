@@ -24,6 +24,9 @@ adapters, and :class:`~fedlora.adapters.AdapterHandle` reads the result as ordin
   a lower rank ρ has the offset ``−T_ρ``: a forward hook adds the frozen tail ``Q[:, ρ:r] R[ρ:r]`` (buffers, not
   trainables; ρ is the rank the handle last loaded, :data:`LOADED_RANK`). One base in memory; with one rank the
   hook adds nothing.
+- **sparse** (SLoRA's stage 1): a :class:`SparseDelta` beside the LoRA path, ``W = W0 + scatter_Ω(v) + s·BA``: a
+  fixed seeded index set Ω (a buffer, the same in every process) and a trainable ``v`` (zero at start), added by a
+  forward hook (:func:`install_sparse`). Once ``off`` (SLoRA's switch: v is zero from then on) the hook adds nothing.
 """
 
 from __future__ import annotations
@@ -138,6 +141,44 @@ def install_experts(model: nn.Module, experts: int) -> None:
         A0, B0 = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         layer.lora_A["default"] = ExpertsA(A0.detach().clone(), experts)
         layer.lora_B["default"] = ExpertsB(B0.detach().clone(), experts)
+
+
+class SparseDelta(nn.Module):
+    """``scatter_Ω(v)`` for one d×k matrix: ``values`` (trainable, |Ω|) at the flat row-major indices ``index``."""
+
+    def __init__(self, index: Tensor, d: int, k: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.d, self.k = d, k
+        self.register_buffer("index", index.to(device), persistent=False)
+        self.values = nn.Parameter(torch.zeros(len(index), dtype=dtype, device=device))
+        self.off = False  # set once the values are dropped for good: the hook then skips the zero product
+
+    def dense(self, values: Tensor | None = None) -> Tensor:
+        """The d×k (out×in) matrix ``scatter_Ω(values)`` (the module's own values by default): the values at the flat
+        row-major indices, zeros elsewhere; differentiable in the values."""
+        v = self.values if values is None else values
+        return v.new_zeros(self.d * self.k).index_put((self.index.to(v.device),), v).view(self.d, self.k)
+
+
+def _sparse_hook(layer: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    sparse = layer.sparse_delta
+    if sparse.off or layer.disable_adapters:
+        return output
+    x = args[0]
+    return output + F.linear(x.to(sparse.values.dtype), sparse.dense()).to(output.dtype)
+
+
+@torch.no_grad()
+def install_sparse(model: nn.Module, indices: Callable[[str, int, int], Tensor]) -> None:
+    """Give every LoRA layer of ``model`` a :class:`SparseDelta` (SLoRA's stage 1) with ``v`` zero and trainable:
+    ``indices(name, d, k)`` is the layer's Ω (flat row-major indices into d×k; ``name`` without PEFT's
+    ``base_model.model.`` prefix), which the method draws the same in every process."""
+    for name, layer in lora_layers(model):
+        d, k = layer.out_features, layer.in_features
+        weight = layer.lora_A["default"].weight
+        index = indices(name.removeprefix("base_model.model."), d, k)
+        layer.sparse_delta = SparseDelta(index, d, k, weight.dtype, weight.device)
+        layer.register_forward_hook(_sparse_hook)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -310,5 +351,6 @@ def cosine_to(reps: Tensor, reference: Tensor) -> Tensor:
 
 
 __all__ = ["BUILD_FOLD", "LEAF", "LOADED_RANK", "LOCAL", "CoreB", "DualMix", "ExpertsA", "ExpertsB", "QROffset",
-           "SummedAdapter", "add_adapter_copy", "add_local_adapter", "add_summed_adapter", "basis_gain", "cosine_to",
-           "install_core", "install_experts", "lora_layers", "mean_pooled", "routing_weights", "slot_map"]
+           "SparseDelta", "SummedAdapter", "add_adapter_copy", "add_local_adapter", "add_summed_adapter",
+           "basis_gain", "cosine_to", "install_core", "install_experts", "install_sparse", "lora_layers",
+           "mean_pooled", "routing_weights", "slot_map"]

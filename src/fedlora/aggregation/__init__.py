@@ -16,7 +16,7 @@ from __future__ import annotations
 
 # The rule modules register themselves on import; the order here is the order of METHODS.
 from . import fedit, ffa, fedsa, flora, fedex, florana, svd, flexlora, hetlora, rolora, fedsvd, lorafair, fedrot, fedmomentum, frlora, fedsb, ravan  # noqa: F401  # isort: skip
-from . import florist, fslora, fedhello, fedlease, hilora, ilora, loraa2  # noqa: F401  # isort: skip
+from . import florist, fslora, fedhello, fedlease, hilora, ilora, loraa2, slora  # noqa: F401  # isort: skip
 from ._common import block_diagonal
 from .comm import CommBytes, comm_bytes, comm_elements, model_comm_bytes
 from .metrics import divergence, eckart_young_bound

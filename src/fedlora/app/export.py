@@ -4,7 +4,8 @@
 model. Methods that fold updates into the frozen base (fedex, flora) leave part of the global model outside the
 factors; for LoRA and rsLoRA that part is exported exactly inside the adapter (a LoRA of the rank the total
 update needs, via an SVD of it), so PEFT alone reproduces the global model. So is the update of a core structure
-(Fed-SB, RAVAN: frozen bases around trained cores, a layer PEFT lacks). For DoRA, VeRA and HiRA no exact
+(Fed-SB, RAVAN: frozen bases around trained cores, a layer PEFT lacks), and SLoRA's sparse
+delta ``scatter_Ω(v)`` before its switch (a LoRA of the rank that delta needs: often full; zero after the switch). For DoRA, VeRA and HiRA no exact
 PEFT form exists: the folds are written to ``base_delta.safetensors`` and :func:`load_global_model` adds them.
 ``base_delta.safetensors`` holds each fold in its base weight's own layout (in×out for transformers' ``Conv1D``,
 GPT-2 style), so it is added to the weight as it is; the exported LoRA factors are d×r and r×k as PEFT's always are.
@@ -37,6 +38,8 @@ def _merged_lora(exp, adapter_dir: Path) -> None:
         total = h.scaling(module) * (Bs[module] @ As[module])  # d×k; the folds are in the base weight's layout
         if module in h.folded:
             total = total + h.base_layout(module, h.folded[module])
+        if h.sparse:  # SLoRA before its switch: W0 + scatter_Ω(v) (after it v is zero)
+            total = total + h.sparse_delta(sim.eval_tensors, module).to(total.dtype)
         U, S, Vh = torch.linalg.svd(total.double(), full_matrices=False)
         keep = max(1, int((S > S[0] * 1e-7).sum())) if S.numel() and S[0] > 0 else 1
         root = S[:keep].sqrt()
@@ -60,7 +63,7 @@ def save_run_artifacts(exp, out: Path) -> None:
     sim, h = exp.simulator, exp.simulator.handle
     out = Path(out)
     h.set(sim.global_state())
-    merged = (bool(h.folded) or h.cored) and h.kind.exports_as_lora
+    merged = (bool(h.folded) or h.cored or h.sparse) and h.kind.exports_as_lora
     if merged:
         _merged_lora(exp, out / "adapter")
     else:  # the global adapter only (FedDPA's local adapters are each client's, under private/)

@@ -10,10 +10,11 @@ derived from these declarations: no code outside a method's own files decides by
 Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; so do these):
 
 - once, when the model is built: :meth:`Method.prepare` (an adapter structure PEFT lacks: Fed-SB's core,
-  FedDPA's second adapter, HiLoRA's leaf tier) and :meth:`Method.schedule` (the run's rounds and clients: HiLoRA's
-  stages); then, if :meth:`Method.needs_setup`, a round 0: :meth:`Method.setup_upload` on every
-  client, :meth:`Method.setup_aggregate` on the server, which sees who sent what (Fed-SB's federated gradient
-  init; FedLEASE's round-0 LoRA, clustering and expert init; ``deliver`` then gives each client its own part);
+  FedDPA's second adapter, HiLoRA's leaf tier, SLoRA's sparse delta) and :meth:`Method.schedule` (the run's rounds
+  and clients: HiLoRA's stages, SLoRA's switch round); then, if :meth:`Method.needs_setup`, a round 0:
+  :meth:`Method.setup_upload` on every client, :meth:`Method.setup_aggregate` on the server, which sees who sent
+  what (Fed-SB's federated gradient init; FedLEASE's round-0 LoRA, clustering and expert init; ``deliver`` then
+  gives each client its own part);
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
   client), :meth:`Method.private`, :meth:`Method.learning_rates` (per-trainable multipliers of the local lr),
   :meth:`Method.before_training` (a probe before the round's training: LoRA-A²'s rank selection),

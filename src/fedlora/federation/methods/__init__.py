@@ -9,5 +9,5 @@ it after the built-in methods (:func:`fedlora.federation.protocol.load_plugins`)
 """
 
 from . import fedit, ffa, fedsa, flora, fedex, florana, svd, flexlora, hetlora, rolora, fedsvd  # noqa: F401  # isort: skip
-from . import lorafair, fedrot, fedmomentum, frlora, fedsb, ravan, feddpa, florist, fslora, fedhello, fedlease, hilora, ilora, loraa2  # noqa: F401  # isort: skip
+from . import lorafair, fedrot, fedmomentum, frlora, fedsb, ravan, feddpa, florist, fslora, fedhello, fedlease, hilora, ilora, loraa2, slora  # noqa: F401  # isort: skip
 from . import central, local  # noqa: F401  # isort: skip
