@@ -141,7 +141,7 @@ def test_the_cosine_schedule_is_flowertunes_and_reaches_each_round(small_csv, mo
     assert simulator.round_lr(FederationConfig(lr=3e-3), 2) == 3e-3
     seen = []
     original = simulator.local_optimizer
-    monkeypatch.setattr(simulator, "local_optimizer", lambda params, c: (seen.append(c.lr), original(params, c))[1])
+    monkeypatch.setattr(simulator, "local_optimizer", lambda params, c, *a: (seen.append(c.lr), original(params, c, *a))[1])
     build(tiny_config(small_csv, rounds=3, lr=1e-2, lr_schedule="cosine", lr_min=1e-3, clients=2)).simulator.run()
     run = FederationConfig(rounds=3, lr=1e-2, lr_schedule="cosine", lr_min=1e-3)
     assert seen == [simulator.round_lr(run, r) for r in (1, 1, 2, 2, 3, 3)]  # two clients a round

@@ -390,8 +390,8 @@ def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, 
     seen = []
     upload = sim.method.upload
 
-    def spy(h_, tensors, rnd, start=None):
-        out = upload(h_, tensors, rnd, start)
+    def spy(h_, tensors, rnd, start=None, **kw):
+        out = upload(h_, tensors, rnd, start, **kw)
         if start is not None:
             seen.append((rnd, tensors, start, out))
         return out

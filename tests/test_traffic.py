@@ -102,11 +102,12 @@ def readings(text: str, **values) -> set[int]:
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_the_methods_table_states_what_the_rule_declares(name):
     method = make_method(name)
-    method.schedule(10)  # a run of 10 rounds (SLoRA: sparse rounds 1, the switch in round 2, LoRA from round 3)
+    method.schedule(10)  # a run of 10 rounds (SLoRA: sparse round 1, the switch in round 2, LoRA from round 3; HiLoRA: leaf from round 8)
     heads = method.comm_options(1).get("heads", 1)
     density = method.comm_options(1).get("density", 0.0)
+    experts = method.comm_options(1).get("experts", 1)  # FedLEASE's M (set by its round-0 clustering)
     for d, k, r, U in [(64, 48, 4, 3), (768, 3072, 8, 10), (40, 40, 16, 200)]:
-        declared = {method.declared_elements(d, k, r, U, rnd) for rnd in (1, 2, 3, 4)}
+        declared = {method.declared_elements(d, k, r, U, rnd) for rnd in range(1, 11)}  # every round of the 10
         for side, text in ((0, method.up), (1, method.down)):
-            stated = readings(text, d=d, k=k, r=r, U=U, h=heads, δ=density)
+            stated = readings(text, d=d, k=k, r=r, U=U, h=heads, δ=density, M=experts)
             assert stated == {x[side] for x in declared}, (name, ("up", "down")[side], text, stated, declared)

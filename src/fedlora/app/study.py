@@ -164,11 +164,12 @@ def _slug(label: str) -> str:
 
 
 def all_methods() -> tuple[str, ...]:
-    """Every method and reference point fedlora ships (the synthetic sweep runs them all; installed plug-ins are
-    not part of the study's fixed design)."""
+    """Every method and reference point fedlora ships that runs on the synthetic task (the synthetic sweep runs them
+    all; installed plug-ins are not part of the study's fixed design; a method that allocates transformer blocks,
+    ``Method.needs_blocks``, has none to allocate in the synthetic task's two-layer network)."""
     from fedlora.federation import method_class, method_names
 
-    return tuple(m for m in method_names() if method_class(m).__module__.startswith("fedlora."))
+    return tuple(m for m in method_names() if method_class(m).__module__.startswith("fedlora.") and not method_class(m).needs_blocks)
 
 
 def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tuple[str, ...] = PARTS) -> list[StudyRun]:

@@ -176,6 +176,7 @@ class Method:
     # of the clients' data (``central``); ``communicates = False`` reports no bytes (``central``, ``local``).
     pooled: ClassVar[bool] = False
     communicates: ClassVar[bool] = True
+    needs_blocks: ClassVar[bool] = False  # adapts per transformer block (Fed-HeLLo): a model without numbered blocks is refused
     in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
     # Why the run has no one global model to export (a personalised structure PEFT cannot load: FedLEASE); "" : it has.
     # The artefacts are still written; load_global_model refuses with this reason.
@@ -365,11 +366,17 @@ class Method:
         private = set(self.private(h)) | set(self.frozen(h, rnd, peer=peer))
         return {n: t for n, t in tensors.items() if n not in private}
 
-    def side_bytes(self, h: AdapterHandle, rnd: int, peer: Peer | None = None) -> int:
-        """Bytes client ``peer`` sends in round ``rnd`` besides its factors (declared per matrix by the rule) and its
-        other trainables: a method's side information (LoRA-A²'s N·r-bit selection mask, packed). The declaration
-        the tests hold the counted bytes to; 0 by default."""
-        return 0
+    def factor_names(self, h: AdapterHandle) -> set[str]:
+        """Trainables beyond each layer's (B, A) that the rule's per-matrix declaration already counts (FedLEASE's
+        other experts); the byte ledger's checks count every other non-factor trainable from the tensors sent."""
+        return set()
+
+    def side_bytes(self, h: AdapterHandle, rnd: int, peer: Peer | None = None) -> tuple[int, int]:
+        """``(up, down)`` bytes client ``peer`` sends and receives in round ``rnd`` besides its factors (declared per
+        matrix by the rule) and its other trainables: a method's side information (LoRA-A²'s N·r-bit selection mask
+        up, packed; HiLoRA's cluster id down at its switch). The declaration the tests hold the counted bytes to;
+        none by default."""
+        return 0, 0
 
     def scored_states(self, held: dict[int, Tensors], private: dict[int, Tensors]) -> list[Tensors] | None:
         """The models whose mean accuracy on the global test set is the round's global accuracy, when that is not the

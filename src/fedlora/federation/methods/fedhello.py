@@ -35,6 +35,7 @@ class FedHeLLo(Method):
     up = "r(d+k) (allocated blocks only)"
     down = "r(d+k)"
     server_opt = SERVER_OPT_FACTORS
+    needs_blocks = True
     unsupported = {"dora": "DoRA's magnitude vectors are averaged over every client, so a client would change blocks it does not train; "
                            "choose lora, rslora, vera or hira"}
     options = {

@@ -83,6 +83,9 @@ class FedLEASE(Method):
                 out[module] = (f"{k.B.removesuffix('.weight')}.more.{e - 1}", f"{k.A.removesuffix('.weight')}.more.{e - 1}")
         return out
 
+    def factor_names(self, h):
+        return {n for e in range(1, self.settings["max_experts"]) for pair in self.expert_names(h, e).values() for n in pair}
+
     def slot_names(self, h) -> list[str]:
         return [f"{k.A.removesuffix('.weight')}.slots" for k in h.keys.values()]
 

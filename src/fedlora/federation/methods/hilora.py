@@ -62,8 +62,8 @@ class HiLoRA(Method):
     title = "HiLoRA (Peng et al., CVPR 2026)"
     rule = "hilora"
     summary = "root tier = [ΣwsBA]_r (B orthonormal); spectral clusters of the tracked B; per-cluster tier; private leaf tier"
-    up = "r(d+k) in the root and cluster stages, 0 in the leaf stage"
-    down = "r(d+k) in the root and cluster stages, 0 in the leaf stage"
+    up = "r(d+k) (root and cluster stages), 0 (leaf stage)"
+    down = "r(d+k) (root and cluster stages), 0 (leaf stage)"
     exactness = "personalised"
     personalised = True
     server_opt_refusal = ("its root and cluster tiers are a new orthonormal basis each round (a truncated SVD) and its "
@@ -103,6 +103,10 @@ class HiLoRA(Method):
     def stage(self, rnd: int) -> str:
         root, cluster = self.stages
         return ROOT if rnd <= root else CLUSTERS if rnd <= root + cluster else LEAVES
+
+    def side_bytes(self, h, rnd, peer=None):
+        """The client's cluster id (one int32) down in the switch's round, the last of the root stage."""
+        return 0, (4 if rnd == self.stages[0] else 0)
 
     def declared_elements(self, d, k, r, U, rnd, *, module=None, peer=None):
         return (0, 0) if self.stage(rnd) == LEAVES else super().declared_elements(d, k, r, U, rnd)

@@ -117,7 +117,7 @@ class LoRAA2(Method):
         return comm_elements(self.rule, d, k, r, U, trained=self.trained(rnd), budget=self.budget(r, peer))
 
     def side_bytes(self, h, rnd, peer=None):
-        return math.ceil(len(h.keys) * h.rank / 8)
+        return math.ceil(len(h.keys) * h.rank / 8), 0
 
     # ---- the client -------------------------------------------------------------------------------------------
     def select(self, h, start, probe, rnd, peer) -> dict[str, torch.Tensor]:
