@@ -177,7 +177,7 @@ def test_refusals_are_one_line(small_csv):
         make_method("fedhello", "dora")
     with pytest.raises(ValueError, match="fedhello-layers='0,2' is not a list of block counts"):
         make_method("fedhello", layers="0,2")
-    with pytest.raises(ValueError, match="option pattern='fim' of method fedhello is not one of"):
+    with pytest.raises(ValueError, match="option fedhello-pattern='fim' of method fedhello is not one of"):
         make_method("fedhello", pattern="fim")
     from fedlora.federation import parse_method_options
 

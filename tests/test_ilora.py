@@ -118,9 +118,9 @@ def test_traits_options_and_refusals_in_one_line():
     for adapter in ("dora", "vera", "hira"):
         with pytest.raises(ValueError, match=f"method ilora does not support adapter {adapter}: .*choose lora or rslora"):
             make_method("ilora", adapter)
-    with pytest.raises(ValueError, match="option truncate='lu' of method ilora is not one of qr, svd"):
+    with pytest.raises(ValueError, match="option ilora-truncate='lu' of method ilora is not one of qr, svd"):
         make_method("ilora", truncate="lu")
-    with pytest.raises(ValueError, match="option cv='scaffold' of method ilora is not one of off"):
+    with pytest.raises(ValueError, match="option ilora-cv='scaffold' of method ilora is not one of off"):
         make_method("ilora", cv="scaffold")
 
 
