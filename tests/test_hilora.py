@@ -205,3 +205,13 @@ def test_resume_in_the_cluster_stage_and_export_is_the_root_tier(small_csv, tmp_
     model, _, _ = load_global_model(out)
     acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
     assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)
+
+
+def test_the_flower_in_process_round_equals_the_simulator_through_every_stage(small_csv, tmp_path):
+    """Root, switch, cluster and leaf rounds through the Flower ServerApp/ClientApp message path: the same history."""
+    from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid, assert_same_history
+
+    cfg = tiny_config(small_csv, method="hilora", clients=4, rounds=4, method_options="hilora-stages=1,2")
+    reference = build(cfg).simulator.run()
+    assert_same_history(run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower"))), reference)
