@@ -173,7 +173,12 @@ def test_compare_refuses_before_training_any(small_csv, tmp_path, capsys, method
 def test_absurd_data_is_refused(tmp_path, capsys):
     wide = tmp_path / "wide.csv"
     wide.write_text("text,label\n" + ",".join(["x"] * 200_000) + "\n")
-    assert "line 2 has 200000 fields, more than 10000" in one_line_error(capsys, ["run", *T, "--data", str(wide)])
+    out = tmp_path / "refused"  # refused once the data is read: the run directory it created is not left behind
+    assert "line 2 has 200000 fields, more than 10000" in one_line_error(capsys, ["run", *T, "--data", str(wide), "--out", str(out)])
+    assert not out.exists()
+    out.mkdir()  # a directory the user made is theirs: kept
+    one_line_error(capsys, ["run", *T, "--data", str(wide), "--out", str(out)])
+    assert out.is_dir()
     header = tmp_path / "header.csv"
     header.write_text(",".join(["x"] * 600_000))
     assert "header line is longer than 1 MiB" in one_line_error(capsys, ["run", *T, "--data", str(header)])

@@ -6,6 +6,7 @@ Flower ServerApp builds with the same :func:`~fedlora.app.build.build` and write
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,10 +44,18 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
                          "secure-aggregation = true in the Flower run config (docs/flower.md), or drop --secure-aggregation")
     if not config.out:
         return _run(config, None, None, on_client, on_round, on_progress)
+    fresh = not Path(config.out).exists()
     run_dir = RunDir(config.out).prepare()
-    with run_dir.hold():
-        checkpoint = run_dir.start(config, resume=resume)
-        return _run(config, run_dir, checkpoint, on_client, on_round, on_progress)
+    try:
+        with run_dir.hold():
+            checkpoint = run_dir.start(config, resume=resume)
+            return _run(config, run_dir, checkpoint, on_client, on_round, on_progress)
+    except ValueError:
+        # Refused before any round finished (data, model or a setting checked against them): a directory this run
+        # created holds nothing but its config.json, so it goes, and the user's next run can use the same --out.
+        if fresh and not run_dir.has_metrics():
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+        raise
 
 
 def _run(config: RunConfig, run_dir: RunDir | None, checkpoint, on_client, on_round, on_progress) -> tuple[Experiment, list[dict]]:
