@@ -80,14 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     restore_durable(context, config, cid)
     state = context.state
     if "snapshot-round" in order:  # this client's state was lost: the server sent the state to continue from
-        for key in (STATE_META, STATE_CURRENT, STATE_PRIVATE, STATE_RESULT, STATE_BASE):
-            for records in (state.config_records, state.array_records):
-                if key in records:
-                    del records[key]
-        state.config_records[STATE_META] = ConfigRecord({"synced-round": int(order["snapshot-round"]), "result-round": 0})
-        state.array_records[STATE_CURRENT] = msg.content.array_records[SNAPSHOT_CURRENT]
-        if SNAPSHOT_BASE in msg.content.array_records and len(msg.content.array_records[SNAPSHOT_BASE]):
-            state.array_records[STATE_BASE] = msg.content.array_records[SNAPSHOT_BASE]
+        _take_snapshot(state, msg, int(order["snapshot-round"]))
 
     start = -1 if method.needs_setup() else 0  # a method with a round 0 has not applied even that one yet
     meta = state.config_records[STATE_META] if STATE_META in state.config_records else ConfigRecord({"synced-round": start, "result-round": 0})
@@ -149,6 +142,19 @@ def train(msg: Message, context: Context) -> Message:
         }),
     })
     return Message(reply, reply_to=msg)
+
+
+def _take_snapshot(state, msg: Message, snapshot_round: int) -> None:
+    """Replace the client's state by the snapshot the server sent (its state was lost): the global state after
+    ``snapshot_round`` and the folded base weights; no private state, no pending result."""
+    for key in (STATE_META, STATE_CURRENT, STATE_PRIVATE, STATE_RESULT, STATE_BASE):
+        for records in (state.config_records, state.array_records):
+            if key in records:
+                del records[key]
+    state.config_records[STATE_META] = ConfigRecord({"synced-round": snapshot_round, "result-round": 0})
+    state.array_records[STATE_CURRENT] = msg.content.array_records[SNAPSHOT_CURRENT]
+    if SNAPSHOT_BASE in msg.content.array_records and len(msg.content.array_records[SNAPSHOT_BASE]):
+        state.array_records[STATE_BASE] = msg.content.array_records[SNAPSHOT_BASE]
 
 
 def state_file(context: Context, config: RunConfig, cid: int) -> Path | None:
