@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 
@@ -53,6 +55,8 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
+log = logging.getLogger("fedlora.worker")  # debug: each message's start and end times (FEDLORA_WORKER_LOG=debug)
+
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with its terminating NUL (Linux)
 
 class Worker:
@@ -75,10 +79,13 @@ class Worker:
         ctx = context_from_proto(ProtoContext.FromString(context))
         handler = {"train": client_app.train, "query": client_app.query}[kind]
         self.handled += 1
+        start = time.time()
         try:
             reply = handler(msg, ctx)
         except Exception as exc:  # the ClientApp's error, reported by the thin client as its own
             return {"error": f"{type(exc).__name__}: {exc}"}, b"", context_to_proto(ctx).SerializeToString()
+        finally:  # wall-clock times, comparable across the SuperNodes' workers: do their turns overlap?
+            log.debug("%s pid %d start %.3f end %.3f (%.3f s)", kind, os.getpid(), start, time.time(), time.time() - start)
         return {}, recorddict_to_proto(reply.content).SerializeToString(), context_to_proto(ctx).SerializeToString()
 
     def serve(self) -> None:
@@ -134,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", required=True, help="Unix socket to listen on (the SuperNode's node config model-worker)")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = logging.StreamHandler(sys.stderr)  # this module's logger only: the libraries keep their own levels
+    handler.setFormatter(logging.Formatter("fedlora model worker: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(os.environ.get("FEDLORA_WORKER_LOG", "warning").upper())
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # finally: the socket file is removed
     try:
         Worker(Path(args.socket)).serve()
