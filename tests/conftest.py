@@ -65,3 +65,33 @@ def instructions_jsonl(small_csv, tmp_path_factory):
         for text, label in zip(frame["text"], frame["label"]):
             f.write(json.dumps({"prompt": f"Sentiment of: {text[:80]}", "response": label, "label": label}) + "\n")
     return path
+
+
+def flower_resume_and_export(cfg, tmp_path, keys) -> None:
+    """A classification run ``cfg`` three ways: the Flower in-process round equals the simulator's history; a run
+    resumed from a round-1 checkpoint ends with the same ``keys``; the exported model reproduces the global accuracy."""
+    from fedlora.app.experiment import build, load_checkpoint, run_experiment, save_checkpoint
+    from fedlora.app.export import load_global_model
+    from fedlora.federation import ClassificationTask
+    from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid, assert_same_history
+
+    reference = build(cfg).simulator.run()
+    flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
+    assert_same_history(flower, reference)
+
+    first = build(cfg).simulator
+    first.round(1)
+    (tmp_path / "ckpt").mkdir()
+    save_checkpoint(first, tmp_path / "ckpt")
+    resumed = build(cfg).simulator
+    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
+    for a, b in zip(resumed.run(), reference):
+        for key in keys:
+            assert a[key] == b[key], (a["round"], key)
+
+    out = tmp_path / "run"
+    exp, history = run_experiment(cfg.replace(rounds=2, out=str(out)))
+    model, _, _ = load_global_model(out)
+    acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
+    assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import flower_resume_and_export, tiny_config
 from fedlora.aggregation import aggregate
 from fedlora.aggregation.fslora import sketch_indices, sketch_mean, sketch_seed
-from fedlora.app.experiment import build, load_checkpoint, run_experiment, save_checkpoint
+from fedlora.app.experiment import build
 from fedlora.federation import make_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,28 +152,5 @@ def test_with_every_sketch_the_full_rank_it_is_fedit_end_to_end(small_csv):
 
 
 def test_flower_in_process_round_resume_and_export(small_csv, tmp_path):
-    from fedlora.app.export import load_global_model
-    from fedlora.federation import ClassificationTask
-    from fedlora.flower.server_app import run_federation
-    from test_flower import InlineGrid, assert_same_history
-
     cfg = tiny_config(small_csv, method="fslora", client_ranks="1,2,3", rounds=3, fraction=0.67)
-    reference = build(cfg).simulator.run()
-    flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
-    assert_same_history(flower, reference)
-
-    first = build(cfg).simulator
-    first.round(1)
-    (tmp_path / "ckpt").mkdir()
-    save_checkpoint(first, tmp_path / "ckpt")
-    resumed = build(cfg).simulator
-    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
-    for a, b in zip(resumed.run(), reference):
-        for key in KEYS:
-            assert a[key] == b[key], (a["round"], key)
-
-    out = tmp_path / "run"
-    exp, history = run_experiment(cfg.replace(rounds=2, out=str(out)))
-    model, _, _ = load_global_model(out)
-    acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
-    assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)
+    flower_resume_and_export(cfg, tmp_path, KEYS)

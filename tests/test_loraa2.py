@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import flower_resume_and_export, tiny_config
 from fedlora.aggregation import aggregate
 from fedlora.aggregation.loraa2 import pack_mask, rank_scores, select_top, unpack_mask
-from fedlora.app.experiment import build, load_checkpoint, run_experiment, save_checkpoint
+from fedlora.app.experiment import build
 from fedlora.federation import make_method
 from fedlora.federation.methods.loraa2 import MASK, SELECTED
 
@@ -219,28 +219,5 @@ def test_budget_r_without_probe_effect_is_rolora(small_csv):
 
 
 def test_flower_in_process_round_resume_and_export(small_csv, tmp_path):
-    from fedlora.app.export import load_global_model
-    from fedlora.federation import ClassificationTask
-    from fedlora.flower.server_app import run_federation
-    from test_flower import InlineGrid, assert_same_history
-
     cfg = tiny_config(small_csv, method="loraa2", client_ranks="1,2", rounds=3, fraction=0.67)
-    reference = build(cfg).simulator.run()
-    flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
-    assert_same_history(flower, reference)
-
-    first = build(cfg).simulator
-    first.round(1)
-    (tmp_path / "ckpt").mkdir()
-    save_checkpoint(first, tmp_path / "ckpt")
-    resumed = build(cfg).simulator
-    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
-    for a, b in zip(resumed.run(), reference):
-        for key in KEYS:
-            assert a[key] == b[key], (a["round"], key)
-
-    out = tmp_path / "run"
-    exp, history = run_experiment(cfg.replace(rounds=2, out=str(out)))
-    model, _, _ = load_global_model(out)
-    acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
-    assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)
+    flower_resume_and_export(cfg, tmp_path, KEYS)
