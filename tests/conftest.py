@@ -70,7 +70,7 @@ def instructions_jsonl(small_csv, tmp_path_factory):
 def flower_resume_and_export(cfg, tmp_path, keys) -> None:
     """A classification run ``cfg`` three ways: the Flower in-process round equals the simulator's history; a run
     resumed from a round-1 checkpoint ends with the same ``keys``; the exported model reproduces the global accuracy."""
-    from fedlora.app.experiment import build, load_checkpoint, run_experiment, save_checkpoint
+    from fedlora.app.experiment import build, run_experiment
     from fedlora.app.export import load_global_model
     from fedlora.federation import ClassificationTask
     from fedlora.flower.server_app import run_federation
@@ -79,6 +79,19 @@ def flower_resume_and_export(cfg, tmp_path, keys) -> None:
     reference = build(cfg).simulator.run()
     flower = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower")))
     assert_same_history(flower, reference)
+
+    resume_matches(cfg, tmp_path, keys, reference)
+
+    out = tmp_path / "run"
+    exp, history = run_experiment(cfg.replace(rounds=2, out=str(out)))
+    model, _, _ = load_global_model(out)
+    acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
+    assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)
+
+
+def resume_matches(cfg, tmp_path, keys, reference: list[dict]) -> None:
+    """A run of ``cfg`` resumed from its round-1 checkpoint ends with the uninterrupted run's ``keys`` (``reference``)."""
+    from fedlora.app.experiment import build, load_checkpoint, save_checkpoint
 
     first = build(cfg).simulator
     first.round(1)
@@ -89,9 +102,3 @@ def flower_resume_and_export(cfg, tmp_path, keys) -> None:
     for a, b in zip(resumed.run(), reference):
         for key in keys:
             assert a[key] == b[key], (a["round"], key)
-
-    out = tmp_path / "run"
-    exp, history = run_experiment(cfg.replace(rounds=2, out=str(out)))
-    model, _, _ = load_global_model(out)
-    acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
-    assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_config
+from conftest import resume_matches, tiny_config
 from fedlora.aggregation import aggregate, comm_elements
 from fedlora.app.experiment import build
 from fedlora.federation import REGISTRY, make_method
@@ -201,21 +201,13 @@ def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, 
 
 
 def test_a_resumed_run_ends_with_the_uninterrupted_metrics_and_the_export_reproduces_it(small_csv, tmp_path):
-    from fedlora.app.experiment import load_checkpoint, run_experiment, save_checkpoint
+    from fedlora.app.experiment import run_experiment
     from fedlora.app.export import load_global_model
     from fedlora.federation import ClassificationTask
 
     cfg = tiny_config(small_csv, method="florist", client_ranks="2,4", rounds=3, fraction=0.67)
     reference = build(cfg).simulator.run()
-    first = build(cfg).simulator
-    first.round(1)
-    (tmp_path / "ckpt").mkdir()
-    save_checkpoint(first, tmp_path / "ckpt")
-    resumed = build(cfg).simulator
-    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
-    for a, b in zip(resumed.run(), reference):
-        for key in ("clients", "divergence", "bytes_up", "bytes_down", "global_accuracy", "florist_rank_per_layer"):
-            assert a[key] == b[key], (a["round"], key)
+    resume_matches(cfg, tmp_path, ("clients", "divergence", "bytes_up", "bytes_down", "global_accuracy", "florist_rank_per_layer"), reference)
 
     for adapter in ("lora", "hira"):
         out = tmp_path / f"run-{adapter}"

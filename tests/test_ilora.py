@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_config
+from conftest import resume_matches, tiny_config
 from fedlora.aggregation import aggregate, comm_elements
 from fedlora.aggregation.ilora import qr_positive, qr_truncate, relative_error, stacked, svd_truncate
 from fedlora.app.experiment import build
@@ -218,21 +218,13 @@ def test_svd_truncation_is_one_rank_only(small_csv):
 
 
 def test_a_resumed_run_ends_with_the_uninterrupted_metrics_and_the_export_reproduces_it(small_csv, tmp_path):
-    from fedlora.app.experiment import load_checkpoint, run_experiment, save_checkpoint
+    from fedlora.app.experiment import run_experiment
     from fedlora.app.export import load_global_model
     from fedlora.federation import ClassificationTask
 
     cfg = tiny_config(small_csv, method="ilora", client_ranks="2,4", rounds=3, fraction=0.67)
     reference = build(cfg).simulator.run()
-    first = build(cfg).simulator
-    first.round(1)
-    (tmp_path / "ckpt").mkdir()
-    save_checkpoint(first, tmp_path / "ckpt")
-    resumed = build(cfg).simulator
-    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
-    for a, b in zip(resumed.run(), reference):
-        for key in ("clients", "divergence", "bytes_up", "bytes_down", "global_accuracy", "train_loss"):
-            assert a[key] == b[key], (a["round"], key)
+    resume_matches(cfg, tmp_path, ("clients", "divergence", "bytes_up", "bytes_down", "global_accuracy", "train_loss"), reference)
 
     out = tmp_path / "run"
     exp, history = run_experiment(tiny_config(small_csv, method="ilora", client_ranks="2,4", out=str(out)))
