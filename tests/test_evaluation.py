@@ -120,6 +120,13 @@ def test_acc_and_acc_norm_by_hand():
     assert E.choice_metrics([-1.0, -1.0], ["a", "b"], gold=0) == {"acc": 1.0, "acc_norm": 1.0}
 
 
+def test_mode_share_is_the_share_of_the_most_often_chosen_position():
+    # picks: 0, 0, 2, 0 (the tie in the last item goes to the first choice) -> 3 of 4 pick position 0
+    lls = [[-1.0, -2.0, -3.0], [-0.5, -4.0, -1.0], [-3.0, -2.0, -1.0], [-1.0, -1.0, -2.0]]
+    assert E.mode_share("mmlu", lls) == {"mmlu/mode_share": 0.75}
+    assert E.mode_share("mmlu", []) == {}
+
+
 def test_evaluate_multiple_choice_matches_hand_computed_acc_and_acc_norm(lm):
     """Choices of very different lengths, so that acc and acc_norm pick differently on some items."""
     model, tokenizer = lm
@@ -129,14 +136,16 @@ def test_evaluate_multiple_choice_matches_hand_computed_acc_and_acc_norm(lm):
         {"context": "Colour of the sky?", "choices": ["blue", "green", "a deep and fairly unusual shade of grey"], "gold": 2},
     ]
     evaluation = Evaluation("toy", items)
-    acc, acc_norm = [], []
+    acc, acc_norm, picks = [], [], []
     for item in items:
         lls = [by_hand(model, tokenizer, item["context"], " " + c)[0] for c in item["choices"]]
-        acc.append(max(range(len(lls)), key=lls.__getitem__) == item["gold"])
+        picks.append(max(range(len(lls)), key=lls.__getitem__))
+        acc.append(picks[-1] == item["gold"])
         acc_norm.append(max(range(len(lls)), key=lambda i: lls[i] / len(item["choices"][i])) == item["gold"])
     assert acc != acc_norm, "the case must tell acc from acc_norm"
     got = E.evaluate(model, tokenizer, evaluation, batch_size=4)
-    assert got == {"toy/acc": pytest.approx(sum(acc) / 3), "toy/acc_norm": pytest.approx(sum(acc_norm) / 3), "toy/n": 3.0}
+    assert got == {"toy/acc": pytest.approx(sum(acc) / 3), "toy/acc_norm": pytest.approx(sum(acc_norm) / 3), "toy/n": 3.0,
+                   "toy/mode_share": pytest.approx(max(map(picks.count, picks)) / 3)}
 
 
 # ---- (c) is_greedy, and generation ------------------------------------------------------------------------------
@@ -350,7 +359,7 @@ def test_overall_is_the_mean_over_questions_and_each_subject_its_own_mean(lm, mo
     monkeypatch.setattr(E, "loglikelihoods", fake)
     got = E.evaluate(model, tokenizer, evaluation)
     assert got == {
-        "mmlu/acc": 0.5, "mmlu/acc_norm": 0.5, "mmlu/n": 4.0,
+        "mmlu/acc": 0.5, "mmlu/acc_norm": 0.5, "mmlu/n": 4.0, "mmlu/mode_share": 0.5,  # picks 1, 0, 0, 3: position 0 twice
         "mmlu/anatomy/acc": 0.0, "mmlu/anatomy/acc_norm": 0.0,
         "mmlu/elementary_mathematics/acc": pytest.approx(2 / 3), "mmlu/elementary_mathematics/acc_norm": pytest.approx(2 / 3),
     }
@@ -361,7 +370,7 @@ def test_evaluate_all_joins_keys_and_refuses_duplicate_names(lm):
     a = Evaluation("a", [{"context": "x", "choices": ["y", "z"], "gold": 0}])
     b = Evaluation("b", [{"context": "x", "choices": ["y", "zz"], "gold": 1}])
     got = E.evaluate_all(model, tokenizer, [a, b])
-    assert set(got) == {"a/acc", "a/acc_norm", "a/n", "b/acc", "b/acc_norm", "b/n"}
+    assert set(got) == {"a/acc", "a/acc_norm", "a/n", "a/mode_share", "b/acc", "b/acc_norm", "b/n", "b/mode_share"}
     with pytest.raises(ValueError, match="unique"):
         E.evaluate_all(model, tokenizer, [a, a])
     assert E.evaluate(model, tokenizer, Evaluation("empty", [])) == {"empty/acc": pytest.approx(float("nan"), nan_ok=True),

@@ -169,6 +169,16 @@ def choice_metrics(lls: Sequence[float], choices: Sequence[str], gold: int) -> d
     return {"acc": float(pred == gold), "acc_norm": float(pred_norm == gold)}
 
 
+def mode_share(name: str, lls: Sequence[Sequence[float]]) -> dict[str, float]:
+    """``<name>/mode_share``: the share of items whose chosen position (the ``acc`` choice) is the most often chosen
+    one. 1.0 is a model that always picks the same position ("A" throughout), whatever its accuracy; compare the
+    score with the constant-answer floor then. Empty for no items."""
+    if not lls:
+        return {}
+    picks = [max(range(len(ll)), key=lambda i: ll[i]) for ll in lls]
+    return {f"{name}/mode_share": max(picks.count(p) for p in set(picks)) / len(picks)}
+
+
 # ---- generation requests ------------------------------------------------------------------------------------------
 
 def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -355,7 +365,9 @@ def evaluate(model: nn.Module, tokenizer, evaluation: Evaluation, *, device: tor
     if evaluation.kind == "multiple_choice":
         requests = [(ctx, evaluation.target_delimiter + c) for ctx, item in zip(texts, items) for c in item["choices"]]
         results = iter(loglikelihoods(model, tokenizer, requests, batch_size=batch_size, device=device, cache=cache))
-        scores = [choice_metrics([next(results)[0] for _ in item["choices"]], item["choices"], item["gold"]) for item in items]
+        lls = [[next(results)[0] for _ in item["choices"]] for item in items]
+        scores = [choice_metrics(ll, item["choices"], item["gold"]) for ll, item in zip(lls, items)]
+        return aggregate(evaluation, scores) | mode_share(evaluation.name, lls)
     else:
         answers = generations(model, tokenizer, texts, stop=evaluation.stop, max_new_tokens=evaluation.max_new_tokens,
                               batch_size=batch_size, device=device, cache=cache)
