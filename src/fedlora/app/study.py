@@ -1295,11 +1295,11 @@ def _instruct(ctx: ReportContext) -> str:
         cells = []
         for k in keys:
             after = {s: h[-1].get(k, math.nan) for s, h in hs.items()}
-            cells += [_pm(after.values()) + _dagger(after, floors, k), _diff(after.values(), [refs[s].get(k, math.nan) for s in hs])[2]]
+            cells += [_pm(after.values()) + _floor_mark(after, floors, k), _diff(after.values(), [refs[s].get(k, math.nan) for s in hs])[2]]
         L.append(f"| {m} | {len(hs)} | " + " | ".join(cells) + f" | {_pm(h[-1]['local_accuracy'] for h in hs.values())} |")
         if base_row is None:
             base_row = ["base model", str(len(refs))] + [c for k in keys for c in (
-                _pm(r.get(k, math.nan) for r in refs.values()) + _dagger({s: r.get(k, math.nan) for s, r in refs.items()}, floors, k), "")] + ["—"]
+                _pm(r.get(k, math.nan) for r in refs.values()) + _floor_mark({s: r.get(k, math.nan) for s, r in refs.items()}, floors, k), "")] + ["—"]
             floor_row = ["*constant answer*", str(len(refs))] + [c for k in keys for c in (
                 _pm(floors.get(s, {}).get(k, math.nan) for s in refs), "")] + ["—"]
     L += ["| " + " | ".join(base_row) + " |", "| " + " | ".join(floor_row) + " |", ""]
@@ -1330,7 +1330,7 @@ def _clears(values: dict[int, float], floors: dict[int, dict[str, float]], key: 
     return mean - (0.0 if math.isnan(half) else half) > MAJORITY_MARGIN
 
 
-def _dagger(values: dict[int, float], floors: dict[int, dict[str, float]], key: str) -> str:
+def _floor_mark(values: dict[int, float], floors: dict[int, dict[str, float]], key: str) -> str:
     return " †" if _clears(values, floors, key) is False else ""
 
 
