@@ -23,18 +23,21 @@ from fedlora.cli.main import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = dict(rounds=1, local_steps=2, examples_per_client=16, test_examples=24, lr=5e-2)
-MERGED = [("fedit", a) for a in ("lora", "rslora", "dora", "vera", "hira")] + [
-    ("flora", "hira"), ("fedex", "dora"), ("florist", "lora"), ("frlora", "lora"), ("fedsa", "lora"), ("feddpa", "lora")]
+GPT2 = dict(model="tiny:gpt2", target_modules="c_attn")  # transformers' Conv1D: weights stored in×out
+MERGED = [("fedit", a, {}) for a in ("lora", "rslora", "dora", "vera", "hira")] + [
+    ("flora", "hira", {}), ("fedex", "dora", {}), ("florist", "lora", {}), ("frlora", "lora", {}), ("fedsa", "lora", {}),
+    ("feddpa", "lora", {}), ("fedex", "hira", GPT2)]
 
 CHILD = r"""
 import json, sys, torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 jobs = json.load(open(sys.argv[1]))
 out = {}
 for job in jobs:
     batch = torch.load(job["batch"])
     if job["kind"] == "merged":
-        model = AutoModelForSequenceClassification.from_pretrained(job["dir"])
+        auto = AutoModelForCausalLM if job.get("causal") else AutoModelForSequenceClassification
+        model = auto.from_pretrained(job["dir"])
     else:  # a run's adapter/: its base as adapter_config.json names it, found in the offline package when installed
         from peft import PeftModel
         cfg = json.load(open(job["dir"] + "/adapter_config.json"))
@@ -52,7 +55,7 @@ torch.save(out, sys.argv[2])
 
 
 def _batch(sim) -> dict:
-    b = sim.global_test.batch(torch.arange(8))
+    b = sim.global_test.batch(torch.arange(min(8, len(sim.global_test))))
     return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
 
 
@@ -73,22 +76,27 @@ def _load_in_fresh_process(jobs: list[dict], tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_exports_load_without_fedlora_and_give_the_runs_logits(small_csv, tmp_path):
+def test_exports_load_without_fedlora_and_give_the_runs_logits(small_csv, instructions_jsonl, tmp_path):
+    from test_causal_lm import tiny_lm_config
+
     jobs, want = [], {}
-    for method, adapter in MERGED:
-        name = f"{method}-{adapter}"
-        exp, _ = run_experiment(tiny_config(small_csv, method=method, adapter=adapter, out=str(tmp_path / name), **FAST))
+    runs = [(f"{m}-{a}{'-gpt2' if extra else ''}", tiny_config(small_csv, method=m, adapter=a, **(FAST | extra))) for m, a, extra in MERGED]
+    runs.append(("llama-fedex-dora", tiny_lm_config(instructions_jsonl, method="fedex", adapter="dora", rounds=1)))
+    for name, cfg in runs:
+        exp, _ = run_experiment(cfg.replace(out=str(tmp_path / name)))
         sim = exp.simulator
         batch = _batch(sim)
-        torch.save(batch, tmp_path / "batch.pt")
+        torch.save(batch, tmp_path / f"{name}.pt")
         want[name] = _logits(sim, sim.global_state(), batch)
         assert main(["export", str(tmp_path / name), "--merged", str(tmp_path / f"{name}.merged")]) == 0
-        jobs.append({"name": name, "kind": "merged", "dir": str(tmp_path / f"{name}.merged"), "batch": str(tmp_path / "batch.pt")})
+        jobs.append({"name": name, "kind": "merged", "dir": str(tmp_path / f"{name}.merged"), "batch": str(tmp_path / f"{name}.pt"),
+                     "causal": cfg.task == "causal-lm"})
+        method = cfg.method
         if method == "fedsa":  # client 1's own model: its private B and head with the global A
             want["fedsa-client1"] = _logits(sim, sim.held[1] | sim.private[1], batch)
             assert not torch.allclose(want["fedsa-client1"], want[name], atol=1e-4)  # a client's model is its own
             assert main(["export", str(tmp_path / name), "--merged", str(tmp_path / "client1"), "--client", "1"]) == 0
-            jobs.append({"name": "fedsa-client1", "kind": "merged", "dir": str(tmp_path / "client1"), "batch": str(tmp_path / "batch.pt")})
+            jobs.append({"name": "fedsa-client1", "kind": "merged", "dir": str(tmp_path / "client1"), "batch": str(tmp_path / f"{name}.pt")})
     # the portable adapter: a MiniLM run's directory, copied elsewhere, loaded with plain PEFT on the base it names
     exp, _ = run_experiment(tiny_config(small_csv, model="minilm", max_length=16, out=str(tmp_path / "minilm"), **FAST))
     elsewhere = tmp_path / "elsewhere" / "run"
@@ -108,7 +116,8 @@ def test_exports_load_without_fedlora_and_give_the_runs_logits(small_csv, tmp_pa
 @pytest.fixture(scope="module")
 def fedsa_run(small_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "fedsa"
-    _, history = run_experiment(tiny_config(small_csv, method="fedsa", out=str(out), **(FAST | {"rounds": 2})))
+    _, history = run_experiment(tiny_config(small_csv, method="fedsa", out=str(out), **(FAST | GPT2 | {"rounds": 2, "lr": 2e-2, "local_steps": 3})))
+    assert history[-1]["global_accuracy"] != pytest.approx(1 / 3)  # a model that learned something: the re-score can miss it
     return out, history
 
 

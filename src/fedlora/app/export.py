@@ -164,7 +164,7 @@ def set_model(exp, client: int | None) -> str:
     sim = exp.simulator
     if client is None:
         if sim.method.no_global_model:
-            raise ValueError(f"{sim.method.no_global_model}; pass --client N for one client's model")
+            raise ValueError(sim.method.no_global_model)
         if sim.method.scored_states(sim.held, sim.private) is not None:
             raise ValueError(f"{sim.method.name} has no one global model (its global accuracy is the mean of its clients' own "
                              "models); pass --client N for one client's model")
