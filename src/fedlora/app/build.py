@@ -25,6 +25,7 @@ class Experiment:
     data_summary: list[dict] = field(default_factory=list)
     reference: dict | None = None  # the base model's scores before any training (instruct runs), the reference row
     split: Callable | None = None  # a raw split of the run's data → what the simulator scores (``fedlora eval --data``)
+    from_flower: bool = False  # rebuilt from a Flower run's directory: private state only where export-private put it
 
 
 def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None,

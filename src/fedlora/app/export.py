@@ -153,7 +153,13 @@ def open_run(run_dir: str | Path, *, need: str = "export"):
     except (TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{str(run_dir / 'config.json')!r} is not a fedlora run's config ({exc}); restore it from the run") from None
     exp = build(config)
-    exp.simulator.restore(*load_checkpoint(run_dir))
+    sim = exp.simulator
+    sim.restore(*load_checkpoint(run_dir))
+    for path in sorted((run_dir / "private").glob("client_*.safetensors")):  # a Flower run's, from export-private
+        cid = int(path.stem.removeprefix("client_"))
+        if cid not in sim.private:
+            sim.private[cid] = {n: t.to(sim.config.device) for n, t in load_file(str(path)).items()}
+    exp.from_flower = (run_dir / "flower.json").exists()
     return exp
 
 
@@ -173,6 +179,9 @@ def set_model(exp, client: int | None) -> str:
     ids = [p.cid for p in sim.peers]
     if client not in ids:
         raise ValueError(f"client {client} does not exist: the run has clients {ids[0]}..{ids[-1]}; pass --client with one of them")
+    if exp.from_flower and sim.method.private(sim.handle) and client not in sim.private:
+        raise ValueError(f"client {client}'s private state stays on its SuperNode in a Flower run; collect it with "
+                         "`fedlora export-private RUN --state-dir STATE_DIR` first")
     peer = sim.peers[ids.index(client)]
     sim.handle.set(sim.held[client] | sim.private.get(client, {}), rank=peer.rank, scale=peer.scale)
     return f"client {client}"
