@@ -142,6 +142,8 @@ def test_eval_rescores_the_runs_last_global_accuracy_and_appends(fedsa_run, smal
     (["eval", "{tmp}"], "is not a fedlora run directory"),
     (["eval", "{tmp}/nowhere"], "is not a directory"),
     (["eval", "{run}", "--client", "-1"], "client -1 does not exist"),
+    (["eval", "{run}", "--eval", "mmlu:5"], "--eval benchmarks score a causal LM"),
+    (["eval", "{run}", "--eval", "mmlu:x"], "N must be a whole number"),
 ])
 def test_bad_input_is_one_line_and_exit_2(fedsa_run, tmp_path, capsys, argv, needle):
     run, _ = fedsa_run
@@ -162,3 +164,31 @@ def test_feddpa_client_export_is_refused(small_csv, tmp_path, capsys):
     assert main(["export", str(out), "--merged", str(tmp_path / "c0"), "--client", "0"]) == 2
     assert "mix their adapters per input" in capsys.readouterr().err
     assert not (tmp_path / "c0").exists()
+
+
+def test_a_flower_run_rescores_and_refuses_a_client_whose_state_stayed_on_its_supernode(small_csv, tmp_path, monkeypatch, capsys):
+    """A Flower run's directory (its checkpoint holds no client's private state): the global re-score equals its last
+    global accuracy, and a client export asks for export-private first."""
+    from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid
+
+    for key, value in {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                       "FLWR_HOME": str(tmp_path / "flwr")}.items():
+        monkeypatch.setenv(key, value)
+    cfg = tiny_config(small_csv, method="fedsa", **FAST)
+    history = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "run")))
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())[0]["results"]["global_accuracy"] == history[-1]["global_accuracy"]
+    assert main(["export", str(tmp_path / "run"), "--merged", str(tmp_path / "m"), "--client", "0"]) == 2
+    assert "fedlora export-private" in capsys.readouterr().err
+
+
+def test_the_adapter_names_its_base_as_a_user_would(tmp_path):
+    from fedlora.app.models import MINILM_HUB, offline_minilm_path, public_model_name, resolve_model_path
+
+    assert public_model_name("minilm") == MINILM_HUB
+    assert public_model_name("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert public_model_name("tiny:bert") == "tiny:bert" and public_model_name("org/model") == "org/model"
+    (tmp_path / "mine").mkdir()
+    assert public_model_name(str(tmp_path / "mine")) == str((tmp_path / "mine").resolve())
+    assert resolve_model_path(MINILM_HUB) == offline_minilm_path()  # the hub name loads offline from the package

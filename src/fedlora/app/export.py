@@ -9,6 +9,14 @@ delta ``scatter_Ω(v)`` before its switch (a LoRA of the rank that delta needs: 
 PEFT form exists: the folds are written to ``base_delta.safetensors`` and :func:`load_global_model` adds them.
 ``base_delta.safetensors`` holds each fold in its base weight's own layout (in×out for transformers' ``Conv1D``,
 GPT-2 style), so it is added to the weight as it is; the exported LoRA factors are d×r and r×k as PEFT's always are.
+
+``adapter_config.json`` names the base as a user would (:func:`fedlora.app.models.public_model_name`: the hub name of
+an offline default, a user's own folder as an absolute path), so the adapter is portable; ``fedlora.json`` beside it
+keeps the run's ``--model``, labels and the offline package that holds the base.
+
+:func:`open_run` rebuilds a finished run from its settings and last checkpoint; :func:`export_merged` writes its
+global or one client's model as a standalone Hugging Face model (``fedlora export --merged``), and
+:mod:`fedlora.app.evaluate` re-scores it (``fedlora eval``).
 """
 
 from __future__ import annotations
