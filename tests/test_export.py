@@ -2,7 +2,8 @@
 
 One fresh Python process, which never imports fedlora, loads every exported model with plain transformers/PEFT:
 the merged model of each adapter kind (LoRA, rsLoRA, DoRA, VeRA, HiRA), of each method that folds into the base
-(FLoRA, FedEx-LoRA, FLoRIST, FR-LoRA), FedSA's global and one client's personalised model, FedDPA's global model,
+(FLoRA, FedEx-LoRA, FLoRIST, FR-LoRA), of structures PEFT lacks (Fed-SB's cores, SLoRA's sparse delta), on GPT-2's
+Conv1D and on a Llama causal LM, FedSA's global and one client's personalised model, FedDPA's global model,
 and a MiniLM run's adapter/ copied elsewhere on its base named in adapter_config.json. Each gives the run's logits to 1e-5.
 """
 
@@ -26,7 +27,7 @@ FAST = dict(rounds=1, local_steps=2, examples_per_client=16, test_examples=24, l
 GPT2 = dict(model="tiny:gpt2", target_modules="c_attn")  # transformers' Conv1D: weights stored in×out
 MERGED = [("fedit", a, {}) for a in ("lora", "rslora", "dora", "vera", "hira")] + [
     ("flora", "hira", {}), ("fedex", "dora", {}), ("florist", "lora", {}), ("frlora", "lora", {}), ("fedsa", "lora", {}),
-    ("feddpa", "lora", {}), ("fedex", "hira", GPT2)]
+    ("feddpa", "lora", {}), ("fedsb", "lora", {}), ("slora", "lora", {}), ("fedex", "hira", GPT2)]  # structures PEFT lacks
 
 CHILD = r"""
 import json, sys, torch

@@ -1,6 +1,6 @@
 """Merging adapted layers into plain weights (fedlora.adapters.merge): for every adapter kind, on nn.Linear and on
-transposed Conv1D layers with random trained factors, the merged layer equals the adapted layer's function and
-PEFT's own merge_and_unload; a layer that is not a fixed linear map is refused."""
+transposed Conv1D layers with random trained factors, both merge paths (PEFT's merge, the layer's own forward) equal
+the adapted layer's function and PEFT's own merge_and_unload; a layer that is not a fixed linear map is refused."""
 
 import copy
 
@@ -18,7 +18,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("kind", list(ADAPTERS))
-def test_merged_model_equals_the_adapted_one_and_peft_merge(kind, transposed):
+@pytest.mark.parametrize("path", ["peft", "forward"])
+def test_merged_model_equals_the_adapted_one_and_peft_merge(kind, transposed, path, monkeypatch):
+    import fedlora.adapters.merge as merge
+
+    assert merge.is_plain_peft(handle(kind, transposed).layers["query"])
+    if path == "forward":  # as for a structure PEFT does not know
+        monkeypatch.setattr(merge, "is_plain_peft", lambda layer: False)
     h = handle(kind, transposed, seed=1)
     h.set(trained(h, seed=2))
     x = torch.randn(5, 12)
