@@ -37,7 +37,7 @@ def evaluate_run(run_dir: str | Path, *, client: int | None = None, data: str | 
     if data is None:
         results |= _run_test_sets(exp, client)
     else:
-        results[f"{'local' if client is not None else 'global'}_accuracy_on_data"] = _score(exp, client, _other_split(exp, data))
+        results["accuracy"] = _score(exp, client, _other_split(exp, data))  # the model and data are named beside it
     if evals:
         results |= _benchmarks(exp, client, evals)
     entry = {"model": what, "data": data or "the run's test sets", "eval": evals or None, "round": len(sim.history),
