@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from fedlora.app.build import majority_rate
 from fedlora.app.config import RunConfig
 from fedlora.cli.main import main
 
@@ -175,6 +176,25 @@ def test_central_pools_clients_whose_examples_have_different_widths(tasks_jsonl)
     assert sim.run()[-1]["clients"] == [0]  # the one pooled client
 
 
+def test_the_constant_answer_floor_by_hand(tasks_jsonl):
+    from fedlora.app.benchmarks import constant_answer_rate, constant_answer_rates
+    from fedlora.data import load_benchmark
+
+    # task x: answers A, A, B (A is right twice); task y: B, {B or C}, C (B and C are each accepted twice): (2 + 2) / 6
+    assert constant_answer_rate(list("xxxyyy"), [["A"], [" A "], ["B"], ["B"], ["B", "C"], ["C"]]) == pytest.approx(4 / 6)
+    assert constant_answer_rate([], []) is None
+    # the instruct kind's floor: the global test set's answers per task, as the data gives them
+    run = config(tasks_jsonl)
+    g = run.task_kind().federated(run).global_test
+    by_task = {}
+    for t, refs in zip(g["task"], g["references"]):
+        by_task.setdefault(t, []).append(refs[0])
+    assert majority_rate(run) == pytest.approx(sum(max(map(v.count, v)) for v in by_task.values()) / len(g["task"]))
+    # a multiple-choice benchmark's floor: the most frequent gold position of the seeded subset
+    gold = list(load_benchmark("mmlu", n=40, seed=3)["gold"])
+    assert constant_answer_rates("mmlu:40", seed=3) == {"mmlu/acc": max(map(gold.count, set(gold))) / 40}
+
+
 def test_the_study_part_reports_every_method_against_the_base_model(tasks_jsonl, tmp_path):
     import dataclasses
 
@@ -193,6 +213,10 @@ def test_the_study_part_reports_every_method_against_the_base_model(tasks_jsonl,
     for row in ("| fedit | 2 |", "| fedsa | 2 |", "| flexlora | 2 |", "| base model | 2 |"):
         assert row in section, row
     assert "Δ heldout/exact" in section and "Instruction tuning moves held-out task scores above the base model's" in text
+    # the constant-answer floor of the same examples, a row of its own and a verdict (a tiny random model stays under it)
+    floor = majority_rate(p.instruct.base)
+    assert f"| *constant answer* | 2 | {study._pm([floor, majority_rate(p.instruct.base.replace(seed=1))])} |" in section
+    assert "above the constant-answer floor" in text and " †" in section
     assert "## 1." not in text  # only the part asked for
     # the report of this part alone is headed by its own settings and seeds, not the preset's classification runs
     head = text.partition("## 8.")[0]

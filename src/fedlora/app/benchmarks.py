@@ -87,4 +87,41 @@ def _bbh(records: list[dict]) -> Evaluation:
     return Evaluation("bbh", items, "generate", group="task", rule="answer_is", stop=("\n\nQ:",), max_new_tokens=256)
 
 
+def constant_answer_rate(groups: list, references: list[list[str]]) -> float | None:
+    """The best score of one constant answer per group (per task): for each group, the answer among its references
+    (stripped) that the most of its examples accept, summed over the groups, over all examples (None when empty)."""
+    from collections import Counter, defaultdict
+
+    by_group: dict[object, list[set[str]]] = defaultdict(list)
+    for g, refs in zip(groups, references):
+        by_group[g].append({str(r).strip() for r in refs})
+    if not by_group:
+        return None
+    hits = 0
+    for accepted in by_group.values():
+        counts = Counter(a for refs in accepted for a in refs)
+        hits += counts.most_common(1)[0][1] if counts else 0
+    return hits / sum(len(v) for v in by_group.values())
+
+
+_NAMES = {"mmlu": "mmlu", "mmlu5": "mmlu_5shot", "truthfulqa": "truthfulqa", "gsm8k": "gsm8k", "bbh": "bbh"}  # their metric prefixes
+
+
+def constant_answer_rates(text: str, *, seed: int) -> dict[str, float]:
+    """Each benchmark's constant-answer floor on the subset ``--eval text`` scores at ``seed``, under its headline
+    key: for multiple choice (``…/acc``) the share of the most frequent gold position (the score of always picking
+    "A", or whichever position is most often right); for generation (``…/exact``) one constant answer per task
+    (:func:`constant_answer_rate`). A score at or below it is no evidence that the model knows anything."""
+    from fedlora.data import load_benchmark
+
+    out = {}
+    for name, n in parse_eval(text):
+        records = load_benchmark(_SOURCE[name], n=n, seed=seed).to_dict("records")
+        if name in ("gsm8k", "bbh"):
+            out[f"{_NAMES[name]}/exact"] = constant_answer_rate([r["task"] for r in records], [[r["reference"]] for r in records])
+        else:
+            out[f"{_NAMES[name]}/acc"] = constant_answer_rate([0] * len(records), [[str(r["gold"])] for r in records])
+    return out
+
+
 _BUILDERS = {"mmlu": _mmlu, "mmlu5": _mmlu5, "truthfulqa": _truthfulqa, "gsm8k": _gsm8k, "bbh": _bbh}

@@ -615,7 +615,7 @@ def majority_rates(runs: list[StudyRun]) -> dict[str, float | None]:
     for r in runs:
         c = r.config
         key = json.dumps([c.data, c.seed, c.test_examples, c.clients, c.examples_per_client, c.partition, c.alpha,
-                          c.labels_per_client, c.local_test_fraction])
+                          c.labels_per_client, c.local_test_fraction, c.split_by])
         if key not in cache:
             try:
                 cache[key] = majority_rate(c)
@@ -1261,13 +1261,17 @@ def _ffa_reading(ctx: ReportContext, t: _PrivacyTable) -> None:
 
 def _instruct(ctx: ReportContext) -> str:
     """The instruction-tuning track: each method's held-out task score and benchmark scores after the last round,
-    and their paired change from the base model's (the reference row every run records)."""
+    their paired change from the base model's (the reference row every run records), and the constant-answer floor
+    (a score whose interval does not clear it shows an answer prior learned, not the task)."""
+    from fedlora.app.report import MAJORITY_MARGIN
+
     label = "instruct"
     ms = [m for m in (ctx.p.instruct.methods if ctx.p.instruct else ()) if ctx.seeded(m, label)]
     if not ms:
         return ""
     cfg = next(r.config for r in ctx.runs if r.label == label)
     keys = _instruct_keys(ctx, ms, label)
+    floors = _instruct_floors(ctx, cfg, label)
     L = ["## 8. Instruction tuning across tasks", "",
          f"`--task instruct`: {cfg.model} on `{cfg.data}`, {cfg.clients} clients ({cfg.partition}, split by "
          f"{cfg.attribute}), {cfg.rounds} rounds × {cfg.local_steps} local steps, batch {cfg.batch_size}, lr {cfg.lr}; "
@@ -1278,28 +1282,73 @@ def _instruct(ctx: ReportContext) -> str:
          "registry's match, includes or fuzzy match); `local`: each client's own model on its own tasks' local test "
          "examples. A benchmark's `acc` is lm-evaluation-harness's multiple-choice accuracy (the choice of highest "
          "log-likelihood), 0-shot, on a seeded subset of the size given.", "",
+         "*Constant answer* is the floor of each score on the same examples: for the held-out tasks, every example "
+         "answered with its task's most frequent answer; for a multiple-choice benchmark, always the position most often "
+         "right (e.g. always \"A\"). † marks a score whose interval (its value, with one seed) does not clear the floor "
+         f"by {MAJORITY_MARGIN}, paired per seed: that model shows an answer prior, not knowledge of the task.", "",
          "| method | seeds | " + " | ".join(f"{k} | Δ {k}" for k in keys) + " | local |",
          "|---|---:|" + "---:|---:|" * len(keys) + "---:|"]
-    base_row = ["base model", "—"]
+    base_row, floor_row = None, None
     for m in ms:
         hs = ctx.seeded(m, label)
-        finals = [h[-1] for h in hs.values()]
-        refs = [h[-1].get("reference", {}) for h in hs.values()]
+        refs = {s: h[-1].get("reference", {}) for s, h in hs.items()}
         cells = []
         for k in keys:
-            after = [f.get(k, math.nan) for f in finals]
-            before = [r.get(k, math.nan) for r in refs]
-            cells += [_pm(after), _diff(after, before)[2]]
-        L.append(f"| {m} | {len(hs)} | " + " | ".join(cells) + f" | {_pm(f['local_accuracy'] for f in finals)} |")
-        if base_row[1] == "—":
-            base_row = ["base model", str(len(refs))] + [c for k in keys for c in (_pm(r.get(k, math.nan) for r in refs), "")] + ["—"]
-    L += ["| " + " | ".join(base_row) + " |", ""]
+            after = {s: h[-1].get(k, math.nan) for s, h in hs.items()}
+            cells += [_pm(after.values()) + _dagger(after, floors, k), _diff(after.values(), [refs[s].get(k, math.nan) for s in hs])[2]]
+        L.append(f"| {m} | {len(hs)} | " + " | ".join(cells) + f" | {_pm(h[-1]['local_accuracy'] for h in hs.values())} |")
+        if base_row is None:
+            base_row = ["base model", str(len(refs))] + [c for k in keys for c in (
+                _pm(r.get(k, math.nan) for r in refs.values()) + _dagger({s: r.get(k, math.nan) for s, r in refs.items()}, floors, k), "")] + ["—"]
+            floor_row = ["*constant answer*", str(len(refs))] + [c for k in keys for c in (
+                _pm(floors.get(s, {}).get(k, math.nan) for s in refs), "")] + ["—"]
+    L += ["| " + " | ".join(base_row) + " |", "| " + " | ".join(floor_row) + " |", ""]
+    _instruct_verdicts(ctx, ms, label, floors)
+    return "\n".join(L)
+
+
+def _instruct_floors(ctx: ReportContext, cfg, label: str) -> dict[int, dict[str, float]]:
+    """seed → the constant-answer floor of every score (``heldout/exact`` and each benchmark's headline) at that seed."""
+    from fedlora.app.benchmarks import constant_answer_rates
+
+    out: dict[int, dict[str, float]] = {}
+    for r in ctx.runs:
+        if r.label == label and r.seed not in out and ctx.rates.get(r.name) is not None:
+            out[r.seed] = {"heldout/exact": ctx.rates[r.name]} | (constant_answer_rates(cfg.eval, seed=r.seed) if cfg.eval else {})
+    return out
+
+
+def _clears(values: dict[int, float], floors: dict[int, dict[str, float]], key: str) -> bool | None:
+    """Whether the scores clear their seeds' floors: the paired interval's lower end (the value, with one seed) is above
+    ``MAJORITY_MARGIN``; None when a seed has no floor for ``key``."""
+    from fedlora.app.report import MAJORITY_MARGIN
+    from fedlora.app.stats import interval
+
+    if not values or any(key not in floors.get(s, {}) for s in values):
+        return None
+    mean, half = interval([v - floors[s][key] for s, v in values.items()])
+    return mean - (0.0 if math.isnan(half) else half) > MAJORITY_MARGIN
+
+
+def _dagger(values: dict[int, float], floors: dict[int, dict[str, float]], key: str) -> str:
+    return " †" if _clears(values, floors, key) is False else ""
+
+
+def _instruct_verdicts(ctx: ReportContext, ms: list[str], label: str, floors: dict[int, dict[str, float]]) -> None:
     moved = [m for m in ms if _instruct_moved(ctx, m, label)]
     why = ("the paired Δ interval of heldout/exact clears 0" if moved else
            "no paired Δ interval of heldout/exact clears 0: fine-tuning did not measurably help at these settings")
     ctx.verdicts.append(f"- **Instruction tuning moves held-out task scores above the base model's**: "
                         f"{', '.join(moved) if moved else 'no method'} of {len(ms)} ({why}).")
-    return "\n".join(L)
+    if not floors:
+        return
+    cleared = [m for m in ms if _clears({s: h[-1]["heldout/exact"] for s, h in ctx.seeded(m, label).items()}, floors, "heldout/exact")]
+    ctx.verdicts.append(
+        "- **… and above the constant-answer floor (each task's most frequent answer)**: "
+        + (f"{', '.join(cleared)} of {len(ms)}." if cleared else
+           f"no method of {len(ms)}: the held-out scores do not clear the score of answering every example with its "
+           "task's most frequent answer, so what fine-tuning taught here is the answer prior (the format and the "
+           "likeliest answer), not the tasks; these settings cannot rank the methods on task knowledge."))
 
 
 def _instruct_keys(ctx: ReportContext, ms: list[str], label: str) -> list[str]:

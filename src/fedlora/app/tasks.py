@@ -189,15 +189,28 @@ class Instruct(CausalLM):
 
             wheel_path("evals")
 
-    def load(self, run, on_progress=None) -> Loaded:
-        from fedlora.app.models import load_causal_lm
+    def federated(self, run):
         from fedlora.data import federate
         from fedlora.data.instruct import load_instruct
-        from fedlora.federation.instruct import InstructSplit, InstructTask
 
         data = load_instruct(run.data, prompt_column=run.prompt_column, response_column=run.response_column,
                              split_by=run.attribute, seed=run.seed)
-        fed = federate(data, split_by=run.attribute, **_federate_args(run))
+        return federate(data, split_by=run.attribute, **_federate_args(run))
+
+    def majority_rate(self, run) -> float | None:
+        """The constant-answer floor of the global test set: the share answered right by giving, for every example of
+        a task, that task's most frequent answer (one of the task's own references, matched exactly). A model at this
+        rate has learned each task's answer prior (e.g. "always A"), not the tasks."""
+        from fedlora.app.benchmarks import constant_answer_rate
+
+        g = self.federated(run).global_test
+        return constant_answer_rate(list(g["task"]), [list(r) for r in g["references"]])
+
+    def load(self, run, on_progress=None) -> Loaded:
+        from fedlora.app.models import load_causal_lm
+        from fedlora.federation.instruct import InstructSplit, InstructTask
+
+        fed = self.federated(run)
         benchmarks = self.benchmarks(run)
         model, tokenizer = load_causal_lm(run.model, seed=run.seed, gradient_checkpointing=run.gradient_checkpointing, quantize=run.quantize)
         columns = ("prompt", "response", "references", "rule", "task")
