@@ -148,7 +148,8 @@ def test_eval_rescores_the_runs_last_global_accuracy_and_appends(fedsa_run, tmp_
 
 @pytest.mark.parametrize("argv,needle", [
     (["export", "{run}", "--merged", "{tmp}/m", "--client", "7"], "client 7 does not exist: the run has clients 0..2"),
-    (["export", "{unfinished}", "--merged", "{tmp}/m"], "holds no finished run to export"),
+    (["export", "{unfinished}", "--merged", "{tmp}/m"], "holds no finished run to export: no round completed"),
+    (["export", "{interrupted}", "--merged", "{tmp}/m"], "stopped before its last round (no adapter/); finish it with `fedlora run --resume"),
     (["export", "{run}", "--merged", "{run}"], "already exists and is not empty"),
     (["eval", "{tmp}"], "is not a fedlora run directory"),
     (["eval", "{tmp}/nowhere"], "is not a directory"),
@@ -162,19 +163,26 @@ def test_bad_input_is_one_line_and_exit_2(fedsa_run, tmp_path, capsys, argv, nee
     unfinished.mkdir()
     for name in ("config.json", "metrics.jsonl"):  # a run killed before its first checkpoint
         shutil.copy(run / name, unfinished / name)
-    args = [a.format(run=run, tmp=tmp_path, unfinished=unfinished) for a in argv]
+    interrupted = tmp_path / "interrupted"  # a run killed after a checkpoint, before it finished
+    shutil.copytree(run, interrupted, ignore=shutil.ignore_patterns("adapter", "summary.md", "eval.json"))
+    args = [a.format(run=run, tmp=tmp_path, unfinished=unfinished, interrupted=interrupted) for a in argv]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "m").exists()
 
 
-def test_feddpa_client_export_is_refused(small_csv, tmp_path, capsys):
-    out = tmp_path / "dpa"
-    run_experiment(tiny_config(small_csv, method="feddpa", out=str(out), **FAST))
-    assert main(["export", str(out), "--merged", str(tmp_path / "c0"), "--client", "0"]) == 2
-    assert "mix their adapters per input" in capsys.readouterr().err
-    assert not (tmp_path / "c0").exists()
+@pytest.mark.parametrize("method,client,needle", [
+    ("feddpa", "0", "client models mix their adapters per input"),
+    ("local", None, "local has no one global model (its global accuracy is the mean of its clients' own models); pass --client N"),
+])
+def test_a_model_no_single_weight_holds_is_refused(small_csv, tmp_path, capsys, method, client, needle):
+    out = tmp_path / method
+    run_experiment(tiny_config(small_csv, method=method, out=str(out), **FAST))
+    assert main(["export", str(out), "--merged", str(tmp_path / "m"), *(["--client", client] if client else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_flower_run_rescores_and_refuses_a_client_whose_state_stayed_on_its_supernode(small_csv, tmp_path, monkeypatch, capsys):

@@ -153,8 +153,10 @@ def open_run(run_dir: str | Path, *, need: str = "export"):
         raise ValueError(f"{str(run_dir)!r} is not a directory; {hint}")
     if not (run_dir / "config.json").is_file() or not (run_dir / METRICS).is_file():
         raise ValueError(f"{str(run_dir)!r} is not a fedlora run directory (no config.json and metrics.jsonl); {hint}")
-    if not (run_dir / CHECKPOINT).is_file() or not (run_dir / "adapter").is_dir():
-        raise ValueError(f"{str(run_dir)!r} holds no finished run to {need} (no completed round or no adapter/); "
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ValueError(f"{str(run_dir)!r} holds no finished run to {need}: no round completed; run it again (same --out)")
+    if not (run_dir / "adapter").is_dir():
+        raise ValueError(f"{str(run_dir)!r} holds no finished run to {need}: it stopped before its last round (no adapter/); "
                          f"finish it with `fedlora run --resume {run_dir}` first")
     try:
         config = RunConfig(**json.loads((run_dir / "config.json").read_text())).replace(out=None)
@@ -240,9 +242,11 @@ def export_merged(run_dir: str | Path, out: str | Path, client: int | None = Non
 
 
 def _first_batch(sim) -> dict:
-    test = sim.global_test
-    index = torch.arange(min(8, len(test)))
-    return {k: v for k, v in test.batch(index, sim.config.device).items() if k in ("input_ids", "attention_mask")}
+    """Up to 8 examples to check the merged model on: the global test set's, else the first client's that has any."""
+    splits = [sim.global_test, *(c.test for c in sim.clients), *(c.train for c in sim.clients)]
+    split = next(s for s in splits if len(s))
+    index = torch.arange(min(8, len(split)))
+    return {k: v for k, v in split.batch(index, sim.config.device).items() if k in ("input_ids", "attention_mask")}
 
 
 def _save_standalone(exp, merged, out: Path) -> None:
