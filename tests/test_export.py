@@ -107,6 +107,11 @@ def test_exports_load_without_fedlora_and_give_the_runs_logits(small_csv, instru
     torch.save(batch, tmp_path / "minilm-batch.pt")
     want["minilm"] = _logits(exp.simulator, exp.simulator.global_state(), batch)
     jobs.append({"name": "minilm", "kind": "peft", "dir": str(elsewhere / "adapter"), "batch": str(tmp_path / "minilm-batch.pt")})
+    from fedlora import load_global_model  # fedlora's own loader, from the adapter alone, finds the offline base too
+
+    model, _, _ = load_global_model(elsewhere / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, want["minilm"], rtol=0, atol=1e-5)
 
     got = _load_in_fresh_process(jobs, tmp_path)
     for name, logits in want.items():

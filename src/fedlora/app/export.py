@@ -114,27 +114,35 @@ def _name_base_model(path: Path, model: str) -> None:
 
 
 def load_global_model(run_dir: str | Path):
-    """(PeftModel, tokenizer, label_names) of a finished run's global model, on the original base model
-    (a causal LM for ``--task causal-lm`` runs)."""
+    """(PeftModel, tokenizer, label_names) of a finished run's global model, on the original base model (a causal LM
+    for ``--task causal-lm`` and ``instruct`` runs). ``run_dir``: the run's directory, or its ``adapter/`` alone (handed
+    over without the rest: the base is then the one ``fedlora.json`` names, resolved to the offline packages)."""
     from peft import PeftModel
 
     from fedlora.app.models import load_causal_lm, load_classifier
 
     run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    manifest = json.loads((run_dir / "adapter" / MANIFEST).read_text())
+    adapter = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir
+    if not (adapter / MANIFEST).is_file():
+        raise ValueError(f"{str(run_dir)!r} holds no fedlora adapter ({MANIFEST}); pass a finished run's directory or its adapter/")
+    manifest = json.loads((adapter / MANIFEST).read_text())
     if manifest.get("no_global_model"):
         raise ValueError(manifest["no_global_model"])
-    if config.get("task") == "causal-lm":  # label_names are then the partition's labels, not a head's
-        base, tokenizer = load_causal_lm(config["model"], seed=config["seed"])
+    config = json.loads((run_dir / "config.json").read_text()) if adapter != run_dir else {}
+    model_name, seed = config.get("model", manifest["base_model"]), config.get("seed", 0)
+    causal = json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "CAUSAL_LM"
+    if causal:  # label_names are then the partition's labels, not a head's
+        base, tokenizer = load_causal_lm(model_name, seed=seed)
     else:
-        base, tokenizer = load_classifier(config["model"], len(manifest["label_names"]), seed=config["seed"])
+        base, tokenizer = load_classifier(model_name, len(manifest["label_names"]), seed=seed)
     if manifest["base_delta"] and not manifest["folds_in_adapter"]:
-        deltas = load_file(str(run_dir / manifest["base_delta"]))
+        delta_file = adapter.parent / manifest["base_delta"]
+        if not delta_file.is_file():
+            raise ValueError(f"this adapter's folds are in {manifest['base_delta']} beside adapter/, which is missing; pass the whole run directory")
         with torch.no_grad():
-            for module, delta in deltas.items():  # each in its weight's own layout (HiRA's, DoRA's, VeRA's folds)
+            for module, delta in load_file(str(delta_file)).items():  # each in its weight's own layout (HiRA's, DoRA's, VeRA's folds)
                 base.get_submodule(module).weight.add_(delta)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    model = PeftModel.from_pretrained(base, str(adapter))
     return model, tokenizer, manifest["label_names"]
 
 
