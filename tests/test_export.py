@@ -151,6 +151,17 @@ def test_eval_rescores_the_runs_last_global_accuracy_and_appends(fedsa_run, tmp_
     assert "global_accuracy: " in capsys.readouterr().out
 
 
+def test_eval_json_is_strict_and_a_file_that_is_not_a_list_is_kept_aside(tmp_path):
+    from fedlora.app.evaluate import EVAL_FILE, append_result
+
+    (tmp_path / EVAL_FILE).write_text("{not json")
+    append_result(tmp_path, {"results": {"local_accuracy": float("nan")}})
+    append_result(tmp_path, {"results": {"global_accuracy": 0.5}})
+    assert json.loads((tmp_path / EVAL_FILE).read_text(), parse_constant=lambda c: pytest.fail(c)) == [
+        {"results": {"local_accuracy": None}}, {"results": {"global_accuracy": 0.5}}]
+    assert (tmp_path / (EVAL_FILE + ".bak")).read_text() == "{not json"
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["export", "{run}", "--merged", "{tmp}/m", "--client", "7"], "client 7 does not exist: the run has clients 0..2"),
     (["export", "{unfinished}", "--merged", "{tmp}/m"], "holds no finished run to export: no round completed"),

@@ -62,13 +62,18 @@ def append_result(run_dir: Path, entry: dict) -> Path:
             entries = []
     entries.append(entry)
     tmp = path.with_name(EVAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=1, default=_nan_as_null) + "\n")
+    tmp.write_text(json.dumps(_strict(entries), indent=1, default=str) + "\n")
     tmp.replace(path)
     return path
 
 
-def _nan_as_null(obj):
-    return None if isinstance(obj, float) and math.isnan(obj) else str(obj)
+def _strict(value):
+    """``value`` with every NaN (an empty test shard's accuracy) as None: strict JSON, as metrics.jsonl writes it."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _global_name(exp) -> str:
