@@ -188,7 +188,6 @@ def test_a_comparison_is_one_parent_run_with_a_child_per_method_and_seed(small_c
 @pytest.mark.slow
 def test_a_resumed_run_goes_on_in_the_same_mlflow_run(small_csv, tmp_path, one_thread):
     from conftest import tiny_config
-
     from fedlora.app.experiment import run_experiment
 
     out = tmp_path / "run"
