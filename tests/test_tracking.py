@@ -238,3 +238,21 @@ def test_track_is_a_setting_of_toml_and_the_flower_run_config(tmp_path):
     assert (cfg.track, cfg.mlflow_uri) == ("mlflow", "sqlite:////tmp/m.db")
     with pytest.raises(ValueError, match="unknown tracker 'tb'"):
         from_flower(to_flower(RunConfig()) | {"track": "tb"}).validate()
+
+
+@pytest.mark.slow
+def test_the_flower_server_app_logs_its_rounds_too(small_csv, tmp_path, one_thread):
+    """`track = "tensorboard"` in the Flower run config: the ServerApp's run directory gets the same event files."""
+    pytest.importorskip("flwr")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import tiny_config
+    from fedlora.flower.config import from_flower, to_flower
+    from fedlora.flower.inline import InlineGrid
+    from fedlora.flower.server_app import run_federation
+
+    cfg = tiny_config(small_csv, local_steps=1, method="fedit")
+    flower_cfg = from_flower(to_flower(cfg) | {"track": "tensorboard", "out": str(tmp_path / "flower")})
+    history = run_federation(InlineGrid(cfg), flower_cfg)
+    events = EventAccumulator(str(tmp_path / "flower" / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("global_accuracy")] == [(h["round"], pytest.approx(h["global_accuracy"])) for h in history]

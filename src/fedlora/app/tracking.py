@@ -255,15 +255,22 @@ class WandbTracker:
     """Weights & Biases in offline mode, under ``wandb/`` in the run's directory (``wandb sync`` uploads it)."""
 
     def start(self, info: RunInfo) -> dict:
-        os.environ["WANDB_MODE"] = "offline"  # never a login or a connection from here
-        os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
 
-        settings = wandb.Settings(mode="offline", silent=True, console="off", x_disable_stats=True, disable_git=True,
-                                  save_code=False, reinit="create_new")
-        self.run = wandb.init(dir=str(info.path), project=PROJECT, group=info.group, name=info.name, job_type=info.kind,
-                              tags=[f"{k}:{v}" for k, v in info.tags.items()], config=parameters(info.params),
-                              id=info.saved.get("id"), resume="allow" if info.saved.get("id") else None, settings=settings)
+        before = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_SILENT")}
+        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")  # no login, no connection, whatever the user's env says
+        try:
+            settings = wandb.Settings(mode="offline", silent=True, console="off", x_disable_stats=True, disable_git=True,
+                                      save_code=False, reinit="create_new")
+            self.run = wandb.init(dir=str(info.path), project=PROJECT, group=info.group, name=info.name, job_type=info.kind,
+                                  tags=[f"{k}:{v}" for k, v in info.tags.items()], config=parameters(info.params),
+                                  id=info.saved.get("id"), resume="allow" if info.saved.get("id") else None, settings=settings)
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         return {"id": self.run.id, "dir": str(Path(self.run.dir).parent)}
 
     def log_round(self, metrics: dict) -> None:
