@@ -256,3 +256,27 @@ def test_the_flower_server_app_logs_its_rounds_too(small_csv, tmp_path, one_thre
     history = run_federation(InlineGrid(cfg), flower_cfg)
     events = EventAccumulator(str(tmp_path / "flower" / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("global_accuracy")] == [(h["round"], pytest.approx(h["global_accuracy"])) for h in history]
+
+
+@pytest.mark.slow
+def test_a_study_run_again_with_track_logs_its_finished_runs_under_one_parent(small_csv, tmp_path, capsys, one_thread):
+    runs = tmp_path / "runs"
+    base = ["study", "--preset", "quick", "--data", str(small_csv), "--methods", "fedit", "--parts", "comparison",
+            "--seeds", "1", "--runs", str(runs), "--quiet"]
+    assert main(base) == 0
+    made = sorted(p.parent for p in runs.glob("**/metrics.jsonl"))
+    stamps = [(p / "metrics.jsonl").stat().st_mtime_ns for p in made]
+    assert main([*base, "--track", "mlflow"]) == 0  # the same settings: nothing retrains, every run is logged once
+    assert [(p / "metrics.jsonl").stat().st_mtime_ns for p in made] == stamps
+    client = mlflow_client(runs)
+    logged = client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])
+    (parent,) = [r for r in logged if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags["kind"] == "study" and "results.md" in {f.path for f in client.list_artifacts(parent.info.run_id)}
+    children = {r.info.run_name: r for r in logged if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == sorted(p.relative_to(runs).as_posix() for p in made)
+    for p in made:
+        history = [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+        steps = client.get_metric_history(children[p.relative_to(runs).as_posix()].info.run_id, "global_accuracy")
+        assert [(m.step, m.value) for m in steps] == [(h["round"], pytest.approx(h["global_accuracy"])) for h in history]
+    assert main([*base, "--track", "mlflow"]) == 0  # and again: nothing logged twice
+    assert len(client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])) == len(logged)
