@@ -225,6 +225,10 @@ def test_a_tracker_without_its_package_names_the_extra(small_csv, tmp_path, caps
     assert err.count("\n") == 1 and not out.exists()
     assert main(["compare", *TINY, "--data", str(small_csv), "--methods", "fedit", "--out", str(out), "--track", "wandb"]) == 2
     assert "pip install 'fedlora[track]'" in capsys.readouterr().err and not out.exists()
+    from conftest import tiny_config
+
+    tiny_config(small_csv, track="wandb").validate()  # the settings themselves are fine: a Flower SuperNode, which logs
+    # nothing, validates them too and needs no tracker package
 
 
 def test_track_is_a_setting_of_toml_and_the_flower_run_config(tmp_path):

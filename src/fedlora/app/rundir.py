@@ -213,6 +213,10 @@ class RunDir:
         """Check and record the run's settings; the checkpoint to resume from (None for a new run). ``group``: the
         comparison or study (:class:`fedlora.app.tracking.Group`) whose trackers this run's are children of."""
         checkpoint = None
+        if config.track:  # a tracker without its package: refused before anything trains
+            from fedlora.app.tracking import require
+
+            require(config.track)
         if resume:
             checkpoint = self.load_checkpoint()
             check_resume(config, checkpoint[1], self.path)

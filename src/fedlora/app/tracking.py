@@ -56,8 +56,20 @@ def tracker_names(track: str) -> list[str]:
 
 
 def check(track: str, mlflow_uri: str = "") -> list[str]:
-    """Refuse, before anything trains, an unknown tracker, a tracker whose package is not installed, or an MLflow
-    store that is not a URI; the tracker names otherwise."""
+    """The settings' check (every front end, before anything loads): refuse an unknown tracker or an MLflow store
+    that is not a URI; the tracker names otherwise. Whether the packages are installed is :func:`require`'s: our
+    choice, asked only where a run is logged (a Flower SuperNode validates the same settings, but logs nothing)."""
+    names = tracker_names(track)
+    if mlflow_uri and ":" not in mlflow_uri:
+        raise ValueError(f"--mlflow-uri {mlflow_uri!r} is not a tracking URI; pass sqlite:///PATH/mlflow.db or file:PATH "
+                         "(default: a SQLite store in the run directory)")
+    if mlflow_uri and "mlflow" not in names:
+        raise ValueError(f"--mlflow-uri {mlflow_uri!r} is given but mlflow is not in --track; add --track mlflow or drop --mlflow-uri")
+    return names
+
+
+def require(track: str) -> list[str]:
+    """Refuse, before anything trains, a tracker whose package is not installed, in one line naming the extra."""
     import importlib.util
 
     names = tracker_names(track)
@@ -65,11 +77,6 @@ def check(track: str, mlflow_uri: str = "") -> list[str]:
     if missing:
         raise ValueError(f"--track {','.join(missing)} needs the {', '.join(PACKAGES[n] for n in missing)} package "
                          f"(not installed); install the trackers with `{EXTRA}`, or drop {','.join(missing)} from --track")
-    if mlflow_uri and ":" not in mlflow_uri:
-        raise ValueError(f"--mlflow-uri {mlflow_uri!r} is not a tracking URI; pass sqlite:///PATH/mlflow.db or file:PATH "
-                         "(default: a SQLite store in the run directory)")
-    if mlflow_uri and "mlflow" not in names:
-        raise ValueError(f"--mlflow-uri {mlflow_uri!r} is given but mlflow is not in --track; add --track mlflow or drop --mlflow-uri")
     return names
 
 
@@ -381,7 +388,7 @@ class Group:
     def __init__(self, track: str, path: Path, *, mlflow_uri: str = "", params: dict | None = None, kind: str = "comparison"):
         self.path = Path(path)
         self.name = self.path.resolve().name
-        self.names = tracker_names(track)
+        self.names = require(track)
         self.trackers: Trackers | None = None
         self.state: dict = {}
         if self.names:
