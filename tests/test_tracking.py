@@ -186,17 +186,20 @@ def test_a_comparison_is_one_parent_run_with_a_child_per_method_and_seed(small_c
 
 
 @pytest.mark.slow
-def test_a_resumed_run_goes_on_in_the_same_mlflow_run(small_csv, tmp_path, one_thread):
-    from conftest import tiny_config
-    from fedlora.app.experiment import run_experiment
+def test_a_resumed_run_goes_on_in_the_same_mlflow_run_and_a_tracker_added_gets_every_round(small_csv, tmp_path, one_thread):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    run_experiment(tiny_config(small_csv, rounds=1, local_steps=1, out=str(out), track="mlflow"))
-    run_experiment(tiny_config(small_csv, rounds=2, local_steps=1, out=str(out), track="mlflow"), resume=True)
+    assert main(["run", *TINY, "--rounds", "1", "--data", str(small_csv), "--out", str(out), "--track", "mlflow"]) == 0
+    assert main(["run", "--resume", str(out), "--rounds", "2", "--track", "mlflow,tensorboard", "--quiet"]) == 0
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     client = mlflow_client(out)
     (run,) = client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "global_accuracy")] == [1, 2]
     assert run.info.status == "FINISHED"
+    events = EventAccumulator(str(out / "tensorboard")).Reload()  # added on resume: round 1 logged from the checkpoint's history
+    assert [(e.step, e.value) for e in events.Scalars("global_accuracy")] == [(h["round"], pytest.approx(h["global_accuracy"])) for h in history]
+    assert json.loads((out / "config.json").read_text())["track"] == "mlflow,tensorboard"
 
 
 @pytest.mark.parametrize("args, message", [

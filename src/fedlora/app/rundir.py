@@ -133,6 +133,7 @@ class RunDir:
         self.path = Path(out)
         self.trackers = None  # open trackers (fedlora.app.tracking.Trackers)
         self._tracking: tuple | None = None  # (config, resume, group) until the first round opens them
+        self._earlier: list[dict] = []
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -234,7 +235,7 @@ class RunDir:
 
             config, resume, group = self._tracking
             self._tracking = None
-            self.trackers = open_run(config, self.path, resume=resume, group=group)
+            self.trackers = open_run(config, self.path, resume=resume, group=group, earlier=self._earlier if resume else ())
         return self.trackers
 
     def close_trackers(self, status: str = "FINISHED") -> None:
@@ -249,6 +250,7 @@ class RunDir:
     def reset_metrics(self, history: list[dict]) -> None:
         """``metrics.jsonl`` as the checkpoint has it: drops any line written after the checkpoint a kill interrupted."""
         (self.path / METRICS).write_text("".join(metrics_line(m) for m in history))
+        self._earlier = list(history)  # the rounds a resume restored: a tracker added on resume gets them first
 
     def record(self, metrics: dict, sim, config: RunConfig, extra: tuple[dict, dict] | None = None) -> None:
         """One finished round: its metrics line, then the checkpoint."""

@@ -302,9 +302,11 @@ BACKENDS: dict[str, type] = {"tensorboard": TensorBoardTracker, "mlflow": Mlflow
 
 # ---- a run's trackers -----------------------------------------------------------------------------------------------
 class Trackers:
-    """The trackers of one run (or one comparison), opened together; their state is kept in ``PATH/trackers.json``."""
+    """The trackers of one run (or one comparison), opened together; their state is kept in ``PATH/trackers.json``.
+    ``earlier``: rounds the run finished before (a resume), logged first to a tracker that opens a new run for them
+    (one added on resume), so every tracker holds every round."""
 
-    def __init__(self, names: Iterable[str], info: RunInfo):
+    def __init__(self, names: Iterable[str], info: RunInfo, earlier: Sequence[dict] = ()):
         self.info = info
         self.items: dict[str, Tracker] = {}
         state = read_state(info.path)
@@ -319,6 +321,9 @@ class Trackers:
                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the tracker's store or drop {name} "
                                  "from --track") from None
             self.items[name] = tracker
+            if not run.saved:
+                for metrics in earlier:
+                    tracker.log_round(metrics)
         (info.path / STATE).write_text(json.dumps(state, indent=1) + "\n")
         self.state = state
 
@@ -358,12 +363,12 @@ def run_info(config, path: Path, *, resume: bool, group: Group | None = None) ->
                    saved=read_state(path) if resume else {})
 
 
-def open_run(config, path: Path, *, resume: bool, group: Group | None = None) -> Trackers | None:
-    """The run's trackers (None when ``config.track`` names none)."""
+def open_run(config, path: Path, *, resume: bool, group: Group | None = None, earlier: Sequence[dict] = ()) -> Trackers | None:
+    """The run's trackers (None when ``config.track`` names none); ``earlier``: the rounds a resumed run restored."""
     names = tracker_names(config.track)
     if not names:
         return None
-    return Trackers(names, run_info(config, path, resume=resume, group=group))
+    return Trackers(names, run_info(config, path, resume=resume, group=group), earlier)
 
 
 def log_finished(config, path: Path, history: list[dict], group: Group | None = None) -> None:

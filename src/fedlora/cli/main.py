@@ -196,9 +196,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fedlora.app.experiment import resume_config
 
         given = _given(args)
-        if any(k != "rounds" for k in given) or args.config:
-            raise ValueError("--resume takes its settings from the run directory; pass only --rounds (to extend the run) with it")
-        cfg = resume_config(args.resume, **({"rounds": args.rounds} if args.rounds else {}))
+        if any(k not in ("rounds", "track", "mlflow_uri") for k in given) or args.config:
+            raise ValueError("--resume takes its settings from the run directory; pass only --rounds (to extend the run) "
+                             "and --track (trackers to go on or start logging to) with it")
+        cfg = resume_config(args.resume, **given)
         args.resume_hint = f"fedlora run --resume {cfg.out}"
         with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter} (resumed)", args.quiet) as prog:
             exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog), resume=True)
