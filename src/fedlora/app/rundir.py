@@ -346,7 +346,7 @@ def check_resume(config: RunConfig, meta: dict, out: Path) -> None:
     if meta.get("config") is None:  # a checkpoint from before settings were kept in it
         return
     mine = run_settings(config)
-    saved = _saved_settings(meta["config"], mine)
+    saved = _saved_settings({k: v for k, v in meta["config"].items() if k not in _RESUMABLE}, mine)
     changed = sorted(k for k in saved if saved.get(k) != mine.get(k))
     if changed:
         diff = ", ".join(f"{k}={mine.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in changed)
