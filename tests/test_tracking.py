@@ -86,6 +86,19 @@ def test_scalars_name_clients_and_skip_what_is_not_a_number():
     assert tracking.layer_rows(m) == {"round": [3], "layer": ["q"], "divergence": [0.2]}
 
 
+def test_client_metrics_make_up_the_rounds_local_scores(tracked):
+    """Each round's ``client_metrics`` are the accepted clients' own: their example-weighted local accuracy and mean
+    training loss are the round's."""
+    _, history = tracked
+    for h in history:
+        own = h["client_metrics"]
+        assert sorted(int(c) for c in own) == sorted(h["clients"])
+        n = sum(o["test_examples"] for o in own.values())
+        assert sum(o["local_accuracy"] * o["test_examples"] for o in own.values()) / n == pytest.approx(h["local_accuracy"], abs=1e-12)
+        assert sum(o["train_loss"] for o in own.values()) / len(own) == pytest.approx(h["train_loss"], abs=1e-12)
+        assert all(o["train_examples"] > 0 for o in own.values())
+
+
 def test_mlflow_store_holds_settings_every_round_and_the_files(tracked):
     out, history = tracked
     client = mlflow_client(out)

@@ -130,7 +130,7 @@ def local_scores(accepted: list[ClientResult]) -> dict[str, float | dict]:
     each one's own (``client_metrics``: client id → local accuracy, None without local test examples, training loss,
     train and test examples), which trackers log under the client's name."""
     n_local = sum(r.n_test for r in accepted)
-    own = {r.cid: {"local_accuracy": float(r.local_accuracy) if r.n_test else None, "train_loss": _number(r.train_loss),
+    own = {r.cid: {"local_accuracy": _number(r.local_accuracy) if r.n_test else None, "train_loss": _number(r.train_loss),
                    "train_examples": r.n_train, "test_examples": r.n_test} for r in accepted}
     return {"train_loss": sum(r.train_loss for r in accepted) / len(accepted) if accepted else math.nan,
             "local_accuracy": sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan,
