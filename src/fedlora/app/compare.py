@@ -3,7 +3,8 @@
 Finished runs in the comparison's directory are read back and interrupted ones resumed, so a cut-short comparison,
 or one with methods added, redoes no finished work. With ``seeds``, seed s gives every method the same partition,
 initial adapter, client sampling and batch order, and the table shows 95 % intervals and paired differences to the
-reference method.
+reference method. With ``track``, the comparison is one tracker group (:class:`fedlora.app.tracking.Group`): an
+MLflow parent run with a child run per method and seed, one W&B group, a TensorBoard directory per run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from fedlora.app import experiment
 from fedlora.app.build import majority_rate
 from fedlora.app.config import RunConfig
+from fedlora.app.tracking import Group, artifacts
 
 
 @dataclass
@@ -79,8 +81,6 @@ def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[in
     alone. ``reference``: one of ``methods`` (another is refused in one line); None: fedit when it is compared, else
     no paired differences. ``watch(label, config)``: a context manager per run whose ``client``, ``round`` and ``work`` attributes (any
     may be missing) receive the run's progress, as the CLI's progress bar does."""
-    from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
-
     methods = method_list(methods)
     out = Path(out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
     paired = seeds is not None
@@ -92,11 +92,22 @@ def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[in
                          f"pass one of them, or add {reference} to --methods")
     runs = plan(base, methods, seeds, out)
     majority = [majority_rate(base.replace(seed=s)) for s in seed_list]
+    shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "out", "seed", "track", "mlflow_uri")}
+    with Group(base.track, out, mlflow_uri=base.mlflow_uri, kind="comparison",
+               params=shared | {"methods": ",".join(methods), "seeds": ",".join(map(str, seed_list))}) as group:
+        result = _run_all(runs, out, paired, seed_list, reference, majority, json.dumps(shared), watch, group)
+        group.finish(artifacts(out))
+    return result
+
+
+def _run_all(runs, out: Path, paired: bool, seed_list: list[int], reference, majority, settings: str, watch, group) -> Comparison:
+    """Every run of the comparison in turn, ``comparison.md`` rewritten after each, then the plots."""
+    from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
+
     result = Comparison(out, "", seed_list)
-    settings = json.dumps({k: v for k, v in base.to_dict().items() if k not in ("method", "out", "seed")})
     for method, seed, cfg in runs:
         label = f"{method} (seed {seed})" if paired else method
-        history = _one_run(cfg, label, watch)
+        history = _one_run(cfg, label, watch, group)
         # wall s: the rounds' own wall time, the same whether a run was made now, resumed or read back
         result.results.setdefault(method, []).append(final_row(method, history, sum(m["wall_seconds"] for m in history)))
         result.histories.setdefault(method, []).append(history)
@@ -114,11 +125,11 @@ def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[in
     return result
 
 
-def _one_run(cfg: RunConfig, label: str, watch) -> list[dict]:
+def _one_run(cfg: RunConfig, label: str, watch, group: Group | None = None) -> list[dict]:
     """A finished run read back (a compare that was cut short, or one with fewer methods), an interrupted one resumed,
     or a new one made."""
     with (watch(label, cfg) if watch else contextlib.nullcontext()) as w:
-        history, read_back = experiment.run_or_resume(cfg, on_client=getattr(w, "client", None), on_round=getattr(w, "round", None),
+        history, read_back = experiment.run_or_resume(cfg, group, on_client=getattr(w, "client", None), on_round=getattr(w, "round", None),
                                                       on_progress=getattr(w, "work", None))
     if read_back:
         print(f"{label}: finished run read back from {cfg.out}")

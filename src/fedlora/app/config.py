@@ -219,13 +219,20 @@ class PrivacySettings(Part):
 
 @dataclass
 class RuntimeSettings(Part):
-    """Where and how reproducibly the run executes, and where it writes."""
+    """Where and how reproducibly the run executes, where it writes, and which trackers it logs to."""
 
     seed: int = setting(_FED.seed, "seed for partitions, sampling, init and training")
     device: str = setting("auto", "auto, cpu or cuda[:N]")
     out: str | None = setting(None, "run directory (default runs/METHOD-TIMESTAMP)", flower="")
+    track: str = setting("", "experiment trackers to log to, comma-separated: tensorboard, mlflow, wandb (W&B offline); "
+                             "stores are local, in the run directory (pip install 'fedlora[track]')")
+    mlflow_uri: str = setting("", "MLflow tracking store, e.g. sqlite:///PATH/mlflow.db or file:PATH (default: mlflow.db "
+                                  "in the run's or the comparison's directory)")
 
     def check(self, run: RunConfig) -> None:
+        from fedlora.app.tracking import check as check_trackers
+
+        check_trackers(self.track, self.mlflow_uri)
         if not 0 <= self.seed <= SEED_MAX:
             raise ValueError(f"--seed {self.seed} is outside [0, {SEED_MAX}] (2^32 − 1); pass e.g. --seed 0")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -32,23 +32,26 @@ __all__ = [
 
 
 def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_round: Callable | None = None, resume: bool = False,
-                   on_progress: Callable[[str, int], None] | None = None) -> tuple[Experiment, list[dict]]:
+                   on_progress: Callable[[str, int], None] | None = None, group=None) -> tuple[Experiment, list[dict]]:
     """Build, run every round, write the run directory (when ``config.out`` is set) and return the metrics.
 
-    With ``out`` set, every completed round appends to ``metrics.jsonl`` and replaces ``checkpoint.safetensors``;
-    ``resume=True`` continues such a directory from its last completed round.
+    With ``out`` set, every completed round appends to ``metrics.jsonl`` and replaces ``checkpoint.safetensors``
+    (and goes to the trackers of ``config.track``); ``resume=True`` continues such a directory from its last
+    completed round. ``group``: the comparison or study (:class:`fedlora.app.tracking.Group`) the run belongs to.
     """
     config.validate()
     if config.secure_aggregation:
         raise ValueError("secure aggregation runs on Flower (SecAgg+ hides each upload from a server across a network); set "
                          "secure-aggregation = true in the Flower run config (docs/flower.md), or drop --secure-aggregation")
     if not config.out:
+        if config.track:
+            raise ValueError(f"track={config.track!r} logs a run directory's rounds; set out (--out) to a directory, or drop track")
         return _run(config, None, None, on_client, on_round, on_progress)
     fresh = not Path(config.out).exists()
     run_dir = RunDir(config.out).prepare()
     try:
         with run_dir.hold():
-            checkpoint = run_dir.start(config, resume=resume)
+            checkpoint = run_dir.start(config, resume=resume, group=group)
             return _run(config, run_dir, checkpoint, on_client, on_round, on_progress)
     except ValueError:
         # Refused before any round finished (data, model or a setting checked against them): a directory this run
@@ -80,16 +83,21 @@ def _run(config: RunConfig, run_dir: RunDir | None, checkpoint, on_client, on_ro
     return exp, history
 
 
-def run_or_resume(config: RunConfig, **callbacks) -> tuple[list[dict], bool]:
-    """A run of a comparison or study: a finished one in ``config.out`` read back, an interrupted one resumed, or a
-    new one made. Returns its history and whether it was read back."""
+def run_or_resume(config: RunConfig, group=None, **callbacks) -> tuple[list[dict], bool]:
+    """A run of a comparison or study: a finished one in ``config.out`` read back (and logged to the trackers it
+    was not logged to yet), an interrupted one resumed, or a new one made. Returns its history and whether it was
+    read back."""
     run_dir = RunDir(config.out)
     done = run_dir.finished(config)
     if done is not None:
         check_trained(done, config.out)
+        if config.track:
+            from fedlora.app.tracking import log_finished
+
+            log_finished(config, run_dir.path, done, group)
         return done, True
     resume = run_dir.path.exists() and run_dir.interrupted()
-    _, history = run_experiment(config, resume=resume, **callbacks)
+    _, history = run_experiment(config, resume=resume, group=group, **callbacks)
     return history, False
 
 

@@ -6,6 +6,8 @@ writing it is refused, a lock left by a killed process is taken over); ``start(c
 against the checkpoint's settings or refuses to overwrite a finished run, and writes ``config.json``; every round
 ``record(metrics, sim, config)`` appends its line to ``metrics.jsonl`` and replaces ``checkpoint.safetensors``
 atomically; ``finish`` writes the adapter and ``summary.md``. ``finished(config)`` reads a finished run back.
+With ``track`` set, the run's trackers (:mod:`fedlora.app.tracking`) open on the first recorded round, get every
+round after its checkpoint is written, and its files at ``finish``; a run that stops early closes them as failed.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 _LOCK = ".running"
 _EMPTY_LOCK_GRACE = 10.0  # seconds an empty lock file counts as being written
-_RESUMABLE = ("rounds", "out")  # settings a resume may change (more rounds) or that name the place
+# settings a resume may change (more rounds) or that name the place, or where the run is reported (trackers)
+_RESUMABLE = ("rounds", "out", "track", "mlflow_uri")
 
 
 def _json_default(obj):
@@ -128,6 +131,9 @@ def lock_is_live(lock: Path) -> bool | None:
 class RunDir:
     def __init__(self, out: str | os.PathLike):
         self.path = Path(out)
+        self.trackers = None  # open trackers (fedlora.app.tracking.Trackers)
+        self._tracking: tuple | None = None  # (config, resume, group) until the first round opens them
+        self._earlier: list[dict] = []
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -195,21 +201,47 @@ class RunDir:
                              f"{self.holder()} is not a fedlora run), delete {str(lock)!r}")
         try:
             yield self
+        except BaseException as exc:
+            self.close_trackers("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
         finally:
             if taken:
                 self.release()
 
     # ---- the run in it -------------------------------------------------------------------------------------------
-    def start(self, config: RunConfig, *, resume: bool, new_run_hint: str = "pass a new --out, or --resume {out} to continue it") -> tuple | None:
-        """Check and record the run's settings; the checkpoint to resume from (None for a new run)."""
+    def start(self, config: RunConfig, *, resume: bool, new_run_hint: str = "pass a new --out, or --resume {out} to continue it",
+              group=None) -> tuple | None:
+        """Check and record the run's settings; the checkpoint to resume from (None for a new run). ``group``: the
+        comparison or study (:class:`fedlora.app.tracking.Group`) whose trackers this run's are children of."""
         checkpoint = None
+        if config.track:  # a tracker without its package: refused before anything trains
+            from fedlora.app.tracking import require
+
+            require(config.track)
         if resume:
             checkpoint = self.load_checkpoint()
             check_resume(config, checkpoint[1], self.path)
         elif self.has_metrics():
             raise ValueError(f"{str(self.path)!r} already holds a run; {new_run_hint.format(out=self.path)}")
         (self.path / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        self._tracking = (config, resume, group) if config.track else None
         return checkpoint
+
+    def open_trackers(self):
+        """The run's trackers, opened on first use (after the model is built: a run refused while loading leaves
+        nothing in them); None without ``track``."""
+        if self.trackers is None and self._tracking is not None:
+            from fedlora.app.tracking import open_run
+
+            config, resume, group = self._tracking
+            self._tracking = None
+            self.trackers = open_run(config, self.path, resume=resume, group=group, earlier=self._earlier if resume else ())
+        return self.trackers
+
+    def close_trackers(self, status: str = "FINISHED") -> None:
+        trackers, self.trackers, self._tracking = self.trackers, None, None
+        if trackers is not None:
+            trackers.finish(status)
 
     def has_metrics(self) -> bool:
         path = self.path / METRICS
@@ -218,12 +250,15 @@ class RunDir:
     def reset_metrics(self, history: list[dict]) -> None:
         """``metrics.jsonl`` as the checkpoint has it: drops any line written after the checkpoint a kill interrupted."""
         (self.path / METRICS).write_text("".join(metrics_line(m) for m in history))
+        self._earlier = list(history)  # the rounds a resume restored: a tracker added on resume gets them first
 
     def record(self, metrics: dict, sim, config: RunConfig, extra: tuple[dict, dict] | None = None) -> None:
         """One finished round: its metrics line, then the checkpoint."""
         with open(self.path / METRICS, "a") as f:
             f.write(metrics_line(metrics))
         self.save_checkpoint(sim, config, extra)
+        if self.open_trackers() is not None:
+            self.trackers.log_round(metrics)
 
     def finish(self, exp, history: list[dict], wall_seconds: float) -> None:
         from fedlora.app.export import save_run_artifacts
@@ -233,6 +268,11 @@ class RunDir:
         if exp.reference is not None:  # the base model's scores: the reference row of every table of this run
             (self.path / "reference.json").write_text(json.dumps(exp.reference, indent=1, sort_keys=True) + "\n")
         write_summary(exp, history, self.path, wall_seconds=wall_seconds)
+        if self.open_trackers() is not None:
+            from fedlora.app.tracking import artifacts
+
+            self.trackers.log_artifacts(artifacts(self.path))
+            self.close_trackers()
 
     def finished(self, config: RunConfig) -> list[dict] | None:
         """The history of a finished run of at least ``config.rounds`` rounds, else None."""
@@ -306,7 +346,7 @@ def check_resume(config: RunConfig, meta: dict, out: Path) -> None:
     if meta.get("config") is None:  # a checkpoint from before settings were kept in it
         return
     mine = run_settings(config)
-    saved = _saved_settings(meta["config"], mine)
+    saved = _saved_settings({k: v for k, v in meta["config"].items() if k not in _RESUMABLE}, mine)
     changed = sorted(k for k in saved if saved.get(k) != mine.get(k))
     if changed:
         diff = ", ".join(f"{k}={mine.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in changed)
@@ -316,7 +356,7 @@ def check_resume(config: RunConfig, meta: dict, out: Path) -> None:
 
 def same_settings(out: Path, config: RunConfig) -> bool:
     """Whether the run in ``out`` was made with ``config``'s settings (all but ``out``)."""
-    mine = {k: v for k, v in config.to_dict().items() if k != "out"}
+    mine = {k: v for k, v in config.to_dict().items() if k not in ("out", "track", "mlflow_uri")}
     saved = _saved_settings(json.loads((Path(out) / "config.json").read_text()), mine)
     return all(saved.get(k) == v for k, v in mine.items())
 

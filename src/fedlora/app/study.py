@@ -263,10 +263,12 @@ def execute(
     on_start: Callable[[int, StudyRun], None] | None = None,
     on_client: Callable | None = None,
     on_round: Callable | None = None,
+    group=None,
 ) -> dict[str, list[dict]]:
     """Run what is missing (finished runs are read back, interrupted ones resumed); return name → history. A run
     another `fedlora study` process on the same --runs directory holds is left to it, so several processes share the
-    work without overlap."""
+    work without overlap. ``group``: the study's tracker group (:class:`fedlora.app.tracking.Group`; the runs'
+    ``track`` says which trackers), whose children the runs are; a finished run is logged to it when it was not yet."""
     from fedlora.app.experiment import run_or_resume
 
     check_runs_dir(runs, runs_dir)
@@ -277,6 +279,10 @@ def execute(
         done = run_dir.finished(cfg)
         if done is not None:
             histories[run.name] = done
+            if cfg.track:
+                from fedlora.app.tracking import log_finished
+
+                log_finished(cfg, run_dir.path, done, group)
             continue
         run_dir.path.mkdir(parents=True, exist_ok=True)
         taken = run_dir.take()
@@ -285,7 +291,7 @@ def execute(
         try:
             if on_start:
                 on_start(i, run)
-            histories[run.name], _ = run_or_resume(cfg, on_client=on_client, on_round=on_round)
+            histories[run.name], _ = run_or_resume(cfg, group, on_client=on_client, on_round=on_round)
         finally:
             if taken:
                 run_dir.release()

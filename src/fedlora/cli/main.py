@@ -140,6 +140,45 @@ class _Progress:
             self.progress.console.print(line)
 
 
+def rich_tables(markdown: str) -> list:
+    """The markdown tables of a run's or comparison's summary as rich tables (numbers right-aligned, the method
+    column bold), the lines between them as text."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list = []
+    lines = markdown.strip("\n").splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and set(lines[i + 1].replace("|", "").strip()) <= set("-: "):
+            head = [c.strip() for c in lines[i].strip("|").split("|")]
+            table = Table(show_edge=True, header_style="bold")
+            for j, name in enumerate(head):
+                table.add_column(name, justify="left" if j == 0 else "right", style="bold" if j == 0 else None)
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                table.add_row(*[Text(c.strip()) for c in lines[i].strip("|").split("|")])  # no markup: "[0.31, 0.40]" is an interval
+                i += 1
+            out.append(table)
+        else:
+            out.append(Text(lines[i]))
+            i += 1
+    return out
+
+
+def print_summary(markdown: str) -> None:
+    """The summary table at the end of ``run`` and ``compare``: rich tables in a terminal; the markdown itself when
+    stdout is a pipe or a file (what scripts read, as summary.md and comparison.md hold it)."""
+    if not sys.stdout.isatty():
+        print(markdown)
+        return
+    from rich.console import Console
+
+    console = Console()
+    for item in rich_tables(markdown):
+        console.print(item)
+
+
 def _work(cfg, prog: _Progress):
     return prog.work if cfg.task == "causal-lm" else None
 
@@ -157,13 +196,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from fedlora.app.experiment import resume_config
 
         given = _given(args)
-        if any(k != "rounds" for k in given) or args.config:
-            raise ValueError("--resume takes its settings from the run directory; pass only --rounds (to extend the run) with it")
-        cfg = resume_config(args.resume, **({"rounds": args.rounds} if args.rounds else {}))
+        if any(k not in ("rounds", "track", "mlflow_uri") for k in given) or args.config:
+            raise ValueError("--resume takes its settings from the run directory; pass only --rounds (to extend the run) "
+                             "and --track (trackers to go on or start logging to) with it")
+        cfg = resume_config(args.resume, **given)
         args.resume_hint = f"fedlora run --resume {cfg.out}"
         with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter} (resumed)", args.quiet) as prog:
             exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog), resume=True)
-        print(markdown_table([final_row(cfg.method, history, sum(h["wall_seconds"] for h in history))]))
+        print_summary(markdown_table([final_row(cfg.method, history, sum(h["wall_seconds"] for h in history))]))
         print(f"run directory: {cfg.out}")
         return 0
     cfg = _config_from(args)
@@ -174,7 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with _Progress(_steps(cfg), f"{cfg.method} · {cfg.adapter}", args.quiet) as prog:
         exp, history = run_experiment(cfg, on_client=prog.client, on_round=prog.round, on_progress=_work(cfg, prog))
-    print(markdown_table([final_row(cfg.method, history, time.perf_counter() - t0)]))
+    print_summary(markdown_table([final_row(cfg.method, history, time.perf_counter() - t0)]))
     print(f"run directory: {cfg.out}")
     return 0
 
@@ -194,7 +234,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return _Progress(_steps(cfg), f"{label} · {cfg.adapter}", args.quiet)
 
     result = compare(base, methods, seeds=seeds, reference=args.reference, out=out, watch=watch)
-    print(result.table)
+    print_summary(result.table)
     print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png)")
     return 0
 
@@ -224,6 +264,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.device and p.synthetic is not None:
         p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, base=p.synthetic.base.replace(device=args.device)))
     runs = study.plan(p, methods=methods, parts=parts)
+    if args.track or args.mlflow_uri:
+        runs = [dataclasses.replace(r, config=r.config.replace(track=args.track or "", mlflow_uri=args.mlflow_uri or "")) for r in runs]
     for r in runs:  # every bad setting is reported before the first run trains
         r.config.validate()
     runs_dir = Path(args.runs)
@@ -232,34 +274,47 @@ def cmd_study(args: argparse.Namespace) -> int:
     study.check_runs_dir(runs, runs_dir)
     if args.report_only:
         histories = study.load_histories(runs, runs_dir)
+        path = study.write_report(p, runs, histories, report, command=command, parts=parts, methods=methods)
     else:
-        todo = [r for r in runs if study.finished_history(runs_dir / r.name, r.config) is None]
-        print(f"study: {len(runs)} runs ({len(runs) - len(todo)} already finished) in {runs_dir}", file=sys.stderr)
-        state: dict = {}
-
-        def start(i: int, run) -> None:
-            if state.get("prog"):
-                state["prog"].__exit__(None, None, None)
-            state["prog"] = _Progress(_steps(run.config), f"[{i + 1}/{len(runs)}] {run.name}", args.quiet)
-
-        def client(rnd, cid):
-            state["prog"].client(rnd, cid)
-
-        def round_(m):
-            state["prog"].round(m)
-
-        try:
-            histories = study.execute(runs, runs_dir, on_start=start, on_client=client, on_round=round_)
-        finally:
-            if state.get("prog"):
-                state["prog"].__exit__(None, None, None)
-    path = study.write_report(p, runs, histories, report, command=command, parts=parts, methods=methods)
+        path, histories = _study_runs(args, p, runs, runs_dir, report, command, parts, methods)
     print(f"report: {path} (figures in {path.parent / path.stem})")
     if args.readme:
         readme = Path(args.readme)
         readme.write_text(study.replace_readme_table(readme.read_text(), study.readme_table(p, runs, histories, command=command, methods=methods)))
         print(f"comparison table written into {readme}")
     return 0
+
+
+def _study_runs(args, p, runs, runs_dir: Path, report: Path, command: str, parts, methods) -> tuple[Path, dict]:
+    """The study's missing runs (one tracker group with ``--track``), then its report: (the report's path, histories)."""
+    from fedlora.app import study
+    from fedlora.app.tracking import Group
+
+    todo = [r for r in runs if study.finished_history(runs_dir / r.name, r.config) is None]
+    print(f"study: {len(runs)} runs ({len(runs) - len(todo)} already finished) in {runs_dir}", file=sys.stderr)
+    state: dict = {}
+
+    def start(i: int, run) -> None:
+        if state.get("prog"):
+            state["prog"].__exit__(None, None, None)
+        state["prog"] = _Progress(_steps(run.config), f"[{i + 1}/{len(runs)}] {run.name}", args.quiet)
+
+    def client(rnd, cid):
+        state["prog"].client(rnd, cid)
+
+    def round_(m):
+        state["prog"].round(m)
+
+    params = {"preset": args.preset, "parts": ",".join(parts), "methods": ",".join(methods), "runs": str(runs_dir)}
+    with Group(args.track or "", runs_dir, mlflow_uri=args.mlflow_uri or "", kind="study", params=params) as group:
+        try:
+            histories = study.execute(runs, runs_dir, on_start=start, on_client=client, on_round=round_, group=group)
+        finally:
+            if state.get("prog"):
+                state["prog"].__exit__(None, None, None)
+        path = study.write_report(p, runs, histories, report, command=command, parts=parts, methods=methods)
+        group.finish([path, *sorted((path.parent / path.stem).glob("*.png"))])
+    return path, histories
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -343,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--report", default=None, help="markdown report to write; figures go next to it (default RUNS/results.md)")
     st.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished runs")
     st.add_argument("--readme", default=None, metavar="FILE", help="also write the comparison's accuracy table between the study-table markers of FILE")
+    st.add_argument("--track", default=None, help="experiment trackers for every run, comma-separated: tensorboard, mlflow, wandb "
+                    "(one MLflow parent run and W&B group for the study; pip install 'fedlora[track]')")
+    st.add_argument("--mlflow-uri", default=None, help="MLflow tracking store (default: mlflow.db in --runs)")
     st.add_argument("--quiet", action="store_true", help="no progress display")
     st.set_defaults(func=cmd_study)
     ex = sub.add_parser("export-private", help="a Flower run's private client state (FedSA's B, heads) from a SuperNode's state-dir into RUN/private/")

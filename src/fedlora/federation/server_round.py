@@ -120,11 +120,21 @@ def aggregate_step(h: AdapterHandle, method: Method, step: RoundInputs, current:
     return update, measures
 
 
-def local_scores(accepted: list[ClientResult]) -> dict[str, float]:
-    """The accepted clients' mean training loss and their example-weighted accuracy on their own test shards."""
+def _number(x: float) -> float | None:
+    """A finite score as a float, else None (strict JSON in metrics.jsonl holds no NaN)."""
+    return float(x) if math.isfinite(x) else None
+
+
+def local_scores(accepted: list[ClientResult]) -> dict[str, float | dict]:
+    """The accepted clients' mean training loss and their example-weighted accuracy on their own test shards, and
+    each one's own (``client_metrics``: client id → local accuracy, None without local test examples, training loss,
+    train and test examples), which trackers log under the client's name."""
     n_local = sum(r.n_test for r in accepted)
+    own = {r.cid: {"local_accuracy": _number(r.local_accuracy) if r.n_test else None, "train_loss": _number(r.train_loss),
+                   "train_examples": r.n_train, "test_examples": r.n_test} for r in accepted}
     return {"train_loss": sum(r.train_loss for r in accepted) / len(accepted) if accepted else math.nan,
-            "local_accuracy": sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan}
+            "local_accuracy": sum(r.local_accuracy * r.n_test for r in accepted if r.n_test) / n_local if n_local else math.nan,
+            "client_metrics": own}
 
 
 def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: Callable[[int], Tensors], max_norm_ratio: float,
