@@ -126,6 +126,20 @@ def test_mlflow_store_holds_settings_every_round_and_the_files(tracked):
 
 
 @needs_trackers
+@pytest.mark.slow
+def test_eval_of_a_tracked_run_logs_to_its_mlflow_run(small_csv, tmp_path, one_thread):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--data", str(small_csv), "--method", "fedit", "--out", str(out), "--track", "mlflow"]) == 0
+    assert main(["eval", str(out)]) == 0
+    [entry] = json.loads((out / "eval.json").read_text())
+    client = mlflow_client(out)
+    (run,) = client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])  # the run's own, reopened
+    logged = client.get_metric_history(run.info.run_id, "eval/global/global_accuracy")
+    assert [(m.step, m.value) for m in logged] == [(2, pytest.approx(entry["results"]["global_accuracy"]))]
+    assert "eval.json" in {f.path for f in client.list_artifacts(run.info.run_id)}
+
+
+@needs_trackers
 def test_tensorboard_events_hold_every_round(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

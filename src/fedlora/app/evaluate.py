@@ -44,12 +44,16 @@ def evaluate_run(run_dir: str | Path, *, client: int | None = None, data: str | 
              "recorded_global_accuracy": sim.history[-1].get("global_accuracy") if sim.history else None,
              "results": results, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     append_result(run_dir, entry)
+    if cfg.track:
+        from fedlora.app.tracking import log_eval
+
+        log_eval(cfg, run_dir, entry, "global" if client is None else f"client_{client}")
     return entry
 
 
 def append_result(run_dir: Path, entry: dict) -> Path:
     """Add ``entry`` to ``run_dir/eval.json`` (a list; a file that is not one is kept aside as ``eval.json.bak``).
-    The one place an evaluation's result leaves this module (where a run's trackers would be told too)."""
+    The run's trackers are told by :func:`evaluate_run` (:func:`fedlora.app.tracking.log_eval`)."""
     path = Path(run_dir) / EVAL_FILE
     entries: list = []
     if path.exists():

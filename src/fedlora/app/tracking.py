@@ -385,6 +385,19 @@ def log_finished(config, path: Path, history: list[dict], group: Group | None = 
     trackers.finish()
 
 
+def log_eval(config, path: Path, entry: dict, label: str = "global") -> None:
+    """A ``fedlora eval`` result (an ``eval.json`` entry) logged to the run's trackers (those ``config.track`` names),
+    reopened where the run left them: its numbers as ``eval/<label>/<name>`` (``label``: ``global`` or
+    ``client_N``) at the run's last round, and ``eval.json`` as an artifact. Nothing when the run tracked nothing."""
+    names = tracker_names(config.track)
+    if not names:
+        return
+    trackers = Trackers(names, run_info(config, path, resume=True))
+    trackers.log_round({"round": entry.get("round", 0)} | {f"eval/{label}/{k}": v for k, v in scalars(entry.get("results", {})).items()})
+    trackers.log_artifacts([p for p in (Path(path) / "eval.json",) if p.is_file()])
+    trackers.finish()
+
+
 class Group:
     """A comparison or study: one parent (MLflow parent run, W&B group with a run of its own for the comparison's
     files, a TensorBoard directory for its text and figures) whose runs are its children. ``with`` it around the runs;
