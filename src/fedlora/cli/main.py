@@ -193,9 +193,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def watch(label, cfg):
         return _Progress(_steps(cfg), f"{label} · {cfg.adapter}", args.quiet)
 
-    result = compare(base, methods, seeds=seeds, reference=args.reference, out=out, watch=watch)
+    result = compare(base, methods, seeds=seeds, reference=args.reference, out=out, watch=watch, target_accuracy=args.target_accuracy)
     print(result.table)
-    print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png)")
+    timed = ", accuracy_time.png" if (out / "accuracy_time.png").exists() else ""
+    print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png{timed})")
     return 0
 
 
@@ -301,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "95%% intervals and paired differences to --reference (default: --seed alone)")
     cmp_.add_argument("--reference", default=None, help="the method paired differences are taken against, one of --methods "
                       "(default fedit when it is compared)")
+    cmp_.add_argument("--target-accuracy", type=float, default=None, metavar="X",
+                      help="report time-to-target (simulated seconds, with --devices) and bytes-to-target of global accuracy X "
+                           "(default: 0.9 x central's final accuracy when central is compared); docs/systems.md")
     cmp_.set_defaults(func=cmd_compare)
     me = sub.add_parser("methods", help="the registered methods with their rules, bytes, traits and adapters (markdown)")
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")

@@ -115,6 +115,10 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
     why = method_in_process_only(config)
     if why:
         raise ValueError(f"method {config.method} runs in-process only ({why}); run it with `fedlora run --method {config.method}`")
+    systems = systems_in_process_only(config)
+    if systems:
+        raise ValueError(f"{systems} model(s) simulated time, which the in-process simulator runs (docs/systems.md); on Flower "
+                         "a deployment's time is real (use round-timeout): drop them from the run config, or run `fedlora run`")
     run_dir = RunDir(Path(config.out).resolve()).prepare()
     with run_dir.hold():
         checkpoint = run_dir.start(config, resume=resume, new_run_hint="pass a new out, e.g. --run-config \"out='{out}-2'\", "
@@ -167,6 +171,14 @@ def quick_poll(grid: Grid) -> Grid:
 def method_in_process_only(config: RunConfig) -> str | None:
     """Why the settings' method cannot run on Flower (``central``, ``local``), or None; known before any loading."""
     return config.method_object().in_process_only
+
+
+def systems_in_process_only(config: RunConfig) -> str:
+    """The systems settings given (devices, availability, deadline, over-select), which only the simulator runs in
+    this version; "" when none is."""
+    given = [name for name, on in (("devices", config.devices), ("availability", config.availability),
+                                   ("deadline", config.deadline is not None), ("over-select", config.over_select > 1)) if on]
+    return ", ".join(given)
 
 
 def _rounds(grid: Grid, config: RunConfig, run_dir: RunDir, checkpoint, round_timeout: float) -> list[dict]:
