@@ -31,7 +31,6 @@ from fedlora.federation.privacy import PrivacyConfig, dp_sgd_steps, example_rate
 from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors, linear_methods
 from fedlora.federation.screening import Rejection
 from fedlora.federation.server_opt import ServerOptConfig, ServerOptimizer
-from fedlora.federation.systems import Instant
 from fedlora.federation.server_round import (
     ClientResult,
     Measures,
@@ -49,6 +48,7 @@ from fedlora.federation.server_round import (
     secure_inputs,
     similarity_metrics,
 )
+from fedlora.federation.systems import Instant
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit, seed_torch
 from fedlora.federation.traffic import RoundBytes, Traffic, nbytes
 
