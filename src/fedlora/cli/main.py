@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -133,6 +134,8 @@ class _Progress:
                 f"{m['wall_seconds']:.1f}s")
         if "global_loss" in m:
             line += f"  loss {m['global_loss']:.3f} (floor {m['bayes_loss']:.3f})"
+        if "sim_clock" in m:
+            line += f"  sim {m['sim_seconds']:.1f}s (clock {m['sim_clock']:.1f}s, {m['n_dropped']} dropped)"
         if "epsilon" in m:
             eps = "none (no noise)" if m["epsilon"] is None else f"{m['epsilon']:.3g}"
             line += f"  ε {eps} (δ {m['delta']:.0e})"
@@ -146,7 +149,7 @@ def _work(cfg, prog: _Progress):
 
 def _steps(cfg) -> int:
     per_round = max(1, int(round(cfg.fraction * cfg.clients)))
-    return per_round * cfg.rounds
+    return min(cfg.clients, math.ceil(cfg.over_select * per_round - 1e-9)) * cfg.rounds  # over-selected clients train too
 
 
 def cmd_run(args: argparse.Namespace) -> int:

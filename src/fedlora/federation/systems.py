@@ -167,14 +167,18 @@ class Systems(Instant):
             raise ValueError(f"{len(self.config.profiles)} device profiles for {len(sim.clients)} clients; give every client one")
 
     def select(self, rnd: int) -> list[int]:
-        """The round's sample, over-selected: the first ceil(F·m) of the seeded order (a superset of the plain
-        sample); clients offline at the round's start are dropped now, untrained."""
-        from fedlora.federation.simulator import sample_clients
+        """The round's sample (the plain run's), or over-selected: the first ceil(F·m) of the same seeded order, a
+        superset of the plain sample; clients offline at the round's start are dropped now, untrained."""
+        from fedlora.federation.simulator import sample_clients, sample_round
 
         sim, cfg = self.sim, self.config
-        m = max(1, int(round(sim.config.fraction * len(sim.clients))))
-        count = min(len(sim.clients), math.ceil(cfg.over_select * m - 1e-9))
-        selected = sample_clients(len(sim.clients), sim.config.fraction, sim.config.seed, rnd, count=count)
+        if cfg.over_select > 1:  # (refused under client-level DP, whose Poisson sample stays the plain run's)
+            m = max(1, int(round(sim.config.fraction * len(sim.clients))))
+            count = min(len(sim.clients), math.ceil(cfg.over_select * m - 1e-9))
+            selected = sample_clients(len(sim.clients), sim.config.fraction, sim.config.seed, rnd, count=count)
+        else:
+            selected = sample_round(len(sim.clients), sim.config, rnd)
+            m = len(selected)
         offline = [cid for cid in selected if not cfg.availability.online(cid, rnd, self.clock)]
         self._round = {"selected": selected, "target": m, "drops": [Drop(cid, "offline", 0.0, 0, 0) for cid in offline],
                        "setup": self._setup_seconds()}
