@@ -305,7 +305,7 @@ def test_reach_and_the_target_table():
     table = target_table(histories, 0.6, "--target-accuracy")
     assert "| fedit | 2/3 | 1.5 ± 6.4 | 15.0 ± 63.5 | 2.250 ± 9.530 |" in table
     assert "| ffa | never (0/3) | — | — | — |" in table
-    assert "— (no --devices)" in target_table({"fedit": [run([0.9], clock=False)]}, 0.5, "x")
+    assert "— (no clock)" in target_table({"fedit": [run([0.9], clock=False)]}, 0.5, "x")
 
 
 def test_compare_reports_time_to_target_and_plots_accuracy_against_time(small_csv, tmp_path, one_thread):
@@ -317,3 +317,14 @@ def test_compare_reports_time_to_target_and_plots_accuracy_against_time(small_cs
     assert "## Time to target" in text and "0.9 × central's final global accuracy" in text
     assert (tmp_path / "cmp" / "accuracy_time.png").stat().st_size > 0
     assert "| central | 1/1 |" in result.table  # central reaches 0.9 × its own final accuracy
+
+
+def test_dropout_drops_at_its_rate_somewhere_inside_the_round():
+    from fedlora.federation.systems import Dropout
+
+    work = ClientWork(0, 0, 10, 0, 0.0, 4.0, 0.0)
+    stops = [Dropout(0.2, seed=0).stop(cid, rnd, 0.0, work) for rnd in range(1, 101) for cid in range(100)]
+    hit = [s for s in stops if s is not None]
+    assert 0.18 < len(hit) / len(stops) < 0.22
+    assert all(0.0 <= t < 4.0 and why == "dropout" for t, why in hit)
+    assert stops == [Dropout(0.2, seed=0).stop(cid, rnd, 0.0, work) for rnd in range(1, 101) for cid in range(100)]

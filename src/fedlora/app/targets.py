@@ -56,7 +56,7 @@ def target_table(histories: dict[str, list[list[dict]]], target: float, how: str
             lines.append(f"| {method} | never (0/{len(runs)}) | — | — | — |")
             continue
         secs = [r["sim_seconds"] for r in hits]
-        sim = "— (no --devices)" if any(s is None for s in secs) else _pm(secs, 1)
+        sim = "— (no clock)" if any(s is None for s in secs) else _pm(secs, 1)
         lines.append(f"| {method} | {len(hits)}/{len(runs)} | {_pm([r['round'] for r in hits], 1)} | {sim} | {_pm([r['mb'] for r in hits], 3)} |")
     return "\n".join(lines) + "\n"
 
