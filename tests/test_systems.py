@@ -273,6 +273,7 @@ def test_bad_systems_input_is_one_line_before_any_training(small_csv, tmp_path, 
         (["--availability", "dropout:-0.1"], "dropout probability must lie in [0, 1)"),
         (["--deadline", "30"], "need simulated time; add --devices default"),
         (["--devices", "default", "--availability", "weekly"], "neither dropout:P, diurnal nor an existing file"),
+        (["--dp", "client", "--over-select", "1.5"], "would change the sampling rate the accountant assumes"),
     ]
     for flags, needle in cases:
         assert needle in refused(capsys, run + flags), flags
