@@ -271,7 +271,8 @@ def test_bad_systems_input_is_one_line_before_any_training(small_csv, tmp_path, 
         (["--over-select", "0.5"], "--over-select 0.5 is below 1"),
         (["--availability", "dropout:1"], "dropout probability must lie in [0, 1)"),
         (["--availability", "dropout:-0.1"], "dropout probability must lie in [0, 1)"),
-        (["--deadline", "30"], "need simulated time; add --devices default"),
+        (["--deadline", "30"], "--deadline counts simulated seconds in the simulator, which need device profiles"),
+        (["--availability", "diurnal"], "need simulated time; add --devices default"),
         (["--devices", "default", "--availability", "weekly"], "neither dropout:P, diurnal nor an existing file"),
         (["--dp", "client", "--over-select", "1.5"], "would change the sampling rate the accountant assumes"),
     ]
@@ -283,12 +284,25 @@ def test_bad_systems_input_is_one_line_before_any_training(small_csv, tmp_path, 
     assert not out.exists()
 
 
-def test_flower_refuses_simulated_time_in_one_line(small_csv, tmp_path):
+def test_flower_refuses_simulated_time_in_one_line_and_takes_the_deadline_as_the_round_timeout(small_csv, tmp_path, one_thread):
     from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid, assert_same_history
 
-    with pytest.raises(ValueError, match="devices, deadline model"):
-        run_federation(None, tiny_config(small_csv, method="fedit", devices="default", deadline=9.0, out=str(tmp_path / "f")))
+    with pytest.raises(ValueError, match="devices, over-select model"):
+        run_federation(None, tiny_config(small_csv, method="fedit", devices="default", over_select=1.5, out=str(tmp_path / "f")))
     assert not (tmp_path / "f").exists()
+
+    class Timed(InlineGrid):
+        waits: list = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.waits.append(timeout)
+            return super().send_and_receive(messages, timeout=timeout)
+
+    cfg = tiny_config(small_csv, method="fedit", rounds=1, deadline=7.5)
+    history = run_federation(Timed(cfg), cfg.replace(out=str(tmp_path / "flower")))
+    assert Timed.waits == [7.5]  # the round waits the deadline (shorter than round-timeout's 1800 s), not more
+    assert_same_history(history, build(cfg.replace(deadline=None)).simulator.run())  # nobody was late: the plain round
 
 
 # -- compare: time and bytes to target -----------------------------------------------------------------------------------

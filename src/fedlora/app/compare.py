@@ -61,8 +61,11 @@ def plan(base: RunConfig, methods: Sequence[str], seeds: Sequence[int] | None, o
     runs = [(m, s, base.replace(method=m, seed=s, method_options=options_of(m, base.method_options),
                                 out=str(out / m / f"seed-{s}" if paired else out / m)))
             for m in methods for s in (seeds if paired else [base.seed])]
+    from fedlora.app.systems import check_simulated
+
     for _, _, c in runs:
         c.validate()
+        check_simulated(c)
     check_run_configs([c for _, _, c in runs], "--out")
     first = {}
     for m, _, c in runs:

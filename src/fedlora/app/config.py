@@ -250,7 +250,8 @@ class SystemsSettings(Part):
                                "records sim_seconds and sim_clock; empty: no clock")
     availability: str = setting("", "dropout:P (each selected client drops out with probability P), diurnal (online overnight in its "
                                     "time zone) or a TOML/CSV file of per-client online windows; empty: always online")
-    deadline: float | None = setting(None, "simulated seconds a round waits for updates; later ones are dropped (needs --devices)",
+    deadline: float | None = setting(None, "simulated seconds a round waits for updates; later ones are dropped (needs --devices; on Flower: "
+                                           "the round timeout, in real seconds)",
                                      flower=0.0)
     over_select: float = setting(1.0, "select ceil(F x clients per round) and keep the first clients per round to finish")
 

@@ -24,6 +24,7 @@ from fedlora.app.rundir import (
     same_settings,
     save_checkpoint,
 )
+from fedlora.app.systems import check_simulated
 
 __all__ = [
     "CHECKPOINT", "Experiment", "RunConfig", "RunDir", "build", "check_resume", "load_checkpoint", "majority_rate", "metrics_line",
@@ -39,6 +40,7 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
     ``resume=True`` continues such a directory from its last completed round.
     """
     config.validate()
+    check_simulated(config)  # a simulated deadline needs a clock (on Flower --deadline is the round timeout)
     if config.secure_aggregation:
         raise ValueError("secure aggregation runs on Flower (SecAgg+ hides each upload from a server across a network); set "
                          "secure-aggregation = true in the Flower run config (docs/flower.md), or drop --secure-aggregation")

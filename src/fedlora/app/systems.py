@@ -206,17 +206,25 @@ def check(run) -> None:
         raise ValueError(f"--over-select {run.over_select} is below 1; pass 1 (no over-selection) or more, e.g. --over-select 1.3")
     if run.devices:
         device_set(run.devices)
-    timed = run.deadline is not None or run.availability == "diurnal" or (run.availability and ":" not in run.availability)
-    if timed and not run.devices:
-        raise ValueError("--deadline and availability traces (diurnal, a file) need simulated time; add --devices default (or a profiles file)")
+    if (run.availability == "diurnal" or (run.availability and ":" not in run.availability)) and not run.devices:
+        raise ValueError("availability traces (diurnal, a file) need simulated time; add --devices default (or a profiles file)")
     availability(run.availability, run.clients, run.seed)
     if run.over_select > 1 and run.dp == "client":
         raise ValueError("--over-select with --dp client would change the sampling rate the accountant assumes; drop one of the two")
 
 
+def check_simulated(run) -> None:
+    """What only the simulator refuses: a deadline in simulated seconds needs a clock (on Flower ``--deadline`` is the
+    round timeout in real seconds, and needs none)."""
+    if run.deadline is not None and not run.devices:
+        raise ValueError("--deadline counts simulated seconds in the simulator, which need device profiles; add --devices default "
+                         "(or a profiles file)")
+
+
 def systems_for(run, model, clients: int) -> Instant:
-    """The round's systems object: :class:`Instant` (today's federation) unless a systems setting is given."""
-    if not (run.devices or run.availability or run.deadline is not None or run.over_select > 1):
+    """The round's systems object: :class:`Instant` (today's federation) unless devices, availability or
+    over-selection is given (a deadline alone, without a clock, drops nobody: Flower's round timeout)."""
+    if not (run.devices or run.availability or run.over_select > 1):
         return Instant()
     devices = device_set(run.devices) if run.devices else None
     return Systems(SystemsConfig(

@@ -106,7 +106,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
     the same ``out`` is refused). After every round it gets ``checkpoint.safetensors`` (the simulator's, with the
     strategy's own state in it: which broadcasts each client has applied, the broadcasts still pending);
     ``resume=True`` continues the run in ``config.out`` from it. A round waits ``round_timeout`` seconds for its
-    replies; a SuperNode silent longer is left out of the round (recorded as rejected) and rejoins when it answers again."""
+    replies (or the run's ``deadline``, when shorter); a SuperNode silent longer is left out of the round (recorded as
+    rejected) and rejoins when it answers again."""
     config.validate()
     if not config.out:
         if resume:
@@ -118,7 +119,9 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
     systems = systems_in_process_only(config)
     if systems:
         raise ValueError(f"{systems} model(s) simulated time, which the in-process simulator runs (docs/systems.md); on Flower "
-                         "a deployment's time is real (use round-timeout): drop them from the run config, or run `fedlora run`")
+                         "a deployment's time is real (deadline is the round timeout): drop them from the run config, or run `fedlora run`")
+    if config.deadline is not None:  # on Flower the round's deadline is real: the round timeout, whichever is shorter
+        round_timeout = min(round_timeout, float(config.deadline))
     run_dir = RunDir(Path(config.out).resolve()).prepare()
     with run_dir.hold():
         checkpoint = run_dir.start(config, resume=resume, new_run_hint="pass a new out, e.g. --run-config \"out='{out}-2'\", "
@@ -174,10 +177,10 @@ def method_in_process_only(config: RunConfig) -> str | None:
 
 
 def systems_in_process_only(config: RunConfig) -> str:
-    """The systems settings given (devices, availability, deadline, over-select), which only the simulator runs in
-    this version; "" when none is."""
+    """The systems settings given that only the simulator runs in this version (devices, availability, over-select),
+    "" when none is. ``deadline`` runs here: as the round timeout."""
     given = [name for name, on in (("devices", config.devices), ("availability", config.availability),
-                                   ("deadline", config.deadline is not None), ("over-select", config.over_select > 1)) if on]
+                                   ("over-select", config.over_select > 1)) if on]
     return ", ".join(given)
 
 
