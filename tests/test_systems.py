@@ -114,6 +114,17 @@ def test_windows_and_the_diurnal_generator():
     assert diurnal(50, seed=3) == d and diurnal(50, seed=4) != d
 
 
+def test_trace_files_in_toml_and_csv_read_the_same(tmp_path):
+    from fedlora.app.systems import availability
+
+    toml, csv = tmp_path / "t.toml", tmp_path / "t.csv"
+    toml.write_text('period = 100.0\n[clients]\n"0" = [10, 20]\n"2" = [[0, 5], [50, 60]]\n')
+    csv.write_text("client,start,end\n0,10,20\n2,0,5\n2,50,60\n")
+    a, b = availability(str(toml), 3, 0), availability(str(csv), 3, 0)
+    assert a.windows == b.windows == {0: [(10.0, 20.0)], 2: [(0.0, 5.0), (50.0, 60.0)]}
+    assert a.period == 100.0 and b.period is None and a.online(2, 1, 155.0) and not b.online(2, 1, 155.0)
+
+
 def test_default_profiles_load_with_their_sources_and_clients_draw_them_from_the_seed():
     from fedlora.app.systems import client_profiles, default_devices
 

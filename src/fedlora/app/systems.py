@@ -172,7 +172,7 @@ def _windows(path: str, clients: int) -> Windows:
         table = raw.get("clients")
         if not isinstance(table, dict):
             raise ValueError(f"{where} has no [clients] table; give \"CID\" = [[start, end], …] per client (seconds)")
-        rows = [(k, w) for k, ws in table.items() for w in (ws if isinstance(ws, list) else [ws])]
+        rows = [(k, w) for k, ws in table.items() for w in (ws if isinstance(ws, list) and ws and isinstance(ws[0], list) else [ws])]
     windows: dict[int, list[tuple[float, float]]] = {}
     for key, window in rows:
         try:
