@@ -11,7 +11,9 @@ import torch
 
 from fedlora.adapters import AdapterHandle
 from fedlora.app.config import RunConfig
+from fedlora.app.systems import systems_for
 from fedlora.federation import FederationConfig, SimClient, Simulator
+from fedlora.federation.systems import Instant
 
 
 @dataclass
@@ -46,8 +48,10 @@ def build(config: RunConfig, *, on_client: Callable | None = None, on_round: Cal
                for cid, train, test in loaded.clients]
     clients, fcfg = reference_clients(method, clients, config.federation_config())
     extra = {} if loaded.task is None else {"task": loaded.task}
+    # the simulated clock, availability, deadline (app/systems.py); the pooled-data reference (central) has none
+    systems = Instant() if method.pooled else systems_for(config, peft_model, len(clients))
     sim = Simulator(peft_model, handle, method, clients, loaded.split(loaded.global_test), fcfg,
-                    on_client=on_client, on_round=on_round, **extra)
+                    on_client=on_client, on_round=on_round, systems=systems, **extra)
     return Experiment(config, sim, loaded.tokenizer, loaded.label_names, loaded.summary, loaded.reference, loaded.split)
 
 

@@ -63,8 +63,11 @@ def plan(base: RunConfig, methods: Sequence[str], seeds: Sequence[int] | None, o
     runs = [(m, s, base.replace(method=m, seed=s, method_options=options_of(m, base.method_options),
                                 out=str(out / m / f"seed-{s}" if paired else out / m)))
             for m in methods for s in (seeds if paired else [base.seed])]
+    from fedlora.app.systems import check_simulated
+
     for _, _, c in runs:
         c.validate()
+        check_simulated(c)
     check_run_configs([c for _, _, c in runs], "--out")
     first = {}
     for m, _, c in runs:
@@ -74,13 +77,18 @@ def plan(base: RunConfig, methods: Sequence[str], seeds: Sequence[int] | None, o
 
 
 def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[int] | None = None, reference: str | None = None,
-            out: str | Path | None = None, watch: Callable[[str, RunConfig], contextlib.AbstractContextManager] | None = None) -> Comparison:
+            out: str | Path | None = None, watch: Callable[[str, RunConfig], contextlib.AbstractContextManager] | None = None,
+            target_accuracy: float | None = None) -> Comparison:
     """Run each of ``methods`` with ``base``'s other settings and write ``comparison.md`` and its plots into ``out``.
 
     ``seeds``: paired seeds (the table then has intervals and paired differences to ``reference``); None: ``base.seed``
     alone. ``reference``: one of ``methods`` (another is refused in one line); None: fedit when it is compared, else
     no paired differences. ``watch(label, config)``: a context manager per run whose ``client``, ``round`` and ``work`` attributes (any
-    may be missing) receive the run's progress, as the CLI's progress bar does."""
+    may be missing) receive the run's progress, as the CLI's progress bar does. ``target_accuracy``: the accuracy whose
+    time and bytes to reach are reported (:mod:`fedlora.app.targets`; None: 0.9 × central's when central is compared)."""
+    from fedlora.app.targets import check_target
+
+    check_target(target_accuracy)
     methods = method_list(methods)
     out = Path(out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
     paired = seeds is not None
@@ -95,12 +103,13 @@ def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[in
     shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "out", "seed", "track", "mlflow_uri")}
     with Group(base.track, out, mlflow_uri=base.mlflow_uri, kind="comparison",
                params=shared | {"methods": ",".join(methods), "seeds": ",".join(map(str, seed_list))}) as group:
-        result = _run_all(runs, out, paired, seed_list, reference, majority, json.dumps(shared), watch, group)
+        result = _run_all(runs, out, paired, seed_list, reference, majority, json.dumps(shared), watch, group, target_accuracy)
         group.finish(artifacts(out))
     return result
 
 
-def _run_all(runs, out: Path, paired: bool, seed_list: list[int], reference, majority, settings: str, watch, group) -> Comparison:
+def _run_all(runs, out: Path, paired: bool, seed_list: list[int], reference, majority, settings: str, watch, group,
+             target_accuracy: float | None) -> Comparison:
     """Every run of the comparison in turn, ``comparison.md`` rewritten after each, then the plots."""
     from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
 
@@ -122,7 +131,26 @@ def _run_all(runs, out: Path, paired: bool, seed_list: list[int], reference, maj
     rates = [m for m in majority if m is not None]
     plot_comparison(result.histories if paired else {m: h[0] for m, h in result.histories.items()}, out,
                     majority=sum(rates) / len(rates) if rates else None)
+    _targets(result, target_accuracy)
     return result
+
+
+def _targets(result: Comparison, target: float | None) -> None:
+    """Time-to-target and bytes-to-target under the table (given a target, or central's to take it from), and the
+    accuracy-against-simulated-time plot when the runs have a clock."""
+    from fedlora.app.targets import default_target, plot_accuracy_time, target_table
+
+    how = "--target-accuracy"
+    if target is None:
+        target, how = default_target(result.histories), "0.9 × central's final global accuracy"
+    plot_accuracy_time(result.histories, result.out, target)
+    if target is None:
+        return
+    section = target_table(result.histories, target, how)
+    result.table += "\n" + section
+    path = result.out / "comparison.md"
+    head, sep, tail = path.read_text().partition("\nSettings: ")
+    path.write_text(head + "\n" + section + sep + tail)
 
 
 def _one_run(cfg: RunConfig, label: str, watch, group: Group | None = None) -> list[dict]:

@@ -249,6 +249,25 @@ class RuntimeSettings(Part):
                 raise ValueError(f"--device {self.device}: this machine has {n} CUDA device(s); pass cuda:0 … cuda:{n - 1}")
 
 
+@dataclass
+class SystemsSettings(Part):
+    """Clients that are slow, absent and late: a simulated clock, availability and deadlines (docs/systems.md)."""
+
+    devices: str = setting("", "simulated clock: default (the packaged device profiles) or a profiles TOML file; every round then "
+                               "records sim_seconds and sim_clock; empty: no clock")
+    availability: str = setting("", "dropout:P (each selected client drops out with probability P), diurnal (online overnight in its "
+                                    "time zone) or a TOML/CSV file of per-client online windows; empty: always online")
+    deadline: float | None = setting(None, "simulated seconds a round waits for updates; later ones are dropped (needs --devices; on Flower: "
+                                           "the round timeout, in real seconds)",
+                                     flower=0.0)
+    over_select: float = setting(1.0, "select ceil(F x clients per round) and keep the first clients per round to finish")
+
+    def check(self, run: RunConfig) -> None:
+        from fedlora.app.systems import check
+
+        check(run)
+
+
 # The parts in the order their checks run (and their flags are listed): a run's method before its privacy.
 PARTS: dict[str, type[Part]] = {
     "federation": FederationSettings,
@@ -256,6 +275,7 @@ PARTS: dict[str, type[Part]] = {
     "data": DataSettings,
     "task": TaskSettings,
     "privacy": PrivacySettings,
+    "systems": SystemsSettings,
     "runtime": RuntimeSettings,
 }
 # Settings whose default depends on the task kind: None ("not given") until read.

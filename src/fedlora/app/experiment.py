@@ -24,6 +24,7 @@ from fedlora.app.rundir import (
     same_settings,
     save_checkpoint,
 )
+from fedlora.app.systems import check_simulated
 
 __all__ = [
     "CHECKPOINT", "Experiment", "RunConfig", "RunDir", "build", "check_resume", "load_checkpoint", "majority_rate", "metrics_line",
@@ -40,6 +41,7 @@ def run_experiment(config: RunConfig, *, on_client: Callable | None = None, on_r
     completed round. ``group``: the comparison or study (:class:`fedlora.app.tracking.Group`) the run belongs to.
     """
     config.validate()
+    check_simulated(config)  # a simulated deadline needs a clock (on Flower --deadline is the round timeout)
     if config.secure_aggregation:
         raise ValueError("secure aggregation runs on Flower (SecAgg+ hides each upload from a server across a network); set "
                          "secure-aggregation = true in the Flower run config (docs/flower.md), or drop --secure-aggregation")

@@ -37,12 +37,13 @@ def final_row(method: str, history: list[dict], wall_seconds: float) -> dict:
         "mb_up": sum(h["bytes_up"] for h in history) / 1e6,
         "mb_down": sum(h["bytes_down"] for h in history) / 1e6,
         "wall_seconds": wall_seconds,
-        **{key: last[key] for key in ("global_loss", "loss_gap", "epsilon") if key in last},
+        **{key: last[key] for key in ("global_loss", "loss_gap", "epsilon", "sim_clock") if key in last},
     }
 
 
-# Columns shown only when a run records them: the synthetic task's loss and its gap to the Bayes floor, DP's ε.
-OPTIONAL = (("loss", "global_loss", 3), ("loss − floor", "loss_gap", 3), ("ε", "epsilon", 3))
+# Columns shown only when a run records them: the synthetic task's loss and its gap to the Bayes floor, DP's ε, the
+# simulated clock at the end (--devices).
+OPTIONAL = (("loss", "global_loss", 3), ("loss − floor", "loss_gap", 3), ("ε", "epsilon", 3), ("sim s", "sim_clock", 1))
 
 
 def optional_columns(rows: list[dict]) -> tuple:

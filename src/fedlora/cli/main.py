@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -133,6 +134,8 @@ class _Progress:
                 f"{m['wall_seconds']:.1f}s")
         if "global_loss" in m:
             line += f"  loss {m['global_loss']:.3f} (floor {m['bayes_loss']:.3f})"
+        if "sim_clock" in m:
+            line += f"  sim {m['sim_seconds']:.1f}s (clock {m['sim_clock']:.1f}s, {m['n_dropped']} dropped)"
         if "epsilon" in m:
             eps = "none (no noise)" if m["epsilon"] is None else f"{m['epsilon']:.3g}"
             line += f"  ε {eps} (δ {m['delta']:.0e})"
@@ -185,7 +188,7 @@ def _work(cfg, prog: _Progress):
 
 def _steps(cfg) -> int:
     per_round = max(1, int(round(cfg.fraction * cfg.clients)))
-    return per_round * cfg.rounds
+    return min(cfg.clients, math.ceil(cfg.over_select * per_round - 1e-9)) * cfg.rounds  # over-selected clients train too
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -233,9 +236,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def watch(label, cfg):
         return _Progress(_steps(cfg), f"{label} · {cfg.adapter}", args.quiet)
 
-    result = compare(base, methods, seeds=seeds, reference=args.reference, out=out, watch=watch)
+    result = compare(base, methods, seeds=seeds, reference=args.reference, out=out, watch=watch, target_accuracy=args.target_accuracy)
     print_summary(result.table)
-    print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png)")
+    timed = ", accuracy_time.png" if (out / "accuracy_time.png").exists() else ""
+    print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png{timed})")
     return 0
 
 
@@ -377,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "95%% intervals and paired differences to --reference (default: --seed alone)")
     cmp_.add_argument("--reference", default=None, help="the method paired differences are taken against, one of --methods "
                       "(default fedit when it is compared)")
+    cmp_.add_argument("--target-accuracy", type=float, default=None, metavar="X",
+                      help="report time-to-target (simulated seconds, with --devices) and bytes-to-target of global accuracy X "
+                           "(default: 0.9 x central's final accuracy when central is compared); docs/systems.md")
     cmp_.set_defaults(func=cmd_compare)
     me = sub.add_parser("methods", help="the registered methods with their rules, bytes, traits and adapters (markdown)")
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")

@@ -48,6 +48,7 @@ from fedlora.federation.server_round import (
     secure_inputs,
     similarity_metrics,
 )
+from fedlora.federation.systems import Instant
 from fedlora.federation.tasks import ClassificationTask, TokenizedSplit, seed_torch
 from fedlora.federation.traffic import RoundBytes, Traffic, nbytes
 
@@ -148,8 +149,10 @@ def round_seed(seed: int, rnd: int, cid: int = -1) -> int:
     return (seed * 1_000_003 + rnd * 10_007 + cid + 1) % (2**63 - 1)
 
 
-def sample_clients(n_clients: int, fraction: float, seed: int, rnd: int) -> list[int]:
-    m = max(1, int(round(fraction * n_clients)))
+def sample_clients(n_clients: int, fraction: float, seed: int, rnd: int, count: int | None = None) -> list[int]:
+    """The round's seeded sample of round(fraction·n) clients; ``count``: that many from the same seeded order instead
+    (over-selection: a superset of the plain sample)."""
+    m = max(1, int(round(fraction * n_clients))) if count is None else count
     order = torch.randperm(n_clients, generator=torch.Generator().manual_seed(round_seed(seed, rnd)))
     return sorted(order[:m].tolist())
 
@@ -274,6 +277,7 @@ class Simulator:
     on_client: Callable[[int, int], None] | None = None  # (round, cid) after each client trains
     on_round: Callable[[dict], None] | None = None
     turn: Callable[..., ClientResult] = client_turn  # one client's turn; swappable, e.g. to inject faulty clients
+    systems: Instant = field(default_factory=Instant)  # who is selected, who finishes, the round's time (systems.py)
 
     def __post_init__(self) -> None:
         if not self.clients:
@@ -298,6 +302,7 @@ class Simulator:
         self.history: list[dict] = []
         self.traffic = Traffic({p.cid: p.rank for p in self.peers})
         self.server_opt = ServerOptimizer(self.config.server_opt, self.method)  # refuses a method that declares none
+        self.systems.bind(self)
 
     @property
     def mixed(self) -> bool:
@@ -334,7 +339,8 @@ class Simulator:
         broadcast = method.setup_aggregate(h, [u for _, u, _ in results], weights, self.global_tensors,
                                            peers=[self.peers[cid] for cid, _, _ in results])
         first = round_seed(self.config.seed, 1)
-        self.traffic.record_setup([u for _, u, _ in results], [method.deliver(h, broadcast, p, seed=first) for p in self.peers])
+        self.traffic.record_setup([u for _, u, _ in results], [method.deliver(h, broadcast, p, seed=first) for p in self.peers],
+                                  [cid for cid, _, _ in results], [p.cid for p in self.peers])
         self._apply(ServerUpdate(broadcast=broadcast), round_seed(self.config.seed, 0), first)
         h.set(self.global_tensors)
         return broadcast
@@ -361,13 +367,13 @@ class Simulator:
         started = time.perf_counter()
         if self._setup_due():
             self.setup()
-        results, failed = self._turns(rnd)
-        return self.close_round(results, failed, rnd, started)[2]
+        results, failed = self._turns(rnd, self.systems.select(rnd))
+        return self.close_round(self.systems.finish(rnd, results), failed, rnd, started)[2]
 
-    def _turns(self, rnd: int) -> tuple[list[ClientResult], list[Rejection]]:
-        """The sampled clients' turns, in order; a client that raises is a rejection, not the end of the run."""
+    def _turns(self, rnd: int, selected: list[int]) -> tuple[list[ClientResult], list[Rejection]]:
+        """The selected clients' turns, in order; a client that raises is a rejection, not the end of the run."""
         results, failed = [], []
-        for cid in sample_round(len(self.clients), self.config, rnd):
+        for cid in selected:
             try:
                 start = self.held[cid] | self.private.get(cid, {})
                 results.append(self.turn(self.handle, self.method, self.task, self.clients[cid], start, self.config, rnd))
@@ -396,8 +402,9 @@ class Simulator:
             self._broadcast(update, accepted, rnd)
         else:
             log.warning("round %d: no client left after screening; round skipped, global model unchanged", rnd)
+        timed = self.systems.close(rnd, accepted, measures.seconds)  # before the ledger closes: round 0's bytes are still there
         sent = self.traffic.close()
-        metrics = self._metrics(rnd, accepted, rejected, step, measures, sent)
+        metrics = self._metrics(rnd, accepted, rejected, step, measures, sent) | timed
         return update, accepted, self._record(metrics, sent, started)
 
     def _screen(self, results: list[ClientResult], failed: list[Rejection], rnd: int, secure: SecureSum | None):
@@ -553,6 +560,7 @@ class Simulator:
         self.history = list(meta["history"])
         self.traffic.load(meta, len(self.history))
         self.privacy.load(meta)
+        self.systems.load(self.history)
 
     def _restore_tensors(self, tensors: Tensors) -> dict[int, Tensors]:
         """Put ``snapshot``'s tensors back (global, eval, private, folded base weights); returns the clients' own views."""

@@ -56,6 +56,7 @@ class Traffic:
     sent: dict[int, int] = field(default_factory=dict)
     broadcasts: dict[int, dict[int, int]] = field(default_factory=dict)
     setup: tuple[int, int] | None = None  # round 0's (up, down), waiting for round 1's row
+    setup_by: dict[int, tuple[int, int]] = field(default_factory=dict)  # round 0's (up, down) per client, for the clock
     _up: int = 0
     _down: int = 0
     _catch_up: int = 0
@@ -65,9 +66,16 @@ class Traffic:
         self.sent = self.sent or {cid: 0 for cid in self.ranks}
 
     # -- what moves -------------------------------------------------------------------------------------------------
-    def record_setup(self, uploads: list[Tensors], deliveries: list[Tensors]) -> None:
-        """Round 0: every client's upload and what each client received."""
+    def record_setup(self, uploads: list[Tensors], deliveries: list[Tensors], up_cids: list[int] | None = None,
+                     down_cids: list[int] | None = None) -> None:
+        """Round 0: every client's upload and what each client received (``up_cids``, ``down_cids``: whose, when known)."""
         self.setup = (sum(nbytes(u) for u in uploads), sum(nbytes(d) for d in deliveries))
+        by: dict[int, list[int]] = {}
+        for cid, u in zip(up_cids or [], uploads):
+            by.setdefault(cid, [0, 0])[0] += nbytes(u)
+        for cid, d in zip(down_cids or [], deliveries):
+            by.setdefault(cid, [0, 0])[1] += nbytes(d)
+        self.setup_by = {cid: (up, down) for cid, (up, down) in by.items()}
 
     def record_upload(self, cid: int, tensors: object) -> None:
         if countable(tensors):
@@ -90,11 +98,21 @@ class Traffic:
         for cid in cids:
             if cid not in self.sent:
                 continue
-            rank = self.ranks[cid]
-            self._catch_up += sum(self.broadcasts.get(r, {}).get(rank, 0) for r in range(self.sent[cid] + 1, rnd))
+            self._catch_up += self.pending(cid, rnd)
             self.sent[cid] = max(self.sent[cid], rnd - 1)
         oldest = min(self.sent.values(), default=rnd)
         self.broadcasts = {r: b for r, b in self.broadcasts.items() if r > oldest}
+
+    def pending(self, cid: int, rnd: int) -> int:
+        """The bytes client ``cid`` is sent with round ``rnd``'s train message: the broadcasts it has missed (nothing recorded)."""
+        if cid not in self.sent:
+            return 0
+        rank = self.ranks[cid]
+        return sum(self.broadcasts.get(r, {}).get(rank, 0) for r in range(self.sent[cid] + 1, rnd))
+
+    def broadcast_size(self, rnd: int, cid: int) -> int:
+        """Round ``rnd``'s broadcast as client ``cid`` receives it (0 before it is recorded)."""
+        return self.broadcasts.get(rnd, {}).get(self.ranks[cid], 0)
 
     def record_broadcast(self, rnd: int, delivered: dict[int, Tensors], receivers: list[int]) -> None:
         """Round ``rnd``'s broadcast as delivered at each client rank, sent now to ``receivers`` (the others are sent it

@@ -106,7 +106,8 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
     the same ``out`` is refused). After every round it gets ``checkpoint.safetensors`` (the simulator's, with the
     strategy's own state in it: which broadcasts each client has applied, the broadcasts still pending);
     ``resume=True`` continues the run in ``config.out`` from it. A round waits ``round_timeout`` seconds for its
-    replies; a SuperNode silent longer is left out of the round (recorded as rejected) and rejoins when it answers again."""
+    replies (or the run's ``deadline``, when shorter); a SuperNode silent longer is left out of the round (recorded as
+    rejected) and rejoins when it answers again."""
     config.validate()
     if not config.out:
         if resume:
@@ -115,6 +116,12 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
     why = method_in_process_only(config)
     if why:
         raise ValueError(f"method {config.method} runs in-process only ({why}); run it with `fedlora run --method {config.method}`")
+    systems = systems_in_process_only(config)
+    if systems:
+        raise ValueError(f"{systems} model(s) simulated time, which the in-process simulator runs (docs/systems.md); on Flower "
+                         "a deployment's time is real (deadline is the round timeout): drop them from the run config, or run `fedlora run`")
+    if config.deadline is not None:  # on Flower the round's deadline is real: the round timeout, whichever is shorter
+        round_timeout = min(round_timeout, float(config.deadline))
     run_dir = RunDir(Path(config.out).resolve()).prepare()
     with run_dir.hold():
         checkpoint = run_dir.start(config, resume=resume, new_run_hint="pass a new out, e.g. --run-config \"out='{out}-2'\", "
@@ -167,6 +174,14 @@ def quick_poll(grid: Grid) -> Grid:
 def method_in_process_only(config: RunConfig) -> str | None:
     """Why the settings' method cannot run on Flower (``central``, ``local``), or None; known before any loading."""
     return config.method_object().in_process_only
+
+
+def systems_in_process_only(config: RunConfig) -> str:
+    """The systems settings given that only the simulator runs in this version (devices, availability, over-select),
+    "" when none is. ``deadline`` runs here: as the round timeout."""
+    given = [name for name, on in (("devices", config.devices), ("availability", config.availability),
+                                   ("over-select", config.over_select > 1)) if on]
+    return ", ".join(given)
 
 
 def _rounds(grid: Grid, config: RunConfig, run_dir: RunDir, checkpoint, round_timeout: float) -> list[dict]:
