@@ -135,7 +135,7 @@ class _Progress:
             line += f"  loss {m['global_loss']:.3f} (floor {m['bayes_loss']:.3f})"
         if "epsilon" in m:
             eps = "none (no noise)" if m["epsilon"] is None else f"{m['epsilon']:.3g}"
-            line += f"  ε {eps} (δ {m['delta']:.0e})"
+            line += f"  ε {eps} (δ {m['delta']:.0e}{', cohort-simulated' if m.get('epsilon_kind') else ''})"
         if not self.quiet:
             self.progress.console.print(line)
 
