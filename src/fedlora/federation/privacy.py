@@ -550,8 +550,10 @@ def check_privacy(p: PrivacyConfig, method, adapter: str, mixed: bool, clients: 
     if p.cohort_simulated:
         clients = p.population
     if p.delta >= 1 / clients:
-        raise ValueError(f"--dp-delta {p.delta:g} is not below 1/{clients} (1/number of clients): a δ that large allows "
-                         f"releasing one client's data outright; pass e.g. --dp-delta {min(1e-5, 0.1 / clients):.0e}")
+        who = "1/--dp-population" if p.cohort_simulated else "1/number of clients"
+        suggestion = "1e-5" if clients < 10_000 else f"{0.1 / clients:.0e}"
+        raise ValueError(f"--dp-delta {p.delta:g} is not below 1/{clients} ({who}): a δ that large allows "
+                         f"releasing one client's data outright; pass e.g. --dp-delta {suggestion}")
 
 
 def _finite(epsilon: float) -> float | None:
