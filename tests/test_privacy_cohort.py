@@ -34,6 +34,26 @@ def _opacus_rdp(z: float, q: float, steps: int, delta: float) -> float:
     return acc.get_epsilon(delta)
 
 
+def test_our_clip_and_noise_std_are_flowers_fixed_clipping():
+    """Flower's fixed-clipping math on the same update: its compute_clip_model_update leaves start + the update scaled
+    to norm C (ours too), and its compute_stdv(z, C, m) is our noise std on the average."""
+    flwr_dp = pytest.importorskip("flwr.supercore.differential_privacy")
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(2)
+    start = {"a": torch.randn(6, 3, generator=gen, dtype=torch.float64), "b": torch.randn(4, generator=gen, dtype=torch.float64)}
+    upload = {k: v + 3 * torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in start.items()}
+    cfg = PrivacyConfig(mode="client", clip=0.9, noise=0.0)
+    ours, diag = privatise([upload], [start], cfg, expected=1.0, seed=0)
+    theirs = [upload[k].numpy().copy() for k in ("a", "b")]
+    flwr_dp.compute_clip_model_update(theirs, [start[k].numpy() for k in ("a", "b")], 0.9)
+    for k, t in zip(("a", "b"), theirs):
+        assert np.allclose(ours[0][k].numpy(), t, rtol=0, atol=1e-12)
+    assert diag["clipped"] == 1
+    z_cfg = PrivacyConfig(mode="client", clip=0.9, noise=1.2)
+    assert privatise([upload] * 3, [start] * 3, z_cfg, expected=3.0, seed=0)[1]["noise_std"] == pytest.approx(flwr_dp.compute_stdv(1.2, 0.9, 3), rel=1e-15)
+
+
 # ---- the noise cohort -----------------------------------------------------------------------------------------------
 
 

@@ -90,7 +90,8 @@ METHODS = ("fedit", "fedsa", "florana", "svd")  # the comparison: every method d
 # The report's section headings, in the order of the parts.
 HEADINGS = {"comparison": "## 1. Method comparison", "divergence": "## 2. Aggregation divergence",
             "similarity": "## 3. A/B similarity", "heterogeneity": "## 4. Accuracy vs heterogeneity", "scale": "## 5. Scale",
-            "synthetic": "## 6. The synthetic task", "privacy": "## 7. Privacy–utility"}
+            "synthetic": "## 6. The synthetic task", "privacy": "## 7. Privacy–utility",
+            "privacy-synthetic": "## 7b. FFA-LoRA's claim where DP-SGD learns"}
 
 
 def small_preset() -> study.Preset:
@@ -179,6 +180,32 @@ def test_study_privacy_part_runs_dp_sgd_per_noise_level_and_reads_ffa_claim(smal
     # the no-DP reference is the comparison's run; the part runs alone
     names = {r.name for r in plan(small_preset(), parts=("privacy",))}
     assert "iid/fedit/seed-0" in names and "privacy-none/fedit/seed-0" not in names and "privacy-none/fedsb/seed-0" in names
+
+
+def test_study_privacy_synthetic_part_reads_ffa_claim_from_paired_seeds(small_study):
+    """The part runs DP-SGD on the synthetic task per noise level, reuses the synthetic part's no-DP runs (Fed-SB: its
+    own, random init), and its verdict's loss difference is FedIT's DP cost − FFA's, per seed, from the metrics."""
+    from fedlora.app.study import _diff
+
+    text, runs = small_study.text, small_study.runs
+    cfg = json.loads((runs / "privacy-synthetic-z0.5" / "ffa" / "seed-1" / "config.json").read_text())
+    assert cfg["dp"] == "example" and cfg["dp_noise"] == 0.5 and cfg["model"] == "synthetic" and cfg["data"] == "synthetic:0,0"
+    fedsb = json.loads((runs / "privacy-synthetic-none" / "fedsb" / "seed-0" / "config.json").read_text())
+    assert fedsb["dp"] == "none" and fedsb["method_options"] == "fedsb-init=random"
+    names = {r.name for r in plan(small_preset(), parts=("privacy-synthetic",))}
+    assert {"synthetic-0,0/fedit/seed-0", "privacy-synthetic-z0.5/fedsb/seed-1"} <= names
+    assert "privacy-synthetic-none/fedit/seed-0" not in names
+
+    def loss(name):
+        return [f["global_loss"] for f in finals(runs, name)]
+
+    cost = {m: [dp - none for dp, none in zip(loss(f"privacy-synthetic-z0.5/{m}"), loss(f"synthetic-0,0/{m}"))] for m in ("fedit", "ffa")}
+    expected = _diff(cost["fedit"], cost["ffa"])[2]
+    verdict = next(line for line in text.splitlines() if line.startswith("- **FFA-LoRA's claim where DP-SGD learns"))
+    assert f"difference {expected}" in verdict
+    assert any(word in verdict for word in ("holds", "does not hold here", "not distinguishable"))
+    section = text[text.index("## 7b."):]
+    assert "| ffa | acc " in section and "ε per noise level" in section and "z = 0.5: " in section
 
 
 def test_report_sections_follow_the_order_of_the_parts(small_study, tmp_path):
