@@ -281,3 +281,22 @@ def test_study_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_ffa_claim_against_clip_only_reads_the_noises_cost_per_seed():
+    """With a clip-only level (z = 0) the claim's cost is loss(z) − loss(0) per seed: FedIT's − FFA's, paired."""
+    from fedlora.app.study import _diff, _ffa_cells
+
+    loss = {("fedit", None): [1.0, 1.1, 1.2], ("fedit", 0.0): [1.5, 1.5, 1.7], ("fedit", 4.0): [1.9, 2.0, 2.3],
+            ("ffa", None): [1.2, 1.2, 1.3], ("ffa", 0.0): [1.4, 1.6, 1.6], ("ffa", 4.0): [1.5, 1.8, 1.7]}
+
+    def at(m, z):
+        return {s: [{"global_loss": v}] for s, v in enumerate(loss[m, z])}
+
+    cells, holds, contrary, _ = _ffa_cells((0.0, 4.0), at, {}, "global_loss", -1, 0.0)
+    fedit = [a - b for a, b in zip(loss["fedit", 4.0], loss["fedit", 0.0])]  # 0.4, 0.5, 0.6
+    ffa = [a - b for a, b in zip(loss["ffa", 4.0], loss["ffa", 0.0])]  # 0.1, 0.2, 0.1
+    assert len(cells) == 1 and cells[0].startswith("z = 4 (3 seeds)") and f"difference {_diff(fedit, ffa)[2]}" in cells[0]
+    assert (holds, contrary) == (1, 0)  # per-seed differences 0.3, 0.3, 0.5: the interval excludes 0
+    whole, _, _, _ = _ffa_cells((0.0, 4.0), at, {}, "global_loss", -1, None)  # against no DP: both levels
+    assert [c[:5] for c in whole] == ["z = 0", "z = 4"]

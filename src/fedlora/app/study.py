@@ -1035,7 +1035,8 @@ def _similarity_reading(ctx: ReportContext, stats: dict[str, dict[int, dict]]) -
 
 
 def _heterogeneity(ctx: ReportContext) -> str:
-    order = sorted({r.label for r in ctx.runs if r.method in HETEROGENEITY_METHODS and not r.label.startswith(("N=", "synthetic:", "privacy:", "privacy-synthetic:"))},
+    other = ("N=", "synthetic:", "privacy:", "privacy-synthetic:")  # the other parts' labels
+    order = sorted({r.label for r in ctx.runs if r.method in HETEROGENEITY_METHODS and not r.label.startswith(other)},
                    key=lambda l: float("inf") if l == "IID" else float(l.removeprefix("α=")))
     by_m = {m: {l: ctx.seeded(m, l) for l in order if ctx.seeded(m, l)} for m in HETEROGENEITY_METHODS}
     by_m = {m: v for m, v in by_m.items() if v}
@@ -1271,18 +1272,21 @@ def _privacy_utility_reading(ctx: ReportContext, ms: list[str], t: _PrivacyTable
 
 
 def _ffa_cells(noises, at: Callable[[str, float | None], dict[int, list[dict]]], floor: dict[float, set[str]], key: str,
-               sign: int) -> tuple[list[str], int, int, int]:
-    """FFA-LoRA's claim at each noise level, per seed: what DP costs FedIT and FFA in ``key`` (cost = sign·(no DP − DP):
-    sign +1 for accuracy lost, −1 for loss gained), and FedIT's cost − FFA's with its paired interval (positive
-    supports the claim). ``at(method, z)``: seed → history (z None: without DP). Returns (cells, levels where the
-    claim holds, levels where the contrary holds, levels where FedIT or FFA did not learn under DP)."""
+               sign: int, ref: float | None = None) -> tuple[list[str], int, int, int]:
+    """FFA-LoRA's claim at each noise level, per seed: what DP costs FedIT and FFA in ``key`` against the ``ref``
+    level (None: without DP; 0: DP-SGD's clipping without noise, so the cost is the noise's alone), cost =
+    sign·(ref − DP): sign +1 for accuracy lost, −1 for loss gained; and FedIT's cost − FFA's with its paired interval
+    (positive supports the claim). ``at(method, z)``: seed → history. Returns (cells, levels where the claim holds,
+    levels where the contrary holds, levels where FedIT or FFA did not learn under DP)."""
     cells, holds, contrary, floored = [], 0, 0, 0
     for z in noises:
-        runs = {(m, zz): at(m, zz) for m in ("fedit", "ffa") for zz in (None, z)}
+        if z == ref:
+            continue
+        runs = {(m, zz): at(m, zz) for m in ("fedit", "ffa") for zz in (ref, z)}
         seeds = sorted(set.intersection(*(set(v) for v in runs.values())))
         if not seeds:
             continue
-        cost = {m: [sign * (runs[m, None][s][-1][key] - runs[m, z][s][-1][key]) for s in seeds] for m in ("fedit", "ffa")}
+        cost = {m: [sign * (runs[m, ref][s][-1][key] - runs[m, z][s][-1][key]) for s in seeds] for m in ("fedit", "ffa")}
         d, _, text = _diff(cost["fedit"], cost["ffa"])
         holds += _distinct(text) and d > 0
         contrary += _distinct(text) and d < 0
@@ -1367,19 +1371,26 @@ def _privacy_synthetic(ctx: ReportContext) -> str:
 
 
 def _psyn_reading(ctx: ReportContext, floor: dict[float, set[str]], L: list[str]) -> None:
-    """The verdict on FFA-LoRA's claim from the loss DP adds (primary) and the accuracy it takes (secondary)."""
+    """The verdict on FFA-LoRA's claim from the loss DP adds (primary: continuous, no majority-class floor) and the
+    accuracy it takes. With a clip-only level (z = 0) in the plan the primary reading is against it: DP-SGD's
+    clipping alone also costs each method, differently, and the claim is about the noise."""
     at = lambda m, z: _psyn_level(ctx, m, z)  # noqa: E731
     noises = ctx.p.privacy_synthetic.noises
-    loss_cells, holds, contrary, _ = _ffa_cells(noises, at, {}, "global_loss", -1)
-    acc_cells, acc_holds, acc_contrary, floored = _ffa_cells(noises, at, floor, "global_accuracy", 1)
+    ref = 0.0 if 0.0 in noises else None
+    against = "DP-SGD's clipping alone (z = 0)" if ref == 0.0 else "no DP"
+    loss_cells, holds, contrary, _ = _ffa_cells(noises, at, {}, "global_loss", -1, ref)
+    acc_cells, acc_holds, acc_contrary, floored = _ffa_cells(noises, at, floor, "global_accuracy", 1, ref)
     if not loss_cells:
         return
     word = _ffa_word(len(loss_cells), holds, contrary)
-    L += [f"FFA-LoRA's claim (noise on both factors costs more than on B alone): **{word}** on the loss.", "",
-          "Loss added by DP (per seed; difference = FedIT's − FFA's, positive supports the claim): " + "; ".join(loss_cells) + ".", "",
-          "Accuracy lost to DP: " + "; ".join(acc_cells) + ".", ""]
+    L += [f"FFA-LoRA's claim (noise on both factors costs more than on B alone), read against {against}: **{word}** on the loss.", "",
+          f"Loss added by the noise (per seed, against {against}; difference = FedIT's − FFA's, positive supports the claim): "
+          + "; ".join(loss_cells) + ".", "", "Accuracy lost: " + "; ".join(acc_cells) + ".", ""]
+    if ref is not None:
+        total, _, _, _ = _ffa_cells(noises, at, {}, "global_loss", -1, None)
+        L += ["Loss added by DP-SGD as a whole (clipping and noise, against no DP): " + "; ".join(total) + ".", ""]
     ctx.verdicts.append(
-        "- **FFA-LoRA's claim where DP-SGD learns (synthetic task)** — " + word + " on the loss DP adds ("
+        f"- **FFA-LoRA's claim where DP-SGD learns (synthetic task)** — {word} on the loss the noise adds (against {against}: "
         + "; ".join(loss_cells) + "); on accuracy " + _ffa_word(len(acc_cells), acc_holds, acc_contrary)
         + (f" ({floored} of {len(acc_cells)} levels with FedIT or FFA at the majority-class floor)" if floored else "") + ".")
 
