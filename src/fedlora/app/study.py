@@ -749,7 +749,7 @@ BASE_PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale"
 
 def _instruct_only(ctx: ReportContext) -> bool:
     """A report of the instruction-tuning track alone: its settings and seeds head the report."""
-    return ctx.p.instruct is not None and not any(part in ctx.parts for part in (*BASE_PARTS, "synthetic"))
+    return ctx.p.instruct is not None and not any(part in ctx.parts for part in (*BASE_PARTS, "synthetic", "privacy-synthetic"))
 
 
 def _preamble(ctx: ReportContext) -> str:
