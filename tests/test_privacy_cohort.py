@@ -3,6 +3,7 @@ Flower's and Opacus's accountants (docs/privacy.md)."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
@@ -171,10 +172,20 @@ def test_adaptive_clipping_run_moves_the_clip_and_resumes_it(small_csv, tmp_path
         assert h["dp_noise_std"] == pytest.approx(z_update * h["dp_clip_used"] / 3, rel=1e-12)
         assert h["epsilon"] == pytest.approx(epsilon_spent(0.2, 1.0, h["round"], 1e-5), rel=1e-12)
     resume_matches(cfg, tmp_path, ("dp_clip_used", "dp_clip", "dp_noise_std", "global_accuracy"), history)
+
+
+def test_cli_marks_a_cohort_simulated_epsilon(small_csv, tmp_path, capfd):
+    """The round line, metrics.jsonl and summary.md say the ε is the simulated cohort's, not the run's own."""
     out = tmp_path / "run"
     assert main(["run", "--model", "tiny:bert", "--data", str(small_csv), "--clients", "3", "--rounds", "1", "--method", "fedit",
-                 "--dp", "client", "--dp-noise", "0.2", "--dp-clip-quantile", "0.5", "--dp-clip-count-std", "1", "--out", str(out)]) == 0
-    assert "adaptive clip" in (out / "summary.md").read_text()
+                 "--dp", "client", "--dp-noise", "1", "--dp-noise-cohort", "100", "--dp-population", "10000", "--dp-delta", "1e-6",
+                 "--dp-clip-quantile", "0.5", "--out", str(out)]) == 0
+    printed = capfd.readouterr()
+    assert "cohort-simulated)" in printed.out + printed.err  # the round line: ε … (δ 1e-06, cohort-simulated)
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["epsilon_kind"] == "cohort-simulated" and row["dp_clip_count_std"] == 100 / 20
+    summary = (out / "summary.md").read_text()
+    assert "**ε is cohort-simulated**" in summary and "not a privacy guarantee for this run" in summary and "adaptive clip" in summary
 
 
 # ---- Flower's accountant ----------------------------------------------------------------------------------------------
