@@ -261,3 +261,18 @@ def test_flower_accountant_without_its_backend_is_one_line(small_csv, capsys, mo
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and 'pip install "flwr[dp]"' in err, err
+
+
+def test_cohort_and_adaptive_clipping_on_flower_equal_the_simulator(small_csv, tmp_path):
+    """The noise cohort and the adaptive clip live in the server half of the round both engines share."""
+    pytest.importorskip("flwr")
+    from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid, assert_same_history
+
+    cfg = tiny_config(small_csv, method="ffa", dp="client", dp_clip=2.0, dp_noise=1.0, fraction=0.67, rounds=3, dp_noise_cohort=100,
+                      dp_population=10_000, dp_delta=1e-6, dp_clip_quantile=0.5)
+    reference = build(cfg).simulator.run()
+    history = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "run")))
+    assert_same_history(history, reference)
+    for key in ("epsilon", "epsilon_kind", "dp_clip", "dp_clip_used", "dp_noise_std"):
+        assert [h[key] for h in history] == [h[key] for h in reference], key
