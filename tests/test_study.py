@@ -90,7 +90,8 @@ METHODS = ("fedit", "fedsa", "florana", "svd")  # the comparison: every method d
 # The report's section headings, in the order of the parts.
 HEADINGS = {"comparison": "## 1. Method comparison", "divergence": "## 2. Aggregation divergence",
             "similarity": "## 3. A/B similarity", "heterogeneity": "## 4. Accuracy vs heterogeneity", "scale": "## 5. Scale",
-            "synthetic": "## 6. The synthetic task", "privacy": "## 7. Privacy–utility"}
+            "synthetic": "## 6. The synthetic task", "privacy": "## 7. Privacy–utility",
+            "privacy-synthetic": "## 7b. FFA-LoRA's claim where DP-SGD learns"}
 
 
 def small_preset() -> study.Preset:
@@ -181,6 +182,38 @@ def test_study_privacy_part_runs_dp_sgd_per_noise_level_and_reads_ffa_claim(smal
     assert "iid/fedit/seed-0" in names and "privacy-none/fedit/seed-0" not in names and "privacy-none/fedsb/seed-0" in names
 
 
+def test_study_privacy_synthetic_part_reads_ffa_claim_from_paired_seeds(small_study):
+    """The part runs DP-SGD on the synthetic task per noise level, reuses the synthetic part's no-DP runs (Fed-SB: its
+    own, random init), and its verdict's loss difference is FedIT's DP cost − FFA's, per seed, from the metrics."""
+    from fedlora.app.study import _diff
+
+    text, runs = small_study.text, small_study.runs
+    cfg = json.loads((runs / "privacy-synthetic-z0.5" / "ffa" / "seed-1" / "config.json").read_text())
+    assert cfg["dp"] == "example" and cfg["dp_noise"] == 0.5 and cfg["model"] == "synthetic" and cfg["data"] == "synthetic:0,0"
+    fedsb = json.loads((runs / "privacy-synthetic-none" / "fedsb" / "seed-0" / "config.json").read_text())
+    assert fedsb["dp"] == "none" and fedsb["method_options"] == "fedsb-init=random"
+    names = {r.name for r in plan(small_preset(), parts=("privacy-synthetic",))}
+    assert {"synthetic-0,0/fedit/seed-0", "privacy-synthetic-z0.5/fedsb/seed-1"} <= names
+    assert "privacy-synthetic-none/fedit/seed-0" not in names
+
+    def loss(name):
+        return [f["global_loss"] for f in finals(runs, name)]
+
+    # the quick plan has a clip-only level (z = 0): the verdict reads the noise's cost against it, per seed
+    cost = {m: [dp - clip for dp, clip in zip(loss(f"privacy-synthetic-z0.5/{m}"), loss(f"privacy-synthetic-z0/{m}"))] for m in ("fedit", "ffa")}
+    expected = _diff(cost["fedit"], cost["ffa"])[2]
+    verdict = next(line for line in text.splitlines() if line.startswith("- **FFA-LoRA's claim where DP-SGD learns"))
+    assert "against DP-SGD's clipping alone (z = 0)" in verdict and f"difference {expected}" in verdict
+    # and the whole DP-SGD cost against no DP is in the section: the synthetic part's runs
+    whole = {m: [dp - none for dp, none in zip(loss(f"privacy-synthetic-z0.5/{m}"), loss(f"synthetic-0,0/{m}"))] for m in ("fedit", "ffa")}
+    assert f"difference {_diff(whole['fedit'], whole['ffa'])[2]}" in text[text.index("Loss added by DP-SGD as a whole"):]
+    clip_only = json.loads((runs / "privacy-synthetic-z0" / "ffa" / "seed-0" / "config.json").read_text())
+    assert clip_only["dp"] == "example" and clip_only["dp_noise"] == 0.0
+    assert any(word in verdict for word in ("holds", "does not hold here", "not distinguishable"))
+    section = text[text.index("## 7b."):]
+    assert "| ffa | acc " in section and "ε per noise level" in section and "z = 0.5: " in section
+
+
 def test_report_sections_follow_the_order_of_the_parts(small_study, tmp_path):
     assert [part for part, _ in SECTIONS if part in PARTS] == list(PARTS)
     headings = [line for line in small_study.text.splitlines() if line.startswith("## ")]
@@ -254,3 +287,22 @@ def test_study_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_ffa_claim_against_clip_only_reads_the_noises_cost_per_seed():
+    """With a clip-only level (z = 0) the claim's cost is loss(z) − loss(0) per seed: FedIT's − FFA's, paired."""
+    from fedlora.app.study import _diff, _ffa_cells
+
+    loss = {("fedit", None): [1.0, 1.1, 1.2], ("fedit", 0.0): [1.5, 1.5, 1.7], ("fedit", 4.0): [1.9, 2.0, 2.3],
+            ("ffa", None): [1.2, 1.2, 1.3], ("ffa", 0.0): [1.4, 1.6, 1.6], ("ffa", 4.0): [1.5, 1.8, 1.7]}
+
+    def at(m, z):
+        return {s: [{"global_loss": v}] for s, v in enumerate(loss[m, z])}
+
+    cells, holds, contrary, _ = _ffa_cells((0.0, 4.0), at, {}, "global_loss", -1, 0.0)
+    fedit = [a - b for a, b in zip(loss["fedit", 4.0], loss["fedit", 0.0])]  # 0.4, 0.5, 0.6
+    ffa = [a - b for a, b in zip(loss["ffa", 4.0], loss["ffa", 0.0])]  # 0.1, 0.2, 0.1
+    assert len(cells) == 1 and cells[0].startswith("z = 4 (3 seeds)") and f"difference {_diff(fedit, ffa)[2]}" in cells[0]
+    assert (holds, contrary) == (1, 0)  # per-seed differences 0.3, 0.3, 0.5: the interval excludes 0
+    whole, _, _, _ = _ffa_cells((0.0, 4.0), at, {}, "global_loss", -1, None)  # against no DP: both levels
+    assert [c[:5] for c in whole] == ["z = 0", "z = 4"]

@@ -187,16 +187,27 @@ class PrivacySettings(Part):
     dp_noise: float = setting(_DP.noise, "DP: noise multiplier z (standard deviation z·C on the sum of the clipped updates or gradients)")
     dp_delta: float = setting(_DP.delta, "DP: δ of the reported (ε, δ); keep it below 1/number of clients")
     dp_target_epsilon: float | None = setting(None, "DP: choose --dp-noise so that the planned rounds spend this ε at --dp-delta", flower=0.0)
-    dp_accountant: str = setting(_DP.accountant, "DP: Opacus's accountant, rdp or prv")
+    dp_accountant: str = setting(_DP.accountant, "DP: the accountant: Opacus's rdp or prv, or flower (Flower's RdpAccountant, "
+                                                 "--dp client only; needs flwr[dp])")
     dp_secure_noise: bool = setting(_DP.secure_noise, "DP: draw the noise from the OS's randomness, not the run's seed (deployments: nobody "
                                                       "who knows the seed can subtract it; runs are then not reproducible)")
+    dp_noise_cohort: int | None = setting(None, "DP client: calibrate the noise as if this many clients (of --dp-population) joined "
+                                                "each round (pfl's noise cohort; noise z·C/cohort on the average, sampling rate "
+                                                "cohort/population); a simulation device: its ε is the cohort's, not this run's", flower=0)
+    dp_population: int | None = setting(None, "DP client: the population the noise cohort is drawn from (with --dp-noise-cohort)", flower=0)
+    dp_clip_quantile: float | None = setting(None, "DP client: adaptive clipping (Andrew et al. 2021): the clip tracks this quantile "
+                                                   "of the update norms, starting at --dp-clip; its count's noise is accounted", flower=0.0)
+    dp_clip_lr: float = setting(_DP.clip_lr, "DP client, adaptive clipping: the clip's geometric learning rate η_C")
+    dp_clip_count_std: float | None = setting(None, "DP client, adaptive clipping: noise σ_b on the clipped count (default: the "
+                                                    "expected participants, or the noise cohort, / 20)", flower=0.0)
     secure_aggregation: bool = setting(False, "Flower only: SecAgg+, so the server sees only the weighted sum of the uploads "
                                               "(linear methods, one rank for all; no per-client divergence or screening)")
     secagg_clip: float = setting(8.0, "SecAgg+: every uploaded value must lie in [-clip, clip] (quantised over it in 2^22 steps)")
 
     def check(self, run: RunConfig) -> None:
         ranks = run.ranks()  # the accountant's own checks (mode, clip, noise, δ, target ε), then what DP cannot cover
-        check_privacy(run.privacy_config(), run.method_object(), run.adapter, ranks is not None and len(set(ranks)) > 1, run.clients)
+        check_privacy(run.privacy_config(), run.method_object(), run.adapter, ranks is not None and len(set(ranks)) > 1, run.clients,
+                      run.fraction)
         if self.secure_aggregation:
             self._check_secure(run)
 
@@ -283,6 +294,15 @@ TASK_DEPENDENT = ("model", "target_modules", "max_length")
 
 
 @functools.cache
+def _whole(value, flag: str) -> int | None:
+    """An optional count given as a number: a whole number stays an int (a TOML or Flower float 5000.0 included)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(f"{flag} {value} must be a whole number of clients, e.g. {flag} 5000")
+    return int(value)
+
+
 def _fields() -> tuple[tuple[str, dataclasses.Field], ...]:
     return tuple((part, f) for part, cls in PARTS.items() for f in dataclasses.fields(cls))
 
@@ -444,7 +464,11 @@ class RunConfig:
     def privacy_config(self) -> PrivacyConfig:
         return PrivacyConfig(mode=self.dp, clip=float(self.dp_clip), noise=float(self.dp_noise), delta=float(self.dp_delta),
                              target_epsilon=None if self.dp_target_epsilon is None else float(self.dp_target_epsilon),
-                             accountant=self.dp_accountant, secure_noise=bool(self.dp_secure_noise))
+                             accountant=self.dp_accountant, secure_noise=bool(self.dp_secure_noise),
+                             noise_cohort=_whole(self.dp_noise_cohort, "--dp-noise-cohort"), population=_whole(self.dp_population, "--dp-population"),
+                             clip_quantile=None if self.dp_clip_quantile is None else float(self.dp_clip_quantile),
+                             clip_lr=float(self.dp_clip_lr),
+                             clip_count_std=None if self.dp_clip_count_std is None else float(self.dp_clip_count_std))
 
     def _key(self) -> str:
         return json.dumps(self.given(), sort_keys=True, default=str)

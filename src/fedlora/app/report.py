@@ -151,6 +151,26 @@ def seeded_tables(results: dict[str, list[dict]], seeds: list[int], reference: s
     return "\n".join(lines) + "\n"
 
 
+ACCOUNTANT_NAMES = {"rdp": "Opacus's RDP", "prv": "Opacus's PRV", "flower": "Flower's RDP"}
+
+
+def privacy_line(cfg, last: dict, eps: str) -> str:
+    """summary.md's privacy sentence: the mechanism, its ε, and under a noise cohort that the ε is the simulated
+    cohort's, never this run's own guarantee."""
+    clip = (f"adaptive clip (target quantile {cfg.dp_clip_quantile:g}, η_C = {cfg.dp_clip_lr:g}; started at {cfg.dp_clip}, ended at "
+            f"{last['dp_clip']:.4g}), update noise multiplier {last['dp_update_noise_multiplier']:.4g}" if cfg.dp_clip_quantile is not None
+            else f"clip C = {cfg.dp_clip}")
+    head = ("Client-level differential privacy (DP-FedAvg)" if cfg.dp == "client" else "Example-level differential privacy (DP-SGD)")
+    text = (f"{head}: {clip}, noise multiplier z = {last['dp_noise_multiplier']:.4g}, Poisson client sampling at q = {cfg.fraction}; "
+            f"ε = {eps} at δ = {last['delta']:g} after {last['round']} rounds ({ACCOUNTANT_NAMES.get(last['dp_accountant'], last['dp_accountant'])} "
+            "accountant).")
+    if last.get("epsilon_kind") == "cohort-simulated":
+        text += (f" **ε is cohort-simulated**: the noise is calibrated as if {last['dp_noise_cohort']} of {last['dp_population']} clients "
+                 f"joined each round (sampling rate {last['dp_noise_cohort']}/{last['dp_population']}) while {cfg.clients} clients trained; "
+                 "it is the ε such a deployment would spend, not a privacy guarantee for this run.")
+    return text
+
+
 def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -> None:
     cfg = exp.config
     ranks = cfg.ranks()
@@ -165,9 +185,7 @@ def write_summary(exp, history: list[dict], out: Path, *, wall_seconds: float) -
         + (f", α={cfg.alpha}" if cfg.partition == "dirichlet" else "")
         + f"), {cfg.rounds} rounds × {cfg.local_steps} local steps, batch {cfg.batch_size}, lr {cfg.lr}, seed {cfg.seed}.",
         "",
-        *([f"Client-level differential privacy (DP-FedAvg): clip C = {cfg.dp_clip}, noise multiplier z = {history[-1]['dp_noise_multiplier']:.4g}, "
-           f"Poisson client sampling at q = {cfg.fraction}; ε = {eps} at δ = {history[-1]['delta']:g} after "
-           f"{history[-1]['round']} rounds (Opacus {history[-1]['dp_accountant'].upper()} accountant).", ""] if "epsilon" in history[-1] else []),
+        *([privacy_line(cfg, history[-1], eps), ""] if "epsilon" in history[-1] else []),
         "## Final",
         "",
         markdown_table([final_row(cfg.method, history, wall_seconds)]),

@@ -9,7 +9,9 @@ over paired seeds, and a section of one generated report:
 3. A/B cosine similarity per layer under IID, α = 1 and α = 0.5 (FedSA-LoRA Figure 2), from ``fedit`` runs;
 4. accuracy vs heterogeneity α for ``fedit``, ``fedsa``, ``florana`` (FLoRA-NA Figure 3), adding α = 0.1;
 5. scale: 10, 50, 100 clients (IID) for ``fedit`` and ``florana`` over one fixed pool of examples;
-6. synthetic: every shipped method on the synthetic teacher–student task over a heterogeneity sweep, 20 seeds.
+6. synthetic: every shipped method on the synthetic teacher–student task over a heterogeneity sweep, 20 seeds;
+7. privacy: example-level DP (DP-SGD) at three noise levels on the MiniLM setting; privacy-synthetic: the same on the
+   synthetic task, where DP-SGD runs still learn, to test FFA-LoRA's claim.
 
 Seed s gives every method the same partition, test set, initial adapter, client sampling and batch order; numbers
 are means with 95 % t-intervals over seeds and comparisons are per-seed (paired) differences (:mod:`stats`).
@@ -32,10 +34,10 @@ from pathlib import Path
 from fedlora.app.config import RunConfig
 from fedlora.app.rundir import RunDir, same_settings
 
-PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy", "instruct")
-# The privacy–utility curve and the instruction-tuning track are asked for by name (--parts privacy,instruct): DP-SGD
+PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy", "privacy-synthetic", "instruct")
+# The privacy–utility curves and the instruction-tuning track are asked for by name (--parts privacy,instruct): DP-SGD
 # runs and a causal LM's runs are long.
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "instruct"))
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "privacy-synthetic", "instruct"))
 # The instruction-tuning track's methods: FedIT and the methods its papers compare, FlexLoRA with mixed ranks.
 INSTRUCT_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "flexlora", "fedsb", "feddpa")
 PRESETS = ("default", "quick")
@@ -44,6 +46,12 @@ COMPARISON_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "svd
 DIVERGENCE_METHODS = ("fedit", "florana", "svd")
 HETEROGENEITY_METHODS = ("fedit", "fedsa", "florana")
 SCALE_METHODS = ("fedit", "florana")
+# The privacy-synthetic part's noise multipliers (default preset), chosen from one run per level (seed 0,
+# docs/privacy.md): FedIT's global loss after 30 rounds was the same at z = 0.5, 1 and 2 (1.932, 1.936, 1.933: DP-SGD's
+# cost there is its clipping, not its noise); FedIT at z = 8 unlearned (loss 1.98 at round 10, 2.23 at round 30);
+# FFA at z = 4.5 still learned a little over 60 rounds (loss 2.04 → 1.975). So three levels in the transition, and
+# z = 0 (clipping alone, no privacy): the reference that isolates the noise's cost, which FFA-LoRA's claim is about.
+PSYN_NOISES = (0.0, 2.5, 3.5, 4.5)
 REFERENCE = "fedit"  # paired differences are taken against FedIT, the method every paper compares against
 
 
@@ -68,6 +76,20 @@ class PrivacyPlan:
     clip: float
     partition: tuple[str, str, float]  # (label, partition, alpha)
     # Fed-SB's gradient initialisation round is not covered by DP-SGD: it runs with its random init, with and without DP
+    overrides: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (("fedsb", (("method_options", "fedsb-init=random"),)),)
+
+
+@dataclass(frozen=True)
+class PrivacySyntheticPlan:
+    """FFA-LoRA's claim where DP-SGD learns: each method on the synthetic task under example-level DP at each noise
+    multiplier and without, many paired seeds. The no-DP runs are the synthetic part's own where the settings agree."""
+
+    base: RunConfig  # the synthetic part's base at ``level``
+    level: str  # synthetic:α,β
+    methods: tuple[str, ...]
+    noises: tuple[float, ...]
+    clip: float
+    seeds: tuple[int, ...]
     overrides: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (("fedsb", (("method_options", "fedsb-init=random"),)),)
 
 
@@ -98,6 +120,7 @@ class Preset:
     synthetic: SyntheticPlan | None = None
     privacy: PrivacyPlan | None = None
     instruct: InstructPlan | None = None
+    privacy_synthetic: PrivacySyntheticPlan | None = None
 
 
 def preset(name: str) -> Preset:
@@ -126,7 +149,10 @@ def preset(name: str) -> Preset:
                       eval="mmlu:100", seed=0),
             INSTRUCT_METHODS, (0, 1, 2),
         )
-        return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic, privacy, instruct)
+        privacy_synthetic = PrivacySyntheticPlan(synthetic.base, "0,0", ("fedit", "ffa", "fedsa", "fedsvd", "fedsb"), PSYN_NOISES, 1.0,
+                                                 tuple(range(10)))
+        return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic, privacy, instruct,
+                      privacy_synthetic)
     base = RunConfig(
         model="tiny:bert", data="tweets", clients=3, rounds=2, local_steps=2, batch_size=8, lr=5e-3, rank=4,
         examples_per_client=40, test_examples=60, max_length=32, similarity=True, seed=0, device="cpu",
@@ -137,7 +163,8 @@ def preset(name: str) -> Preset:
         ("0,0", "1,1"), (0, 1, 2),
     )
     privacy = PrivacyPlan(("fedit", "ffa", "fedsb"), (1.0,), 1.0, ("IID", "iid", 1.0))
-    return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic, privacy)
+    privacy_synthetic = PrivacySyntheticPlan(synthetic.base, "0,0", ("fedit", "ffa", "fedsb"), (0.0, 0.5), 1.0, (0, 1))
+    return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic, privacy, privacy_synthetic=privacy_synthetic)
 
 
 @dataclass(frozen=True)
@@ -231,6 +258,8 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
                     cfg = p.base.replace(method=m, partition=part, alpha=alpha, seed=s, dp="example", dp_noise=z,
                                               dp_clip=pv.clip, **over)
                     runs[name] = StudyRun(name, f"privacy:{z:g}", cfg)
+    if "privacy-synthetic" in parts and p.privacy_synthetic is not None:
+        runs |= {r.name: r for r in _privacy_synthetic_runs(p.privacy_synthetic)}
     if "instruct" in parts and p.instruct is not None:
         for s in p.instruct.seeds:
             for m in p.instruct.methods:
@@ -246,6 +275,24 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
                     cfg = p.synthetic.base.replace(method=m, data=f"synthetic:{level}", seed=s, **over)
                     runs[name] = StudyRun(name, f"synthetic:{level}", cfg)
     return list(runs.values())
+
+
+def _privacy_synthetic_runs(ps: PrivacySyntheticPlan) -> list[StudyRun]:
+    """The privacy-synthetic part's runs, seed by seed: without DP (the synthetic part's run, same name and label,
+    unless the method has overrides) and at each noise level under example-level DP."""
+    out = []
+    for s in ps.seeds:
+        for m in ps.methods:
+            over = dict(dict(ps.overrides).get(m, ()))
+            base = ps.base.replace(method=m, data=f"synthetic:{ps.level}", seed=s, **over)
+            if over:
+                out.append(StudyRun(f"privacy-synthetic-none/{m}/seed-{s}", "privacy-synthetic:none", base))
+            else:
+                out.append(StudyRun(f"synthetic-{ps.level}/{m}/seed-{s}", f"synthetic:{ps.level}", base))
+            for z in ps.noises:
+                cfg = base.replace(dp="example", dp_noise=z, dp_clip=ps.clip)
+                out.append(StudyRun(f"privacy-synthetic-z{z:g}/{m}/seed-{s}", f"privacy-synthetic:{z:g}", cfg))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -708,7 +755,7 @@ BASE_PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale"
 
 def _instruct_only(ctx: ReportContext) -> bool:
     """A report of the instruction-tuning track alone: its settings and seeds head the report."""
-    return ctx.p.instruct is not None and not any(part in ctx.parts for part in (*BASE_PARTS, "synthetic"))
+    return ctx.p.instruct is not None and not any(part in ctx.parts for part in (*BASE_PARTS, "synthetic", "privacy-synthetic"))
 
 
 def _preamble(ctx: ReportContext) -> str:
@@ -743,6 +790,7 @@ def _run_time(ctx: ReportContext) -> str:
     for r in ctx.runs:
         if r.name in ctx.histories:
             kind = ("synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
+                    else "privacy, synthetic (part 7b)" if r.label.startswith("privacy-synthetic:")
                     else "instruction tuning (part 8)" if r.label == "instruct" else f"`{ctx.p.base.model}` (parts 1–5)")
             kinds[kind] = kinds.get(kind, 0.0) + summary_row(ctx.histories[r.name])["wall_s"]
     total_wall = sum(kinds.values())
@@ -997,7 +1045,8 @@ def _similarity_reading(ctx: ReportContext, stats: dict[str, dict[int, dict]]) -
 
 
 def _heterogeneity(ctx: ReportContext) -> str:
-    order = sorted({r.label for r in ctx.runs if r.method in HETEROGENEITY_METHODS and not r.label.startswith(("N=", "synthetic:", "privacy:"))},
+    other = ("N=", "synthetic:", "privacy:", "privacy-synthetic:")  # the other parts' labels
+    order = sorted({r.label for r in ctx.runs if r.method in HETEROGENEITY_METHODS and not r.label.startswith(other)},
                    key=lambda l: float("inf") if l == "IID" else float(l.removeprefix("α=")))
     by_m = {m: {l: ctx.seeded(m, l) for l in order if ctx.seeded(m, l)} for m in HETEROGENEITY_METHODS}
     by_m = {m: v for m, v in by_m.items() if v}
@@ -1232,37 +1281,130 @@ def _privacy_utility_reading(ctx: ReportContext, ms: list[str], t: _PrivacyTable
                             f"{_f(maj)}; kept: mean accuracy under DP ÷ without): " + "; ".join(util) + ".")
 
 
-def _ffa_reading(ctx: ReportContext, t: _PrivacyTable) -> None:
-    """FFA-LoRA's claim: noise on both factors (FedIT) hurts more than on one (FFA, A frozen). Per seed, the loss
-    of accuracy DP causes to each, then FFA's minus FedIT's."""
-    cells = []
-    holds = contrary = floored = 0
-    for z in ctx.p.privacy.noises:
-        runs = {(m, zz): _privacy_level(ctx, m, zz) for m in ("fedit", "ffa") for zz in (None, z)}
+def _ffa_cells(noises, at: Callable[[str, float | None], dict[int, list[dict]]], floor: dict[float, set[str]], key: str,
+               sign: int, ref: float | None = None) -> tuple[list[str], int, int, int]:
+    """FFA-LoRA's claim at each noise level, per seed: what DP costs FedIT and FFA in ``key`` against the ``ref``
+    level (None: without DP; 0: DP-SGD's clipping without noise, so the cost is the noise's alone), cost =
+    sign·(ref − DP): sign +1 for accuracy lost, −1 for loss gained; and FedIT's cost − FFA's with its paired interval
+    (positive supports the claim). ``at(method, z)``: seed → history. Returns (cells, levels where the claim holds,
+    levels where the contrary holds, levels where FedIT or FFA did not learn under DP)."""
+    cells, holds, contrary, floored = [], 0, 0, 0
+    for z in noises:
+        if z == ref:
+            continue
+        runs = {(m, zz): at(m, zz) for m in ("fedit", "ffa") for zz in (ref, z)}
         seeds = sorted(set.intersection(*(set(v) for v in runs.values())))
         if not seeds:
             continue
-        drop = {m: [runs[m, None][s][-1]["global_accuracy"] - runs[m, z][s][-1]["global_accuracy"] for s in seeds]
-                for m in ("fedit", "ffa")}
-        d, _, text = _diff(drop["fedit"], drop["ffa"])
+        cost = {m: [sign * (runs[m, ref][s][-1][key] - runs[m, z][s][-1][key]) for s in seeds] for m in ("fedit", "ffa")}
+        d, _, text = _diff(cost["fedit"], cost["ffa"])
         holds += _distinct(text) and d > 0
         contrary += _distinct(text) and d < 0
-        at_floor = {"fedit", "ffa"} & t.floor.get(z, set())
+        at_floor = {"fedit", "ffa"} & floor.get(z, set())
         floored += bool(at_floor)
-        cells.append(f"z = {z:g}: FedIT loses {_pm(drop['fedit'])}, FFA {_pm(drop['ffa'])}, difference {text}"
+        cells.append(f"z = {z:g} ({len(seeds)} seeds): FedIT {_pm(cost['fedit'])}, FFA {_pm(cost['ffa'])}, difference {text}"
                      + (f" ({' and '.join(sorted(at_floor))} did not learn under DP here: the loss is bounded by the "
                         "majority-class rate, so this level cannot separate them)" if at_floor else ""))
+    return cells, holds, contrary, floored
+
+
+def _ffa_word(n: int, holds: int, contrary: int) -> str:
+    return ("holds" if holds == n else "holds at some noise levels" if holds else "does not hold here" if contrary
+            else "not distinguishable at these seeds")
+
+
+def _ffa_reading(ctx: ReportContext, t: _PrivacyTable) -> None:
+    """FFA-LoRA's claim: noise on both factors (FedIT) hurts more than on one (FFA, A frozen). Per seed, the loss
+    of accuracy DP causes to each, then FedIT's minus FFA's."""
+    cells, holds, contrary, floored = _ffa_cells(ctx.p.privacy.noises, lambda m, z: _privacy_level(ctx, m, z), t.floor,
+                                                 "global_accuracy", 1)
     if cells:
         ctx.verdicts.append(
-            "- **FFA-LoRA: DP noise on both factors hurts more than on one** — "
-            + ("holds" if holds == len(cells) else "holds at some noise levels" if holds else
-               "does not hold here" if contrary else "not distinguishable at these seeds")
+            "- **FFA-LoRA: DP noise on both factors hurts more than on one** — " + _ffa_word(len(cells), holds, contrary)
             + " (accuracy lost to DP, per seed; difference = FedIT's loss − FFA's, positive supports the claim): "
             + "; ".join(cells) + "."
             + (f" At {floored} of {len(cells)} noise levels FedIT or FFA did not learn under DP; a test of the "
                "claim that can separate them needs a setting where DP-SGD runs learn (more examples per client, "
-               "so a larger batch at the same sampling rate)." if floored else "")
+               "so a larger batch at the same sampling rate): the privacy-synthetic part." if floored else "")
         )
+
+
+def _psyn_level(ctx: ReportContext, method: str, z: float | None) -> dict[int, list[dict]]:
+    """seed → history of ``method`` in the privacy-synthetic part at noise ``z`` (None: without DP)."""
+    ps = ctx.p.privacy_synthetic
+    if z is None:
+        return ctx.seeded(method, "privacy-synthetic:none") if dict(ps.overrides).get(method) else ctx.seeded(method, f"synthetic:{ps.level}")
+    return ctx.seeded(method, f"privacy-synthetic:{z:g}")
+
+
+def _privacy_synthetic(ctx: ReportContext) -> str:
+    """Section 7b: each method under DP-SGD on the synthetic task (accuracy, loss, ε per noise level), and the FFA-LoRA
+    claim read on the loss (continuous, no majority-class floor) and on accuracy, with paired intervals."""
+    ps = ctx.p.privacy_synthetic
+    if ps is None:
+        return ""
+    levels: list[float | None] = [None, *ps.noises]
+    ms = [m for m in ps.methods if any(_psyn_level(ctx, m, z) for z in levels)]
+    if not ms:
+        return ""
+    label = f"synthetic:{ps.level}"
+    maj = ctx.rate(label)
+    L = ["## 7b. FFA-LoRA's claim where DP-SGD learns: the synthetic task", "",
+         f"Each method on the synthetic task at {label} with DP-SGD on every client (per-example clip C = {ps.clip:g}, noise "
+         f"multiplier z, Poisson batches of expected size {ps.base.batch_size}) and without DP, {len(ps.seeds)} paired seeds"
+         + (" (z = 0: DP-SGD's clipping and Poisson batches without noise, no privacy: the reference that isolates the noise)"
+            if 0.0 in ps.noises else "") + ". "
+         f"Settings: {_settings_line(ps.base).replace(', max 64 tokens', '')}. ε at δ = {ps.base.dp_delta:g} (Opacus RDP, "
+         "the largest over clients). Final round, mean ± 95 % interval over seeds; † did not learn (accuracy)."
+         + _overrides_note(ps.overrides, ", with and without DP.", ms), "",
+         "| method | " + " | ".join("no DP" if z is None else f"z = {z:g}" for z in levels) + " |", "|---|" + "---:|" * len(levels)]
+    floor: dict[float, set[str]] = {}
+    eps: dict[float, list[float]] = {}
+    for m in ms:
+        cells = []
+        for z in levels:
+            finals = [h[-1] for h in _psyn_level(ctx, m, z).values()]
+            if not finals:
+                cells.append("—")
+                continue
+            accs = [f["global_accuracy"] for f in finals]
+            if _dagger(accs, maj) and z is not None:
+                floor.setdefault(z, set()).add(m)
+            if z is not None:
+                eps.setdefault(z, []).extend(f["epsilon"] for f in finals if f.get("epsilon") is not None)
+            loss = [f["global_loss"] for f in finals if f.get("global_loss") is not None]
+            cells.append(f"acc {_pm(accs)}{_dagger(accs, maj)}" + (f", loss {_pm(loss)}" if loss else ""))
+        L.append(f"| {m} | " + " | ".join(cells) + " |")
+    L += ["", f"Majority-class rate: {_f(maj)}. ε per noise level (mean over methods and seeds): "
+          + ", ".join(f"z = {z:g}: {_f(_mean(e), 2)}" for z, e in eps.items() if e) + ".", ""]
+    if "fedit" in ms and "ffa" in ms:
+        _psyn_reading(ctx, floor, L)
+    return "\n".join(L)
+
+
+def _psyn_reading(ctx: ReportContext, floor: dict[float, set[str]], L: list[str]) -> None:
+    """The verdict on FFA-LoRA's claim from the loss DP adds (primary: continuous, no majority-class floor) and the
+    accuracy it takes. With a clip-only level (z = 0) in the plan the primary reading is against it: DP-SGD's
+    clipping alone also costs each method, differently, and the claim is about the noise."""
+    at = lambda m, z: _psyn_level(ctx, m, z)  # noqa: E731
+    noises = ctx.p.privacy_synthetic.noises
+    ref = 0.0 if 0.0 in noises else None
+    against = "DP-SGD's clipping alone (z = 0)" if ref == 0.0 else "no DP"
+    loss_cells, holds, contrary, _ = _ffa_cells(noises, at, {}, "global_loss", -1, ref)
+    acc_cells, acc_holds, acc_contrary, floored = _ffa_cells(noises, at, floor, "global_accuracy", 1, ref)
+    if not loss_cells:
+        return
+    word = _ffa_word(len(loss_cells), holds, contrary)
+    L += [f"FFA-LoRA's claim (noise on both factors costs more than on B alone), read against {against}: **{word}** on the loss.", "",
+          f"Loss added by the noise (per seed, against {against}; difference = FedIT's − FFA's, positive supports the claim): "
+          + "; ".join(loss_cells) + ".", "", "Accuracy lost: " + "; ".join(acc_cells) + ".", ""]
+    if ref is not None:
+        total, _, _, _ = _ffa_cells(noises, at, {}, "global_loss", -1, None)
+        L += ["Loss added by DP-SGD as a whole (clipping and noise, against no DP): " + "; ".join(total) + ".", ""]
+    ctx.verdicts.append(
+        f"- **FFA-LoRA's claim where DP-SGD learns (synthetic task)** — {word} on the loss the noise adds (against {against}: "
+        + "; ".join(loss_cells) + "); on accuracy " + _ffa_word(len(acc_cells), acc_holds, acc_contrary)
+        + (f" ({floored} of {len(acc_cells)} levels with FedIT or FFA at the majority-class floor)" if floored else "") + ".")
 
 
 def _instruct(ctx: ReportContext) -> str:
@@ -1395,6 +1537,7 @@ SECTIONS: tuple[tuple[str, Callable[[ReportContext], str]], ...] = (
     ("scale", _scale),
     ("synthetic", _synthetic),
     ("privacy", _privacy),
+    ("privacy-synthetic", _privacy_synthetic),
     ("instruct", _instruct),
     ("reading", _reading),
 )

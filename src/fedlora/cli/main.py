@@ -138,7 +138,7 @@ class _Progress:
             line += f"  sim {m['sim_seconds']:.1f}s (clock {m['sim_clock']:.1f}s, {m['n_dropped']} dropped)"
         if "epsilon" in m:
             eps = "none (no noise)" if m["epsilon"] is None else f"{m['epsilon']:.3g}"
-            line += f"  ε {eps} (δ {m['delta']:.0e})"
+            line += f"  ε {eps} (δ {m['delta']:.0e}{', cohort-simulated' if m.get('epsilon_kind') else ''})"
         if not self.quiet:
             self.progress.console.print(line)
 
@@ -267,6 +267,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, seeds=tuple(parse_seeds(args.synthetic_seeds, "--synthetic-seeds"))))
     if args.device and p.synthetic is not None:
         p = dataclasses.replace(p, synthetic=dataclasses.replace(p.synthetic, base=p.synthetic.base.replace(device=args.device)))
+    if args.device and p.privacy_synthetic is not None:  # its no-DP runs are the synthetic part's: the same device
+        p = dataclasses.replace(p, privacy_synthetic=dataclasses.replace(p.privacy_synthetic,
+                                                                         base=p.privacy_synthetic.base.replace(device=args.device)))
     runs = study.plan(p, methods=methods, parts=parts)
     if args.track or args.mlflow_uri:
         runs = [dataclasses.replace(r, config=r.config.replace(track=args.track or "", mlflow_uri=args.mlflow_uri or "")) for r in runs]
@@ -392,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--preset", default="default",
                     help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale,synthetic",
-                    help="comma-separated analyses to run (default: all but privacy, the DP-SGD privacy–utility curve, and "
+                    help="comma-separated analyses to run (default: all but privacy and privacy-synthetic, the DP-SGD "
+                         "privacy–utility curves on MiniLM and on the synthetic task, and "
                          "instruct, instruction tuning of SmolLM2 across tasks), or all; "
                          "each can be run and committed on its own")
     st.add_argument("--methods", default=None, help="methods of the comparison (default: the study's seven)")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fedlora.adapters import AdapterHandle
 from fedlora.aggregation import aggregate, divergence, eckart_young_bound
-from fedlora.federation.privacy import PrivacyConfig, privatise
+from fedlora.federation.privacy import RunPrivacy
 from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors
 from fedlora.federation.screening import Rejection, check_structure, norm_outliers, schema, update_norm
 
@@ -74,15 +74,15 @@ def plain_inputs(accepted: list[ClientResult], peers: list[Peer], weighting: str
     return RoundInputs([r.upload | r.extras for r in accepted], client_weights([r.n_train for r in accepted], weighting), peers)
 
 
-def client_dp_inputs(accepted: list[ClientResult], starts: list[Tensors], privacy: PrivacyConfig, expected: float, seed: int,
+def client_dp_inputs(accepted: list[ClientResult], starts: list[Tensors], privacy: RunPrivacy, seed: int,
                      template: Tensors | None, peers: list[Peer]) -> RoundInputs:
-    """Client-level DP (privacy.py): the uploads whose uniform-weighted sum is ``start + (Σ clip(Δ_u) + ξ)/m``;
-    ``expected`` is m = q·N. With nobody accepted, ``template`` (the upload layout) carries the noise alone and
+    """Client-level DP (privacy.py): the uploads whose uniform-weighted sum is ``start + (Σ clip(Δ_u) + ξ)/m``
+    (m = q·N; the noise as for a noise cohort where one is simulated, the clip adapted where asked:
+    :meth:`RunPrivacy.release`). With nobody accepted, ``template`` (the upload layout) carries the noise alone and
     ``peers`` is the server's own."""
-    uploads, diag = privatise([r.upload for r in accepted], starts, privacy, expected, seed, template)
+    uploads, notes = privacy.release([r.upload for r in accepted], starts, seed, template)
     inputs = [u | r.extras for u, r in zip(uploads, accepted)] if accepted else uploads
-    return RoundInputs(inputs, client_weights([1] * len(inputs), "uniform"), peers,
-                       notes={"dp_clipped": diag["clipped"], "dp_noise_std": diag["noise_std"]})
+    return RoundInputs(inputs, client_weights([1] * len(inputs), "uniform"), peers, notes=notes)
 
 
 def secure_inputs(secure: SecureSum, peers: list[Peer]) -> RoundInputs:

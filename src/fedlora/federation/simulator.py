@@ -439,8 +439,8 @@ class Simulator:
             return plain_inputs(accepted, peers, self.config.weighting)
         cfg = self.config
         template = None if accepted else self.method.upload(self.handle, self.global_tensors, rnd)
-        return client_dp_inputs(accepted, [self.held[r.cid] for r in accepted], cfg.privacy, cfg.fraction * len(self.clients),
-                                round_seed(cfg.seed, rnd, -2), template, peers or [self.server])
+        return client_dp_inputs(accepted, [self.held[r.cid] for r in accepted], self.privacy, round_seed(cfg.seed, rnd, -2), template,
+                                peers or [self.server])
 
     def _aggregate(self, step: RoundInputs, rnd: int) -> tuple[ServerUpdate, Measures]:
         cfg = self.config
