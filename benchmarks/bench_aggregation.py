@@ -40,7 +40,8 @@ Prints two markdown tables.
    batched over the clients (``batch_mode("on")``: what an accelerator runs, on any device) and as ``aggregate``
    runs it by default (``"auto"``: batched on accelerators, the in-place per-client sums and per-iteration
    convergence reads on the CPU), against forming ``ΔW* = Σ w_u B_u A_u`` densely (one (d×Ur)·(Ur×k) GEMM), all
-   in the same run, interleaved, the median of ``--repeats``; ``--device auto`` takes CUDA when present. The last
+   in the same run, interleaved in a rotating order, the best of ``--repeats`` (CPU seconds on the CPU, wall seconds on CUDA);
+   ``--device auto`` takes CUDA when present. The last
    column is the largest difference between the batched and per-client results, relative to the result's size.
 
 Uploads are generated once per U and shared by all methods (``ffa``, ``rolora``, ``fedsvd``, and ``fedsb``/``ravan``
@@ -385,12 +386,14 @@ def batched_call(method, Bs, As, shared_A, w):
 
 
 def batched_once(device, fn):
-    """Wall seconds of ``fn()``, the device synchronised around it."""
+    """Seconds of ``fn()``: CPU seconds of this process on the CPU (``time.process_time``: on a machine shared with
+    other jobs wall time includes waiting for a core), wall seconds with the device synchronised around it on CUDA."""
     sync(device)
-    t0 = time.perf_counter()
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    t0 = clock()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def _rel_gap(a, b):
@@ -411,12 +414,15 @@ def batched_table(U_list, d, r, repeats, seed, device, methods):
                 with batch_mode(mode):
                     from_modes[mode] = batched_call(m, Bs, As, shared_A, w)
             times = {mode: [] for mode in ("dense", *modes)}
-            for _ in range(repeats):  # interleaved: the machine's load drifts alike for every column
-                times["dense"].append(batched_once(device, lambda: batched_call("dense ΔW*", Bs, As, shared_A, w)))
-                for mode in modes:
+            order = ["dense", *modes]
+            for i in range(repeats):  # interleaved, the order rotated: the first after another job runs cold
+                for mode in order[i % 4:] + order[: i % 4]:
+                    if mode == "dense":
+                        times[mode].append(batched_once(device, lambda: batched_call("dense ΔW*", Bs, As, shared_A, w)))
+                        continue
                     with batch_mode(mode):
                         times[mode].append(batched_once(device, lambda m=m: batched_call(m, Bs, As, shared_A, w)))
-            times = {key: statistics.median(v) for key, v in times.items()}
+            times = {key: min(v) for key, v in times.items()}  # best of: the noise on a shared machine only adds
             t_dense, res = times["dense"], from_modes
             gap = _rel_gap(res["on"], res["off"])
             rows.append((U, m, t_dense, times["off"], times["on"], times["auto"], gap))
@@ -424,7 +430,9 @@ def batched_table(U_list, d, r, repeats, seed, device, methods):
                   f"auto {times['auto'] * 1e3:.2f} ms, dense {t_dense * 1e3:.2f} ms", file=sys.stderr, flush=True)
         Bs = As = None
         gc.collect()
-    print(f"\n### Batched over clients: {d}×{d} matrix, r = {r}, float32 uploads drifting from a common start, on {device}\n")
+    clock = "wall ms" if device.startswith("cuda") else "CPU ms"
+    print(f"\n### Batched over clients: {d}×{d} matrix, r = {r}, float32 uploads drifting from a common start, on {device} "
+          f"({clock}, best of {repeats})\n")
     print("| U | method | dense ΔW* ms | per-client ms | batched ms | auto ms | batched / per-client | auto / per-client "
           "| batched / dense | auto / dense | max rel. gap |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedlora.aggregation import METHODS, _batch, aggregate, florana, get_rule, mixed_rank_rules, sketch
+from fedlora.aggregation import METHODS, _batch, aggregate, florana, mixed_rank_rules, sketch
 from fedlora.aggregation._batch import batch_mode, stack_padded
 from test_aggregation import SHARED_A
 
@@ -241,10 +241,10 @@ def test_batch_mode_names_its_choices():
             pass
 
 
-def test_auto_is_the_reference_sum_on_cpu_and_batched_elsewhere():
-    cpu = torch.device("cpu")
-    assert not _batch.batched_sums(cpu) and _batch.check_every(cpu) == 1
-    assert _batch.batched_sums(torch.device("meta"))
+def test_auto_is_per_client_on_cpu_and_batched_elsewhere():
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert not _batch.batched(cpu) and _batch.batched(meta)
     with batch_mode("on"):
-        assert _batch.batched_sums(cpu) and _batch.check_every(cpu) == _batch.CHECK_EVERY
-    assert get_rule("fedit").mixed_ranks
+        assert _batch.batched(cpu)
+    with batch_mode("off"):
+        assert not _batch.batched(meta)

@@ -12,14 +12,14 @@ write into the padded stack), so the number of kernels grows with the number of 
 
 ``batch_mode`` (our choice; tests and the benchmark set it, nothing else should):
 
-* ``"auto"`` (the default): batched on accelerators. On the CPU the plain weighted sums keep today's in-place
-  per-client accumulation — stacking copies every upload once, and the copy costs more than the sum itself
-  (measured, 2 cores, 4096×8 float32 factors, U = 100: 0.57 ms in place against 1.8 ms stacked) — and the
-  iterative solvers read their convergence flag every iteration (a host read of a CPU tensor waits for nothing,
-  and a later check would run iterations whose result is thrown away).
-* ``"on"``: what an accelerator runs, on any device (the equality tests and the benchmark's "batched" column).
-* ``"off"``: today's per-client code (the ``_reference_*`` functions), the reference of the equality tests and
-  the benchmark's "per-client" column.
+* ``"auto"`` (the default): batched for uploads on an accelerator; today's per-client code for uploads on the
+  CPU. There a host read of a CPU tensor waits for nothing, stacking copies every upload once (for the weighted
+  sums the copy costs more than the sum: 4096×8 float32 factors, U = 100, 0.57 ms in place against 1.8 ms
+  stacked, 2 cores), and the batched solvers' masked iterations after the stop are pure waste; measured in the
+  same run, the batched code is no faster there (``benchmarks/bench_aggregation.py --batched``, docs/aggregation.md).
+* ``"on"``: the batched code on any device (the equality tests, and the benchmark's "batched" column).
+* ``"off"``: today's per-client code on any device (the ``_reference_*`` functions: the equality tests' reference
+  and the benchmark's "per-client" column).
 
 Imports only torch.
 """
@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 BATCH_MODES = ("auto", "on", "off")
-# Iterations between two host reads of a solver's convergence flag where a read waits for the device. Each read
-# costs a device round trip (~10-50 µs on a GPU, plus the idle pipeline behind it); a check every 4 iterations
-# wastes at most 3 masked iterations. Our choice; the results do not depend on it (frozen state, see solvers).
+# Iterations between two host reads of a batched solver's convergence flag. Each read costs a device round trip
+# (~10-50 µs on a GPU, plus the idle pipeline behind it); a check every 4 iterations wastes at most 3 masked
+# iterations. Our choice; the results do not depend on it (frozen state after the stop, see the solvers).
 CHECK_EVERY = 4
 
 _mode = "auto"
@@ -54,20 +54,15 @@ def batch_mode(mode: str) -> Iterator[None]:
         _mode = before
 
 
-def reference() -> bool:
-    """True in ``batch_mode("off")``: the rules run today's per-client code."""
-    return _mode == "off"
-
-
-def batched_sums(device: torch.device) -> bool:
-    """Whether weighted sums over clients run on the stacked uploads (see the module docstring)."""
+def batched(device: torch.device) -> bool:
+    """Whether the rules run batched for uploads on ``device``: ``"on"`` always, ``"off"`` never, ``"auto"`` off the
+    CPU (see the module docstring)."""
     return _mode == "on" or (_mode == "auto" and device.type != "cpu")
 
 
-def check_every(device: torch.device) -> int:
-    """Solver iterations between host reads of the convergence flag: 1 on the CPU under ``"auto"`` (free there),
-    ``CHECK_EVERY`` where a read would wait for a device (and everywhere under ``"on"``)."""
-    return 1 if _mode != "on" and device.type == "cpu" else CHECK_EVERY
+def check_every() -> int:
+    """Solver iterations between two host reads of the convergence flag in the batched solvers."""
+    return CHECK_EVERY
 
 
 def stack_padded(tensors: Sequence[Tensor], dim: int, dtype: torch.dtype | None = None) -> Tensor:

@@ -284,7 +284,7 @@ def shared_factor(tensors: Sequence[Tensor], kind: str, name: str | None, fix: s
     Batched: one comparison over the stack and one host read (``torch.equal`` per client reads U flags back);
     the per-client loop then runs only to name the first client that differs."""
     ref = tensors[0]
-    if len(tensors) > 1 and _batch.batched_sums(ref.device) and not _batch.reference() \
+    if len(tensors) > 1 and _batch.batched(ref.device) \
             and all(t.shape == ref.shape and t.dtype == ref.dtype for t in tensors):
         if not bool((torch.stack(list(tensors[1:])) != ref).any()):
             return ref
@@ -314,11 +314,12 @@ def check_tol(value: object, what: str) -> float:
 def combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     """``Σ_u c_u T_u`` in the tensors' own dtype and device. O(U·size).
 
-    Batched (accelerators; ``_batch``): one GEMV over the stacked uploads. On the CPU, accumulated in place per
+    Batched (uploads on an accelerator; ``_batch``): one GEMV over the stacked uploads, accumulated in float32 for
+    half-precision uploads (per client, each partial sum is rounded to the uploads' dtype). On the CPU, in place per
     client: a stacked copy costs more than the sum (3× at U = 100, 4096×8), and a stacked copy of U uploads per
     module costs more in page faults than the arithmetic (at U = 50 over 64 modules it grew the resident set by
     ~1 GB)."""
-    if _batch.reference() or not _batch.batched_sums(tensors[0].device):
+    if not _batch.batched(tensors[0].device):
         return _reference_combine(tensors, coeffs)
     return _batch.stacked_sum(torch.stack(list(tensors)), coeffs)
 
@@ -341,7 +342,7 @@ def segment_combine(tensors: Sequence[Tensor], w: Tensor, dim: int) -> Tensor:
     ranks = [t.shape[dim] for t in tensors]
     if len(set(ranks)) == 1:
         return combine(tensors, w)
-    if _batch.reference() or not _batch.batched_sums(tensors[0].device):
+    if not _batch.batched(tensors[0].device):
         return _reference_segment_combine(tensors, w, dim)
     coef = _batch.segment_coefficients(ranks, w)
     return _batch.stacked_segment_sum(_batch.stack_padded(tensors, dim), coef, dim)
@@ -367,7 +368,7 @@ def _reference_segment_combine(tensors: Sequence[Tensor], w: Tensor, dim: int) -
 def pad_combine(tensors: Sequence[Tensor], coeffs: Tensor, dim: int) -> Tensor:
     """``Σ_u c_u pad(T_u)``: zero-pad every factor to the largest rank along ``dim``, then combine (HetLoRA).
     Batched: one GEMV over the zero-padded stack."""
-    if _batch.reference() or not _batch.batched_sums(tensors[0].device):
+    if not _batch.batched(tensors[0].device):
         return _reference_pad_combine(tensors, coeffs, dim)
     return _batch.stacked_sum(_batch.stack_padded(tensors, dim), coeffs)
 

@@ -273,11 +273,11 @@ def _pcg(mv, b: Tensor, diag: Tensor, x: Tensor, *, gain: Tensor, max_steps: int
     space: all-zero factors), or after ``max_steps``. ``project`` keeps the iterates in a subspace.
 
     Host synchronisation: the stopping tests are device flags; the host reads "done" every
-    ``_batch.check_every`` steps (every step on the CPU, ``CHECK_EVERY`` on an accelerator). Steps after "done"
+    ``_batch.CHECK_EVERY`` steps (4), starting with the first. Steps after "done"
     are computed and discarded (``torch.where`` keeps the stopping step's iterate), so the result and the returned
     step count (a device tensor) equal the per-step loop's (``_florana_reference.reference_pcg``)."""
     project = project or (lambda v: v)
-    every = _batch.check_every(x.device)
+    every = _batch.check_every()
     inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
     res = b - mv(x)
     z = project(inv * res)
@@ -310,10 +310,11 @@ def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max
     as Σ w_u E_u = Σ w_u D_u = 0): the common part in float64, the deviations in the compute dtype.
 
     Host synchronisation: no scalar is read back inside the sweeps or the CG steps. The sweep's stopping test is a
-    device flag read every ``_batch.check_every`` sweeps (each sweep, on the CPU); a sweep after the stop runs
+    device flag read every ``_batch.CHECK_EVERY`` sweeps (4); a sweep after the stop runs
     with its CG solves returning at their first check and its results discarded (``torch.where``), so the result,
-    the history and the counts equal today's per-scalar loop (``_florana_reference``, ``batch_mode("off")``)."""
-    if _batch.reference():
+    the history and the counts equal today's per-scalar loop (``_florana_reference``), which runs instead for
+    uploads on the CPU (``batch_mode``: there a host read costs nothing and masked sweeps would be waste)."""
+    if not _batch.batched(Bs[0].device):
         from ._florana_reference import reference_iterative
 
         return reference_iterative(Bs, As, w, tol=tol, max_iter=max_iter, seed=seed, probes=probes, cg_steps=cg_steps)
@@ -339,7 +340,7 @@ def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max
 
     rel = max(tol, 1e-6 if dtype != f64 else 0.0)  # float32 products: objective changes below ~1e-6 are rounding
     st = {"p": wd.clone(), "q": wd.clone(), "B": B_bar, "A": A_bar, "f": estimate(B_bar, A_bar)}  # the FedIT point
-    every = _batch.check_every(dev)
+    every = _batch.check_every()
     done = torch.zeros((), dtype=torch.bool, device=dev)
     converged, cg_total, phi_prev, phi_fedit = done, torch.zeros((), dtype=torch.int64, device=dev), None, None
     phis, lives = [], []

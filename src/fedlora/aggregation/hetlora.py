@@ -36,9 +36,9 @@ def sparsity_weights(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Tensor:
 
     Batched: the float64 stacks ``(U, d, R)`` and ``(U, R, k)``, zero-padded to the largest rank R (exact: padded
     columns of B and rows of A add nothing to ``tr(BᵀB·AAᵀ)``), two batched Grams and one host read for the lot
-    (the per-client form reads each norm back: U device round trips). On the CPU under ``batch_mode("auto")`` the
-    per-client form (no float64 copy of all the uploads at once; host reads are free there)."""
-    if _batch.reference() or not _batch.batched_sums(As[0].device):
+    (the per-client form reads each norm back: U device round trips). For uploads on the CPU (``_batch``), the
+    per-client form: no float64 copy of all the uploads at once, and host reads are free there."""
+    if not _batch.batched(As[0].device):
         return _reference_sparsity_weights(Bs, As, w)
     B = _batch.stack_padded(Bs, 1, torch.float64)
     A = _batch.stack_padded(As, 0, torch.float64)

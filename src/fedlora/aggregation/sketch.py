@@ -113,13 +113,14 @@ def randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int |
     (the larger of the spectral rate (σ̂_ℓ/σ̂_r)² and the observed rate), estimates what the top r still lack.
     At least one power iteration runs (four products in all) unless the sketch spans the range.
 
-    Host synchronisation: the stopping rule is evaluated on the device, as tensors; the host reads the "done"
-    flag only every ``_batch.check_every(device)`` iterations (every iteration on the CPU, ``CHECK_EVERY`` on an
-    accelerator). An iteration after "done" still runs but its result is discarded (``torch.where`` keeps the
-    state of the iteration that stopped), so the result is the same whatever the check interval, and equal to
-    today's loop (``_reference_randomized_svd``, ``batch_mode("off")``).
+    Host synchronisation (the batched path, ``_batch.batched``: uploads on an accelerator): the stopping rule is
+    evaluated on the device, as tensors; the host reads the "done" flag only every ``_batch.CHECK_EVERY`` (4)
+    iterations. An iteration after "done" still runs but its result is discarded (``torch.where`` keeps the state
+    of the iteration that stopped), so the result is the same whatever the interval, and equal to today's loop
+    (``_reference_randomized_svd``), which runs for uploads on the CPU. On CUDA, ``torch.linalg.eigh``,
+    ``svdvals`` and ``qr`` of the small ℓ×ℓ and d×ℓ problems still check their LAPACK status on the host.
     """
-    if _batch.reference():
+    if not _batch.batched(op.B.device):
         return _reference_randomized_svd(op, rank, tol=tol, oversample=oversample, max_power=max_power, seed=seed,
                                          test_vectors=test_vectors)
     d, k = op.shape
@@ -133,7 +134,7 @@ def randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int |
     first = op.mm(torch.cat([_orth(omega[:, :ell]), omega[:, ell:]], dim=1))  # orthonormal start: σ̃ comparable
     Y, Yt = first[:, :ell], first[:, ell:].to(torch.float64)  # ΔW* Ω_t: independent of every Q below
     target = (1.0 - 1.0 / (1.0 + tol) ** 2) / 2.0
-    every = _batch.check_every(dev)
+    every = _batch.check_every()
     st = _SketchState.start(dev)
     for it in range(max_power + 1):
         st = st.advance(_sketch_step(op, Y, Yt, rank, m), it, full=full, target=target, last=it >= max_power)
