@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _batch
+from ._batch import batched, segment_coefficients, stack_padded, stacked_segment_sum, stacked_sum
 
 # Relative sum-to-one tolerance: float32 weights n_u / Σn for a few thousand clients stay well inside it.
 _WEIGHT_SUM_TOL = 1e-5
@@ -284,7 +284,7 @@ def shared_factor(tensors: Sequence[Tensor], kind: str, name: str | None, fix: s
     Batched: one comparison over the stack and one host read (``torch.equal`` per client reads U flags back);
     the per-client loop then runs only to name the first client that differs."""
     ref = tensors[0]
-    if len(tensors) > 1 and _batch.batched(ref.device) \
+    if len(tensors) > 1 and batched(ref.device) \
             and all(t.shape == ref.shape and t.dtype == ref.dtype for t in tensors):
         if not bool((torch.stack(list(tensors[1:])) != ref).any()):
             return ref
@@ -319,9 +319,9 @@ def combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     client: a stacked copy costs more than the sum (3× at U = 100, 4096×8), and a stacked copy of U uploads per
     module costs more in page faults than the arithmetic (at U = 50 over 64 modules it grew the resident set by
     ~1 GB)."""
-    if not _batch.batched(tensors[0].device):
+    if not batched(tensors[0].device):
         return _reference_combine(tensors, coeffs)
-    return _batch.stacked_sum(torch.stack(list(tensors)), coeffs)
+    return stacked_sum(torch.stack(list(tensors)), coeffs)
 
 
 def _reference_combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
@@ -342,10 +342,10 @@ def segment_combine(tensors: Sequence[Tensor], w: Tensor, dim: int) -> Tensor:
     ranks = [t.shape[dim] for t in tensors]
     if len(set(ranks)) == 1:
         return combine(tensors, w)
-    if not _batch.batched(tensors[0].device):
+    if not batched(tensors[0].device):
         return _reference_segment_combine(tensors, w, dim)
-    coef = _batch.segment_coefficients(ranks, w)
-    return _batch.stacked_segment_sum(_batch.stack_padded(tensors, dim), coef, dim)
+    coef = segment_coefficients(ranks, w)
+    return stacked_segment_sum(stack_padded(tensors, dim), coef, dim)
 
 
 def _reference_segment_combine(tensors: Sequence[Tensor], w: Tensor, dim: int) -> Tensor:
@@ -368,9 +368,9 @@ def _reference_segment_combine(tensors: Sequence[Tensor], w: Tensor, dim: int) -
 def pad_combine(tensors: Sequence[Tensor], coeffs: Tensor, dim: int) -> Tensor:
     """``Σ_u c_u pad(T_u)``: zero-pad every factor to the largest rank along ``dim``, then combine (HetLoRA).
     Batched: one GEMV over the zero-padded stack."""
-    if not _batch.batched(tensors[0].device):
+    if not batched(tensors[0].device):
         return _reference_pad_combine(tensors, coeffs, dim)
-    return _batch.stacked_sum(_batch.stack_padded(tensors, dim), coeffs)
+    return stacked_sum(stack_padded(tensors, dim), coeffs)
 
 
 def _reference_pad_combine(tensors: Sequence[Tensor], coeffs: Tensor, dim: int) -> Tensor:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _batch
+from ._batch import batched, check_every
 from ._common import check_int, check_tol, combine, gram, stack
 from .fedit import factors_comm
 from .registry import register_rule
@@ -277,7 +277,7 @@ def _pcg(mv, b: Tensor, diag: Tensor, x: Tensor, *, gain: Tensor, max_steps: int
     are computed and discarded (``torch.where`` keeps the stopping step's iterate), so the result and the returned
     step count (a device tensor) equal the per-step loop's (``_florana_reference.reference_pcg``)."""
     project = project or (lambda v: v)
-    every = _batch.check_every()
+    every = check_every()
     inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
     res = b - mv(x)
     z = project(inv * res)
@@ -314,7 +314,7 @@ def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max
     with its CG solves returning at their first check and its results discarded (``torch.where``), so the result,
     the history and the counts equal today's per-scalar loop (``_florana_reference``), which runs instead for
     uploads on the CPU (``batch_mode``: there a host read costs nothing and masked sweeps would be waste)."""
-    if not _batch.batched(Bs[0].device):
+    if not batched(Bs[0].device):
         from ._florana_reference import reference_iterative
 
         return reference_iterative(Bs, As, w, tol=tol, max_iter=max_iter, seed=seed, probes=probes, cg_steps=cg_steps)
@@ -340,7 +340,7 @@ def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max
 
     rel = max(tol, 1e-6 if dtype != f64 else 0.0)  # float32 products: objective changes below ~1e-6 are rounding
     st = {"p": wd.clone(), "q": wd.clone(), "B": B_bar, "A": A_bar, "f": estimate(B_bar, A_bar)}  # the FedIT point
-    every = _batch.check_every()
+    every = check_every()
     done = torch.zeros((), dtype=torch.bool, device=dev)
     converged, cg_total, phi_prev, phi_fedit = done, torch.zeros((), dtype=torch.int64, device=dev), None, None
     phis, lives = [], []

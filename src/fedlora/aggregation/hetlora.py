@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _batch
+from ._batch import batched, stack_padded
 from ._common import pad_combine, segment_combine
 from .registry import register_rule
 from .result import Aggregate
@@ -38,10 +38,10 @@ def sparsity_weights(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Tensor:
     columns of B and rows of A add nothing to ``tr(BᵀB·AAᵀ)``), two batched Grams and one host read for the lot
     (the per-client form reads each norm back: U device round trips). For uploads on the CPU (``_batch``), the
     per-client form: no float64 copy of all the uploads at once, and host reads are free there."""
-    if not _batch.batched(As[0].device):
+    if not batched(As[0].device):
         return _reference_sparsity_weights(Bs, As, w)
-    B = _batch.stack_padded(Bs, 1, torch.float64)
-    A = _batch.stack_padded(As, 0, torch.float64)
+    B = stack_padded(Bs, 1, torch.float64)
+    A = stack_padded(As, 0, torch.float64)
     sq = (torch.bmm(B.transpose(1, 2), B) * torch.bmm(A, A.transpose(1, 2))).sum((1, 2))  # tr(BᵀB AAᵀ) per client
     omega = sq.clamp_min(0.0).sqrt().cpu()
     total = float(omega.sum())

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _batch
+from ._batch import batched, check_every
 from ._common import weights_per_column
 
 __all__ = ["Ideal", "RandomizedSVD", "compute_dtype", "randomized_svd"]
@@ -120,7 +120,7 @@ def randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int |
     (``_reference_randomized_svd``), which runs for uploads on the CPU. On CUDA, ``torch.linalg.eigh``,
     ``svdvals`` and ``qr`` of the small ℓ×ℓ and d×ℓ problems still check their LAPACK status on the host.
     """
-    if not _batch.batched(op.B.device):
+    if not batched(op.B.device):
         return _reference_randomized_svd(op, rank, tol=tol, oversample=oversample, max_power=max_power, seed=seed,
                                          test_vectors=test_vectors)
     d, k = op.shape
@@ -134,7 +134,7 @@ def randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int |
     first = op.mm(torch.cat([_orth(omega[:, :ell]), omega[:, ell:]], dim=1))  # orthonormal start: σ̃ comparable
     Y, Yt = first[:, :ell], first[:, ell:].to(torch.float64)  # ΔW* Ω_t: independent of every Q below
     target = (1.0 - 1.0 / (1.0 + tol) ** 2) / 2.0
-    every = _batch.check_every()
+    every = check_every()
     st = _SketchState.start(dev)
     for it in range(max_power + 1):
         st = st.advance(_sketch_step(op, Y, Yt, rank, m), it, full=full, target=target, last=it >= max_power)
