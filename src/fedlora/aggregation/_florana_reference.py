@@ -1,6 +1,6 @@
 """Today's (per-scalar host reads) Gram-free FLoRA-NA solver, kept verbatim as the reference of
 ``batch_mode("off")``: the equality tests and ``benchmarks/bench_aggregation.py --batched`` compare the batched
-solver in ``florana.py`` with it. Imported lazily by ``florana.py`` (it imports ``florana``)."""
+solver in ``florana.py`` with it. ``florana.py`` passes its ``_Centred`` and ``_fix_scale`` in, so this module does not import it back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from ._common import combine
-from .florana import _Centred, _fix_scale
 from .result import Aggregate
 from .sketch import compute_dtype
 
@@ -63,12 +62,12 @@ def reference_pcg(mv, b: Tensor, diag: Tensor, x: Tensor, *, gain: float, max_st
 
 
 def reference_iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max_iter: int, seed: int,
-               probes: int = 8, cg_steps: int = 50) -> Aggregate:
+               probes: int = 8, cg_steps: int = 50, centred, fix_scale) -> Aggregate:
     """Today's ``_iterative`` (``batch_mode("off")``): the reference of the batched solver's tests and benchmark."""
     f64, dev = torch.float64, Bs[0].device
     dtype = compute_dtype(Bs[0].dtype)
     wd = w.to(dev, f64)
-    Bside, Aside = _Centred(Bs, wd, "B", dtype), _Centred(As, wd, "A", dtype)
+    Bside, Aside = centred(Bs, wd, "B", dtype), centred(As, wd, "A", dtype)
     B_bar, A_bar, E, D = Bside.mean, Aside.mean, Bside.dev, Aside.dev
     wcol = wd.repeat_interleave(Bside.r).to(dtype)
 
@@ -119,6 +118,6 @@ def reference_iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: f
     if not phi_hist or not min(phi_hist) < phi_fedit:
         info.update(fell_back_to_fedit=True, scale="sum(q)=1")
         return Aggregate(method="florana", B=combine(Bs, w), A=combine(As, w), p=w.clone(), q=w.clone(), info=info)
-    p, q, scale = _fix_scale(p.cpu(), q.cpu())
+    p, q, scale = fix_scale(p.cpu(), q.cpu())
     info.update(fell_back_to_fedit=False, scale=scale, objective_best=norm_sq + phi_hist[-1])
     return Aggregate(method="florana", B=combine(Bs, p), A=combine(As, q), p=p, q=q, info=info)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ._batch import batched, check_every
 from ._common import check_int, check_tol, combine, gram, stack
+from ._florana_reference import reference_iterative
 from .fedit import factors_comm
 from .registry import register_rule
 from .result import Aggregate
@@ -315,9 +316,8 @@ def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max
     the history and the counts equal today's per-scalar loop (``_florana_reference``), which runs instead for
     uploads on the CPU (``batch_mode``: there a host read costs nothing and masked sweeps would be waste)."""
     if not batched(Bs[0].device):
-        from ._florana_reference import reference_iterative
-
-        return reference_iterative(Bs, As, w, tol=tol, max_iter=max_iter, seed=seed, probes=probes, cg_steps=cg_steps)
+        return reference_iterative(Bs, As, w, tol=tol, max_iter=max_iter, seed=seed, probes=probes, cg_steps=cg_steps,
+                                   centred=_Centred, fix_scale=_fix_scale)
     f64, dev = torch.float64, Bs[0].device
     dtype = compute_dtype(Bs[0].dtype)
     wd = w.to(dev, f64)
