@@ -7,6 +7,7 @@
     python benchmarks/bench_aggregation.py --scale --device cuda   # the same on a GPU (uploads on the GPU)
     python benchmarks/bench_aggregation.py --batched  # batched vs per-client vs dense ΔW*, U ∈ {10, 100, 1000}, 4096², r = 8
     python benchmarks/bench_aggregation.py --batched --shape 1024 --batched-clients 10 100   # a quick run
+    python benchmarks/bench_aggregation.py --batched --device cuda --syncs   # on a GPU, with the solvers' sync counts
 
 Prints two markdown tables.
 
@@ -441,6 +442,48 @@ def batched_table(U_list, d, r, repeats, seed, device, methods):
               f"| {t_auto / t_off:.2f} | {t_on / td:.3f} | {t_auto / td:.3f} | {gap:.1e} |")
 
 
+def sync_table(device, d=1024, r=8, U=100):
+    """Host synchronisations per solve on CUDA (``torch.cuda.set_sync_debug_mode("warn")``, one warning each) for
+    the randomized SVD and the Gram-free FLoRA-NA, batched and per-client, at two iteration counts (tol = 0: every
+    iteration runs): the batched solvers' count should grow by about 1/CHECK_EVERY per iteration, plus the syncs
+    inside ``torch.linalg`` (eigh, svdvals, qr check their status on the host)."""
+    import warnings
+
+    from fedlora.aggregation import florana, sketch
+    from fedlora.aggregation._batch import batch_mode
+
+    if not device.startswith("cuda"):
+        print("\n(--syncs needs a CUDA device; skipped)")
+        return
+    g = torch.Generator(device=device).manual_seed(0)
+    Bs = [torch.randn(d, r, generator=g, device=device) for _ in range(U)]
+    As = [torch.randn(r, d, generator=g, device=device) for _ in range(U)]
+    w = torch.full((U,), 1.0 / U, dtype=torch.float64)
+    op = sketch.Ideal.stack(Bs, As, w)
+    runs = {"randomized svd": lambda n: sketch.randomized_svd(op, r, tol=0.0, max_power=n).power_iterations,
+            "florana iterative": lambda n: florana._iterative(Bs, As, w, tol=0.0, max_iter=n, seed=0).info["iterations"]}
+    rows = []
+    for name, fn in runs.items():
+        for mode in ("off", "on"):
+            for n in (2, 8):
+                with batch_mode(mode):
+                    fn(n)  # warm-up
+                    torch.cuda.synchronize()
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        torch.cuda.set_sync_debug_mode("warn")
+                        try:
+                            iters = fn(n)
+                        finally:
+                            torch.cuda.set_sync_debug_mode("default")
+                rows.append((name, "per-client" if mode == "off" else "batched", n, iters, len(caught)))
+    print(f"\n### Host synchronisations per solve on {device} (U = {U}, {d}×{d}, r = {r}, tol = 0)\n")
+    print("| solver | code | iteration cap | iterations run | synchronisations |")
+    print("|---|---|---:|---:|---:|")
+    for row in rows:
+        print("| {} | {} | {} | {} | {} |".format(*row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 layers, U ∈ {4, 10}, one repeat")
@@ -459,6 +502,7 @@ def main() -> None:
     ap.add_argument("--shape", type=int, default=4096, help="d = k of --batched (default 4096: LLaMA-7B)")
     ap.add_argument("--rank", type=int, default=8, help="r of --batched (default 8)")
     ap.add_argument("--methods", nargs="+", default=BATCHED_METHODS, help="rules of --batched")
+    ap.add_argument("--syncs", action="store_true", help="with --batched on CUDA: count the solvers' host synchronisations")
     args = ap.parse_args()
     args.device = resolve_device(args.device)
     if args.threads:
@@ -473,6 +517,8 @@ def main() -> None:
     print(f"command: python benchmarks/bench_aggregation.py {' '.join(sys.argv[1:])}".rstrip())
     if args.batched:
         batched_table(args.batched_clients, args.shape, args.rank, args.repeats or 3, args.seed, args.device, args.methods)
+        if args.syncs:
+            sync_table(args.device)
         return
     if args.scale:
         big = args.scale_layers_1000
