@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import batched
 from ._common import combine
 from .registry import register_rule
 from .result import Aggregate
@@ -28,9 +29,13 @@ def fedex(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Aggregate:
     B_hat, A_hat = combine(Bs, w), combine(As, w)
     L = torch.cat([*Bs, B_hat], dim=1)
     U, r = len(Bs), Bs[0].shape[1]
-    # L = [w_1B_1 … w_UB_U, −B̂], scaled in place: one broadcast product over the d×U×r view of the stacked part
-    # (coefficients in float32, float64 for float64 uploads: the precision ``mul_`` by a Python number uses).
-    L[:, : U * r].view(L.shape[0], U, r).mul_(w.to(L.device, compute_dtype(L.dtype))[:, None])
+    # L = [w_1B_1 … w_UB_U, −B̂], scaled in place. Batched: one broadcast product over the d×U×r view of the stacked
+    # part (coefficients in float32, float64 for float64 uploads: the precision ``mul_`` by a Python number uses).
+    if batched(L.device):
+        L[:, : U * r].view(L.shape[0], U, r).mul_(w.to(L.device, compute_dtype(L.dtype))[:, None])
+    else:
+        for u, c in enumerate(w.tolist()):
+            L[:, u * r : (u + 1) * r].mul_(c)
     L[:, U * r :].neg_()
     R = torch.cat([*As, A_hat], dim=0)
     return Aggregate(method="fedex", B=B_hat, A=A_hat, base_delta_factors=(L, R), p=w.clone(), q=w.clone())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import batched
 from ._common import weights_per_column
 from .registry import register_rule
 from .result import Aggregate
@@ -27,7 +28,13 @@ def _comm(d: int, k: int, r: int, U: int) -> tuple[int, int]:
 def flora(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Aggregate:
     B_hat = torch.cat(Bs, dim=1)
     A_hat = torch.cat(As, dim=0)
-    # Each client's rows scaled in place by one broadcast product (one copy of the uploads, not two); mixed ranks
-    # need no padding: the weights are repeated over each client's own r_u rows.
-    A_hat.mul_(weights_per_column(w, [A.shape[0] for A in As]).to(A_hat.device, compute_dtype(A_hat.dtype))[:, None])
+    # Each client's rows scaled in place (one copy of the uploads, not two). Batched: one broadcast product; mixed
+    # ranks need no padding, the weights are repeated over each client's own r_u rows.
+    if batched(A_hat.device):
+        A_hat.mul_(weights_per_column(w, [A.shape[0] for A in As]).to(A_hat.device, compute_dtype(A_hat.dtype))[:, None])
+    else:
+        start = 0
+        for A, c in zip(As, w.tolist()):
+            A_hat[start : start + A.shape[0]].mul_(c)
+            start += A.shape[0]
     return Aggregate(method="flora", B=B_hat, A=A_hat)
