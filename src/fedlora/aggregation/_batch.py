@@ -110,3 +110,38 @@ def stacked_segment_sum(stacked: Tensor, coef: Tensor, dim: int) -> Tensor:
     ct = _opmath(stacked.dtype)
     out = torch.einsum("uj,ujk->jk" if dim == 0 else "uj,uij->ij", coef.to(stacked.device, ct), stacked.to(ct))
     return out.to(stacked.dtype)
+
+
+def scale_each(tensors: Sequence[Tensor], coeffs: Tensor, dim: int) -> list[Tensor]:
+    """``[c_u·T_u]`` as one broadcast product per distinct rank (``dim`` is the rank axis), in the tensors' dtype,
+    computed at the precision ``T_u * c_u`` with a Python number uses (float32 for half types); views of the
+    products, one stack per rank group."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    groups: dict[int, list[int]] = {}
+    for u, t in enumerate(tensors):
+        groups.setdefault(t.shape[dim], []).append(u)
+    for members in groups.values():
+        st = torch.stack([tensors[u] for u in members])
+        c = coeffs[members].to(st.device, _opmath(st.dtype)).view(-1, *([1] * (st.dim() - 1)))
+        for u, t in zip(members, (st * c).to(st.dtype).unbind(0)):
+            out[u] = t
+    return out  # type: ignore[return-value]
+
+
+def truncate_each(B: Tensor | None, A: Tensor | None, ranks: Sequence[int], roots: Tensor) -> list[tuple[Tensor | None, Tensor | None]]:
+    """``[(B[:, :r_u] / c_u, A[:r_u] / c_u)]`` as one broadcast division per distinct rank."""
+    out: list[tuple[Tensor | None, Tensor | None]] = [(None, None)] * len(ranks)
+    groups: dict[int, list[int]] = {}
+    for u, r in enumerate(ranks):
+        groups.setdefault(r, []).append(u)
+    for r, members in groups.items():
+        parts = []
+        for t in (None if B is None else B[:, :r], None if A is None else A[:r]):
+            if t is None:
+                parts.append([None] * len(members))
+                continue
+            c = roots[members].to(t.device, _opmath(t.dtype)).view(-1, 1, 1)
+            parts.append(list((t.unsqueeze(0) / c).to(t.dtype).unbind(0)))
+        for u, b, a in zip(members, *parts):
+            out[u] = (b, a)
+    return out
