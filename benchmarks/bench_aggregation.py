@@ -44,6 +44,8 @@ Prints two markdown tables.
    in the same run, interleaved in a rotating order, the best of ``--repeats`` (CPU seconds on the CPU, wall seconds on CUDA);
    ``--device auto`` takes CUDA when present. The last
    column is the largest difference between the batched and per-client results, relative to the result's size.
+   "X mixed": the same uploads cut to ranks r/2 and r alternately, with scales α/r_u (its dense column is the
+   full-rank formation, an upper bound of the mixed one).
 
 Uploads are generated once per U and shared by all methods (``ffa``, ``rolora``, ``fedsvd``, and ``fedsb``/``ravan``
 (their clients' B·C_u over the shared bases) get one shared A per module; ``fedsa``
@@ -356,7 +358,8 @@ def scale_table(U_list, layers_for, repeats, seed, n_acc, device):
         print(f"| {U} | {n_mat} | {label} | {t:.4f} | {ratio:.3f} | {mib:.0f} | {note} |")
 
 
-BATCHED_METHODS = ["fedit", "fedsa", "ffa", "fedex", "flora", "fedsb", "hetlora", "svd", "flexlora", "florana"]
+BATCHED_METHODS = ["fedit", "fedsa", "ffa", "fedex", "flora", "fedsb", "hetlora", "svd", "flexlora", "florana",
+                   "fedit mixed", "flora mixed", "hetlora mixed", "flexlora mixed"]
 
 
 def resolve_device(device: str) -> str:
@@ -377,7 +380,16 @@ def batched_uploads(U, d, k, r, seed, device):
     return Bs, As, A0, n / n.sum()
 
 
+def mixed_ranks(Bs, As, r):
+    """The same uploads cut to ranks r/2, r, r/2, … with scales α/r_u (α = 2r): the mixed-rank, scaled case."""
+    ranks = [r if u % 2 else max(1, r // 2) for u in range(len(Bs))]
+    return [B[:, :q] for B, q in zip(Bs, ranks)], [A[:q] for A, q in zip(As, ranks)], [2.0 * r / q for q in ranks]
+
+
 def batched_call(method, Bs, As, shared_A, w):
+    if method.endswith(" mixed"):
+        b, a, scales = mixed_ranks(Bs, As, Bs[0].shape[1])
+        return aggregate(method.split()[0], b, a, w, scales=scales)
     if method == "dense ΔW*":
         wcol = w.to(Bs[0].device, Bs[0].dtype).repeat_interleave(Bs[0].shape[1])
         return (torch.cat(Bs, dim=1) * wcol) @ torch.cat(As, dim=0)
