@@ -107,7 +107,7 @@ def resume_matches(cfg, tmp_path, keys, reference: list[dict]) -> None:
 @pytest.fixture(autouse=True)
 def _aggregation_batch_mode():
     """``FEDLORA_TEST_BATCH_MODE=on`` (or ``off``) runs every test with the aggregation rules forced batched (or per
-    client), e.g. the aggregation suite on a CPU with the code an accelerator runs (scripts/gpu_check.sh does)."""
+    client), e.g. the aggregation suite on a CPU with the code an accelerator runs (on CUDA it runs by default)."""
     mode = os.environ.get("FEDLORA_TEST_BATCH_MODE")
     if not mode:
         yield
