@@ -277,3 +277,26 @@ def test_florana_iterative_does_not_synchronise_per_sweep_on_cuda(monkeypatch):
     (short, n_short), (long, n_long) = syncs(2), syncs(8)
     assert long > short
     assert n_long - n_short <= 2 * (8 - 2)  # at most the CG solves' first checks, never one per CG step
+
+
+@SETTINGS
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_rule_options_batched_equal_per_client(U, r, seed):
+    """The options that feed a rule's own per-client loop: LoRA-A²'s masks (both averages, both factors), FSLoRA's
+    index sets with the start, ILoRA's current content and starts, at mixed ranks."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    d, k = r + 5, r + 4
+    w = torch.rand(U, generator=g, dtype=F64) + 0.05
+    w = w / w.sum()
+    Bs, As, A0, B0 = [rnd(d, r) for _ in range(U)], [rnd(r, k) for _ in range(U)], rnd(r, k), rnd(d, r)
+    masks = [torch.rand(r, generator=g) < 0.6 for _ in range(U)]
+    for average in ("all", "selected"):
+        both("loraa2", Bs, [A0] * U, w, masks=masks, start=B0, average=average)
+        both("loraa2", [B0] * U, As, w, trained="A", masks=masks, start=A0, average=average)
+    ks = [int(torch.randint(1, r + 1, (1,), generator=g)) for _ in range(U)]
+    sets = [torch.randperm(r, generator=g)[:q].sort().values for q in ks]
+    both("fslora", [rnd(d, q) for q in ks], [rnd(q, k) for q in ks], w, index_sets=sets, start=(B0, A0))
+    current = (rnd(d, r), rnd(r, k))
+    starts = [(rnd(d, q), rnd(q, k)) for q in ks]
+    both("ilora", [rnd(d, q) for q in ks], [rnd(q, k) for q in ks], w, current=current, starts=starts, rank=r)
