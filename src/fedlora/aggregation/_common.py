@@ -311,8 +311,8 @@ def check_tol(value: object, what: str) -> float:
 # Linear algebra on stacked factors. None of these forms a d×k matrix.
 
 
-def combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
-    """``Σ_u c_u T_u`` in the tensors' own dtype and device. O(U·size).
+def combine(tensors: Sequence[Tensor], coeffs: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``Σ_u c_u T_u`` in the tensors' own dtype (or ``dtype``: each cast first) and device. O(U·size).
 
     Batched (uploads on an accelerator; ``_batch``): one GEMV over the stacked uploads, accumulated in float32 for
     half-precision uploads (per client, each partial sum is rounded to the uploads' dtype). On the CPU, in place per
@@ -320,8 +320,9 @@ def combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
     module costs more in page faults than the arithmetic (at U = 50 over 64 modules it grew the resident set by
     ~1 GB)."""
     if not batched(tensors[0].device):
-        return _reference_combine(tensors, coeffs)
-    return stacked_sum(torch.stack(list(tensors)), coeffs)
+        return _reference_combine(tensors if dtype is None else [t.to(dtype) for t in tensors], coeffs)
+    st = torch.stack(list(tensors))
+    return stacked_sum(st if dtype is None else st.to(dtype), coeffs)
 
 
 def _reference_combine(tensors: Sequence[Tensor], coeffs: Tensor) -> Tensor:
