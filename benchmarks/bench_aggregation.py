@@ -5,6 +5,9 @@
     python benchmarks/bench_aggregation.py --threads 1   # on a shared machine: one core, no thread hand-offs
     python benchmarks/bench_aggregation.py --scale    # cross-device scale: U ∈ {10, 100, 1000}, per matrix
     python benchmarks/bench_aggregation.py --scale --device cuda   # the same on a GPU (uploads on the GPU)
+    python benchmarks/bench_aggregation.py --batched  # batched vs per-client vs dense ΔW*, U ∈ {10, 100, 1000}, 4096², r = 8
+    python benchmarks/bench_aggregation.py --batched --shape 1024 --batched-clients 10 100   # a quick run
+    python benchmarks/bench_aggregation.py --batched --device cuda --syncs   # on a GPU, with the solvers' sync counts
 
 Prints two markdown tables.
 
@@ -33,6 +36,16 @@ Prints two markdown tables.
    flexlora against the exact Eckart–Young bound (QR for U ≤ 100, a dense float64 SVD of ΔW* above), FLoRA-NA's
    objective ‖ΔW* − B̂Â‖² against the exact solver's (U ≤ 100) and FedIT's. Peak extra memory as in table 1 (on
    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before).
+
+4. ``--batched`` (instead of 1-3, issue 30): per matrix, each rule as today's per-client code (``batch_mode("off")``),
+   batched over the clients (``batch_mode("on")``: what an accelerator runs, on any device) and as ``aggregate``
+   runs it by default (``"auto"``: batched on accelerators, the in-place per-client sums and per-iteration
+   convergence reads on the CPU), against forming ``ΔW* = Σ w_u B_u A_u`` densely (one (d×Ur)·(Ur×k) GEMM), all
+   in the same run, interleaved in a rotating order, the best of ``--repeats`` (CPU seconds on the CPU, wall seconds on CUDA);
+   ``--device auto`` takes CUDA when present. The last
+   column is the largest difference between the batched and per-client results, relative to the result's size.
+   "X mixed": the same uploads cut to ranks r/2 and r alternately, with scales α/r_u (its dense column is the
+   full-rank formation, an upper bound of the mixed one).
 
 Uploads are generated once per U and shared by all methods (``ffa``, ``rolora``, ``fedsvd``, and ``fedsb``/``ravan``
 (their clients' B·C_u over the shared bases) get one shared A per module; ``fedsa``
@@ -345,6 +358,144 @@ def scale_table(U_list, layers_for, repeats, seed, n_acc, device):
         print(f"| {U} | {n_mat} | {label} | {t:.4f} | {ratio:.3f} | {mib:.0f} | {note} |")
 
 
+BATCHED_METHODS = ["fedit", "fedsa", "ffa", "fedex", "flora", "fedsb", "hetlora", "svd", "flexlora", "florana",
+                   "fedit mixed", "flora mixed", "hetlora mixed", "flexlora mixed"]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available here; pass --device cpu or auto")
+    return device
+
+
+def batched_uploads(U, d, k, r, seed, device):
+    """One matrix's uploads drifting from a common start (ε = 0.2), float32, and a shared A for the frozen-A rules."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    B0, A0 = torch.randn(d, r, generator=g, device=device), torch.randn(r, k, generator=g, device=device)
+    Bs = [torch.randn(d, r, generator=g, device=device).mul_(0.2).add_(B0) for _ in range(U)]
+    As = [torch.randn(r, k, generator=g, device=device).mul_(0.2).add_(A0) for _ in range(U)]
+    n = torch.randint(50, 500, (U,), generator=torch.Generator().manual_seed(seed)).double()
+    return Bs, As, A0, n / n.sum()
+
+
+def mixed_ranks(Bs, As, r):
+    """The same uploads cut to ranks r/2, r, r/2, … with scales α/r_u (α = 2r): the mixed-rank, scaled case."""
+    ranks = [r if u % 2 else max(1, r // 2) for u in range(len(Bs))]
+    return [B[:, :q] for B, q in zip(Bs, ranks)], [A[:q] for A, q in zip(As, ranks)], [2.0 * r / q for q in ranks]
+
+
+def batched_call(method, Bs, As, shared_A, w):
+    if method.endswith(" mixed"):
+        b, a, scales = mixed_ranks(Bs, As, Bs[0].shape[1])
+        return aggregate(method.split()[0], b, a, w, scales=scales)
+    if method == "dense ΔW*":
+        wcol = w.to(Bs[0].device, Bs[0].dtype).repeat_interleave(Bs[0].shape[1])
+        return (torch.cat(Bs, dim=1) * wcol) @ torch.cat(As, dim=0)
+    if method in ("ffa", "fedsb"):
+        As = [shared_A] * len(As)
+    return aggregate(method, None if method == "fedsa" else Bs, As, w)
+
+
+def batched_once(device, fn):
+    """Seconds of ``fn()``: CPU seconds of this process on the CPU (``time.process_time``: on a machine shared with
+    other jobs wall time includes waiting for a core), wall seconds with the device synchronised around it on CUDA."""
+    sync(device)
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    t0 = clock()
+    fn()
+    sync(device)
+    return clock() - t0
+
+
+def _rel_gap(a, b):
+    xs = [(getattr(a, f), getattr(b, f)) for f in ("B", "A") if getattr(b, f) is not None]
+    return max(float((x.double() - y.double()).abs().max()) / max(float(y.double().abs().max()), 1e-300) for x, y in xs)
+
+
+def batched_table(U_list, d, r, repeats, seed, device, methods):
+    from fedlora.aggregation._batch import batch_mode
+
+    modes = ("off", "on", "auto")
+    rows = []
+    for U in U_list:
+        Bs, As, shared_A, w = batched_uploads(U, d, d, r, seed, device)
+        for m in methods:
+            from_modes = {}
+            for mode in modes:  # warm-up, and the results compared below
+                with batch_mode(mode):
+                    from_modes[mode] = batched_call(m, Bs, As, shared_A, w)
+            times = {mode: [] for mode in ("dense", *modes)}
+            order = ["dense", *modes]
+            for i in range(repeats):  # interleaved, the order rotated: the first after another job runs cold
+                for mode in order[i % 4:] + order[: i % 4]:
+                    if mode == "dense":
+                        times[mode].append(batched_once(device, lambda: batched_call("dense ΔW*", Bs, As, shared_A, w)))
+                        continue
+                    with batch_mode(mode):
+                        times[mode].append(batched_once(device, lambda m=m: batched_call(m, Bs, As, shared_A, w)))
+            times = {key: min(v) for key, v in times.items()}  # best of: the noise on a shared machine only adds
+            t_dense, res = times["dense"], from_modes
+            gap = _rel_gap(res["on"], res["off"])
+            rows.append((U, m, t_dense, times["off"], times["on"], times["auto"], gap))
+            print(f"  U={U} {m}: per-client {times['off'] * 1e3:.2f} ms, batched {times['on'] * 1e3:.2f} ms, "
+                  f"auto {times['auto'] * 1e3:.2f} ms, dense {t_dense * 1e3:.2f} ms", file=sys.stderr, flush=True)
+        Bs = As = None
+        gc.collect()
+    clock = "wall ms" if device.startswith("cuda") else "CPU ms"
+    print(f"\n### Batched over clients: {d}×{d} matrix, r = {r}, float32 uploads drifting from a common start, on {device} "
+          f"({clock}, best of {repeats})\n")
+    print("| U | method | dense ΔW* ms | per-client ms | batched ms | auto ms | batched / per-client | auto / per-client "
+          "| batched / dense | auto / dense | max rel. gap |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for U, m, td, t_off, t_on, t_auto, gap in rows:
+        print(f"| {U} | {m} | {td * 1e3:.3f} | {t_off * 1e3:.3f} | {t_on * 1e3:.3f} | {t_auto * 1e3:.3f} | {t_on / t_off:.2f} "
+              f"| {t_auto / t_off:.2f} | {t_on / td:.3f} | {t_auto / td:.3f} | {gap:.1e} |")
+
+
+def sync_table(device, d=1024, r=8, U=100):
+    """Host synchronisations per solve on CUDA (``torch.cuda.set_sync_debug_mode("warn")``, one warning each) for
+    the randomized SVD and the Gram-free FLoRA-NA, batched and per-client, at two iteration counts (tol = 0: every
+    iteration runs): the batched solvers' count should grow by about 1/CHECK_EVERY per iteration, plus the syncs
+    inside ``torch.linalg`` (eigh, svdvals, qr check their status on the host)."""
+    import warnings
+
+    from fedlora.aggregation import florana, sketch
+    from fedlora.aggregation._batch import batch_mode
+
+    if not device.startswith("cuda"):
+        print("\n(--syncs needs a CUDA device; skipped)")
+        return
+    g = torch.Generator(device=device).manual_seed(0)
+    Bs = [torch.randn(d, r, generator=g, device=device) for _ in range(U)]
+    As = [torch.randn(r, d, generator=g, device=device) for _ in range(U)]
+    w = torch.full((U,), 1.0 / U, dtype=torch.float64)
+    op = sketch.Ideal.stack(Bs, As, w)
+    runs = {"randomized svd": lambda n: sketch.randomized_svd(op, r, tol=0.0, max_power=n).power_iterations,
+            "florana iterative": lambda n: florana._iterative(Bs, As, w, tol=0.0, max_iter=n, seed=0).info["iterations"]}
+    rows = []
+    for name, fn in runs.items():
+        for mode in ("off", "on"):
+            for n in (2, 8):
+                with batch_mode(mode):
+                    fn(n)  # warm-up
+                    torch.cuda.synchronize()
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        torch.cuda.set_sync_debug_mode("warn")
+                        try:
+                            iters = fn(n)
+                        finally:
+                            torch.cuda.set_sync_debug_mode("default")
+                rows.append((name, "per-client" if mode == "off" else "batched", n, iters, len(caught)))
+    print(f"\n### Host synchronisations per solve on {device} (U = {U}, {d}×{d}, r = {r}, tol = 0)\n")
+    print("| solver | code | iteration cap | iterations run | synchronisations |")
+    print("|---|---|---:|---:|---:|")
+    for row in rows:
+        print("| {} | {} | {} | {} | {} |".format(*row))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 layers, U ∈ {4, 10}, one repeat")
@@ -357,8 +508,15 @@ def main() -> None:
     ap.add_argument("--scale", action="store_true", help="the cross-device scale table instead (U ∈ {10, 100, 1000})")
     ap.add_argument("--scale-clients", type=int, nargs="+", default=[10, 100, 1000], help="U values of --scale")
     ap.add_argument("--scale-layers-1000", type=int, default=4, help="layers at U ≥ 1000 under --scale (default 4)")
-    ap.add_argument("--device", default="cpu", help="where the uploads live (cpu, cuda)")
+    ap.add_argument("--device", default="auto", help="where the uploads live: auto (CUDA when present), cpu, cuda")
+    ap.add_argument("--batched", action="store_true", help="batched vs per-client vs dense ΔW* (issue 30) instead")
+    ap.add_argument("--batched-clients", type=int, nargs="+", default=[10, 100, 1000], help="U values of --batched")
+    ap.add_argument("--shape", type=int, default=4096, help="d = k of --batched (default 4096: LLaMA-7B)")
+    ap.add_argument("--rank", type=int, default=8, help="r of --batched (default 8)")
+    ap.add_argument("--methods", nargs="+", default=BATCHED_METHODS, help="rules of --batched")
+    ap.add_argument("--syncs", action="store_true", help="with --batched on CUDA: count the solvers' host synchronisations")
     args = ap.parse_args()
+    args.device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     U_list = args.clients or ([4, 10] if args.quick else [10, 50])
@@ -369,6 +527,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average before start {os.getloadavg()[0]:.2f}")
     print(f"command: python benchmarks/bench_aggregation.py {' '.join(sys.argv[1:])}".rstrip())
+    if args.batched:
+        batched_table(args.batched_clients, args.shape, args.rank, args.repeats or 3, args.seed, args.device, args.methods)
+        if args.syncs:
+            sync_table(args.device)
+        return
     if args.scale:
         big = args.scale_layers_1000
         scale_table(args.scale_clients, lambda U: big if U >= 1000 else (args.layers or (2 if args.quick else 32)),

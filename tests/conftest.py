@@ -102,3 +102,17 @@ def resume_matches(cfg, tmp_path, keys, reference: list[dict]) -> None:
     for a, b in zip(resumed.run(), reference):
         for key in keys:
             assert a[key] == b[key], (a["round"], key)
+
+
+@pytest.fixture(autouse=True)
+def _aggregation_batch_mode():
+    """``FEDLORA_TEST_BATCH_MODE=on`` (or ``off``) runs every test with the aggregation rules forced batched (or per
+    client), e.g. the aggregation suite on a CPU with the code an accelerator runs (on CUDA it runs by default)."""
+    mode = os.environ.get("FEDLORA_TEST_BATCH_MODE")
+    if not mode:
+        yield
+        return
+    from fedlora.aggregation._batch import batch_mode
+
+    with batch_mode(mode):
+        yield

@@ -45,7 +45,7 @@ def average_cores(Bs: Sequence[Tensor], As: Sequence[Tensor], w: Tensor, cores: 
     if B.shape[1] != inner or A.shape[0] != inner:
         raise ValueError(f"{method}: cores of shape {tuple(cores[0].shape)} do not fit bases B {tuple(B.shape)} and A {tuple(A.shape)}; "
                          "the core's size must equal the bases' inner dimension")
-    core = combine([c.to(B.dtype) for c in cores], w)
+    core = combine(cores, w, B.dtype)
     return Aggregate(method=method, B=B @ block_diagonal(core), A=A.clone(), p=w.clone(), frozen_A=True, frozen_B=True, core=core)
 
 

@@ -55,6 +55,6 @@ def fedsvd(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, name: str | None = 
     if r > k:
         raise ValueError(f"A{_where(name)} is {r}×{k}: FedSVD's new A has r orthonormal rows of length k, which needs r ≤ k; lower the rank")
     dtype = A.dtype
-    B_bar = combine([B.to(torch.float64) for B in Bs], w)
+    B_bar = combine(Bs, w, torch.float64)
     B_new, A_new, S = svd_refactor(B_bar, A)
     return Aggregate(method="fedsvd", B=B_new.to(dtype), A=A_new.to(dtype), info={"singular_values": S})

@@ -43,7 +43,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import batched, check_every
 from ._common import check_int, check_tol, combine, gram, stack
+from ._florana_reference import reference_iterative
 from .fedit import factors_comm
 from .registry import register_rule
 from .result import Aggregate
@@ -240,51 +242,65 @@ class _Centred:
     def metric(self, Y: Tensor, S: Tensor) -> Tensor:
         return Y @ S if self.side == "B" else S @ Y
 
-    def solve(self, S: Tensor, target: Tensor, c: Tensor, *, gain: float, max_steps: int) -> tuple[Tensor, int]:
-        """argmin_c ⟨T(c), 𝒮 T(c)⟩ − 2⟨T(c), target⟩ with T(c) = Σ c_u T_u, 𝒮 the metric of S; from c."""
+    def solve(self, S: Tensor, target: Tensor, c: Tensor, *, gain: Tensor, max_steps: int,
+              stop: Tensor) -> tuple[Tensor, Tensor]:
+        """argmin_c ⟨T(c), 𝒮 T(c)⟩ − 2⟨T(c), target⟩ with T(c) = Σ c_u T_u, 𝒮 the metric of S; from c.
+
+        Every scalar stays on the device (``gain`` and the step count too); the Schur complement's ``h_tt > 0``
+        branch is a ``torch.where``. ``stop`` set: CG returns at its first check (the sweep loop has stopped)."""
         P = lambda v: v - v.mean()  # noqa: E731  projection onto 1ᵀδ = 0
         SM = self.metric(self.mean, S)
-        h_tt = float((self.mean * SM).sum())
+        h_tt = (self.mean * SM).sum()
         h = self.dots(SM)  # ⟨Δ_u, 𝒮T̄⟩
-        b_t, b = float((self.mean * target).sum()), self.dots(target)
+        b_t, b = (self.mean * target).sum(), self.dots(target)
         G_diag = torch.einsum("uij,ij->u", self.grams, S)
-        if h_tt > 0:
-            K = lambda x: P(self.dots(self.metric(self.deviation(x), S)) - h * (float(h @ x) / h_tt))  # noqa: E731
-            rhs, diag = P(b - h * (b_t / h_tt)), G_diag - h.square() / h_tt
-        else:  # T̄ = 0: the common coefficient t has no effect
-            K = lambda x: P(self.dots(self.metric(self.deviation(x), S)))  # noqa: E731
-            rhs, diag = P(b), G_diag
-        t0 = float(c.sum())
-        delta, steps = _pcg(K, rhs, diag, P(c - t0 * self.w), gain=gain, max_steps=max_steps, project=P)
-        t = (b_t - float(h @ delta)) / h_tt if h_tt > 0 else t0
+        pos = h_tt > 0  # else T̄ = 0: the common coefficient t has no effect (the terms below vanish exactly)
+        h_tt1 = torch.where(pos, h_tt, 1.0)
+        K = lambda x: P(self.dots(self.metric(self.deviation(x), S)) - h * torch.where(pos, (h @ x) / h_tt1, 0.0))  # noqa: E731
+        rhs, diag = P(b - h * torch.where(pos, b_t / h_tt1, 0.0)), G_diag - torch.where(pos, h.square() / h_tt1, 0.0)
+        t0 = c.sum()
+        delta, steps = _pcg(K, rhs, diag, P(c - t0 * self.w), gain=gain, max_steps=max_steps, project=P, stop=stop)
+        t = torch.where(pos, (b_t - h @ delta) / h_tt1, t0)
         return t * self.w + delta, steps
 
 
-def _pcg(mv, b: Tensor, diag: Tensor, x: Tensor, *, gain: float, max_steps: int, project=None) -> tuple[Tensor, int]:
+def _pcg(mv, b: Tensor, diag: Tensor, x: Tensor, *, gain: Tensor, max_steps: int, project=None,
+         stop: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Jacobi-preconditioned conjugate gradients for ``K x = b`` (K PSD, given as ``mv``), from ``x``; float64.
 
     The half-step minimises ``xᵀKx − 2bᵀx`` (the objective less a constant), and ``rᵀz`` with ``z = M⁻¹r`` estimates
     what is still to gain, ``rᵀK⁻¹r``, where the preconditioner M is close to K: iteration stops once that is at
-    most ``gain`` (an absolute amount of objective), or after ``max_steps``. ``project`` keeps the iterates in a
-    subspace (applied to every preconditioned residual)."""
+    most ``gain`` (an absolute amount of objective), when the curvature ``dᵀKd`` is not positive (d in K's null
+    space: all-zero factors), or after ``max_steps``. ``project`` keeps the iterates in a subspace.
+
+    Host synchronisation: the stopping tests are device flags; the host reads "done" every
+    ``_batch.CHECK_EVERY`` steps (4), starting with the first. Steps after "done"
+    are computed and discarded (``torch.where`` keeps the stopping step's iterate), so the result and the returned
+    step count (a device tensor) equal the per-step loop's (``_florana_reference.reference_pcg``)."""
     project = project or (lambda v: v)
+    every = check_every()
     inv = torch.where(diag > 0, 1.0 / torch.where(diag > 0, diag, 1.0), 1.0)
     res = b - mv(x)
     z = project(inv * res)
-    d, rz = z.clone(), float(res @ z)
+    d, rz = z.clone(), res @ z
+    done = torch.zeros((), dtype=torch.bool, device=x.device) if stop is None else stop.clone()
+    steps = torch.zeros((), dtype=torch.int64, device=x.device)
     for step in range(max_steps):
-        if rz <= gain:
-            return x, step
+        done = done | (rz <= gain)
+        if step % every == 0 and bool(done):  # the only host read
+            break
         Hd = mv(d)
-        curv = float(d @ Hd)
-        if not curv > 0:  # d in K's null space (all-zero factors): nothing left to gain
-            return x, step
+        curv = d @ Hd
+        done = done | ~(curv > 0)
         alpha = rz / curv
-        x, res = x + alpha * d, res - alpha * Hd
-        z = project(inv * res)
-        rz_new = float(res @ z)
-        d, rz = z + (rz_new / rz) * d, rz_new
-    return x, max_steps
+        x_new, res_new = x + alpha * d, res - alpha * Hd
+        z = project(inv * res_new)
+        rz_new = res_new @ z
+        d_new = z + (rz_new / rz) * d
+        x, res = torch.where(done, x, x_new), torch.where(done, res, res_new)
+        d, rz = torch.where(done, d, d_new), torch.where(done, rz, rz_new)
+        steps = steps + (~done).long()
+    return x, steps
 
 
 def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max_iter: int, seed: int,
@@ -292,7 +308,16 @@ def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max
     """FLoRA-NA's alternating least squares without Grams: CG on each half-step, O((d+k)·Ur·r) per product.
 
     Works on ``B_u = B̄ + E_u``, ``A_u = Ā + D_u`` (``_Centred``), so ``ΔW* = B̄Ā + E W D`` (the cross terms vanish
-    as Σ w_u E_u = Σ w_u D_u = 0): the common part in float64, the deviations in the compute dtype."""
+    as Σ w_u E_u = Σ w_u D_u = 0): the common part in float64, the deviations in the compute dtype.
+
+    Host synchronisation: no scalar is read back inside the sweeps or the CG steps. The sweep's stopping test is a
+    device flag read every ``_batch.CHECK_EVERY`` sweeps (4); a sweep after the stop runs
+    with its CG solves returning at their first check and its results discarded (``torch.where``), so the result,
+    the history and the counts equal today's per-scalar loop (``_florana_reference``), which runs instead for
+    uploads on the CPU (``batch_mode``: there a host read costs nothing and masked sweeps would be waste)."""
+    if not batched(Bs[0].device):
+        return reference_iterative(Bs, As, w, tol=tol, max_iter=max_iter, seed=seed, probes=probes, cg_steps=cg_steps,
+                                   centred=_Centred, fix_scale=_fix_scale)
     f64, dev = torch.float64, Bs[0].device
     dtype = compute_dtype(Bs[0].dtype)
     wd = w.to(dev, f64)
@@ -310,43 +335,57 @@ def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max
     omega = torch.randn(As[0].shape[1], probes, generator=gen, device=dev, dtype=dtype).to(f64)
     X_omega = X_mm(omega)
 
-    def estimate(B_hat: Tensor, A_hat: Tensor) -> float:  # ‖(ΔW* − B̂Â)Ω‖²/m: unbiased for the objective
-        return float((X_omega - B_hat @ (A_hat @ omega)).square().sum()) / probes
+    def estimate(B_hat: Tensor, A_hat: Tensor) -> Tensor:  # ‖(ΔW* − B̂Â)Ω‖²/m: unbiased for the objective
+        return (X_omega - B_hat @ (A_hat @ omega)).square().sum() / probes
 
-    p, q = wd.clone(), wd.clone()
-    B_hat, A_hat = B_bar, A_bar  # the FedIT point
     rel = max(tol, 1e-6 if dtype != f64 else 0.0)  # float32 products: objective changes below ~1e-6 are rounding
-    f_scale = estimate(B_hat, A_hat)  # FedIT's objective, estimated: the scale of every tolerance below
-    cg_total, phi_hist, sweeps, converged, phi_fedit = 0, [], 0, False, None
+    st = {"p": wd.clone(), "q": wd.clone(), "B": B_bar, "A": A_bar, "f": estimate(B_bar, A_bar)}  # the FedIT point
+    every = check_every()
+    done = torch.zeros((), dtype=torch.bool, device=dev)
+    converged, cg_total, phi_prev, phi_fedit = done, torch.zeros((), dtype=torch.int64, device=dev), None, None
+    phis, lives = [], []
     for sweep in range(1, max_iter + 1):
         # p-step: min_p ‖ΔW* − (Σ p_u B_u) Â‖² = const + ⟨B(p), B(p)·ÂÂᵀ⟩ − 2⟨B(p), ΔW*Âᵀ⟩
-        S = A_hat @ A_hat.T
-        XA = X_mm(A_hat.T)
+        S = st["A"] @ st["A"].T
+        XA = X_mm(st["A"].T)
         if phi_fedit is None:  # FedIT's φ = −2⟨ΔW*, B̄Ā⟩ + ‖B̄Ā‖², from the same product
-            phi_fedit = -2.0 * float((B_bar * XA).sum()) + float(((B_bar.T @ B_bar) * S).sum())
-        p, steps = Bside.solve(S, XA, p, gain=rel * f_scale / 10, max_steps=cg_steps)
-        cg_total += steps
+            phi_fedit = -2.0 * (B_bar * XA).sum() + ((B_bar.T @ B_bar) * S).sum()
+        gain = rel * st["f"] / 10  # the scale of every tolerance: the objective's estimate
+        p, steps_p = Bside.solve(S, XA, st["p"], gain=gain, max_steps=cg_steps, stop=done)
         B_hat = Bside.combine(p)
         # q-step: min_q ‖ΔW* − B̂ (Σ q_u A_u)‖² = const + ⟨A(q), B̂ᵀB̂·A(q)⟩ − 2⟨A(q), B̂ᵀΔW*⟩
         S = B_hat.T @ B_hat
         XtB = X_rmm_t(B_hat)
-        q, steps = Aside.solve(S, XtB, q, gain=rel * f_scale / 10, max_steps=cg_steps)
-        cg_total += steps
+        q, steps_q = Aside.solve(S, XtB, st["q"], gain=gain, max_steps=cg_steps, stop=done)
         A_hat = Aside.combine(q)
-        phi = -2.0 * float((XtB * A_hat).sum()) + float((S * (A_hat @ A_hat.T)).sum())
-        phi_hist.append(phi)
-        sweeps = sweep
-        f_scale = estimate(B_hat, A_hat)
-        if len(phi_hist) > 1 and phi_hist[-2] - phi <= rel * f_scale:
-            converged = True
+        phi = -2.0 * (XtB * A_hat).sum() + (S * (A_hat @ A_hat.T)).sum()
+        f = estimate(B_hat, A_hat)
+        live = ~done
+        new = {"p": p, "q": q, "B": B_hat, "A": A_hat, "f": f}
+        st = {key: torch.where(live, new[key], st[key]) for key in st}
+        stop = (phi_prev - phi <= rel * f) if phi_prev is not None else torch.zeros_like(done)
+        converged = torch.where(live, stop, converged)
+        cg_total = cg_total + torch.where(live, steps_p + steps_q, 0)
+        phis.append(phi)
+        lives.append(live)
+        phi_prev = torch.where(live, phi, phi_prev) if phi_prev is not None else phi
+        done = done | stop
+        if sweep % every == 0 and bool(done):  # the only host read of the sweep loop
             break
-    norm_sq = f_scale - (phi_hist[-1] if phi_hist else 0.0)  # ‖ΔW*‖² estimate, consistent with f_scale
-    info = {"solver": "iterative", "iterations": sweeps, "cg_steps": cg_total, "converged": converged, "restarts": 0,
-            "objective": [norm_sq + x for x in ([phi_fedit] if phi_fedit is not None else []) + phi_hist],
+    return _iterative_result(Bs, As, w, st, phis, lives, phi_fedit, converged, cg_total)
+
+
+def _iterative_result(Bs, As, w, st, phis, lives, phi_fedit, converged, cg_total) -> Aggregate:
+    """The iterative solver's ``Aggregate`` from its device state: the host reads everything once, here."""
+    phi_hist = torch.stack(phis)[torch.stack(lives)].tolist() if phis else []
+    phi_fedit = float(phi_fedit) if phi_fedit is not None else None
+    norm_sq = float(st["f"]) - (phi_hist[-1] if phi_hist else 0.0)  # ‖ΔW*‖² estimate, consistent with f_scale
+    info = {"solver": "iterative", "iterations": len(phi_hist), "cg_steps": int(cg_total), "converged": bool(converged),
+            "restarts": 0, "objective": [norm_sq + x for x in ([phi_fedit] if phi_fedit is not None else []) + phi_hist],
             "objective_is_estimate": True, "start": 0}
     if not phi_hist or not min(phi_hist) < phi_fedit:
         info.update(fell_back_to_fedit=True, scale="sum(q)=1")
         return Aggregate(method="florana", B=combine(Bs, w), A=combine(As, w), p=w.clone(), q=w.clone(), info=info)
-    p, q, scale = _fix_scale(p.cpu(), q.cpu())
+    p, q, scale = _fix_scale(st["p"].cpu(), st["q"].cpu())
     info.update(fell_back_to_fedit=False, scale=scale, objective_best=norm_sq + phi_hist[-1])
     return Aggregate(method="florana", B=combine(Bs, p), A=combine(As, q), p=p, q=q, info=info)

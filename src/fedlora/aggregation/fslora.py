@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._batch import batched
 from .registry import register_rule
 from .result import Aggregate
 
@@ -64,6 +65,14 @@ def _scatter(xs: Sequence[Tensor], sets: Sequence[Tensor], w: Tensor, dim: int, 
     shape[dim] = r
     total = torch.zeros(shape, dtype=torch.float64, device=xs[0].device)
     cover = torch.zeros(r, dtype=torch.float64, device=xs[0].device)
+    if batched(xs[0].device):  # one index_add over the concatenated sketches, weights repeated per component
+        J = torch.cat(list(sets)).to(xs[0].device)
+        coef = torch.repeat_interleave(w.to(torch.float64), torch.tensor([len(s) for s in sets])).to(xs[0].device)
+        view = [1] * xs[0].dim()
+        view[dim] = -1
+        total.index_add_(dim, J, torch.cat(list(xs), dim).to(torch.float64) * coef.view(view))
+        cover.index_add_(0, J, coef)
+        return total, cover
     for x, J, wu in zip(xs, sets, w.tolist()):
         J = J.to(x.device)
         total.index_add_(dim, J, x.to(torch.float64), alpha=wu)

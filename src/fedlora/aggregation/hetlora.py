@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import batched, stack_padded
 from ._common import pad_combine, segment_combine
 from .registry import register_rule
 from .result import Aggregate
@@ -31,7 +32,23 @@ def _comm(d: int, k: int, r: int, U: int) -> tuple[int, int]:
 
 
 def sparsity_weights(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Tensor:
-    """``ω_u ∝ ‖B_u A_u‖_F`` (float64, sums to 1); the data weights ``w`` when every product is zero."""
+    """``ω_u ∝ ‖B_u A_u‖_F`` (float64, CPU, sums to 1); the data weights ``w`` when every product is zero.
+
+    Batched: the float64 stacks ``(U, d, R)`` and ``(U, R, k)``, zero-padded to the largest rank R (exact: padded
+    columns of B and rows of A add nothing to ``tr(BᵀB·AAᵀ)``), two batched Grams and one host read for the lot
+    (the per-client form reads each norm back: U device round trips). For uploads on the CPU (``_batch``), the
+    per-client form: no float64 copy of all the uploads at once, and host reads are free there."""
+    if not batched(As[0].device):
+        return _reference_sparsity_weights(Bs, As, w)
+    B = stack_padded(Bs, 1, torch.float64)
+    A = stack_padded(As, 0, torch.float64)
+    sq = (torch.bmm(B.transpose(1, 2), B) * torch.bmm(A, A.transpose(1, 2))).sum((1, 2))  # tr(BᵀB AAᵀ) per client
+    omega = sq.clamp_min(0.0).sqrt().cpu()
+    total = float(omega.sum())
+    return w.clone() if total == 0.0 else omega / total
+
+
+def _reference_sparsity_weights(Bs: list[Tensor], As: list[Tensor], w: Tensor) -> Tensor:
     norms = []
     for B, A in zip(Bs, As):
         B64, A64 = B.to(torch.float64), A.to(torch.float64)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._batch import batched, scale_each
 from .registry import register_rule
 from .result import Aggregate
 
@@ -66,7 +67,10 @@ def svd_truncate(L: Tensor, R_f: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 def stacked(current: tuple[Tensor, Tensor], Bs: Sequence[Tensor], As: Sequence[Tensor], w: Tensor,
             starts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """``(L, R_f)`` with ``L R_f = G + Σ_u w_u (B_u A_u − T_{u,L} T_{u,R})`` (every factor already at its scale)."""
-    cols = [current[0]] + [float(wu) * B for wu, B in zip(w, Bs)] + [-float(wu) * T[0] for wu, T in zip(w, starts)]
+    if batched(Bs[0].device):  # one broadcast product per distinct rank (_batch.scale_each), not one per client
+        cols = [current[0], *scale_each(Bs, w, 1), *scale_each([T[0] for T in starts], -w, 1)]
+    else:
+        cols = [current[0]] + [float(wu) * B for wu, B in zip(w, Bs)] + [-float(wu) * T[0] for wu, T in zip(w, starts)]
     rows = [current[1]] + list(As) + [T[1] for T in starts]
     return torch.cat(cols, 1), torch.cat(rows, 0)
 

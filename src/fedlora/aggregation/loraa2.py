@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._batch import batched, stacked_segment_sum
 from ._common import shared_factor
 from .registry import register_rule
 from .result import Aggregate
@@ -119,10 +120,13 @@ def loraa2(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, trained: str = "B",
         total = coef.sum(dim=0)
         coef = coef / torch.where(total > 0, total, torch.ones_like(total))
     base = torch.zeros_like(ups[0], dtype=torch.float64) if start is None else start.to(torch.float64)
-    out = base.clone()
-    for u, t in enumerate(ups):
-        c = coef[u].to(t.device)
-        out += (t.to(torch.float64) - base) * (c[None, :] if is_B else c[:, None])
+    if batched(ups[0].device):  # one einsum over the stacked deviations from the start
+        out = base + stacked_segment_sum(torch.stack(list(ups)).to(torch.float64) - base, coef, dim)
+    else:
+        out = base.clone()
+        for u, t in enumerate(ups):
+            c = coef[u].to(t.device)
+            out += (t.to(torch.float64) - base) * (c[None, :] if is_B else c[:, None])
     new = out.to(ups[0].dtype)
     if is_B:
         return Aggregate(method="loraa2", B=new, A=shared.clone(), frozen_A=True, info={"average": average})

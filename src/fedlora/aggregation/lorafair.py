@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._batch import batched
 from ._common import check_tol, combine
 from .fedit import factors_comm
 from .registry import register_rule
@@ -48,6 +49,20 @@ DEFAULT_LAM = 1e-3
 _EPS64 = torch.finfo(torch.float64).eps
 
 
+def _correction_target(Bs: list[Tensor], As: list[Tensor], w: Tensor, A64: Tensor) -> Tensor:
+    """``(ΔW* − B̄Ā)Āᵀ = Σ w_u B_u (A_u − Ā)Āᵀ`` (d×r, float64). Batched: the U r×r blocks ``w_u (A_u − Ā)Āᵀ`` from
+    one batched product, then one d×Ur-by-Ur×r GEMM with the concatenated Bs; per client on the CPU (``_batch``)."""
+    if batched(As[0].device):
+        M = (torch.stack(As).to(torch.float64) - A64) @ A64.T  # U×r×r
+        M = M * w.to(M.device, torch.float64)[:, None, None]
+        return torch.cat(Bs, dim=1).to(torch.float64) @ M.reshape(-1, M.shape[-1])
+    E = Bs[0].new_zeros((Bs[0].shape[0], A64.shape[0]), dtype=torch.float64)
+    for B, A, c in zip(Bs, As, w.tolist()):
+        if c:
+            E.addmm_(B.to(torch.float64), (A.to(torch.float64) - A64) @ A64.T, alpha=c)
+    return E
+
+
 @register_rule("lorafair", comm=factors_comm)
 def lorafair(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, lam: float = DEFAULT_LAM) -> Aggregate:
     lam = check_tol(lam, "lorafair's ridge strength lam (λ)")
@@ -55,10 +70,7 @@ def lorafair(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, lam: float = DEFA
     B_bar, A_bar = combine(Bs, w), combine(As, w)  # FedIT's means, in the uploads' dtype (what is broadcast)
     A64 = A_bar.to(torch.float64)
     G = A64 @ A64.T  # ĀĀᵀ, r×r
-    E = B_bar.new_zeros(B_bar.shape, dtype=torch.float64)  # (ΔW* − B̄Ā)Āᵀ = Σ w_u B_u (A_u − Ā)Āᵀ, d×r
-    for B, A, c in zip(Bs, As, w.tolist()):
-        if c:
-            E.addmm_(B.to(torch.float64), (A.to(torch.float64) - A64) @ A64.T, alpha=c)
+    E = _correction_target(Bs, As, w, A64)
     mu, V = torch.linalg.eigh(G)
     mu_max = float(mu[-1]) if mu.numel() else 0.0
     if lam > 0.0:

@@ -14,8 +14,10 @@ import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
+from ._batch import batched, scale_each, truncate_each
 from ._common import Uploads, check_uploads
 from .result import Aggregate
 
@@ -128,13 +130,22 @@ def run_rule(rule: Rule, up: Uploads, name: str | None, options: dict[str, objec
     if rule.takes_name:
         options = {**options, "name": name}
     Bs, As = up.Bs, up.As
+    fast = batched(As[0].device)  # one broadcast product per distinct rank rather than one per client (_batch)
     if up.scales is not None:
-        roots = up.scales.sqrt().tolist()
-        Bs = None if Bs is None else [B * c for B, c in zip(Bs, roots)]
-        As = [A * c for A, c in zip(As, roots)]
+        if fast:
+            roots_t = up.scales.sqrt()
+            Bs = None if Bs is None else scale_each(Bs, roots_t, 1)
+            As = scale_each(As, roots_t, 0)
+        else:
+            roots = up.scales.sqrt().tolist()
+            Bs = None if Bs is None else [B * c for B, c in zip(Bs, roots)]
+            As = [A * c for A, c in zip(As, roots)]
     agg = rule.fn(Bs, As, up.w, **options)
     ranks = [A.shape[0] for A in up.As]
     if rule.truncates and (up.scales is not None or len(set(ranks)) > 1):
+        if fast:
+            roots_t = up.scales.sqrt() if up.scales is not None else torch.ones(len(ranks), dtype=torch.float64)
+            return replace(agg, clients=truncate_each(agg.B, agg.A, ranks, roots_t))
         roots = up.scales.sqrt().tolist() if up.scales is not None else [1.0] * len(ranks)
         clients = [
             (None if agg.B is None else agg.B[:, :r] / c, None if agg.A is None else agg.A[:r] / c)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._batch import batched, check_every
 from ._common import weights_per_column
 
 __all__ = ["Ideal", "RandomizedSVD", "compute_dtype", "randomized_svd"]
@@ -111,7 +112,103 @@ def randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int |
     top-r energy; the raise δ of the last ``M`` half-step, times c/(1−c) for the per-half-step contraction c
     (the larger of the spectral rate (σ̂_ℓ/σ̂_r)² and the observed rate), estimates what the top r still lack.
     At least one power iteration runs (four products in all) unless the sketch spans the range.
+
+    Host synchronisation (the batched path, ``_batch.batched``: uploads on an accelerator): the stopping rule is
+    evaluated on the device, as tensors; the host reads the "done" flag only every ``_batch.CHECK_EVERY`` (4)
+    iterations. An iteration after "done" still runs but its result is discarded (``torch.where`` keeps the state
+    of the iteration that stopped), so the result is the same whatever the interval, and equal to today's loop
+    (``_reference_randomized_svd``), which runs for uploads on the CPU. On CUDA, ``torch.linalg.eigh``,
+    ``svdvals`` and ``qr`` of the small ℓ×ℓ and d×ℓ problems still check their LAPACK status on the host.
     """
+    if not batched(op.B.device):
+        return _reference_randomized_svd(op, rank, tol=tol, oversample=oversample, max_power=max_power, seed=seed,
+                                         test_vectors=test_vectors)
+    d, k = op.shape
+    n, dev, dtype = op.n, op.B.device, op.B.dtype
+    p = 10 if oversample is None else oversample
+    ell = min(rank + p, n, d, k)
+    full = ell >= min(n, d, k)  # the sketch spans the range: exact in exact arithmetic
+    m = 0 if full else test_vectors
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    omega = torch.randn(k, ell + m, generator=gen, device=dev, dtype=dtype)
+    first = op.mm(torch.cat([_orth(omega[:, :ell]), omega[:, ell:]], dim=1))  # orthonormal start: σ̃ comparable
+    Y, Yt = first[:, :ell], first[:, ell:].to(torch.float64)  # ΔW* Ω_t: independent of every Q below
+    target = (1.0 - 1.0 / (1.0 + tol) ** 2) / 2.0
+    every = check_every()
+    st = _SketchState.start(dev)
+    for it in range(max_power + 1):
+        st = st.advance(_sketch_step(op, Y, Yt, rank, m), it, full=full, target=target, last=it >= max_power)
+        if (it + 1) % every == 0 or it >= max_power:
+            if bool(st.done):  # the only host read: every ``every`` iterations
+                break
+        Y = op.mm(_orth(st.M.T.to(dtype)))  # ΔW* Q_z with Q_z = orth((QᵀΔW*)ᵀ) = orth(ΔW*ᵀQ)
+    return st.result(rank, ell)
+
+
+def _sketch_step(op: Ideal, Y: Tensor, Yt: Tensor, rank: int, m: int) -> dict[str, Tensor]:
+    """One half-step pair from ``Y``: Q, M = QᵀΔW*, its eigenpairs and the stopping rule's inputs, as tensors."""
+    Q, R = torch.linalg.qr(Y.to(torch.float64))
+    energy_y = torch.linalg.svdvals(R).square()[:rank].sum()
+    M = (((Q.T.to(op.B.dtype) @ op.B) * op.wcol) @ op.A).to(torch.float64)  # QᵀΔW* = (QᵀB) W A, ℓ×k
+    lam, Um = torch.linalg.eigh(M @ M.T)  # ℓ×ℓ: the squares of M's singular values, ascending
+    lam, Um = lam.flip(0).clamp_min(0.0), Um.flip(1)
+    outside = (Yt - Q @ (Q.T @ Yt)).square().sum() / m if m else torch.zeros((), dtype=torch.float64, device=Q.device)
+    top, tail = lam[:rank].sum(), lam[rank:].sum()
+    if rank < lam.numel():
+        spectral = torch.where(lam[rank - 1] > 0, lam[-1] / lam[rank - 1], 0.0)
+    else:
+        spectral = torch.zeros((), dtype=torch.float64, device=Q.device)
+    return {"Q": Q, "M": M, "lam": lam, "Um": Um, "tail": tail, "outside": outside,
+            "delta": (top - energy_y).clamp_min(0.0), "spectral": spectral}
+
+
+@dataclass(frozen=True, eq=False)
+class _SketchState:
+    """The sketch's state between iterations, on the device: what the stopping iteration left, frozen once done."""
+
+    done: Tensor  # bool
+    converged: Tensor  # bool
+    iters: Tensor  # int64: power iterations counted as the host loop counted them
+    delta_prev: Tensor
+    step: dict[str, Tensor] | None = None
+
+    @property
+    def M(self) -> Tensor:
+        return self.step["M"]
+
+    @classmethod
+    def start(cls, dev: torch.device) -> _SketchState:
+        f = torch.zeros((), dtype=torch.bool, device=dev)
+        return cls(done=f, converged=f, iters=torch.zeros((), dtype=torch.int64, device=dev),
+                   delta_prev=torch.full((), math.inf, dtype=torch.float64, device=dev))
+
+    def advance(self, new: dict[str, Tensor], it: int, *, full: bool, target: float, last: bool) -> _SketchState:
+        """Today's stopping rule on tensors; a state already done stays as it was."""
+        delta, dp = new["delta"], self.delta_prev
+        ok = (dp > 0) & torch.isfinite(dp)
+        observed = torch.where(ok, torch.sqrt(delta / torch.where(ok, dp, 1.0)), 0.0)  # two half-steps apart
+        c = torch.clamp(torch.maximum(new["spectral"], observed), max=0.9)
+        judged = (delta * c / (1.0 - c) <= target * (new["tail"] + new["outside"])) if it >= 1 else torch.zeros_like(self.done)
+        converged = (delta == 0.0) | judged | full
+        stop = converged | last
+        keep = self.done
+        step = new if self.step is None else {key: torch.where(keep, self.step[key], val) for key, val in new.items()}
+        return _SketchState(done=keep | stop, converged=torch.where(keep, self.converged, converged),
+                            iters=torch.where(keep | stop, self.iters, self.iters + 1),
+                            delta_prev=torch.where(keep, dp, delta), step=step)
+
+    def result(self, rank: int, ell: int) -> RandomizedSVD:
+        lam, Um, M, Q = self.step["lam"], self.step["Um"], self.step["M"], self.step["Q"]
+        S = lam.sqrt()
+        c = min(rank, int((S > S[0] * 1e-7).sum()) if S.numel() and S[0] > 0 else 0)  # √eps₆₄ below σ₁: squared away
+        Vh = (Um[:, :c].T @ M) / S[:c, None]
+        return RandomizedSVD(U=Q @ Um[:, :c], S=S[:c], Vh=Vh, power_iterations=int(self.iters),
+                             converged=bool(self.converged), sketch=ell, residual_sq=float(self.step["tail"] + self.step["outside"]))
+
+
+def _reference_randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int | None = None, max_power: int = 12,
+                   seed: int = 0, test_vectors: int = 8) -> RandomizedSVD:
+    """Today's loop, one host read per quantity per iteration: the reference of ``batch_mode("off")``."""
     d, k = op.shape
     n, dev, dtype = op.n, op.B.device, op.B.dtype
     p = 10 if oversample is None else oversample

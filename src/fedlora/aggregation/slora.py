@@ -123,7 +123,7 @@ def slora(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, stage: str = "lora",
         raise ValueError(f"SLoRA's sparse stage needs one trained vector v_u per client; got {got} for {len(As)} clients (option values=[…])")
     if len({tuple(v.shape) for v in values}) != 1:
         raise ValueError("SLoRA: the clients' sparse vectors have different lengths; every client trains the same index set Ω")
-    v_bar = combine([v.to(torch.float64) for v in values], w).to(values[0].dtype)
+    v_bar = combine(values, w, torch.float64).to(values[0].dtype)
     B, A = Bs[0], As[0]
     return Aggregate(method="slora", B=B.clone(), A=A.clone(), p=w.clone(), q=w.clone(), frozen_A=True, frozen_B=True,
                      info={"values": v_bar, "stage": stage})
