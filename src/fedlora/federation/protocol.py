@@ -278,6 +278,12 @@ class Method:
     def schedule(self, rounds: int, clients: int = 0) -> None:
         """Told the run's number of rounds and of clients once, before round 1 (HiLoRA's stages and clustering)."""
 
+    def participants(self, rnd: int, sampled: list[int], clients: int) -> list[int]:
+        """The clients that train in round ``rnd`` (ascending), given the round's seeded sample ``sampled`` of
+        ``clients``: the sample itself by default; HiLoRA adds, in its switch round, the clients never sampled in its
+        root stage (their probe round). The simulator and the Flower strategy both ask it, after sampling."""
+        return sampled
+
     # ---- state kept on the server across rounds (checkpointed) -------------------------------------------------
     def server_state(self) -> Tensors:
         """What the method keeps on the server between rounds, as tensors for the checkpoint (HiLoRA's tracked B̄,
