@@ -242,6 +242,17 @@ class Method:
         """Whether this instance (with its options) needs only the weighted sum of the uploads."""
         return self.linear
 
+    def secure_summable(self) -> bool:
+        """Whether secure aggregation can carry this instance: its server needs only the weighted sum of what
+        :meth:`secure_upload` gives (a linear method: of the uploads themselves)."""
+        return self.is_linear()
+
+    def secure_upload(self, h: AdapterHandle, upload: Tensors, start: Tensors | None, rnd: int, peer: Peer | None = None) -> Tensors:
+        """What client ``peer`` adds to a secure sum in place of its round-``rnd`` ``upload`` (``start``: what it
+        started the round from); with ``start`` None, ``upload`` is the layout ``upload(h, tensors, rnd)`` gives and the
+        result is the secure sum's layout. The upload itself by default; LoRA-A²: its dense masked factor and mask."""
+        return upload
+
     # ---- ranks ------------------------------------------------------------------------------------------------
     @classmethod
     def ranks(cls, rank: int, given: list[int] | None, clients: int) -> tuple[int, list[int] | None]:
