@@ -15,12 +15,14 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
   :meth:`Method.setup_upload` on every client, :meth:`Method.setup_aggregate` on the server, which sees who sent
   what (Fed-SB's federated gradient init; FedLEASE's round-0 LoRA, clustering and expert init; ``deliver`` then
   gives each client its own part);
+- server, each round: :meth:`Method.participants` (who trains besides the seeded sample: HiLoRA's probe round);
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
   client), :meth:`Method.private`, :meth:`Method.learning_rates` (per-trainable multipliers of the local lr),
   :meth:`Method.before_training` (a probe before the round's training: LoRA-A²'s rank selection),
   :meth:`Method.loss_term`, :meth:`Method.after_step` (after every optimizer step: LoRA-A²'s mask reset),
   :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
-  client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras`;
+  client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras` (evaluation-only tensors: FedSA's
+  B, FedLEASE's router), :meth:`Method.secure_upload` (what it adds to a SecAgg+ sum instead: LoRA-A²'s dense factor);
 - server: :meth:`Method.receive` (an upload read into the trainables' layout, before screening: LoRA-A²'s selected
   columns and mask; bytes are counted from what was sent, with :meth:`Method.side_bytes` declaring non-factor
   side information); :meth:`Method.aggregate` → :class:`ServerUpdate`; :meth:`Method.deliver` (what client ``peer``

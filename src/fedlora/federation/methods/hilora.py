@@ -59,7 +59,7 @@ class HiLoRA(Method):
     listed in ``clients`` and ``hilora_probes``. The switch round's metrics line reports the clustering: D as
     ``hilora_distances`` (N×N, rounded to 1e-6), ``hilora_k`` = K*, ``hilora_eigengap`` = λ_{K*+1} − λ_{K*}
     (None where K* = 1 without an eigengap) and ``hilora_clusters``. Measured (METHODS.md asks; tiny:bert, 5
-    clients, r = 4, d = 32, 2 local steps, Dirichlet split; tests/test_hilora.py's probe test prints it): D is
+    clients, r = 4, d = 32, 2 local steps, Dirichlet split, fraction 1, root stage 1 or 3 rounds): D is
     near-uniform but not small: off-diagonal 0.70–0.81 after one root round, 0.69–0.79 after three (random
     4-dimensional subspaces of R^32 average 1 − r/d = 0.875), eigengap ≈ 0.02, so K* is a weak choice on such runs.
     With λ = 0.9 B̄_u is dominated by the client's first root upload (trained from B = 0), not by the shared B_r
