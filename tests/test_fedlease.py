@@ -208,8 +208,9 @@ def test_experts_average_over_sampled_members_only_and_bytes_are_by_hand(lease_r
                     continue
                 w = weights[members] / weights[members].sum()
                 torch.testing.assert_close(update.broadcast[nB], sum(float(wi) * uploads[i][nB] for wi, i in zip(w, members)))
-        for i, u in enumerate(uploads):  # only its cluster's expert goes up, no router
-            assert set(u) == {n for pair in method.expert_names(h, labels[cids[i]]).values() for n in pair} | set(h.head_names)
+        for i, u in enumerate(uploads):  # only its cluster's expert goes up; the router (and slots) as eval extras only
+            sent = {n for pair in method.expert_names(h, labels[cids[i]]).values() for n in pair} | set(h.head_names)
+            assert set(u) == sent | set(method.private(h))
         up = len(cids) * (layers * R * (D + K) + HEAD)
         # a client sampled now that missed the last round's broadcast is sent that one too (counted in this row)
         catch_up = 0 if ctx.number == 1 else len(set(cids) - {p.cid for p in seen[ctx.number - 2][0].peers})
@@ -220,6 +221,25 @@ def test_experts_average_over_sampled_members_only_and_bytes_are_by_hand(lease_r
         else:
             down_bytes = F32 * down
         assert (m["bytes_up"], m["bytes_down"]) == (F32 * up, down_bytes), ctx.number
+
+
+def test_the_global_score_uses_each_clients_router_from_its_eval_extras(lease_run):
+    """The server's copy of each client's private state (from the eval extras) is the client's own; the global
+    accuracy is the mean of every client's own model with it (a client never accepted: its zero router)."""
+    _, sim, _, _, history = lease_run
+    h, method = sim.handle, sim.method
+    assert set(method.scoring) == set(sim.private) and sim.private
+    for cid, state in sim.private.items():
+        assert set(state) == set(method.scoring[cid])
+        for n, t in state.items():
+            assert torch.equal(method.scoring[cid][n], t)
+        assert any(float(state[n].abs().max()) > 0 for n in method.router_names(h))  # a trained router
+    scores = []
+    for cid in range(4):
+        h.set(sim.held[cid] | sim.private.get(cid, {}))
+        scores.append(sim.task.evaluate(sim.model, sim.global_test, "cpu"))
+    h.set(sim.global_tensors)
+    assert history[-1]["global_accuracy"] == pytest.approx(sum(scores) / 4, abs=1e-12)
 
 
 def test_other_experts_are_frozen_and_get_no_gradient(lease_run):

@@ -76,6 +76,7 @@ def test_run_config_round_trips_and_rejects_what_fedlora_run_rejects():
     ("fedsb", "lora", 0.67, True),    # seeded bases rebuilt identically in every process; only cores travel
     ("ravan", "rslora", 1.0, False),  # gains reset to 1 on every client
     ("feddpa", "lora", 0.67, True),   # the local adapter stays in each SuperNode's state
+    ("fedlease", "lora", 0.67, True),  # round 0's clustering; routers private, scored from the eval extras
 ])
 def test_flower_round_equals_the_simulator(small_csv, tmp_path, method, adapter, fraction, fresh):
     cfg = tiny_config(small_csv, method=method, adapter=adapter, fraction=fraction, rounds=3)

@@ -215,3 +215,73 @@ def test_the_flower_in_process_round_equals_the_simulator_through_every_stage(sm
     cfg = tiny_config(small_csv, method="hilora", clients=4, rounds=4, method_options="hilora-stages=1,2")
     reference = build(cfg).simulator.run()
     assert_same_history(run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower"))), reference)
+
+
+def _never_in_root(cfg, root):
+    from fedlora.federation.simulator import sample_clients
+
+    seen = {c for rnd in range(1, root + 1) for c in sample_clients(cfg.clients, cfg.fraction, cfg.seed, rnd)}
+    return sorted(set(range(cfg.clients)) - seen)
+
+
+def test_clients_never_sampled_in_the_root_stage_train_a_probe_round(small_csv, capsys):
+    """fraction 0.4 of 5 clients, root stage 1 round: the 3 unsampled clients train a probe in the switch round (they
+    get a B̄ and a cluster), outside the root rule; their bytes are that round's, by hand; D in the metrics line."""
+    cfg = tiny_config(small_csv, method="hilora", clients=5, rounds=2, fraction=0.4, method_options="hilora-stages=1,1")
+    probes = _never_in_root(cfg, 1)
+    assert len(probes) == 3
+    sim = build(cfg).simulator
+    h, method = sim.handle, sim.method
+    seen = []
+    original = method.aggregate
+
+    def spy(h_, ups, weights, current, ctx):
+        seen.append((list(ups), weights.clone(), [p.cid for p in ctx.peers]))
+        return original(h_, ups, weights, current, ctx)
+
+    method.aggregate = spy
+    first = sim.round(1)
+    assert first["clients"] == [0, 1, 2, 3, 4] and first["hilora_probes"] == probes
+    assert sorted(method.labels) == [0, 1, 2, 3, 4] and first["hilora_clusters"] == [method.labels[c] for c in range(5)]
+    # the root rule is the sampled clients' alone (weights renormalised over them)
+    ups, w, cids = seen[0]
+    rooted = [i for i, c in enumerate(cids) if c not in probes]
+    for m, k in h.keys.items():
+        res = aggregate("hilora", [ups[i][k.B] for i in rooted], [ups[i][k.A] for i in rooted], w[rooted] / w[rooted].sum())
+        torch.testing.assert_close(method.root_B[m], res.B)
+    # bytes by hand: five clients up r(d+k) per matrix and the head; down the same and the cluster id
+    factors = F32 * (MODULES * R * (D + K) + HEAD)
+    assert first["bytes_up"] == 5 * factors and first["bytes_down"] == 5 * (factors + 4)
+    # the clustering's diagnostics: D symmetric, zero diagonal, in [0, 1]; K* and its eigengap
+    dist = torch.tensor(first["hilora_distances"], dtype=F64)
+    assert dist.shape == (5, 5) and torch.equal(dist, dist.T) and torch.count_nonzero(dist.diagonal()) == 0
+    assert float(dist.min()) >= 0 and float(dist.max()) <= 1
+    assert first["hilora_k"] == len(set(first["hilora_clusters"])) and 2 <= first["hilora_k"] <= 4
+    assert first["hilora_eigengap"] > 0
+    with capsys.disabled():
+        print("\nhilora D (1 root round, 5 clients, 3 probes):", first["hilora_distances"], "K*", first["hilora_k"],
+              "gap", round(first["hilora_eigengap"], 4))
+    second = sim.round(2)
+    assert "hilora_probes" not in second and "hilora_distances" not in second and math.isfinite(second["global_accuracy"])
+
+
+def test_resume_across_the_switch_with_probes(small_csv, tmp_path):
+    from conftest import resume_matches
+
+    cfg = tiny_config(small_csv, method="hilora", clients=5, rounds=3, fraction=0.4, method_options="hilora-stages=2,1")
+    assert _never_in_root(cfg, 2)  # the switch (round 2) has probes
+    reference = build(cfg).simulator.run()
+    assert reference[1]["hilora_probes"] == _never_in_root(cfg, 2)
+    resume_matches(cfg, tmp_path, ("clients", "bytes_up", "bytes_down", "global_accuracy", "local_accuracy", "train_loss"),
+                   reference)
+
+
+def test_the_flower_in_process_round_equals_the_simulator_with_probes(small_csv, tmp_path):
+    """The probe clients are added to the switch round by the Flower strategy as by the simulator."""
+    from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid, assert_same_history
+
+    cfg = tiny_config(small_csv, method="hilora", clients=5, rounds=2, fraction=0.4, method_options="hilora-stages=1,1")
+    reference = build(cfg).simulator.run()
+    assert reference[0]["hilora_probes"]
+    assert_same_history(run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "flower"))), reference)

@@ -157,8 +157,9 @@ def test_budgets_options_and_refusals(small_csv, capsys):
     for adapter in ("dora", "vera"):
         with pytest.raises(ValueError, match=f"does not support adapter {adapter}"):
             make_method("loraa2", adapter)
-    with pytest.raises(ValueError, match="secure aggregation: method loraa2 needs each client's factors"):
-        tiny_config(small_csv, method="loraa2", secure_aggregation=True).validate()
+    tiny_config(small_csv, method="loraa2", secure_aggregation=True).validate()  # the dense upload (secure_upload)
+    with pytest.raises(ValueError, match="loraa2 needs each client's factors"):
+        tiny_config(small_csv, method="loraa2", dp="client", dp_noise=1.0).validate()
     m = make_method("loraa2", lr_ratio=5)
     assert m.trained(1) == "B" and m.trained(2) == "A" and m.trained(3) == "B"  # Algorithm 1: odd rounds train B
 
@@ -221,3 +222,75 @@ def test_budget_r_without_probe_effect_is_rolora(small_csv):
 def test_flower_in_process_round_resume_and_export(small_csv, tmp_path):
     cfg = tiny_config(small_csv, method="loraa2", client_ranks="1,2", rounds=3, fraction=0.67)
     flower_resume_and_export(cfg, tmp_path, KEYS)
+
+
+@pytest.mark.parametrize("average", ["all", "selected"])
+def test_the_secure_sum_of_dense_uploads_gives_the_plain_aggregate(small_csv, average):
+    """Each client's dense secure upload (start + ΔB ⊙ M and its mask as floats), summed with the round's weights, gives
+    through the rule the aggregate of the compact uploads (B- and A-rounds, budgets 1, 2, 3, both averages)."""
+    from fedlora.federation.protocol import RoundContext
+
+    cfg = tiny_config(small_csv, method="loraa2", rank=4, client_ranks="1,2,3", method_options=f"loraa2-average={average}")
+    sim = build(cfg).simulator
+    h, method = sim.handle, sim.method
+    seen, sent, starts = [], {}, {}
+    inner, inner_turn = method.aggregate, sim.turn
+
+    def spy(h_, ups, weights, current, ctx):
+        update = inner(h_, ups, weights, current, ctx)
+        seen.append((weights, dict(current), ctx, update))
+        return update
+
+    def turn(h_, method_, task, client, start, cfg_, rnd):
+        out = inner_turn(h_, method_, task, client, start, cfg_, rnd)
+        sent[(rnd, client.cid)], starts[(rnd, client.cid)] = out.upload, start
+        return out
+
+    method.aggregate, sim.turn = spy, turn
+    sim.run()
+    for rnd, (weights, current, ctx, update) in enumerate(seen, start=1):
+        dense = [method.secure_upload(h, sent[(rnd, p.cid)], starts[(rnd, p.cid)], rnd, p) for p in ctx.peers]
+        layout = method.secure_upload(h, method.upload(h, current, rnd), None, rnd)
+        assert {n: (t.shape, t.dtype) for n, t in dense[0].items()} == {n: (t.shape, t.dtype) for n, t in layout.items()}
+        mean = {n: sum(float(w) * u[n].double() for w, u in zip(weights, dense)).to(layout[n].dtype) for n in layout}
+        secure = inner(h, [mean], torch.ones(1, dtype=F64), current, RoundContext(rnd, ctx.seed, ctx.peers[:1]))
+        assert set(secure.broadcast) == set(update.broadcast)
+        for n, t in update.broadcast.items():
+            torch.testing.assert_close(secure.broadcast[n], t, rtol=1e-5, atol=1e-6)
+        trained = h.B_names() if rnd == 1 else h.A_names()
+        assert any(not torch.equal(update.broadcast[n], current[n]) for n in trained)
+
+
+def test_flower_secure_aggregation_bytes_are_the_dense_upload(small_csv, tmp_path):
+    """Under SecAgg+ every client's masked vector holds its weight and the dense upload, counted by hand: the trained
+    factor (N·d·r, A-rounds N·r·k), the head and the N×r mask; the run follows the plain Flower run."""
+    pytest.importorskip("flwr")
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from fedlora.flower.server_app import run_federation
+    from test_flower import InlineGrid
+
+    cfg = tiny_config(small_csv, method="loraa2", rank=4, clients=3, rounds=2)
+    plain = run_federation(InlineGrid(cfg), cfg.replace(out=str(tmp_path / "plain")))
+    seen = []
+
+    class Recording(InlineGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            seen.append(list(replies))
+            return replies
+
+    history = run_federation(Recording(cfg), cfg.replace(secure_aggregation=True, out=str(tmp_path / "secure")))
+    masked = [[sum(bytes_to_ndarray(b).size for b in r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS])
+               for r in batch] for batch in seen
+              if any(RECORD_KEY_CONFIGS in r.content.config_records and Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]
+                     for r in batch)]
+    assert len(masked) == 2
+    for counts, dim in zip(masked, (D, K)):
+        dense = MODULES * 4 * dim + HEAD + MODULES * 4
+        assert counts == [1 + dense] * 3  # the weight, then the dense upload
+    for s, p in zip(history, plain):
+        assert s["secure_aggregation"] is True and s["clients"] == p["clients"] and s["n_rejected"] == 0
+        assert s["bytes_up"] > 3 * 4 * (1 + MODULES * 4 * D + HEAD + MODULES * 4)  # at least the masked vectors
+        assert s["global_accuracy"] == pytest.approx(p["global_accuracy"], abs=0.1)

@@ -143,7 +143,8 @@ def canonical(labels: Tensor) -> list[int]:
 
 
 def spectral_clusters(tracked: list[dict[str, Tensor]], rank: int, seed: int) -> tuple[list[int], dict]:
-    """Cluster the clients by the subspaces of their tracked B̄ (module docstring): (labels, diagnostics)."""
+    """Cluster the clients by the subspaces of their tracked B̄ (module docstring): (labels, diagnostics: ``k`` = K*,
+    ``distances`` D, and where K* came from the eigengap ``eigenvalues`` and ``eigengap`` λ_{K*+1} − λ_{K*})."""
     n = len(tracked)
     dist = subspace_distances(tracked, rank)
     if n <= 2 or float(dist.max()) == 0.0:
@@ -152,7 +153,8 @@ def spectral_clusters(tracked: list[dict[str, Tensor]], rank: int, seed: int) ->
     K = eigengap_k(lam, n)
     X = vecs[:, :K]
     X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min(1e-12)
-    return canonical(kmeans(X, K, seed)), {"k": K, "distances": dist, "eigenvalues": lam}
+    gap = float(lam[K] - lam[K - 1]) if K < n else None  # λ_{K*+1} − λ_{K*}
+    return canonical(kmeans(X, K, seed)), {"k": K, "distances": dist, "eigenvalues": lam, "eigengap": gap}
 
 
 def orthogonality(P: Tensor, B: Tensor) -> Tensor:

@@ -213,7 +213,7 @@ class PrivacySettings(Part):
 
     def _check_secure(self, run: RunConfig) -> None:
         """Secure aggregation gives the server one weighted sum: only a rule that needs nothing else can run on it."""
-        if not run.method_object().is_linear():
+        if not run.method_object().secure_summable():
             raise ValueError(f"secure aggregation: method {run.method} needs each client's factors, not only their sum; "
                              "pick a linear method (fedit, ffa, fedsa, …: `fedlora methods`) or drop secure-aggregation")
         ranks = run.ranks()

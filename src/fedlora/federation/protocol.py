@@ -15,12 +15,14 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
   :meth:`Method.setup_upload` on every client, :meth:`Method.setup_aggregate` on the server, which sees who sent
   what (Fed-SB's federated gradient init; FedLEASE's round-0 LoRA, clustering and expert init; ``deliver`` then
   gives each client its own part);
+- server, each round: :meth:`Method.participants` (who trains besides the seeded sample: HiLoRA's probe round);
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
   client), :meth:`Method.private`, :meth:`Method.learning_rates` (per-trainable multipliers of the local lr),
   :meth:`Method.before_training` (a probe before the round's training: LoRA-A²'s rank selection),
   :meth:`Method.loss_term`, :meth:`Method.after_step` (after every optimizer step: LoRA-A²'s mask reset),
   :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
-  client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras`;
+  client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras` (evaluation-only tensors: FedSA's
+  B, FedLEASE's router), :meth:`Method.secure_upload` (what it adds to a SecAgg+ sum instead: LoRA-A²'s dense factor);
 - server: :meth:`Method.receive` (an upload read into the trainables' layout, before screening: LoRA-A²'s selected
   columns and mask; bytes are counted from what was sent, with :meth:`Method.side_bytes` declaring non-factor
   side information); :meth:`Method.aggregate` → :class:`ServerUpdate`; :meth:`Method.deliver` (what client ``peer``
@@ -242,6 +244,17 @@ class Method:
         """Whether this instance (with its options) needs only the weighted sum of the uploads."""
         return self.linear
 
+    def secure_summable(self) -> bool:
+        """Whether secure aggregation can carry this instance: its server needs only the weighted sum of what
+        :meth:`secure_upload` gives (a linear method: of the uploads themselves)."""
+        return self.is_linear()
+
+    def secure_upload(self, h: AdapterHandle, upload: Tensors, start: Tensors | None, rnd: int, peer: Peer | None = None) -> Tensors:
+        """What client ``peer`` adds to a secure sum in place of its round-``rnd`` ``upload`` (``start``: what it
+        started the round from); with ``start`` None, ``upload`` is the layout ``upload(h, tensors, rnd)`` gives and the
+        result is the secure sum's layout. The upload itself by default; LoRA-A²: its dense masked factor and mask."""
+        return upload
+
     # ---- ranks ------------------------------------------------------------------------------------------------
     @classmethod
     def ranks(cls, rank: int, given: list[int] | None, clients: int) -> tuple[int, list[int] | None]:
@@ -277,6 +290,12 @@ class Method:
 
     def schedule(self, rounds: int, clients: int = 0) -> None:
         """Told the run's number of rounds and of clients once, before round 1 (HiLoRA's stages and clustering)."""
+
+    def participants(self, rnd: int, sampled: list[int], clients: int) -> list[int]:
+        """The clients that train in round ``rnd`` (ascending), given the round's seeded sample ``sampled`` of
+        ``clients``: the sample itself by default; HiLoRA adds, in its switch round, the clients never sampled in its
+        root stage (their probe round). The simulator and the Flower strategy both ask it, after sampling."""
+        return sampled
 
     # ---- state kept on the server across rounds (checkpointed) -------------------------------------------------
     def server_state(self) -> Tensors:

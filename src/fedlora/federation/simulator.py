@@ -56,7 +56,7 @@ from fedlora.federation.traffic import RoundBytes, Traffic, nbytes
 __all__ = [
     "ClientResult", "FederationConfig", "SecureSum", "SimClient", "Simulator", "check_server_memory", "client_turn",
     "client_weights", "finish_metrics", "layer_metrics", "linear_methods", "local_optimizer", "mean_pairwise_cosine",
-    "nbytes", "round_seed", "sample_clients", "sample_round", "screen", "server_memory_bytes", "similarity_metrics",
+    "nbytes", "round_clients", "round_seed", "sample_clients", "sample_round", "screen", "server_memory_bytes", "similarity_metrics",
     "train_local", "round_lr", "LR_SCHEDULES",
 ]
 
@@ -163,6 +163,12 @@ def sample_round(n_clients: int, cfg: FederationConfig, rnd: int) -> list[int]:
     if cfg.privacy.client_level:
         return sample_poisson(n_clients, cfg.fraction, round_seed(cfg.seed, rnd, -3))
     return sample_clients(n_clients, cfg.fraction, cfg.seed, rnd)
+
+
+def round_clients(n_clients: int, cfg: FederationConfig, rnd: int, method: Method) -> list[int]:
+    """Who trains in round ``rnd``: the seeded sample (:func:`sample_round`) as the method extends it
+    (:meth:`Method.participants`: HiLoRA's probe round)."""
+    return method.participants(rnd, sample_round(n_clients, cfg, rnd), n_clients)
 
 
 def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationConfig, seed: int,

@@ -139,9 +139,9 @@ class Instant:
         self.sim = sim
 
     def select(self, rnd: int) -> list[int]:
-        from fedlora.federation.simulator import sample_round
+        from fedlora.federation.simulator import round_clients
 
-        return sample_round(len(self.sim.clients), self.sim.config, rnd)
+        return round_clients(len(self.sim.clients), self.sim.config, rnd, self.sim.method)
 
     def finish(self, rnd: int, results: list) -> list:
         return results
@@ -169,15 +169,16 @@ class Systems(Instant):
     def select(self, rnd: int) -> list[int]:
         """The round's sample (the plain run's), or over-selected: the first ceil(F·m) of the same seeded order, a
         superset of the plain sample; clients offline at the round's start are dropped now, untrained."""
-        from fedlora.federation.simulator import sample_clients, sample_round
+        from fedlora.federation.simulator import round_clients, sample_clients
 
         sim, cfg = self.sim, self.config
         if cfg.over_select > 1:  # (refused under client-level DP, whose Poisson sample stays the plain run's)
             m = max(1, int(round(sim.config.fraction * len(sim.clients))))
             count = min(len(sim.clients), math.ceil(cfg.over_select * m - 1e-9))
-            selected = sample_clients(len(sim.clients), sim.config.fraction, sim.config.seed, rnd, count=count)
+            selected = sim.method.participants(rnd, sample_clients(len(sim.clients), sim.config.fraction, sim.config.seed, rnd,
+                                                                   count=count), len(sim.clients))
         else:
-            selected = sample_round(len(sim.clients), sim.config, rnd)
+            selected = round_clients(len(sim.clients), sim.config, rnd, sim.method)
             m = len(selected)
         offline = [cid for cid in selected if not cfg.availability.online(cid, rnd, self.clock)]
         self._round = {"selected": selected, "target": m, "drops": [Drop(cid, "offline", 0.0, 0, 0) for cid in offline],

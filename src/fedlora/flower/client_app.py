@@ -128,7 +128,8 @@ def train(msg: Message, context: Context) -> Message:
     save_durable(context, config, cid)
     if LEGACY_FIT in msg.content.config_records:  # secure aggregation: a legacy fit reply that secaggplus_mod masks
         weight = result.n_train if config.weighting == "examples" else 1
-        arrays = reply_arrays(result.upload, result.extras, config.secagg_clip, cid)
+        upload = method.secure_upload(h, result.upload, current | private, rnd, peer)  # LoRA-A²: dense
+        arrays = reply_arrays(upload, result.extras, config.secagg_clip, cid)
         metrics = {"partition-id": cid, "n-train": result.n_train, "n-test": result.n_test,
                    "local-accuracy": float(result.local_accuracy), "train-loss": float(result.train_loss)}
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)

@@ -9,7 +9,7 @@ This module drives one fedlora round through it:
   the unmasked result. Every client's fit message carries fedlora's own train records (the round, the broadcasts
   it has not applied, its last accepted round) beside the workflow's, merged in by :class:`_Workflow`.
 * Each client uploads ``[w, w·x]`` with ``w`` its weight (training examples, or 1 under uniform weighting) and
-  ``x`` its upload and eval extras flattened in a fixed order; the server learns ``Σ w·x / Σ w``, the weighted
+  ``x`` its upload (``Method.secure_upload``: LoRA-A²'s dense) and eval extras flattened in a fixed order; the server learns ``Σ w·x / Σ w``, the weighted
   mean the simulator's linear rule computes from the individual uploads, and nothing per client but its scores
   (local accuracy, train loss, example counts, which travel in the clear).
 * Precision: every value is clipped to ``±secagg-clip`` and stochastically quantised in 2^22 steps, so one client's
@@ -181,7 +181,7 @@ def secure_round(strategy, grid: Grid, rnd: int, started: float, *, timeout: flo
                                         local_accuracy=float(m["local-accuracy"]), train_loss=float(m["train-loss"])))
         h, method = sim.handle, sim.method
         start = sim.held[results[0].cid]
-        like = method.upload(h, start, rnd) | method.eval_extras(h, start)
+        like = method.secure_upload(h, method.upload(h, start, rnd), None, rnd) | method.eval_extras(h, start)
         mean = unflatten(parameters_to_ndarrays(shim.results[0][1].parameters), layout(like), like)
         sim.traffic.record_protocol(counting.up, counting.down)
         secure = SecureSum(mean)

@@ -1,6 +1,6 @@
 """The Flower strategy: :class:`~fedlora.federation.simulator.Simulator`'s round, with the clients on SuperNodes.
 
-A thin adapter. Sampling is the simulator's seeded :func:`sample_round` over partition ids; the server half of
+A thin adapter. Sampling is the simulator's seeded :func:`round_clients` over partition ids; the server half of
 the round is :meth:`Simulator.close_round`, the very code ``Simulator.round`` runs (screening, the method object's
 ``aggregate``, the same divergence, bound and byte counts, the method's ``fold``/``take`` on the server's own model,
 the global score, the metrics line). What each client receives is the method's ``deliver`` for that client (its
@@ -25,7 +25,7 @@ from flwr.supercore import log
 
 from fedlora.app.experiment import Experiment
 from fedlora.federation.screening import Rejection
-from fedlora.federation.simulator import ClientResult, round_seed, sample_round
+from fedlora.federation.simulator import ClientResult, round_clients, round_seed
 from fedlora.flower.client_app import STATE_LOST, STATE_NONE
 from fedlora.flower.records import (
     CONFIG,
@@ -221,7 +221,7 @@ class FedLoRAStrategy:
         round whose result the server accepted from it (so it keeps only accepted private state, as the simulator)."""
         cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
         messages = []
-        self.sampled = sample_round(len(self.sim.clients), cfg, rnd)
+        self.sampled = round_clients(len(self.sim.clients), cfg, rnd, method)
         for cid in self.sampled:
             if cid in self.snapshot:  # its state is gone: the state it should hold now, instead of the broadcasts
                 current = self.sim.held[cid]

@@ -42,9 +42,14 @@ class FedLEASE(Method):
     - The router is private and zero-initialised (at start only expert c is chosen, weight M/(2M−1)); it sees the
       layer's input after the adapter's dropout, as the experts do. ``--fedlease-router cluster`` is not offered.
     - Global score: the mean over all clients of their own model (experts, router) on the global test set; the
-      server's own model (the largest cluster's routing, zero router) is not scored and not exported.
+      server's own model (the largest cluster's routing, zero router) is not scored and not exported. To score it
+      the server needs each router: a client sends its private state (router, slot map, a private head) with its
+      upload as ``eval_extras``, evaluation-only traffic not counted in the bytes (FedSA's B reaches the server the
+      same way), never aggregated nor broadcast; the server keeps each client's last accepted one (checkpointed
+      with the server state). So the score is the same in-process and on Flower, where the router otherwise stays
+      in the SuperNode's state; a router that must never leave the client cannot be scored this way.
     - Not linear in the sense secure aggregation needs (the server sums per cluster, so it must see who is in which),
-      not exact. LoRA and rsLoRA; one rank for all clients. In-process only (see ``in_process_only``).
+      not exact. LoRA and rsLoRA; one rank for all clients.
     """
 
     name = "fedlease"
@@ -56,7 +61,6 @@ class FedLEASE(Method):
     exactness = "personalised"
     personalised = True
     server_opt = SERVER_OPT_FACTORS
-    in_process_only = "its global score is every client's own model with its private router, which a Flower server never receives"
     no_global_model = ("fedlease has no one global model to load: each client mixes the shared experts with its own router; "
                        "resume the run's checkpoint (each client's experts, cluster and router are there) and score a client's own state")
     unsupported = {kind: _STRUCTURE.format(name) for kind, name in (("dora", "DoRA"), ("vera", "VeRA"), ("hira", "HiRA"))}
@@ -68,6 +72,7 @@ class FedLEASE(Method):
             raise ValueError(f"fedlease-max-experts={self.settings['max_experts']} is below 1; pass e.g. 8")
         self.experts = 1  # M, known once round 0 is applied (or read back from the global state)
         self._untrained: set[str] = set()
+        self.scoring: dict[int, dict] = {}  # cid -> its private state as last accepted (router, slots, own head): scores only
 
     def prepare(self, model, spec, seed):
         install_experts(model, self.settings["max_experts"])
@@ -153,8 +158,23 @@ class FedLEASE(Method):
         private = set(self.private(h)) | (experts - mine)
         return {n: t for n, t in tensors.items() if n not in private}
 
+    def eval_extras(self, h, tensors):
+        """The client's private state (router, slot map, a private head), sent only to score its own model."""
+        return {n: tensors[n] for n in self.private(h)}
+
     def scored_states(self, held, private):
-        return [held[c] | private.get(c, {}) for c in sorted(held)]
+        """Each client's own model: what it holds of the experts and its private state as the server last received it
+        (``eval_extras``, the same tensors in-process and on Flower); a client never accepted: its zero router."""
+        return [held[c] | self.scoring.get(c, {}) for c in sorted(held)]
+
+    def server_state(self):
+        return {f"scoring/{c}/{n}": t for c, state in self.scoring.items() for n, t in state.items()}
+
+    def load_server_state(self, tensors):
+        self.scoring = {}
+        for key, t in tensors.items():
+            owner, _, name = key.removeprefix("scoring/").partition("/")
+            self.scoring.setdefault(int(owner), {})[name] = t
 
     # -- server side ------------------------------------------------------------------------------------------------
     def comm_options(self, rnd):
@@ -167,6 +187,10 @@ class FedLEASE(Method):
 
     def aggregate(self, h, uploads, weights, current, ctx):
         _, self.experts = self.cluster_of(current[self.slot_names(h)[0]])
+        mine = set(self.private(h))
+        for peer, u in zip(ctx.peers, uploads):  # the eval extras: kept to score each client's own model
+            self.scoring[peer.cid] = {n: t.detach().clone() for n, t in u.items() if n in mine}
+        uploads = [{n: t for n, t in u.items() if n not in mine} for u in uploads]
         owner = self.trained_experts(h, uploads)
         new = dict(current)
         for n in h.other_names:  # the head, averaged over every sampled client that sent it (FedIT)

@@ -37,8 +37,13 @@ class LoRAA2(Method):
     ``--loraa2-lr-ratio 5`` multiplies the lr of B (``--lr`` is η_A; the head trains at ``--lr``).
 
     Exact (A shared and frozen): ``B^{t+1}A − B^tA = Σ_u w_u (B_u − B^t) A``. One rank for all clients. The rule is
-    a weighted sum, but the compact upload (columns chosen per client) cannot be summed securely as sent; secure
-    aggregation and client-level DP are refused (METHODS.md's dense SecAgg upload is not implemented). Adapters:
+    a weighted sum, but the compact upload (columns chosen per client) cannot be summed securely as sent. Under
+    secure aggregation (Flower's SecAgg+) each client adds instead its dense trained factor ``B^t + ΔB_u ⊙ M_u``
+    (d×r per module; A-rounds r×k) and its N×r mask as floats (``secure_upload``): no saving, as METHODS.md says. The
+    server's mean factor is then ``B^t + Σ_u w_u ΔB_u ⊙ M_u`` itself (Σ w = 1), the rule's result; with
+    ``--loraa2-average selected`` the mean mask is each component's ``Σ_u w_u M_{u,i}`` to renormalise by. The
+    budget is then not enforced by the server (it sees no single mask). Client-level DP is refused (it would clip
+    the compact uploads). Adapters:
     LoRA, rsLoRA and HiRA (their B columns and A rows are rank components); DoRA and VeRA are refused. No public
     code exists to compare with."""
 
@@ -66,7 +71,10 @@ class LoRAA2(Method):
 
     @classmethod
     def linear_text(cls) -> str:
-        return "masked sum (no secure sum: compact uploads)"
+        return "masked sum (secure sum: dense upload)"
+
+    def secure_summable(self):
+        return True
 
     @classmethod
     def ranks(cls, rank, given, clients):
@@ -197,14 +205,40 @@ class LoRAA2(Method):
             raise ValueError(f"it sends {surplus[0]!r}, no factor this round trains")
         return out | {MASK: masks}
 
+    # ---- secure aggregation: dense uploads -----------------------------------------------------------------------
+    def secure_upload(self, h, upload, start, rnd, peer=None):
+        """The dense trained factor (start + ΔB ⊙ M: the compact upload decoded as the server's ``receive`` does) and
+        the N×r mask as float32, both summable; ``start`` None: the layout (the dense factor and an N×r mask)."""
+        dense = dict(upload) if start is None else self.receive(h, upload, start, rnd, peer)
+        return dense | {MASK: dense[MASK].to(torch.float32)}
+
+    def _from_secure_mean(self, h, mean, current, rnd):
+        """The secure sum's weighted mean as the one input of the dense rule: its factor is already
+        ``B^t + Σ_u w_u ΔB_u ⊙ M_u`` (Σ w = 1); ``--loraa2-average selected`` divides each rank component's update by
+        its share of selectors ``Σ_u w_u M_{u,i}`` (the mean of the masks; none: unchanged)."""
+        out = dict(mean)
+        if self.settings["average"] != "selected":
+            return out
+        shares = mean[MASK].to(torch.float64)
+        for i, name in enumerate(self._names(h, rnd).values()):
+            dim, start = h.rank_dim[name], current[name].to(torch.float64)
+            c = torch.where(shares[i] > 0, 1.0 / shares[i].clamp_min(1e-300), torch.zeros_like(shares[i])).to(start.device)
+            c = c[None, :] if dim == 1 else c[:, None]
+            out[name] = (start + (mean[name].to(torch.float64) - start) * c).to(mean[name].dtype)
+        return out
+
     def aggregate(self, h, uploads, weights, current, ctx):
         trained, rnd = self.trained(ctx.number), ctx.number
         new, layers = dict(current), {}
+        secure = len(uploads) == 1 and uploads[0][MASK].is_floating_point()  # a secure sum's mean (secure_upload)
+        if secure:
+            uploads = [self._from_secure_mean(h, uploads[0], current, rnd)]
         B0, A0 = h.factors(current)
         for i, (m, k) in enumerate(h.keys.items()):
             Bs = [u[k.B] for u in uploads] if trained == "B" else [B0[m]] * len(uploads)
             As = [u[k.A] for u in uploads] if trained == "A" else [A0[m]] * len(uploads)
-            layers[m] = aggregate(self.rule, Bs, As, weights, name=m, trained=trained, masks=[u[MASK][i] for u in uploads],
+            masks = None if secure else [u[MASK][i] for u in uploads]
+            layers[m] = aggregate(self.rule, Bs, As, weights, name=m, trained=trained, masks=masks,
                                   average=self.settings["average"], start=current[self._names(h, rnd)[m]])
         h.write_factors(layers, uploads, new, B=trained == "B", A=trained == "A")
         for n in h.other_names:  # the head (and any other shared trainable), averaged
