@@ -120,8 +120,9 @@ def test_traits_options_and_refusals_in_one_line():
             make_method("ilora", adapter)
     with pytest.raises(ValueError, match="option ilora-truncate='lu' of method ilora is not one of qr, svd"):
         make_method("ilora", truncate="lu")
-    with pytest.raises(ValueError, match="option ilora-cv='scaffold' of method ilora is not one of off"):
-        make_method("ilora", cv="scaffold")
+    assert make_method("ilora").settings["cv"] == "scaffold"  # METHODS.md's default
+    with pytest.raises(ValueError, match="option ilora-cv='saga' of method ilora is not one of scaffold, off"):
+        make_method("ilora", cv="saga")
 
 
 # ---- the protocol on the tiny model --------------------------------------------------------------------------
@@ -177,9 +178,9 @@ def run_recording(sim):
     return rounds
 
 
-@pytest.mark.parametrize("adapter,ranks", [("lora", "2,4,3"), ("rslora", "")])
-def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, adapter, ranks):
-    cfg = tiny_config(small_csv, method="ilora", adapter=adapter, client_ranks=ranks)
+@pytest.mark.parametrize("adapter,ranks,cv", [("lora", "2,4,3", "scaffold"), ("rslora", "", "off")])
+def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, adapter, ranks, cv):
+    cfg = tiny_config(small_csv, method="ilora", adapter=adapter, client_ranks=ranks, method_options=f"ilora-cv={cv}")
     sim = build(cfg).simulator
     h = sim.handle
     s = h.spec.scale_at(h.rank)
@@ -199,8 +200,9 @@ def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, 
                 view = sim.held[p.cid]
                 got = p.scale * view[k.B].double() @ view[k.A].double()
                 torch.testing.assert_close(got, dense_qr_truncation(M, p.rank)[1], atol=2e-5, rtol=0)
-        up = sum(F32 * (MODULES * sim.peers[c].rank * (D + K) + HEAD) for c in metrics["clients"])
-        down = sum(F32 * (MODULES * p.rank * (D + K) + HEAD) for p in sim.peers)
+        twice = 2 if cv == "scaffold" else 1  # the control variates: Δc_u up, c[:r_u] down, r_u(d+k) per matrix each
+        up = sum(F32 * (twice * MODULES * sim.peers[c].rank * (D + K) + HEAD) for c in metrics["clients"])
+        down = sum(F32 * (twice * MODULES * p.rank * (D + K) + HEAD) for p in sim.peers)
         assert metrics["bytes_up"] == up and metrics["bytes_down"] == down
     from fedlora.flower.server_app import run_federation
     from test_flower import InlineGrid, assert_same_history
