@@ -36,11 +36,11 @@ def test_freezing_block_1_does_not_freeze_blocks_10_and_11():
     modules = [f"bert.encoder.layer.{b}.attention.self.{m}" for b in range(12) for m in ("query", "value")]
     method.blocks = {m: block_of(m) for m in modules}
     h = SimpleNamespace(keys={m: ModuleKeys(B=f"{m}.B", A=f"{m}.A") for m in modules})
-    method.allocated = lambda rnd, cid: {10, 11}  # client trains blocks 10 and 11 only
+    method.allocated = lambda rnd, cid, start=None: {10, 11}  # client trains blocks 10 and 11 only
     frozen = set(method.frozen(h, 1, peer=Peer(0, R, 1.0)))
     for m in modules:
         assert (f"{m}.B" in frozen) == (block_of(m) not in (10, 11)), m
-    method.allocated = lambda rnd, cid: {1}  # block 1 trains; 10 and 11 (names containing "1") stay frozen
+    method.allocated = lambda rnd, cid, start=None: {1}  # block 1 trains; 10 and 11 (names containing "1") stay frozen
     frozen = set(method.frozen(h, 1, peer=Peer(0, R, 1.0)))
     for m in modules:
         assert (f"{m}.A" in frozen) == (block_of(m) != 1), m
@@ -53,7 +53,7 @@ def test_layer_probabilities_follow_the_patterns():
     torch.testing.assert_close(layer_probabilities(4, "uniform"), torch.full((4,), 0.25, dtype=F64))
     torch.testing.assert_close(layer_probabilities(4, "triangle"), torch.tensor([1, 2, 3, 4], dtype=F64) / 10)
     torch.testing.assert_close(layer_probabilities(4, "inverted"), torch.tensor([4, 3, 2, 1], dtype=F64) / 10)
-    with pytest.raises(ValueError, match="unknown Fed-HeLLo pattern 'fim'"):
+    with pytest.raises(ValueError, match="Fed-HeLLo pattern 'fim' has no fixed probabilities"):
         layer_probabilities(4, "fim")
 
 
@@ -154,8 +154,10 @@ def test_refusals_are_one_line(small_csv):
         make_method("fedhello", "dora")
     with pytest.raises(ValueError, match="fedhello-layers='0,2' is not a list of block counts"):
         make_method("fedhello", layers="0,2")
-    with pytest.raises(ValueError, match="option fedhello-pattern='fim' of method fedhello is not one of"):
-        make_method("fedhello", pattern="fim")
+    with pytest.raises(ValueError, match="option fedhello-pattern='fisher' of method fedhello is not one of"):
+        make_method("fedhello", pattern="fisher")
+    with pytest.raises(ValueError, match=r"option fedhello-fim-every=0 of method fedhello must be in \[1, inf\)"):
+        make_method("fedhello", pattern="fim", fim_every=0)
     from fedlora.federation import parse_method_options
 
     assert parse_method_options("fedhello", "fedhello-layers=6,9,12,fedhello-pattern=uniform") == {"layers": "6,9,12", "pattern": "uniform"}

@@ -18,6 +18,7 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
   client), :meth:`Method.private`, :meth:`Method.learning_rates` (per-trainable multipliers of the local lr),
   :meth:`Method.before_training` (a probe before the round's training: LoRA-A²'s rank selection),
+  :meth:`Method.probe` (a measurement on the client's data sent with its upload: Fed-HeLLo's Fisher scores),
   :meth:`Method.loss_term`, :meth:`Method.step_correction` (a direction added to every optimizer step: ILoRA's
   control variates), :meth:`Method.after_step` (after every optimizer step: LoRA-A²'s mask reset),
   :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
@@ -203,14 +204,17 @@ class Method:
     server_opt_refusal: ClassVar[str] = "it declares no coordinates a server optimiser could step (Method.server_opt)"
 
     # Hooks that grew an argument (wave 3): an override written before it (a plug-in) is wrapped to drop it.
-    _grown: ClassVar[dict[str, str]] = {"frozen": "peer", "upload": "peer", "deliver": "seed", "setup_aggregate": "peers"}
+    _grown: ClassVar[dict[str, tuple[str, ...]]] = {"frozen": ("peer", "start"), "upload": ("peer",), "deliver": ("seed",),
+                                                    "setup_aggregate": ("peers",)}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        for hook, arg in Method._grown.items():
+        for hook, grown in Method._grown.items():
             fn = cls.__dict__.get(hook)
-            if fn is not None and arg not in inspect.signature(fn).parameters:
-                setattr(cls, hook, _dropping(fn, arg))
+            for arg in grown:
+                if fn is not None and arg not in inspect.signature(fn).parameters:
+                    fn = _dropping(fn, arg)
+                    setattr(cls, hook, fn)
 
     def __init__(self, *, keep_head_local: bool | None = None, client_ranks: list[int] | None = None, **options):
         # ``--client-ranks`` as given (cycled over clients), for a method that reads it as something other than
@@ -329,10 +333,19 @@ class Method:
             views[peer.rank] = h.truncate(initial, peer.rank)
         return views[peer.rank]
 
-    def frozen(self, h: AdapterHandle, rnd: int, peer: Peer | None = None) -> list[str]:
+    def frozen(self, h: AdapterHandle, rnd: int, peer: Peer | None = None, start: Tensors | None = None) -> list[str]:
         """Trainables client ``peer`` must not change in round ``rnd`` (FFA: the shared A0; Fed-HeLLo: the blocks not
-        allocated to it). ``peer`` is None where no client is meant (the server's own model): what all clients freeze."""
+        allocated to it). ``peer`` is None where no client is meant (the server's own model): what all clients freeze.
+        ``start``: on a client, what it starts the round from, its :data:`STATE` tensors included (Fed-HeLLo's FIM
+        allocation, received with a broadcast); None on the server, which answers from its own state."""
         return []
+
+    def probe(self, h: AdapterHandle, peer: Peer, rnd: int, task, train, cfg) -> Tensors:
+        """Client ``peer``'s measurement on its start model before round ``rnd``'s training, with its training split
+        ``train`` (``task.loss`` on ``train.batch(index, cfg.device)``): :data:`STATE`-keyed tensors sent with its
+        upload (Fed-HeLLo's per-block Fisher scores in a FIM round; declare their bytes in ``side_bytes`` and their
+        layout in ``upload``). Whatever it changes in the model (trainable flags, mode) it sets back. {} by default."""
+        return {}
 
     def private(self, h: AdapterHandle) -> list[str]:
         """Trainables each client keeps across its rounds instead of taking the global ones."""
@@ -491,6 +504,8 @@ class Method:
 
 def _dropping(fn: Callable, arg: str) -> Callable:
     """``fn`` (a hook override without keyword ``arg``) called without it."""
+    if arg in inspect.signature(inspect.unwrap(fn)).parameters:
+        return fn
 
     def hook(self, *args, **kwargs):
         kwargs.pop(arg, None)

@@ -219,7 +219,8 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     peer = peer_of(h, client, method)
     h.set({n: t for n, t in start.items() if not is_state(n)}, rank=peer.rank, scale=peer.scale)  # method state stays out
     h.set_trainable(h.trainable_names, True)
-    h.set_trainable(method.frozen(h, rnd, peer=peer), False)  # per round (RoLoRA alternates) and client (Fed-HeLLo)
+    h.set_trainable(method.frozen(h, rnd, peer=peer, start=start), False)  # per round (RoLoRA) and client (Fed-HeLLo)
+    probed = method.probe(h, peer, rnd, task, client.train, cfg)
     seed = round_seed(cfg.seed, rnd, client.cid)
     if cfg.lr_schedule != "constant":
         cfg = dataclasses.replace(cfg, lr=round_lr(cfg, rnd), lr_schedule="constant")
@@ -240,7 +241,7 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
         acc = task.evaluate(h.model, client.test, cfg.device)
     trained = h.get(rank=peer.rank)
     return ClientResult(
-        cid=client.cid, upload=method.upload(h, trained, rnd, start, peer=peer), extras=method.eval_extras(h, trained),
+        cid=client.cid, upload=method.upload(h, trained, rnd, start, peer=peer) | probed, extras=method.eval_extras(h, trained),
         private={n: trained[n] for n in method.private(h)} | method.client_state(h, peer, rnd, start, trained),
         n_train=len(client.train), n_test=len(client.test),
         local_accuracy=acc, train_loss=loss,
