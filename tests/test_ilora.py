@@ -331,7 +331,7 @@ def test_the_server_variate_and_each_clients_segment_in_a_run_by_hand(small_csv)
     """Two rounds, mixed ranks, a sampled subset: the server's c is ``rebase(c + (1/N) Σ pad(Δc_u), B', B)``; each
     client holds ``c[:r_u]`` in its view and keeps c_u with the B it started from; bytes = the declaration."""
     from fedlora.aggregation.ilora import rebase
-    from fedlora.federation.methods.ilora import BASIS, C, CU, DC
+    from fedlora.federation.methods.ilora import BASIS, CU, DC, C
 
     cfg = tiny_config(small_csv, method="ilora", client_ranks="2,4,3", fraction=0.67, rounds=2)
     sim = build(cfg).simulator

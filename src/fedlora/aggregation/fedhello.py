@@ -95,18 +95,28 @@ def block_scores(grads: Sequence[dict[str, Tensor]], blocks: dict[str, int], ord
     return out
 
 
-def kmeans_1d(x: Tensor, k: int, seed: int, iters: int = 100) -> tuple[Tensor, Tensor]:
-    """Lloyd's k-means of the values ``x`` (1-D), seeded: the initial centres are k distinct values drawn without
-    replacement by a generator seeded with ``seed`` (fewer distinct values than k: each is its own cluster, the rest
-    empty). Returns ``(levels, centres)`` with the clusters renumbered by ascending centre: level 0 has the lowest
-    centre (never the unsorted labels of the official code). An empty cluster keeps its centre."""
+def kmeans_1d(x: Tensor, k: int, seed: int, iters: int = 100, restarts: int = 10) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means of the values ``x`` (1-D), seeded: ``restarts`` runs (sklearn's n_init = 10), each from k
+    distinct values drawn without replacement by one generator seeded with ``seed``, the run of least inertia kept
+    (the first on a tie); fewer distinct values than k: each is its own cluster. Returns ``(levels, centres)`` with
+    the clusters renumbered by ascending centre: level 0 has the lowest centre (never the unsorted labels of the
+    official code). An empty cluster keeps its centre."""
     x = x.to(torch.float64).flatten()
     values = torch.unique(x)
-    gen = torch.Generator().manual_seed(int(seed))
     if len(values) <= k:
-        centres = values
-    else:
-        centres = values[torch.randperm(len(values), generator=gen)[:k]].sort().values
+        return _lloyd(x, values, iters)
+    gen = torch.Generator().manual_seed(int(seed))
+    best = None
+    for _ in range(restarts):
+        levels, centres = _lloyd(x, values[torch.randperm(len(values), generator=gen)[:k]].sort().values, iters)
+        inertia = float(((x - centres[levels]) ** 2).sum())
+        if best is None or inertia < best[0]:
+            best = inertia, levels, centres
+    return best[1], best[2]
+
+
+def _lloyd(x: Tensor, centres: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """Lloyd's iterations from ``centres``; ``(levels, centres)`` renumbered by ascending centre."""
     labels = torch.zeros(len(x), dtype=torch.long)
     for _ in range(iters):
         labels = (x[:, None] - centres[None, :]).abs().argmin(1)

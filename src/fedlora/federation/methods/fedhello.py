@@ -31,8 +31,8 @@ class FedHeLLo(Method):
     has fewer; drawn without replacement, seeded by run seed, round and client; one example per backward pass, model
     in eval mode, every block's factors differentiated whatever its allocation), and sends the L floats
     (``Method.probe``). The server averages them with the round's weights w, runs a 1-D k-means with 3 clusters
-    (seeded by run seed and round; initial centres drawn from the distinct scores; levels renumbered by ascending
-    centre, never the code's unsorted unseeded labels) and gives the levels weights 1, 2, 3, normalised over the
+    (seeded by run seed and round: 10 restarts from distinct scores drawn as initial centres, the least inertia
+    kept, as sklearn's n_init; levels renumbered by ascending centre, never the code's unsorted unseeded labels) and gives the levels weights 1, 2, 3, normalised over the
     blocks (the code's 1/27, 2/27, 1/9 are 1:2:3 over 27, and a weighted draw normalises them anyway). The
     probabilities (L floats, float32) go down with round t's broadcast and allocate from round t+1 on, until the
     next FIM round; before the first one the pattern is the default, bottleneck (METHODS.md: the code "switches to
