@@ -32,8 +32,9 @@ class FedHeLLo(Method):
     in eval mode, every block's factors differentiated whatever its allocation), and sends the L floats
     (``Method.probe``). The server averages them with the round's weights w, runs a 1-D k-means with 3 clusters
     (seeded by run seed and round: 10 restarts from distinct scores drawn as initial centres, the least inertia
-    kept, as sklearn's n_init; levels renumbered by ascending centre, never the code's unsorted unseeded labels) and gives the levels weights 1, 2, 3, normalised over the
-    blocks (the code's 1/27, 2/27, 1/9 are 1:2:3 over 27, and a weighted draw normalises them anyway). The
+    kept, as sklearn's n_init; levels renumbered by ascending centre, never the code's unsorted unseeded labels)
+    and gives the levels weights 1, 2, 3, normalised over the blocks (the code's 1/27, 2/27, 1/9 are 1:2:3 over
+    27, and a weighted draw normalises them anyway; fewer distinct scores than 3: their ranks are the levels). The
     probabilities (L floats, float32) go down with round t's broadcast and allocate from round t+1 on, until the
     next FIM round; before the first one the pattern is the default, bottleneck (METHODS.md: the code "switches to
     it after 50 rounds"). A client reads them from its start state (``frozen(…, start)``), the server from its own
@@ -49,8 +50,8 @@ class FedHeLLo(Method):
     title = "Fed-HeLLo (Zhang et al., TNNLS 2025)"
     rule = "fedhello"
     summary = "client u trains L_u blocks drawn with probabilities p_l; each block averaged over the clients that trained it"
-    up = "r(d+k) (allocated blocks only)"
-    down = "r(d+k)"
+    up = "r(d+k) (allocated blocks only; + L scores in a FIM round)"
+    down = "r(d+k) (+ L probabilities in a FIM round)"
     server_opt = SERVER_OPT_FACTORS
     needs_blocks = True
     unsupported = {"dora": "DoRA's magnitude vectors are averaged over every client, so a client would change blocks it does not train; "

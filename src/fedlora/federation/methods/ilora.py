@@ -64,8 +64,8 @@ class ILoRA(Method):
     rule = "ilora"
     summary = ("QR init of W0 with a frozen offset −T_u (round-1 model = W0); M = G + Σ w_u(s_uB_uA_u − T_u), "
                "truncated by QR of its first r columns (factor space); client u gets the nested rank-r_u truncation")
-    up = "r_u(d+k)"
-    down = "r_u(d+k)"
+    up = "r_u(d+k) (+ as much again for Δc_u under ilora-cv scaffold)"
+    down = "r_u(d+k) (+ as much again for the c segment under ilora-cv scaffold)"
     mixed_ranks = True
     server_opt_refusal = "its result is a new QR basis every round, so per-factor optimiser state would have no fixed coordinates"
     options = {
