@@ -233,7 +233,7 @@ def test_a_fim_run_by_hand_bytes_allocation_and_resume(small_csv, tmp_path):
     from fedlora.aggregation.fedhello import _seed, fim_probabilities
     from fedlora.federation.methods.fedhello import FIM, SCORES
 
-    cfg = tiny_config(small_csv, method="fedhello", method_options="fedhello-pattern=fim,fedhello-fim-every=1,fedhello-layers=1", rounds=3)
+    cfg = tiny_config(small_csv, method="fedhello", method_options="fedhello-pattern=fim,fedhello-fim-every=1,fedhello-layers=1", rounds=2)
     sim = build(cfg).simulator
     h, method = sim.handle, sim.method
     seen = spy_on(sim)
@@ -254,12 +254,12 @@ def test_a_fim_run_by_hand_bytes_allocation_and_resume(small_csv, tmp_path):
             down += MODULES * R * (D + K) + HEAD + 2  # the 2 probabilities
         assert (m["bytes_up"], m["bytes_down"]) == (F32 * up, F32 * down)
     for p in sim.peers:  # each client holds the last allocation it received; the server's model holds none
-        torch.testing.assert_close(sim.held[p.cid][FIM].double(), method.fim[4])
-    assert FIM not in sim.global_tensors and set(method.server_state()) == {"fim/2", "fim/3", "fim/4"}
+        torch.testing.assert_close(sim.held[p.cid][FIM].double(), method.fim[3])
+    assert FIM not in sim.global_tensors and set(method.server_state()) == {"fim/2", "fim/3"}
     resume_matches(cfg, tmp_path, KEYS, history)
 
 
 def test_fim_on_flower_equals_in_process(small_csv, tmp_path):
     cfg = tiny_config(small_csv, method="fedhello", method_options="fedhello-pattern=fim,fedhello-fim-every=1,fedhello-layers=1,2,1",
-                      rounds=3, fraction=0.67)
+                      rounds=2, fraction=0.67)  # a client sampled only in round 2 catches up on round 1's allocation
     flower_resume_and_export(cfg, tmp_path, KEYS)

@@ -42,7 +42,8 @@ class ILoRA(Method):
       m̂/(√v̂+ε). METHODS.md writes the shorthand ``(x_start − x_end)/(Kη)``; taken literally it would feed the
       correction c − c_u back into c_u, so the ``c_u − c`` term is SCAFFOLD's and ours. It uploads
       ``Δc_u = c_u⁺ − c_u``; the server sets ``c ← c + (1/N) Σ_{u∈S} pad(Δc_u)`` per rank segment (zeros beyond r_u;
-      N the run's clients) and sends client u the segment ``c[:r_u]`` with its factors. Variates exist for the
+      N the run's clients) and sends client u the segment ``c[:r_u]`` with its factors, not rescaled by s/s_u
+      as its A is (AdamW's step directions m̂/(√v̂+ε) do not scale with the factors). Variates exist for the
       factors B and A only (the head trains plainly). Round 1 has ``c = c_u = 0``: its training is plain AdamW, as
       ``--ilora-cv off``. Bytes: ``r_u(d+k)`` more up (Δc_u) and down (c[:r_u]) per matrix (``side_bytes``).
     - Re-basing (our choice): c and every c_u live in the coordinates of the factors they were computed against,
