@@ -361,3 +361,17 @@ def test_the_server_variate_and_each_clients_segment_in_a_run_by_hand(small_csv)
                 priv = sim.private[p.cid]
                 assert priv[CU + k.B].shape == (D, p.rank) and priv[BASIS + k.B].shape == (D, p.rank)
     assert set(method.server_state()) == {f"c/{n}" for k in h.keys.values() for n in (k.B, k.A)}
+
+
+def test_a_clients_own_model_loads_without_its_method_state(small_csv):
+    """The view and private state hold the variates (method state); loading client u's model takes its factors only."""
+    from fedlora.app.export import set_model
+
+    exp = build(tiny_config(small_csv, method="ilora", client_ranks="2,4", rounds=1))
+    exp.simulator.run()
+    assert any(n.startswith("state:") for n in exp.simulator.held[0]) and exp.simulator.private
+    for cid in (0, 1):
+        assert set_model(exp, cid) == f"client {cid}"
+        rank = exp.simulator.peers[cid].rank
+        for n, t in exp.simulator.handle.get(rank=rank).items():
+            assert torch.equal(t, exp.simulator.held[cid][n]), n
