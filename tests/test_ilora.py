@@ -120,8 +120,9 @@ def test_traits_options_and_refusals_in_one_line():
             make_method("ilora", adapter)
     with pytest.raises(ValueError, match="option ilora-truncate='lu' of method ilora is not one of qr, svd"):
         make_method("ilora", truncate="lu")
-    with pytest.raises(ValueError, match="option ilora-cv='scaffold' of method ilora is not one of off"):
-        make_method("ilora", cv="scaffold")
+    assert make_method("ilora").settings["cv"] == "scaffold"  # METHODS.md's default
+    with pytest.raises(ValueError, match="option ilora-cv='saga' of method ilora is not one of scaffold, off"):
+        make_method("ilora", cv="saga")
 
 
 # ---- the protocol on the tiny model --------------------------------------------------------------------------
@@ -177,9 +178,9 @@ def run_recording(sim):
     return rounds
 
 
-@pytest.mark.parametrize("adapter,ranks", [("lora", "2,4,3"), ("rslora", "")])
-def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, adapter, ranks):
-    cfg = tiny_config(small_csv, method="ilora", adapter=adapter, client_ranks=ranks)
+@pytest.mark.parametrize("adapter,ranks,cv", [("lora", "2,4,3", "scaffold"), ("rslora", "", "off")])
+def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, adapter, ranks, cv):
+    cfg = tiny_config(small_csv, method="ilora", adapter=adapter, client_ranks=ranks, method_options=f"ilora-cv={cv}")
     sim = build(cfg).simulator
     h = sim.handle
     s = h.spec.scale_at(h.rank)
@@ -199,8 +200,9 @@ def test_two_rounds_three_clients_in_process_and_on_flower(small_csv, tmp_path, 
                 view = sim.held[p.cid]
                 got = p.scale * view[k.B].double() @ view[k.A].double()
                 torch.testing.assert_close(got, dense_qr_truncation(M, p.rank)[1], atol=2e-5, rtol=0)
-        up = sum(F32 * (MODULES * sim.peers[c].rank * (D + K) + HEAD) for c in metrics["clients"])
-        down = sum(F32 * (MODULES * p.rank * (D + K) + HEAD) for p in sim.peers)
+        twice = 2 if cv == "scaffold" else 1  # the control variates: Δc_u up, c[:r_u] down, r_u(d+k) per matrix each
+        up = sum(F32 * (twice * MODULES * sim.peers[c].rank * (D + K) + HEAD) for c in metrics["clients"])
+        down = sum(F32 * (twice * MODULES * p.rank * (D + K) + HEAD) for p in sim.peers)
         assert metrics["bytes_up"] == up and metrics["bytes_down"] == down
     from fedlora.flower.server_app import run_federation
     from test_flower import InlineGrid, assert_same_history
@@ -231,3 +233,145 @@ def test_a_resumed_run_ends_with_the_uninterrupted_metrics_and_the_export_reprod
     model, _, _ = load_global_model(out)
     acc = ClassificationTask().evaluate(model, exp.simulator.global_test)
     assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)
+
+
+# ---- client control variates (--ilora-cv scaffold) -------------------------------------------------------------
+
+
+def test_the_corrected_step_by_hand_on_one_tensor_two_steps():
+    """``x ← x − η(m̂/(√v̂+ε) + c − c_u)`` with torch's AdamW (λ = 0) and the simulator's ``corrected`` hook, against
+    AdamW written out; then ``c_u⁺ = c_u − c + (x_start − x_end)/(Kη)`` is the mean of the uncorrected steps."""
+    from fedlora.aggregation.ilora import client_variate
+    from fedlora.federation.simulator import FederationConfig, corrected, local_optimizer
+
+    lr, eps, b1, b2 = 0.01, 1e-8, 0.9, 0.999
+    x0 = rand(3, 2, seed=20)
+    c, c_u = rand(3, 2, seed=21), rand(3, 2, seed=22)
+    target = rand(3, 2, seed=23)
+    x = torch.nn.Parameter(x0.clone())
+    opt = local_optimizer([x], FederationConfig(lr=lr))
+    hook = corrected({"x": x}, {"x": c - c_u}, {"x": lr}, lambda: None)
+    grads = []
+    for _ in range(2):  # loss ½‖x ∘ x − target‖² (a curved one: the two steps' gradients differ)
+        loss = 0.5 * ((x * x - target) ** 2).sum()
+        loss.backward()
+        grads.append(x.grad.detach().clone())
+        opt.step()
+        hook()
+        opt.zero_grad(set_to_none=True)
+    # by hand: the same two gradients, AdamW's bias-corrected moments, the correction added to each step
+    y, m, v, steps = x0.clone(), torch.zeros_like(x0), torch.zeros_like(x0), []
+    for t, g in enumerate(grads, start=1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        u = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        steps.append(u)
+        y = y - lr * (u + c - c_u)
+    torch.testing.assert_close(x.detach(), y, atol=1e-12, rtol=0)
+    new = client_variate(c_u, c, x0, x.detach(), 2, lr)
+    torch.testing.assert_close(new, (steps[0] + steps[1]) / 2, atol=1e-9, rtol=0)
+
+
+def test_server_variate_by_hand_with_mixed_ranks_pads_each_rank_segment():
+    from fedlora.aggregation.ilora import server_variate
+
+    r, N = 4, 5  # N: the run's clients, of whom three were sampled
+    cB, cA = rand(6, r, seed=30), rand(r, 7, seed=31)
+    dB = [rand(6, 2, seed=32), rand(6, 4, seed=33), rand(6, 3, seed=34)]
+    dA = [rand(2, 7, seed=35), rand(4, 7, seed=36), rand(3, 7, seed=37)]
+    B = server_variate(cB, dB, N, dim=1)
+    A = server_variate(cA, dA, N, dim=0)
+    for j in range(r):  # component j gets the deltas of the clients whose rank covers it, over N
+        want_B = cB[:, j] + sum(d[:, j] for d in dB if d.shape[1] > j) / N
+        want_A = cA[j] + sum(d[j] for d in dA if d.shape[0] > j) / N
+        torch.testing.assert_close(B[:, j], want_B, atol=1e-12, rtol=0)
+        torch.testing.assert_close(A[j], want_A, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="needs the run's number of clients"):
+        server_variate(cB, dB, 0, dim=1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(3, 9), rho=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_rebasing_is_a_change_of_coordinates_where_the_spans_agree_and_a_projection_otherwise(d, rho, seed):
+    from fedlora.aggregation.ilora import rebase
+
+    rho = min(rho, d)
+    B_old, _ = torch.linalg.qr(rand(d, rho, seed=seed))
+    O, _ = torch.linalg.qr(rand(rho, rho, seed=seed + 1))
+    B_new = B_old @ O  # the same span, new coordinates
+    A_old, cB, cA = rand(rho, 5, seed=seed + 2), rand(d, rho, seed=seed + 3), rand(rho, 5, seed=seed + 4)
+    nB, nA = rebase(cB, cA, B_new, B_old)
+    A_new = B_new.T @ B_old @ A_old  # the factors move by the same P: the product is kept
+    torch.testing.assert_close(B_new @ A_new, B_old @ A_old, atol=1e-10, rtol=0)
+    # the direction the variates give the product, δB·A + B·δA, is the same in either basis
+    torch.testing.assert_close(nB @ A_new + B_new @ nA, cB @ A_old + B_old @ cA, atol=1e-10, rtol=0)
+    if rho < d:  # a span orthogonal to the old one: nothing of an A-variate survives
+        other = torch.linalg.qr(torch.cat([B_old, rand(d, d, seed=seed + 5)], 1))[0][:, rho:rho + min(rho, d - rho)]
+        assert float(rebase(cB[:, :other.shape[1]], cA[:other.shape[1]], other, B_old[:, :other.shape[1]])[1].abs().max()) < 1e-10
+
+
+def test_first_round_of_scaffold_is_plain_adamw_and_off_is_unchanged(small_csv):
+    """With c = c_u = 0 (round 1) the corrected steps are AdamW's: the round's global model and metrics equal
+    ``--ilora-cv off``'s but for the bytes of the variates; from round 2 on they differ."""
+    runs = {}
+    for cv in ("off", "scaffold"):
+        sim = build(tiny_config(small_csv, method="ilora", client_ranks="2,4,3", method_options=f"ilora-cv={cv}")).simulator
+        runs[cv] = sim, [sim.round(1)]
+        runs[cv][1].append(dict(sim.global_tensors))
+        runs[cv][1].append(sim.round(2))
+    (off, (m_off, g_off, r2_off)), (on, (m_on, g_on, r2_on)) = runs["off"], runs["scaffold"]
+    for key in ("divergence", "train_loss", "global_accuracy", "local_accuracy"):
+        assert m_off[key] == m_on[key], key
+    assert g_off.keys() == g_on.keys() and all(torch.equal(g_off[n], g_on[n]) for n in g_off)
+    assert m_on["bytes_up"] > m_off["bytes_up"] and r2_off["train_loss"] != r2_on["train_loss"]
+    assert on.private and all(n.startswith("state:") for p in on.private.values() for n in p)
+    assert not off.private and not off.method.server_state()
+
+
+def test_the_server_variate_and_each_clients_segment_in_a_run_by_hand(small_csv):
+    """Two rounds, mixed ranks, a sampled subset: the server's c is ``rebase(c + (1/N) Σ pad(Δc_u), B', B)``; each
+    client holds ``c[:r_u]`` in its view and keeps c_u with the B it started from; bytes = the declaration."""
+    from fedlora.aggregation.ilora import rebase
+    from fedlora.federation.methods.ilora import BASIS, CU, DC, C
+
+    cfg = tiny_config(small_csv, method="ilora", client_ranks="2,4,3", fraction=0.67, rounds=2)
+    sim = build(cfg).simulator
+    h, method = sim.handle, sim.method
+    rounds, c = run_recording(sim), {}
+    for rec, metrics in zip(rounds, sim.history):
+        new = rec["update"].broadcast
+        for k in h.keys.values():
+            cur = rec["current"]
+            mid = {}
+            for n in (k.B, k.A):
+                dim = h.rank_dim[n]
+                total = c.get(n, torch.zeros_like(cur[n])).double()
+                for u in rec["uploads"]:
+                    d = u[DC + n].double()
+                    total = total + torch.nn.functional.pad(d, (0, h.rank - d.shape[1]) if dim == 1 else (0, 0, 0, h.rank - d.shape[0])) / 3
+                mid[n] = total
+            c[k.B], c[k.A] = rebase(mid[k.B], mid[k.A], new[k.B].double(), cur[k.B].double())
+            torch.testing.assert_close(new[C + k.B].double(), c[k.B], atol=1e-5, rtol=0)
+            torch.testing.assert_close(new[C + k.A].double(), c[k.A], atol=1e-5, rtol=0)
+        side = [method.side_bytes(h, metrics["round"], sim.peers[cid]) for cid in metrics["clients"]]
+        assert sum(s[0] for s in side) == sum(F32 * MODULES * sim.peers[cid].rank * (D + K) for cid in metrics["clients"])
+    for p in sim.peers:  # each client's view holds its segment of the last c; private: c_u and the B it started from
+        for k in h.keys.values():
+            torch.testing.assert_close(sim.held[p.cid][C + k.A].double(), c[k.A][:p.rank], atol=1e-5, rtol=0)
+            if p.cid in sim.private:
+                priv = sim.private[p.cid]
+                assert priv[CU + k.B].shape == (D, p.rank) and priv[BASIS + k.B].shape == (D, p.rank)
+    assert set(method.server_state()) == {f"c/{n}" for k in h.keys.values() for n in (k.B, k.A)}
+
+
+def test_a_clients_own_model_loads_without_its_method_state(small_csv):
+    """The view and private state hold the variates (method state); loading client u's model takes its factors only."""
+    from fedlora.app.export import set_model
+
+    exp = build(tiny_config(small_csv, method="ilora", client_ranks="2,4", rounds=1))
+    exp.simulator.run()
+    assert any(n.startswith("state:") for n in exp.simulator.held[0]) and exp.simulator.private
+    for cid in (0, 1):
+        assert set_model(exp, cid) == f"client {cid}"
+        rank = exp.simulator.peers[cid].rank
+        for n, t in exp.simulator.handle.get(rank=rank).items():
+            assert torch.equal(t, exp.simulator.held[cid][n]), n

@@ -103,3 +103,41 @@ def relative_error(L: Tensor, R_f: Tensor, B: Tensor, A: Tensor) -> float:
     """``‖M − B A‖_F / ‖M‖_F`` with ``M = L R_f`` (for tests and diagnostics; forms d×k)."""
     M = L.double() @ R_f.double()
     return float(torch.linalg.norm(M - B.double() @ A.double()) / torch.linalg.norm(M).clamp_min(1e-300))
+
+
+# ---- control variates (``--ilora-cv scaffold``; METHODS.md "ILoRA", client) -------------------------------------
+def rebase(cB: Tensor, cA: Tensor, B_new: Tensor, B_old: Tensor) -> tuple[Tensor, Tensor]:
+    """Variates of a factor pair expressed in the basis ``B_old`` (d×ρ, orthonormal columns) carried to ``B_new``
+    (d×ρ, orthonormal), by the projection ``P = B_newᵀ B_old`` (ρ×ρ) the factors themselves move by: where the spans
+    agree ``B_old = B_new P`` with P orthogonal, so a product ``B_old A = B_new (P A)`` and a direction on A becomes
+    ``P·dA``, one on B ``dB·Pᵀ`` (an exact change of coordinates); where they differ, P is a contraction and the part
+    of the variates outside the new span is dropped. Returns ``(cB Pᵀ, P cA)`` in the inputs' dtype (computed in float64)."""
+    P = B_new.to(torch.float64).T @ B_old.to(torch.float64)
+    return (cB.to(torch.float64) @ P.T).to(cB.dtype), (P @ cA.to(torch.float64)).to(cA.dtype)
+
+
+def pad_to(t: Tensor, rank: int, dim: int) -> Tensor:
+    """``t`` with zero components appended along ``dim`` up to ``rank``."""
+    if t.shape[dim] >= rank:
+        return t
+    shape = list(t.shape)
+    shape[dim] = rank - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def server_variate(c: Tensor, deltas: Sequence[Tensor], clients: int, dim: int) -> Tensor:
+    """SCAFFOLD's server step per rank segment: ``c + (1/N) Σ_u pad(Δc_u)``, each client's ``Δc_u`` (rank r_u along
+    ``dim``) padded with zeros to c's rank, N the total number of clients (not the round's)."""
+    if clients < 1:
+        raise ValueError("the control-variate update needs the run's number of clients (N ≥ 1)")
+    total = sum((pad_to(d.to(torch.float64), c.shape[dim], dim) for d in deltas), torch.zeros_like(c, dtype=torch.float64))
+    return (c.to(torch.float64) + total / clients).to(c.dtype)
+
+
+def client_variate(c_u: Tensor, c: Tensor, x_start: Tensor, x_end: Tensor, steps: int, lr: float) -> Tensor:
+    """SCAFFOLD option II in AdamW's step space: ``c_u⁺ = c_u − c + (x_start − x_end)/(Kη)``; after K steps
+    ``x ← x − η(u_k + c − c_u)`` this is the mean of the uncorrected steps u_k = m̂/(√v̂+ε) (η the step's lr)."""
+    if steps < 1 or not lr > 0:
+        raise ValueError(f"the control variate needs K ≥ 1 local steps and an lr > 0 (got K={steps}, lr={lr})")
+    move = (x_start.to(torch.float64) - x_end.to(torch.float64)) / (steps * lr)
+    return (c_u.to(torch.float64) - c.to(torch.float64) + move).to(x_end.dtype)

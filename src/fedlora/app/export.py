@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedlora.federation.protocol import is_state
+
 MANIFEST = "fedlora.json"
 # The package that holds an offline default base (``fedlora.json``'s ``offline_package``): where a user without the
 # hub finds the base that ``base_model_name_or_path`` names.
@@ -201,7 +203,8 @@ def set_model(exp, client: int | None) -> str:
         raise ValueError(f"client {client}'s private state stays on its SuperNode in a Flower run; collect it with "
                          "`fedlora export-private RUN --state-dir STATE_DIR` first")
     peer = sim.peers[ids.index(client)]
-    sim.handle.set(sim.held[client] | sim.private.get(client, {}), rank=peer.rank, scale=peer.scale)
+    own = sim.held[client] | sim.private.get(client, {})
+    sim.handle.set({n: t for n, t in own.items() if not is_state(n)}, rank=peer.rank, scale=peer.scale)  # not method state
     return f"client {client}"
 
 

@@ -19,10 +19,13 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
 - client: :meth:`Method.start` (round 1's start, from the initial state), :meth:`Method.frozen` (per round and
   client), :meth:`Method.private`, :meth:`Method.learning_rates` (per-trainable multipliers of the local lr),
   :meth:`Method.before_training` (a probe before the round's training: LoRA-A²'s rank selection),
-  :meth:`Method.loss_term`, :meth:`Method.after_step` (after every optimizer step: LoRA-A²'s mask reset),
+  :meth:`Method.probe` (a measurement on the client's data sent with its upload: Fed-HeLLo's Fisher scores),
+  :meth:`Method.loss_term`, :meth:`Method.step_correction` (a direction added to every optimizer step: ILoRA's
+  control variates), :meth:`Method.after_step` (after every optimizer step: LoRA-A²'s mask reset),
   :meth:`Method.local_training` (training that never leaves the client), :meth:`Method.local_scoring` (how the
   client's own model is scored), :meth:`Method.upload`, :meth:`Method.eval_extras` (evaluation-only tensors: FedSA's
-  B, FedLEASE's router), :meth:`Method.secure_upload` (what it adds to a SecAgg+ sum instead: LoRA-A²'s dense factor);
+  B, FedLEASE's router), :meth:`Method.secure_upload` (what it adds to a SecAgg+ sum instead: LoRA-A²'s dense factor),
+  :meth:`Method.client_state` (method state the client keeps, beside its private trainables: ILoRA's c_u);
 - server: :meth:`Method.receive` (an upload read into the trainables' layout, before screening: LoRA-A²'s selected
   columns and mask; bytes are counted from what was sent, with :meth:`Method.side_bytes` declaring non-factor
   side information); :meth:`Method.aggregate` → :class:`ServerUpdate`; :meth:`Method.deliver` (what client ``peer``
@@ -32,6 +35,11 @@ Hooks, in the order of a round (Flower's FedProx overrides one hook of FedAvg; s
 
 State a method keeps on the server across rounds (HiLoRA's tracked B̄, clusters and cluster LoRAs) goes into the
 checkpoint through :meth:`Method.server_state` and :meth:`Method.load_server_state`.
+
+Method state that travels like tensors but is no trainable (ILoRA's control variates) is keyed with the prefix
+:data:`STATE` (see :func:`is_state`): it may be in a delivery (``deliver``; a client's ``take`` keeps it in its view),
+in an upload and in a client's private state (``client_state``); it is counted in bytes like any tensor sent (declare
+it in ``side_bytes``), checkpointed with the view or private state that holds it, and never loaded into the model.
 
 Tensors are ``dict[str, Tensor]`` keyed by the PEFT parameter name (see :class:`fedlora.adapters.AdapterHandle`).
 May import :mod:`fedlora.adapters` and :mod:`fedlora.aggregation`.
@@ -58,6 +66,13 @@ Tensors = dict[str, Tensor]
 FOLD, FOLD_L, FOLD_R = "fold", "fold_L", "fold_R"
 # Method.server_opt: where a server optimiser steps the method's result (see there).
 SERVER_OPT_FACTORS, SERVER_OPT_FOLD = "factors", "fold"
+# The key prefix of method state carried beside the trainables (module docstring; ILoRA's control variates).
+STATE = "state:"
+
+
+def is_state(name: str) -> bool:
+    """Whether ``name`` keys method state (prefix :data:`STATE`), not a trainable of the model."""
+    return name.startswith(STATE)
 
 
 @dataclass(frozen=True)
@@ -191,14 +206,17 @@ class Method:
     server_opt_refusal: ClassVar[str] = "it declares no coordinates a server optimiser could step (Method.server_opt)"
 
     # Hooks that grew an argument (wave 3): an override written before it (a plug-in) is wrapped to drop it.
-    _grown: ClassVar[dict[str, str]] = {"frozen": "peer", "upload": "peer", "deliver": "seed", "setup_aggregate": "peers"}
+    _grown: ClassVar[dict[str, tuple[str, ...]]] = {"frozen": ("peer", "start"), "upload": ("peer",), "deliver": ("seed",),
+                                                    "setup_aggregate": ("peers",)}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        for hook, arg in Method._grown.items():
+        for hook, grown in Method._grown.items():
             fn = cls.__dict__.get(hook)
-            if fn is not None and arg not in inspect.signature(fn).parameters:
-                setattr(cls, hook, _dropping(fn, arg))
+            for arg in grown:
+                if fn is not None and arg not in inspect.signature(fn).parameters:
+                    fn = _dropping(fn, arg)
+                    setattr(cls, hook, fn)
 
     def __init__(self, *, keep_head_local: bool | None = None, client_ranks: list[int] | None = None, **options):
         # ``--client-ranks`` as given (cycled over clients), for a method that reads it as something other than
@@ -334,10 +352,19 @@ class Method:
             views[peer.rank] = h.truncate(initial, peer.rank)
         return views[peer.rank]
 
-    def frozen(self, h: AdapterHandle, rnd: int, peer: Peer | None = None) -> list[str]:
+    def frozen(self, h: AdapterHandle, rnd: int, peer: Peer | None = None, start: Tensors | None = None) -> list[str]:
         """Trainables client ``peer`` must not change in round ``rnd`` (FFA: the shared A0; Fed-HeLLo: the blocks not
-        allocated to it). ``peer`` is None where no client is meant (the server's own model): what all clients freeze."""
+        allocated to it). ``peer`` is None where no client is meant (the server's own model): what all clients freeze.
+        ``start``: on a client, what it starts the round from, its :data:`STATE` tensors included (Fed-HeLLo's FIM
+        allocation, received with a broadcast); None on the server, which answers from its own state."""
         return []
+
+    def probe(self, h: AdapterHandle, peer: Peer, rnd: int, task, train, cfg) -> Tensors:
+        """Client ``peer``'s measurement on its start model before round ``rnd``'s training, with its training split
+        ``train`` (``task.loss`` on ``train.batch(index, cfg.device)``): :data:`STATE`-keyed tensors sent with its
+        upload (Fed-HeLLo's per-block Fisher scores in a FIM round; declare their bytes in ``side_bytes`` and their
+        layout in ``upload``). Whatever it changes in the model (trainable flags, mode) it sets back. {} by default."""
+        return {}
 
     def private(self, h: AdapterHandle) -> list[str]:
         """Trainables each client keeps across its rounds instead of taking the global ones."""
@@ -364,6 +391,15 @@ class Method:
         whatever the hook changes in the model it must set back (``h.get`` before, ``h.set`` after): the round's
         training starts from the state it was given, with the same seeds."""
 
+    def step_correction(self, h: AdapterHandle, peer: Peer, rnd: int, start: Tensors, lr: float, steps: int) -> Tensors:
+        """Directions added to every optimizer step of client ``peer``'s round-``rnd`` training, by trainable name: after
+        each step (and before :meth:`after_step`) ``x ← x − η_x·d_x``, η_x the step's lr for x (the round's ``lr`` times
+        its :meth:`learning_rates` multiplier), so with AdamW the step is ``η(m̂/(√v̂+ε) + d)`` (weight decay is 0).
+        ``start``: what the client starts the round from, its :data:`STATE` keys included; ``steps``: the round's local
+        steps K. ILoRA: its control variates ``c[:r_u] − c_u`` (SCAFFOLD in AdamW's step space). {} (default): plain
+        steps. Not applied in :meth:`before_training`'s probe steps."""
+        return {}
+
     def after_step(self, h: AdapterHandle, peer: Peer, rnd: int) -> None:
         """After every optimizer step of client ``peer``'s round-``rnd`` training (LoRA-A² resets the components it
         did not select, which masks the whole update, weight decay included)."""
@@ -384,6 +420,13 @@ class Method:
         ``start`` is None (the server derives the expected upload layout that way)."""
         private = set(self.private(h)) | set(self.frozen(h, rnd, peer=peer))
         return {n: t for n, t in tensors.items() if n not in private}
+
+    def client_state(self, h: AdapterHandle, peer: Peer, rnd: int, start: Tensors, trained: Tensors) -> Tensors:
+        """Method state client ``peer`` keeps after round ``rnd``'s training, beside its private trainables, keyed with
+        :data:`STATE` (ILoRA's control variate c_u⁺); kept, like private trainables, only when the server accepts the
+        round's result, given back in the next ``start`` and checkpointed. ``start``: what it started the round from;
+        ``trained``: its trainables after training (at its rank). {} by default."""
+        return {}
 
     def factor_names(self, h: AdapterHandle) -> set[str]:
         """Trainables beyond each layer's (B, A) that the rule's per-matrix declaration already counts (FedLEASE's
@@ -466,8 +509,10 @@ class Method:
 
     def take(self, h: AdapterHandle, delivered: Tensors, current: Tensors, peer: Peer, seed: int) -> Tensors:
         """The trainables to start the next round from; ``current`` fills in what was not sent (FFA's A0, FedSA's B).
-        It may depend on the client only through what it received and its rank (the simulator shares the result
-        between clients that hold the same view, receive the same tensors and have the same rank)."""
+        It may depend on the client only through what it received, its rank and whether it is the server's own model
+        (``peer.cid < 0``: ILoRA's clients keep the :data:`STATE` tensors they receive, the server's model does not). The
+        simulator shares the result between clients that hold the same view, receive the same tensors and have the same
+        rank, and with the server's model only for a broadcast without :data:`STATE` tensors."""
         return dict(current) | {n: t for n, t in delivered.items() if n in h.trainable_set}
 
     def apply(self, h: AdapterHandle, delivered: Tensors, current: Tensors, peer: Peer, seed: int) -> Tensors:
@@ -478,6 +523,8 @@ class Method:
 
 def _dropping(fn: Callable, arg: str) -> Callable:
     """``fn`` (a hook override without keyword ``arg``) called without it."""
+    if arg in inspect.signature(inspect.unwrap(fn)).parameters:
+        return fn
 
     def hook(self, *args, **kwargs):
         kwargs.pop(arg, None)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from fedlora.adapters import AdapterHandle
 from fedlora.aggregation import RULES, get_rule
 from fedlora.federation.privacy import PrivacyConfig, dp_sgd_steps, example_rate, sample_poisson, settle_privacy
-from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors, linear_methods
+from fedlora.federation.protocol import Method, Peer, RoundContext, ServerUpdate, Tensors, is_state, linear_methods
 from fedlora.federation.screening import Rejection
 from fedlora.federation.server_opt import ServerOptConfig, ServerOptimizer
 from fedlora.federation.server_round import (
@@ -57,7 +57,7 @@ __all__ = [
     "ClientResult", "FederationConfig", "SecureSum", "SimClient", "Simulator", "check_server_memory", "client_turn",
     "client_weights", "finish_metrics", "layer_metrics", "linear_methods", "local_optimizer", "mean_pairwise_cosine",
     "nbytes", "round_clients", "round_seed", "sample_clients", "sample_round", "screen", "server_memory_bytes", "similarity_metrics",
-    "train_local", "round_lr", "LR_SCHEDULES",
+    "train_local", "round_lr", "LR_SCHEDULES", "corrected",
 ]
 
 log = logging.getLogger("fedlora")
@@ -204,6 +204,19 @@ def train_local(model: nn.Module, task, train: TokenizedSplit, cfg: FederationCo
     return sum(losses) / len(losses)
 
 
+def corrected(params: dict[str, Tensor], correction: Tensors, lrs: dict[str, float], after: Callable[[], None]) -> Callable[[], None]:
+    """The hook run after every optimizer step: ``x ← x − η_x·d_x`` for each ``params[x]`` with a direction ``d_x`` in
+    ``correction`` (:meth:`Method.step_correction`; η_x = ``lrs[x]``), then ``after`` (:meth:`Method.after_step`)."""
+
+    @torch.no_grad()
+    def hook() -> None:
+        for n, d in correction.items():
+            params[n].sub_(d.to(params[n].dtype), alpha=lrs[n])
+        after()
+
+    return hook
+
+
 def peer_of(h: AdapterHandle, client: SimClient, method: Method | None = None) -> Peer:
     rank = h.rank if client.rank is None else client.rank
     return Peer(client.cid, rank, h.spec.scale_at(rank) if method is None else method.peer_scale(h.spec, rank))
@@ -213,27 +226,33 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     """Load the client's start state at its rank, train the round's trainables, score it on its own test shard,
     and split what it holds into upload, eval extras and private state."""
     peer = peer_of(h, client, method)
-    h.set(start, rank=peer.rank, scale=peer.scale)
+    h.set({n: t for n, t in start.items() if not is_state(n)}, rank=peer.rank, scale=peer.scale)  # method state stays out
     h.set_trainable(h.trainable_names, True)
-    h.set_trainable(method.frozen(h, rnd, peer=peer), False)  # per round (RoLoRA alternates) and client (Fed-HeLLo)
+    h.set_trainable(method.frozen(h, rnd, peer=peer, start=start), False)  # per round (RoLoRA) and client (Fed-HeLLo)
+    probed = method.probe(h, peer, rnd, task, client.train, cfg)
     seed = round_seed(cfg.seed, rnd, client.cid)
     if cfg.lr_schedule != "constant":
         cfg = dataclasses.replace(cfg, lr=round_lr(cfg, rnd), lr_schedule="constant")
-    lr_factors = {id(h.parameter(n)): f for n, f in method.learning_rates(h, rnd, peer).items()}
+    multipliers = method.learning_rates(h, rnd, peer)
+    lr_factors = {id(h.parameter(n)): f for n, f in multipliers.items()}
     term = lambda: method.loss_term(h, peer)  # noqa: E731
+    correction = method.step_correction(h, peer, rnd, start, cfg.lr, cfg.local_steps)
+    lrs = {n: cfg.lr * multipliers.get(n, 1.0) for n in correction}
+    after_step = corrected({n: h.parameter(n) for n in correction}, correction, lrs, lambda: method.after_step(h, peer, rnd))
 
     def steps(n: int) -> float:  # the round's training, n steps, without after_step (Method.before_training)
         return train_local(h.model, task, client.train, dataclasses.replace(cfg, local_steps=n), seed, term, None, lr_factors)
 
     method.before_training(h, peer, rnd, steps, cfg.local_steps)
-    loss = train_local(h.model, task, client.train, cfg, seed, term, lambda: method.after_step(h, peer, rnd), lr_factors)
+    loss = train_local(h.model, task, client.train, cfg, seed, term, after_step, lr_factors)
     method.local_training(h, lambda: train_local(h.model, task, client.train, cfg, seed + 1))
     with method.local_scoring(h, client.train, cfg.device):
         acc = task.evaluate(h.model, client.test, cfg.device)
     trained = h.get(rank=peer.rank)
     return ClientResult(
-        cid=client.cid, upload=method.upload(h, trained, rnd, start, peer=peer), extras=method.eval_extras(h, trained),
-        private={n: trained[n] for n in method.private(h)}, n_train=len(client.train), n_test=len(client.test),
+        cid=client.cid, upload=method.upload(h, trained, rnd, start, peer=peer) | probed, extras=method.eval_extras(h, trained),
+        private={n: trained[n] for n in method.private(h)} | method.client_state(h, peer, rnd, start, trained),
+        n_train=len(client.train), n_test=len(client.test),
         local_accuracy=acc, train_loss=loss,
     )
 
@@ -520,7 +539,10 @@ class Simulator:
         def key(view: Tensors, delivered: Tensors, rank: int) -> tuple:
             return id(view), rank, tuple((n, id(t)) for n, t in delivered.items())
 
-        moved = {key(old, update.broadcast, h.rank): self.global_tensors}
+        # Clients at the model's rank share the server's view, unless the broadcast carries method state (protocol.STATE:
+        # ILoRA's c), which clients keep in their views and the server's model does not.
+        carries_state = any(is_state(n) for n in update.broadcast)
+        moved = {} if carries_state else {key(old, update.broadcast, h.rank): self.global_tensors}
         views = dict(self.held)  # every old view stays alive (and its id unique) until all are moved
         for p in self.peers:
             delivered = method.deliver(h, update.broadcast, p, seed=after)

@@ -5,8 +5,13 @@ import torch
 
 from fedlora.adapters.structures import QROffset
 from fedlora.aggregation import Aggregate, aggregate
-from fedlora.aggregation.ilora import TRUNCATIONS, qr_init
-from fedlora.federation.protocol import Method, Option, ServerUpdate, register
+from fedlora.aggregation.ilora import TRUNCATIONS, client_variate, pad_to, qr_init, rebase, server_variate
+from fedlora.federation.protocol import STATE, Method, Option, ServerUpdate, is_state, register
+
+CV_MODES = ("scaffold", "off")
+# Method-state keys (protocol.STATE), each followed by a factor's parameter name: the server's c segment in a delivery
+# (and the client's view), the client's own c_u and the basis (its start B) c_u is expressed in, and the upload's Δc_u.
+C, CU, BASIS, DC = STATE + "c.", STATE + "cu.", STATE + "basis.", STATE + "dc."
 
 
 @register
@@ -30,9 +35,25 @@ class ILoRA(Method):
       keeps them: without training G' = G.
     - ``--ilora-truncate svd``: ``[M]_r`` instead (one rank only: an SVD truncation does not keep a lower rank's QR
       offset). B is orthonormal in both (svd: U_r, Σ_rV_rᵀ/s).
-    - Client control variates ("AdamW with rank-aware control variates" in the summaries): NOT implemented here;
-      ``--ilora-cv`` offers only ``off`` (plain local AdamW). METHODS.md's SCAFFOLD-II in AdamW's step space needs a
-      per-step optimiser hook, a client state c_u, a Δc upload and a server state c in the checkpoint; not built.
+    - Client control variates (``--ilora-cv scaffold``, the default; "AdamW with rank-aware control variates" in the
+      summaries, the formula unread): METHODS.md's SCAFFOLD-II in AdamW's step space. Client u trains its K steps as
+      ``x ← x − η(m̂/(√v̂+ε) + c[:r_u] − c_u)`` (the local AdamW has λ = 0; ``Method.step_correction``) and keeps
+      ``c_u⁺ = c_u − c[:r_u] + (x_start − x_end)/(Kη)``: SCAFFOLD's option II, the mean of the uncorrected steps
+      m̂/(√v̂+ε). METHODS.md writes the shorthand ``(x_start − x_end)/(Kη)``; taken literally it would feed the
+      correction c − c_u back into c_u, so the ``c_u − c`` term is SCAFFOLD's and ours. It uploads
+      ``Δc_u = c_u⁺ − c_u``; the server sets ``c ← c + (1/N) Σ_{u∈S} pad(Δc_u)`` per rank segment (zeros beyond r_u;
+      N the run's clients) and sends client u the segment ``c[:r_u]`` with its factors, not rescaled by s/s_u
+      as its A is (AdamW's step directions m̂/(√v̂+ε) do not scale with the factors). Variates exist for the
+      factors B and A only (the head trains plainly). Round 1 has ``c = c_u = 0``: its training is plain AdamW, as
+      ``--ilora-cv off``. Bytes: ``r_u(d+k)`` more up (Δc_u) and down (c[:r_u]) per matrix (``side_bytes``).
+    - Re-basing (our choice): c and every c_u live in the coordinates of the factors they were computed against,
+      and the QR gives new factors every round. They are carried to the new basis by the projection the factors
+      move by, ``P = B_newᵀ B_old`` (:func:`~fedlora.aggregation.ilora.rebase`: ``c_B ← c_B Pᵀ``, ``c_A ← P c_A``;
+      an exact change of coordinates where the spans agree, the part outside the new span dropped otherwise). The
+      server re-bases c from the round's global B to the new one after adding the Δc; client u keeps with c_u the B
+      it started from and re-bases c_u from it to its next start's B (over any number of rounds it was away), at
+      its own rank (``P_u = B_new[:, :r_u]ᵀ B_old[:, :r_u]``). c_u is the client's private state and c the
+      method's server state, both checkpointed, so a resumed run continues them. ``--ilora-cv off``: plain AdamW.
     - Metrics: ``ρ`` compares G' with ΔW* = Σ w_u s_u B_u A_u; with one rank M = ΔW*, so ρ is the truncation error.
 
     Traits: mixed ranks; not exact (the QR truncation is not the best rank-r fit: it projects onto the span of M's
@@ -44,15 +65,15 @@ class ILoRA(Method):
     rule = "ilora"
     summary = ("QR init of W0 with a frozen offset −T_u (round-1 model = W0); M = G + Σ w_u(s_uB_uA_u − T_u), "
                "truncated by QR of its first r columns (factor space); client u gets the nested rank-r_u truncation")
-    up = "r_u(d+k)"
-    down = "r_u(d+k)"
+    up = "r_u(d+k) (+ as much again for Δc_u under ilora-cv scaffold)"
+    down = "r_u(d+k) (+ as much again for the c segment under ilora-cv scaffold)"
     mixed_ranks = True
     server_opt_refusal = "its result is a new QR basis every round, so per-factor optimiser state would have no fixed coordinates"
     options = {
         "truncate": Option("qr", "ILoRA's truncation of the aggregate: qr (the paper's, of M's first r columns) or svd "
                                  "(the best rank-r fit [M]_r; one rank only)", choices=TRUNCATIONS),
-        "cv": Option("off", "ILoRA's client control variates: off only (the rank-aware AdamW control variates are not "
-                            "implemented)", choices=("off",)),
+        "cv": Option("scaffold", "ILoRA's client control variates: scaffold (SCAFFOLD-II in AdamW's step space, Δc up and "
+                                 "the c segment down: twice the bytes) or off (plain local AdamW)", choices=CV_MODES),
     }
     unsupported = {
         "dora": "ILoRA's offset W0 − T_u + s·BA is a LoRA path; DoRA's weight normalisation of it is not; choose lora or rslora",
@@ -60,8 +81,97 @@ class ILoRA(Method):
         "hira": "HiRA's update W0 ⊙ BA cannot start from W0's QR part T; choose lora or rslora",
     }
 
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.clients = 0  # N, the run's clients (Method.schedule)
+        self.c: dict[str, torch.Tensor] = {}  # the server's c per factor name, rank r, in the global factors' basis
+        self._turn: tuple[int, int, float, int] | None = None  # (client, round, η, K) of the turn being trained
+
+    @property
+    def variates(self) -> bool:
+        return self.settings["cv"] == "scaffold"
+
     def prepare(self, model, spec, seed):
         QROffset(model, spec.r, spec.scale_at(spec.r), qr_init)
+
+    def schedule(self, rounds, clients=0):
+        self.clients = clients
+
+    # ---- control variates on the client ------------------------------------------------------------------------
+    def _own(self, h, start):
+        """Client u's c_u per factor name at its rank, re-based from the B it was computed against to ``start``'s B."""
+        out = {}
+        for k in h.keys.values():
+            B = start[k.B]
+            cB, cA = start.get(CU + k.B), start.get(CU + k.A)
+            if cB is None:
+                out[k.B], out[k.A] = torch.zeros_like(B), torch.zeros_like(start[k.A])
+            else:
+                out[k.B], out[k.A] = rebase(cB, cA, B, start[BASIS + k.B])
+        return out
+
+    def _server(self, h, start, name):
+        """The server's c segment for factor ``name`` as the client received it (zero before any was sent)."""
+        c = start.get(C + name)
+        return torch.zeros_like(start[name]) if c is None else c
+
+    def step_correction(self, h, peer, rnd, start, lr, steps):
+        """``c[:r_u] − c_u`` per factor, padded with zeros to the model's rank (the components beyond r_u stay zero)."""
+        if not self.variates:
+            return {}
+        self._turn = (peer.cid, rnd, lr, steps)
+        own = self._own(h, start)
+        return {n: pad_to(self._server(h, start, n) - own[n], h.rank, h.rank_dim[n]) for n in own}
+
+    def _updated(self, h, peer, rnd, start, trained):
+        """c_u⁺ per factor name (client_variate), from the turn's η and K (step_correction)."""
+        if self._turn is None or self._turn[:2] != (peer.cid, rnd):
+            raise ValueError(f"ilora: client {peer.cid}'s control variate for round {rnd} needs its step size; "
+                             "train the turn through client_turn (Method.step_correction) first")
+        _, _, lr, steps = self._turn
+        own = self._own(h, start)
+        return {n: client_variate(own[n], self._server(h, start, n), start[n], trained[n], steps, lr) for n in own}
+
+    def client_state(self, h, peer, rnd, start, trained):
+        if not self.variates:
+            return {}
+        new = self._updated(h, peer, rnd, start, trained)
+        return {CU + n: t for n, t in new.items()} | {BASIS + k.B: start[k.B] for k in h.keys.values()}
+
+    def upload(self, h, tensors, rnd, start=None, peer=None):
+        """The trained factors and head; with variates also ``Δc_u = c_u⁺ − c_u`` per factor (zeros in the layout)."""
+        out = {n: t for n, t in super().upload(h, tensors, rnd, start, peer=peer).items() if not is_state(n)}
+        if not self.variates:
+            return out
+        if start is None:  # the layout the server checks an upload against
+            return out | {DC + n: torch.zeros_like(tensors[n]) for k in h.keys.values() for n in (k.B, k.A)}
+        new, own = self._updated(h, peer, rnd, start, tensors), self._own(h, start)
+        return out | {DC + n: new[n] - own[n] for n in new}
+
+    def side_bytes(self, h, rnd, peer=None):
+        """With variates: Δc_u up and c[:r_u] down, r_u(d+k) elements per adapted matrix in the factors' dtype."""
+        if not self.variates:
+            return 0, 0
+        r = h.rank if peer is None else peer.rank
+        size = sum(r * (layer.in_features + layer.out_features) * h.parameter(h.keys[m].B).element_size()
+                   for m, layer in h.layers.items())
+        return size, size
+
+    # ---- the server's c (checkpointed) -------------------------------------------------------------------------
+    def server_state(self):
+        return {f"c/{n}": t for n, t in self.c.items()}
+
+    def load_server_state(self, tensors):
+        self.c = {k.removeprefix("c/"): t for k, t in tensors.items() if k.startswith("c/")}
+
+    def _variates(self, h, uploads, current, new):
+        """c ← c + (1/N) Σ pad(Δc_u) in the round's basis, then re-based to the new global B; into the broadcast."""
+        N = self.clients or len(uploads)  # a bare method (no schedule): the round's clients
+        for k in h.keys.values():
+            c = {n: server_variate(self.c.get(n, torch.zeros_like(current[n])), [u[DC + n] for u in uploads], N, h.rank_dim[n])
+                 for n in (k.B, k.A)}
+            self.c[k.B], self.c[k.A] = rebase(c[k.B], c[k.A], new[k.B], current[k.B])
+            new[C + k.B], new[C + k.A] = self.c[k.B], self.c[k.A]
 
     # ---- what client u holds: the nested truncation at its rank and scale ------------------------------------------
     def deliver(self, h, broadcast, peer, seed=None):
@@ -74,11 +184,17 @@ class ILoRA(Method):
         if peer.rank not in views:
             ratio = h.spec.scale_at(h.rank) / peer.scale
             out = h.truncate(broadcast, peer.rank)
-            views[peer.rank] = out | {k.A: out[k.A] * ratio for k in h.keys.values() if k.A in out}
+            cut = {n: t.narrow(h.rank_dim[n.removeprefix(C)], 0, peer.rank) for n, t in out.items() if n.startswith(C)}
+            views[peer.rank] = out | {k.A: out[k.A] * ratio for k in h.keys.values() if k.A in out} | cut
         return views[peer.rank]
 
     def start(self, h, initial, peer, seed):
         return self.deliver(h, initial, peer)
+
+    def take(self, h, delivered, current, peer, seed):
+        """A client keeps the c segment it received in its view (method state); the server's own model does not."""
+        out = super().take(h, delivered, current, peer, seed)
+        return out if peer.cid < 0 else out | {n: t for n, t in delivered.items() if n.startswith(C)}
 
     # ---- the server ----------------------------------------------------------------------------------------------
     def aggregate(self, h, uploads, weights, current, ctx):
@@ -100,4 +216,6 @@ class ILoRA(Method):
         for n in h.other_names:  # the head (and any other shared trainable), averaged
             if all(n in u for u in uploads):
                 new[n] = sum(float(w) * u[n].to(torch.float64) for w, u in zip(weights, uploads)).to(current[n].dtype)
+        if self.variates:
+            self._variates(h, uploads, current, new)
         return ServerUpdate(broadcast=new, layers=layers, scales=ctx.scales)
