@@ -50,7 +50,7 @@ def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> N
             if typ is bool:
                 group.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_)
             else:
-                group.add_argument(flag, type=typ, default=None, help=help_)
+                group.add_argument(flag, *filter(None, [f.metadata.get("alias")]), type=typ, default=None, help=help_)
     options = p.add_argument_group("method options", "each method's own options (also as --method-options NAME-OPTION=VALUE)")
     for flag, (method, _, decl) in option_flags().items():
         choices = f": {', '.join(map(str, decl.choices))}" if decl.choices else ""

@@ -177,6 +177,11 @@ class Method:
     pooled: ClassVar[bool] = False
     communicates: ClassVar[bool] = True
     needs_blocks: ClassVar[bool] = False  # adapts per transformer block (Fed-HeLLo): a model without numbered blocks is refused
+    # --async (METHODS.md "Asynchronous aggregation"): "exact" (a stale update moves ΔW as the full-parameter rule
+    # would), "inexact" (A and B mixed separately: the stale-product error), "" refused with ``async_refusal`` (why the
+    # method must stay synchronous; "" : its asynchronous rule is not implemented in this version)
+    asynchronous: ClassVar[str] = ""
+    async_refusal: ClassVar[str] = ""
     in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
     # Why the run has no one global model to export (a personalised structure PEFT cannot load: FedLEASE); "" : it has.
     # The artefacts are still written; load_global_model refuses with this reason.

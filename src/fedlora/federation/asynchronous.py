@@ -1,0 +1,288 @@
+"""Asynchronous aggregation in the in-process simulator: FedAsync and FedBuff (METHODS.md, "Asynchronous aggregation").
+
+An event-driven loop on :class:`~fedlora.federation.clock.EventQueue`. ``C`` clients are in flight
+(``--async-concurrency``); a client dispatched at server version ``v`` trains from ``x_v`` (kept in a version store
+for every version still in flight) and arrives ``d_u`` simulated seconds later: ``local_steps × speed_u`` without
+``--devices`` (``--client-speeds`` in turn), else its device's download + training + upload
+(:func:`~fedlora.federation.clock.client_work`, the state's bytes each way). On each arrival the server acts, then an
+idle client (a seeded random draw) is dispatched with the current state. Staleness ``τ = v_now − v_u``.
+
+* FedAsync: per tensor ``x ← (1−α_t)x + α_t x_u``, ``α_t = α·h(τ)``; one version per arrival.
+* FedBuff: buffer ``h(τ)·(x_u − x_{v_u})``; after K arrivals ``x ← x + (1/K)Σ h(τ)Δ_u`` (then ``--server-opt``);
+  one version per flush.
+
+Both run through the synchronous round's server half (:meth:`Simulator.close_round`): the arrivals' uploads are
+rewritten to the rule's input (FedAsync: the mixed state; FedBuff: ``x + h(τ)Δ_u``, whose uniform mean is FedBuff's
+step) and the method's own linear rule averages them, so screening, bytes, the server optimiser, the broadcast and
+the metrics line are the synchronous run's. Only methods whose rule is a per-tensor mean of what they upload
+declare an asynchronous trait (``Method.asynchronous``): for ffa and fedsb the factors that move meet fixed bases,
+so the mix of tensors is the mix of ``ΔW`` (exact); fedit and fedsa mix A and B separately (inexact: the stale
+product error of METHODS.md).
+
+Our choices (docs/systems.md): arrivals at the same simulated time are handled in client-id order, all of them
+before any dispatch (so equal-speed clients restart from the version their arrivals made, and FedBuff with K = C = N
+and equal speeds is the synchronous run); a client dispatched again at a version it already started from trains with
+another seed; FedBuff averages with 1/K whatever ``--weighting`` says; the server step takes no simulated time;
+a method's round 0 runs before the first dispatch and takes none either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+
+from fedlora.federation.clock import DeviceProfile, EventQueue, client_work, examples_processed
+from fedlora.federation.screening import Rejection
+from fedlora.federation.systems import Instant
+from fedlora.federation.traffic import nbytes
+
+log = logging.getLogger("fedlora")
+
+MODES = ("fedasync", "fedbuff")
+STALENESS = ("constant", "poly", "hinge")
+TRAITS = ("exact", "inexact")  # the asynchronous traits implemented (Method.asynchronous)
+
+
+def staleness_weight(kind: str, tau: int, a: float, b: float) -> float:
+    """h(τ): constant 1; polynomial (τ+1)^(−a); hinge 1 for τ ≤ b, else 1/(a(τ−b)+1) (the FedAsync paper's, not
+    FedLLM-Factory's 1/(a(τ+b)+1), which drops to 1/(a(2b+1)+1) at τ = b+1)."""
+    if kind == "constant":
+        return 1.0
+    if kind == "poly":
+        return float((tau + 1) ** (-a))
+    if kind == "hinge":
+        return 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1.0)
+    raise ValueError(f"unknown staleness function {kind!r}; choose one of {', '.join(STALENESS)}")
+
+
+def parse_speeds(text: str, clients: int) -> tuple[float, ...]:
+    """``--client-speeds``: time multipliers given to clients in turn (client u takes local_steps × speed_u)."""
+    try:
+        cycle = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        cycle = []
+    if not cycle or not all(s > 0 and math.isfinite(s) for s in cycle):
+        raise ValueError(f"--client-speeds {text!r} is not a list of positive numbers; pass e.g. --client-speeds 1,2,4")
+    if len(cycle) > clients:
+        raise ValueError(f"--client-speeds {text!r} gives {len(cycle)} speeds to {clients} clients; pass at most {clients} "
+                         "(they are given to clients in turn) or raise --clients")
+    return tuple(cycle[u % len(cycle)] for u in range(clients))
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """The loop's settings, resolved: ``budget`` client updates in all (the synchronous run's rounds × clients per
+    round); ``profiles``: each client's device (None: ``speeds``, seconds per local step)."""
+
+    mode: str
+    buffer: int
+    concurrency: int
+    budget: int
+    staleness: str = "poly"
+    a: float = 0.5
+    b: float = 4.0
+    alpha: float = 0.6
+    rho: float = 0.0
+    speeds: tuple[float, ...] = (1.0,)
+    profiles: list[DeviceProfile] | None = None
+    tokens_per_example: int = 64
+    parameters: int = 1
+
+    def weight(self, tau: int) -> float:
+        return staleness_weight(self.staleness, tau, self.a, self.b)
+
+
+@dataclass
+class Flight:
+    cid: int
+    version: int  # v_u: the version it started from
+    start: float  # simulated time it was dispatched
+    salt: int = 0  # earlier dispatches of this client from the same version (its seed differs)
+
+
+@dataclass
+class Asynchronous(Instant):
+    """The simulator's systems object under ``--async``: it drives the run (``Simulator.run`` hands over to ``run``)."""
+
+    config: AsyncConfig
+    drives: bool = True
+    queue: EventQueue = field(default_factory=EventQueue)
+    version: int = 0
+    clock: float = 0.0
+    last: float = 0.0  # sim_clock of the last version step
+    dispatched: int = 0
+    arrived: int = 0
+    flights: dict[int, Flight] = field(default_factory=dict)
+    store: dict[int, dict] = field(default_factory=dict)  # x_v for every version in flight, and the current one
+    salts: dict[int, int] = field(default_factory=dict)  # dispatches per client from the current version
+    buffer: list = field(default_factory=list)  # FedBuff: (result, v_u, τ)
+    failed: list = field(default_factory=list)
+    _step: dict = field(default_factory=dict)
+
+    def bind(self, sim) -> None:
+        super().bind(sim)
+        if self.config.mode == "fedbuff" and sim.config.weighting != "uniform":  # FedBuff's 1/K
+            sim.config = dataclasses.replace(sim.config, weighting="uniform")
+        if self.config.profiles is not None and len(self.config.profiles) < len(sim.clients):
+            raise ValueError(f"{len(self.config.profiles)} device profiles for {len(sim.clients)} clients; give every client one")
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        sim = self.sim
+        if sim._setup_due():
+            sim.setup()
+        self.store.setdefault(self.version, sim.global_tensors)
+        while True:
+            self._fill()
+            if not self.queue:
+                break
+            self._arrive(self.queue.pop())
+        return sim.history
+
+    def _fill(self) -> None:
+        """Dispatch seeded random idle clients while slots are free, the budget allows and no arrival is due now."""
+        sim, cfg = self.sim, self.config
+        while len(self.flights) < cfg.concurrency and self.dispatched < cfg.budget:
+            if self.queue and self.queue.peek().time <= self.clock:
+                return
+            idle = [c for c in range(len(sim.clients)) if c not in self.flights]
+            if not idle:
+                return
+            cid = random.Random(f"{sim.config.seed}/async/{self.dispatched}").choice(idle)
+            self.flights[cid] = Flight(cid, self.version, self.clock, self.salts.get(cid, 0))
+            self.salts[cid] = self.salts.get(cid, 0) + 1
+            self.store.setdefault(self.version, sim.global_tensors)
+            self.dispatched += 1
+            self.queue.push(self.clock + self.duration(cid), cid, "arrive", tie=cid)  # ties: time, then client id
+
+    def duration(self, cid: int) -> float:
+        """Client ``cid``'s time from dispatch to its upload arriving."""
+        sim, cfg = self.sim, self.config
+        fed = sim.config
+        if cfg.profiles is None:
+            return fed.local_steps * cfg.speeds[cid]
+        profile = cfg.profiles[cid]
+        state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, self.version + 1))
+        examples = examples_processed(len(sim.clients[cid].train), fed.local_steps, fed.batch_size)
+        return client_work(cid, profile, bytes_down=state, bytes_up=state, examples=examples,
+                           speed=profile.speed(cfg.parameters, cfg.tokens_per_example)).seconds
+
+    def _arrive(self, event) -> None:
+        sim, cfg = self.sim, self.config
+        started = time.perf_counter()
+        self.clock = event.time
+        flight = self.flights.pop(event.cid)
+        self.arrived += 1
+        tau = self.version - flight.version
+        try:
+            result = self._train(flight)
+        except Exception as exc:  # as in a synchronous round: a client that raises is rejected, the run goes on
+            self.failed.append(Rejection(flight.cid, f"client {flight.cid} raised {type(exc).__name__} during its turn: {exc}"))
+            result = None
+        if cfg.mode == "fedasync":
+            if result is not None:
+                alpha = cfg.alpha * cfg.weight(tau)
+                mixed = {n: t if alpha == 1.0 else (1 - alpha) * sim.global_tensors[n] + alpha * t for n, t in result.upload.items()}
+                self._close([dataclasses.replace(result, upload=mixed)], [tau], started, alpha=alpha)
+            elif self.arrived == cfg.budget:
+                self._close([], [], started)
+            return
+        if result is not None:
+            self.buffer.append((result, flight.version, tau))
+        if len(self.buffer) >= cfg.buffer or (self.arrived == cfg.budget and (self.buffer or self.failed)):
+            self._flush(started)
+
+    def _flush(self, started: float) -> None:
+        """FedBuff: each buffered upload becomes x + h(τ)(x_u − x_{v_u}); their uniform mean is x + (1/K)Σ h(τ)Δ_u."""
+        x, results, taus = self.sim.global_tensors, [], []
+        for result, v, tau in self.buffer:
+            w = self.config.weight(tau)
+            if tau == 0 and w == 1.0:  # Δ_u taken from x itself: x + Δ_u is x_u (bit for bit)
+                upload = result.upload
+            else:
+                upload = {n: x[n] + w * (t - self.store[v][n]) for n, t in result.upload.items()}
+            results.append(dataclasses.replace(result, upload=upload))
+            taus.append(tau)
+        self.buffer = []
+        self._close(results, taus, started)
+
+    def _close(self, results: list, taus: list[int], started: float, alpha: float | None = None) -> None:
+        """One server version step through the synchronous round's server half."""
+        self.version += 1
+        self.salts = {}
+        self._step = {"staleness": taus} | ({} if alpha is None else {"alpha": alpha})
+        failed, self.failed = self.failed, []
+        self.sim.close_round(results, failed, self.version, started)
+
+    def _train(self, flight: Flight):
+        """Client ``flight.cid``'s local training from x_{v_u} (and its private state), seeded by (v_u + 1, client)."""
+        sim, cfg = self.sim, self.config
+        start = self.store[flight.version] | sim.private.get(flight.cid, {})
+        fed = sim.config if not flight.salt else dataclasses.replace(sim.config, seed=sim.config.seed + 104_729 * flight.salt)
+        method = sim.method
+        if cfg.rho:
+            method.loss_term = _proximal(method, self.store[flight.version], cfg.rho)  # instance attribute: this turn only
+        try:
+            result = sim.turn(sim.handle, method, sim.task, sim.clients[flight.cid], start, fed, flight.version + 1)
+        finally:
+            if cfg.rho:
+                del method.loss_term
+        if sim.on_client:
+            sim.on_client(self.version + 1, flight.cid)
+        return result
+
+    # -- what the round's systems object reports ---------------------------------------------------------------------
+    def close(self, rnd: int, accepted: list, server_seconds: float) -> dict:
+        """After the server step: keep x_v, drop versions no client in flight needs, report the step."""
+        self.store[self.version] = self.sim.global_tensors
+        needed = {f.version for f in self.flights.values()} | {self.version}
+        self.store = {v: x for v, x in self.store.items() if v in needed}
+        seconds, self.last = self.clock - self.last, self.clock
+        return self._step | {"version": self.version, "arrivals": self.arrived, "in_flight": len(self.flights),
+                             "sim_seconds": seconds, "sim_clock": self.clock}
+
+    def rounds_done(self, lines: int) -> int:
+        """Synchronous rounds' worth of client updates applied (what a resume is checked against)."""
+        per_round = max(1, self.config.budget // max(1, self.sim.config.rounds))
+        return self.arrived // per_round
+
+    def state(self) -> tuple[dict, dict]:
+        """The version store (all but the current version, which is the global state) and the loop's state."""
+        tensors = {f"async/{v}/{n}": t for v, x in self.store.items() if v != self.version for n, t in x.items()}
+        meta = {"version": self.version, "clock": self.clock, "last": self.last, "dispatched": self.dispatched,
+                "arrived": self.arrived, "queue": self.queue.state(), "salts": {str(c): s for c, s in self.salts.items()},
+                "flights": [[f.cid, f.version, f.start, f.salt] for f in self.flights.values()]}
+        return tensors, {"async": meta}
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        state = meta.get("async")
+        if state is None:
+            raise ValueError("the checkpoint is not an asynchronous run's; resume it without --async, or start a new --out")
+        self.version, self.clock, self.last = int(state["version"]), float(state["clock"]), float(state["last"])
+        self.dispatched, self.arrived = int(state["dispatched"]), int(state["arrived"])
+        self.queue.load(state["queue"])
+        self.salts = {int(c): int(s) for c, s in state["salts"].items()}
+        self.flights = {int(c): Flight(int(c), int(v), float(t), int(s)) for c, v, t, s in state["flights"]}
+        device = self.sim.config.device
+        self.store = {self.version: self.sim.global_tensors}
+        for key, t in tensors.items():
+            if key.startswith("async/"):
+                _, v, name = key.split("/", 2)
+                self.store.setdefault(int(v), {})[name] = t.to(device)
+
+
+def _proximal(method, anchor: dict, rho: float):
+    """FedAsync's local term (ρ/2)‖x − x_{v_u}‖² over the trained tensors, added to the method's own."""
+    own = type(method).loss_term
+
+    def term(h, peer):
+        extra = own(method, h, peer)
+        prox = sum(((p - anchor[n]) ** 2).sum() for n in h.trainable_names if n in anchor and (p := h.parameter(n)).requires_grad)
+        prox = 0.5 * rho * prox
+        return prox if extra is None else extra + prox
+
+    return term

@@ -1,0 +1,205 @@
+"""Asynchronous aggregation (issue 32, stage 2): FedAsync and FedBuff in the simulator (fedlora.federation.asynchronous)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedlora.app.experiment import build, resume_config, run_experiment
+from fedlora.cli.main import main
+from fedlora.federation import REGISTRY
+from fedlora.federation.asynchronous import Asynchronous, parse_speeds, staleness_weight
+from fedlora.federation.clock import EventQueue
+
+WALL = ("wall_seconds", "aggregation_seconds")
+ASYNC_ONLY = ("staleness", "alpha", "version", "arrivals", "in_flight", "sim_seconds", "sim_clock")
+
+
+def simulated(history):
+    return [{k: v for k, v in m.items() if k not in WALL} for m in history]
+
+
+def synchronous_part(m):
+    return {k: v for k, v in m.items() if k not in WALL + ASYNC_ONLY}
+
+
+# -- the weights by hand ----------------------------------------------------------------------------------------------
+def test_staleness_weights_by_hand_and_the_hinge_trap():
+    assert [staleness_weight("constant", t, 0.5, 4) for t in (0, 3, 100)] == [1.0, 1.0, 1.0]
+    assert staleness_weight("poly", 0, 0.5, 4) == 1.0
+    assert staleness_weight("poly", 3, 0.5, 4) == pytest.approx(0.5)  # (3+1)^-1/2
+    assert staleness_weight("poly", 8, 1.0, 4) == pytest.approx(1 / 9)
+    a, b = 10.0, 4.0
+    assert [staleness_weight("hinge", t, a, b) for t in range(5)] == [1.0] * 5  # τ ≤ b
+    assert staleness_weight("hinge", 5, a, b) == pytest.approx(1 / (a + 1))  # τ = b+1: the paper's 1/(a+1) ...
+    assert staleness_weight("hinge", 5, a, b) != pytest.approx(1 / (a * (2 * b + 1) + 1))  # ... not FedLLM-Factory's
+    assert staleness_weight("hinge", 7, a, b) == pytest.approx(1 / (3 * a + 1))
+    with pytest.raises(ValueError, match="unknown staleness"):
+        staleness_weight("linear", 1, a, b)
+
+
+def test_client_speeds_are_given_in_turn():
+    assert parse_speeds("1,2,4", 5) == (1.0, 2.0, 4.0, 1.0, 2.0)
+    for bad in ("1,0", "-1", "x", "", "1,2,3,4"):
+        with pytest.raises(ValueError, match="--client-speeds"):
+            parse_speeds(bad, 3)
+
+
+def test_equal_times_break_ties_by_client_id_never_by_push_order():
+    q = EventQueue()
+    for cid in (2, 0, 1):
+        q.push(5.0, cid, "arrive", tie=cid)
+    q.push(1.0, 3, "arrive", tie=3)
+    assert [q.pop().cid for _ in range(4)] == [3, 0, 1, 2]
+
+
+def test_every_method_declares_its_asynchronous_trait():
+    for name, cls in REGISTRY.items():
+        assert cls.asynchronous in ("", "exact", "inexact"), name
+    assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == "exact"
+    assert REGISTRY["fedit"].asynchronous == "inexact"
+    for name in ("rolora", "loraa2", "fedsvd", "florana", "lorafair", "hilora", "fedlease", "slora"):  # METHODS.md: synchronous only
+        assert not REGISTRY[name].asynchronous and REGISTRY[name].async_refusal, name
+
+
+# -- what must hold --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["fedit", "ffa"])
+def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
+    """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
+    sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3)
+    sync = build(sync_cfg).simulator.run()
+    buff = build(sync_cfg.replace(async_mode="fedbuff", buffer=3, async_concurrency=3, client_speeds="1")).simulator.run()
+    assert len(buff) == len(sync) == 3
+    for s, b in zip(sync, buff):
+        assert b["staleness"] == [0, 0, 0] and b["version"] == s["round"]
+        for key in ("global_accuracy", "bytes_up", "bytes_down", "clients"):
+            assert b[key] == s[key], (key, s["round"])
+        assert b["train_loss"] == pytest.approx(s["train_loss"], rel=1e-6)
+    assert [b["sim_clock"] for b in buff] == [2.0, 4.0, 6.0]  # local_steps × speed 1 per version
+
+
+def test_fedasync_with_one_client_and_alpha_one_is_its_local_training(small_csv, one_thread):
+    cfg = tiny_config(small_csv, method="fedit", clients=1, rounds=3)
+    sync = build(cfg).simulator
+    sync.run()
+    fa = build(cfg.replace(async_mode="fedasync", fedasync_alpha=1.0)).simulator
+    history = fa.run()
+    assert [m["staleness"] for m in history] == [[0]] * 3 and [m["alpha"] for m in history] == [1.0] * 3
+    for name, t in sync.global_tensors.items():
+        assert torch.equal(t, fa.global_tensors[name]), name
+    assert [m["global_accuracy"] for m in history] == [m["global_accuracy"] for m in sync.history]
+
+
+class Recorder(Asynchronous):
+    """Keeps every server state and arrival, to check the global update against the full-parameter rule."""
+
+    def _close(self, results, taus, started, alpha=None):
+        before = {n: t.clone() for n, t in self.sim.global_tensors.items()}
+        raw = dict(self._last_uploads)
+        super()._close(results, taus, started, alpha)
+        self.steps.append((before, raw, taus, alpha, dict(self.sim.global_tensors)))
+
+    def _train(self, flight):
+        result = super()._train(flight)
+        self._last_uploads = {"cid": flight.cid, "v": flight.version, "upload": result.upload,
+                              "start": {n: t.clone() for n, t in self.store[flight.version].items()}}
+        return result
+
+
+def delta_w(h, tensors):
+    """s·B·A per adapted module (the full-parameter update the adapter stands for)."""
+    out = {}
+    for module, k in h.keys.items():
+        if getattr(k, "core", None) and k.core in tensors:
+            out[module] = tensors[k.B] @ tensors[k.core].reshape(tensors[k.B].shape[1], -1) @ tensors[k.A]
+        else:
+            out[module] = tensors[k.B] @ tensors[k.A]
+    return out
+
+
+@pytest.mark.parametrize("method", ["ffa", "fedsb"])
+def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, one_thread):
+    """FedAsync with stale arrivals (speeds 1,2,4, C = 3): W ← (1−α_t)W + α_t W_u for every step, where W_u is the
+    client's trained model; the factor mixes of ffa (B against A0) and fedsb (R between fixed bases) are that rule."""
+    cfg = tiny_config(small_csv, method=method, rounds=3, async_mode="fedasync", async_concurrency=3,
+                      method_options="fedsb-init=random" if method == "fedsb" else "")
+    exp = build(cfg)
+    sim = exp.simulator
+    rec = Recorder(sim.systems.config)
+    rec.steps = []
+    sim.systems = rec
+    rec.bind(sim)
+    sim.run()
+    h = sim.handle
+    stale = [taus[0] for _, _, taus, _, _ in rec.steps]
+    assert max(stale) >= 1  # staleness happened
+    for before, raw, taus, alpha, after in rec.steps:
+        trained = raw["start"] | raw["upload"]
+        W, Wu, Wnew = delta_w(h, before), delta_w(h, trained), delta_w(h, after)
+        for module in W:
+            expected = (1 - alpha) * W[module] + alpha * Wu[module]
+            assert torch.allclose(Wnew[module], expected, atol=1e-6), (module, taus)
+
+
+def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, one_thread):
+    whole = tiny_config(small_csv, method="fedit", rounds=3, async_mode="fedbuff", buffer=2, client_speeds="1,3",
+                        out=str(tmp_path / "whole"))
+    _, reference = run_experiment(whole)
+    again = build(whole.replace(out=None)).simulator.run()
+    assert simulated(again) == simulated(reference)
+    assert any(t > 0 for m in reference for t in m["staleness"])  # slow clients arrive stale
+    assert sum(len(m["staleness"]) for m in reference) == 9  # the synchronous budget: rounds × clients per round
+    cut = whole.replace(rounds=2, out=str(tmp_path / "cut"))
+    _, first = run_experiment(cut)
+    checkpoint = json.loads(json.dumps(first[-1]))
+    assert checkpoint["version"] == len(first)
+    _, resumed = run_experiment(resume_config(cut.out, rounds=3), resume=True)
+    assert simulated(resumed) == simulated(reference)
+
+
+def test_fedasync_records_staleness_and_the_clock_every_arrival(small_csv, one_thread):
+    history = build(tiny_config(small_csv, method="fedsa", rounds=2, async_mode="fedasync", staleness="hinge",
+                                staleness_a=10.0, staleness_b=0.0, async_concurrency=2)).simulator.run()
+    assert len(history) == 6 and [m["version"] for m in history] == list(range(1, 7))
+    clocks = [m["sim_clock"] for m in history]
+    assert clocks == sorted(clocks) and sum(m["sim_seconds"] for m in history) == pytest.approx(clocks[-1])
+    for m in history:
+        tau = m["staleness"][0]
+        assert m["alpha"] == pytest.approx(0.6 * (1.0 if tau == 0 else 1 / (10 * tau + 1)))
+        assert m["bytes_up"] > 0
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------------
+T = ["--model", "tiny:bert", "--clients", "3", "--rounds", "1", "--examples-per-client", "24", "--test-examples", "60",
+     "--max-length", "32", "--local-steps", "2", "--batch-size", "4", "--quiet"]
+
+
+def refused(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedlora: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["run", *T, "--data", str(small_csv), "--out", str(out)]
+    cases = [
+        (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
+        (["--method", "flora", "--async", "fedasync"], "methods that run asynchronously: "),
+        (["--method", "fedit", "--async", "fedbuff", "--buffer", "0"], "--buffer 0 is out of range"),
+        (["--method", "fedit", "--async", "fedbuff", "--async-concurrency", "0"], "--async-concurrency 0 is out of range"),
+        (["--method", "fedit", "--async", "fedasync", "--staleness", "linear"], "--staleness 'linear' is unknown"),
+        (["--method", "fedit", "--async", "fedasync", "--client-speeds", "1,2,3,4"], "gives 4 speeds to 3 clients"),
+        (["--method", "fedit", "--async", "fedasync", "--client-speeds", "1,0"], "not a list of positive numbers"),
+        (["--method", "fedit", "--async", "fedasync", "--fedasync-alpha", "0"], "--fedasync-alpha 0.0 is out of range"),
+        (["--method", "fedit", "--async", "sometimes"], "--async 'sometimes' is unknown"),
+        (["--method", "fedit", "--async", "fedasync", "--server-opt", "adam"], "FedAsync's mixing is its server step"),
+        (["--method", "fedit", "--async", "fedbuff", "--dp", "client", "--dp-noise", "1.0"], "does not run with --dp"),
+    ]
+    for flags, needle in cases:
+        assert needle in refused(capsys, run + flags), flags
+        assert not out.exists()
+    flows = refused(capsys, run + ["--method", "flora", "--async", "fedasync"])
+    assert all(name in flows for name in ("fedit", "ffa", "fedsb", "fedsa"))
