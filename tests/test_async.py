@@ -17,7 +17,8 @@ ASYNC_ONLY = ("staleness", "alpha", "version", "arrivals", "in_flight", "sim_sec
 
 
 def simulated(history):
-    return [{k: v for k, v in m.items() if k not in WALL} for m in history]
+    """The simulated part of a history, as metrics.jsonl holds it (a resumed run's first lines are read back)."""
+    return [json.loads(json.dumps({k: v for k, v in m.items() if k not in WALL})) for m in history]
 
 
 def synchronous_part(m):
@@ -41,7 +42,8 @@ def test_staleness_weights_by_hand_and_the_hinge_trap():
 
 def test_client_speeds_are_given_in_turn():
     assert parse_speeds("1,2,4", 5) == (1.0, 2.0, 4.0, 1.0, 2.0)
-    for bad in ("1,0", "-1", "x", "", "1,2,3,4"):
+    assert parse_speeds("", 4) == (1.0, 2.0, 4.0, 1.0)
+    for bad in ("1,0", "-1", "x", ",", "1,2,3,4"):
         with pytest.raises(ValueError, match="--client-speeds"):
             parse_speeds(bad, 3)
 
@@ -118,10 +120,11 @@ def delta_w(h, tensors):
     return out
 
 
-@pytest.mark.parametrize("method", ["ffa", "fedsb"])
-def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, one_thread):
+@pytest.mark.parametrize("method, exact", [("ffa", True), ("fedsb", True), ("fedit", False)])
+def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, exact, one_thread):
     """FedAsync with stale arrivals (speeds 1,2,4, C = 3): W ← (1−α_t)W + α_t W_u for every step, where W_u is the
-    client's trained model; the factor mixes of ffa (B against A0) and fedsb (R between fixed bases) are that rule."""
+    client's trained model; the factor mixes of ffa (B against A0) and fedsb (R between fixed bases) are that rule,
+    fedit's separate mixes of B and A are not (the bilinear error α_t(1−α_t)s(B_u − B)(A_u − A))."""
     cfg = tiny_config(small_csv, method=method, rounds=3, async_mode="fedasync", async_concurrency=3,
                       method_options="fedsb-init=random" if method == "fedsb" else "")
     exp = build(cfg)
@@ -134,12 +137,16 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
     h = sim.handle
     stale = [taus[0] for _, _, taus, _, _ in rec.steps]
     assert max(stale) >= 1  # staleness happened
+    same = []
     for before, raw, taus, alpha, after in rec.steps:
         trained = raw["start"] | raw["upload"]
         W, Wu, Wnew = delta_w(h, before), delta_w(h, trained), delta_w(h, after)
-        for module in W:
-            expected = (1 - alpha) * W[module] + alpha * Wu[module]
-            assert torch.allclose(Wnew[module], expected, atol=1e-6), (module, taus)
+        same += [torch.allclose(Wnew[m], (1 - alpha) * W[m] + alpha * Wu[m], atol=1e-6) for m in W]
+    assert all(same) if exact else not any(same)
+
+
+class Killed(Exception):
+    pass
 
 
 def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, one_thread):
@@ -150,11 +157,16 @@ def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, 
     assert simulated(again) == simulated(reference)
     assert any(t > 0 for m in reference for t in m["staleness"])  # slow clients arrive stale
     assert sum(len(m["staleness"]) for m in reference) == 9  # the synchronous budget: rounds × clients per round
-    cut = whole.replace(rounds=2, out=str(tmp_path / "cut"))
-    _, first = run_experiment(cut)
-    checkpoint = json.loads(json.dumps(first[-1]))
-    assert checkpoint["version"] == len(first)
-    _, resumed = run_experiment(resume_config(cut.out, rounds=3), resume=True)
+
+    def kill(metrics):  # the run dies after its third version step (checkpoint written): clients in flight, queue not empty
+        if metrics["version"] == 3:
+            assert metrics["in_flight"] > 0
+            raise Killed
+
+    cut = whole.replace(out=str(tmp_path / "cut"))
+    with pytest.raises(Killed):
+        run_experiment(cut, on_round=kill)
+    _, resumed = run_experiment(resume_config(cut.out), resume=True)
     assert simulated(resumed) == simulated(reference)
 
 

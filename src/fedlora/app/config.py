@@ -282,7 +282,8 @@ class SystemsSettings(Part):
     fedasync_alpha: float = setting(0.6, "FedAsync: mixing weight alpha in (0, 1]; alpha_t = alpha h(tau)")
     fedasync_rho: float = setting(0.0, "FedAsync: the local proximal term (rho/2)||x - x_start||^2 (0: off)")
     async_concurrency: int | None = setting(None, "asynchronous: clients in flight at once, C (default: clients per round)", flower=0)
-    client_speeds: str = setting("1,2,4", "asynchronous without --devices: each client's seconds per local step, given to clients in turn")
+    client_speeds: str = setting("", "asynchronous without --devices: each client's seconds per local step, given to clients in turn "
+                                     "(empty: 1,2,4)")
 
     def check(self, run: RunConfig) -> None:
         from fedlora.app.systems import check

@@ -44,6 +44,7 @@ log = logging.getLogger("fedlora")
 
 MODES = ("fedasync", "fedbuff")
 STALENESS = ("constant", "poly", "hinge")
+DEFAULT_SPEEDS = (1.0, 2.0, 4.0)
 TRAITS = ("exact", "inexact")  # the asynchronous traits implemented (Method.asynchronous)
 
 
@@ -60,7 +61,10 @@ def staleness_weight(kind: str, tau: int, a: float, b: float) -> float:
 
 
 def parse_speeds(text: str, clients: int) -> tuple[float, ...]:
-    """``--client-speeds``: time multipliers given to clients in turn (client u takes local_steps × speed_u)."""
+    """``--client-speeds``: time multipliers given to clients in turn (client u takes local_steps × speed_u); empty:
+    ``DEFAULT_SPEEDS`` (METHODS.md's 1,2,4; our choice, fewer clients take its first ones)."""
+    if not text.strip():
+        return tuple(DEFAULT_SPEEDS[u % len(DEFAULT_SPEEDS)] for u in range(clients))
     try:
         cycle = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
