@@ -138,7 +138,7 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
     stale = [taus[0] for _, _, taus, _, _ in rec.steps]
     assert max(stale) >= 1  # staleness happened
     same = []
-    for before, raw, taus, alpha, after in rec.steps:
+    for before, raw, _, alpha, after in rec.steps:
         trained = raw["start"] | raw["upload"]
         W, Wu, Wnew = delta_w(h, before), delta_w(h, trained), delta_w(h, after)
         same += [torch.allclose(Wnew[m], (1 - alpha) * W[m] + alpha * Wu[m], atol=1e-6) for m in W]

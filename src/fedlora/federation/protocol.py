@@ -226,6 +226,13 @@ class Method:
         return cls.exactness or ("yes" if cls.exact else "no")
 
     @classmethod
+    def async_text(cls) -> str:
+        """The table's "async" column: exact, inexact, sync only (METHODS.md), not yet (not implemented), — (no federation)."""
+        if not cls.communicates or cls.pooled:
+            return "—"
+        return cls.asynchronous or ("sync only" if cls.async_refusal else "not yet")
+
+    @classmethod
     def linear_text(cls) -> str:
         return "yes" if cls.linear else "no"
 
