@@ -59,7 +59,7 @@ def test_equal_times_break_ties_by_client_id_never_by_push_order():
 def test_every_method_declares_its_asynchronous_trait():
     for name, cls in REGISTRY.items():
         assert cls.asynchronous in ("", "exact", "inexact"), name
-    assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == "exact"
+    assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == REGISTRY["flora"].asynchronous == "exact"
     assert REGISTRY["fedit"].asynchronous == "inexact"
     for name in ("rolora", "loraa2", "fedsvd", "florana", "lorafair", "hilora", "fedlease", "slora"):  # METHODS.md: synchronous only
         assert not REGISTRY[name].asynchronous and REGISTRY[name].async_refusal, name
@@ -94,55 +94,67 @@ def test_fedasync_with_one_client_and_alpha_one_is_its_local_training(small_csv,
 
 
 class Recorder(Asynchronous):
-    """Keeps every server state and arrival, to check the global update against the full-parameter rule."""
+    """Keeps every server state (trainables and base weights) and every client's start and upload."""
+
+    def bind(self, sim):
+        super().bind(sim)
+        self.steps, self.trained = [], []
 
     def _close(self, results, taus, started, alpha=None):
-        before = {n: t.clone() for n, t in self.sim.global_tensors.items()}
-        raw = dict(self._last_uploads)
+        before = ({n: t.clone() for n, t in self.sim.global_tensors.items()}, {m: w.clone() for m, w in self._base().items()})
+        arrivals = self.trained[len(self.trained) - len(results):]
         super()._close(results, taus, started, alpha)
-        self.steps.append((before, raw, taus, alpha, dict(self.sim.global_tensors)))
+        after = (dict(self.sim.global_tensors), {m: w.clone() for m, w in self._base().items()})
+        self.steps.append((before, arrivals, taus, alpha, after))
 
     def _train(self, flight):
+        base = self.bases.get(flight.version) or {m: w.clone() for m, w in self._base().items()}
         result = super()._train(flight)
-        self._last_uploads = {"cid": flight.cid, "v": flight.version, "upload": result.upload,
-                              "start": {n: t.clone() for n, t in self.store[flight.version].items()}}
+        self.trained.append(({n: t.clone() for n, t in self.store[flight.version].items()}, base, result.upload))
         return result
 
 
-def delta_w(h, tensors):
-    """s·B·A per adapted module (the full-parameter update the adapter stands for)."""
+def effective(h, tensors, base):
+    """Per adapted module the weight the model computes with: base + s·B·A (Fed-SB: s·B·R·A), as d×k."""
     out = {}
     for module, k in h.keys.items():
-        if getattr(k, "core", None) and k.core in tensors:
-            out[module] = tensors[k.B] @ tensors[k.core].reshape(tensors[k.B].shape[1], -1) @ tensors[k.A]
-        else:
-            out[module] = tensors[k.B] @ tensors[k.A]
+        B, A = tensors[k.B], tensors[k.A]
+        product = B @ tensors[k.core].reshape(B.shape[1], -1) @ A if k.core else B @ A
+        out[module] = h.base_layout(module, base[module]) + h.scaling(module) * product
     return out
 
 
-@pytest.mark.parametrize("method, exact", [("ffa", True), ("fedsb", True), ("fedit", False)])
-def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, exact, one_thread):
-    """FedAsync with stale arrivals (speeds 1,2,4, C = 3): W ← (1−α_t)W + α_t W_u for every step, where W_u is the
-    client's trained model; the factor mixes of ffa (B against A0) and fedsb (R between fixed bases) are that rule,
-    fedit's separate mixes of B and A are not (the bilinear error α_t(1−α_t)s(B_u − B)(A_u − A))."""
-    cfg = tiny_config(small_csv, method=method, rounds=3, async_mode="fedasync", async_concurrency=3,
+@pytest.mark.parametrize("method, mode, exact", [("ffa", "fedasync", True), ("fedsb", "fedasync", True), ("flora", "fedasync", True),
+                                                 ("flora", "fedbuff", True), ("fedit", "fedasync", False)])
+def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, mode, exact, one_thread):
+    """Stale arrivals (speeds 1,2,4, C = 3): FedAsync W ← (1−α_t)W + α_t W_u and FedBuff W ← W + (1/K)Σ h(τ)(W_u − W_{v_u})
+    at every step, W_u the client's trained model on its version's base. ffa (B against A0), fedsb (R between fixed
+    bases) and flora (fresh factors, the fold with the base term) are that rule; fedit's separate mixes of B and A are
+    not (the bilinear error α_t(1−α_t)s(B_u − B)(A_u − A))."""
+    cfg = tiny_config(small_csv, method=method, rounds=3, async_mode=mode, async_concurrency=3, buffer=2,
                       method_options="fedsb-init=random" if method == "fedsb" else "")
-    exp = build(cfg)
-    sim = exp.simulator
+    sim = build(cfg).simulator
     rec = Recorder(sim.systems.config)
-    rec.steps = []
     sim.systems = rec
     rec.bind(sim)
     sim.run()
     h = sim.handle
-    stale = [taus[0] for _, _, taus, _, _ in rec.steps]
-    assert max(stale) >= 1  # staleness happened
+    assert max(t for _, _, taus, _, _ in rec.steps for t in taus) >= 1  # staleness happened
     same = []
-    for before, raw, _, alpha, after in rec.steps:
-        trained = raw["start"] | raw["upload"]
-        W, Wu, Wnew = delta_w(h, before), delta_w(h, trained), delta_w(h, after)
-        same += [torch.allclose(Wnew[m], (1 - alpha) * W[m] + alpha * Wu[m], atol=1e-6) for m in W]
+    for (x, base), arrivals, taus, alpha, (x_new, base_new) in rec.steps:
+        W, W_new = effective(h, x, base), effective(h, x_new, base_new)
+        for m in W:
+            if mode == "fedasync":
+                start, start_base, upload = arrivals[0]
+                expected = (1 - alpha) * W[m] + alpha * effective(h, start | upload, start_base)[m]
+            else:
+                expected = W[m] + sum(staleness_weight("poly", tau, 0.5, 4.0) * (effective(h, s | u, b)[m] - effective(h, s, b)[m])
+                                      for (s, b, u), tau in zip(arrivals, taus)) / len(arrivals)
+            same.append(torch.allclose(W_new[m], expected, atol=1e-5))
     assert all(same) if exact else not any(same)
+    if method == "flora":  # stale clients trained on their version's base, not today's
+        assert any(not torch.equal(b[m], base[m]) for (_, base), arrivals, taus, _, _ in rec.steps
+                   for (_, b, _), tau in zip(arrivals, taus) if tau for m in b)
 
 
 class Killed(Exception):
@@ -199,7 +211,8 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     run = ["run", *T, "--data", str(small_csv), "--out", str(out)]
     cases = [
         (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
-        (["--method", "flora", "--async", "fedasync"], "methods that run asynchronously: "),
+        (["--method", "fedex", "--async", "fedasync"], "methods that run asynchronously: "),
+        (["--method", "flora", "--async", "fedasync", "--adapter", "dora"], "runs on lora or rslora adapters"),
         (["--method", "fedit", "--async", "fedbuff", "--buffer", "0"], "--buffer 0 is out of range"),
         (["--method", "fedit", "--async", "fedbuff", "--async-concurrency", "0"], "--async-concurrency 0 is out of range"),
         (["--method", "fedit", "--async", "fedasync", "--staleness", "linear"], "--staleness 'linear' is unknown"),
@@ -213,5 +226,5 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     for flags, needle in cases:
         assert needle in refused(capsys, run + flags), flags
         assert not out.exists()
-    flows = refused(capsys, run + ["--method", "flora", "--async", "fedasync"])
-    assert all(name in flows for name in ("fedit", "ffa", "fedsb", "fedsa"))
+    flows = refused(capsys, run + ["--method", "fedex", "--async", "fedasync"])
+    assert all(name in flows for name in ("fedit", "ffa", "fedsb", "fedsa", "flora"))

@@ -245,6 +245,9 @@ def check_async(run) -> None:
         why = method.async_refusal or "its asynchronous rule (METHODS.md) is not implemented in this version"
         raise ValueError(f"--async {run.async_mode}: {run.method} must run synchronously ({why}); methods that run "
                          f"asynchronously: {', '.join(async_methods())}")
+    if method.async_folds and run.adapter not in ("lora", "rslora"):
+        raise ValueError(f"--async {run.async_mode} with {run.method} runs on lora or rslora adapters in this version (a stale "
+                         f"client trains on its version's base, which {run.adapter} ties to its own factors); pass --adapter lora")
     given = [name for name, on in (("--availability", run.availability), ("--deadline", run.deadline is not None),
                                    ("--over-select", run.over_select > 1), ("--dp", run.dp != "none"), ("--secure-aggregation", run.secure_aggregation),
                                    ("--lr-schedule cosine", run.lr_schedule != "constant")) if on]

@@ -122,10 +122,12 @@ class Asynchronous(Instant):
     arrived: int = 0
     flights: dict[int, Flight] = field(default_factory=dict)
     store: dict[int, dict] = field(default_factory=dict)  # x_v for every version in flight, and the current one
+    bases: dict[int, dict] = field(default_factory=dict)  # folding methods: the base weights of those versions
     salts: dict[int, int] = field(default_factory=dict)  # dispatches per client from the current version
     buffer: list = field(default_factory=list)  # FedBuff: (result, v_u, τ)
     failed: list = field(default_factory=list)
     _step: dict = field(default_factory=dict)
+    _fold: dict = field(default_factory=dict)  # FedAsync, folding methods: α_t(base_{v_u} − base_now) for this step
 
     def bind(self, sim) -> None:
         super().bind(sim)
@@ -139,7 +141,7 @@ class Asynchronous(Instant):
         sim = self.sim
         if sim._setup_due():
             sim.setup()
-        self.store.setdefault(self.version, sim.global_tensors)
+        self._keep(self.version)
         while True:
             self._fill()
             if not self.queue:
@@ -159,7 +161,7 @@ class Asynchronous(Instant):
             cid = random.Random(f"{sim.config.seed}/async/{self.dispatched}").choice(idle)
             self.flights[cid] = Flight(cid, self.version, self.clock, self.salts.get(cid, 0))
             self.salts[cid] = self.salts.get(cid, 0) + 1
-            self.store.setdefault(self.version, sim.global_tensors)
+            self._keep(self.version)
             self.dispatched += 1
             self.queue.push(self.clock + self.duration(cid), cid, "arrive", tie=cid)  # ties: time, then client id
 
@@ -190,7 +192,11 @@ class Asynchronous(Instant):
         if cfg.mode == "fedasync":
             if result is not None:
                 alpha = cfg.alpha * cfg.weight(tau)
-                mixed = {n: t if alpha == 1.0 else (1 - alpha) * sim.global_tensors[n] + alpha * t for n, t in result.upload.items()}
+                mixed = sim.method.async_rewrite(sim.handle, result.upload, self.store[flight.version], sim.global_tensors,
+                                                 mode="fedasync", weight=alpha)
+                if sim.method.async_folds and tau:  # the base moved since v_u: fold α_t(base_{v_u} − base_now) too
+                    now = self._base()
+                    self._fold = {m: alpha * (b - now[m]) for m, b in self.bases[flight.version].items()}
                 self._close([dataclasses.replace(result, upload=mixed)], [tau], started, alpha=alpha)
             elif self.arrived == cfg.budget:
                 self._close([], [], started)
@@ -202,13 +208,13 @@ class Asynchronous(Instant):
 
     def _flush(self, started: float) -> None:
         """FedBuff: each buffered upload becomes x + h(τ)(x_u − x_{v_u}); their uniform mean is x + (1/K)Σ h(τ)Δ_u."""
-        x, results, taus = self.sim.global_tensors, [], []
+        sim, results, taus = self.sim, [], []
         for result, v, tau in self.buffer:
             w = self.config.weight(tau)
             if tau == 0 and w == 1.0:  # Δ_u taken from x itself: x + Δ_u is x_u (bit for bit)
                 upload = result.upload
             else:
-                upload = {n: x[n] + w * (t - self.store[v][n]) for n, t in result.upload.items()}
+                upload = sim.method.async_rewrite(sim.handle, result.upload, self.store[v], sim.global_tensors, mode="fedbuff", weight=w)
             results.append(dataclasses.replace(result, upload=upload))
             taus.append(tau)
         self.buffer = []
@@ -230,21 +236,60 @@ class Asynchronous(Instant):
         method = sim.method
         if cfg.rho:
             method.loss_term = _proximal(method, self.store[flight.version], cfg.rho)  # instance attribute: this turn only
+        now = None
+        if method.async_folds and flight.version != self.version:
+            now = {m: w.detach().clone() for m, w in self._base().items()}
+        if now is not None:  # a folding method's stale client trains on its version's base
+            self._set_base(self.bases[flight.version])
         try:
             result = sim.turn(sim.handle, method, sim.task, sim.clients[flight.cid], start, fed, flight.version + 1)
         finally:
             if cfg.rho:
                 del method.loss_term
+            if now is not None:
+                self._set_base(now)
         if sim.on_client:
             sim.on_client(self.version + 1, flight.cid)
         return result
 
+    # -- the version store's base weights (folding methods) -----------------------------------------------------------
+    def _keep(self, version: int, replace: bool = False) -> None:
+        """Keep x_v (and, for a folding method, its base weights) for ``version``, the current one."""
+        if replace or version not in self.store:
+            self.store[version] = self.sim.global_tensors
+            if self.sim.method.async_folds:
+                self.bases[version] = {m: w.detach().clone() for m, w in self._base().items()}
+
+    def _base(self) -> dict:
+        h = self.sim.handle
+        return {m: layer.get_base_layer().weight for m, layer in h.layers.items()}
+
+    def _set_base(self, weights: dict) -> None:
+        for m, w in self._base().items():
+            w.data.copy_(weights[m])
+
+    def server_update(self, update):
+        """FedAsync of a folding method: the broadcast's fold gains α_t(base_{v_u} − base_now) (dense, and counted)."""
+        if not self._fold:
+            return update
+        from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, fold_deltas
+
+        h, broadcast = self.sim.handle, dict(update.broadcast)
+        deltas = fold_deltas(broadcast)
+        for m, d in self._fold.items():
+            extra = h.base_layout(m, d) / h.scaling(m)  # h.fold adds s·Δ in the weight's layout
+            broadcast.pop(f"{m}.{FOLD_L}", None), broadcast.pop(f"{m}.{FOLD_R}", None)
+            broadcast[f"{m}.{FOLD}"] = (deltas[m] + extra if m in deltas else extra).to(d.dtype)
+        self._fold = {}
+        return dataclasses.replace(update, broadcast=broadcast)
+
     # -- what the round's systems object reports ---------------------------------------------------------------------
     def close(self, rnd: int, accepted: list, server_seconds: float) -> dict:
         """After the server step: keep x_v, drop versions no client in flight needs, report the step."""
-        self.store[self.version] = self.sim.global_tensors
+        self._keep(self.version, replace=True)
         needed = {f.version for f in self.flights.values()} | {self.version}
         self.store = {v: x for v, x in self.store.items() if v in needed}
+        self.bases = {v: x for v, x in self.bases.items() if v in needed}
         seconds, self.last = self.clock - self.last, self.clock
         return self._step | {"version": self.version, "arrivals": self.arrived, "in_flight": len(self.flights),
                              "sim_seconds": seconds, "sim_clock": self.clock}
@@ -257,6 +302,7 @@ class Asynchronous(Instant):
     def state(self) -> tuple[dict, dict]:
         """The version store (all but the current version, which is the global state) and the loop's state."""
         tensors = {f"async/{v}/{n}": t for v, x in self.store.items() if v != self.version for n, t in x.items()}
+        tensors |= {f"asyncbase/{v}/{m}": t for v, x in self.bases.items() if v != self.version for m, t in x.items()}
         meta = {"version": self.version, "clock": self.clock, "last": self.last, "dispatched": self.dispatched,
                 "arrived": self.arrived, "queue": self.queue.state(), "salts": {str(c): s for c, s in self.salts.items()},
                 "flights": [[f.cid, f.version, f.start, f.salt] for f in self.flights.values()]}
@@ -272,11 +318,13 @@ class Asynchronous(Instant):
         self.salts = {int(c): int(s) for c, s in state["salts"].items()}
         self.flights = {int(c): Flight(int(c), int(v), float(t), int(s)) for c, v, t, s in state["flights"]}
         device = self.sim.config.device
-        self.store = {self.version: self.sim.global_tensors}
+        self.store, self.bases = {}, {}
+        self._keep(self.version)
         for key, t in tensors.items():
-            if key.startswith("async/"):
-                _, v, name = key.split("/", 2)
-                self.store.setdefault(int(v), {})[name] = t.to(device)
+            kind, _, rest = key.partition("/")
+            if kind in ("async", "asyncbase"):
+                v, _, name = rest.partition("/")
+                (self.store if kind == "async" else self.bases).setdefault(int(v), {})[name] = t.to(device)
 
 
 def _proximal(method, anchor: dict, rho: float):

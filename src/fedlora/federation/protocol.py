@@ -182,6 +182,7 @@ class Method:
     # method must stay synchronous; "" : its asynchronous rule is not implemented in this version)
     asynchronous: ClassVar[str] = ""
     async_refusal: ClassVar[str] = ""
+    async_folds: ClassVar[bool] = False  # --async: the base moves (folds), so a stale client trains on its version's base
     in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
     # Why the run has no one global model to export (a personalised structure PEFT cannot load: FedLEASE); "" : it has.
     # The artefacts are still written; load_global_model refuses with this reason.
@@ -398,6 +399,15 @@ class Method:
     def eval_extras(self, h: AdapterHandle, tensors: Tensors) -> Tensors:
         """Private tensors the server needs only to score a global model (FedSA's B and heads); not protocol bytes."""
         return {}
+
+    def async_rewrite(self, h: AdapterHandle, upload: Tensors, start: Tensors, current: Tensors, *, mode: str,
+                      weight: float) -> Tensors:
+        """An arrival's upload rewritten to this method's rule input under ``--async`` (:mod:`.asynchronous`): FedAsync
+        (``weight`` α_t) per tensor (1−α_t)·current + α_t·upload, the rule then takes it as the one client's state;
+        FedBuff (``weight`` h(τ)) current + h(τ)(upload − start), whose uniform mean is FedBuff's step."""
+        if mode == "fedasync":
+            return {n: t if weight == 1.0 else (1 - weight) * current[n] + weight * t for n, t in upload.items()}
+        return {n: current[n] + weight * (t - start[n]) for n, t in upload.items()}
 
     # ---- server side -----------------------------------------------------------------------------------------
     def receive(self, h: AdapterHandle, upload: Tensors, start: Tensors, rnd: int, peer: Peer) -> Tensors:

@@ -447,7 +447,7 @@ class Simulator:
         ctx = RoundContext(rnd, round_seed(cfg.seed, rnd), step.peers, mixed=self.mixed)
         update, measures = aggregate_step(self.handle, self.method, step, self.global_tensors, ctx, bound=cfg.bound, similarity=cfg.similarity)
         # The server optimiser post-processes the method's result (measured above as the method's own).
-        return self.server_opt.step(self.handle, update, self.global_tensors, ctx), measures
+        return self.systems.server_update(self.server_opt.step(self.handle, update, self.global_tensors, ctx)), measures
 
     def _broadcast(self, update: ServerUpdate, accepted: list[ClientResult], rnd: int) -> None:
         """Send the round's result to the accepted clients (the others get it when next sampled), apply it here and

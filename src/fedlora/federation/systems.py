@@ -152,6 +152,10 @@ class Instant:
     def restore(self, tensors: dict, meta: dict) -> None:
         pass
 
+    def server_update(self, update):
+        """The round's server update as the server optimiser left it (asynchronous aggregation may add to its fold)."""
+        return update
+
     def bind(self, sim) -> None:
         self.sim = sim
 
