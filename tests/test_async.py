@@ -125,7 +125,8 @@ def effective(h, tensors, base):
 
 
 @pytest.mark.parametrize("method, mode, exact", [("ffa", "fedasync", True), ("fedsb", "fedasync", True), ("flora", "fedasync", True),
-                                                 ("flora", "fedbuff", True), ("fedit", "fedasync", False)])
+                                                 ("flora", "fedbuff", True), ("fedex", "fedasync", True),
+                                                 ("fedex", "fedbuff", True), ("fedit", "fedasync", False)])
 def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, mode, exact, one_thread):
     """Stale arrivals (speeds 1,2,4, C = 3): FedAsync W ← (1−α_t)W + α_t W_u and FedBuff W ← W + (1/K)Σ h(τ)(W_u − W_{v_u})
     at every step, W_u the client's trained model on its version's base. ffa (B against A0), fedsb (R between fixed
@@ -152,7 +153,7 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
                                       for (s, b, u), tau in zip(arrivals, taus)) / len(arrivals)
             same.append(torch.allclose(W_new[m], expected, atol=1e-5))
     assert all(same) if exact else not any(same)
-    if method == "flora":  # stale clients trained on their version's base, not today's
+    if method in ("flora", "fedex"):  # stale clients trained on their version's base, not today's
         assert any(not torch.equal(b[m], base[m]) for (_, base), arrivals, taus, _, _ in rec.steps
                    for (_, b, _), tau in zip(arrivals, taus) if tau for m in b)
 
@@ -211,7 +212,7 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     run = ["run", *T, "--data", str(small_csv), "--out", str(out)]
     cases = [
         (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
-        (["--method", "fedex", "--async", "fedasync"], "methods that run asynchronously: "),
+        (["--method", "svd", "--async", "fedasync"], "methods that run asynchronously: "),
         (["--method", "flora", "--async", "fedasync", "--adapter", "dora"], "runs on lora or rslora adapters"),
         (["--method", "fedit", "--async", "fedbuff", "--buffer", "0"], "--buffer 0 is out of range"),
         (["--method", "fedit", "--async", "fedbuff", "--async-concurrency", "0"], "--async-concurrency 0 is out of range"),
@@ -226,7 +227,7 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     for flags, needle in cases:
         assert needle in refused(capsys, run + flags), flags
         assert not out.exists()
-    flows = refused(capsys, run + ["--method", "fedex", "--async", "fedasync"])
+    flows = refused(capsys, run + ["--method", "svd", "--async", "fedasync"])
     assert all(name in flows for name in ("fedit", "ffa", "fedsb", "fedsa", "flora"))
 
 

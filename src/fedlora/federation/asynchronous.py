@@ -127,7 +127,7 @@ class Asynchronous(Instant):
     buffer: list = field(default_factory=list)  # FedBuff: (result, v_u, τ)
     failed: list = field(default_factory=list)
     _step: dict = field(default_factory=dict)
-    _fold: dict = field(default_factory=dict)  # FedAsync, folding methods: α_t(base_{v_u} − base_now) for this step
+    _fold: dict = field(default_factory=dict)  # per module, the d×k weight update this step folds beyond the rule's
 
     def bind(self, sim) -> None:
         super().bind(sim)
@@ -194,9 +194,13 @@ class Asynchronous(Instant):
                 alpha = cfg.alpha * cfg.weight(tau)
                 mixed = sim.method.async_rewrite(sim.handle, result.upload, self.store[flight.version], sim.global_tensors,
                                                  mode="fedasync", weight=alpha)
+                h, start = sim.handle, self.store[flight.version]
+                self._fold = sim.method.async_extra(h, "fedasync", [(result.upload, start, alpha)], sim.global_tensors)
                 if sim.method.async_folds and tau:  # the base moved since v_u: fold α_t(base_{v_u} − base_now) too
                     now = self._base()
-                    self._fold = {m: alpha * (b - now[m]) for m, b in self.bases[flight.version].items()}
+                    for m, b in self.bases[flight.version].items():
+                        step = alpha * h.base_layout(m, b - now[m])
+                        self._fold[m] = self._fold[m] + step if m in self._fold else step
                 self._close([dataclasses.replace(result, upload=mixed)], [tau], started, alpha=alpha)
             elif self.arrived == cfg.budget:
                 self._close([], [], started)
@@ -209,6 +213,8 @@ class Asynchronous(Instant):
     def _flush(self, started: float) -> None:
         """FedBuff: each buffered upload becomes x + h(τ)(x_u − x_{v_u}); their uniform mean is x + (1/K)Σ h(τ)Δ_u."""
         sim, results, taus = self.sim, [], []
+        self._fold = sim.method.async_extra(sim.handle, "fedbuff", [(r.upload, self.store[v], self.config.weight(tau)) for r, v, tau in self.buffer],
+                                            sim.global_tensors)
         for result, v, tau in self.buffer:
             w = self.config.weight(tau)
             if tau == 0 and w == 1.0:  # Δ_u taken from x itself: x + Δ_u is x_u (bit for bit)
@@ -269,7 +275,8 @@ class Asynchronous(Instant):
             w.data.copy_(weights[m])
 
     def server_update(self, update):
-        """FedAsync of a folding method: the broadcast's fold gains α_t(base_{v_u} − base_now) (dense, and counted)."""
+        """The broadcast's fold gains this step's extra (FedAsync of a folding method: α_t(base_{v_u} − base_now); the
+        method's ``async_extra``): sent dense, and counted."""
         if not self._fold:
             return update
         from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, fold_deltas
@@ -277,7 +284,7 @@ class Asynchronous(Instant):
         h, broadcast = self.sim.handle, dict(update.broadcast)
         deltas = fold_deltas(broadcast)
         for m, d in self._fold.items():
-            extra = h.base_layout(m, d) / h.scaling(m)  # h.fold adds s·Δ in the weight's layout
+            extra = d / h.scaling(m)  # h.fold adds s·Δ
             broadcast.pop(f"{m}.{FOLD_L}", None), broadcast.pop(f"{m}.{FOLD_R}", None)
             broadcast[f"{m}.{FOLD}"] = (deltas[m] + extra if m in deltas else extra).to(d.dtype)
         self._fold = {}

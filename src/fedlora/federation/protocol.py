@@ -409,6 +409,12 @@ class Method:
             return {n: t if weight == 1.0 else (1 - weight) * current[n] + weight * t for n, t in upload.items()}
         return {n: current[n] + weight * (t - start[n]) for n, t in upload.items()}
 
+    def async_extra(self, h: AdapterHandle, mode: str, items: list[tuple[Tensors, Tensors, float]], current: Tensors) -> dict[str, Tensor]:
+        """Per module, the d×k weight update the server folds under ``--async`` beyond what the rule makes of the
+        rewritten uploads (``items``: each arrival's upload, its start x_{v_u} and its weight α_t or h(τ)); none by
+        default (FedEx: its staleness residual)."""
+        return {}
+
     # ---- server side -----------------------------------------------------------------------------------------
     def receive(self, h: AdapterHandle, upload: Tensors, start: Tensors, rnd: int, peer: Peer) -> Tensors:
         """What the server reads client ``peer``'s round-``rnd`` upload as, before screening checks it against
