@@ -66,7 +66,7 @@ def test_every_method_declares_its_asynchronous_trait():
 
 
 # -- what must hold --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["fedit", "ffa"])
+@pytest.mark.parametrize("method", ["fedit", "ffa", "flora"])
 def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
     """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
     sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3)
@@ -181,6 +181,9 @@ def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, 
         run_experiment(cut, on_round=kill)
     _, resumed = run_experiment(resume_config(cut.out), resume=True)
     assert simulated(resumed) == simulated(reference)
+    from fedlora.app.rundir import RunDir
+
+    assert RunDir(whole.out).finished(whole) is not None and len(reference) < 2 * whole.rounds  # finished by updates, not lines
 
 
 def test_fedasync_records_staleness_and_the_clock_every_arrival(small_csv, one_thread):
