@@ -245,3 +245,12 @@ def test_flower_refuses_async_in_one_line_before_anything_is_written(small_csv, 
     back = from_flower(to_flower(cfg))  # the settings travel as Flower run config keys
     assert (back.async_mode, back.buffer, back.staleness, back.client_speeds) == ("fedasync", 2, "hinge", "1,3")
     assert from_flower(to_flower(tiny_config(small_csv))).buffer is None  # 0 stands in for "not given"
+
+
+def test_the_cli_runs_async_and_writes_a_line_per_version_step(small_csv, tmp_path, one_thread):
+    out = tmp_path / "run"
+    assert main(["run", *T, "--data", str(small_csv), "--method", "ffa", "--async", "fedasync", "--client-speeds", "1,2",
+                 "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["version"] for m in lines] == [1, 2, 3] and [m["arrivals"] for m in lines] == [1, 2, 3]  # 1 round × 3 clients
+    assert json.loads((out / "config.json").read_text())["async_mode"] == "fedasync"

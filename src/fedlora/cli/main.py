@@ -134,7 +134,9 @@ class _Progress:
                 f"{m['wall_seconds']:.1f}s")
         if "global_loss" in m:
             line += f"  loss {m['global_loss']:.3f} (floor {m['bayes_loss']:.3f})"
-        if "sim_clock" in m:
+        if "staleness" in m:  # asynchronous: a line per version step
+            line += f"  sim {m['sim_seconds']:.1f}s (clock {m['sim_clock']:.1f}s, staleness {m['staleness']})"
+        elif "sim_clock" in m:
             line += f"  sim {m['sim_seconds']:.1f}s (clock {m['sim_clock']:.1f}s, {m['n_dropped']} dropped)"
         if "epsilon" in m:
             eps = "none (no noise)" if m["epsilon"] is None else f"{m['epsilon']:.3g}"

@@ -308,8 +308,9 @@ class Asynchronous(Instant):
 
     def state(self) -> tuple[dict, dict]:
         """The version store (all but the current version, which is the global state) and the loop's state."""
-        tensors = {f"async/{v}/{n}": t for v, x in self.store.items() if v != self.version for n, t in x.items()}
-        tensors |= {f"asyncbase/{v}/{m}": t for v, x in self.bases.items() if v != self.version for m, t in x.items()}
+        # cloned: versions share tensors with each other and the global state (FFA's A0), which one file cannot hold twice
+        tensors = {f"async/{v}/{n}": t.clone() for v, x in self.store.items() if v != self.version for n, t in x.items()}
+        tensors |= {f"asyncbase/{v}/{m}": t.clone() for v, x in self.bases.items() if v != self.version for m, t in x.items()}
         meta = {"version": self.version, "clock": self.clock, "last": self.last, "dispatched": self.dispatched,
                 "arrived": self.arrived, "queue": self.queue.state(), "salts": {str(c): s for c, s in self.salts.items()},
                 "flights": [[f.cid, f.version, f.start, f.salt] for f in self.flights.values()]}
