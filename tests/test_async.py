@@ -254,3 +254,21 @@ def test_the_cli_runs_async_and_writes_a_line_per_version_step(small_csv, tmp_pa
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["version"] for m in lines] == [1, 2, 3] and [m["arrivals"] for m in lines] == [1, 2, 3]  # 1 round × 3 clients
     assert json.loads((out / "config.json").read_text())["async_mode"] == "fedasync"
+
+
+def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv, tmp_path, one_thread):
+    """Three hand-made devices (8 Mbit/s = 1e6 B/s each way; 16, 8 and 1.6 examples/s; latency 10, 100, 1000 ms) and
+    FedBuff with K = C = 3: the first flush comes when the slowest client's state down + training + upload is done."""
+    from fedlora.federation.clock import examples_processed
+    from fedlora.federation.traffic import nbytes
+    from test_systems import HAND
+
+    path = tmp_path / "hand.toml"
+    path.write_text(HAND)
+    sim = build(tiny_config(small_csv, method="fedit", rounds=1, devices=str(path), async_mode="fedbuff")).simulator
+    state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, 1))
+    by_hand = [2 * latency + 2 * state / 1e6 + examples_processed(len(sim.clients[cid].train), 2, 8) / speed
+               for cid, (speed, latency) in enumerate([(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)])]
+    history = sim.run()
+    assert len(history) == 1 and history[0]["staleness"] == [0, 0, 0]
+    assert history[0]["sim_clock"] == pytest.approx(max(by_hand)) and max(by_hand) > 10  # the slow board: 16 examples at 1.6/s, 1 s latency each way

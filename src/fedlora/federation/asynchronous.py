@@ -13,11 +13,13 @@ idle client (a seeded random draw) is dispatched with the current state. Stalene
 
 Both run through the synchronous round's server half (:meth:`Simulator.close_round`): the arrivals' uploads are
 rewritten to the rule's input (FedAsync: the mixed state; FedBuff: ``x + h(τ)Δ_u``, whose uniform mean is FedBuff's
-step) and the method's own linear rule averages them, so screening, bytes, the server optimiser, the broadcast and
-the metrics line are the synchronous run's. Only methods whose rule is a per-tensor mean of what they upload
-declare an asynchronous trait (``Method.asynchronous``): for ffa and fedsb the factors that move meet fixed bases,
-so the mix of tensors is the mix of ``ΔW`` (exact); fedit and fedsa mix A and B separately (inexact: the stale
-product error of METHODS.md).
+step; ``Method.async_rewrite``) and the method's own rule averages them, so screening, bytes, the server optimiser,
+the broadcast and the metrics line are the synchronous run's. A method declares its trait (``Method.asynchronous``):
+for ffa and fedsb the factors that move meet fixed bases, so the mix of tensors is the mix of ``ΔW`` (exact); flora
+scales B_u by the weight (its clients restart from zero factors) and, being a folding method (``async_folds``), has
+its stale clients train on their version's base, the store keeping each version's base weights, and FedAsync folds
+α_t(base_{v_u} − base_now) too; fedex folds its staleness residual (``Method.async_extra``); fedit and fedsa mix A
+and B separately (inexact: the stale-product error of METHODS.md).
 
 Our choices (docs/systems.md): arrivals at the same simulated time are handled in client-id order, all of them
 before any dispatch (so equal-speed clients restart from the version their arrivals made, and FedBuff with K = C = N
