@@ -46,7 +46,8 @@ def hand(tmp_path):
 
 
 def simulated(history):
-    return [{k: v for k, v in m.items() if k not in WALL} for m in history]
+    """As metrics.jsonl holds it (a resumed run's first lines are read back: client_metrics' keys are strings there)."""
+    return [json.loads(json.dumps({k: v for k, v in m.items() if k not in WALL})) for m in history]
 
 
 # -- the clock's pieces -----------------------------------------------------------------------------------------------

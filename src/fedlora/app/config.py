@@ -35,10 +35,11 @@ _DP = PrivacyConfig()
 _OPT = ServerOptConfig()
 
 
-def setting(default, help: str, *, flower=None):
+def setting(default, help: str, *, flower=None, alias: str = ""):
     """A settings field with its help (the flag's help, the TOML key's and Flower's). ``flower``: where ``default``
-    is None ("not given"), the stand-in Flower's run config holds for it (it holds no null)."""
-    return field(default=default, metadata={"help": help, "flower": flower})
+    is None ("not given"), the stand-in Flower's run config holds for it (it holds no null). ``alias``: a second
+    flag (``--async`` for ``async_mode``, a Python keyword as a field name)."""
+    return field(default=default, metadata={"help": help, "flower": flower, "alias": alias})
 
 
 class Part:
@@ -272,6 +273,17 @@ class SystemsSettings(Part):
                                            "the round timeout, in real seconds)",
                                      flower=0.0)
     over_select: float = setting(1.0, "select ceil(F x clients per round) and keep the first clients per round to finish")
+    async_mode: str = setting("", "asynchronous aggregation (also --async): fedasync or fedbuff (docs/systems.md; methods with an "
+                                  "async trait); empty: synchronous rounds", alias="--async")
+    buffer: int | None = setting(None, "FedBuff: updates buffered per server step, K (default: clients per round)", flower=0)
+    staleness: str = setting("poly", "staleness weight h(tau): constant, poly ((tau+1)^-a) or hinge (1 if tau <= b, else 1/(a(tau-b)+1))")
+    staleness_a: float = setting(0.5, "staleness weight: a of poly and hinge")
+    staleness_b: float = setting(4.0, "staleness weight: b of hinge")
+    fedasync_alpha: float = setting(0.6, "FedAsync: mixing weight alpha in (0, 1]; alpha_t = alpha h(tau)")
+    fedasync_rho: float = setting(0.0, "FedAsync: the local proximal term (rho/2)||x - x_start||^2 (0: off)")
+    async_concurrency: int | None = setting(None, "asynchronous: clients in flight at once, C (default: clients per round)", flower=0)
+    client_speeds: str = setting("", "asynchronous without --devices: each client's seconds per local step, given to clients in turn "
+                                     "(empty: 1,2,4)")
 
     def check(self, run: RunConfig) -> None:
         from fedlora.app.systems import check

@@ -295,11 +295,12 @@ def methods_table() -> str:
     """The methods table of the README and docs/design.md, from what each registered method declares."""
     from fedlora.federation import REGISTRY
 
-    rows = ["| method | paper | server rule | up | down | exact | linear | mixed ranks | server opt | adapters |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | paper | server rule | up | down | exact | linear | mixed ranks | server opt | async | adapters |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, cls in REGISTRY.items():
         rows.append(f"| `{name}` | {cls.title} | {cls.summary} | {cls.up} | {cls.down} | {cls.exact_text()} | "
-                    f"{cls.linear_text()} | {cls.mixed_text()} | {cls.server_opt or '—'} | {', '.join(cls.adapters())} |")
+                    f"{cls.linear_text()} | {cls.mixed_text()} | {cls.server_opt or '—'} | {cls.async_text()} | "
+                    f"{', '.join(cls.adapters())} |")
     return "\n".join(rows) + "\n"
 
 

@@ -280,6 +280,8 @@ class RunDir:
         if not (self.path / "summary.md").exists() or not path.exists():
             return None
         history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if history and "arrivals" in history[-1]:  # asynchronous: a line per version step, the budget counts updates
+            return history if history[-1]["arrivals"] >= config.rounds * max(1, int(round(config.fraction * config.clients))) else None
         return history if len(history) >= config.rounds else None
 
     def interrupted(self) -> bool:

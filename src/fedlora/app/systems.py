@@ -211,6 +211,54 @@ def check(run) -> None:
     availability(run.availability, run.clients, run.seed)
     if run.over_select > 1 and run.dp == "client":
         raise ValueError("--over-select with --dp client would change the sampling rate the accountant assumes; drop one of the two")
+    check_async(run)
+
+
+def async_methods() -> list[str]:
+    """The methods that run under --async (an asynchronous trait declared on the class)."""
+    from fedlora.federation import REGISTRY
+
+    return [n for n, c in REGISTRY.items() if c.asynchronous]
+
+
+def check_async(run) -> None:
+    """``--async`` and its settings, one line each, before anything loads (the pooled reference ignores them)."""
+    from fedlora.federation.asynchronous import MODES, STALENESS, parse_speeds
+
+    if run.async_mode not in ("", *MODES):
+        raise ValueError(f"--async {run.async_mode!r} is unknown; choose {' or '.join(MODES)} (or leave it empty for synchronous rounds)")
+    if run.staleness not in STALENESS:
+        raise ValueError(f"--staleness {run.staleness!r} is unknown; choose one of {', '.join(STALENESS)}")
+    for flag, value, ok, fix in (("--buffer", run.buffer, lambda v: v >= 1, "pass 1 or more, e.g. --buffer 5"),
+                                 ("--async-concurrency", run.async_concurrency, lambda v: v >= 1, "pass 1 or more, e.g. --async-concurrency 5"),
+                                 ("--staleness-a", run.staleness_a, lambda v: v >= 0 and math.isfinite(v), "pass a number ≥ 0, e.g. 0.5"),
+                                 ("--staleness-b", run.staleness_b, lambda v: v >= 0 and math.isfinite(v), "pass a number ≥ 0, e.g. 4"),
+                                 ("--fedasync-alpha", run.fedasync_alpha, lambda v: 0 < v <= 1, "pass a weight in (0, 1], e.g. 0.6"),
+                                 ("--fedasync-rho", run.fedasync_rho, lambda v: v >= 0 and math.isfinite(v), "pass 0 (off) or more")):
+        if value is not None and not ok(value):
+            raise ValueError(f"{flag} {value} is out of range; {fix}")
+    parse_speeds(run.client_speeds, run.clients)
+    method = run.method_object()
+    if not run.async_mode or method.pooled:
+        return
+    if not method.asynchronous:
+        why = method.async_refusal or "its asynchronous rule (METHODS.md) is not implemented in this version"
+        raise ValueError(f"--async {run.async_mode}: {run.method} must run synchronously ({why}); methods that run "
+                         f"asynchronously: {', '.join(async_methods())}")
+    if method.async_folds and run.adapter not in ("lora", "rslora"):
+        raise ValueError(f"--async {run.async_mode} with {run.method} runs on lora or rslora adapters in this version (a stale "
+                         f"client trains on its version's base, which {run.adapter} ties to its own factors); pass --adapter lora")
+    given = [name for name, on in (("--availability", run.availability), ("--deadline", run.deadline is not None),
+                                   ("--over-select", run.over_select > 1), ("--dp", run.dp != "none"), ("--secure-aggregation", run.secure_aggregation),
+                                   ("--lr-schedule cosine", run.lr_schedule != "constant")) if on]
+    ranks = run.ranks()
+    if ranks is not None and len(set(ranks)) > 1:
+        given.append("mixed --client-ranks")
+    if run.async_mode == "fedasync" and run.server_opt not in ("", "avg"):
+        given.append("--server-opt (FedAsync's mixing is its server step; FedBuff takes one)")
+    if given:
+        raise ValueError(f"--async {run.async_mode} does not run with {', '.join(given)} in this version; drop "
+                         f"{'it' if len(given) == 1 else 'them'} or --async")
 
 
 def check_simulated(run) -> None:
@@ -224,6 +272,8 @@ def check_simulated(run) -> None:
 def systems_for(run, model, clients: int) -> Instant:
     """The round's systems object: :class:`Instant` (today's federation) unless devices, availability or
     over-selection is given (a deadline alone, without a clock, drops nobody: Flower's round timeout)."""
+    if run.async_mode:
+        return asynchronous_for(run, model, clients)
     if not (run.devices or run.availability or run.over_select > 1):
         return Instant()
     devices = device_set(run.devices) if run.devices else None
@@ -233,3 +283,18 @@ def systems_for(run, model, clients: int) -> Instant:
         availability=availability(run.availability, run.clients, run.seed), deadline=run.deadline, over_select=run.over_select,
         tokens_per_example=run.max_length, parameters=sum(p.numel() for p in model.parameters()),
     ))
+
+
+def asynchronous_for(run, model, clients: int):
+    """The event loop of ``--async`` (:mod:`fedlora.federation.asynchronous`): budget the synchronous run's client
+    updates; client speeds from the device profiles with ``--devices``, else ``--client-speeds`` in turn."""
+    from fedlora.federation.asynchronous import AsyncConfig, Asynchronous, parse_speeds
+
+    per_round = max(1, int(round(run.fraction * clients)))
+    devices = device_set(run.devices) if run.devices else None
+    return Asynchronous(AsyncConfig(
+        mode=run.async_mode, buffer=run.buffer or per_round, concurrency=min(run.async_concurrency or per_round, clients),
+        budget=run.rounds * per_round, staleness=run.staleness, a=run.staleness_a, b=run.staleness_b, alpha=run.fedasync_alpha,
+        rho=run.fedasync_rho, speeds=parse_speeds(run.client_speeds, clients),
+        profiles=None if devices is None else client_profiles(devices, clients, run.seed),
+        tokens_per_example=run.max_length, parameters=sum(p.numel() for p in model.parameters())))

@@ -50,7 +50,7 @@ def _add_run_flags(p: argparse.ArgumentParser, *, with_method: bool = True) -> N
             if typ is bool:
                 group.add_argument(flag, default=None, action=argparse.BooleanOptionalAction, help=help_)
             else:
-                group.add_argument(flag, type=typ, default=None, help=help_)
+                group.add_argument(flag, *filter(None, [f.metadata.get("alias")]), type=typ, default=None, help=help_)
     options = p.add_argument_group("method options", "each method's own options (also as --method-options NAME-OPTION=VALUE)")
     for flag, (method, _, decl) in option_flags().items():
         choices = f": {', '.join(map(str, decl.choices))}" if decl.choices else ""
@@ -134,7 +134,9 @@ class _Progress:
                 f"{m['wall_seconds']:.1f}s")
         if "global_loss" in m:
             line += f"  loss {m['global_loss']:.3f} (floor {m['bayes_loss']:.3f})"
-        if "sim_clock" in m:
+        if "staleness" in m:  # asynchronous: a line per version step
+            line += f"  sim {m['sim_seconds']:.1f}s (clock {m['sim_clock']:.1f}s, staleness {m['staleness']})"
+        elif "sim_clock" in m:
             line += f"  sim {m['sim_seconds']:.1f}s (clock {m['sim_clock']:.1f}s, {m['n_dropped']} dropped)"
         if "epsilon" in m:
             eps = "none (no noise)" if m["epsilon"] is None else f"{m['epsilon']:.3g}"

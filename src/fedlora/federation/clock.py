@@ -136,14 +136,19 @@ class EventQueue:
         self._heap: list[Event] = []
         self._seq = 0
 
-    def push(self, time: float, cid: int, kind: str) -> Event:
-        event = Event(float(time), self._seq, int(cid), kind)
+    def push(self, time: float, cid: int, kind: str, tie: int | None = None) -> Event:
+        """``tie``: what orders this event among those at the same time (default: push order; asynchronous
+        aggregation passes the client id, unique among the events in flight)."""
+        event = Event(float(time), self._seq if tie is None else int(tie), int(cid), kind)
         self._seq += 1
         heapq.heappush(self._heap, event)
         return event
 
     def pop(self) -> Event:
         return heapq.heappop(self._heap)
+
+    def peek(self) -> Event:
+        return self._heap[0]
 
     def __len__(self) -> int:
         return len(self._heap)

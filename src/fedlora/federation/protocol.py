@@ -194,6 +194,12 @@ class Method:
     pooled: ClassVar[bool] = False
     communicates: ClassVar[bool] = True
     needs_blocks: ClassVar[bool] = False  # adapts per transformer block (Fed-HeLLo): a model without numbered blocks is refused
+    # --async (METHODS.md "Asynchronous aggregation"): "exact" (a stale update moves ΔW as the full-parameter rule
+    # would), "inexact" (A and B mixed separately: the stale-product error), "" refused with ``async_refusal`` (why the
+    # method must stay synchronous; "" : its asynchronous rule is not implemented in this version)
+    asynchronous: ClassVar[str] = ""
+    async_refusal: ClassVar[str] = ""
+    async_folds: ClassVar[bool] = False  # --async: the base moves (folds), so a stale client trains on its version's base
     in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
     # Why the run has no one global model to export (a personalised structure PEFT cannot load: FedLEASE); "" : it has.
     # The artefacts are still written; load_global_model refuses with this reason.
@@ -239,6 +245,13 @@ class Method:
     @classmethod
     def exact_text(cls) -> str:
         return cls.exactness or ("yes" if cls.exact else "no")
+
+    @classmethod
+    def async_text(cls) -> str:
+        """The table's "async" column: exact, inexact, sync only (METHODS.md), not yet (not implemented), — (no federation)."""
+        if not cls.communicates or cls.pooled:
+            return "—"
+        return cls.asynchronous or ("sync only" if cls.async_refusal else "not yet")
 
     @classmethod
     def linear_text(cls) -> str:
@@ -447,6 +460,21 @@ class Method:
 
     def eval_extras(self, h: AdapterHandle, tensors: Tensors) -> Tensors:
         """Private tensors the server needs only to score a global model (FedSA's B and heads); not protocol bytes."""
+        return {}
+
+    def async_rewrite(self, h: AdapterHandle, upload: Tensors, start: Tensors, current: Tensors, *, mode: str,
+                      weight: float) -> Tensors:
+        """An arrival's upload rewritten to this method's rule input under ``--async`` (:mod:`.asynchronous`): FedAsync
+        (``weight`` α_t) per tensor (1−α_t)·current + α_t·upload, the rule then takes it as the one client's state;
+        FedBuff (``weight`` h(τ)) current + h(τ)(upload − start), whose uniform mean is FedBuff's step."""
+        if mode == "fedasync":
+            return {n: t if weight == 1.0 else (1 - weight) * current[n] + weight * t for n, t in upload.items()}
+        return {n: current[n] + weight * (t - start[n]) for n, t in upload.items()}
+
+    def async_extra(self, h: AdapterHandle, mode: str, items: list[tuple[Tensors, Tensors, float]], current: Tensors) -> dict[str, Tensor]:
+        """Per module, the d×k weight update the server folds under ``--async`` beyond what the rule makes of the
+        rewritten uploads (``items``: each arrival's upload, its start x_{v_u} and its weight α_t or h(τ)); none by
+        default (FedEx: its staleness residual)."""
         return {}
 
     # ---- server side -----------------------------------------------------------------------------------------

@@ -472,7 +472,7 @@ class Simulator:
         ctx = RoundContext(rnd, round_seed(cfg.seed, rnd), step.peers, mixed=self.mixed)
         update, measures = aggregate_step(self.handle, self.method, step, self.global_tensors, ctx, bound=cfg.bound, similarity=cfg.similarity)
         # The server optimiser post-processes the method's result (measured above as the method's own).
-        return self.server_opt.step(self.handle, update, self.global_tensors, ctx), measures
+        return self.systems.server_update(self.server_opt.step(self.handle, update, self.global_tensors, ctx)), measures
 
     def _broadcast(self, update: ServerUpdate, accepted: list[ClientResult], rnd: int) -> None:
         """Send the round's result to the accepted clients (the others get it when next sampled), apply it here and
@@ -552,6 +552,8 @@ class Simulator:
             self.held[p.cid] = moved[k]
 
     def run(self) -> list[dict]:
+        if self.systems.drives:  # asynchronous aggregation: an event loop, not rounds
+            return self.systems.run()
         for rnd in range(len(self.history) + 1, self.config.rounds + 1):
             self.round(rnd)
         return self.history
@@ -574,7 +576,9 @@ class Simulator:
             tensors[f"folded/{module}"] = folded
         tensors |= self.server_opt.state()
         tensors |= {f"method/{k}": t.clone() for k, t in self.method.server_state().items()}  # may share storage with global/
-        meta = {"round": len(self.history), "history": self.history} | self.traffic.state() | self.privacy.state()
+        meta = {"round": self.systems.rounds_done(len(self.history)), "history": self.history} | self.traffic.state() | self.privacy.state()
+        extra_tensors, extra_meta = self.systems.state()
+        tensors, meta = tensors | extra_tensors, meta | extra_meta
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
 
     @torch.no_grad()
@@ -589,6 +593,7 @@ class Simulator:
         self.traffic.load(meta, len(self.history))
         self.privacy.load(meta)
         self.systems.load(self.history)
+        self.systems.restore(tensors, meta)
 
     def _restore_tensors(self, tensors: Tensors) -> dict[int, Tensors]:
         """Put ``snapshot``'s tensors back (global, eval, private, folded base weights); returns the clients' own views."""

@@ -133,7 +133,28 @@ class Drop:
 
 
 class Instant:
-    """Today's federation: every sampled client trains and finishes, instantly; nothing is recorded."""
+    """Today's federation: every sampled client trains and finishes, instantly; nothing is recorded. ``drives``: the
+    object runs the whole run itself (asynchronous aggregation, :mod:`fedlora.federation.asynchronous`)."""
+
+    drives = False
+
+    def run(self) -> list[dict]:  # pragma: no cover - only objects that drive override it
+        raise NotImplementedError
+
+    def rounds_done(self, lines: int) -> int:
+        """Rounds completed, for a checkpoint: one per metrics line."""
+        return lines
+
+    def state(self) -> tuple[dict, dict]:
+        """(tensors, meta) a checkpoint keeps for this object (none: the clock is the history's)."""
+        return {}, {}
+
+    def restore(self, tensors: dict, meta: dict) -> None:
+        pass
+
+    def server_update(self, update):
+        """The round's server update as the server optimiser left it (asynchronous aggregation may add to its fold)."""
+        return update
 
     def bind(self, sim) -> None:
         self.sim = sim

@@ -116,6 +116,9 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
     why = method_in_process_only(config)
     if why:
         raise ValueError(f"method {config.method} runs in-process only ({why}); run it with `fedlora run --method {config.method}`")
+    if config.async_mode:
+        raise ValueError(f"async-mode = {config.async_mode!r} runs in the in-process simulator in this version (FedBuff on Flower's "
+                         "Message API is not built yet); drop async-mode from the run config, or run `fedlora run --async`")
     systems = systems_in_process_only(config)
     if systems:
         raise ValueError(f"{systems} model(s) simulated time, which the in-process simulator runs (docs/systems.md); on Flower "

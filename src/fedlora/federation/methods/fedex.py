@@ -20,6 +20,27 @@ class FedEx(Method):
     summary = "FedIT's B̂, Â; fold ΔW* − B̂Â into W0"
     down = "r(d+k) + min(dk, (U+1)r(d+k))"
     exact = True
+    asynchronous = "exact"
+    async_folds = True
+
+    def async_extra(self, h, mode, items, current):
+        """The staleness residual (METHODS.md), d×k per module on top of the rule's own fold of the rewritten uploads:
+        FedAsync α_t(1−α_t)s(B_u − B)(A_u − A) (the runner adds α_t(base_{v_u} − base_now)); FedBuff the target
+        (1/K)Σ h(τ)s(B_uA_u − B_{v_u}A_{v_u}) less what the rule keeps and folds, s·mean(B̃_uÃ_u) − sBA, with
+        B̃_u = B + h(τ)(B_u − B_{v_u}) the rewritten upload (so the weight moves by the target exactly)."""
+        out = {}
+        for module, k in h.keys.items():
+            s, B, A = h.scaling(module), current[k.B], current[k.A]
+            if mode == "fedasync":
+                (upload, _, alpha), = items
+                out[module] = s * alpha * (1 - alpha) * (upload[k.B] - B) @ (upload[k.A] - A)
+                continue
+            total = s * B @ A
+            for upload, start, w in items:
+                Bu, Au, Bv, Av = upload[k.B], upload[k.A], start[k.B], start[k.A]
+                total = total + (w * s * (Bu @ Au - Bv @ Av) - s * (B + w * (Bu - Bv)) @ (A + w * (Au - Av))) / len(items)
+            out[module] = total
+        return out
 
     def aggregate(self, h, uploads, weights, current, ctx):
         update = super().aggregate(h, uploads, weights, current, ctx)

@@ -14,4 +14,5 @@ class FedIT(Method):
     server_opt = SERVER_OPT_FACTORS
     summary = "B̂ = Σ w_u B_u, Â = Σ w_u A_u (mixed ranks: segment averaging)"
     linear = True
+    asynchronous = "inexact"
     mixed_ranks = True

@@ -53,6 +53,7 @@ class FedLEASE(Method):
     """
 
     name = "fedlease"
+    async_refusal = "its clustering and stages are barriers for all clients"
     title = "FedLEASE (Wang et al., NeurIPS 2025)"
     rule = "fedlease"
     summary = "round 0: cluster clients by their LoRA's B; one expert per cluster, FedIT within it; private top-M router"

@@ -19,6 +19,7 @@ class FedSA(Method):
     exactness = "personalised"
     personalised = True
     linear = True
+    asynchronous = "inexact"
     mixed_ranks = True
     keeps_head_local = True
 

@@ -44,6 +44,7 @@ class FedSB(Method):
     down = "r²"
     exact = True
     linear = True
+    asynchronous = "exact"  # round 0 (a barrier) runs before the first dispatch
     unsupported = {kind: _STRUCTURE.format(name) for kind, name in (("dora", "DoRA"), ("vera", "VeRA"), ("hira", "HiRA"))}
     options = {"init": Option("gradient", "Fed-SB's bases: 'gradient' (top-r singular vectors of the clients' averaged "
                                           "gradient of W0, estimated in a round 0) or 'random' (seeded orthonormal, no round 0)",

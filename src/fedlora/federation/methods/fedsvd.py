@@ -14,6 +14,7 @@ class FedSVD(Method):
     frozen next round)."""
 
     name = "fedsvd"
+    async_refusal = "A is re-based every step from all clients' B"
     title = "FedSVD (Lee et al., NeurIPS 2025)"
     rule = "fedsvd"
     server_opt_refusal = "it re-bases A every round (an SVD of the product), so per-factor optimiser state would have no fixed coordinates"

@@ -17,6 +17,7 @@ class FFA(Method):
     down = "dr"
     exact = True
     linear = True
+    asynchronous = "exact"
 
     def frozen(self, h, rnd):
         return h.A_names()

@@ -20,6 +20,17 @@ class FLoRA(Method):
     down = "U·r(d+k)"
     exact = True
     mixed_ranks = True
+    asynchronous = "exact"
+    async_folds = True
+
+    def async_rewrite(self, h, upload, start, current, *, mode, weight):
+        """Clients restart from zero factors (B = 0), so a client's update is s·B_uA_u on its version's base: FedAsync
+        folds α_t·s·B_uA_u (and the runner adds α_t(base_{v_u} − base_now)), FedBuff h(τ)·s·B_uA_u over the 1/K mean:
+        B_u scaled by the weight, A_u as sent; other trainables (the head) mixed as any tensor."""
+        factors = set(h.B_names()) | set(h.A_names())
+        others = super().async_rewrite(h, {n: t for n, t in upload.items() if n not in factors}, start, current, mode=mode, weight=weight)
+        B = set(h.B_names())
+        return others | {n: weight * t if n in B else t for n, t in upload.items() if n in factors}
 
     def aggregate(self, h, uploads, weights, current, ctx):
         agg = self.combine(h, uploads, weights, current, ctx)

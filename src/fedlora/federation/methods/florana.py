@@ -8,6 +8,7 @@ class FLoRANA(Method):
     """B̂ = Σ p_u B_u, Â = Σ q_u A_u with (p, q) minimising ‖ΔW* − B̂Â‖_F; FedIT's bytes."""
 
     name = "florana"
+    async_refusal = "its solve is over clients that share one start"
     title = "FLoRA-NA (Nguyen et al., 2025)"
     rule = "florana"
     server_opt = SERVER_OPT_FACTORS

@@ -69,6 +69,7 @@ class HiLoRA(Method):
     """
 
     name = "hilora"
+    async_refusal = "its stages are barriers for all clients"
     title = "HiLoRA (Peng et al., CVPR 2026)"
     rule = "hilora"
     summary = "root tier = [ΣwsBA]_r (B orthonormal); spectral clusters of the tracked B; per-cluster tier; private leaf tier"

@@ -48,6 +48,7 @@ class LoRAA2(Method):
     code exists to compare with."""
 
     name = "loraa2"
+    async_refusal = "every client's rank selection is one phase for all"
     title = "LoRA-A² (Koo, Jang, Ok, ACL 2025)"
     rule = "loraa2"
     summary = ("alternating as rolora; client u keeps the top b_u·N (module, rank) pairs by ‖ΔB_i‖‖A_i‖ from a probe, "

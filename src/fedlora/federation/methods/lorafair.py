@@ -23,6 +23,7 @@ class LoRAFAIR(Method):
     here, not the W0-weighted residual of the effective update. VeRA: unsupported."""
 
     name = "lorafair"
+    async_refusal = "its correction is solved over clients that share one start"
     title = "LoRA-FAIR (Bian et al., ICCV 2025)"
     rule = "lorafair"
     server_opt = SERVER_OPT_FACTORS

@@ -33,6 +33,7 @@ class RAVAN(FedSB):
     down = "h·r²"
     options = {"heads": Option(4, "RAVAN's number of heads h (each of rank --rank; h·rank ≤ the smaller side of a layer)", to_rule=True)}
     gains = True
+    asynchronous = ""  # exact in METHODS.md, but its s_i·H_i products need their own mix: not implemented yet
 
     def __init__(self, **options):
         super().__init__(**options)

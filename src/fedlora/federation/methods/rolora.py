@@ -13,6 +13,7 @@ class RoLoRA(Method):
     The head and other non-factor trainables train every round and are averaged, as in FedIT."""
 
     name = "rolora"
+    async_refusal = "it alternates which factor every client trains, one phase for all"
     title = "RoLoRA (Chen et al., NeurIPS 2025)"
     rule = "rolora"
     server_opt = SERVER_OPT_FACTORS

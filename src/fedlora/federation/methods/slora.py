@@ -47,6 +47,7 @@ class SLoRA(Method):
     """
 
     name = "slora"
+    async_refusal = "its switch to stage 2 is a barrier for all clients"
     title = "SLoRA (Babakniya et al., 2023)"
     rule = "slora"
     summary = ("rounds ≤ R1: v on a seeded sparse Ω of ⌈δdk⌉ entries, v̄ = Σ w_u v_u (exact); then LoRA from the rank-r SVD "

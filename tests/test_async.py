@@ -1,0 +1,274 @@
+"""Asynchronous aggregation (issue 32, stage 2): FedAsync and FedBuff in the simulator (fedlora.federation.asynchronous)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from fedlora.app.experiment import build, resume_config, run_experiment
+from fedlora.cli.main import main
+from fedlora.federation import REGISTRY
+from fedlora.federation.asynchronous import Asynchronous, parse_speeds, staleness_weight
+from fedlora.federation.clock import EventQueue
+
+WALL = ("wall_seconds", "aggregation_seconds")
+ASYNC_ONLY = ("staleness", "alpha", "version", "arrivals", "in_flight", "sim_seconds", "sim_clock")
+
+
+def simulated(history):
+    """The simulated part of a history, as metrics.jsonl holds it (a resumed run's first lines are read back)."""
+    return [json.loads(json.dumps({k: v for k, v in m.items() if k not in WALL})) for m in history]
+
+
+def synchronous_part(m):
+    return {k: v for k, v in m.items() if k not in WALL + ASYNC_ONLY}
+
+
+# -- the weights by hand ----------------------------------------------------------------------------------------------
+def test_staleness_weights_by_hand_and_the_hinge_trap():
+    assert [staleness_weight("constant", t, 0.5, 4) for t in (0, 3, 100)] == [1.0, 1.0, 1.0]
+    assert staleness_weight("poly", 0, 0.5, 4) == 1.0
+    assert staleness_weight("poly", 3, 0.5, 4) == pytest.approx(0.5)  # (3+1)^-1/2
+    assert staleness_weight("poly", 8, 1.0, 4) == pytest.approx(1 / 9)
+    a, b = 10.0, 4.0
+    assert [staleness_weight("hinge", t, a, b) for t in range(5)] == [1.0] * 5  # τ ≤ b
+    assert staleness_weight("hinge", 5, a, b) == pytest.approx(1 / (a + 1))  # τ = b+1: the paper's 1/(a+1) ...
+    assert staleness_weight("hinge", 5, a, b) != pytest.approx(1 / (a * (2 * b + 1) + 1))  # ... not FedLLM-Factory's
+    assert staleness_weight("hinge", 7, a, b) == pytest.approx(1 / (3 * a + 1))
+    with pytest.raises(ValueError, match="unknown staleness"):
+        staleness_weight("linear", 1, a, b)
+
+
+def test_client_speeds_are_given_in_turn():
+    assert parse_speeds("1,2,4", 5) == (1.0, 2.0, 4.0, 1.0, 2.0)
+    assert parse_speeds("", 4) == (1.0, 2.0, 4.0, 1.0)
+    for bad in ("1,0", "-1", "x", ",", "1,2,3,4"):
+        with pytest.raises(ValueError, match="--client-speeds"):
+            parse_speeds(bad, 3)
+
+
+def test_equal_times_break_ties_by_client_id_never_by_push_order():
+    q = EventQueue()
+    for cid in (2, 0, 1):
+        q.push(5.0, cid, "arrive", tie=cid)
+    q.push(1.0, 3, "arrive", tie=3)
+    assert [q.pop().cid for _ in range(4)] == [3, 0, 1, 2]
+
+
+def test_every_method_declares_its_asynchronous_trait():
+    for name, cls in REGISTRY.items():
+        assert cls.asynchronous in ("", "exact", "inexact"), name
+    assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == REGISTRY["flora"].asynchronous == "exact"
+    assert REGISTRY["fedit"].asynchronous == "inexact"
+    for name in ("rolora", "loraa2", "fedsvd", "florana", "lorafair", "hilora", "fedlease", "slora"):  # METHODS.md: synchronous only
+        assert not REGISTRY[name].asynchronous and REGISTRY[name].async_refusal, name
+
+
+# -- what must hold --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["fedit", "ffa", "flora"])
+def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
+    """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
+    sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3)
+    sync = build(sync_cfg).simulator.run()
+    buff = build(sync_cfg.replace(async_mode="fedbuff", buffer=3, async_concurrency=3, client_speeds="1")).simulator.run()
+    assert len(buff) == len(sync) == 3
+    for s, b in zip(sync, buff):
+        assert b["staleness"] == [0, 0, 0] and b["version"] == s["round"]
+        for key in ("global_accuracy", "bytes_up", "bytes_down", "clients"):
+            assert b[key] == s[key], (key, s["round"])
+        assert b["train_loss"] == pytest.approx(s["train_loss"], rel=1e-6)
+    assert [b["sim_clock"] for b in buff] == [2.0, 4.0, 6.0]  # local_steps × speed 1 per version
+
+
+def test_fedasync_with_one_client_and_alpha_one_is_its_local_training(small_csv, one_thread):
+    cfg = tiny_config(small_csv, method="fedit", clients=1, rounds=3)
+    sync = build(cfg).simulator
+    sync.run()
+    fa = build(cfg.replace(async_mode="fedasync", fedasync_alpha=1.0)).simulator
+    history = fa.run()
+    assert [m["staleness"] for m in history] == [[0]] * 3 and [m["alpha"] for m in history] == [1.0] * 3
+    for name, t in sync.global_tensors.items():
+        assert torch.equal(t, fa.global_tensors[name]), name
+    assert [m["global_accuracy"] for m in history] == [m["global_accuracy"] for m in sync.history]
+
+
+class Recorder(Asynchronous):
+    """Keeps every server state (trainables and base weights) and every client's start and upload."""
+
+    def bind(self, sim):
+        super().bind(sim)
+        self.steps, self.trained = [], []
+
+    def _close(self, results, taus, started, alpha=None):
+        before = ({n: t.clone() for n, t in self.sim.global_tensors.items()}, {m: w.clone() for m, w in self._base().items()})
+        arrivals = self.trained[len(self.trained) - len(results):]
+        super()._close(results, taus, started, alpha)
+        after = (dict(self.sim.global_tensors), {m: w.clone() for m, w in self._base().items()})
+        self.steps.append((before, arrivals, taus, alpha, after))
+
+    def _train(self, flight):
+        base = self.bases.get(flight.version) or {m: w.clone() for m, w in self._base().items()}
+        result = super()._train(flight)
+        self.trained.append(({n: t.clone() for n, t in self.store[flight.version].items()}, base, result.upload))
+        return result
+
+
+def effective(h, tensors, base):
+    """Per adapted module the weight the model computes with: base + s·B·A (Fed-SB: s·B·R·A), as d×k."""
+    out = {}
+    for module, k in h.keys.items():
+        B, A = tensors[k.B], tensors[k.A]
+        product = B @ tensors[k.core].reshape(B.shape[1], -1) @ A if k.core else B @ A
+        out[module] = h.base_layout(module, base[module]) + h.scaling(module) * product
+    return out
+
+
+@pytest.mark.parametrize("method, mode, exact", [("ffa", "fedasync", True), ("fedsb", "fedasync", True), ("flora", "fedasync", True),
+                                                 ("flora", "fedbuff", True), ("fedex", "fedasync", True),
+                                                 ("fedex", "fedbuff", True), ("fedit", "fedasync", False)])
+def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, mode, exact, one_thread):
+    """Stale arrivals (speeds 1,2,4, C = 3): FedAsync W ← (1−α_t)W + α_t W_u and FedBuff W ← W + (1/K)Σ h(τ)(W_u − W_{v_u})
+    at every step, W_u the client's trained model on its version's base. ffa (B against A0), fedsb (R between fixed
+    bases) and flora (fresh factors, the fold with the base term) are that rule; fedit's separate mixes of B and A are
+    not (the bilinear error α_t(1−α_t)s(B_u − B)(A_u − A))."""
+    cfg = tiny_config(small_csv, method=method, rounds=3, async_mode=mode, async_concurrency=3, buffer=2,
+                      method_options="fedsb-init=random" if method == "fedsb" else "")
+    sim = build(cfg).simulator
+    rec = Recorder(sim.systems.config)
+    sim.systems = rec
+    rec.bind(sim)
+    sim.run()
+    h = sim.handle
+    assert max(t for _, _, taus, _, _ in rec.steps for t in taus) >= 1  # staleness happened
+    same = []
+    for (x, base), arrivals, taus, alpha, (x_new, base_new) in rec.steps:
+        W, W_new = effective(h, x, base), effective(h, x_new, base_new)
+        for m in W:
+            if mode == "fedasync":
+                start, start_base, upload = arrivals[0]
+                expected = (1 - alpha) * W[m] + alpha * effective(h, start | upload, start_base)[m]
+            else:
+                expected = W[m] + sum(staleness_weight("poly", tau, 0.5, 4.0) * (effective(h, s | u, b)[m] - effective(h, s, b)[m])
+                                      for (s, b, u), tau in zip(arrivals, taus)) / len(arrivals)
+            same.append(torch.allclose(W_new[m], expected, atol=1e-5))
+    assert all(same) if exact else not any(same)
+    if method in ("flora", "fedex"):  # stale clients trained on their version's base, not today's
+        assert any(not torch.equal(b[m], base[m]) for (_, base), arrivals, taus, _, _ in rec.steps
+                   for (_, b, _), tau in zip(arrivals, taus) if tau for m in b)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, one_thread):
+    whole = tiny_config(small_csv, method="fedit", rounds=3, async_mode="fedbuff", buffer=2, client_speeds="1,3",
+                        out=str(tmp_path / "whole"))
+    _, reference = run_experiment(whole)
+    again = build(whole.replace(out=None)).simulator.run()
+    assert simulated(again) == simulated(reference)
+    assert any(t > 0 for m in reference for t in m["staleness"])  # slow clients arrive stale
+    assert sum(len(m["staleness"]) for m in reference) == 9  # the synchronous budget: rounds × clients per round
+
+    def kill(metrics):  # the run dies after its third version step (checkpoint written): clients in flight, queue not empty
+        if metrics["version"] == 3:
+            assert metrics["in_flight"] > 0
+            raise Killed
+
+    cut = whole.replace(out=str(tmp_path / "cut"))
+    with pytest.raises(Killed):
+        run_experiment(cut, on_round=kill)
+    _, resumed = run_experiment(resume_config(cut.out), resume=True)
+    assert simulated(resumed) == simulated(reference)
+    from fedlora.app.rundir import RunDir
+
+    assert RunDir(whole.out).finished(whole) is not None and len(reference) < 2 * whole.rounds  # finished by updates, not lines
+
+
+def test_fedasync_records_staleness_and_the_clock_every_arrival(small_csv, one_thread):
+    history = build(tiny_config(small_csv, method="fedsa", rounds=2, async_mode="fedasync", staleness="hinge",
+                                staleness_a=10.0, staleness_b=0.0, async_concurrency=2)).simulator.run()
+    assert len(history) == 6 and [m["version"] for m in history] == list(range(1, 7))
+    clocks = [m["sim_clock"] for m in history]
+    assert clocks == sorted(clocks) and sum(m["sim_seconds"] for m in history) == pytest.approx(clocks[-1])
+    for m in history:
+        tau = m["staleness"][0]
+        assert m["alpha"] == pytest.approx(0.6 * (1.0 if tau == 0 else 1 / (10 * tau + 1)))
+        assert m["bytes_up"] > 0
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------------
+T = ["--model", "tiny:bert", "--clients", "3", "--rounds", "1", "--examples-per-client", "24", "--test-examples", "60",
+     "--max-length", "32", "--local-steps", "2", "--batch-size", "4", "--quiet"]
+
+
+def refused(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedlora: error:") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = ["run", *T, "--data", str(small_csv), "--out", str(out)]
+    cases = [
+        (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
+        (["--method", "svd", "--async", "fedasync"], "methods that run asynchronously: "),
+        (["--method", "flora", "--async", "fedasync", "--adapter", "dora"], "runs on lora or rslora adapters"),
+        (["--method", "fedit", "--async", "fedbuff", "--buffer", "0"], "--buffer 0 is out of range"),
+        (["--method", "fedit", "--async", "fedbuff", "--async-concurrency", "0"], "--async-concurrency 0 is out of range"),
+        (["--method", "fedit", "--async", "fedasync", "--staleness", "linear"], "--staleness 'linear' is unknown"),
+        (["--method", "fedit", "--async", "fedasync", "--client-speeds", "1,2,3,4"], "gives 4 speeds to 3 clients"),
+        (["--method", "fedit", "--async", "fedasync", "--client-speeds", "1,0"], "not a list of positive numbers"),
+        (["--method", "fedit", "--async", "fedasync", "--fedasync-alpha", "0"], "--fedasync-alpha 0.0 is out of range"),
+        (["--method", "fedit", "--async", "sometimes"], "--async 'sometimes' is unknown"),
+        (["--method", "fedit", "--async", "fedasync", "--server-opt", "adam"], "FedAsync's mixing is its server step"),
+        (["--method", "fedit", "--async", "fedbuff", "--dp", "client", "--dp-noise", "1.0"], "does not run with --dp"),
+    ]
+    for flags, needle in cases:
+        assert needle in refused(capsys, run + flags), flags
+        assert not out.exists()
+    flows = refused(capsys, run + ["--method", "svd", "--async", "fedasync"])
+    assert all(name in flows for name in ("fedit", "ffa", "fedsb", "fedsa", "flora"))
+
+
+def test_flower_refuses_async_in_one_line_before_anything_is_written(small_csv, tmp_path):
+    from fedlora.flower.config import from_flower, to_flower
+    from fedlora.flower.server_app import run_federation
+
+    with pytest.raises(ValueError, match="async-mode = 'fedbuff' runs in the in-process simulator in this version") as err:
+        run_federation(None, tiny_config(small_csv, method="fedit", async_mode="fedbuff", out=str(tmp_path / "f")))
+    assert "\n" not in str(err.value) and not (tmp_path / "f").exists()
+    cfg = tiny_config(small_csv, method="ffa", async_mode="fedasync", buffer=2, staleness="hinge", client_speeds="1,3")
+    back = from_flower(to_flower(cfg))  # the settings travel as Flower run config keys
+    assert (back.async_mode, back.buffer, back.staleness, back.client_speeds) == ("fedasync", 2, "hinge", "1,3")
+    assert from_flower(to_flower(tiny_config(small_csv))).buffer is None  # 0 stands in for "not given"
+
+
+def test_the_cli_runs_async_and_writes_a_line_per_version_step(small_csv, tmp_path, one_thread):
+    out = tmp_path / "run"
+    assert main(["run", *T, "--data", str(small_csv), "--method", "ffa", "--async", "fedasync", "--client-speeds", "1,2",
+                 "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["version"] for m in lines] == [1, 2, 3] and [m["arrivals"] for m in lines] == [1, 2, 3]  # 1 round × 3 clients
+    assert json.loads((out / "config.json").read_text())["async_mode"] == "fedasync"
+
+
+def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv, tmp_path, one_thread):
+    """Three hand-made devices (8 Mbit/s = 1e6 B/s each way; 16, 8 and 1.6 examples/s; latency 10, 100, 1000 ms) and
+    FedBuff with K = C = 3: the first flush comes when the slowest client's state down + training + upload is done."""
+    from fedlora.federation.clock import examples_processed
+    from fedlora.federation.traffic import nbytes
+    from test_systems import HAND
+
+    path = tmp_path / "hand.toml"
+    path.write_text(HAND)
+    sim = build(tiny_config(small_csv, method="fedit", rounds=1, devices=str(path), async_mode="fedbuff")).simulator
+    state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, 1))
+    by_hand = [2 * latency + 2 * state / 1e6 + examples_processed(len(sim.clients[cid].train), 2, 8) / speed
+               for cid, (speed, latency) in enumerate([(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)])]
+    history = sim.run()
+    assert len(history) == 1 and history[0]["staleness"] == [0, 0, 0]
+    assert history[0]["sim_clock"] == pytest.approx(max(by_hand)) and max(by_hand) > 10  # the slow board: 16 examples at 1.6/s, 1 s latency each way
