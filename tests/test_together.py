@@ -159,3 +159,12 @@ def test_on_refused_as_a_user_types_it(small_csv, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "adapter dora" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_causal_lm_equals_one_after_another(instructions_jsonl, one_thread):
+    """Next-token loss over each client's response tokens (tiny:llama, rows of different lengths, 3 examples a batch
+    over 10: a ragged last batch)."""
+    cfg = RunConfig(task="causal-lm", model="tiny:llama", data=str(instructions_jsonl), clients=3, rounds=1, local_steps=4,
+                    batch_size=3, rank=4, examples_per_client=10, test_examples=6, max_length=48, max_new_tokens=3,
+                    partition="iid", seed=0, lr=5e-3, device="cpu", method="fedsa")
+    assert_same_runs(recorded_run(cfg.replace(clients_together="off")), recorded_run(cfg.replace(clients_together="on")))

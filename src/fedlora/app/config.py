@@ -98,8 +98,6 @@ class FederationSettings(Part):
 
         ranks = run.ranks()
         reason = blockers(run.method_object(), run.adapter, fed, mixed=ranks is not None and len(set(ranks)) > 1)
-        if reason is None and run.task != "classification":
-            reason = f"task {run.task} (only classification is trained together)"
         use_together("on", reason, fed.device, run.clients)
 
 

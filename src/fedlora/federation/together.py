@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedlora.federation.causal_lm import IGNORE, CausalLMTask
 from fedlora.federation.protocol import Method
 from fedlora.federation.tasks import ClassificationTask
 
@@ -76,18 +77,25 @@ def blockers(method: Method, adapter: str, cfg, *, mixed: bool, task=None) -> st
     hooks = [n for n in HOOKS if getattr(type(method), n) is not getattr(Method, n)]
     if hooks:
         return f"method {method.name} trains each client with its own hooks ({', '.join(hooks)})"
-    if task is not None and (type(task).loss is not ClassificationTask.loss or getattr(task, "name", "") != "classification"):
-        return f"task {getattr(task, 'name', type(task).__name__)} (only classification is trained together)"
+    if task is not None and type(task).loss not in (ClassificationTask.loss, CausalLMTask.loss):
+        return f"task {getattr(task, 'name', type(task).__name__)} (its loss is not one the joint pass computes per client)"
     return None
 
 
-def model_blocker(model: nn.Module, trainable: list[str]) -> str | None:
+def causal(task) -> bool:
+    """Whether the task's loss is next-token cross-entropy on the labelled tokens (else: single-label classification)."""
+    return type(task).loss is CausalLMTask.loss
+
+
+def model_blocker(model: nn.Module, trainable: list[str], *, causal_lm: bool = False) -> str | None:
     """Why this model's trainables cannot be stacked per client (None: they can)."""
     owners = linear_owners(model, trainable)
     missing = [n for n in trainable if n not in owners]
     if missing:
         return f"trainable {missing[0]} is not the weight or bias of a linear layer"
     config = getattr(model, "config", None)
+    if causal_lm:
+        return None
     if getattr(config, "num_labels", 0) < 2 or getattr(config, "problem_type", None) not in (None, "single_label_classification"):
         return "the model's loss is not single-label cross-entropy"
     return None
@@ -258,7 +266,7 @@ class Group:
         return out
 
 
-def train_group(model: nn.Module, group: Group, cfg, dims) -> tuple[list[dict[str, Tensor]], list[float], list[torch.Generator]]:
+def train_group(model: nn.Module, group: Group, cfg, dims, *, lm: bool = False) -> tuple[list[dict[str, Tensor]], list[float], list[torch.Generator]]:
     """The group's local steps in joint passes: per client its trained tensors and its mean loss, and the dropout
     generators as they end (the last client's is what the global generator would hold after sequential training)."""
     from fedlora.federation.simulator import local_optimizer
@@ -287,7 +295,7 @@ def train_group(model: nn.Module, group: Group, cfg, dims) -> tuple[list[dict[st
                     order, pos = torch.randperm(len(split), generator=data_gens[u]), 0
                 batches.append(order[pos : pos + cfg.batch_size])
                 orders[u] = (order, pos + cfg.batch_size)
-            step_losses = joint_step(model, group.splits, batches, drop_gens, dims, device)
+            step_losses = joint_step(model, group.splits, batches, drop_gens, dims, device, lm=lm)
             sum(step_losses).backward()
             if cfg.max_grad_norm:
                 clip_per_client(params, cfg.max_grad_norm)
@@ -302,8 +310,10 @@ def train_group(model: nn.Module, group: Group, cfg, dims) -> tuple[list[dict[st
     return trained, [sum(ls) / len(ls) for ls in losses], drop_gens
 
 
-def joint_step(model: nn.Module, splits: list, batches: list[Tensor], gens: list[torch.Generator], dims, device) -> list[Tensor]:
-    """One forward of every client's batch at once; each client's mean cross-entropy over its own examples."""
+def joint_step(model: nn.Module, splits: list, batches: list[Tensor], gens: list[torch.Generator], dims, device, *,
+               lm: bool = False) -> list[Tensor]:
+    """One forward of every client's batch at once; each client's mean loss over its own examples: cross-entropy on
+    the label, or (``lm``) next-token cross-entropy over its labelled tokens, as ``CausalLMTask.loss``."""
     widths = [max(int(s.attention_mask[b].sum(dim=1).max()), 1) for s, b in zip(splits, batches)]
     width, per = max(widths), max(len(b) for b in batches)
     ids, mask, labels = [], [], []
@@ -311,12 +321,19 @@ def joint_step(model: nn.Module, splits: list, batches: list[Tensor], gens: list
         padded = torch.cat([b, b[:1].expand(per - len(b))])  # rows beyond the client's batch: left out of its loss
         ids.append(s.input_ids[padded, :width])
         mask.append(s.attention_mask[padded, :width])
-        labels.append(s.labels[padded])
+        labels.append(s.labels[padded, :width] if lm else s.labels[padded])
     dropout = ClientDropout(dims, gens, [len(b) for b in batches], per, widths)
+    labels = torch.cat(labels).to(device)
     with patched_dropout(dropout):
-        logits = model(input_ids=torch.cat(ids).to(device), attention_mask=torch.cat(mask).to(device)).logits
-    ce = F.cross_entropy(logits, torch.cat(labels).to(device), reduction="none").view(len(batches), per)
-    return [ce[u, : len(b)].mean() for u, b in enumerate(batches)]
+        out = model(input_ids=torch.cat(ids).to(device), attention_mask=torch.cat(mask).to(device), **({"use_cache": False} if lm else {}))
+    if not lm:
+        ce = F.cross_entropy(out.logits, labels, reduction="none").view(len(batches), per)
+        return [ce[u, : len(b)].mean() for u, b in enumerate(batches)]
+    target = labels[:, 1:]
+    ce = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                         reduction="none").view(len(batches), per, -1)
+    counted = (target != IGNORE).view(len(batches), per, -1)
+    return [ce[u, : len(b)].sum() / counted[u, : len(b)].sum() for u, b in enumerate(batches)]
 
 
 # ---- the round's turns -------------------------------------------------------------------------------------------
@@ -329,7 +346,7 @@ def round_blocker(sim, rnd: int, selected: list[int]) -> str | None:
     if reason is None and sim.turn is not client_turn:
         reason = "the simulator's client turn is replaced"
     if reason is None:
-        reason = model_blocker(sim.model, h.trainable_names)
+        reason = model_blocker(sim.model, h.trainable_names, causal_lm=causal(sim.task))
     if reason is None:
         frozen = {tuple(sorted(method.frozen(h, rnd, peer=sim.peers[cid]))) for cid in selected}
         reason = "the clients freeze different trainables this round" if len(frozen) > 1 else None
@@ -384,7 +401,7 @@ def together_turns(sim, rnd: int, selected: list[int]):
         starts = [sim.held[cid] | sim.private.get(cid, {}) for cid in cids]
         group = Group(names, [n for n in names if n not in frozen], [{n: s[n] for n in names} for s in starts],
                       [sim.clients[cid].train for cid in cids], [round_seed(cfg.seed, rnd, cid) for cid in cids])
-        trained, losses, gens = train_group(sim.model, group, train_cfg, sim._together_dims)
+        trained, losses, gens = train_group(sim.model, group, train_cfg, sim._together_dims, lm=causal(sim.task))
         last = gens[-1]
         for cid, start, state, loss in zip(cids, starts, trained, losses):
             peer = sim.peers[cid]
