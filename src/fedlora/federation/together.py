@@ -323,17 +323,36 @@ def joint_step(model: nn.Module, splits: list, batches: list[Tensor], gens: list
         mask.append(s.attention_mask[padded, :width])
         labels.append(s.labels[padded, :width] if lm else s.labels[padded])
     dropout = ClientDropout(dims, gens, [len(b) for b in batches], per, widths)
-    labels = torch.cat(labels).to(device)
-    with patched_dropout(dropout):
-        out = model(input_ids=torch.cat(ids).to(device), attention_mask=torch.cat(mask).to(device), **({"use_cache": False} if lm else {}))
+    labels, inputs = torch.cat(labels).to(device), {"input_ids": torch.cat(ids).to(device), "attention_mask": torch.cat(mask).to(device)}
     if not lm:
-        ce = F.cross_entropy(out.logits, labels, reduction="none").view(len(batches), per)
+        with patched_dropout(dropout):
+            logits = model(**inputs).logits
+        ce = F.cross_entropy(logits, labels, reduction="none").view(len(batches), per)
         return [ce[u, : len(b)].mean() for u, b in enumerate(batches)]
-    target = labels[:, 1:]
-    ce = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
-                         reduction="none").view(len(batches), per, -1)
-    counted = (target != IGNORE).view(len(batches), per, -1)
-    return [ce[u, : len(b)].sum() / counted[u, : len(b)].sum() for u, b in enumerate(batches)]
+    return lm_losses(model, inputs, labels, [len(b) for b in batches], per, dropout)
+
+
+def lm_losses(model: nn.Module, inputs: dict[str, Tensor], labels: Tensor, rows: list[int], per: int, dropout) -> list[Tensor]:
+    """Each client's mean next-token cross-entropy over the labelled tokens of its own rows. The LM head runs only
+    where a client's token is predicted (``logits_to_keep`` as a mask, as ``CausalLMTask.loss`` does); a model
+    without that option gives every position's logits."""
+    G = len(rows)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE
+    real = (torch.arange(per, device=labels.device)[None, :] < torch.tensor(rows, device=labels.device)[:, None]).reshape(-1)
+    keep &= real[:, None]  # the padding rows of a short batch: no logits, no loss
+    with patched_dropout(dropout):
+        try:
+            logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+        except TypeError:
+            logits = model(**inputs, use_cache=False).logits
+    if logits.dim() == 3:
+        logits = logits[keep]
+    ce = F.cross_entropy(logits.float(), labels[:, 1:][keep[:, :-1]], reduction="none")
+    client = keep.nonzero()[:, 0] // per
+    sums = torch.zeros(G, dtype=ce.dtype, device=ce.device).index_add(0, client, ce)
+    counts = torch.bincount(client, minlength=G).to(ce.dtype)
+    return [sums[u] / counts[u] for u in range(G)]
 
 
 # ---- the round's turns -------------------------------------------------------------------------------------------
