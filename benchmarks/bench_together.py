@@ -11,6 +11,7 @@ trainables, gradients and AdamW's two moments: 4 × the trainable bytes each) is
 target (peak(U) − state(U)) / peak(2) ≤ 1.3.
 
     python benchmarks/bench_together.py --models minilm smollm2 --clients 10 100 --device cuda   # the GPU table
+    python benchmarks/bench_together.py --shapes --device cuda   # the same without the model and data packages
     nice -n 10 python benchmarks/bench_together.py --models tiny:bert minilm --clients 4 --local-steps 2   # a CPU minute
     python benchmarks/bench_together.py --memory --models tiny:bert --clients 2 100
 """
@@ -42,6 +43,68 @@ def config(model: str, clients: int, args):
                      method="fedit", device=args.device, local_test_fraction=0.0, clients_together_group=args.group, **task)
 
 
+def shapes_model(model: str):
+    """(model, task type, target modules, causal) of ``model``'s architecture with random weights: timing needs the
+    shapes, not the weights, and a GPU machine without this project's model packages can build them."""
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    if model in CAUSAL:  # SmolLM2-135M's config
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, tie_word_embeddings=True, pad_token_id=2)
+        return LlamaForCausalLM(cfg), "CAUSAL_LM", ("q_proj", "v_proj"), True
+    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                     max_position_embeddings=512, num_labels=3)  # all-MiniLM-L6-v2's
+    return BertForSequenceClassification(cfg), "SEQ_CLS", ("query", "value"), False
+
+
+def shapes_split(causal: bool, n: int, width: int, vocab: int, gen):
+    """``n`` random examples of lengths in [width/4, width], right-padded (causal: the second half is the response)."""
+    import torch
+
+    from fedlora.federation import CausalLMSplit, TokenizedSplit
+    from fedlora.federation.causal_lm import IGNORE
+
+    lengths = torch.randint(max(2, width // 4), width + 1, (n,), generator=gen)
+    ids = torch.randint(3, vocab, (n, width), generator=gen)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, 2))
+    if not causal:
+        return TokenizedSplit(ids, mask, torch.randint(0, 3, (n,), generator=gen))
+    labels = torch.where(mask.bool() & (torch.arange(width)[None, :] >= lengths[:, None] // 2), ids, torch.full_like(ids, IGNORE))
+    return CausalLMSplit(ids, mask, labels, ids[:, : width // 2].clone(), lengths // 2, [""] * n, [""] * n, 2)
+
+
+def shapes_simulator(model: str, clients: int, args):
+    """A simulator of ``clients`` clients on ``model``'s architecture (random weights, random tokens), fedit, LoRA r=8."""
+    import peft
+    import torch
+
+    from fedlora.adapters import AdapterHandle, AdapterSpec
+    from fedlora.federation import ClassificationTask, FederationConfig, SimClient, Simulator, make_method
+    from fedlora.federation.causal_lm import CausalLMTask
+
+    torch.manual_seed(0)
+    net, task_type, targets, causal = shapes_model(model)
+    spec = AdapterSpec(kind="lora", r=8, alpha=16.0, target_modules=targets)
+    net = peft.get_peft_model(net, spec.peft_config(task_type))
+    gen = torch.Generator().manual_seed(0)
+    vocab = net.config.vocab_size
+    split = lambda n: shapes_split(causal, n, args.max_length, vocab, gen)  # noqa: E731
+    sims = [SimClient(u, split(args.examples), split(0)) for u in range(clients)]
+    fcfg = FederationConfig(rounds=1, local_steps=args.local_steps, batch_size=args.batch_size, device=args.device,
+                            together_group=args.group)
+    task = CausalLMTask(None) if causal else ClassificationTask()
+    return Simulator(net, AdapterHandle(net, spec), make_method("fedit"), sims, split(4), fcfg, task=task)
+
+
+def simulator(model: str, clients: int, args):
+    if args.shapes:
+        return shapes_simulator(model, clients, args)
+    from fedlora.app.experiment import build
+
+    return build(config(model, clients, args)).simulator
+
+
 def turns_seconds(sim, mode: str) -> float:
     """One round's client turns with ``--clients-together mode`` (the server step left out)."""
     sim.config = dataclasses.replace(sim.config, clients_together=mode)
@@ -62,9 +125,7 @@ def sync() -> None:
 
 
 def throughput(model: str, clients: int, args) -> tuple[float, float]:
-    from fedlora.app.experiment import build
-
-    sim = build(config(model, clients, args)).simulator
+    sim = simulator(model, clients, args)
     turns_seconds(sim, "on")  # warm-up (and the dropout probe)
     best = {"off": float("inf"), "on": float("inf")}
     for _ in range(args.repeats):
@@ -77,9 +138,7 @@ def throughput(model: str, clients: int, args) -> tuple[float, float]:
 def memory_child(model: str, clients: int, args) -> None:
     import torch
 
-    from fedlora.app.experiment import build
-
-    sim = build(config(model, clients, args)).simulator
+    sim = simulator(model, clients, args)
     sim.config = dataclasses.replace(sim.config, clients_together="on")
     if torch.cuda.is_available() and args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -110,6 +169,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory", action="store_true", help="peak memory of the largest --clients against the smallest instead")
+    ap.add_argument("--shapes", action="store_true", help="minilm and smollm2 as their architectures with random weights and random "
+                    "tokens (no model or data packages needed; timing and memory only)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args, _ = ap.parse_known_args()
     if args.child:
@@ -118,6 +179,7 @@ def main() -> None:
     import torch
 
     shape = f"batch {args.batch_size}, {args.local_steps} local steps, max length {args.max_length}, groups of {args.group}"
+    shape = ("random weights and tokens, " if args.shapes else "") + shape
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     if args.memory:
         small, large = min(args.clients), max(args.clients)
