@@ -25,9 +25,11 @@ What makes it equal to training the clients one after another (``train_local``),
   mask from it at the shape the client's own batch has (our choice: the shape is learned once per model by two
   probe forwards, which tell the batch and sequence dimensions of every dropout call apart). SDPA attention with
   dropout is computed by its math path here, which draws the same mask. On a CPU the masks are then bitwise those of
-  sequential training; on CUDA they come from per-client CUDA generators, independent per client but not the same
-  masks as the fused dropout kernel draws (equal in distribution, not in value): with dropout on, the equality to
-  the sequential run holds on a CPU only.
+  sequential training. On CUDA sequential training draws its masks in the fused dropout kernel, which no per-client
+  generator reproduces; there (our choice) one mask is drawn for the whole joint tensor from a generator seeded with
+  the group's first client's seed: independent Bernoulli draws per element as in sequential training, reproducible
+  run to run, one kernel per dropout call instead of one per client, but not the sequential run's masks. With
+  dropout on, the equality to the sequential run holds on a CPU only.
 
 What cannot be trained together (:func:`blockers`): a method with per-client training hooks (``before_training``,
 ``after_step``, ``learning_rates``, ``loss_term``, ``local_training``, ``local_scoring``), example-level DP
@@ -141,6 +143,8 @@ class ClientDropout:
         self.call += 1
         if batch != (0,):
             raise RuntimeError(f"a dropout input's batch is not its first dimension (dimensions {batch})")
+        if x.device.type != "cpu":  # one draw for the joint tensor (one kernel, not one per client): see the module's note
+            return x * torch.empty_like(x).bernoulli_(1 - p, generator=self.gens[0]).div_(1 - p)
         keep = torch.ones_like(x, requires_grad=False)
         for u, gen in enumerate(self.gens):
             first = u * self.per_client
@@ -284,7 +288,7 @@ def train_group(model: nn.Module, group: Group, cfg, dims, *, lm: bool = False) 
     drop_gens = [torch.Generator(device=device).manual_seed(s) for s in group.seeds]
     data_gens = [torch.Generator().manual_seed(s) for s in group.seeds]
     orders = [(torch.empty(0, dtype=torch.long), 0) for _ in range(G)]
-    losses: list[list[float]] = [[] for _ in range(G)]
+    losses: list[Tensor] = []
     model.train()
     try:
         for _ in range(cfg.local_steps):
@@ -301,13 +305,13 @@ def train_group(model: nn.Module, group: Group, cfg, dims, *, lm: bool = False) 
                 clip_per_client(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            for u, loss in enumerate(step_losses):
-                losses[u].append(float(loss.detach()))
+            losses.append(torch.stack(step_losses).detach())  # no host synchronisation per step
     finally:
         for m in layers:
             del modules[m].forward
     trained = [{n: stacks[n][u].detach().clone() for n in group.names} for u in range(G)]
-    return trained, [sum(ls) / len(ls) for ls in losses], drop_gens
+    per_step = torch.stack(losses).double().cpu().tolist()  # [step][client], summed in the steps' order as train_local does
+    return trained, [sum(step[u] for step in per_step) / len(per_step) for u in range(G)], drop_gens
 
 
 def joint_step(model: nn.Module, splits: list, batches: list[Tensor], gens: list[torch.Generator], dims, device, *,
