@@ -56,6 +56,7 @@ def assert_same_runs(a, b, tol=1e-5):
     ("fedit", "rslora", {"clients_together_group": 2}),  # groups of 2: two joint passes per step
     ("ffa", "rslora", {}),
     ("fedsa", "rslora", {"optimizer": "sgd", "max_grad_norm": 0.05}),  # clipping bites, per client
+    ("rolora", "lora", {"rounds": 3}),  # A and B frozen in turn, round by round
 ])
 def test_trained_together_equals_one_after_another(method, adapter, extra, small_csv, one_thread):
     # batch 7 over 40 examples: the fifth batch of a pass has 5 rows; dirichlet: shards of different sizes, so

@@ -39,9 +39,11 @@ layer math), mixed client ranks, a task other than single-label classification, 
 ``on`` refuses in one line naming the reason.
 
 The ``auto`` rule (:func:`use_together`): on CUDA, together whenever allowed and at least two clients train in the
-round; on a CPU, one after another (measured on a 2-core CPU with the tiny models and MiniLM: the joint pass is no
-faster there, docs/usage.md). Memory: the base is held once; the stacked trainables, their gradients and optimiser
-states, and the activations of one group of at most ``together_group`` clients are held at a time.
+round; on a CPU, one after another. Our choice: the joint pass is faster on a CPU too (docs/usage.md has the
+figures), but sequential training stays the CPU default because it is the reference that Flower's clients and the
+resume checks reproduce bit for bit, while the joint pass agrees to float tolerance only; ``on`` uses it on a CPU.
+Memory: the base is held once; the stacked trainables, their gradients and optimiser states, and the activations of
+one group of at most ``together_group`` clients are held at a time.
 """
 
 from __future__ import annotations
@@ -206,6 +208,8 @@ class Recorder:
 def probe_dropout_dims(model: nn.Module, split, device) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Per dropout call of a training forward, in order: (batch dimensions, sequence dimensions), told apart by two
     forwards of different rows and widths (``PROBE``)."""
+    if len(split) == 0:
+        raise RuntimeError("the first client has no training examples to probe the model with")
     runs = []
     for rows, width in PROBE:
         rec = Recorder()
