@@ -304,12 +304,12 @@ def train_group(model: nn.Module, group: Group, cfg, dims, *, lm: bool = False) 
                 batches.append(order[pos : pos + cfg.batch_size])
                 orders[u] = (order, pos + cfg.batch_size)
             step_losses = joint_step(model, group.splits, batches, drop_gens, dims, device, lm=lm)
-            sum(step_losses).backward()
+            step_losses.sum().backward()
             if cfg.max_grad_norm:
                 clip_per_client(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(torch.stack(step_losses).detach())  # no host synchronisation per step
+            losses.append(step_losses.detach())  # no host synchronisation per step
     finally:
         for m in layers:
             del modules[m].forward
@@ -319,8 +319,8 @@ def train_group(model: nn.Module, group: Group, cfg, dims, *, lm: bool = False) 
 
 
 def joint_step(model: nn.Module, splits: list, batches: list[Tensor], gens: list[torch.Generator], dims, device, *,
-               lm: bool = False) -> list[Tensor]:
-    """One forward of every client's batch at once; each client's mean loss over its own examples: cross-entropy on
+               lm: bool = False) -> Tensor:
+    """One forward of every client's batch at once; each client's mean loss over its own examples (a (G,) tensor): cross-entropy on
     the label, or (``lm``) next-token cross-entropy over its labelled tokens, as ``CausalLMTask.loss``."""
     widths = [max(int(s.attention_mask[b].sum(dim=1).max()), 1) for s, b in zip(splits, batches)]
     width, per = max(widths), max(len(b) for b in batches)
@@ -336,11 +336,13 @@ def joint_step(model: nn.Module, splits: list, batches: list[Tensor], gens: list
         with patched_dropout(dropout):
             logits = model(**inputs).logits
         ce = F.cross_entropy(logits, labels, reduction="none").view(len(batches), per)
-        return [ce[u, : len(b)].mean() for u, b in enumerate(batches)]
+        rows = torch.tensor([len(b) for b in batches], device=ce.device)
+        real = torch.arange(per, device=ce.device)[None, :] < rows[:, None]
+        return torch.where(real, ce, 0.0).sum(dim=1) / rows  # each client's mean over its own rows, in one kernel for all
     return lm_losses(model, inputs, labels, [len(b) for b in batches], per, dropout)
 
 
-def lm_losses(model: nn.Module, inputs: dict[str, Tensor], labels: Tensor, rows: list[int], per: int, dropout) -> list[Tensor]:
+def lm_losses(model: nn.Module, inputs: dict[str, Tensor], labels: Tensor, rows: list[int], per: int, dropout) -> Tensor:
     """Each client's mean next-token cross-entropy over the labelled tokens of its own rows. The LM head runs only
     where a client's token is predicted (``logits_to_keep`` as a mask, as ``CausalLMTask.loss`` does); a model
     without that option gives every position's logits."""
@@ -360,7 +362,7 @@ def lm_losses(model: nn.Module, inputs: dict[str, Tensor], labels: Tensor, rows:
     client = keep.nonzero()[:, 0] // per
     sums = torch.zeros(G, dtype=ce.dtype, device=ce.device).index_add(0, client, ce)
     counts = torch.bincount(client, minlength=G).to(ce.dtype)
-    return [sums[u] / counts[u] for u in range(G)]
+    return sums / counts
 
 
 # ---- the round's turns -------------------------------------------------------------------------------------------
