@@ -169,3 +169,24 @@ def test_causal_lm_equals_one_after_another(instructions_jsonl, one_thread):
                     batch_size=3, rank=4, examples_per_client=10, test_examples=6, max_length=48, max_new_tokens=3,
                     partition="iid", seed=0, lr=5e-3, device="cpu", method="fedsa")
     assert_same_runs(recorded_run(cfg.replace(clients_together="off")), recorded_run(cfg.replace(clients_together="on")))
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "float", "bool", "causal", "gqa"])
+def test_sdpa_math_path_draws_the_masks_of_torch_sdpa_on_a_cpu(mask_kind):
+    """The joint pass computes SDPA with dropout by its math path through the per-client dropout; with plain
+    ``F.dropout`` in its place it equals torch's own SDPA, masks included."""
+    import torch.nn.functional as F
+
+    from fedlora.federation.together import sdpa_math
+
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 6, 8, generator=gen)
+    k, v = (torch.randn(2, 2 if mask_kind == "gqa" else 4, 6, 8, generator=gen) for _ in range(2))
+    kw = {"none": {}, "float": {"attn_mask": torch.randn(2, 1, 6, 6, generator=gen)},
+          "bool": {"attn_mask": torch.rand(2, 1, 6, 6, generator=gen) > 0.3}, "causal": {"is_causal": True},
+          "gqa": {"enable_gqa": True}}[mask_kind]
+    torch.random.default_generator.manual_seed(7)
+    expected = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, **kw)
+    torch.random.default_generator.manual_seed(7)
+    got = sdpa_math(F.dropout)(q, k, v, dropout_p=0.2, **kw)
+    torch.testing.assert_close(got, expected)
