@@ -9,8 +9,12 @@
 #   2. benchmarks/bench_aggregation.py --batched --syncs on the GPU: batched vs today's per-client vs the dense
 #      formation of ΔW* at U = 10, 100, 1000 on the LLaMA-7B shape (4096², r = 8), same run, with the solvers'
 #      host-synchronisation counts (torch.cuda.set_sync_debug_mode);
-#   3. only with RUN_SCALE=1: benchmarks/bench_aggregation.py --scale on the GPU (the earlier cross-device table).
-# Usage: OUT=/some/dir bash scripts/gpu_check.sh    (writes tests.log, batched-cuda.md, syncs, scale-*.md there)
+#   3. only with RUN_SCALE=1: benchmarks/bench_aggregation.py --scale on the GPU (the earlier cross-device table);
+#   4. benchmarks/bench_together.py --shapes on the GPU: simulator throughput with the clients trained together vs one
+#      after another, MiniLM and SmolLM2 architectures (random weights and tokens: no model or data packages needed)
+#      at 10 and 100 clients per round (target: ≥ 5× for MiniLM at 100), then peak memory of 100 clients vs 2 with
+#      groups of 2 and of 32 (TOGETHER=0 skips this part).
+# Usage: OUT=/some/dir bash scripts/gpu_check.sh    (writes tests.log, batched-cuda.md, syncs, scale-*.md, together-*.md there)
 # Sizes: BATCHED_CLIENTS (default "10 100 1000"), SHAPE (4096), RANK (8), REPEATS (3).
 set -uo pipefail
 OUT=${OUT:-/tmp/fedlora-gpu}
@@ -33,4 +37,16 @@ timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_aggregation.py --batche
 if [ "${RUN_SCALE:-0}" = 1 ]; then
   timeout "${SCALE_TIMEOUT:-240}" python3 benchmarks/bench_aggregation.py --scale --device cuda --repeats 3 \
     --scale-layers-1000 "${LAYERS_1000:-16}" 2>"$OUT/scale-cuda.err" | tee "$OUT/scale-cuda.md"
+fi
+if [ "${TOGETHER:-1}" = 1 ]; then
+  # shellcheck disable=SC2086
+  timeout "${TOGETHER_TIMEOUT:-240}" python3 benchmarks/bench_together.py --shapes --device cuda --models minilm \
+    --clients ${TOGETHER_CLIENTS:-10 100} --repeats 2 2>"$OUT/together-cuda.err" | tee "$OUT/together-cuda.md"
+  # shellcheck disable=SC2086
+  timeout "${TOGETHER_TIMEOUT:-240}" python3 benchmarks/bench_together.py --shapes --device cuda --models smollm2 --group "${SMOL_GROUP:-8}" \
+    --clients ${TOGETHER_CLIENTS:-10 100} --repeats 1 2>"$OUT/together-smollm2-cuda.err" | tee "$OUT/together-smollm2-cuda.md"
+  for group in 2 32; do
+    timeout 180 python3 benchmarks/bench_together.py --shapes --device cuda --memory --models minilm --clients 2 100 --group "$group" \
+      2>>"$OUT/together-memory-cuda.err" | tee -a "$OUT/together-memory-cuda.md"
+  done
 fi

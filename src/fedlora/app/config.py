@@ -77,6 +77,10 @@ class FederationSettings(Part):
     server_beta1: float = setting(_OPT.beta1, "adam, yogi, adagrad: beta1 of the first moment")
     server_beta2: float = setting(_OPT.beta2, "adam, yogi: beta2 of the second moment")
     server_tau: float = setting(_OPT.tau, "adam, yogi, adagrad: tau, the adaptivity (v starts at tau^2)")
+    clients_together: str = setting(_FED.clients_together, "train the round's clients in one pass over the shared base (lora, rslora; "
+                                                           "same metrics): auto (on CUDA where allowed), on (refused where it cannot "
+                                                           "run), off (one after another)")
+    clients_together_group: int = setting(_FED.together_group, "at most this many clients per joint pass (their activations are held at once)")
 
     def check(self, run: RunConfig) -> None:
         if self.method not in method_names():
@@ -86,6 +90,16 @@ class FederationSettings(Part):
         check_option_owners(self.method_options, [self.method])  # another method's option would be ignored silently
         fed = run.federation_config()  # the round loop's own checks (rounds, fraction, lr, optimizer, server optimiser, …)
         check_server_opt(method_class(self.method), fed.server_opt)
+        if fed.clients_together == "on":
+            self._check_together(run, fed)
+
+    def _check_together(self, run: RunConfig, fed: FederationConfig) -> None:
+        """``--clients-together on`` where the run's clients cannot be trained together: refused before any training."""
+        from fedlora.federation.together import blockers, use_together
+
+        ranks = run.ranks()
+        reason = blockers(run.method_object(), run.adapter, fed, mixed=ranks is not None and len(set(ranks)) > 1)
+        use_together("on", reason, fed.device, run.clients)
 
 
 @dataclass
@@ -465,7 +479,7 @@ class RunConfig:
             seed=self.seed, weighting=self.weighting,
             device=self.resolved_device(),
             max_norm_ratio=self.max_norm_ratio, similarity=self.similarity, privacy=self.privacy_config(),
-            server_opt=self.server_opt_config(),
+            server_opt=self.server_opt_config(), clients_together=self.clients_together, together_group=self.clients_together_group,
         )
 
     def server_opt_config(self) -> ServerOptConfig:

@@ -57,7 +57,7 @@ __all__ = [
     "ClientResult", "FederationConfig", "SecureSum", "SimClient", "Simulator", "check_server_memory", "client_turn",
     "client_weights", "finish_metrics", "layer_metrics", "linear_methods", "local_optimizer", "mean_pairwise_cosine",
     "nbytes", "round_clients", "round_seed", "sample_clients", "sample_round", "screen", "server_memory_bytes", "similarity_metrics",
-    "train_local", "round_lr", "LR_SCHEDULES", "corrected",
+    "train_local", "round_lr", "LR_SCHEDULES", "corrected", "finish_turn",
 ]
 
 log = logging.getLogger("fedlora")
@@ -111,6 +111,8 @@ class FederationConfig:
     lr_schedule: str = "constant"  # constant, or cosine from lr to lr_min over the rounds (round_lr)
     lr_min: float = 0.0
     server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)  # the server optimiser on the method's result (server_opt.py)
+    clients_together: str = "auto"  # auto, on or off: the round's clients trained in one pass over the base (together.py)
+    together_group: int = 32  # at most this many clients per joint pass (its activations are held at once)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -135,6 +137,10 @@ class FederationConfig:
             raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
         if self.lr_schedule == "cosine" and not 0 <= self.lr_min < self.lr:
             raise ValueError(f"lr_min={self.lr_min} must lie in [0, lr={self.lr}) for the cosine schedule; pass e.g. --lr-min 1e-6")
+        if self.clients_together not in ("auto", "on", "off"):
+            raise ValueError(f"unknown --clients-together {self.clients_together!r}; choose one of auto, on, off")
+        if self.together_group < 1:
+            raise ValueError(f"together_group={self.together_group} is below 1; pass --clients-together-group 1 or more")
 
 
 @dataclass
@@ -246,11 +252,19 @@ def client_turn(h: AdapterHandle, method: Method, task, client: SimClient, start
     method.before_training(h, peer, rnd, steps, cfg.local_steps)
     loss = train_local(h.model, task, client.train, cfg, seed, term, after_step, lr_factors)
     method.local_training(h, lambda: train_local(h.model, task, client.train, cfg, seed + 1))
+    return finish_turn(h, method, task, client, start, cfg, rnd, peer, loss, probed)
+
+
+def finish_turn(h: AdapterHandle, method: Method, task, client: SimClient, start: Tensors, cfg: FederationConfig, rnd: int,
+                peer: Peer, loss: float, probed: Tensors | None = None) -> ClientResult:
+    """The end of a client's turn, its trained state loaded: score it on its own test shard and split what it holds
+    into upload (with ``probed``, the method's measurement before training: Fed-HeLLo's Fisher scores), eval extras and
+    private state (also after clients trained together, together.py)."""
     with method.local_scoring(h, client.train, cfg.device):
         acc = task.evaluate(h.model, client.test, cfg.device)
     trained = h.get(rank=peer.rank)
     return ClientResult(
-        cid=client.cid, upload=method.upload(h, trained, rnd, start, peer=peer) | probed, extras=method.eval_extras(h, trained),
+        cid=client.cid, upload=method.upload(h, trained, rnd, start, peer=peer) | (probed or {}), extras=method.eval_extras(h, trained),
         private={n: trained[n] for n in method.private(h)} | method.client_state(h, peer, rnd, start, trained),
         n_train=len(client.train), n_test=len(client.test),
         local_accuracy=acc, train_loss=loss,
@@ -303,6 +317,7 @@ class Simulator:
     on_round: Callable[[dict], None] | None = None
     turn: Callable[..., ClientResult] = client_turn  # one client's turn; swappable, e.g. to inject faulty clients
     systems: Instant = field(default_factory=Instant)  # who is selected, who finishes, the round's time (systems.py)
+    together_ran: bool | None = field(default=None, init=False)  # whether the last round's clients trained together (together.py)
 
     def __post_init__(self) -> None:
         if not self.clients:
@@ -396,7 +411,12 @@ class Simulator:
         return self.close_round(self.systems.finish(rnd, results), failed, rnd, started)[2]
 
     def _turns(self, rnd: int, selected: list[int]) -> tuple[list[ClientResult], list[Rejection]]:
-        """The selected clients' turns, in order; a client that raises is a rejection, not the end of the run."""
+        """The selected clients' turns, in order; a client that raises is a rejection, not the end of the run. Where
+        allowed (``clients_together``) they train in joint passes over the shared base (together.py)."""
+        from fedlora.federation.together import run_together
+
+        if (joint := run_together(self, rnd, selected)) is not None:
+            return joint
         results, failed = [], []
         for cid in selected:
             try:
@@ -494,6 +514,8 @@ class Simulator:
         metrics = {"round": rnd, "method": self.method.name, "clients": [r.cid for r in accepted]} | local_scores(accepted)
         metrics |= (step.notes if step else {}) | measures.similarity | self.privacy.metrics(rnd) | measures.divergence() | measures.notes
         metrics |= sent.metrics(self.method.communicates) | {"aggregation_seconds": measures.seconds}
+        if self.together_ran is not None:  # the simulator's own rounds: which path trained the clients
+            metrics["clients_together"] = self.together_ran
         return metrics | {"rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted}
 
     def _record(self, metrics: dict, sent: RoundBytes, started: float) -> dict:
