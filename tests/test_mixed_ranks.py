@@ -39,6 +39,9 @@ def hand_count(method: str, ranks: list[int], adapter: str, kept: dict[str, int]
         elif method == "florist":  # everyone receives the folds [ΔW*]_p, dense or factored
             up += factors + HEAD + extra
             down += sum(min(D * K, p * (D + K)) for p in kept.values()) + HEAD + extra
+        elif method == "ilora":  # --ilora-cv scaffold (the default): Δc_u up and c[:r_u] down beside the factors
+            up += 2 * factors + HEAD + extra
+            down += 2 * factors + HEAD + extra
         else:
             up += factors + HEAD + extra
             down += factors + HEAD + extra

@@ -300,6 +300,20 @@ class RunDir:
         return load_checkpoint(self.path)
 
 
+def untied(tensors: dict) -> dict:
+    """``tensors`` with no two sharing memory, as safetensors requires: a tensor whose storage an earlier one already
+    uses (the same start state kept by several clients, a frozen A0 in every stored version) is written as a copy."""
+    seen, out = set(), {}
+    for name, t in tensors.items():
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
 def save_checkpoint(sim, out: Path, config: RunConfig | None = None, extra: tuple[dict, dict] | None = None) -> None:
     """One file, replaced atomically: a kill at any moment leaves the previous complete checkpoint. ``config``: the
     run's settings, kept inside the checkpoint so a resume can refuse an edited config.json. ``extra``: (tensors, meta)
@@ -311,7 +325,7 @@ def save_checkpoint(sim, out: Path, config: RunConfig | None = None, extra: tupl
     if config is not None:
         meta["config"] = run_settings(config)
     tmp = out / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp), metadata={"fedlora": json.dumps(meta, default=_json_default)})
+    save_file(untied(tensors), str(tmp), metadata={"fedlora": json.dumps(meta, default=_json_default)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, out / CHECKPOINT)

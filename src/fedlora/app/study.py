@@ -611,8 +611,8 @@ def mean_history(hists: list[list[dict]]) -> list[dict]:
             values = [r.get(key) for r in rows]
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 merged[key] = _mean(values)
-            elif isinstance(value, dict):
-                names = list(value)
+            elif isinstance(value, dict):  # per-layer numbers (per-client records, dicts of dicts, are not averaged)
+                names = [n for n, x in value.items() if isinstance(x, (int, float)) and not isinstance(x, bool)]
                 merged[key] = {n: _mean((v or {}).get(n) for v in values) for n in names}
             else:
                 merged[key] = value if all(v == value for v in values) else None

@@ -317,7 +317,7 @@ class Simulator:
     on_round: Callable[[dict], None] | None = None
     turn: Callable[..., ClientResult] = client_turn  # one client's turn; swappable, e.g. to inject faulty clients
     systems: Instant = field(default_factory=Instant)  # who is selected, who finishes, the round's time (systems.py)
-    together_ran: bool | None = field(default=None, init=False)  # whether the last round's clients trained together (together.py)
+    together_ran: bool = field(default=False, init=False)  # whether the last round's clients trained together (together.py; Flower: never)
 
     def __post_init__(self) -> None:
         if not self.clients:
@@ -514,8 +514,7 @@ class Simulator:
         metrics = {"round": rnd, "method": self.method.name, "clients": [r.cid for r in accepted]} | local_scores(accepted)
         metrics |= (step.notes if step else {}) | measures.similarity | self.privacy.metrics(rnd) | measures.divergence() | measures.notes
         metrics |= sent.metrics(self.method.communicates) | {"aggregation_seconds": measures.seconds}
-        if self.together_ran is not None:  # the simulator's own rounds: which path trained the clients
-            metrics["clients_together"] = self.together_ran
+        metrics["clients_together"] = self.together_ran  # which path trained the clients (on Flower: each on its SuperNode)
         return metrics | {"rejected": [r.as_dict() for r in rejected], "n_rejected": len(rejected), "skipped": not accepted}
 
     def _record(self, metrics: dict, sent: RoundBytes, started: float) -> dict:
