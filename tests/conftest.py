@@ -116,3 +116,21 @@ def _aggregation_batch_mode():
 
     with batch_mode(mode):
         yield
+
+
+# The CLI arguments of a tiny one-round run (the bad-input tests add the flag under test to them).
+TINY_CLI = ["--model", "tiny:bert", "--clients", "3", "--rounds", "1", "--examples-per-client", "24", "--test-examples", "60",
+            "--max-length", "32", "--local-steps", "2", "--batch-size", "4", "--quiet"]
+
+
+def refused(capsys, argv, code: int = 2, *, last_line: bool = False) -> str:
+    """``fedlora argv`` exits with ``code`` and one line on stderr, ``fedlora: error: …`` with no traceback (the last
+    line only with ``last_line``: where a warning may come before it); returns that line."""
+    from fedlora.cli.main import main
+
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    if last_line:
+        err = err.splitlines()[-1]
+    assert err.startswith("fedlora: error:") and "\n" not in err and "Traceback" not in err, err
+    return err

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import TINY_CLI, refused, tiny_config
 from fedlora.app.experiment import build, resume_config, run_experiment
 from fedlora.cli.main import main
 from fedlora.federation import REGISTRY
@@ -199,15 +199,7 @@ def test_fedasync_records_staleness_and_the_clock_every_arrival(small_csv, one_t
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------------
-T = ["--model", "tiny:bert", "--clients", "3", "--rounds", "1", "--examples-per-client", "24", "--test-examples", "60",
-     "--max-length", "32", "--local-steps", "2", "--batch-size", "4", "--quiet"]
-
-
-def refused(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("fedlora: error:") and "\n" not in err and "Traceback" not in err, err
-    return err
+T = TINY_CLI
 
 
 def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, capsys):

@@ -8,25 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import tiny_config
+from conftest import TINY_CLI, refused, tiny_config
 from fedlora.app.experiment import RunConfig, run_experiment
-from fedlora.cli.main import main
 from fedlora.federation.simulator import check_server_memory
 
-T = ["--model", "tiny:bert", "--clients", "3", "--rounds", "1", "--examples-per-client", "24", "--test-examples", "60",
-     "--max-length", "32", "--local-steps", "2", "--batch-size", "4", "--quiet"]
-
-
-def one_line_error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("fedlora: error:") and "\n" not in err and "Traceback" not in err, err
-    return err
+T = TINY_CLI
 
 
 # 1. a rank the layers cannot hold, a server step that cannot fit
 def test_rank_above_the_layers_and_server_memory_are_refused(small_csv, capsys):
-    err = one_line_error(capsys, ["run", *T, "--data", str(small_csv), "--rank", "64", "--method", "florana"])
+    err = refused(capsys, ["run", *T, "--data", str(small_csv), "--rank", "64", "--method", "florana"])
     assert "rank 64 exceeds" in err and "min(d, k) = 32" in err
     h = SimpleNamespace(rank=64, layers={"q": SimpleNamespace(out_features=4096, in_features=4096)})
     with pytest.raises(ValueError, match="needs about .* GiB, more than half"):
@@ -57,14 +48,14 @@ def test_resume_refuses_an_edited_config_and_fewer_rounds(small_csv, tmp_path, c
     out = tmp_path / "run"
     run_experiment(tiny_config(small_csv, rounds=2, out=str(out)))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    err = one_line_error(capsys, ["run", "--resume", str(out), "--rounds", "1"])
+    err = refused(capsys, ["run", "--resume", str(out), "--rounds", "1"])
     assert "has finished 2 rounds" in err
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(cfg | {"method": "fedit", "seed": 5}))
-    err = one_line_error(capsys, ["run", "--resume", str(out), "--rounds", "3"])
+    err = refused(capsys, ["run", "--resume", str(out), "--rounds", "3"])
     assert "no longer matches" in err and "method='fedit'" in err and "seed=5" in err
     (out / "config.json").write_text(json.dumps(cfg | {"rank": 2}))
-    assert "rank=2 (checkpoint: 4)" in one_line_error(capsys, ["run", "--resume", str(out), "--rounds", "3"])
+    assert "rank=2 (checkpoint: 4)" in refused(capsys, ["run", "--resume", str(out), "--rounds", "3"])
     for name, data in before.items():
         if name != "config.json":
             assert (out / name).read_bytes() == data, name
@@ -95,7 +86,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_under_its_default(tmp_path):
 def test_toml_types(tmp_path, capsys, line, needle):
     cfg = tmp_path / "exp.toml"
     cfg.write_text(line + "\n")
-    err = one_line_error(capsys, ["run", "--config", str(cfg)])
+    err = refused(capsys, ["run", "--config", str(cfg)])
     assert needle in err and str(cfg) in err
 
 
@@ -108,7 +99,7 @@ def test_a_corrupted_checkpoint_is_one_line_and_nothing_is_touched(small_csv, tm
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 3] if damage == "truncate" else os.urandom(4096))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    err = one_line_error(capsys, ["run", "--resume", str(out), "--rounds", "2"])
+    err = refused(capsys, ["run", "--resume", str(out), "--rounds", "2"])
     assert "is not a readable fedlora checkpoint" in err and str(ckpt) in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
@@ -117,21 +108,21 @@ def test_a_corrupted_checkpoint_is_one_line_and_nothing_is_touched(small_csv, tm
 def test_bad_out_device_test_examples_and_method_lists(small_csv, tmp_path, capsys):
     afile = tmp_path / "a-file"
     afile.write_text("x")
-    assert "is an existing file" in one_line_error(capsys, ["run", *T, "--data", str(small_csv), "--out", str(afile)])
-    assert "cannot create the run directory" in one_line_error(capsys, ["run", *T, "--data", str(small_csv), "--out", str(afile / "run")])
+    assert "is an existing file" in refused(capsys, ["run", *T, "--data", str(small_csv), "--out", str(afile)])
+    assert "cannot create the run directory" in refused(capsys, ["run", *T, "--data", str(small_csv), "--out", str(afile / "run")])
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        assert "not writable" in one_line_error(capsys, ["run", *T, "--data", str(small_csv), "--out", str(locked / "run")])
-    assert "unknown device 'cuda:abc'" in one_line_error(capsys, ["run", *T, "--data", str(small_csv), "--device", "cuda:abc"])
+        assert "not writable" in refused(capsys, ["run", *T, "--data", str(small_csv), "--out", str(locked / "run")])
+    assert "unknown device 'cuda:abc'" in refused(capsys, ["run", *T, "--data", str(small_csv), "--device", "cuda:abc"])
     import torch
 
     if not torch.cuda.is_available():
-        assert "no CUDA device" in one_line_error(capsys, ["run", *T, "--data", str(small_csv), "--device", "cuda"])
-    assert "test_examples=0" in one_line_error(capsys, ["run", *T, "--data", str(small_csv), "--test-examples", "0"])
-    assert "names no method" in one_line_error(capsys, ["compare", *T, "--data", str(small_csv), "--methods", ","])
+        assert "no CUDA device" in refused(capsys, ["run", *T, "--data", str(small_csv), "--device", "cuda"])
+    assert "test_examples=0" in refused(capsys, ["run", *T, "--data", str(small_csv), "--test-examples", "0"])
+    assert "names no method" in refused(capsys, ["compare", *T, "--data", str(small_csv), "--methods", ","])
     out = tmp_path / "cmp"
-    assert "fedit more than once" in one_line_error(capsys, ["compare", *T, "--data", str(small_csv), "--methods", "fedit,fedit", "--out", str(out)])
+    assert "fedit more than once" in refused(capsys, ["compare", *T, "--data", str(small_csv), "--methods", "fedit,fedit", "--out", str(out)])
     assert not out.exists()  # refused before anything trained
 
 
@@ -149,7 +140,7 @@ def test_dropped_rows_are_counted(tmp_path, caplog, capsys):
     assert "kept 8 of 13 rows; dropped 2 with empty text or no label, 2 whose text also appears with another label, 1 repeating" in caplog.text
     empty = tmp_path / "e.csv"
     empty.write_text("text,label\n,pos\nx,\n")
-    assert "no usable rows" in one_line_error(capsys, ["run", *T, "--data", str(empty)])
+    assert "no usable rows" in refused(capsys, ["run", *T, "--data", str(empty)])
 
 
 def test_run_config_check_type_accepts_the_right_types():

@@ -8,17 +8,14 @@ import sys
 
 import pytest
 
+from conftest import TINY_CLI, refused
 from fedlora.cli.main import main
 
-T = ["--model", "tiny:bert", "--clients", "3", "--rounds", "1", "--examples-per-client", "24", "--test-examples", "60",
-     "--max-length", "32", "--local-steps", "2", "--batch-size", "4", "--device", "cpu", "--quiet"]
+T = [*TINY_CLI[:-1], "--device", "cpu", "--quiet"]
 
 
 def one_line_error(capsys, argv, code: int = 2) -> str:
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("fedlora: error:") and "Traceback" not in err, err
-    return err
+    return refused(capsys, argv, code, last_line=True)
 
 
 def run_args(small_csv, tmp_path, *extra):

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import TINY_CLI, refused, tiny_config
 from fedlora.app.experiment import build, resume_config, run_experiment
-from fedlora.cli.main import main
 from fedlora.federation.clock import ClientWork, DeviceProfile, EventQueue, client_work, examples_processed
 from fedlora.federation.simulator import train_local
 from fedlora.federation.systems import Instant, Windows, diurnal
@@ -256,15 +255,7 @@ def test_without_systems_settings_nothing_is_recorded(small_csv, one_thread):
 
 
 # -- bad input: one line, exit 2, before any training ---------------------------------------------------------------------
-T = ["--model", "tiny:bert", "--clients", "3", "--rounds", "1", "--examples-per-client", "24", "--test-examples", "60",
-     "--max-length", "32", "--local-steps", "2", "--batch-size", "4", "--quiet"]
-
-
-def refused(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("fedlora: error:") and "\n" not in err and "Traceback" not in err, err
-    return err
+T = TINY_CLI
 
 
 def test_bad_systems_input_is_one_line_before_any_training(small_csv, tmp_path, capsys):
