@@ -393,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="the registered methods with their rules, bytes, traits and adapters (markdown)")
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
     me.set_defaults(func=cmd_methods)
-    st = sub.add_parser("study", help="the papers' analyses: comparison, divergence, A/B similarity, heterogeneity, scale")
+    st = sub.add_parser("study", help="the papers' analyses over paired seeds (--parts: comparison, divergence, similarity, "
+                        "heterogeneity, scale, synthetic; privacy, privacy-synthetic and instruct by name)")
     st.add_argument("--preset", default="default",
                     help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale,synthetic",
