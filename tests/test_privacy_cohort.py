@@ -92,6 +92,11 @@ def test_cohort_epsilon_is_opacus_at_the_cohorts_sampling_rate(small_csv):
     plain = build(cfg.replace(dp_noise_cohort=None, dp_population=None, dp_delta=1e-5)).simulator.run()
     assert "epsilon_kind" not in plain[-1]
     assert plain[-1]["epsilon"] == pytest.approx(epsilon_spent(1.1, 0.67, 2, 1e-5), rel=1e-12)
+    # a comparison table names the cohort's ε as simulated, and a plain run's ε plainly
+    from fedlora.app.report import final_row, markdown_table
+
+    assert "| ε (cohort-simulated: not a guarantee of this run) |" in markdown_table([final_row("fedit", history, 1.0)])
+    assert "| ε |" in markdown_table([final_row("fedit", plain, 1.0)])
 
 
 # ---- adaptive clipping ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def final_row(method: str, history: list[dict], wall_seconds: float) -> dict:
         "mb_up": sum(h["bytes_up"] for h in history) / 1e6,
         "mb_down": sum(h["bytes_down"] for h in history) / 1e6,
         "wall_seconds": wall_seconds,
-        **{key: last[key] for key in ("global_loss", "loss_gap", "epsilon", "sim_clock") if key in last},
+        **{key: last[key] for key in ("global_loss", "loss_gap", "epsilon", "epsilon_kind", "sim_clock") if key in last},
     }
 
 
@@ -47,7 +47,10 @@ OPTIONAL = (("loss", "global_loss", 3), ("loss − floor", "loss_gap", 3), ("ε"
 
 
 def optional_columns(rows: list[dict]) -> tuple:
-    return tuple(c for c in OPTIONAL if any(c[1] in r for r in rows))
+    """The OPTIONAL columns some row records; the ε column names a noise cohort's ε as simulated where a row's is."""
+    simulated = any(r.get("epsilon_kind") == "cohort-simulated" for r in rows)
+    return tuple(("ε (cohort-simulated: not a guarantee of this run)", *c[1:]) if c[1] == "epsilon" and simulated else c
+                 for c in OPTIONAL if any(c[1] in r for r in rows))
 
 
 MAJORITY_MARGIN = 0.01  # global accuracy within this of the majority-class rate counts as having learned nothing
