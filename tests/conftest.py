@@ -89,16 +89,27 @@ def flower_resume_and_export(cfg, tmp_path, keys) -> None:
     assert acc == pytest.approx(history[-1]["global_accuracy"], abs=1e-9)
 
 
-def resume_matches(cfg, tmp_path, keys, reference: list[dict]) -> None:
-    """A run of ``cfg`` resumed from its round-1 checkpoint ends with the uninterrupted run's ``keys`` (``reference``)."""
+def resumed_from(cfg, path, after: int = 1):
+    """(first, resumed): a simulator of ``cfg`` run for ``after`` rounds and checkpointed into ``path`` (through the
+    file: safetensors), and a fresh one restored from that checkpoint."""
     from fedlora.app.experiment import build, load_checkpoint, save_checkpoint
 
     first = build(cfg).simulator
-    first.round(1)
-    (tmp_path / "ckpt").mkdir()
-    save_checkpoint(first, tmp_path / "ckpt")
+    for rnd in range(1, after + 1):
+        first.round(rnd)
+    path.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(first, path)
     resumed = build(cfg).simulator
-    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
+    resumed.restore(*load_checkpoint(path))
+    return first, resumed
+
+
+def resume_matches(cfg, tmp_path, keys, reference: list[dict], after: int = 1, restored=None):
+    """A run of ``cfg`` resumed from its round-``after`` checkpoint ends with the uninterrupted run's ``keys``
+    (``reference``). ``restored(first, resumed)``: checks of the restored state before the resumed run goes on."""
+    first, resumed = resumed_from(cfg, tmp_path / "ckpt", after)
+    if restored is not None:
+        restored(first, resumed)
     for a, b in zip(resumed.run(), reference):
         for key in keys:
             assert a[key] == b[key], (a["round"], key)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import resume_matches, tiny_config
 from fedlora.aggregation import aggregate
 from fedlora.aggregation.hilora import affinity, eigengap_k, spectral_clusters, subspace_distances, track
 from fedlora.app.experiment import build
@@ -183,22 +183,14 @@ def test_orthogonality_terms_by_hand(small_csv):
 
 
 def test_resume_in_the_cluster_stage_and_export_is_the_root_tier(small_csv, tmp_path):
-    from fedlora.app.experiment import load_checkpoint, run_experiment, save_checkpoint
+    from fedlora.app.experiment import run_experiment
     from fedlora.app.export import load_global_model
     from fedlora.federation import ClassificationTask
 
     cfg = tiny_config(small_csv, method="hilora", clients=4, rounds=4, method_options="hilora-stages=1,2")
     reference = build(cfg).simulator.run()
-    first = build(cfg).simulator
-    first.round(1)
-    first.round(2)
-    (tmp_path / "ckpt").mkdir()
-    save_checkpoint(first, tmp_path / "ckpt")
-    resumed = build(cfg).simulator
-    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
-    for a, b in zip(resumed.run(), reference):
-        for key in ("clients", "bytes_up", "bytes_down", "global_accuracy", "local_accuracy", "train_loss"):
-            assert a[key] == b[key], (a["round"], key)
+    resume_matches(cfg, tmp_path, ("clients", "bytes_up", "bytes_down", "global_accuracy", "local_accuracy", "train_loss"),
+                   reference, after=2)
 
     out = tmp_path / "run"
     exp, history = run_experiment(cfg.replace(out=str(out)))

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import resume_matches, tiny_config
 from fedlora.aggregation import aggregate, comm_bytes, divergence
 from fedlora.app.experiment import build
 from fedlora.federation.simulator import client_weights
@@ -151,7 +151,6 @@ def test_two_rounds_alternate_start_from_the_global_factors_and_match_flower(sma
 def test_partial_sampling_on_flower_and_a_resumed_run_keep_the_round_parity(small_csv, tmp_path):
     """A client that missed rounds applies a B-broadcast and an A-broadcast in turn; a run resumed after round 1
     goes on with an A-round."""
-    from fedlora.app.experiment import load_checkpoint, save_checkpoint
     from fedlora.flower.server_app import run_federation
     from test_flower import InlineGrid, assert_same_history
 
@@ -165,12 +164,4 @@ def test_partial_sampling_on_flower_and_a_resumed_run_keep_the_round_parity(smal
     assert_same_history(run_federation(grid, cfg.replace(out=str(tmp_path / "flower"))), reference)
     assert any(len(m.content.config_records["config"]["broadcast-rounds"]) > 1 for m in grid.sent if m.metadata.message_type == "train")
 
-    first = build(cfg).simulator
-    first.round(1)
-    (tmp_path / "ckpt").mkdir()
-    save_checkpoint(first, tmp_path / "ckpt")  # through the file: safetensors
-    resumed = build(cfg).simulator
-    resumed.restore(*load_checkpoint(tmp_path / "ckpt"))
-    for a, b in zip(resumed.run(), reference):
-        for key in ("clients", "divergence", "bytes_up", "bytes_down", "global_accuracy", "local_accuracy"):
-            assert a[key] == b[key], (a["round"], key)
+    resume_matches(cfg, tmp_path, ("clients", "divergence", "bytes_up", "bytes_down", "global_accuracy", "local_accuracy"), reference)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import resume_matches, tiny_config
 from fedlora.aggregation import aggregate, comm_elements
 from fedlora.aggregation.slora import scatter, sparse_indices, sparse_size, support_seed, switch_init
-from fedlora.app.experiment import build, load_checkpoint, run_experiment, save_checkpoint
+from fedlora.app.experiment import build, run_experiment
 from fedlora.federation import make_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,17 +211,7 @@ def test_flower_in_process_round_resume_before_and_after_the_switch_and_export(s
     assert [x["slora_stage"] for x in flower] == ["sparse", "switch", "lora"]
 
     for done in (1, 2):  # a checkpoint in the sparse stage, and one right after the switch
-        first = build(cfg).simulator
-        for rnd in range(1, done + 1):
-            first.round(rnd)
-        ckpt = tmp_path / f"ckpt{done}"
-        ckpt.mkdir()
-        save_checkpoint(first, ckpt)
-        resumed = build(cfg).simulator
-        resumed.restore(*load_checkpoint(ckpt))
-        for a, b in zip(resumed.run(), reference):
-            for key in KEYS:
-                assert a[key] == b[key], (done, a["round"], key)
+        resume_matches(cfg, tmp_path / f"after{done}", KEYS, reference, after=done)
 
     for rounds in (1, 3):  # exported in the sparse stage (the delta inside an exact LoRA) and after the switch
         out = tmp_path / f"run{rounds}"
