@@ -123,19 +123,9 @@ def randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int |
     if not batched(op.B.device):
         return _reference_randomized_svd(op, rank, tol=tol, oversample=oversample, max_power=max_power, seed=seed,
                                          test_vectors=test_vectors)
-    d, k = op.shape
-    n, dev, dtype = op.n, op.B.device, op.B.dtype
-    p = 10 if oversample is None else oversample
-    ell = min(rank + p, n, d, k)
-    full = ell >= min(n, d, k)  # the sketch spans the range: exact in exact arithmetic
-    m = 0 if full else test_vectors
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    omega = torch.randn(k, ell + m, generator=gen, device=dev, dtype=dtype)
-    first = op.mm(torch.cat([_orth(omega[:, :ell]), omega[:, ell:]], dim=1))  # orthonormal start: σ̃ comparable
-    Y, Yt = first[:, :ell], first[:, ell:].to(torch.float64)  # ΔW* Ω_t: independent of every Q below
-    target = (1.0 - 1.0 / (1.0 + tol) ** 2) / 2.0
-    every = check_every()
-    st = _SketchState.start(dev)
+    ell, full, m, Y, Yt, target = _sketch_start(op, rank, tol=tol, oversample=oversample, seed=seed, test_vectors=test_vectors)
+    dtype, every = op.B.dtype, check_every()
+    st = _SketchState.start(op.B.device)
     for it in range(max_power + 1):
         st = st.advance(_sketch_step(op, Y, Yt, rank, m), it, full=full, target=target, last=it >= max_power)
         if (it + 1) % every == 0 or it >= max_power:
@@ -206,9 +196,9 @@ class _SketchState:
                              converged=bool(self.converged), sketch=ell, residual_sq=float(self.step["tail"] + self.step["outside"]))
 
 
-def _reference_randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int | None = None, max_power: int = 12,
-                   seed: int = 0, test_vectors: int = 8) -> RandomizedSVD:
-    """Today's loop, one host read per quantity per iteration: the reference of ``batch_mode("off")``."""
+def _sketch_start(op: Ideal, rank: int, *, tol: float, oversample: int | None, seed: int, test_vectors: int):
+    """What both loops start from: the sketch size ℓ, whether it spans the range (``full``), the m test vectors, the
+    first sketch Y = ΔW*·orth(Ω) and the test products Yt = ΔW*·Ω_t (seeded), and the stopping target from ``tol``."""
     d, k = op.shape
     n, dev, dtype = op.n, op.B.device, op.B.dtype
     p = 10 if oversample is None else oversample
@@ -219,8 +209,14 @@ def _reference_randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversa
     omega = torch.randn(k, ell + m, generator=gen, device=dev, dtype=dtype)
     first = op.mm(torch.cat([_orth(omega[:, :ell]), omega[:, ell:]], dim=1))  # orthonormal start: σ̃ comparable
     Y, Yt = first[:, :ell], first[:, ell:].to(torch.float64)  # ΔW* Ω_t: independent of every Q below
-    target = (1.0 - 1.0 / (1.0 + tol) ** 2) / 2.0
-    iters, delta_prev = 0, math.inf
+    return ell, full, m, Y, Yt, (1.0 - 1.0 / (1.0 + tol) ** 2) / 2.0
+
+
+def _reference_randomized_svd(op: Ideal, rank: int, *, tol: float = 0.01, oversample: int | None = None, max_power: int = 12,
+                   seed: int = 0, test_vectors: int = 8) -> RandomizedSVD:
+    """Today's loop, one host read per quantity per iteration: the reference of ``batch_mode("off")``."""
+    ell, full, m, Y, Yt, target = _sketch_start(op, rank, tol=tol, oversample=oversample, seed=seed, test_vectors=test_vectors)
+    dtype, iters, delta_prev = op.B.dtype, 0, math.inf
     while True:
         Q, R = torch.linalg.qr(Y.to(torch.float64))
         energy_y = float(torch.linalg.svdvals(R).square()[:rank].sum())
