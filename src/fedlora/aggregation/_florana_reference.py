@@ -1,8 +1,11 @@
-"""Today's (per-scalar host reads) Gram-free FLoRA-NA solver, kept verbatim as the reference of
-``batch_mode("off")``: the equality tests and ``benchmarks/bench_aggregation.py --batched`` compare the batched
-solver in ``florana.py`` with it. ``florana.py`` passes its ``_Centred`` and ``_fix_scale`` in, so this module does not import it back."""
+"""Today's (per-scalar host reads) Gram-free FLoRA-NA solver, the reference of ``batch_mode("off")`` (its loop kept
+as it was; the problem it works on, :class:`Problem`, is the one the batched solver builds too): the equality tests
+and ``benchmarks/bench_aggregation.py --batched`` compare the batched solver in ``florana.py`` with it.
+``florana.py`` passes its ``_Centred`` and ``_fix_scale`` in, so this module does not import it back."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -61,25 +64,56 @@ def reference_pcg(mv, b: Tensor, diag: Tensor, x: Tensor, *, gain: float, max_st
     return x, max_steps
 
 
-def reference_iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max_iter: int, seed: int,
-               probes: int = 8, cg_steps: int = 50, centred, fix_scale) -> Aggregate:
-    """Today's ``_iterative`` (``batch_mode("off")``): the reference of the batched solver's tests and benchmark."""
+@dataclass
+class Problem:
+    """What both Gram-free solvers work on: the centred sides (``B_u = B̄ + E_u``, ``A_u = Ā + D_u``), products with
+    ``ΔW* = B̄Ā + E W D`` without forming it (the common part in float64, the deviations in the compute dtype), and
+    the seeded probes Ω with ΔW*Ω, from which ‖(ΔW* − B̂Â)Ω‖²/m estimates the objective."""
+
+    dtype: torch.dtype
+    wd: Tensor
+    Bside: object
+    Aside: object
+    wcol: Tensor
+    omega: Tensor | None = None
+    X_omega: Tensor | None = None
+
+    @property
+    def B_bar(self) -> Tensor:
+        return self.Bside.mean
+
+    @property
+    def A_bar(self) -> Tensor:
+        return self.Aside.mean
+
+    def X_mm(self, x: Tensor) -> Tensor:  # ΔW* x for x k×m (float64 out)
+        f64, E, D = torch.float64, self.Bside.dev, self.Aside.dev
+        return self.B_bar @ (self.A_bar @ x.to(f64)) + (E @ (self.wcol[:, None] * (D @ x.to(self.dtype)))).to(f64)
+
+    def X_rmm_t(self, Y: Tensor) -> Tensor:  # Yᵀ ΔW* for Y d×m (float64 out, m×k)
+        f64, E, D = torch.float64, self.Bside.dev, self.Aside.dev
+        return (Y.T.to(f64) @ self.B_bar) @ self.A_bar + (((Y.T.to(self.dtype) @ E) * self.wcol) @ D).to(f64)
+
+
+def problem(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, probes: int, seed: int, centred) -> Problem:
+    """The :class:`Problem` of these uploads (``centred``: florana's ``_Centred``), its probes drawn from ``seed``."""
     f64, dev = torch.float64, Bs[0].device
     dtype = compute_dtype(Bs[0].dtype)
     wd = w.to(dev, f64)
     Bside, Aside = centred(Bs, wd, "B", dtype), centred(As, wd, "A", dtype)
-    B_bar, A_bar, E, D = Bside.mean, Aside.mean, Bside.dev, Aside.dev
-    wcol = wd.repeat_interleave(Bside.r).to(dtype)
-
-    def X_mm(x: Tensor) -> Tensor:  # ΔW* x for x k×m (float64 out)
-        return B_bar @ (A_bar @ x.to(f64)) + (E @ (wcol[:, None] * (D @ x.to(dtype)))).to(f64)
-
-    def X_rmm_t(Y: Tensor) -> Tensor:  # Yᵀ ΔW* for Y d×m (float64 out, m×k)
-        return (Y.T.to(f64) @ B_bar) @ A_bar + (((Y.T.to(dtype) @ E) * wcol) @ D).to(f64)
-
+    pb = Problem(dtype, wd, Bside, Aside, wd.repeat_interleave(Bside.r).to(dtype))
     gen = torch.Generator(device=dev).manual_seed(seed)
-    omega = torch.randn(As[0].shape[1], probes, generator=gen, device=dev, dtype=dtype).to(f64)
-    X_omega = X_mm(omega)
+    pb.omega = torch.randn(As[0].shape[1], probes, generator=gen, device=dev, dtype=dtype).to(f64)
+    pb.X_omega = pb.X_mm(pb.omega)
+    return pb
+
+
+def reference_iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max_iter: int, seed: int,
+               probes: int = 8, cg_steps: int = 50, centred, fix_scale) -> Aggregate:
+    """Today's ``_iterative`` (``batch_mode("off")``): the reference of the batched solver's tests and benchmark."""
+    pb = problem(Bs, As, w, probes=probes, seed=seed, centred=centred)
+    f64, dtype, wd, Bside, Aside, B_bar, A_bar = torch.float64, pb.dtype, pb.wd, pb.Bside, pb.Aside, pb.B_bar, pb.A_bar
+    X_mm, X_rmm_t, omega, X_omega = pb.X_mm, pb.X_rmm_t, pb.omega, pb.X_omega
 
     def estimate(B_hat: Tensor, A_hat: Tensor) -> float:  # ‖(ΔW* − B̂Â)Ω‖²/m: unbiased for the objective
         return float((X_omega - B_hat @ (A_hat @ omega)).square().sum()) / probes

@@ -45,11 +45,10 @@ from torch import Tensor
 
 from ._batch import batched, check_every
 from ._common import check_int, check_tol, combine, gram, stack
-from ._florana_reference import reference_iterative
+from ._florana_reference import problem, reference_iterative
 from .fedit import factors_comm
 from .registry import register_rule
 from .result import Aggregate
-from .sketch import compute_dtype
 from .svd import EXACT_MAX_COLUMNS
 
 FLORANA_SOLVERS = ("auto", "exact", "iterative")
@@ -318,22 +317,9 @@ def _iterative(Bs: list[Tensor], As: list[Tensor], w: Tensor, *, tol: float, max
     if not batched(Bs[0].device):
         return reference_iterative(Bs, As, w, tol=tol, max_iter=max_iter, seed=seed, probes=probes, cg_steps=cg_steps,
                                    centred=_Centred, fix_scale=_fix_scale)
-    f64, dev = torch.float64, Bs[0].device
-    dtype = compute_dtype(Bs[0].dtype)
-    wd = w.to(dev, f64)
-    Bside, Aside = _Centred(Bs, wd, "B", dtype), _Centred(As, wd, "A", dtype)
-    B_bar, A_bar, E, D = Bside.mean, Aside.mean, Bside.dev, Aside.dev
-    wcol = wd.repeat_interleave(Bside.r).to(dtype)
-
-    def X_mm(x: Tensor) -> Tensor:  # ΔW* x for x k×m (float64 out)
-        return B_bar @ (A_bar @ x.to(f64)) + (E @ (wcol[:, None] * (D @ x.to(dtype)))).to(f64)
-
-    def X_rmm_t(Y: Tensor) -> Tensor:  # Yᵀ ΔW* for Y d×m (float64 out, m×k)
-        return (Y.T.to(f64) @ B_bar) @ A_bar + (((Y.T.to(dtype) @ E) * wcol) @ D).to(f64)
-
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    omega = torch.randn(As[0].shape[1], probes, generator=gen, device=dev, dtype=dtype).to(f64)
-    X_omega = X_mm(omega)
+    pb, dev = problem(Bs, As, w, probes=probes, seed=seed, centred=_Centred), Bs[0].device
+    f64, dtype, wd, Bside, Aside, B_bar, A_bar = torch.float64, pb.dtype, pb.wd, pb.Bside, pb.Aside, pb.B_bar, pb.A_bar
+    X_mm, X_rmm_t, omega, X_omega = pb.X_mm, pb.X_rmm_t, pb.omega, pb.X_omega
 
     def estimate(B_hat: Tensor, A_hat: Tensor) -> Tensor:  # ‖(ΔW* − B̂Â)Ω‖²/m: unbiased for the objective
         return (X_omega - B_hat @ (A_hat @ omega)).square().sum() / probes
