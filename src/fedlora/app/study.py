@@ -11,7 +11,9 @@ over paired seeds, and a section of one generated report:
 5. scale: 10, 50, 100 clients (IID) for ``fedit`` and ``florana`` over one fixed pool of examples;
 6. synthetic: every shipped method on the synthetic teacher–student task over a heterogeneity sweep, 20 seeds;
 7. privacy: example-level DP (DP-SGD) at three noise levels on the MiniLM setting; privacy-synthetic: the same on the
-   synthetic task, where DP-SGD runs still learn, to test FFA-LoRA's claim.
+   synthetic task, where DP-SGD runs still learn, to test FFA-LoRA's claim;
+8. instruct: instruction tuning across tasks;
+9. systems: methods under a simulated clock, synchronous vs deadline vs FedBuff (:mod:`fedlora.app.study_systems`).
 
 Seed s gives every method the same partition, test set, initial adapter, client sampling and batch order; numbers
 are means with 95 % t-intervals over seeds and comparisons are per-seed (paired) differences (:mod:`stats`).
@@ -30,14 +32,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlora.app.config import RunConfig
 from fedlora.app.rundir import RunDir, same_settings
 
-PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy", "privacy-synthetic", "instruct")
-# The privacy–utility curves and the instruction-tuning track are asked for by name (--parts privacy,instruct): DP-SGD
-# runs and a causal LM's runs are long.
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "privacy-synthetic", "instruct"))
+if TYPE_CHECKING:
+    from fedlora.app.study_systems import SystemsPlan
+
+PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy", "privacy-synthetic", "instruct",
+         "systems")
+# The privacy–utility curves, the instruction-tuning track and the systems study are asked for by name (--parts
+# privacy,instruct,systems): DP-SGD runs and a causal LM's runs are long, the systems part is three arms of every method.
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "privacy-synthetic", "instruct", "systems"))
 # The instruction-tuning track's methods: FedIT and the methods its papers compare, FlexLoRA with mixed ranks.
 INSTRUCT_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "flexlora", "fedsb", "feddpa")
 PRESETS = ("default", "quick")
@@ -121,9 +128,12 @@ class Preset:
     privacy: PrivacyPlan | None = None
     instruct: InstructPlan | None = None
     privacy_synthetic: PrivacySyntheticPlan | None = None
+    systems: SystemsPlan | None = None
 
 
 def preset(name: str) -> Preset:
+    from fedlora.app.study_systems import SystemsPlan
+
     if name not in PRESETS:
         raise ValueError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
     partitions = (("IID", "iid", 1.0), ("α=1", "dirichlet", 1.0), ("α=0.5", "dirichlet", 0.5))
@@ -151,8 +161,10 @@ def preset(name: str) -> Preset:
         )
         privacy_synthetic = PrivacySyntheticPlan(synthetic.base, "0,0", ("fedit", "ffa", "fedsa", "fedsvd", "fedsb"), PSYN_NOISES, 1.0,
                                                  tuple(range(10)))
+        # the systems part: the synthetic task at one level (10 seeds; a run takes seconds) and MiniLM (the study's seeds)
+        systems = SystemsPlan("0.5,0.5", tuple(range(10)))
         return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic, privacy, instruct,
-                      privacy_synthetic)
+                      privacy_synthetic, systems)
     base = RunConfig(
         model="tiny:bert", data="tweets", clients=3, rounds=2, local_steps=2, batch_size=8, lr=5e-3, rank=4,
         examples_per_client=40, test_examples=60, max_length=32, similarity=True, seed=0, device="cpu",
@@ -164,7 +176,9 @@ def preset(name: str) -> Preset:
     )
     privacy = PrivacyPlan(("fedit", "ffa", "fedsb"), (1.0,), 1.0, ("IID", "iid", 1.0))
     privacy_synthetic = PrivacySyntheticPlan(synthetic.base, "0,0", ("fedit", "ffa", "fedsb"), (0.0, 0.5), 1.0, (0, 1))
-    return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic, privacy, privacy_synthetic=privacy_synthetic)
+    systems = SystemsPlan("0,0", (0, 1), methods=("fedit", "ffa", "florana"))
+    return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic, privacy, privacy_synthetic=privacy_synthetic,
+                  systems=systems)
 
 
 @dataclass(frozen=True)
@@ -265,6 +279,10 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
             for m in p.instruct.methods:
                 name = f"instruct/{m}/seed-{s}"
                 runs[name] = StudyRun(name, "instruct", p.instruct.base.replace(method=m, seed=s, **dict(dict(p.instruct.overrides).get(m, ()))))
+    if "systems" in parts and p.systems is not None:
+        from fedlora.app.study_systems import systems_runs
+
+        runs |= {r.name: r for r in systems_runs(p)}
     if "synthetic" in parts and p.synthetic is not None:
         # the layout of `fedlora compare --seeds`: synthetic-LEVEL/METHOD/seed-S, so a compare's runs can be reused
         for s in p.synthetic.seeds:
@@ -755,7 +773,7 @@ BASE_PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale"
 
 def _instruct_only(ctx: ReportContext) -> bool:
     """A report of the instruction-tuning track alone: its settings and seeds head the report."""
-    return ctx.p.instruct is not None and not any(part in ctx.parts for part in (*BASE_PARTS, "synthetic", "privacy-synthetic"))
+    return ctx.p.instruct is not None and not any(part in ctx.parts for part in (*BASE_PARTS, "synthetic", "privacy-synthetic", "systems"))
 
 
 def _preamble(ctx: ReportContext) -> str:
@@ -789,7 +807,8 @@ def _run_time(ctx: ReportContext) -> str:
     kinds: dict[str, float] = {}
     for r in ctx.runs:
         if r.name in ctx.histories:
-            kind = ("synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
+            kind = ("systems (part 9)" if r.label.startswith("systems:")
+                    else "synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
                     else "privacy, synthetic (part 7b)" if r.label.startswith("privacy-synthetic:")
                     else "instruction tuning (part 8)" if r.label == "instruct" else f"`{ctx.p.base.model}` (parts 1–5)")
             kinds[kind] = kinds.get(kind, 0.0) + summary_row(ctx.histories[r.name])["wall_s"]
@@ -1515,6 +1534,13 @@ def _instruct_moved(ctx: ReportContext, m: str, label: str) -> bool:
     return not math.isnan(half) and mean > 0 and distinguishable(mean, half)
 
 
+def _systems(ctx: ReportContext) -> str:
+    """Section 9, in its own module (:func:`fedlora.app.study_systems.section`)."""
+    from fedlora.app.study_systems import section
+
+    return section(ctx)
+
+
 def _reading(ctx: ReportContext) -> str:
     if not ctx.verdicts:
         return ""
@@ -1539,6 +1565,7 @@ SECTIONS: tuple[tuple[str, Callable[[ReportContext], str]], ...] = (
     ("privacy", _privacy),
     ("privacy-synthetic", _privacy_synthetic),
     ("instruct", _instruct),
+    ("systems", _systems),
     ("reading", _reading),
 )
 
