@@ -96,13 +96,14 @@ HEADINGS = {"comparison": "## 1. Method comparison", "divergence": "## 2. Aggreg
 
 def small_preset() -> study.Preset:
     """The quick preset cut down to what the report needs to show every section: two partitions (IID and α = 0.5,
-    no extra α), two seeds, one synthetic level on one seed, one scale round; the privacy plan is quick's."""
+    no extra α), two seeds, one synthetic level on one seed, one scale round; the privacy plan is quick's; no systems
+    plan (tests/test_study_systems.py runs that part)."""
     q = preset("quick")
     iid, _, half = q.comparison
     base = q.base.replace(examples_per_client=24, test_examples=30, local_steps=1, max_length=16)
     return dataclasses.replace(
         q, base=base, comparison=(iid, half), extra_alphas=(), similarity=(iid[0], half[0]), scale_pool=48, scale_rounds=1,
-        synthetic=dataclasses.replace(q.synthetic, levels=("1,1",), seeds=(0,)),
+        synthetic=dataclasses.replace(q.synthetic, levels=("1,1",), seeds=(0,)), systems=None,
     )
 
 
@@ -217,8 +218,9 @@ def test_study_privacy_synthetic_part_reads_ffa_claim_from_paired_seeds(small_st
 def test_report_sections_follow_the_order_of_the_parts(small_study, tmp_path):
     assert [part for part, _ in SECTIONS if part in PARTS] == list(PARTS)
     headings = [line for line in small_study.text.splitlines() if line.startswith("## ")]
-    # the quick preset has no instruction-tuning plan (a causal LM's runs; tests/test_instruct.py covers that section)
-    assert [next(p for p, h in HEADINGS.items() if line.startswith(h)) for line in headings[:-1]] == [p for p in PARTS if p != "instruct"]
+    # the quick preset has no instruction-tuning plan (a causal LM's runs; tests/test_instruct.py covers that section), and
+    # the small one no systems plan (tests/test_study_systems.py)
+    assert [next(p for p, h in HEADINGS.items() if line.startswith(h)) for line in headings[:-1]] == [p for p in PARTS if p not in ("instruct", "systems")]
     assert headings[-1] == "## Reading: which claims hold here"
     assert small_study.text.index("Protocol:") < small_study.text.index(headings[0])
     # --report-only from the same runs, two parts asked for in the other order: only theirs, in the parts' order

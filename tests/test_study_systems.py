@@ -45,7 +45,8 @@ def test_systems_plan_arms_budgets_seeds_and_florana_synchronous_only(monkeypatc
         assert len({ss.update_budget(r.config) for r in rs}) == 1, setting  # the same budget in every arm
         for r in rs:
             c = r.config
-            c.validate()
+            if r.seed == 0:  # every setting, arm and method validates (its seeds differ in the seed alone)
+                c.validate()
             assert c.devices == "default" and c.fraction == sp.fraction
             arm = r.label.split(":")[2]
             assert r.name == f"systems-{setting}/{arm}/{r.method}/seed-{r.seed}"
@@ -133,7 +134,7 @@ def small_systems_preset() -> study.Preset:
     """The quick preset's systems part cut to what the end-to-end test needs: two methods (one synchronous only), one seed."""
     q = preset("quick")
     base = q.base.replace(examples_per_client=24, test_examples=30, local_steps=1, max_length=16, rounds=1)
-    syn = dataclasses.replace(q.synthetic, base=q.synthetic.base.replace(rounds=2))
+    syn = dataclasses.replace(q.synthetic, base=q.synthetic.base.replace(rounds=1))
     return dataclasses.replace(q, base=base, seeds=(0,), synthetic=syn,
                                systems=dataclasses.replace(q.systems, methods=("fedit", "florana"), synthetic_seeds=(0,)))
 
@@ -158,4 +159,3 @@ def test_systems_part_runs_end_to_end_and_writes_its_section(small_csv, tmp_path
     row = re.search(r"^\| fedit \| sync \| 1 \| ([0-9.]+)", section, re.M)
     assert float(row.group(1)) == pytest.approx(final["global_accuracy"], abs=5e-4)
     assert "| florana | fedbuff | — | synchronous only |" in section
-    assert "systems (part 9)" in text

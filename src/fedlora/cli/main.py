@@ -394,19 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
     me.set_defaults(func=cmd_methods)
     st = sub.add_parser("study", help="the papers' analyses over paired seeds (--parts: comparison, divergence, similarity, "
-                        "heterogeneity, scale, synthetic; privacy, privacy-synthetic and instruct by name)")
+                        "heterogeneity, scale, synthetic; privacy, privacy-synthetic, instruct and systems by name)")
     st.add_argument("--preset", default="default",
                     help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale,synthetic",
                     help="comma-separated analyses to run (default: all but privacy and privacy-synthetic, the DP-SGD "
                          "privacy–utility curves on MiniLM and on the synthetic task, and "
-                         "instruct, instruction tuning of SmolLM2 across tasks), or all; "
+                         "instruct, instruction tuning of SmolLM2 across tasks, and systems, synchronous vs deadline vs "
+                         "FedBuff under a simulated clock), or all; "
                          "each can be run and committed on its own")
     st.add_argument("--methods", default=None, help="methods of the comparison (default: the study's seven)")
     st.add_argument("--model", default=None, help="override the preset's model")
     st.add_argument("--data", default=None, help="override the preset's data")
     st.add_argument("--seeds", default=None, help="paired seeds of the MiniLM parts, e.g. 0,1,2 or a count (default: the preset's, 3)")
-    st.add_argument("--synthetic-seeds", default=None, help="paired seeds of the synthetic part (default: the preset's, 20)")
+    st.add_argument("--synthetic-seeds", default=None, help="paired seeds of the synthetic part (default: the preset's, 20; "
+                    "the systems part's synthetic setting has its own, 10)")
     st.add_argument("--device", default=None, help="auto, cpu or cuda[:N]")
     st.add_argument("--runs", default="runs/study", help="directory of the study's runs; finished runs are reused (default runs/study)")
     st.add_argument("--report", default=None, help="markdown report to write; figures go next to it (default RUNS/results.md)")
