@@ -128,6 +128,12 @@ def test_report_numbers_match_a_hand_computation(tmp_path):
     assert fb[4] == "3/3" and fb[5] == "0.300 ± 0.000" and fb[8] == "— (none recorded)"
     assert "synchronous only" in rows["| florana", "fedbuff"][3]
     assert (tmp_path / "figs" / "systems-synthetic-fedbuff" / "accuracy_time.png").stat().st_size > 0
+    # the reading: each arm against the same method's sync runs, per seed. florana deadline − sync: −0.15 on every seed
+    # (resolved); fedit fedbuff − sync time to target: 0.3 − 2 s on seeds 0 and 2 (resolved); the rest n.d.
+    verdict = ctx.verdicts[-1]
+    assert verdict.startswith("- **Systems, the synthetic task:")
+    assert "deadline: final accuracy lower for `florana`" in verdict and "fedbuff: time to target shorter for `fedit`" in verdict
+    assert "`fedit`, " not in verdict.partition("deadline:")[2].partition("·")[0]  # fedit's deadline differences are n.d.
 
 
 def small_systems_preset() -> study.Preset:

@@ -332,7 +332,39 @@ def _setting_block(ctx: ReportContext, setting: str, title: str, sp: SystemsPlan
             plots.setdefault(arm, {})[m] = [hs[s] for s in sorted(hs)]
     L.append("")
     L += _figures(ctx, setting, plots, target)
+    _reading(ctx, setting, title, target, sp)
     return L
+
+
+def _reading(ctx: ReportContext, setting: str, title: str, target: float | None, sp: SystemsPlan) -> None:
+    """The verdict line of a setting: each arm against the same method's synchronous runs, per seed (paired): whose time
+    to target (over the seeds both reached) and whose final accuracy the interval resolves, up or down."""
+    parts = []
+    for arm in ARMS[1:]:
+        words: dict[str, list[str]] = {}
+        for m in sp.methods:
+            a, b = ctx.seeded(m, label(setting, arm)), ctx.seeded(m, label(setting, "sync"))
+            if not a or not b:
+                continue
+            ca, cb = cell(a, target), cell(b, target)
+            acc_d, time_d = _paired_text(ca, cb)
+            for what, text in (("time to target", time_d), ("final accuracy", acc_d)):
+                if _resolved(text):
+                    sign = "shorter" if what == "time to target" else "lower"
+                    sign = sign if text.startswith("-") else {"shorter": "longer", "lower": "higher"}[sign]
+                    words.setdefault(f"{what} {sign}", []).append(f"`{m}`")
+        if words:
+            parts.append(f"{arm}: " + "; ".join(f"{k} for {', '.join(v)}" for k, v in words.items()))
+        elif any(ctx.seeded(m, label(setting, arm)) for m in sp.methods):
+            parts.append(f"{arm}: no difference the intervals resolve")
+    if parts:
+        ctx.verdicts.append(f"- **Systems, {title}: each arm against the same method's synchronous runs** (paired per seed; "
+                            "time over the seeds both reached the target) — " + " · ".join(parts) + ".")
+
+
+def _resolved(text: str) -> bool:
+    """Whether a :func:`_diff` text (or '—') is a difference its interval resolves."""
+    return text != "—" and "n.d." not in text
 
 
 def _figures(ctx: ReportContext, setting: str, plots: dict[str, dict[str, list[list[dict]]]], target: float | None) -> list[str]:
