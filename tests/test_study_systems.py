@@ -130,10 +130,14 @@ def test_report_numbers_match_a_hand_computation(tmp_path):
     assert fb[4] == "3/3" and fb[5] == "0.300 ± 0.000" and fb[8] == "— (none recorded)"
     assert "synchronous only" in rows["| florana", "fedbuff"][3]
     assert (tmp_path / "figs" / "systems-synthetic-fedbuff" / "accuracy_time.png").stat().st_size > 0
+    # a best synchronous method at the majority-class rate makes the target say so
+    floor = ReportContext(p, runs, histories, command="test", parts=("systems",), rates={r.name: 0.85 for r in runs})
+    assert "no synchronous method learned" in ss.setting_target(floor, "synthetic", p.systems)[1]
+    assert "no synchronous method learned" not in ss.setting_target(ctx, "synthetic", p.systems)[1]
     # the reading: each arm against the same method's sync runs, per seed. florana deadline − sync: −0.15 on every seed
     # (resolved); fedit fedbuff − sync time to target: 0.3 − 2 s on seeds 0 and 2 (resolved); the rest n.d.
     verdict = ctx.verdicts[-1]
-    assert verdict.startswith("- **Systems, the synthetic task:")
+    assert verdict.startswith("- **Systems, synthetic: `synthetic` on `synthetic:0,0`:")
     assert "deadline: final accuracy lower for `florana`" in verdict and "fedbuff: time to target shorter for `fedit`" in verdict
     assert "`fedit`, " not in verdict.partition("deadline:")[2].partition("·")[0]  # fedit's deadline differences are n.d.
 
@@ -153,7 +157,7 @@ def test_systems_part_runs_end_to_end_and_writes_its_section(small_csv, tmp_path
     assert main(["study", "--preset", "quick", "--parts", "systems", "--data", str(small_csv), "--runs", str(runs),
                  "--report", str(report), "--quiet"]) == 0
     text = report.read_text()
-    assert "## 9. Systems" in text and "### the synthetic task" in text and "### the preset's base" in text
+    assert "## 9. Systems" in text and "### synthetic: `synthetic` on `synthetic:0,0`" in text and "### base: `tiny:bert` on `" in text
     assert "## 1." not in text and "## 6." not in text
     for setting in ("synthetic", "base"):
         for arm in ss.ARMS:
@@ -163,7 +167,7 @@ def test_systems_part_runs_end_to_end_and_writes_its_section(small_csv, tmp_path
         assert cfg["deadline"] > 0 and cfg["over_select"] > 1 and cfg["devices"] == "default"
     # a number of the table is the run's: fedit-sync's final accuracy on the synthetic task (one seed: the value)
     final = json.loads((runs / "systems-synthetic" / "sync" / "fedit" / "seed-0" / "metrics.jsonl").read_text().splitlines()[-1])
-    section = text[text.index("### the synthetic task"):text.index("### the preset's base")]
+    section = text[text.index("### synthetic:"):text.index("### base:")]
     row = re.search(r"^\| fedit \| sync \| 1 \| ([0-9.]+)", section, re.M)
     assert float(row.group(1)) == pytest.approx(final["global_accuracy"], abs=5e-4)
     assert "| florana | fedbuff | — | synchronous only |" in section
