@@ -219,28 +219,32 @@ class FedLoRAStrategy:
     def configure_train(self, rnd: int) -> list[Message]:
         """One train message per sampled client: the round, every broadcast it has not applied yet, and the last
         round whose result the server accepted from it (so it keeps only accepted private state, as the simulator)."""
-        cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
         messages = []
-        self.sampled = round_clients(len(self.sim.clients), cfg, rnd, method)
+        self.sampled = round_clients(len(self.sim.clients), self.sim.config, rnd, self.sim.method)
         for cid in self.sampled:
-            if cid in self.snapshot:  # its state is gone: the state it should hold now, instead of the broadcasts
-                current = self.sim.held[cid]
-                base = {m: layer.get_base_layer().weight.detach() for m, layer in h.layers.items() if m in h.folded}
-                order = {"round": rnd, "partition-id": cid, "broadcast-rounds": [], "accepted-round": self.accepted[cid],
-                         "snapshot-round": rnd - 1}
-                content = RecordDict({CONFIG: ConfigRecord(order), SNAPSHOT_CURRENT: to_record(current), SNAPSHOT_BASE: to_record(base)})
-                self.sim.traffic.record_snapshot(cid, rnd, current, base)  # what it missed is in it: no catch-up
-                messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
-                continue
-            rounds = list(range(self.synced[cid] + 1, rnd))
-            order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]}
-            content = RecordDict({CONFIG: ConfigRecord(order)})
-            for r in rounds:
-                delivered = method.deliver(h, self.pending[r], self.sim.peers[cid], seed=round_seed(cfg.seed, r + 1))
-                content[broadcast_key(r)] = to_record(delivered)
-            messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
+            messages.append(self.train_message(cid, rnd))
         self._sent = list(zip(messages, self.sampled, strict=True))
         return messages
+
+    def train_message(self, cid: int, rnd: int, extra: dict | None = None) -> Message:
+        """Client ``cid``'s train message for round ``rnd`` (its broadcasts since it last synced, or a snapshot when
+        its state is gone); ``extra``: more entries of its order (asynchronous: the seed salt, the last result's fate)."""
+        cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
+        if cid in self.snapshot:  # its state is gone: the state it should hold now, instead of the broadcasts
+            current = self.sim.held[cid]
+            base = {m: layer.get_base_layer().weight.detach() for m, layer in h.layers.items() if m in h.folded}
+            order = {"round": rnd, "partition-id": cid, "broadcast-rounds": [], "accepted-round": self.accepted[cid],
+                     "snapshot-round": rnd - 1} | (extra or {})
+            content = RecordDict({CONFIG: ConfigRecord(order), SNAPSHOT_CURRENT: to_record(current), SNAPSHOT_BASE: to_record(base)})
+            self.sim.traffic.record_snapshot(cid, rnd, current, base)  # what it missed is in it: no catch-up
+            return Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd))
+        rounds = list(range(self.synced[cid] + 1, rnd))
+        order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]} | (extra or {})
+        content = RecordDict({CONFIG: ConfigRecord(order)})
+        for r in rounds:
+            delivered = method.deliver(h, self.pending[r], self.sim.peers[cid], seed=round_seed(cfg.seed, r + 1))
+            content[broadcast_key(r)] = to_record(delivered)
+        return Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd))
 
     def aggregate_train(self, rnd: int, replies: Iterable[Message], started: float) -> dict:
         """``Simulator.round`` after its clients' turns: screen and aggregate, apply to the server's model, score it."""
