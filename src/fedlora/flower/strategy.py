@@ -219,10 +219,8 @@ class FedLoRAStrategy:
     def configure_train(self, rnd: int) -> list[Message]:
         """One train message per sampled client: the round, every broadcast it has not applied yet, and the last
         round whose result the server accepted from it (so it keeps only accepted private state, as the simulator)."""
-        messages = []
         self.sampled = round_clients(len(self.sim.clients), self.sim.config, rnd, self.sim.method)
-        for cid in self.sampled:
-            messages.append(self.train_message(cid, rnd))
+        messages = [self.train_message(cid, rnd) for cid in self.sampled]
         self._sent = list(zip(messages, self.sampled, strict=True))
         return messages
 
@@ -286,13 +284,15 @@ class FedLoRAStrategy:
         for f in failed:  # its state is gone (a SuperNode restarted without a state directory): a snapshot next time
             if STATE_LOST in f.reason and 0 <= f.cid < len(sim.clients):
                 self.snapshot.add(f.cid)
-        if update is not None:
-            self.pending[rnd] = update.broadcast
-        else:  # nothing to apply: an empty broadcast keeps every client's round count in step
-            self.pending[rnd] = {}
+        self.keep_broadcast(rnd, update)
+        return sim.history[-1]
+
+    def keep_broadcast(self, rnd: int, update) -> None:
+        """Round (or asynchronous version) ``rnd``'s broadcast, pending until every client has applied it."""
+        # nothing to apply: an empty broadcast keeps every client's round count in step
+        self.pending[rnd] = update.broadcast if update is not None else {}
         applied_by_all = min(self.synced.values())
         self.pending = {r: b for r, b in self.pending.items() if r > applied_by_all}
-        return sim.history[-1]
 
     def _result(self, msg: Message, cid: int | None = None) -> ClientResult | Rejection:
         """A reply as the simulator's ClientResult, or a Rejection (failed, or not in the protocol's layout); ``cid``:
