@@ -4,7 +4,8 @@ The runs give `fedlora run`'s numbers (a classifier with florana; a tiny Llama i
 private B exported from the SuperNodes' state directories), a SuperNode whose key was never registered is refused,
 the intruder on the SuperNodes' network can neither register nor run, and no process the federation started
 (SuperLink, SuperNodes, their SuperExecs, ServerApp and ClientApp processes) is left behind. A second deployment
-survives killed SuperNodes, a fresh one, and a killed ServerApp.
+survives killed SuperNodes, a fresh one, and a killed ServerApp. A third runs FedAsync with one SuperNode slowed on
+purpose (node config reply-delay): the fast clients' updates are applied while it trains, and it lands stale.
 """
 
 import contextlib
