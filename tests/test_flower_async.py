@@ -61,3 +61,26 @@ def test_what_cannot_run_async_on_flower_refuses_in_one_line_before_any_training
     with pytest.raises(ValueError, match="resume with async-mode = 'fedbuff' on Flower is not supported") as err:
         run_federation(InlineGrid(cfg), cfg, resume=True)
     assert "\n" not in str(err.value) and not (tmp_path / "resumed").exists()
+
+
+def test_a_client_that_raises_is_rejected_as_in_the_simulator(small_csv, tmp_path, monkeypatch):
+    """Client 1's first turn raises (not its second from the same version, seeded apart): the simulator rejects it at
+    its arrival and frees its slot; on Flower its SuperNode's error reply does the same, and every step matches."""
+    from fedlora.federation.simulator import client_turn
+    from fedlora.flower import client_app
+
+    def flaky(h, method, task, client, start, cfg, rnd):
+        if (rnd, client.cid, cfg.seed) == (1, 1, 0):  # its next turn from version 0 has another seed (the salt)
+            raise RuntimeError("disk full")
+        return client_turn(h, method, task, client, start, cfg, rnd)
+
+    cfg = tiny_config(small_csv, method="fedit", async_mode="fedbuff", rounds=2)
+    sim = build(cfg).simulator
+    sim.turn = flaky
+    reference = sim.run()
+    monkeypatch.setattr(client_app, "client_turn", flaky)
+    history = run_federation(InlineGrid(cfg, speeds=parse_speeds("", cfg.clients)), cfg.replace(out=str(tmp_path / "run")))
+    assert_same_history(history, reference)
+    rejected = [r for m in history for r in m["rejected"]]
+    assert [r["client"] for r in rejected] == [1] and "disk full" in rejected[0]["reason"]
+    assert [m["staleness"] for m in history] == [m["staleness"] for m in reference]
