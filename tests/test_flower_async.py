@@ -3,6 +3,8 @@ Message API. On the in-process grid, with replies released in the simulator's ev
 ``fedlora run --async``'s; what cannot run refuses in one line before any training. A real deployment with a slow
 SuperNode is in test_flower_deployment.py."""
 
+import json
+
 import pytest
 
 from conftest import tiny_config
@@ -84,3 +86,28 @@ def test_a_client_that_raises_is_rejected_as_in_the_simulator(small_csv, tmp_pat
     rejected = [r for m in history for r in m["rejected"]]
     assert [r["client"] for r in rejected] == [1] and "disk full" in rejected[0]["reason"]
     assert [m["staleness"] for m in history] == [m["staleness"] for m in reference]
+
+
+def test_a_supernode_replaced_mid_run_takes_its_partition_over(small_csv, tmp_path):
+    """After the first arrival, partition 1's SuperNode is gone and a fresh one (no state) holds it: before the next
+    dispatch it takes partition 1 over and is sent what it missed, and every version step still equals the simulator's."""
+    cfg = tiny_config(small_csv, method="fedit", async_mode="fedasync", rounds=2)
+
+    class Swap(InlineGrid):
+        swapped = False
+
+        def pull_messages(self, message_ids):
+            got = super().pull_messages(message_ids)
+            if not self.swapped and any(m.metadata.message_type == "train" for m in got):
+                self.swapped = True
+                self.stop_supernode(501)
+                self.start_supernode(601, 1)
+            return got
+
+    reference = build(cfg).simulator.run()
+    grid = Swap(cfg, speeds=parse_speeds("", cfg.clients))
+    history = run_federation(grid, cfg.replace(out=str(tmp_path / "run")))
+    assert_same_history(history, reference)
+    to_new = [m for m in grid.sent if m.metadata.message_type == "train" and m.metadata.dst_node_id == 601]
+    assert to_new and to_new[0].content.config_records["config"]["broadcast-rounds"]  # caught up from its fresh state
+    assert json.loads((tmp_path / "run" / "flower.json").read_text())["supernodes"]["1"] == 601

@@ -21,8 +21,9 @@ reach the SuperLink.
 Our choices: private client state (FedSA's B) runs with FedAsync only — the server tells a client whether its last
 result was accepted (``last-accepted``), which FedAsync knows at once; under FedBuff it may still be in the buffer
 when the client is sent again, so the run is refused. A resume is refused (the clients in flight and the version
-store are not recovered from a checkpoint in this version). A SuperNode that restarts mid-run is not re-queried
-(partitions are fixed at the start).
+store are not recovered from a checkpoint in this version). Before each dispatch the strategy's ``refresh`` runs
+without waiting: a SuperNode that (re)connected takes over its partition when the old one is gone or was silent, and
+is sent what it missed (the broadcasts, or a snapshot), as before a synchronous round.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def run_async(strategy: FedLoRAStrategy, grid: Grid, record: Callable[[dict], No
 def _dispatch(strategy: FedLoRAStrategy, grid: Grid, inflight: dict, fate: dict) -> None:
     """Push a train message to each client the server half picks, from the current version."""
     loop, sent = strategy.sim.systems, []
+    if loop.next_client() is not None:  # a SuperNode that (re)connected since takes its partition over, as before a round
+        strategy.refresh(grid, wait=0.0)
     while (cid := loop.next_client()) is not None:
         flight = loop.dispatch(cid)
         extra = {"seed-salt": flight.salt} if flight.salt else {}
