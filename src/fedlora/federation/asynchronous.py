@@ -21,6 +21,11 @@ its stale clients train on their version's base, the store keeping each version'
 α_t(base_{v_u} − base_now) too; fedex folds its staleness residual (``Method.async_extra``); fedit and fedsa mix A
 and B separately (inexact: the stale-product error of METHODS.md).
 
+The server half does not depend on where the events come from: :meth:`Asynchronous.next_client`,
+:meth:`~Asynchronous.dispatch` and :meth:`~Asynchronous.receive` (an arrival: the rule, and the version step when it
+makes one) are driven here by the simulated clock (``run``: the event queue and in-process training) and on Flower by
+the replies as they reach the SuperLink (:mod:`fedlora.flower.asynchronous`, with ``wall`` set: the wall clock).
+
 Our choices (docs/systems.md): arrivals at the same simulated time are handled in client-id order, all of them
 before any dispatch (so equal-speed clients restart from the version their arrivals made, and FedBuff with K = C = N
 and equal speeds is the synchronous run); a client dispatched again at a version it already started from trains with
