@@ -226,12 +226,12 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     assert all(name in flows for name in ("fedit", "ffa", "fedsb", "fedsa", "flora"))
 
 
-def test_flower_refuses_async_in_one_line_before_anything_is_written(small_csv, tmp_path):
+def test_flower_refuses_simulated_speeds_in_one_line_before_anything_is_written(small_csv, tmp_path):
     from fedlora.flower.config import from_flower, to_flower
     from fedlora.flower.server_app import run_federation
 
-    with pytest.raises(ValueError, match="async-mode = 'fedbuff' runs in the in-process simulator in this version") as err:
-        run_federation(None, tiny_config(small_csv, method="fedit", async_mode="fedbuff", out=str(tmp_path / "f")))
+    with pytest.raises(ValueError, match="client-speeds model simulated time, which the in-process simulator runs") as err:
+        run_federation(None, tiny_config(small_csv, method="fedit", async_mode="fedbuff", client_speeds="1,2", out=str(tmp_path / "f")))
     assert "\n" not in str(err.value) and not (tmp_path / "f").exists()
     cfg = tiny_config(small_csv, method="ffa", async_mode="fedasync", buffer=2, staleness="hinge", client_speeds="1,3")
     back = from_flower(to_flower(cfg))  # the settings travel as Flower run config keys

@@ -4,7 +4,8 @@ The runs give `fedlora run`'s numbers (a classifier with florana; a tiny Llama i
 private B exported from the SuperNodes' state directories), a SuperNode whose key was never registered is refused,
 the intruder on the SuperNodes' network can neither register nor run, and no process the federation started
 (SuperLink, SuperNodes, their SuperExecs, ServerApp and ClientApp processes) is left behind. A second deployment
-survives killed SuperNodes, a fresh one, and a killed ServerApp.
+survives killed SuperNodes, a fresh one, and a killed ServerApp. A third runs FedAsync with one SuperNode slowed on
+purpose (node config reply-delay): the fast clients' updates are applied while it trains, and it lands stale.
 """
 
 import contextlib
@@ -308,3 +309,30 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     except OSError:
         return b""
+
+
+def test_async_deployment_applies_the_fast_clients_while_a_slow_supernode_trains(small_csv, tmp_path):
+    """FedAsync on a real SuperLink and SuperNodes (fedlora.flower.asynchronous). SuperNode 2 waits 20 s before it
+    replies (node config reply-delay): while it is in flight the fast clients' updates are applied one version each,
+    and its own update lands stale, mixed with α·h(τ) < α."""
+    cfg = tiny_config(small_csv, method="fedit", clients=3, rounds=2, async_mode="fedasync")
+    out = tmp_path / "flower"
+    overrides = tmp_path / "run-config.toml"
+    overrides.write_text(to_toml(cfg.replace(out=str(out))) + "round-timeout = 300.0\n")
+    fed = LoopbackFederation(tmp_path / "federation", supernodes=3, env={"OMP_NUM_THREADS": "1"}, node_extra={2: "reply-delay=20.0"})
+    try:
+        fed.start()
+        res = fed.run(ROOT, str(overrides), timeout=900)
+        assert fed.outcome(res) == (0, ""), (res.stdout + res.stderr)[-4000:]
+    finally:
+        left = fed.stop()
+    assert not left
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["version"] for m in lines] == [1, 2, 3, 4, 5, 6] and [m["arrivals"] for m in lines] == [1, 2, 3, 4, 5, 6]
+    assert all(len(m["clients"]) == 1 and len(m["arrived_at"]) == 1 for m in lines)  # FedAsync: a version per arrival
+    slow = next(i for i, m in enumerate(lines) if m["clients"] == [2])
+    assert slow >= 1 and all(m["clients"] != [2] for m in lines[:slow])  # versions the fast clients made meanwhile
+    assert lines[slow]["staleness"] == [slow] and lines[slow]["alpha"] < cfg.fedasync_alpha  # it started from version 0
+    assert lines[slow]["clock_seconds"] >= 20.0 and "sim_clock" not in lines[slow]
+    assert [m["clock_seconds"] for m in lines] == sorted(m["clock_seconds"] for m in lines)
+    assert (out / "summary.md").exists() and json.loads((out / "config.json").read_text())["async_mode"] == "fedasync"

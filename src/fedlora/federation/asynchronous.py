@@ -21,6 +21,11 @@ its stale clients train on their version's base, the store keeping each version'
 α_t(base_{v_u} − base_now) too; fedex folds its staleness residual (``Method.async_extra``); fedit and fedsa mix A
 and B separately (inexact: the stale-product error of METHODS.md).
 
+The server half does not depend on where the events come from: :meth:`Asynchronous.next_client`,
+:meth:`~Asynchronous.dispatch` and :meth:`~Asynchronous.receive` (an arrival: the rule, and the version step when it
+makes one) are driven here by the simulated clock (``run``: the event queue and in-process training) and on Flower by
+the replies as they reach the SuperLink (:mod:`fedlora.flower.asynchronous`, with ``wall`` set: the wall clock).
+
 Our choices (docs/systems.md): arrivals at the same simulated time are handled in client-id order, all of them
 before any dispatch (so equal-speed clients restart from the version their arrivals made, and FedBuff with K = C = N
 and equal speeds is the synchronous run); a client dispatched again at a version it already started from trains with
@@ -130,6 +135,8 @@ class Asynchronous(Instant):
     failed: list = field(default_factory=list)
     _step: dict = field(default_factory=dict)
     _fold: dict = field(default_factory=dict)  # per module, the d×k weight update this step folds beyond the rule's
+    _times: list = field(default_factory=list)  # the clock at each arrival since the last version step
+    wall: bool = False  # the clock is a deployment's wall clock (Flower), not simulated: reported as such
 
     def bind(self, sim) -> None:
         super().bind(sim)
@@ -143,7 +150,7 @@ class Asynchronous(Instant):
         sim = self.sim
         if sim._setup_due():
             sim.setup()
-        self._keep(self.version)
+        self.begin()
         while True:
             self._fill()
             if not self.queue:
@@ -153,19 +160,35 @@ class Asynchronous(Instant):
 
     def _fill(self) -> None:
         """Dispatch seeded random idle clients while slots are free, the budget allows and no arrival is due now."""
-        sim, cfg = self.sim, self.config
-        while len(self.flights) < cfg.concurrency and self.dispatched < cfg.budget:
-            if self.queue and self.queue.peek().time <= self.clock:
+        while not (self.queue and self.queue.peek().time <= self.clock):
+            cid = self.next_client()
+            if cid is None:
                 return
-            idle = [c for c in range(len(sim.clients)) if c not in self.flights]
-            if not idle:
-                return
-            cid = random.Random(f"{sim.config.seed}/async/{self.dispatched}").choice(idle)
-            self.flights[cid] = Flight(cid, self.version, self.clock, self.salts.get(cid, 0))
-            self.salts[cid] = self.salts.get(cid, 0) + 1
-            self._keep(self.version)
-            self.dispatched += 1
+            self.dispatch(cid)
             self.queue.push(self.clock + self.duration(cid), cid, "arrive", tie=cid)  # ties: time, then client id
+
+    # -- the server half, whatever the events come from (this clock, or a Flower deployment's replies) ----------------
+    def begin(self) -> None:
+        """Before the first dispatch (after a method's round 0): the current version into the store."""
+        self._keep(self.version)
+
+    def next_client(self) -> int | None:
+        """The client to dispatch next (a seeded random idle one), or None: no slot free, the budget spent, none idle."""
+        sim, cfg = self.sim, self.config
+        if len(self.flights) >= cfg.concurrency or self.dispatched >= cfg.budget:
+            return None
+        idle = [c for c in range(len(sim.clients)) if c not in self.flights]
+        if not idle:
+            return None
+        return random.Random(f"{sim.config.seed}/async/{self.dispatched}").choice(idle)
+
+    def dispatch(self, cid: int) -> Flight:
+        """Client ``cid`` starts from the current version (kept in the store while it is in flight)."""
+        flight = self.flights[cid] = Flight(cid, self.version, self.clock, self.salts.get(cid, 0))
+        self.salts[cid] = self.salts.get(cid, 0) + 1
+        self._keep(self.version)
+        self.dispatched += 1
+        return flight
 
     def duration(self, cid: int) -> float:
         """Client ``cid``'s time from dispatch to its upload arriving."""
@@ -180,16 +203,26 @@ class Asynchronous(Instant):
                            speed=profile.speed(cfg.parameters, cfg.tokens_per_example)).seconds
 
     def _arrive(self, event) -> None:
-        sim, cfg = self.sim, self.config
         started = time.perf_counter()
         self.clock = event.time
-        flight = self.flights.pop(event.cid)
-        self.arrived += 1
-        tau = self.version - flight.version
+        flight = self.flights[event.cid]
         try:
             result = self._train(flight)
         except Exception as exc:  # as in a synchronous round: a client that raises is rejected, the run goes on
-            self.failed.append(Rejection(flight.cid, f"client {flight.cid} raised {type(exc).__name__} during its turn: {exc}"))
+            result = Rejection(flight.cid, f"client {flight.cid} raised {type(exc).__name__} during its turn: {exc}")
+        self.receive(flight.cid, result, started)
+
+    def receive(self, cid: int, result, started: float):
+        """Client ``cid``'s arrival (its ClientResult, or a Rejection: it failed) at ``self.clock``: the rule acts —
+        FedAsync at once, FedBuff when K are buffered (or the budget is spent). Returns :meth:`Simulator.close_round`'s
+        (update, accepted, metrics) when the arrival made a version step, else None."""
+        sim, cfg = self.sim, self.config
+        flight = self.flights.pop(cid)
+        self.arrived += 1
+        tau = self.version - flight.version
+        self._times.append(self.clock)
+        if isinstance(result, Rejection):
+            self.failed.append(result)
             result = None
         if cfg.mode == "fedasync":
             if result is not None:
@@ -203,16 +236,17 @@ class Asynchronous(Instant):
                     for m, b in self.bases[flight.version].items():
                         step = alpha * h.base_layout(m, b - now[m])
                         self._fold[m] = self._fold[m] + step if m in self._fold else step
-                self._close([dataclasses.replace(result, upload=mixed)], [tau], started, alpha=alpha)
-            elif self.arrived == cfg.budget:
-                self._close([], [], started)
-            return
+                return self._close([dataclasses.replace(result, upload=mixed)], [tau], started, alpha=alpha)
+            if self.arrived == cfg.budget:
+                return self._close([], [], started)
+            return None
         if result is not None:
             self.buffer.append((result, flight.version, tau))
         if len(self.buffer) >= cfg.buffer or (self.arrived == cfg.budget and (self.buffer or self.failed)):
-            self._flush(started)
+            return self._flush(started)
+        return None
 
-    def _flush(self, started: float) -> None:
+    def _flush(self, started: float):
         """FedBuff: each buffered upload becomes x + h(τ)(x_u − x_{v_u}); their uniform mean is x + (1/K)Σ h(τ)Δ_u."""
         sim, results, taus = self.sim, [], []
         self._fold = sim.method.async_extra(sim.handle, "fedbuff", [(r.upload, self.store[v], self.config.weight(tau)) for r, v, tau in self.buffer],
@@ -226,24 +260,27 @@ class Asynchronous(Instant):
             results.append(dataclasses.replace(result, upload=upload))
             taus.append(tau)
         self.buffer = []
-        self._close(results, taus, started)
+        return self._close(results, taus, started)
 
-    def _close(self, results: list, taus: list[int], started: float, alpha: float | None = None) -> None:
+    def _close(self, results: list, taus: list[int], started: float, alpha: float | None = None):
         """One server version step through the synchronous round's server half."""
         self.version += 1
         self.salts = {}
         self._step = {"staleness": taus} | ({} if alpha is None else {"alpha": alpha})
+        if self.wall:  # a deployment: the arrivals' wall-clock times (seconds since the loop started), in arrival order
+            self._step["arrived_at"] = [round(t, 3) for t in self._times]
+        self._times = []
         failed, self.failed = self.failed, []
-        self.sim.close_round(results, failed, self.version, started)
+        return self.sim.close_round(results, failed, self.version, started)
 
     def _train(self, flight: Flight):
         """Client ``flight.cid``'s local training from x_{v_u} (and its private state), seeded by (v_u + 1, client)."""
         sim, cfg = self.sim, self.config
         start = self.store[flight.version] | sim.private.get(flight.cid, {})
-        fed = sim.config if not flight.salt else dataclasses.replace(sim.config, seed=sim.config.seed + 104_729 * flight.salt)
+        fed = flight_config(sim.config, flight.salt)
         method = sim.method
         if cfg.rho:
-            method.loss_term = _proximal(method, self.store[flight.version], cfg.rho)  # instance attribute: this turn only
+            method.loss_term = proximal_term(method, self.store[flight.version], cfg.rho)  # instance attribute: this turn only
         now = None
         if method.async_folds and flight.version != self.version:
             now = {m: w.detach().clone() for m, w in self._base().items()}
@@ -300,8 +337,8 @@ class Asynchronous(Instant):
         self.store = {v: x for v, x in self.store.items() if v in needed}
         self.bases = {v: x for v, x in self.bases.items() if v in needed}
         seconds, self.last = self.clock - self.last, self.clock
-        return self._step | {"version": self.version, "arrivals": self.arrived, "in_flight": len(self.flights),
-                             "sim_seconds": seconds, "sim_clock": self.clock}
+        clock = {"step_seconds": seconds, "clock_seconds": self.clock} if self.wall else {"sim_seconds": seconds, "sim_clock": self.clock}
+        return self._step | {"version": self.version, "arrivals": self.arrived, "in_flight": len(self.flights)} | clock
 
     def rounds_done(self, lines: int) -> int:
         """Synchronous rounds' worth of client updates applied (what a resume is checked against)."""
@@ -337,7 +374,12 @@ class Asynchronous(Instant):
                 (self.store if kind == "async" else self.bases).setdefault(int(v), {})[name] = t.to(device)
 
 
-def _proximal(method, anchor: dict, rho: float):
+def flight_config(fed, salt: int):
+    """The run's settings for a client's turn that is its ``salt``-th from the same version: another seed (our choice)."""
+    return fed if not salt else dataclasses.replace(fed, seed=fed.seed + 104_729 * salt)
+
+
+def proximal_term(method, anchor: dict, rho: float):
     """FedAsync's local term (ρ/2)‖x − x_{v_u}‖² over the trained tensors, added to the method's own."""
     own = type(method).loss_term
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from fedlora.app.experiment import Experiment, RunConfig, build
 from fedlora.app.private_state import STATE_BASE, STATE_CURRENT, STATE_KEYS, STATE_META, STATE_PRIVATE, STATE_RESULT, run_digest
 from fedlora.app.rundir import run_settings
+from fedlora.federation.asynchronous import flight_config, proximal_term
 from fedlora.federation.simulator import client_turn, round_seed
 from fedlora.flower.config import from_flower
 from fedlora.flower.records import CONFIG, EXTRAS, METRICS, NODE, SNAPSHOT_BASE, SNAPSHOT_CURRENT, UPLOAD, Tensors, broadcast_key, from_record, to_record
@@ -113,11 +115,13 @@ def train(msg: Message, context: Context) -> Message:
     # Private state counts only once the server accepted the round that produced it (Simulator.round keeps the
     # private tensors of accepted clients only): the last result waits in STATE_RESULT until the server says so.
     if STATE_RESULT in state.array_records:
-        if int(meta["result-round"]) == int(order["accepted-round"]):
+        # asynchronous: the server says whether the last result was accepted (two turns may share a round number)
+        accepted = bool(order["last-accepted"]) if "last-accepted" in order else int(meta["result-round"]) == int(order["accepted-round"])
+        if accepted:
             state.array_records[STATE_PRIVATE] = state.array_records[STATE_RESULT]
         del state.array_records[STATE_RESULT]
     private = from_record(state.array_records[STATE_PRIVATE], device) if STATE_PRIVATE in state.array_records else {}
-    result = client_turn(h, method, sim.task, sim.clients[cid], current | private, sim.config, rnd)
+    result = _turn(sim, config, cid, current, private, rnd, int(order.get("seed-salt", 0)))
 
     state.config_records[STATE_META] = ConfigRecord({"synced-round": synced, "result-round": rnd, "partition-id": cid})
     state.array_records[STATE_CURRENT] = to_record(current)
@@ -134,6 +138,9 @@ def train(msg: Message, context: Context) -> Message:
                    "local-accuracy": float(result.local_accuracy), "train-loss": float(result.train_loss)}
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
         return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    delay = float(context.node_config.get("reply-delay", 0.0))
+    if delay > 0:  # a slow device on purpose (tests, demonstrations of asynchronous aggregation)
+        time.sleep(delay)
     reply = RecordDict({
         UPLOAD: to_record(result.upload),
         EXTRAS: to_record(result.extras),
@@ -143,6 +150,20 @@ def train(msg: Message, context: Context) -> Message:
         }),
     })
     return Message(reply, reply_to=msg)
+
+
+def _turn(sim, config: RunConfig, cid: int, current: Tensors, private: Tensors, rnd: int, salt: int):
+    """The simulator's client turn from ``current`` and its ``private`` state; asynchronous: the ``salt``-th turn from the same version trains
+    with the seed the simulator gives it, and FedAsync's proximal term anchors at the version it starts from."""
+    method = sim.method
+    rho = config.fedasync_rho if config.async_mode else 0.0  # as the simulator: its --fedasync-rho under either mode
+    if rho:  # anchored at x_v, the global state it starts from (its private tensors are not in it)
+        method.loss_term = proximal_term(method, current, rho)  # instance attribute: this turn only
+    try:
+        return client_turn(sim.handle, method, sim.task, sim.clients[cid], current | private, flight_config(sim.config, salt), rnd)
+    finally:
+        if rho:
+            del method.loss_term
 
 
 def _take_snapshot(state, msg: Message, snapshot_round: int) -> None:

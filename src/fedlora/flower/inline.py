@@ -34,10 +34,14 @@ class InlineGrid(Grid):
     through Flower's serialisation before every message, so only ``context.state`` carries a client's memory.
     ``fail``: (round, partition) pairs whose SuperNode is lost for that round's train message: it never sees it and
     never replies (as a SuperNode killed with kill -9), so the round's wait ends without it.
+    ``speeds``: train replies are released in the simulator's event order under ``--async`` (a reply is due
+    ``local_steps × speeds[partition]`` simulated seconds after its message was pushed; a pull returns the earliest
+    due ones, all of those due at that time, and moves this grid's clock there), so an asynchronous Flower run sees
+    the arrivals the simulator's clock makes.
     """
 
     def __init__(self, config: RunConfig, *, fresh: bool = False, fail: set[tuple[int, int]] = frozenset(),
-                 state_dir: Path | None = None, model_worker: str | None = None):
+                 state_dir: Path | None = None, model_worker: str | None = None, speeds: tuple[float, ...] | None = None):
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -48,6 +52,7 @@ class InlineGrid(Grid):
         self.fresh, self.fail, self.sent = fresh, fail, []
         self.dead: set[int] = set()  # killed SuperNodes the SuperLink still lists
         self.replies: dict[str, Message] = {}
+        self.speeds, self.clock, self.due = speeds, 0.0, {}  # due: message id → simulated time its reply arrives
 
     def start_supernode(self, node: int, partition: int) -> None:
         """A SuperNode for ``partition`` with an empty ``context.state`` (a first start, or a restart: then give it a
@@ -91,10 +96,20 @@ class InlineGrid(Grid):
             reply = self._handle(msg)
             if reply is not None:
                 self.replies[mid] = reply
+                if self.speeds is not None and msg.metadata.message_type == "train":
+                    partition = self.contexts[msg.metadata.dst_node_id].node_config["partition-id"]
+                    self.due[mid] = self.clock + self.config.local_steps * self.speeds[partition]
         return ids
 
     def pull_messages(self, message_ids):
-        return [self.replies.pop(mid) for mid in message_ids if mid in self.replies]
+        wanted = [mid for mid in message_ids if mid in self.replies]
+        timed = [self.due[mid] for mid in wanted if mid in self.due]
+        if timed:  # speeds: only the earliest due replies (all of them, at equal times), and the clock moves there
+            self.clock = min(timed)
+            wanted = [mid for mid in wanted if self.due.get(mid, self.clock) == self.clock]
+        for mid in wanted:
+            self.due.pop(mid, None)
+        return [self.replies.pop(mid) for mid in wanted]
 
     def send_and_receive(self, messages, *, timeout=None):
         return self.pull_messages(self.push_messages(list(messages)))

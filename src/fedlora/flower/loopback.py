@@ -237,6 +237,7 @@ class LoopbackFederation:
     gateway_port: int = 0
     state_dirs: bool = False  # a state directory for each SuperNode (node config state-dir): clients survive restarts
     die_with_parent: bool = False  # every process started gets SIGTERM when this one dies, even by kill -9 (Linux)
+    node_extra: dict[int, str] = field(default_factory=dict)  # more node config for a SuperNode, e.g. {2: "reply-delay=20.0"}
     _sockets: Path | None = None  # the short folder of the workers' sockets, where the work directory's path is too long
 
     def __post_init__(self) -> None:
@@ -310,6 +311,8 @@ class LoopbackFederation:
             items.append(f"model-worker='{self.worker_socket(partition)}'")
         if self.state_dirs:
             items.append(f"state-dir='{self.workdir / 'state' / f'supernode-{partition}'}'")
+        if partition in self.node_extra:
+            items.append(self.node_extra[partition])
         return " ".join(items)
 
     def _write_connection(self) -> None:

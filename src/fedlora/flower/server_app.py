@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from fedlora.app.experiment import RunConfig, RunDir, build, default_out
+from fedlora.flower.asynchronous import private_refusal, run_async
 from fedlora.flower.config import FLOWER_ONLY, flower_options, from_flower
 from fedlora.flower.secure import secure_round
 from fedlora.flower.strategy import FedLoRAStrategy
@@ -116,9 +117,12 @@ def run_federation(grid: Grid, config: RunConfig, *, resume: bool = False, round
     why = method_in_process_only(config)
     if why:
         raise ValueError(f"method {config.method} runs in-process only ({why}); run it with `fedlora run --method {config.method}`")
-    if config.async_mode:
-        raise ValueError(f"async-mode = {config.async_mode!r} runs in the in-process simulator in this version (FedBuff on Flower's "
-                         "Message API is not built yet); drop async-mode from the run config, or run `fedlora run --async`")
+    if config.async_mode and resume:
+        raise ValueError(f"resume with async-mode = {config.async_mode!r} on Flower is not supported in this version (the clients "
+                         "in flight are not recovered); start a new out, or resume with `fedlora run --async`")
+    if config.async_mode and config.client_speeds:
+        raise ValueError("client-speeds model simulated time, which the in-process simulator runs; on Flower a client's speed is "
+                         "real: drop client-speeds from the run config, or run `fedlora run --async`")
     systems = systems_in_process_only(config)
     if systems:
         raise ValueError(f"{systems} model(s) simulated time, which the in-process simulator runs (docs/systems.md); on Flower "
@@ -197,23 +201,33 @@ def _rounds(grid: Grid, config: RunConfig, run_dir: RunDir, checkpoint, round_ti
     if checkpoint is not None:
         exp.simulator.restore(*checkpoint)
         strategy.load(*checkpoint)
+    if config.async_mode and (why := private_refusal(strategy)):
+        raise ValueError(why)
     run_dir.reset_metrics(exp.simulator.history)
     strategy.connect(grid)
     if checkpoint is None:
         strategy.setup(grid, round_timeout)  # round 0, for a method that has one
-    for rnd in range(len(exp.simulator.history) + 1, config.rounds + 1):
-        started = time.perf_counter()
-        strategy.refresh(grid)  # a SuperNode that restarted since takes its partition back
-        if config.secure_aggregation:  # SecAgg+: the server learns only the weighted sum of the uploads
-            metrics = secure_round(strategy, grid, rnd, started, timeout=round_timeout)
-        else:
-            replies = grid.send_and_receive(strategy.configure_train(rnd), timeout=round_timeout)
-            metrics = strategy.aggregate_train(rnd, replies, started)
+
+    def record(metrics: dict) -> None:
         run_dir.record(metrics, exp.simulator, config, extra=strategy.state())  # the line `fedlora run` writes (NaN as null)
         div = "—" if metrics["divergence"] is None else f"{metrics['divergence']:.4f}"
-        log(INFO, "fedlora: round %s  global %.3f  local %.3f  ρ %s  up %s B  down %s B  rejected %s", rnd,
+        step = f"version {metrics['version']} (staleness {metrics['staleness']})" if "version" in metrics else f"round {metrics['round']}"
+        log(INFO, "fedlora: %s  global %.3f  local %.3f  ρ %s  up %s B  down %s B  rejected %s", step,
             metrics["global_accuracy"], metrics["local_accuracy"], div, metrics["bytes_up"], metrics["bytes_down"],
             metrics.get("n_rejected", 0))
+
+    if config.async_mode:  # FedAsync / FedBuff: a version step per arrival or per K (fedlora.flower.asynchronous)
+        run_async(strategy, grid, record, round_timeout)
+    else:
+        for rnd in range(len(exp.simulator.history) + 1, config.rounds + 1):
+            started = time.perf_counter()
+            strategy.refresh(grid)  # a SuperNode that restarted since takes its partition back
+            if config.secure_aggregation:  # SecAgg+: the server learns only the weighted sum of the uploads
+                metrics = secure_round(strategy, grid, rnd, started, timeout=round_timeout)
+            else:
+                replies = grid.send_and_receive(strategy.configure_train(rnd), timeout=round_timeout)
+                metrics = strategy.aggregate_train(rnd, replies, started)
+            record(metrics)
     history = exp.simulator.history
     run_dir.finish(exp, history, time.perf_counter() - t0)
     _write_flower_json(out, grid, strategy, exp)

@@ -219,28 +219,30 @@ class FedLoRAStrategy:
     def configure_train(self, rnd: int) -> list[Message]:
         """One train message per sampled client: the round, every broadcast it has not applied yet, and the last
         round whose result the server accepted from it (so it keeps only accepted private state, as the simulator)."""
-        cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
-        messages = []
-        self.sampled = round_clients(len(self.sim.clients), cfg, rnd, method)
-        for cid in self.sampled:
-            if cid in self.snapshot:  # its state is gone: the state it should hold now, instead of the broadcasts
-                current = self.sim.held[cid]
-                base = {m: layer.get_base_layer().weight.detach() for m, layer in h.layers.items() if m in h.folded}
-                order = {"round": rnd, "partition-id": cid, "broadcast-rounds": [], "accepted-round": self.accepted[cid],
-                         "snapshot-round": rnd - 1}
-                content = RecordDict({CONFIG: ConfigRecord(order), SNAPSHOT_CURRENT: to_record(current), SNAPSHOT_BASE: to_record(base)})
-                self.sim.traffic.record_snapshot(cid, rnd, current, base)  # what it missed is in it: no catch-up
-                messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
-                continue
-            rounds = list(range(self.synced[cid] + 1, rnd))
-            order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]}
-            content = RecordDict({CONFIG: ConfigRecord(order)})
-            for r in rounds:
-                delivered = method.deliver(h, self.pending[r], self.sim.peers[cid], seed=round_seed(cfg.seed, r + 1))
-                content[broadcast_key(r)] = to_record(delivered)
-            messages.append(Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd)))
+        self.sampled = round_clients(len(self.sim.clients), self.sim.config, rnd, self.sim.method)
+        messages = [self.train_message(cid, rnd) for cid in self.sampled]
         self._sent = list(zip(messages, self.sampled, strict=True))
         return messages
+
+    def train_message(self, cid: int, rnd: int, extra: dict | None = None) -> Message:
+        """Client ``cid``'s train message for round ``rnd`` (its broadcasts since it last synced, or a snapshot when
+        its state is gone); ``extra``: more entries of its order (asynchronous: the seed salt, the last result's fate)."""
+        cfg, h, method = self.sim.config, self.sim.handle, self.sim.method
+        if cid in self.snapshot:  # its state is gone: the state it should hold now, instead of the broadcasts
+            current = self.sim.held[cid]
+            base = {m: layer.get_base_layer().weight.detach() for m, layer in h.layers.items() if m in h.folded}
+            order = {"round": rnd, "partition-id": cid, "broadcast-rounds": [], "accepted-round": self.accepted[cid],
+                     "snapshot-round": rnd - 1} | (extra or {})
+            content = RecordDict({CONFIG: ConfigRecord(order), SNAPSHOT_CURRENT: to_record(current), SNAPSHOT_BASE: to_record(base)})
+            self.sim.traffic.record_snapshot(cid, rnd, current, base)  # what it missed is in it: no catch-up
+            return Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd))
+        rounds = list(range(self.synced[cid] + 1, rnd))
+        order = {"round": rnd, "partition-id": cid, "broadcast-rounds": rounds, "accepted-round": self.accepted[cid]} | (extra or {})
+        content = RecordDict({CONFIG: ConfigRecord(order)})
+        for r in rounds:
+            delivered = method.deliver(h, self.pending[r], self.sim.peers[cid], seed=round_seed(cfg.seed, r + 1))
+            content[broadcast_key(r)] = to_record(delivered)
+        return Message(content, dst_node_id=self.nodes[cid], message_type=MessageType.TRAIN, group_id=str(rnd))
 
     def aggregate_train(self, rnd: int, replies: Iterable[Message], started: float) -> dict:
         """``Simulator.round`` after its clients' turns: screen and aggregate, apply to the server's model, score it."""
@@ -282,13 +284,15 @@ class FedLoRAStrategy:
         for f in failed:  # its state is gone (a SuperNode restarted without a state directory): a snapshot next time
             if STATE_LOST in f.reason and 0 <= f.cid < len(sim.clients):
                 self.snapshot.add(f.cid)
-        if update is not None:
-            self.pending[rnd] = update.broadcast
-        else:  # nothing to apply: an empty broadcast keeps every client's round count in step
-            self.pending[rnd] = {}
+        self.keep_broadcast(rnd, update)
+        return sim.history[-1]
+
+    def keep_broadcast(self, rnd: int, update) -> None:
+        """Round (or asynchronous version) ``rnd``'s broadcast, pending until every client has applied it."""
+        # nothing to apply: an empty broadcast keeps every client's round count in step
+        self.pending[rnd] = update.broadcast if update is not None else {}
         applied_by_all = min(self.synced.values())
         self.pending = {r: b for r, b in self.pending.items() if r > applied_by_all}
-        return sim.history[-1]
 
     def _result(self, msg: Message, cid: int | None = None) -> ClientResult | Rejection:
         """A reply as the simulator's ClientResult, or a Rejection (failed, or not in the protocol's layout); ``cid``:
