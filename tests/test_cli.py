@@ -48,12 +48,33 @@ def test_compare_table_and_plots(small_csv, tmp_path):
     settings = json.loads((out / "fedit" / "config.json").read_text())
     rate = majority_rate(RunConfig(**settings))
     assert 1 / 3 <= rate < 1 and f"Majority-class rate of the global test set: {rate:.3f}" in table
-    for png in ("accuracy.png", "divergence.png", "bytes.png"):
+    for png in ("accuracy.png", "divergence.png", "bytes.png", "tradeoff.png"):
         assert (out / png).stat().st_size > 1000
     # same data, partition and seed for each method: the global test sets are identical
     a = json.loads((out / "fedit" / "config.json").read_text())
     b = json.loads((out / "fedsa" / "config.json").read_text())
     assert {k: v for k, v in a.items() if k not in ("method", "out")} == {k: v for k, v in b.items() if k not in ("method", "out")}
+
+
+def test_compare_writes_its_table_between_a_docs_files_markers(small_csv, tmp_path, capsys):
+    from fedlora.app.report import COMPARE_END, COMPARE_START
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Results\n\nbefore\n{COMPARE_START}\nold table\n{COMPARE_END}\nafter\n")
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers here\n")
+    out = tmp_path / "cmp"
+    args = ["compare", *TINY, "--rounds", "1", "--data", str(small_csv), "--methods", "fedit,ffa", "--out", str(out)]
+    assert main([*args, "--write-table", str(doc), str(bare)]) == 2  # refused before any run
+    err = capsys.readouterr().err
+    assert "bare.md: the file has no compare-table markers" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "fedit").exists() and "old table" in doc.read_text()
+    assert main([*args, "--write-table", str(doc)]) == 0
+    text = doc.read_text()
+    table = (out / "comparison.md").read_text().partition("\n\n")[2].partition("\nSettings: ")[0].strip()
+    assert "old table" not in text and table in text and "| fedit |" in text and "| ffa |" in text
+    assert text.startswith("# Results\n\nbefore\n") and text.endswith(f"{COMPARE_END}\nafter\n")
+    assert main([*args, "--write-table", str(doc)]) == 0 and doc.read_text() == text  # read back: the same table
 
 
 def test_compare_reads_back_finished_runs_and_refuses_other_settings(small_csv, tmp_path, capsys):

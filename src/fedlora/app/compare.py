@@ -111,7 +111,7 @@ def compare(base: RunConfig, methods: str | Sequence[str], *, seeds: Sequence[in
 def _run_all(runs, out: Path, paired: bool, seed_list: list[int], reference, majority, settings: str, watch, group,
              target_accuracy: float | None) -> Comparison:
     """Every run of the comparison in turn, ``comparison.md`` rewritten after each, then the plots."""
-    from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, seeded_tables
+    from fedlora.app.report import PROTOCOL, final_row, markdown_table, plot_comparison, plot_tradeoff, seeded_tables
 
     result = Comparison(out, "", seed_list)
     for method, seed, cfg in runs:
@@ -131,6 +131,7 @@ def _run_all(runs, out: Path, paired: bool, seed_list: list[int], reference, maj
     rates = [m for m in majority if m is not None]
     plot_comparison(result.histories if paired else {m: h[0] for m, h in result.histories.items()}, out,
                     majority=sum(rates) / len(rates) if rates else None)
+    plot_tradeoff(result.results, out, majority=sum(rates) / len(rates) if rates else None)
     _targets(result, target_accuracy)
     return result
 

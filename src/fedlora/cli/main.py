@@ -227,6 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run each method on the same data, partition and seed (:func:`fedlora.app.compare.compare`)."""
     from fedlora.app.compare import compare, method_list
+    from fedlora.app.report import check_compare_table, write_compare_table
     from fedlora.app.stats import parse_seeds
 
     methods = method_list(args.methods)
@@ -234,6 +235,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out or base.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S"))
     args.resume_hint = "fedlora compare " + " ".join(list(args.argv) + ([] if args.out else ["--out", str(out)]))
     seeds = parse_seeds(args.seeds) if args.seeds else None
+    for path in args.write_table:  # refused before any run, not after an hour of them
+        check_compare_table(Path(path))
 
     def watch(label, cfg):
         return _Progress(_steps(cfg), f"{label} · {cfg.adapter}", args.quiet)
@@ -241,7 +244,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(base, methods, seeds=seeds, reference=args.reference, out=out, watch=watch, target_accuracy=args.target_accuracy)
     print_summary(result.table)
     timed = ", accuracy_time.png" if (out / "accuracy_time.png").exists() else ""
-    print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png{timed})")
+    print(f"comparison: {out / 'comparison.md'} (plots: accuracy.png, divergence.png, bytes.png, tradeoff.png{timed})")
+    for path in args.write_table:
+        write_compare_table(Path(path), result.table)
+        print(f"comparison table written into {path}")
     return 0
 
 
@@ -389,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--target-accuracy", type=float, default=None, metavar="X",
                       help="report time-to-target (simulated seconds, with --devices) and bytes-to-target of global accuracy X "
                            "(default: 0.9 x central's final accuracy when central is compared); docs/systems.md")
+    cmp_.add_argument("--write-table", nargs="+", default=[], metavar="FILE",
+                      help="also write the table between the compare-table markers of these markdown files (docs)")
     cmp_.set_defaults(func=cmd_compare)
     me = sub.add_parser("methods", help="the registered methods with their rules, bytes, traits and adapters (markdown)")
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
