@@ -66,7 +66,7 @@ def test_every_method_declares_its_asynchronous_trait():
 
 
 # -- what must hold --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["fedit", "ffa", "flora"])
+@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "florist", "ravan"])
 def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
     """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
     sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3)
@@ -93,6 +93,10 @@ def test_fedasync_with_one_client_and_alpha_one_is_its_local_training(small_csv,
     assert [m["global_accuracy"] for m in history] == [m["global_accuracy"] for m in sync.history]
 
 
+# fedsb without its round 0; florist folding all of ΔW* (exact; below τ = 1 it is exact up to its threshold)
+OPTIONS = {"fedsb": "fedsb-init=random", "florist": "florist-tau=1.0"}
+
+
 class Recorder(Asynchronous):
     """Keeps every server state (trainables and base weights) and every client's start and upload."""
 
@@ -115,25 +119,28 @@ class Recorder(Asynchronous):
 
 
 def effective(h, tensors, base):
-    """Per adapted module the weight the model computes with: base + s·B·A (Fed-SB: s·B·R·A), as d×k."""
+    """Per adapted module the weight the model computes with: base + s·B·A (Fed-SB: s·B·R·A; RAVAN: s·B·blockdiag(s_iH_i)·A),
+    as d×k."""
     out = {}
     for module, k in h.keys.items():
         B, A = tensors[k.B], tensors[k.A]
-        product = B @ tensors[k.core].reshape(B.shape[1], -1) @ A if k.core else B @ A
+        product = B @ torch.block_diag(*h.core_of(tensors, module)) @ A if k.core else B @ A  # RAVAN: blockdiag(s_i H_i)
         out[module] = h.base_layout(module, base[module]) + h.scaling(module) * product
     return out
 
 
 @pytest.mark.parametrize("method, mode, exact", [("ffa", "fedasync", True), ("fedsb", "fedasync", True), ("flora", "fedasync", True),
                                                  ("flora", "fedbuff", True), ("fedex", "fedasync", True),
-                                                 ("fedex", "fedbuff", True), ("fedit", "fedasync", False)])
+                                                 ("fedex", "fedbuff", True), ("fedit", "fedasync", False),
+                                                 ("ravan", "fedasync", True), ("ravan", "fedbuff", True),
+                                                 ("florist", "fedasync", True), ("florist", "fedbuff", True)])
 def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, mode, exact, one_thread):
     """Stale arrivals (speeds 1,2,4, C = 3): FedAsync W ← (1−α_t)W + α_t W_u and FedBuff W ← W + (1/K)Σ h(τ)(W_u − W_{v_u})
     at every step, W_u the client's trained model on its version's base. ffa (B against A0), fedsb (R between fixed
     bases) and flora (fresh factors, the fold with the base term) are that rule; fedit's separate mixes of B and A are
     not (the bilinear error α_t(1−α_t)s(B_u − B)(A_u − A))."""
     cfg = tiny_config(small_csv, method=method, rounds=3, async_mode=mode, async_concurrency=3, buffer=2,
-                      method_options="fedsb-init=random" if method == "fedsb" else "")
+                      method_options=OPTIONS.get(method, ""))
     sim = build(cfg).simulator
     rec = Recorder(sim.systems.config)
     sim.systems = rec
@@ -153,7 +160,7 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
                                       for (s, b, u), tau in zip(arrivals, taus)) / len(arrivals)
             same.append(torch.allclose(W_new[m], expected, atol=1e-5))
     assert all(same) if exact else not any(same)
-    if method in ("flora", "fedex"):  # stale clients trained on their version's base, not today's
+    if method in ("flora", "fedex", "florist"):  # stale clients trained on their version's base, not today's
         assert any(not torch.equal(b[m], base[m]) for (_, base), arrivals, taus, _, _ in rec.steps
                    for (_, b, _), tau in zip(arrivals, taus) if tau for m in b)
 
