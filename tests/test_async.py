@@ -58,15 +58,18 @@ def test_equal_times_break_ties_by_client_id_never_by_push_order():
 
 def test_every_method_declares_its_asynchronous_trait():
     for name, cls in REGISTRY.items():
-        assert cls.asynchronous in ("", "exact", "inexact"), name
+        assert cls.asynchronous in ("", "exact", "inexact", "fedbuff"), name
     assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == REGISTRY["flora"].asynchronous == "exact"
     assert REGISTRY["fedit"].asynchronous == "inexact"
+    assert REGISTRY["ravan"].asynchronous == REGISTRY["florist"].asynchronous == "exact"
+    for name in ("svd", "flexlora", "fedmomentum"):  # METHODS.md: FedBuff only, in product-delta form
+        assert REGISTRY[name].asynchronous == "fedbuff" and REGISTRY[name].async_text() == "fedbuff only", name
     for name in ("rolora", "loraa2", "fedsvd", "florana", "lorafair", "hilora", "fedlease", "slora"):  # METHODS.md: synchronous only
         assert not REGISTRY[name].asynchronous and REGISTRY[name].async_refusal, name
 
 
 # -- what must hold --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "florist", "ravan"])
+@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "florist", "ravan", "svd", "flexlora", "fedmomentum"])
 def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
     """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
     sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3)
@@ -214,7 +217,7 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     run = ["run", *T, "--data", str(small_csv), "--out", str(out)]
     cases = [
         (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
-        (["--method", "svd", "--async", "fedasync"], "methods that run asynchronously: "),
+        (["--method", "ilora", "--async", "fedasync"], "is not implemented in this version); methods that run asynchronously: "),
         (["--method", "flora", "--async", "fedasync", "--adapter", "dora"], "runs on lora or rslora adapters"),
         (["--method", "fedit", "--async", "fedbuff", "--buffer", "0"], "--buffer 0 is out of range"),
         (["--method", "fedit", "--async", "fedbuff", "--async-concurrency", "0"], "--async-concurrency 0 is out of range"),
@@ -229,8 +232,10 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     for flags, needle in cases:
         assert needle in refused(capsys, run + flags), flags
         assert not out.exists()
-    flows = refused(capsys, run + ["--method", "svd", "--async", "fedasync"])
-    assert all(name in flows for name in ("fedit", "ffa", "fedsb", "fedsa", "flora"))
+    for mode in ("fedasync", "fedbuff"):  # a synchronous-only method's refusal names the methods that can run in that mode
+        named = refused(capsys, run + ["--method", "rolora", "--async", mode]).rpartition("asynchronously: ")[2].split(", ")
+        assert all(name in named for name in ("fedit", "ffa", "fedsb", "fedsa", "flora", "florist", "ravan")), mode
+        assert ("svd" in named) == (mode == "fedbuff") and "rolora" not in named, mode
 
 
 def test_flower_refuses_async_in_one_line_before_anything_is_written(small_csv, tmp_path):
@@ -271,3 +276,51 @@ def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv,
     history = sim.run()
     assert len(history) == 1 and history[0]["staleness"] == [0, 0, 0]
     assert history[0]["sim_clock"] == pytest.approx(max(by_hand)) and max(by_hand) > 10  # the slow board: 16 examples at 1.6/s, 1 s latency each way
+
+
+def truncation(method: str, P: torch.Tensor, r: int) -> torch.Tensor:
+    """The method's own truncation of the dense d×k ``P``, computed densely: svd and flexlora [P]_r; fedmomentum its top
+    r components and those after them up to τ = 0.9999 of the energy (its default)."""
+    from fedlora.aggregation.fedmomentum import components_to_keep
+
+    U, S, Vh = torch.linalg.svd(P.double(), full_matrices=False)
+    nonzero = int((S > S[0] * 1e-7).sum()) if S.numel() and S[0] > 0 else 0
+    keep = min(r, nonzero)
+    if method == "fedmomentum":
+        keep = max(components_to_keep(S**2, nonzero, 0.9999), keep)
+    return ((U[:, :keep] * S[:keep]) @ Vh[:keep]).to(P.dtype)
+
+
+@pytest.mark.parametrize("method", ["svd", "flexlora", "fedmomentum"])
+def test_product_delta_methods_truncate_fedbuffs_full_parameter_step_under_staleness(small_csv, method, one_thread):
+    """Stale FedBuff flushes (speeds 1,2,4, C = 3, K = 2): the new weight is base + the method's own truncation of
+    sBA + (1/K)Σ h(τ)(W_u − W_{v_u}) (product delta), the head moves as FedBuff's x + (1/K)Σ h(τ)(x_u − x_{v_u}), and
+    a flush of stale clients is not the rule on the raw uploads (the starts enter it)."""
+    cfg = tiny_config(small_csv, method=method, rounds=3, async_mode="fedbuff", async_concurrency=3, buffer=2)
+    sim = build(cfg).simulator
+    rec = Recorder(sim.systems.config)
+    sim.systems = rec
+    rec.bind(sim)
+    sim.run()
+    h = sim.handle
+    assert max(t for _, _, taus, _, _ in rec.steps for t in taus) >= 1  # staleness happened
+    for (x, base), arrivals, taus, _, (x_new, base_new) in rec.steps:
+        W, W_new = effective(h, x, base), effective(h, x_new, base_new)
+        weights = [staleness_weight("poly", tau, 0.5, 4.0) / len(arrivals) for tau in taus]
+        for m in W:
+            step = sum(q * (effective(h, s | u, b)[m] - effective(h, s, b)[m]) for (s, b, u), q in zip(arrivals, weights))
+            start = h.base_layout(m, base[m])
+            expected = start + truncation(method, W[m] - start + step, h.rank)
+            assert torch.allclose(W_new[m], expected, atol=1e-5), (m, taus)
+        for name in h.other_names:
+            moved = x[name] + sum(q * (u[name] - s[name]) for (s, _, u), q in zip(arrivals, weights))
+            assert torch.allclose(x_new[name], moved, atol=1e-6), name
+
+
+def test_fedbuff_only_methods_refuse_fedasync_in_one_line(small_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    for method in ("svd", "flexlora", "fedmomentum"):
+        line = refused(capsys, ["run", *T, "--data", str(small_csv), "--out", str(out), "--method", method, "--async", "fedasync"])
+        assert f"{method} runs asynchronously with --async fedbuff only" in line and "pass --async fedbuff" in line
+        named = line.rpartition("use one of ")[2].split(", ")
+        assert "ffa" in named and "fedit" in named and "svd" not in named and not out.exists()

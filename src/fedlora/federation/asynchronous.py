@@ -47,7 +47,7 @@ log = logging.getLogger("fedlora")
 MODES = ("fedasync", "fedbuff")
 STALENESS = ("constant", "poly", "hinge")
 DEFAULT_SPEEDS = (1.0, 2.0, 4.0)
-TRAITS = ("exact", "inexact")  # the asynchronous traits implemented (Method.asynchronous)
+TRAITS = ("exact", "inexact", "fedbuff")  # the asynchronous traits implemented (Method.asynchronous)
 
 
 def staleness_weight(kind: str, tau: int, a: float, b: float) -> float:
