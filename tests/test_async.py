@@ -62,14 +62,15 @@ def test_every_method_declares_its_asynchronous_trait():
     assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == REGISTRY["flora"].asynchronous == "exact"
     assert REGISTRY["fedit"].asynchronous == "inexact"
     assert REGISTRY["ravan"].asynchronous == REGISTRY["florist"].asynchronous == "exact"
-    for name in ("svd", "flexlora", "fedmomentum"):  # METHODS.md: FedBuff only, in product-delta form
+    for name in ("svd", "flexlora", "fedmomentum", "ilora"):  # METHODS.md: FedBuff only, in product-delta form
         assert REGISTRY[name].asynchronous == "fedbuff" and REGISTRY[name].async_text() == "fedbuff only", name
     for name in ("rolora", "loraa2", "fedsvd", "florana", "lorafair", "hilora", "fedlease", "slora"):  # METHODS.md: synchronous only
         assert not REGISTRY[name].asynchronous and REGISTRY[name].async_refusal, name
 
 
 # -- what must hold --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "florist", "ravan", "svd", "flexlora", "fedmomentum"])
+@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "florist", "ravan", "svd", "flexlora", "fedmomentum",
+                                    "ilora"])
 def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
     """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
     sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3)
@@ -172,8 +173,9 @@ class Killed(Exception):
     pass
 
 
-def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, one_thread):
-    whole = tiny_config(small_csv, method="fedit", rounds=3, async_mode="fedbuff", buffer=2, client_speeds="1,3",
+@pytest.mark.parametrize("method", ["fedit", "ilora"])  # ilora: the versions' method state (its c) is checkpointed too
+def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, method, one_thread):
+    whole = tiny_config(small_csv, method=method, rounds=3, async_mode="fedbuff", buffer=2, client_speeds="1,3",
                         out=str(tmp_path / "whole"))
     _, reference = run_experiment(whole)
     again = build(whole.replace(out=None)).simulator.run()
@@ -217,7 +219,7 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     run = ["run", *T, "--data", str(small_csv), "--out", str(out)]
     cases = [
         (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
-        (["--method", "ilora", "--async", "fedasync"], "is not implemented in this version); methods that run asynchronously: "),
+        (["--method", "fedhello", "--async", "fedasync"], "is not implemented in this version); methods that run asynchronously: "),
         (["--method", "flora", "--async", "fedasync", "--adapter", "dora"], "runs on lora or rslora adapters"),
         (["--method", "fedit", "--async", "fedbuff", "--buffer", "0"], "--buffer 0 is out of range"),
         (["--method", "fedit", "--async", "fedbuff", "--async-concurrency", "0"], "--async-concurrency 0 is out of range"),
@@ -280,9 +282,13 @@ def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv,
 
 def truncation(method: str, P: torch.Tensor, r: int) -> torch.Tensor:
     """The method's own truncation of the dense d×k ``P``, computed densely: svd and flexlora [P]_r; fedmomentum its top
-    r components and those after them up to τ = 0.9999 of the energy (its default)."""
+    r components and those after them up to τ = 0.9999 of the energy (its default); ilora the projection onto the
+    span of P's first r columns (its QR truncation)."""
     from fedlora.aggregation.fedmomentum import components_to_keep
 
+    if method == "ilora":
+        Q, _ = torch.linalg.qr(P.double()[:, :r])
+        return (Q @ (Q.T @ P.double())).to(P.dtype)
     U, S, Vh = torch.linalg.svd(P.double(), full_matrices=False)
     nonzero = int((S > S[0] * 1e-7).sum()) if S.numel() and S[0] > 0 else 0
     keep = min(r, nonzero)
@@ -291,7 +297,7 @@ def truncation(method: str, P: torch.Tensor, r: int) -> torch.Tensor:
     return ((U[:, :keep] * S[:keep]) @ Vh[:keep]).to(P.dtype)
 
 
-@pytest.mark.parametrize("method", ["svd", "flexlora", "fedmomentum"])
+@pytest.mark.parametrize("method", ["svd", "flexlora", "fedmomentum", "ilora"])
 def test_product_delta_methods_truncate_fedbuffs_full_parameter_step_under_staleness(small_csv, method, one_thread):
     """Stale FedBuff flushes (speeds 1,2,4, C = 3, K = 2): the new weight is base + the method's own truncation of
     sBA + (1/K)Σ h(τ)(W_u − W_{v_u}) (product delta), the head moves as FedBuff's x + (1/K)Σ h(τ)(x_u − x_{v_u}), and
@@ -319,7 +325,7 @@ def test_product_delta_methods_truncate_fedbuffs_full_parameter_step_under_stale
 
 def test_fedbuff_only_methods_refuse_fedasync_in_one_line(small_csv, tmp_path, capsys):
     out = tmp_path / "run"
-    for method in ("svd", "flexlora", "fedmomentum"):
+    for method in ("svd", "flexlora", "fedmomentum", "ilora"):
         line = refused(capsys, ["run", *T, "--data", str(small_csv), "--out", str(out), "--method", method, "--async", "fedasync"])
         assert f"{method} runs asynchronously with --async fedbuff only" in line and "pass --async fedbuff" in line
         named = line.rpartition("use one of ")[2].split(", ")

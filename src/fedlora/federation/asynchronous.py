@@ -125,6 +125,7 @@ class Asynchronous(Instant):
     flights: dict[int, Flight] = field(default_factory=dict)
     store: dict[int, dict] = field(default_factory=dict)  # x_v for every version in flight, and the current one
     bases: dict[int, dict] = field(default_factory=dict)  # folding methods: the base weights of those versions
+    sent: dict[int, dict] = field(default_factory=dict)  # the method state (protocol.STATE) each version's broadcast carried
     salts: dict[int, int] = field(default_factory=dict)  # dispatches per client from the current version
     buffer: list = field(default_factory=list)  # FedBuff: (result, v_u, τ)
     failed: list = field(default_factory=list)
@@ -239,7 +240,7 @@ class Asynchronous(Instant):
     def _train(self, flight: Flight):
         """Client ``flight.cid``'s local training from x_{v_u} (and its private state), seeded by (v_u + 1, client)."""
         sim, cfg = self.sim, self.config
-        start = self.store[flight.version] | sim.private.get(flight.cid, {})
+        start = self.store[flight.version] | self.sent.get(flight.version, {}) | sim.private.get(flight.cid, {})
         fed = sim.config if not flight.salt else dataclasses.replace(sim.config, seed=sim.config.seed + 104_729 * flight.salt)
         method = sim.method
         if cfg.rho:
@@ -278,10 +279,13 @@ class Asynchronous(Instant):
 
     def server_update(self, update):
         """The broadcast's fold gains this step's extra (FedAsync of a folding method: α_t(base_{v_u} − base_now); the
-        method's ``async_extra``): sent dense, and counted."""
+        method's ``async_extra``): sent dense, and counted. The method state the broadcast carries (ILoRA's c) is kept
+        for the version it makes: a client dispatched at that version starts from it, as its view would hold it."""
+        from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, fold_deltas, is_state
+
+        self.sent[self.version] = {n: t for n, t in update.broadcast.items() if is_state(n)}
         if not self._fold:
             return update
-        from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, fold_deltas
 
         h, broadcast = self.sim.handle, dict(update.broadcast)
         deltas = fold_deltas(broadcast)
@@ -299,6 +303,7 @@ class Asynchronous(Instant):
         needed = {f.version for f in self.flights.values()} | {self.version}
         self.store = {v: x for v, x in self.store.items() if v in needed}
         self.bases = {v: x for v, x in self.bases.items() if v in needed}
+        self.sent = {v: x for v, x in self.sent.items() if v in needed and x}
         seconds, self.last = self.clock - self.last, self.clock
         return self._step | {"version": self.version, "arrivals": self.arrived, "in_flight": len(self.flights),
                              "sim_seconds": seconds, "sim_clock": self.clock}
@@ -313,6 +318,7 @@ class Asynchronous(Instant):
         # cloned: versions share tensors with each other and the global state (FFA's A0), which one file cannot hold twice
         tensors = {f"async/{v}/{n}": t.clone() for v, x in self.store.items() if v != self.version for n, t in x.items()}
         tensors |= {f"asyncbase/{v}/{m}": t.clone() for v, x in self.bases.items() if v != self.version for m, t in x.items()}
+        tensors |= {f"asyncsent/{v}/{n}": t.clone() for v, x in self.sent.items() for n, t in x.items()}
         meta = {"version": self.version, "clock": self.clock, "last": self.last, "dispatched": self.dispatched,
                 "arrived": self.arrived, "queue": self.queue.state(), "salts": {str(c): s for c, s in self.salts.items()},
                 "flights": [[f.cid, f.version, f.start, f.salt] for f in self.flights.values()]}
@@ -328,13 +334,14 @@ class Asynchronous(Instant):
         self.salts = {int(c): int(s) for c, s in state["salts"].items()}
         self.flights = {int(c): Flight(int(c), int(v), float(t), int(s)) for c, v, t, s in state["flights"]}
         device = self.sim.config.device
-        self.store, self.bases = {}, {}
+        self.store, self.bases, self.sent = {}, {}, {}
         self._keep(self.version)
+        kept = {"async": self.store, "asyncbase": self.bases, "asyncsent": self.sent}
         for key, t in tensors.items():
             kind, _, rest = key.partition("/")
-            if kind in ("async", "asyncbase"):
+            if kind in kept:
                 v, _, name = rest.partition("/")
-                (self.store if kind == "async" else self.bases).setdefault(int(v), {})[name] = t.to(device)
+                kept[kind].setdefault(int(v), {})[name] = t.to(device)
 
 
 def _proximal(method, anchor: dict, rho: float):

@@ -39,15 +39,22 @@ class ProductDelta:
         self._buffered = tuple((upload, start, w) for upload, start, w in items)
         return {}
 
-    def combine(self, h, uploads, weights, current, ctx, **options):
+    def buffered(self, h, uploads, current) -> list[tuple[dict, dict, float]] | None:
+        """Each accepted upload's (upload, start x_{v_u}, h(τ)) from this flush's buffer (taken once), or None when
+        the flush is the synchronous round (no buffer, or every start the current state with h(τ) = 1)."""
         buffered, self._buffered = self._buffered, ()
         items = [next((b for b in buffered if all(u.get(n) is t for n, t in b[0].items())), None) for u in uploads]
         factors = [n for k in h.keys.values() for n in (k.B, k.A)]
-        fresh = [it is not None and it[2] == 1.0 and all(it[1][n] is current[n] for n in factors) for it in items]
-        if not buffered or all(fresh):
-            return super().combine(h, uploads, weights, current, ctx, **options)
+        if not buffered or all(it is not None and it[2] == 1.0 and all(it[1][n] is current[n] for n in factors) for it in items):
+            return None
         if None in items:
             raise ValueError(f"{self.name}: an accepted upload of this FedBuff flush was not buffered; its start is unknown")
+        return items
+
+    def combine(self, h, uploads, weights, current, ctx, **options):
+        if (items := self.buffered(h, uploads, current)) is None:
+            return super().combine(h, uploads, weights, current, ctx, **options)
+        factors = [n for k in h.keys.values() for n in (k.B, k.A)]
         pairs, starts = [], [(current, 1.0)]  # (tensors, coefficient c_j)
         for u, (_, start, w), weight in zip(uploads, items, weights.tolist()):
             q = weight * w
