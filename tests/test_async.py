@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_CLI, refused, tiny_config
 from fedlora.app.experiment import build, resume_config, run_experiment
 from fedlora.cli.main import main
-from fedlora.federation import REGISTRY
+from fedlora.federation import REGISTRY, make_method
 from fedlora.federation.asynchronous import Asynchronous, parse_speeds, staleness_weight
 from fedlora.federation.clock import EventQueue
 
@@ -62,6 +62,9 @@ def test_every_method_declares_its_asynchronous_trait():
     assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == REGISTRY["flora"].asynchronous == "exact"
     assert REGISTRY["fedit"].asynchronous == "inexact"
     assert REGISTRY["ravan"].asynchronous == REGISTRY["florist"].asynchronous == "exact"
+    for name in ("hetlora", "fedrot", "feddpa", "frlora"):
+        assert REGISTRY[name].asynchronous == "inexact", name
+    assert not make_method("hetlora").asynchronous and make_method("hetlora", weights="data").asynchronous == "inexact"
     for name in ("svd", "flexlora", "fedmomentum", "ilora"):  # METHODS.md: FedBuff only, in product-delta form
         assert REGISTRY[name].asynchronous == "fedbuff" and REGISTRY[name].async_text() == "fedbuff only", name
     for name in ("rolora", "loraa2", "fedsvd", "florana", "lorafair", "hilora", "fedlease", "slora"):  # METHODS.md: synchronous only
@@ -69,11 +72,14 @@ def test_every_method_declares_its_asynchronous_trait():
 
 
 # -- what must hold --------------------------------------------------------------------------------------------------
+SYNC_OPTIONS = {"hetlora": "hetlora-weights=data"}  # its sparsity weights stay synchronous
+
+
 @pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "florist", "ravan", "svd", "flexlora", "fedmomentum",
-                                    "ilora"])
+                                    "ilora", "hetlora", "fedrot", "feddpa", "frlora"])
 def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
     """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
-    sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3)
+    sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3, method_options=SYNC_OPTIONS.get(method, ""))
     sync = build(sync_cfg).simulator.run()
     buff = build(sync_cfg.replace(async_mode="fedbuff", buffer=3, async_concurrency=3, client_speeds="1")).simulator.run()
     assert len(buff) == len(sync) == 3
@@ -98,7 +104,7 @@ def test_fedasync_with_one_client_and_alpha_one_is_its_local_training(small_csv,
 
 
 # fedsb without its round 0; florist folding all of ΔW* (exact; below τ = 1 it is exact up to its threshold)
-OPTIONS = {"fedsb": "fedsb-init=random", "florist": "florist-tau=1.0"}
+OPTIONS = {"fedsb": "fedsb-init=random", "florist": "florist-tau=1.0", "hetlora": "hetlora-weights=data"}
 
 
 class Recorder(Asynchronous):
@@ -137,12 +143,17 @@ def effective(h, tensors, base):
                                                  ("flora", "fedbuff", True), ("fedex", "fedasync", True),
                                                  ("fedex", "fedbuff", True), ("fedit", "fedasync", False),
                                                  ("ravan", "fedasync", True), ("ravan", "fedbuff", True),
-                                                 ("florist", "fedasync", True), ("florist", "fedbuff", True)])
+                                                 ("florist", "fedasync", True), ("florist", "fedbuff", True),
+                                                 ("hetlora", "fedbuff", False), ("fedrot", "fedasync", False),
+                                                 ("feddpa", "fedbuff", False), ("frlora", "fedasync", False),
+                                                 ("frlora", "fedbuff", False)])
 def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, mode, exact, one_thread):
     """Stale arrivals (speeds 1,2,4, C = 3): FedAsync W ← (1−α_t)W + α_t W_u and FedBuff W ← W + (1/K)Σ h(τ)(W_u − W_{v_u})
     at every step, W_u the client's trained model on its version's base. ffa (B against A0), fedsb (R between fixed
-    bases) and flora (fresh factors, the fold with the base term) are that rule; fedit's separate mixes of B and A are
-    not (the bilinear error α_t(1−α_t)s(B_u − B)(A_u − A))."""
+    bases) and flora (fresh factors, the fold with the base term) are that rule, as are ravan (its effective cores
+    s_i·H_i mixed) and florist at τ = 1; fedit's separate mixes of B and A are not (the bilinear error
+    α_t(1−α_t)s(B_u − B)(A_u − A)), nor those of the other inexact methods (hetlora with data weights, fedrot,
+    feddpa's global adapter, frlora's folded mix)."""
     cfg = tiny_config(small_csv, method=method, rounds=3, async_mode=mode, async_concurrency=3, buffer=2,
                       method_options=OPTIONS.get(method, ""))
     sim = build(cfg).simulator
@@ -164,7 +175,7 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
                                       for (s, b, u), tau in zip(arrivals, taus)) / len(arrivals)
             same.append(torch.allclose(W_new[m], expected, atol=1e-5))
     assert all(same) if exact else not any(same)
-    if method in ("flora", "fedex", "florist"):  # stale clients trained on their version's base, not today's
+    if method in ("flora", "fedex", "florist", "frlora"):  # stale clients trained on their version's base, not today's
         assert any(not torch.equal(b[m], base[m]) for (_, base), arrivals, taus, _, _ in rec.steps
                    for (_, b, _), tau in zip(arrivals, taus) if tau for m in b)
 
@@ -220,6 +231,7 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     cases = [
         (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
         (["--method", "fedhello", "--async", "fedasync"], "is not implemented in this version); methods that run asynchronously: "),
+        (["--method", "hetlora", "--async", "fedbuff"], "hetlora must run synchronously (its sparsity weights"),
         (["--method", "flora", "--async", "fedasync", "--adapter", "dora"], "runs on lora or rslora adapters"),
         (["--method", "fedit", "--async", "fedbuff", "--buffer", "0"], "--buffer 0 is out of range"),
         (["--method", "fedit", "--async", "fedbuff", "--async-concurrency", "0"], "--async-concurrency 0 is out of range"),
