@@ -15,11 +15,21 @@ Both run through the synchronous round's server half (:meth:`Simulator.close_rou
 rewritten to the rule's input (FedAsync: the mixed state; FedBuff: ``x + h(τ)Δ_u``, whose uniform mean is FedBuff's
 step; ``Method.async_rewrite``) and the method's own rule averages them, so screening, bytes, the server optimiser,
 the broadcast and the metrics line are the synchronous run's. A method declares its trait (``Method.asynchronous``):
-for ffa and fedsb the factors that move meet fixed bases, so the mix of tensors is the mix of ``ΔW`` (exact); flora
-scales B_u by the weight (its clients restart from zero factors) and, being a folding method (``async_folds``), has
-its stale clients train on their version's base, the store keeping each version's base weights, and FedAsync folds
-α_t(base_{v_u} − base_now) too; fedex folds its staleness residual (``Method.async_extra``); fedit and fedsa mix A
-and B separately (inexact: the stale-product error of METHODS.md).
+
+* exact: for ffa and fedsb the factors that move meet fixed bases, so the mix of tensors is the mix of ``ΔW``; ravan
+  likewise, its effective cores s_i·H_i mixed (its own ``async_rewrite``); flora and florist scale B_u by the weight
+  (their clients restart from zero factors; florist then truncates that target at its threshold) and, being folding
+  methods (``async_folds``), have their stale clients train on their version's base, the store keeping each
+  version's base weights, and FedAsync folds α_t(base_{v_u} − base_now) too; fedex folds its staleness residual
+  (``Method.async_extra``).
+* inexact: fedit, fedsa, hetlora (data weights), fedrot, feddpa (its global adapter) and frlora (folding, as flora)
+  mix A and B separately (the stale-product error of METHODS.md).
+* fedbuff (FedBuff only, product-delta form): svd, flexlora, fedmomentum and ilora truncate
+  ``BA + (1/K)Σ h(τ)s(B_uA_u − B_{v_u}A_{v_u})`` their own way (``methods.svd.ProductDelta``: the uploads pass as
+  sent, ``async_extra`` hands the method each one's start and h(τ) for the flush); FedAsync is refused.
+
+The method state a broadcast carries (``protocol.STATE``: ILoRA's c) is kept for every version in flight and given
+to a client dispatched at it, as its view would hold it.
 
 Our choices (docs/systems.md): arrivals at the same simulated time are handled in client-id order, all of them
 before any dispatch (so equal-speed clients restart from the version their arrivals made, and FedBuff with K = C = N

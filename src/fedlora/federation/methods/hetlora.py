@@ -38,6 +38,10 @@ class HetLoRA(Method):
     def linear_text(cls) -> str:
         return "with data weights"
 
+    @classmethod
+    def async_text(cls) -> str:
+        return "inexact (data weights)"
+
     def is_linear(self) -> bool:
         return self.settings["weights"] == "data"
 
