@@ -22,14 +22,15 @@ the broadcast and the metrics line are the synchronous run's. A method declares 
   methods (``async_folds``), have their stale clients train on their version's base, the store keeping each
   version's base weights, and FedAsync folds α_t(base_{v_u} − base_now) too; fedex folds its staleness residual
   (``Method.async_extra``).
-* inexact: fedit, fedsa, hetlora (data weights), fedrot, feddpa (its global adapter) and frlora (folding, as flora)
-  mix A and B separately (the stale-product error of METHODS.md).
+* inexact: fedit, fedsa, hetlora (data weights), fedrot, feddpa (its global adapter), frlora (folding, as flora)
+  and fedhello (per block; not its fim pattern) mix A and B separately (the stale-product error of METHODS.md).
 * fedbuff (FedBuff only, product-delta form): svd, flexlora, fedmomentum and ilora truncate
   ``BA + (1/K)Σ h(τ)s(B_uA_u − B_{v_u}A_{v_u})`` their own way (``methods.svd.ProductDelta``: the uploads pass as
   sent, ``async_extra`` hands the method each one's start and h(τ) for the flush); FedAsync is refused.
 
 The method state a broadcast carries (``protocol.STATE``: ILoRA's c) is kept for every version in flight and given
-to a client dispatched at it, as its view would hold it.
+to a client dispatched at it, as its view would hold it; a stale client's result carries the round it trained for
+(``ClientResult.trained_round``, v_u + 1), so its upload is screened against that round's layout (Fed-HeLLo's blocks).
 
 Our choices (docs/systems.md): arrivals at the same simulated time are handled in client-id order, all of them
 before any dispatch (so equal-speed clients restart from the version their arrivals made, and FedBuff with K = C = N
@@ -269,7 +270,7 @@ class Asynchronous(Instant):
                 self._set_base(now)
         if sim.on_client:
             sim.on_client(self.version + 1, flight.cid)
-        return result
+        return result if flight.version == self.version else dataclasses.replace(result, trained_round=flight.version + 1)
 
     # -- the version store's base weights (folding methods) -----------------------------------------------------------
     def _keep(self, version: int, replace: bool = False) -> None:
