@@ -13,7 +13,7 @@ SOLVER = Option("auto", "the SVD's path: exact (Gram core, exact to float64), ra
 
 class ProductDelta:
     """``--async fedbuff`` in product-delta form (METHODS.md, "Asynchronous aggregation"), for a method that truncates
-    ``ΔW*`` (svd, flexlora, fedmomentum): a flush truncates ``BA + Σ_u q_u(B_uA_u − B_{v_u}A_{v_u})`` its own way,
+    ``ΔW*`` (svd, flexlora, fedmomentum; ilora through ``buffered`` in its own rule): a flush truncates ``BA + Σ_u q_u(B_uA_u − B_{v_u}A_{v_u})`` its own way,
     ``q_u = w_u h(τ_u)`` (FedBuff's 1/K times the staleness weight), never the factors mixed apart.
 
     How (our choices): the uploads reach screening and the byte count as sent (``async_rewrite`` leaves them);
@@ -55,9 +55,9 @@ class ProductDelta:
         if (items := self.buffered(h, uploads, current)) is None:
             return super().combine(h, uploads, weights, current, ctx, **options)
         factors = [n for k in h.keys.values() for n in (k.B, k.A)]
+        qs = [weight * w for weight, (_, _, w) in zip(weights.tolist(), items)]  # q_u = w_u h(τ_u)
         pairs, starts = [], [(current, 1.0)]  # (tensors, coefficient c_j)
-        for u, (_, start, w), weight in zip(uploads, items, weights.tolist()):
-            q = weight * w
+        for u, (_, start, _), q in zip(uploads, items, qs):
             pairs.append((u, q))
             at = next((i for i, (x, _) in enumerate(starts) if all(x[n] is start[n] for n in factors)), None)
             if at is None:
@@ -69,8 +69,7 @@ class ProductDelta:
         stack = [{name: (n * c * x[name] if name in B_names else x[name]) for name in factors} for x, c in pairs]
         pairs_ctx = replace(ctx, peers=ctx.peers[:1] * n)  # one rank for all under --async: each pair at the first's
         agg = super().combine(h, stack, torch.full((n,), 1.0 / n, dtype=torch.float64), current, pairs_ctx, **options)
-        others = {name: current[name] + sum(w * weight * (u[name] - it[1][name]) for u, it, weight, w in
-                                            zip(uploads, items, weights.tolist(), (it[2] for it in items)))
+        others = {name: current[name] + sum(q * (u[name] - it[1][name]) for u, it, q in zip(uploads, items, qs))
                   for name in h.other_names if name in current and all(name in u for u in uploads)}
         return replace(agg, others={name: t.to(current[name].dtype) for name, t in others.items()})
 
