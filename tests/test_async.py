@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_CLI, refused, tiny_config
 from fedlora.app.experiment import build, resume_config, run_experiment
 from fedlora.cli.main import main
-from fedlora.federation import REGISTRY
+from fedlora.federation import REGISTRY, make_method
 from fedlora.federation.asynchronous import Asynchronous, parse_speeds, staleness_weight
 from fedlora.federation.clock import EventQueue
 
@@ -58,18 +58,29 @@ def test_equal_times_break_ties_by_client_id_never_by_push_order():
 
 def test_every_method_declares_its_asynchronous_trait():
     for name, cls in REGISTRY.items():
-        assert cls.asynchronous in ("", "exact", "inexact"), name
+        assert cls.asynchronous in ("", "exact", "inexact", "fedbuff"), name
     assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == REGISTRY["flora"].asynchronous == "exact"
     assert REGISTRY["fedit"].asynchronous == "inexact"
+    assert REGISTRY["ravan"].asynchronous == REGISTRY["florist"].asynchronous == "exact"
+    for name in ("hetlora", "fedrot", "feddpa", "frlora", "fedhello"):
+        assert REGISTRY[name].asynchronous == "inexact", name
+    assert not make_method("hetlora").asynchronous and make_method("hetlora", weights="data").asynchronous == "inexact"
+    for name in ("svd", "flexlora", "fedmomentum", "ilora"):  # METHODS.md: FedBuff only, in product-delta form
+        assert REGISTRY[name].asynchronous == "fedbuff" and REGISTRY[name].async_text() == "fedbuff only", name
     for name in ("rolora", "loraa2", "fedsvd", "florana", "lorafair", "hilora", "fedlease", "slora"):  # METHODS.md: synchronous only
         assert not REGISTRY[name].asynchronous and REGISTRY[name].async_refusal, name
 
 
 # -- what must hold --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["fedit", "ffa", "flora"])
+# hetlora: its sparsity weights stay synchronous; fedhello: one block per client, so the upload's layout is its round's
+SYNC_OPTIONS = {"hetlora": "hetlora-weights=data", "fedhello": "fedhello-layers=1"}
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "florist", "ravan", "svd", "flexlora", "fedmomentum",
+                                    "ilora", "hetlora", "fedrot", "feddpa", "frlora", "fedhello"])
 def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
     """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
-    sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3)
+    sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3, method_options=SYNC_OPTIONS.get(method, ""))
     sync = build(sync_cfg).simulator.run()
     buff = build(sync_cfg.replace(async_mode="fedbuff", buffer=3, async_concurrency=3, client_speeds="1")).simulator.run()
     assert len(buff) == len(sync) == 3
@@ -91,6 +102,11 @@ def test_fedasync_with_one_client_and_alpha_one_is_its_local_training(small_csv,
     for name, t in sync.global_tensors.items():
         assert torch.equal(t, fa.global_tensors[name]), name
     assert [m["global_accuracy"] for m in history] == [m["global_accuracy"] for m in sync.history]
+
+
+# fedsb without its round 0; florist folding all of ΔW* (exact; below τ = 1 it is exact up to its threshold)
+OPTIONS = {"fedsb": "fedsb-init=random", "florist": "florist-tau=1.0", "hetlora": "hetlora-weights=data",
+           "fedhello": "fedhello-layers=1"}
 
 
 class Recorder(Asynchronous):
@@ -115,25 +131,33 @@ class Recorder(Asynchronous):
 
 
 def effective(h, tensors, base):
-    """Per adapted module the weight the model computes with: base + s·B·A (Fed-SB: s·B·R·A), as d×k."""
+    """Per adapted module the weight the model computes with: base + s·B·A (Fed-SB: s·B·R·A; RAVAN: s·B·blockdiag(s_iH_i)·A),
+    as d×k."""
     out = {}
     for module, k in h.keys.items():
         B, A = tensors[k.B], tensors[k.A]
-        product = B @ tensors[k.core].reshape(B.shape[1], -1) @ A if k.core else B @ A
+        product = B @ torch.block_diag(*h.core_of(tensors, module)) @ A if k.core else B @ A  # RAVAN: blockdiag(s_i H_i)
         out[module] = h.base_layout(module, base[module]) + h.scaling(module) * product
     return out
 
 
 @pytest.mark.parametrize("method, mode, exact", [("ffa", "fedasync", True), ("fedsb", "fedasync", True), ("flora", "fedasync", True),
                                                  ("flora", "fedbuff", True), ("fedex", "fedasync", True),
-                                                 ("fedex", "fedbuff", True), ("fedit", "fedasync", False)])
+                                                 ("fedex", "fedbuff", True), ("fedit", "fedasync", False),
+                                                 ("ravan", "fedasync", True), ("ravan", "fedbuff", True),
+                                                 ("florist", "fedasync", True), ("florist", "fedbuff", True),
+                                                 ("hetlora", "fedbuff", False), ("fedrot", "fedasync", False),
+                                                 ("feddpa", "fedbuff", False), ("frlora", "fedasync", False),
+                                                 ("frlora", "fedbuff", False), ("fedhello", "fedbuff", False)])
 def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_csv, method, mode, exact, one_thread):
     """Stale arrivals (speeds 1,2,4, C = 3): FedAsync W ← (1−α_t)W + α_t W_u and FedBuff W ← W + (1/K)Σ h(τ)(W_u − W_{v_u})
     at every step, W_u the client's trained model on its version's base. ffa (B against A0), fedsb (R between fixed
-    bases) and flora (fresh factors, the fold with the base term) are that rule; fedit's separate mixes of B and A are
-    not (the bilinear error α_t(1−α_t)s(B_u − B)(A_u − A))."""
+    bases) and flora (fresh factors, the fold with the base term) are that rule, as are ravan (its effective cores
+    s_i·H_i mixed) and florist at τ = 1; fedit's separate mixes of B and A are not (the bilinear error
+    α_t(1−α_t)s(B_u − B)(A_u − A)), nor those of the other inexact methods (hetlora with data weights, fedrot,
+    feddpa's global adapter, frlora's folded mix, fedhello's per-block mixes)."""
     cfg = tiny_config(small_csv, method=method, rounds=3, async_mode=mode, async_concurrency=3, buffer=2,
-                      method_options="fedsb-init=random" if method == "fedsb" else "")
+                      method_options=OPTIONS.get(method, ""))
     sim = build(cfg).simulator
     rec = Recorder(sim.systems.config)
     sim.systems = rec
@@ -151,9 +175,11 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
             else:
                 expected = W[m] + sum(staleness_weight("poly", tau, 0.5, 4.0) * (effective(h, s | u, b)[m] - effective(h, s, b)[m])
                                       for (s, b, u), tau in zip(arrivals, taus)) / len(arrivals)
-            same.append(torch.allclose(W_new[m], expected, atol=1e-5))
-    assert all(same) if exact else not any(same)
-    if method in ("flora", "fedex"):  # stale clients trained on their version's base, not today's
+            if exact or not torch.equal(W_new[m], W[m]):  # fedhello: a block nobody in the step trained stays, as it should
+                same.append(torch.allclose(W_new[m], expected, atol=1e-5))
+    assert same and (all(same) if exact else not any(same))
+    assert not any(m["n_rejected"] for m in sim.history)  # stale uploads are screened against their own round's layout
+    if method in ("flora", "fedex", "florist", "frlora"):  # stale clients trained on their version's base, not today's
         assert any(not torch.equal(b[m], base[m]) for (_, base), arrivals, taus, _, _ in rec.steps
                    for (_, b, _), tau in zip(arrivals, taus) if tau for m in b)
 
@@ -162,8 +188,9 @@ class Killed(Exception):
     pass
 
 
-def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, one_thread):
-    whole = tiny_config(small_csv, method="fedit", rounds=3, async_mode="fedbuff", buffer=2, client_speeds="1,3",
+@pytest.mark.parametrize("method", ["fedit", "ilora"])  # ilora: the versions' method state (its c) is checkpointed too
+def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, method, one_thread):
+    whole = tiny_config(small_csv, method=method, rounds=3, async_mode="fedbuff", buffer=2, client_speeds="1,3",
                         out=str(tmp_path / "whole"))
     _, reference = run_experiment(whole)
     again = build(whole.replace(out=None)).simulator.run()
@@ -207,7 +234,9 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     run = ["run", *T, "--data", str(small_csv), "--out", str(out)]
     cases = [
         (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
-        (["--method", "svd", "--async", "fedasync"], "methods that run asynchronously: "),
+        (["--method", "fslora", "--async", "fedasync"], "is not implemented in this version); methods that run asynchronously: "),
+        (["--method", "fedhello", "--async", "fedbuff", "--fedhello-pattern", "fim"], "fedhello must run synchronously (its Fisher"),
+        (["--method", "hetlora", "--async", "fedbuff"], "hetlora must run synchronously (its sparsity weights"),
         (["--method", "flora", "--async", "fedasync", "--adapter", "dora"], "runs on lora or rslora adapters"),
         (["--method", "fedit", "--async", "fedbuff", "--buffer", "0"], "--buffer 0 is out of range"),
         (["--method", "fedit", "--async", "fedbuff", "--async-concurrency", "0"], "--async-concurrency 0 is out of range"),
@@ -222,8 +251,10 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     for flags, needle in cases:
         assert needle in refused(capsys, run + flags), flags
         assert not out.exists()
-    flows = refused(capsys, run + ["--method", "svd", "--async", "fedasync"])
-    assert all(name in flows for name in ("fedit", "ffa", "fedsb", "fedsa", "flora"))
+    for mode in ("fedasync", "fedbuff"):  # a synchronous-only method's refusal names the methods that can run in that mode
+        named = refused(capsys, run + ["--method", "rolora", "--async", mode]).rpartition("asynchronously: ")[2].split(", ")
+        assert all(name in named for name in ("fedit", "ffa", "fedsb", "fedsa", "flora", "florist", "ravan")), mode
+        assert ("svd" in named) == (mode == "fedbuff") and "rolora" not in named, mode
 
 
 def test_flower_refuses_simulated_speeds_in_one_line_before_anything_is_written(small_csv, tmp_path):
@@ -264,3 +295,55 @@ def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv,
     history = sim.run()
     assert len(history) == 1 and history[0]["staleness"] == [0, 0, 0]
     assert history[0]["sim_clock"] == pytest.approx(max(by_hand)) and max(by_hand) > 10  # the slow board: 16 examples at 1.6/s, 1 s latency each way
+
+
+def truncation(method: str, P: torch.Tensor, r: int) -> torch.Tensor:
+    """The method's own truncation of the dense d×k ``P``, computed densely: svd and flexlora [P]_r; fedmomentum its top
+    r components and those after them up to τ = 0.9999 of the energy (its default); ilora the projection onto the
+    span of P's first r columns (its QR truncation)."""
+    from fedlora.aggregation.fedmomentum import components_to_keep
+
+    if method == "ilora":
+        Q, _ = torch.linalg.qr(P.double()[:, :r])
+        return (Q @ (Q.T @ P.double())).to(P.dtype)
+    U, S, Vh = torch.linalg.svd(P.double(), full_matrices=False)
+    nonzero = int((S > S[0] * 1e-7).sum()) if S.numel() and S[0] > 0 else 0
+    keep = min(r, nonzero)
+    if method == "fedmomentum":
+        keep = max(components_to_keep(S**2, nonzero, 0.9999), keep)
+    return ((U[:, :keep] * S[:keep]) @ Vh[:keep]).to(P.dtype)
+
+
+@pytest.mark.parametrize("method", ["svd", "flexlora", "fedmomentum", "ilora"])
+def test_product_delta_methods_truncate_fedbuffs_full_parameter_step_under_staleness(small_csv, method, one_thread):
+    """Stale FedBuff flushes (speeds 1,2,4, C = 3, K = 2): the new weight is base + the method's own truncation of
+    sBA + (1/K)Σ h(τ)(W_u − W_{v_u}) (product delta), the head moves as FedBuff's x + (1/K)Σ h(τ)(x_u − x_{v_u}), and
+    a flush of stale clients is not the rule on the raw uploads (the starts enter it)."""
+    cfg = tiny_config(small_csv, method=method, rounds=3, async_mode="fedbuff", async_concurrency=3, buffer=2)
+    sim = build(cfg).simulator
+    rec = Recorder(sim.systems.config)
+    sim.systems = rec
+    rec.bind(sim)
+    sim.run()
+    h = sim.handle
+    assert max(t for _, _, taus, _, _ in rec.steps for t in taus) >= 1  # staleness happened
+    for (x, base), arrivals, taus, _, (x_new, base_new) in rec.steps:
+        W, W_new = effective(h, x, base), effective(h, x_new, base_new)
+        weights = [staleness_weight("poly", tau, 0.5, 4.0) / len(arrivals) for tau in taus]
+        for m in W:
+            step = sum(q * (effective(h, s | u, b)[m] - effective(h, s, b)[m]) for (s, b, u), q in zip(arrivals, weights))
+            start = h.base_layout(m, base[m])
+            expected = start + truncation(method, W[m] - start + step, h.rank)
+            assert torch.allclose(W_new[m], expected, atol=1e-5), (m, taus)
+        for name in h.other_names:
+            moved = x[name] + sum(q * (u[name] - s[name]) for (s, _, u), q in zip(arrivals, weights))
+            assert torch.allclose(x_new[name], moved, atol=1e-6), name
+
+
+def test_fedbuff_only_methods_refuse_fedasync_in_one_line(small_csv, tmp_path, capsys):
+    out = tmp_path / "run"
+    for method in ("svd", "flexlora", "fedmomentum", "ilora"):
+        line = refused(capsys, ["run", *T, "--data", str(small_csv), "--out", str(out), "--method", method, "--async", "fedasync"])
+        assert f"{method} runs asynchronously with --async fedbuff only" in line and "pass --async fedbuff" in line
+        named = line.rpartition("use one of ")[2].split(", ")
+        assert "ffa" in named and "fedit" in named and "svd" not in named and not out.exists()

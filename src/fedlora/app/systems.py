@@ -214,11 +214,12 @@ def check(run) -> None:
     check_async(run)
 
 
-def async_methods() -> list[str]:
-    """The methods that run under --async (an asynchronous trait declared on the class)."""
+def async_methods(mode: str = "fedbuff") -> list[str]:
+    """The methods that run under ``--async mode`` (an asynchronous trait declared on the class; trait "fedbuff":
+    FedBuff only, in product-delta form)."""
     from fedlora.federation import REGISTRY
 
-    return [n for n, c in REGISTRY.items() if c.asynchronous]
+    return [n for n, c in REGISTRY.items() if c.asynchronous and (mode == "fedbuff" or c.asynchronous != "fedbuff")]
 
 
 def check_async(run) -> None:
@@ -244,7 +245,11 @@ def check_async(run) -> None:
     if not method.asynchronous:
         why = method.async_refusal or "its asynchronous rule (METHODS.md) is not implemented in this version"
         raise ValueError(f"--async {run.async_mode}: {run.method} must run synchronously ({why}); methods that run "
-                         f"asynchronously: {', '.join(async_methods())}")
+                         f"asynchronously: {', '.join(async_methods(run.async_mode))}")
+    if method.asynchronous == "fedbuff" and run.async_mode != "fedbuff":
+        raise ValueError(f"--async {run.async_mode}: {run.method} runs asynchronously with --async fedbuff only (it truncates "
+                         f"FedBuff's product delta BA + (1/K)Σ h(τ)ΔW_u; one arrival's per-tensor mix has no such form); pass "
+                         f"--async fedbuff, or use one of {', '.join(async_methods(run.async_mode))}")
     if method.async_folds and run.adapter not in ("lora", "rslora"):
         raise ValueError(f"--async {run.async_mode} with {run.method} runs on lora or rslora adapters in this version (a stale "
                          f"client trains on its version's base, which {run.adapter} ties to its own factors); pass --adapter lora")

@@ -15,11 +15,22 @@ Both run through the synchronous round's server half (:meth:`Simulator.close_rou
 rewritten to the rule's input (FedAsync: the mixed state; FedBuff: ``x + h(τ)Δ_u``, whose uniform mean is FedBuff's
 step; ``Method.async_rewrite``) and the method's own rule averages them, so screening, bytes, the server optimiser,
 the broadcast and the metrics line are the synchronous run's. A method declares its trait (``Method.asynchronous``):
-for ffa and fedsb the factors that move meet fixed bases, so the mix of tensors is the mix of ``ΔW`` (exact); flora
-scales B_u by the weight (its clients restart from zero factors) and, being a folding method (``async_folds``), has
-its stale clients train on their version's base, the store keeping each version's base weights, and FedAsync folds
-α_t(base_{v_u} − base_now) too; fedex folds its staleness residual (``Method.async_extra``); fedit and fedsa mix A
-and B separately (inexact: the stale-product error of METHODS.md).
+
+* exact: for ffa and fedsb the factors that move meet fixed bases, so the mix of tensors is the mix of ``ΔW``; ravan
+  likewise, its effective cores s_i·H_i mixed (its own ``async_rewrite``); flora and florist scale B_u by the weight
+  (their clients restart from zero factors; florist then truncates that target at its threshold) and, being folding
+  methods (``async_folds``), have their stale clients train on their version's base, the store keeping each
+  version's base weights, and FedAsync folds α_t(base_{v_u} − base_now) too; fedex folds its staleness residual
+  (``Method.async_extra``).
+* inexact: fedit, fedsa, hetlora (data weights), fedrot, feddpa (its global adapter), frlora (folding, as flora)
+  and fedhello (per block; not its fim pattern) mix A and B separately (the stale-product error of METHODS.md).
+* fedbuff (FedBuff only, product-delta form): svd, flexlora, fedmomentum and ilora truncate
+  ``BA + (1/K)Σ h(τ)s(B_uA_u − B_{v_u}A_{v_u})`` their own way (``methods.svd.ProductDelta``: the uploads pass as
+  sent, ``async_extra`` hands the method each one's start and h(τ) for the flush); FedAsync is refused.
+
+The method state a broadcast carries (``protocol.STATE``: ILoRA's c) is kept for every version in flight and given
+to a client dispatched at it, as its view would hold it; a stale client's result carries the round it trained for
+(``ClientResult.trained_round``, v_u + 1), so its upload is screened against that round's layout (Fed-HeLLo's blocks).
 
 The server half does not depend on where the events come from: :meth:`Asynchronous.next_client`,
 :meth:`~Asynchronous.dispatch` and :meth:`~Asynchronous.receive` (an arrival: the rule, and the version step when it
@@ -52,7 +63,7 @@ log = logging.getLogger("fedlora")
 MODES = ("fedasync", "fedbuff")
 STALENESS = ("constant", "poly", "hinge")
 DEFAULT_SPEEDS = (1.0, 2.0, 4.0)
-TRAITS = ("exact", "inexact")  # the asynchronous traits implemented (Method.asynchronous)
+TRAITS = ("exact", "inexact", "fedbuff")  # the asynchronous traits implemented (Method.asynchronous)
 
 
 def staleness_weight(kind: str, tau: int, a: float, b: float) -> float:
@@ -130,6 +141,7 @@ class Asynchronous(Instant):
     flights: dict[int, Flight] = field(default_factory=dict)
     store: dict[int, dict] = field(default_factory=dict)  # x_v for every version in flight, and the current one
     bases: dict[int, dict] = field(default_factory=dict)  # folding methods: the base weights of those versions
+    sent: dict[int, dict] = field(default_factory=dict)  # the method state (protocol.STATE) each version's broadcast carried
     salts: dict[int, int] = field(default_factory=dict)  # dispatches per client from the current version
     buffer: list = field(default_factory=list)  # FedBuff: (result, v_u, τ)
     failed: list = field(default_factory=list)
@@ -224,6 +236,8 @@ class Asynchronous(Instant):
         if isinstance(result, Rejection):
             self.failed.append(result)
             result = None
+        elif tau:  # screened against the layout of the round it trained for (a simulated or a Flower client alike)
+            result = dataclasses.replace(result, trained_round=flight.version + 1)
         if cfg.mode == "fedasync":
             if result is not None:
                 alpha = cfg.alpha * cfg.weight(tau)
@@ -276,7 +290,7 @@ class Asynchronous(Instant):
     def _train(self, flight: Flight):
         """Client ``flight.cid``'s local training from x_{v_u} (and its private state), seeded by (v_u + 1, client)."""
         sim, cfg = self.sim, self.config
-        start = self.store[flight.version] | sim.private.get(flight.cid, {})
+        start = self.store[flight.version] | self.sent.get(flight.version, {}) | sim.private.get(flight.cid, {})
         fed = flight_config(sim.config, flight.salt)
         method = sim.method
         if cfg.rho:
@@ -315,10 +329,13 @@ class Asynchronous(Instant):
 
     def server_update(self, update):
         """The broadcast's fold gains this step's extra (FedAsync of a folding method: α_t(base_{v_u} − base_now); the
-        method's ``async_extra``): sent dense, and counted."""
+        method's ``async_extra``): sent dense, and counted. The method state the broadcast carries (ILoRA's c) is kept
+        for the version it makes: a client dispatched at that version starts from it, as its view would hold it."""
+        from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, fold_deltas, is_state
+
+        self.sent[self.version] = {n: t for n, t in update.broadcast.items() if is_state(n)}
         if not self._fold:
             return update
-        from fedlora.federation.protocol import FOLD, FOLD_L, FOLD_R, fold_deltas
 
         h, broadcast = self.sim.handle, dict(update.broadcast)
         deltas = fold_deltas(broadcast)
@@ -336,6 +353,7 @@ class Asynchronous(Instant):
         needed = {f.version for f in self.flights.values()} | {self.version}
         self.store = {v: x for v, x in self.store.items() if v in needed}
         self.bases = {v: x for v, x in self.bases.items() if v in needed}
+        self.sent = {v: x for v, x in self.sent.items() if v in needed and x}
         seconds, self.last = self.clock - self.last, self.clock
         clock = {"step_seconds": seconds, "clock_seconds": self.clock} if self.wall else {"sim_seconds": seconds, "sim_clock": self.clock}
         return self._step | {"version": self.version, "arrivals": self.arrived, "in_flight": len(self.flights)} | clock
@@ -350,6 +368,7 @@ class Asynchronous(Instant):
         # cloned: versions share tensors with each other and the global state (FFA's A0), which one file cannot hold twice
         tensors = {f"async/{v}/{n}": t.clone() for v, x in self.store.items() if v != self.version for n, t in x.items()}
         tensors |= {f"asyncbase/{v}/{m}": t.clone() for v, x in self.bases.items() if v != self.version for m, t in x.items()}
+        tensors |= {f"asyncsent/{v}/{n}": t.clone() for v, x in self.sent.items() for n, t in x.items()}
         meta = {"version": self.version, "clock": self.clock, "last": self.last, "dispatched": self.dispatched,
                 "arrived": self.arrived, "queue": self.queue.state(), "salts": {str(c): s for c, s in self.salts.items()},
                 "flights": [[f.cid, f.version, f.start, f.salt] for f in self.flights.values()]}
@@ -365,13 +384,14 @@ class Asynchronous(Instant):
         self.salts = {int(c): int(s) for c, s in state["salts"].items()}
         self.flights = {int(c): Flight(int(c), int(v), float(t), int(s)) for c, v, t, s in state["flights"]}
         device = self.sim.config.device
-        self.store, self.bases = {}, {}
+        self.store, self.bases, self.sent = {}, {}, {}
         self._keep(self.version)
+        kept = {"async": self.store, "asyncbase": self.bases, "asyncsent": self.sent}
         for key, t in tensors.items():
             kind, _, rest = key.partition("/")
-            if kind in ("async", "asyncbase"):
+            if kind in kept:
                 v, _, name = rest.partition("/")
-                (self.store if kind == "async" else self.bases).setdefault(int(v), {})[name] = t.to(device)
+                kept[kind].setdefault(int(v), {})[name] = t.to(device)
 
 
 def flight_config(fed, salt: int):

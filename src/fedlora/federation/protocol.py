@@ -195,8 +195,9 @@ class Method:
     communicates: ClassVar[bool] = True
     needs_blocks: ClassVar[bool] = False  # adapts per transformer block (Fed-HeLLo): a model without numbered blocks is refused
     # --async (METHODS.md "Asynchronous aggregation"): "exact" (a stale update moves ΔW as the full-parameter rule
-    # would), "inexact" (A and B mixed separately: the stale-product error), "" refused with ``async_refusal`` (why the
-    # method must stay synchronous; "" : its asynchronous rule is not implemented in this version)
+    # would), "inexact" (A and B mixed separately: the stale-product error), "fedbuff" (FedBuff only, in product-delta
+    # form: the method truncates BA + (1/K)Σ h(τ)ΔW_u its own way; FedAsync refused), "" refused with ``async_refusal``
+    # (why the method must stay synchronous; "" : its asynchronous rule is not implemented in this version)
     asynchronous: ClassVar[str] = ""
     async_refusal: ClassVar[str] = ""
     async_folds: ClassVar[bool] = False  # --async: the base moves (folds), so a stale client trains on its version's base
@@ -248,9 +249,12 @@ class Method:
 
     @classmethod
     def async_text(cls) -> str:
-        """The table's "async" column: exact, inexact, sync only (METHODS.md), not yet (not implemented), — (no federation)."""
+        """The table's "async" column: exact, inexact, fedbuff only (product delta), sync only (METHODS.md), not yet
+        (not implemented), — (no federation)."""
         if not cls.communicates or cls.pooled:
             return "—"
+        if cls.asynchronous == "fedbuff":
+            return "fedbuff only"
         return cls.asynchronous or ("sync only" if cls.async_refusal else "not yet")
 
     @classmethod

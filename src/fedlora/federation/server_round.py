@@ -40,6 +40,9 @@ class ClientResult:
     n_test: int
     local_accuracy: float
     train_loss: float
+    # The round the client trained for, when it is not the one the server closes (asynchronous aggregation: a stale
+    # client's round is its version's, v_u + 1): its upload's layout is that round's (Fed-HeLLo's blocks).
+    trained_round: int | None = None
 
 
 @dataclass
@@ -147,9 +150,10 @@ def screen(h: AdapterHandle, method: Method, results: list[ClientResult], held: 
     for r in results:
         start = held(r.cid)
         who = None if peer is None else peer(r.cid)
-        layout = method.upload(h, start, rnd, peer=who)
+        trained = rnd if r.trained_round is None else r.trained_round
+        layout = method.upload(h, start, trained, peer=who)
         try:  # the upload as the server reads it (Method.receive: LoRA-A² decodes its selected columns)
-            upload = r.upload if who is None else method.receive(h, r.upload, start, rnd, who)
+            upload = r.upload if who is None else method.receive(h, r.upload, start, trained, who)
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
             rejected.append(Rejection(r.cid, f"client {r.cid}'s upload cannot be read: {exc}"))
             continue

@@ -41,6 +41,7 @@ class FedDPA(Method):
     exactness = "personalised"
     personalised = True
     linear = True
+    asynchronous = "inexact"  # the global adapter mixed as fedit's; the local one stays the client's (private state)
     options = {"train_alpha": Option(0.5, "FedDPA's mix weight of the local adapter while it trains (0 < α ≤ 1)")}
     unsupported = {
         "dora": "the per-instance mix adds the two adapters' LoRA paths B·A·x; DoRA's normalised update is not of that form; choose lora or rslora",

@@ -54,6 +54,9 @@ class FedHeLLo(Method):
     down = "r(d+k) (+ L probabilities in a FIM round)"
     server_opt = SERVER_OPT_FACTORS
     needs_blocks = True
+    # --async: each block's uploads mixed as fedit's (A and B apart); a stale client trains, and its upload is
+    # screened, with the allocation of its own round (v_u + 1). The fim pattern stays synchronous (__init__).
+    asynchronous = "inexact"
     unsupported = {"dora": "DoRA's magnitude vectors are averaged over every client, so a client would change blocks it does not train; "
                            "choose lora, rslora, vera or hira"}
     options = {
@@ -68,6 +71,10 @@ class FedHeLLo(Method):
     def linear_text(cls) -> str:
         return "per block (no secure sum)"
 
+    @classmethod
+    def async_text(cls) -> str:
+        return "inexact (not pattern fim)"
+
     def __init__(self, **options):
         super().__init__(**options)
         text = str(self.settings["layers"])
@@ -80,6 +87,10 @@ class FedHeLLo(Method):
         self.run_seed: int | None = None
         self.blocks: dict[str, int | None] = {}  # adapted module → its block
         self.fim: dict[int, torch.Tensor] = {}  # the server's FIM allocations: first round used → probabilities
+        if self.settings["pattern"] == "fim":
+            self.asynchronous = ""
+            self.async_refusal = ("its Fisher-scoring rounds are a barrier for all clients; pass another --fedhello-pattern "
+                                  "(bottleneck, uniform, triangle, inverted) to run it asynchronously")
 
     def prepare(self, model, spec, seed):
         self.run_seed = seed

@@ -2,11 +2,12 @@
 energy threshold τ folded into every client's base. Math: :mod:`fedlora.aggregation.fedmomentum`."""
 
 from fedlora.aggregation.fedmomentum import check_tau
+from fedlora.federation.methods.svd import ProductDelta
 from fedlora.federation.protocol import Method, Option, register, send_fold
 
 
 @register
-class FedMomentum(Method):
+class FedMomentum(ProductDelta, Method):
     """ΔW* = Σ w_u B_u A_u and its factor-space SVD; every client replaces its LoRA with the top r components split
     as U_r Σ_r^{1/2}, Σ_r^{1/2} V_rᵀ, and folds the components after them, until the cumulative energy reaches
     τ‖ΔW*‖² (option ``tau``, default 0.9999), into its frozen base; the rest is dropped.

@@ -36,6 +36,7 @@ class FedRot(Method):
     server_opt = SERVER_OPT_FACTORS
     summary = "clients upload (B_u R, Rᵀ A_u), R the soft Procrustes rotation of B (even rounds) or A (odd) toward the global factor; then FedIT"
     linear = True
+    asynchronous = "inexact"  # a stale client rotates toward its own start x_{v_u}; B and A then mixed apart, as fedit
     unsupported = {"vera": "FedRot-LoRA rotates the rank space, and VeRA's λ vectors (diagonal scalings of frozen shared "
                            "projections) cannot be rotated; choose lora, rslora, dora or hira"}
     options = {

@@ -1,12 +1,12 @@
 """FlexLoRA (Bai et al., NeurIPS 2024): each client gets its own rank-r_u truncation of the SVD of ΔW*.
 Math: :mod:`fedlora.aggregation.flexlora` (the factor-space SVD, never the dense d×k update)."""
 
-from fedlora.federation.methods.svd import SOLVER
+from fedlora.federation.methods.svd import SOLVER, ProductDelta
 from fedlora.federation.protocol import Method, register
 
 
 @register
-class FlexLoRA(Method):
+class FlexLoRA(ProductDelta, Method):
     """ΔW* = Σ w_u s_u B_u A_u; client u replaces its LoRA with [ΔW*]_{r_u} split as U Σ^{1/2}/√s_u, Σ^{1/2} Vᵀ/√s_u.
 
     The server keeps the rank-r_max truncation (the global model it scores); what each client receives is its

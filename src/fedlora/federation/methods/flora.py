@@ -28,7 +28,8 @@ class FLoRA(Method):
         folds α_t·s·B_uA_u (and the runner adds α_t(base_{v_u} − base_now)), FedBuff h(τ)·s·B_uA_u over the 1/K mean:
         B_u scaled by the weight, A_u as sent; other trainables (the head) mixed as any tensor."""
         factors = set(h.B_names()) | set(h.A_names())
-        others = super().async_rewrite(h, {n: t for n, t in upload.items() if n not in factors}, start, current, mode=mode, weight=weight)
+        # Method's own rule, not super(): FLoRIST (no subclass) takes this hook as it is
+        others = Method.async_rewrite(self, h, {n: t for n, t in upload.items() if n not in factors}, start, current, mode=mode, weight=weight)
         B = set(h.B_names())
         return others | {n: weight * t if n in B else t for n, t in upload.items() if n in factors}
 

@@ -2,6 +2,7 @@
 fresh LoRA at each client's own rank. Math: :mod:`fedlora.aggregation.florist`."""
 
 from fedlora.aggregation.florist import DEFAULT_TAU, check_tau
+from fedlora.federation.methods.flora import FLoRA
 from fedlora.federation.protocol import SERVER_OPT_FOLD, Method, Option, ServerUpdate, register, send_fold, to_global
 
 
@@ -45,6 +46,12 @@ class FLoRIST(Method):
     }
     options = {"tau": Option(DEFAULT_TAU, "FLoRIST energy threshold τ in (0, 1]: fold the fewest singular components of ΔW* "
                                           "holding τ of its energy (1: all of ΔW*, as flora)", to_rule=True)}
+
+    asynchronous = "exact"  # up to τ, as synchronously: the fold is [target]_p of the full-parameter rule's target
+    async_folds = True
+    # Clients restart from fresh factors as flora's: B_u scaled by the weight makes ΔW* the rule's target (FedAsync
+    # α_t·s·B_uA_u, the runner folding α_t(base_{v_u} − base_now) beside it; FedBuff (1/K)Σ h(τ)·s·B_uA_u).
+    async_rewrite = FLoRA.async_rewrite
 
     def __init__(self, **options):
         super().__init__(**options)

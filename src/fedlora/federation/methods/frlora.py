@@ -35,6 +35,10 @@ class FRLoRA(Method):
     down = "min(dk, r(d+k))"
     exact = False
     linear = True
+    # --async: fedit's separate mixes of the fresh factors are folded (inexact); clients restart from zero, so a stale
+    # client trains on its version's base and FedAsync also folds α_t(base_{v_u} − base_now), as flora
+    asynchronous = "inexact"
+    async_folds = True
     unsupported = {
         "vera": "not offered: the fold of VeRA's diag(λ_b)·B·diag(λ_d)·A factors and its re-init are untested; use lora, rslora or hira",
         "dora": "re-initialising DoRA re-derives its magnitude from the folded base, dropping the trained magnitude; use lora, rslora or hira",

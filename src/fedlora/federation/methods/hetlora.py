@@ -25,6 +25,7 @@ class HetLoRA(Method):
     up = "r_u(d+k)"
     down = "r_u(d+k)"
     mixed_ranks = True
+    asynchronous = "inexact"  # with data weights (__init__): A and B mixed apart, as fedit
     unsupported = {"vera": "HetLoRA pads and truncates factor ranks, which VeRA's shared projections fix; choose lora, rslora, dora or hira"}
     options = {
         "weights": Option("sparsity", "HetLoRA aggregation weights: sparsity (the paper's) or data", ("sparsity", "data")),
@@ -37,12 +38,20 @@ class HetLoRA(Method):
     def linear_text(cls) -> str:
         return "with data weights"
 
+    @classmethod
+    def async_text(cls) -> str:
+        return "inexact (data weights)"
+
     def is_linear(self) -> bool:
         return self.settings["weights"] == "data"
 
     def __init__(self, **options):
         super().__init__(**options)
         self.rule_options = {"weighting": self.settings["weights"], **self.rule_options}
+        if self.settings["weights"] != "data":  # METHODS.md: asynchronous with data weights only
+            self.asynchronous = ""
+            self.async_refusal = ("its sparsity weights ω_u ∝ ‖s_uB_uA_u‖ would weigh the rewritten stale mixes, not the "
+                                  "clients' updates; pass hetlora-weights=data to run it asynchronously")
 
     def has_loss_term(self) -> bool:
         return self.settings["lam"] > 0 and self.settings["gamma"] < 1

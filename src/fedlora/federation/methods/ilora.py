@@ -6,6 +6,7 @@ import torch
 from fedlora.adapters.structures import QROffset
 from fedlora.aggregation import Aggregate, aggregate
 from fedlora.aggregation.ilora import TRUNCATIONS, client_variate, pad_to, qr_init, rebase, server_variate
+from fedlora.federation.methods.svd import ProductDelta
 from fedlora.federation.protocol import STATE, Method, Option, ServerUpdate, is_state, register
 
 CV_MODES = ("scaffold", "off")
@@ -15,7 +16,7 @@ C, CU, BASIS, DC = STATE + "c.", STATE + "cu.", STATE + "basis.", STATE + "dc."
 
 
 @register
-class ILoRA(Method):
+class ILoRA(ProductDelta, Method):
     """Every process QRs each base weight W0 (Householder, diag R ≥ 0), no bytes. Client u (rank r_u, scale s_u)
     starts from ``T_u = Q[:, :r_u] R[:r_u]`` (``B = Q[:, :r_u]``, ``A = R[:r_u]/s_u``) over the frozen offset
     ``−T_u``, so its round-1 model is W0 exactly. The server keeps the global content G at rank r = r_max
@@ -55,6 +56,11 @@ class ILoRA(Method):
       its own rank (``P_u = B_new[:, :r_u]ᵀ B_old[:, :r_u]``). c_u is the client's private state and c the
       method's server state, both checkpointed, so a resumed run continues them. ``--ilora-cv off``: plain AdamW.
     - Metrics: ``ρ`` compares G' with ΔW* = Σ w_u s_u B_u A_u; with one rank M = ΔW*, so ρ is the truncation error.
+    - ``--async fedbuff`` (product-delta form, :class:`~fedlora.federation.methods.svd.ProductDelta`): the rule's own
+      start terms take the stale starts, ``M = G + Σ_u w_u h(τ_u)(s B_uA_u − s B_{v_u}A_{v_u})`` (B_u and T_u scaled by
+      h(τ_u)), the head moves as FedBuff's ``x + Σ w_u h(τ)(x_u − x_{v_u})``, and a stale client's Δc_u, computed in
+      its start's basis B_{v_u}, is re-based to the current B before the server adds it (our choice; the variates
+      stay a heuristic there). FedAsync is refused.
 
     Traits: mixed ranks; not exact (the QR truncation is not the best rank-r fit: it projects onto the span of M's
     first r input columns); not linear (the QR needs each client's factors). LoRA and rsLoRA. No server optimiser.
@@ -173,6 +179,17 @@ class ILoRA(Method):
             self.c[k.B], self.c[k.A] = rebase(c[k.B], c[k.A], new[k.B], current[k.B])
             new[C + k.B], new[C + k.A] = self.c[k.B], self.c[k.A]
 
+    def _rebased(self, h, uploads, starts, current):
+        """--async fedbuff: each upload's Δc_u carried from its start's basis B_{v_u} to the current B."""
+        out = []
+        for u, st in zip(uploads, starts):
+            moved = dict(u)
+            for k in h.keys.values():
+                if st[k.B] is not current[k.B]:
+                    moved[DC + k.B], moved[DC + k.A] = rebase(u[DC + k.B], u[DC + k.A], current[k.B], st[k.B])
+            out.append(moved)
+        return out
+
     # ---- what client u holds: the nested truncation at its rank and scale ------------------------------------------
     def deliver(self, h, broadcast, peer, seed=None):
         """``(B_g[:, :r_u], A_g[:r_u]·s/s_u)``: ``s_u B A`` is the rank-r_u QR truncation of the global content."""
@@ -204,18 +221,24 @@ class ILoRA(Method):
                              "offset); use ilora-truncate=qr with --client-ranks, or drop --client-ranks")
         s = h.spec.scale_at(h.rank)
         new, layers = dict(current), {}
-        starts = [self.deliver(h, current, p) for p in ctx.peers]
+        stale = self.buffered(h, uploads, current)  # --async fedbuff: each upload's (upload, x_{v_u}, h(τ)); else None
+        starts = [self.deliver(h, current, p) for p in ctx.peers] if stale is None else [it[1] for it in stale]
+        gains = [1.0] * len(uploads) if stale is None else [it[2] for it in stale]
         scales = [p.scale for p in ctx.peers]
         for module, k in h.keys.items():
-            T = [(st[k.B] * p.scale, st[k.A]) for st, p in zip(starts, ctx.peers)]
-            agg = aggregate(self.rule, [u[k.B] for u in uploads], [u[k.A] for u in uploads], weights, scales=scales, name=module,
+            T = [(st[k.B] * (p.scale * g), st[k.A]) for st, p, g in zip(starts, ctx.peers, gains)]
+            Bs = [u[k.B] if g == 1.0 else u[k.B] * g for u, g in zip(uploads, gains)]
+            agg = aggregate(self.rule, Bs, [u[k.A] for u in uploads], weights, scales=scales, name=module,
                             current=(current[k.B] * s, current[k.A]), starts=T, rank=h.rank, truncate=self.settings["truncate"])
             new[k.B], new[k.A] = agg.B, agg.A / s
             # metrics read the layers in the scaled space under mixed ranks, in factor units (÷ s) otherwise
             layers[module] = Aggregate(method=self.rule, B=agg.B, A=agg.A if ctx.mixed else agg.A / s, info=agg.info)
-        for n in h.other_names:  # the head (and any other shared trainable), averaged
+        for n in h.other_names:  # the head (and any other shared trainable), averaged (FedBuff: moved by the deltas)
             if all(n in u for u in uploads):
-                new[n] = sum(float(w) * u[n].to(torch.float64) for w, u in zip(weights, uploads)).to(current[n].dtype)
+                total = sum(float(w) * u[n].to(torch.float64) for w, u in zip(weights, uploads)) if stale is None else \
+                    current[n].to(torch.float64) + sum(float(w) * g * (u[n] - st[n]).to(torch.float64)
+                                                       for w, g, u, st in zip(weights, gains, uploads, starts))
+                new[n] = total.to(current[n].dtype)
         if self.variates:
-            self._variates(h, uploads, current, new)
+            self._variates(h, uploads if stale is None else self._rebased(h, uploads, starts, current), current, new)
         return ServerUpdate(broadcast=new, layers=layers, scales=ctx.scales)

@@ -2,6 +2,8 @@
 ``H_i`` and the scalars ``s_i``. Math: :mod:`fedlora.aggregation.ravan`. The protocol is Fed-SB's with h gained
 blocks (:class:`~fedlora.federation.methods.fedsb.FedSB`)."""
 
+import torch
+
 from fedlora.federation.methods.fedsb import FedSB
 from fedlora.federation.protocol import Option, register
 
@@ -33,7 +35,18 @@ class RAVAN(FedSB):
     down = "h·r²"
     options = {"heads": Option(4, "RAVAN's number of heads h (each of rank --rank; h·rank ≤ the smaller side of a layer)", to_rule=True)}
     gains = True
-    asynchronous = ""  # exact in METHODS.md, but its s_i·H_i products need their own mix: not implemented yet
+    asynchronous = "exact"  # the bases never change, so a stale product s_i·H_i meets the same B, A
+
+    def async_rewrite(self, h, upload, start, current, *, mode, weight):
+        """The effective cores s_i·H_i mixed, not H_i and s_i apart (whose mix is not the mix of ΔW): each upload's
+        ``H_i`` becomes FedAsync's (1−α_t)H_i + α_t·s_{i,u}H_{i,u}, FedBuff's H_i + h(τ)(s_{i,u}H_{i,u} − H_{i,v_u})
+        (the server's and the starts' s_i are 1: clients restart them there), with its s_i sent as 1 (so the
+        rule's product is that mix); the head as any tensor. The upload's bytes are those sent (same shapes)."""
+        cores = {k.core: h.core_of(upload, m) for m, k in h.keys.items() if k.core in upload}
+        gains = {k.gain: torch.ones_like(upload[k.gain]) for k in h.keys.values() if k.gain and k.gain in upload}
+        mixed = super().async_rewrite(h, {n: t for n, t in upload.items() if n not in gains} | cores, start, current,
+                                      mode=mode, weight=weight)
+        return mixed | gains
 
     def __init__(self, **options):
         super().__init__(**options)
