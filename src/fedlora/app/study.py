@@ -11,7 +11,9 @@ over paired seeds, and a section of one generated report:
 5. scale: 10, 50, 100 clients (IID) for ``fedit`` and ``florana`` over one fixed pool of examples;
 6. synthetic: every shipped method on the synthetic teacher–student task over a heterogeneity sweep, 20 seeds;
 7. privacy: example-level DP (DP-SGD) at three noise levels on the MiniLM setting; privacy-synthetic: the same on the
-   synthetic task, where DP-SGD runs still learn, to test FFA-LoRA's claim.
+   synthetic task, where DP-SGD runs still learn, to test FFA-LoRA's claim;
+8. instruct: instruction tuning of a causal LM across tasks; privacy-instruct: DP on that track
+   (:mod:`fedlora.app.study_privacy_instruct`).
 
 Seed s gives every method the same partition, test set, initial adapter, client sampling and batch order; numbers
 are means with 95 % t-intervals over seeds and comparisons are per-seed (paired) differences (:mod:`stats`).
@@ -30,14 +32,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedlora.app.config import RunConfig
 from fedlora.app.rundir import RunDir, same_settings
 
-PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy", "privacy-synthetic", "instruct")
+if TYPE_CHECKING:  # the module imports this one's helpers; this one imports it where it is used
+    from fedlora.app.study_privacy_instruct import PrivacyInstructPlan
+
+PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy", "privacy-synthetic", "instruct",
+         "privacy-instruct")
 # The privacy–utility curves and the instruction-tuning track are asked for by name (--parts privacy,instruct): DP-SGD
 # runs and a causal LM's runs are long.
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "privacy-synthetic", "instruct"))
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "privacy-synthetic", "instruct", "privacy-instruct"))
 # The instruction-tuning track's methods: FedIT and the methods its papers compare, FlexLoRA with mixed ranks.
 INSTRUCT_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "flexlora", "fedsb", "feddpa")
 PRESETS = ("default", "quick")
@@ -121,9 +128,13 @@ class Preset:
     privacy: PrivacyPlan | None = None
     instruct: InstructPlan | None = None
     privacy_synthetic: PrivacySyntheticPlan | None = None
+    # DP on the instruction-tuning track, planned from ``instruct`` (fedlora.app.study_privacy_instruct)
+    privacy_instruct: PrivacyInstructPlan | None = None
 
 
 def preset(name: str) -> Preset:
+    from fedlora.app.study_privacy_instruct import PrivacyInstructPlan
+
     if name not in PRESETS:
         raise ValueError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
     partitions = (("IID", "iid", 1.0), ("α=1", "dirichlet", 1.0), ("α=0.5", "dirichlet", 0.5))
@@ -152,7 +163,7 @@ def preset(name: str) -> Preset:
         privacy_synthetic = PrivacySyntheticPlan(synthetic.base, "0,0", ("fedit", "ffa", "fedsa", "fedsvd", "fedsb"), PSYN_NOISES, 1.0,
                                                  tuple(range(10)))
         return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic, privacy, instruct,
-                      privacy_synthetic)
+                      privacy_synthetic, PrivacyInstructPlan())
     base = RunConfig(
         model="tiny:bert", data="tweets", clients=3, rounds=2, local_steps=2, batch_size=8, lr=5e-3, rank=4,
         examples_per_client=40, test_examples=60, max_length=32, similarity=True, seed=0, device="cpu",
@@ -164,7 +175,10 @@ def preset(name: str) -> Preset:
     )
     privacy = PrivacyPlan(("fedit", "ffa", "fedsb"), (1.0,), 1.0, ("IID", "iid", 1.0))
     privacy_synthetic = PrivacySyntheticPlan(synthetic.base, "0,0", ("fedit", "ffa", "fedsb"), (0.0, 0.5), 1.0, (0, 1))
-    return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic, privacy, privacy_synthetic=privacy_synthetic)
+    # quick has no instruct plan (a causal LM's data); with one, its DP part is one level of each kind, a small cohort
+    privacy_instruct = PrivacyInstructPlan(noises=(1.0,), cohort=100, population=10**4, client_delta=1e-5)
+    return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic, privacy, privacy_synthetic=privacy_synthetic,
+                  privacy_instruct=privacy_instruct)
 
 
 @dataclass(frozen=True)
@@ -265,6 +279,11 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
             for m in p.instruct.methods:
                 name = f"instruct/{m}/seed-{s}"
                 runs[name] = StudyRun(name, "instruct", p.instruct.base.replace(method=m, seed=s, **dict(dict(p.instruct.overrides).get(m, ()))))
+    if "privacy-instruct" in parts and p.instruct is not None and p.privacy_instruct is not None:
+        from fedlora.app import study_privacy_instruct
+
+        # its no-DP runs are the instruct part's (same names and settings): a dict keeps one of each
+        runs |= {r.name: r for r in study_privacy_instruct.runs(p.instruct, p.privacy_instruct)}
     if "synthetic" in parts and p.synthetic is not None:
         # the layout of `fedlora compare --seeds`: synthetic-LEVEL/METHOD/seed-S, so a compare's runs can be reused
         for s in p.synthetic.seeds:
@@ -791,6 +810,7 @@ def _run_time(ctx: ReportContext) -> str:
         if r.name in ctx.histories:
             kind = ("synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
                     else "privacy, synthetic (part 7b)" if r.label.startswith("privacy-synthetic:")
+                    else "privacy, instruction tuning (part 8b)" if r.label.startswith("privacy-instruct")
                     else "instruction tuning (part 8)" if r.label == "instruct" else f"`{ctx.p.base.model}` (parts 1–5)")
             kinds[kind] = kinds.get(kind, 0.0) + summary_row(ctx.histories[r.name])["wall_s"]
     total_wall = sum(kinds.values())
@@ -1045,7 +1065,7 @@ def _similarity_reading(ctx: ReportContext, stats: dict[str, dict[int, dict]]) -
 
 
 def _heterogeneity(ctx: ReportContext) -> str:
-    other = ("N=", "synthetic:", "privacy:", "privacy-synthetic:")  # the other parts' labels
+    other = ("N=", "synthetic:", "privacy:", "privacy-synthetic:", "instruct", "privacy-instruct")  # the other parts' labels
     order = sorted({r.label for r in ctx.runs if r.method in HETEROGENEITY_METHODS and not r.label.startswith(other)},
                    key=lambda l: float("inf") if l == "IID" else float(l.removeprefix("α=")))
     by_m = {m: {l: ctx.seeded(m, l) for l in order if ctx.seeded(m, l)} for m in HETEROGENEITY_METHODS}
@@ -1515,6 +1535,12 @@ def _instruct_moved(ctx: ReportContext, m: str, label: str) -> bool:
     return not math.isnan(half) and mean > 0 and distinguishable(mean, half)
 
 
+def _privacy_instruct(ctx: ReportContext) -> str:
+    from fedlora.app.study_privacy_instruct import section
+
+    return section(ctx)
+
+
 def _reading(ctx: ReportContext) -> str:
     if not ctx.verdicts:
         return ""
@@ -1539,6 +1565,7 @@ SECTIONS: tuple[tuple[str, Callable[[ReportContext], str]], ...] = (
     ("privacy", _privacy),
     ("privacy-synthetic", _privacy_synthetic),
     ("instruct", _instruct),
+    ("privacy-instruct", _privacy_instruct),
     ("reading", _reading),
 )
 
