@@ -1,5 +1,6 @@
 """`fedlora study --parts privacy-instruct`: DP on the instruction-tuning track, planned from the instruct part (its no-DP
-runs reused), reported as the held-out score against ε with paired differences to FedIT and FFA-LoRA's claim."""
+runs reused), reported as the held-out score against ε with paired differences to FedIT and FFA-LoRA's claim; and the
+privacy part's `dp-large-batch` preset (MiniLM at the DP-SGD batch where the noise is the signal's size)."""
 
 from __future__ import annotations
 
@@ -152,3 +153,22 @@ def test_the_part_runs_end_to_end_on_the_tiny_model(tasks_jsonl, tmp_path, capsy
         assert main([*args, "--parts", "instruct,privacy-instruct"]) == 0
         n = len(plan(p, parts=("instruct", "privacy-instruct")))
         assert f"{n} runs ({n} already finished)" in capsys.readouterr().err
+
+
+def test_the_large_batch_preset_keeps_the_privacy_parts_epsilon_at_batch_root_p():
+    """Same sampling rate and steps as the default's privacy part (so the same ε per z), expected batch ≈ √P."""
+    d, big = preset("default"), preset("dp-large-batch")
+
+    def train(c):  # a client's training examples: its shard less the local test (fedlora.data.partition's rounding)
+        return c.examples_per_client - int(c.examples_per_client * c.local_test_fraction + 0.5)
+
+    assert big.base.batch_size / train(big.base) == pytest.approx(d.base.batch_size / train(d.base), rel=1e-3)
+    assert (big.base.rounds, big.base.local_steps, big.base.model) == (d.base.rounds, d.base.local_steps, d.base.model)
+    lora = 2 * 6 * big.base.rank * (384 + 384)  # query and value of MiniLM-L6's six 384-wide layers
+    assert big.base.batch_size ** 2 == pytest.approx(lora + 384 * 3 + 3, rel=0.02)  # + the 3-sentiment head
+    runs = plan(big, parts=("privacy",))
+    assert sorted((r.method, r.config.dp, r.config.dp_noise, r.seed) for r in runs if r.config.dp == "example") == [
+        (m, "example", 1.0, s) for m in ("fedit", "ffa") for s in (0, 1, 2)]
+    assert len(runs) == 12 and {r.config.data for r in runs} == {"tweets"} and all(r.config.batch_size == 275 for r in runs)
+    for r in runs:
+        r.config.validate()
