@@ -149,6 +149,7 @@ def test_the_part_runs_end_to_end_on_the_tiny_model(tasks_jsonl, tmp_path, capsy
                for m in ("fedit", "ffa") for s in (0,)]
         assert min(eps) > 0 and f"| example (DP-SGD), z = 1 | {sum(eps) / 2:.2f} (δ = 1e-05) |" in text
         assert "FFA-LoRA's claim on the instruction-tuning track" in text and "model `tiny:llama`" in text
+        assert "](r/privacy-instruct.png)" in text and (tmp_path / "r" / "privacy-instruct.png").stat().st_size > 0
         capsys.readouterr()
         assert main([*args, "--parts", "instruct,privacy-instruct"]) == 0
         n = len(plan(p, parts=("instruct", "privacy-instruct")))

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 from fedlora.app.study import (
+    COLORS,
     REFERENCE,
     InstructPlan,
     ReportContext,
@@ -23,13 +24,16 @@ from fedlora.app.study import (
     _clears,
     _diff,
     _distinct,
+    _errorbar,
     _f,
     _ffa_cells,
     _ffa_word,
     _floor_mark,
     _instruct_floors,
     _mean,
+    _plt,
     _pm,
+    _save,
 )
 
 NONE, EXAMPLE, CLIENT = "none", "example", "client"
@@ -167,8 +171,8 @@ def section(ctx: ReportContext) -> str:
          f"z = {', '.join(f'{z:g}' for z in pp.noises)}, and under client-level DP (DP-FedAvg, update clip C = {pp.client_clip:g}) "
          f"at z = {', '.join(f'{z:g}' for z in pp.client_noises)} with the noise calibrated as if a cohort of {pp.cohort:,} "
          f"clients of a population of {pp.population:,} joined each round: its ε is **cohort-simulated**, what such a "
-         "deployment would spend, not a guarantee of this 3-client run. Score: `heldout/exact` after the last round, mean ± "
-         "95 % interval over seeds; † does not clear the constant-answer floor (section 8).", "",
+         f"deployment would spend, not a guarantee of this {cfg.clients}-client run. Score: `heldout/exact` after the last round, "
+         "mean ± 95 % interval over seeds; † does not clear the constant-answer floor (section 8).", "",
          "| DP | ε | " + " | ".join(ms) + " |", "|---|---:|" + "---:|" * len(ms)]
     for kind, z in levels:
         cells = []
@@ -180,10 +184,42 @@ def section(ctx: ReportContext) -> str:
     L += ["| base model (before training) | — | " + " | ".join([_pm(base.values()) + _floor_mark(base, floors, KEY)] * len(ms)) + " |",
           "| *constant answer* | — | " + " | ".join([_pm(floor.values())] * len(ms)) + " |", ""]
     L += _paired_table(ctx, ms, levels)
+    if ctx.figdir is not None:
+        fig = _figure(ctx, ms, pp, _mean(base.values()), _mean(floor.values()))
+        L += [f"![held-out score against ε]({ctx.rel(fig)})", ""]
     _utility_reading(ctx, ms, levels, base, floors)
     if REFERENCE in ms and "ffa" in ms:
         _ffa_instruct_reading(ctx, pp, base)
     return "\n".join(L)
+
+
+def _figure(ctx: ReportContext, ms: list[str], pp: PrivacyInstructPlan, base: float | None, floor: float | None):
+    """The held-out score against ε (log scale), mean ± 95 % interval over seeds: each method's example-level curve, its
+    client-level cohort point (unjoined, paler) and its score without DP (dotted); the base model and the
+    constant-answer floor as grey lines."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in ms:
+        color = COLORS.get(m)
+        for kind, noises in ((EXAMPLE, pp.noises), (CLIENT, pp.client_noises)):
+            zs = [z for z in sorted(noises, reverse=True) if _scores(ctx, m, kind, z)]  # more noise → less ε → left
+            eps = [_mean(h[-1].get("epsilon") for h in ctx.seeded(m, run_label(kind, z)).values()) for z in zs]
+            if zs and None not in eps:
+                line = _errorbar(ax, eps, [list(_scores(ctx, m, kind, z).values()) for z in zs], color=color, alpha=1.0 if kind == EXAMPLE else 0.6,
+                                 ls="-" if kind == EXAMPLE else "none", label=m if kind == EXAMPLE else f"{m}, client (cohort)")
+                color = line[0].get_color()
+        none = _scores(ctx, m, NONE, None)
+        if none:
+            ax.axhline(_mean(none.values()), ls=":", color=color, alpha=0.7)
+    for value, style, what in ((base, "--", "base model"), (floor, "-.", "constant answer")):
+        if value is not None:
+            ax.axhline(value, ls=style, color="grey", label=f"{what} ({value:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("ε (example level: δ = 1e-5, largest over clients; client level: cohort-simulated)")
+    ax.set_ylabel("held-out exact match (dotted: without DP)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, ctx.figdir / "privacy-instruct.png")
 
 
 def _paired_table(ctx: ReportContext, ms: list[str], levels) -> list[str]:
