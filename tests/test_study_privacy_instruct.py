@@ -173,3 +173,17 @@ def test_the_large_batch_preset_keeps_the_privacy_parts_epsilon_at_batch_root_p(
     assert len(runs) == 12 and {r.config.data for r in runs} == {"tweets"} and all(r.config.batch_size == 275 for r in runs)
     for r in runs:
         r.config.validate()
+
+
+def test_the_heterogeneity_section_does_not_read_the_instruct_labels_as_alphas(tmp_path):
+    """The instruct parts' labels ("instruct", "privacy-instruct:1") are not partitions: a report of heterogeneity beside
+    them orders only the α labels (it used to call float() on every other part's label it did not know)."""
+    p = preset("default")
+    parts = ("heterogeneity", "instruct", "privacy-instruct")
+    runs = plan(p, parts=parts)
+    fedit = next(r for r in runs if r.label == "IID" and r.method == "fedit")
+    histories = {fedit.name: [{"global_accuracy": 0.5, "local_accuracy": 0.6, "local_global_gap": 0.1, "divergence": 0.1,
+                               "bytes_up": 1, "bytes_down": 1, "wall_seconds": 1.0}]}
+    ctx = ReportContext(p, runs, histories, "test", parts=parts, figdir=tmp_path)
+    text = study._heterogeneity(ctx)
+    assert "| fedit | — | — | — | 0.500 / 0.600 / 0.100 |" in text and "instruct" not in text  # α = 0.1, 0.5, 1, IID
