@@ -171,6 +171,7 @@ def test_the_large_batch_preset_keeps_the_privacy_parts_epsilon_at_batch_root_p(
     assert sorted((r.method, r.config.dp, r.config.dp_noise, r.seed) for r in runs if r.config.dp == "example") == [
         (m, "example", 1.0, s) for m in ("fedit", "ffa") for s in (0, 1, 2)]
     assert len(runs) == 12 and {r.config.data for r in runs} == {"tweets"} and all(r.config.batch_size == 275 for r in runs)
+    assert plan(big, parts=DEFAULT_PARTS) == [] and plan(big, parts=PARTS) == runs  # no other part: each would run at that batch for hours
     for r in runs:
         r.config.validate()
 

@@ -191,10 +191,13 @@ def _dp_large_batch(d: Preset) -> Preset:
     training examples per client (q·1,753 = 275): 10 × 1,845 with 5 % local test, more than BBC News holds (2,225
     articles), so the corpus is the offline tweets (38,158, three sentiments). FedIT and FFA (the claim) at z = 1
     (ε ≈ 5.5, as the default's z = 1), 3 seeds: 6 DP-SGD runs and their 6 runs without DP at the same batch, about
-    18 minutes each on this machine alone (41,250 per-example gradients at ~41/s). Its no-DP runs have other
-    settings than the default's comparison runs of the same names: give it its own --runs directory."""
+    18 minutes each on this machine alone (41,250 per-example gradients at ~41/s). The preset has no other part (each
+    would run at that batch for hours); its no-DP runs have other settings than the default's comparison runs of the
+    same names: give it its own --runs directory."""
     base = d.base.replace(data="tweets", batch_size=275, examples_per_client=1845, local_test_fraction=0.05)
-    return replace(d, base=base, privacy=PrivacyPlan(("fedit", "ffa"), (1.0,), 1.0, ("IID", "iid", 1.0)))
+    return replace(d, base=base, privacy=PrivacyPlan(("fedit", "ffa"), (1.0,), 1.0, ("IID", "iid", 1.0)), comparison=(),
+                   extra_alphas=(), similarity=(), scale_clients=(), synthetic=None, instruct=None, privacy_synthetic=None,
+                   privacy_instruct=None)
 
 
 @dataclass(frozen=True)
