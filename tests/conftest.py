@@ -1,4 +1,5 @@
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -65,6 +66,30 @@ def instructions_jsonl(small_csv, tmp_path_factory):
         for text, label in zip(frame["text"], frame["label"]):
             f.write(json.dumps({"prompt": f"Sentiment of: {text[:80]}", "response": label, "label": label}) + "\n")
     return path
+
+
+@pytest.fixture(scope="module")
+def tasks_jsonl(tmp_path_factory):
+    """Three small tasks with their own answer rules and a second attribute (``kind``)."""
+    rows = []
+    for a in range(1, 10):
+        for b in range(1, 4):
+            rows.append({"prompt": f"What is {a} plus {b}?", "response": str(a + b), "task": "add", "rule": "prefix", "kind": "maths"})
+            rows.append({"prompt": f"Is {a} larger than {b}? Answer yes or no.", "response": "yes" if a > b else "no", "task": "compare",
+                         "rule": "exact", "kind": "maths"})
+            rows.append({"prompt": f"Repeat {a}{b}{a} exactly.", "response": f"{a}{b}{a}", "task": "repeat", "rule": "exact", "kind": "text"})
+    path = tmp_path_factory.mktemp("instruct") / "tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def instruct_config(data, **overrides):
+    """A tiny --task instruct run on ``data`` (e.g. :func:`tasks_jsonl`): three clients, one task each, one round."""
+    from fedlora.app.config import RunConfig
+
+    base = dict(task="instruct", model="tiny:llama", data=str(data), clients=3, partition="one", rounds=1, local_steps=1, batch_size=4,
+                rank=4, examples_per_client=12, test_examples=9, max_length=48, max_new_tokens=3, seed=0, lr=5e-3, device="cpu")
+    return RunConfig(**(base | overrides))
 
 
 def flower_resume_and_export(cfg, tmp_path, keys) -> None:

@@ -218,9 +218,11 @@ def test_study_privacy_synthetic_part_reads_ffa_claim_from_paired_seeds(small_st
 def test_report_sections_follow_the_order_of_the_parts(small_study, tmp_path):
     assert [part for part, _ in SECTIONS if part in PARTS] == list(PARTS)
     headings = [line for line in small_study.text.splitlines() if line.startswith("## ")]
-    # the quick preset has no instruction-tuning plan (a causal LM's runs; tests/test_instruct.py covers that section), and
-    # the small one no systems plan (tests/test_study_systems.py)
-    assert [next(p for p, h in HEADINGS.items() if line.startswith(h)) for line in headings[:-1]] == [p for p in PARTS if p not in ("instruct", "systems")]
+    # the quick preset has no instruction-tuning plan (a causal LM's runs; tests/test_instruct.py and
+    # tests/test_study_privacy_instruct.py cover those sections), and the small one no systems plan
+    # (tests/test_study_systems.py)
+    assert [next(p for p, h in HEADINGS.items() if line.startswith(h)) for line in headings[:-1]] == [
+        p for p in PARTS if p not in ("instruct", "privacy-instruct", "systems")]
     assert headings[-1] == "## Reading: which claims hold here"
     assert small_study.text.index("Protocol:") < small_study.text.index(headings[0])
     # --report-only from the same runs, two parts asked for in the other order: only theirs, in the parts' order

@@ -12,7 +12,8 @@ over paired seeds, and a section of one generated report:
 6. synthetic: every shipped method on the synthetic teacher–student task over a heterogeneity sweep, 20 seeds;
 7. privacy: example-level DP (DP-SGD) at three noise levels on the MiniLM setting; privacy-synthetic: the same on the
    synthetic task, where DP-SGD runs still learn, to test FFA-LoRA's claim;
-8. instruct: instruction tuning across tasks;
+8. instruct: instruction tuning of a causal LM across tasks; privacy-instruct: DP on that track
+   (:mod:`fedlora.app.study_privacy_instruct`);
 9. systems: methods under a simulated clock, synchronous vs deadline vs FedBuff (:mod:`fedlora.app.study_systems`).
 
 Seed s gives every method the same partition, test set, initial adapter, client sampling and batch order; numbers
@@ -37,17 +38,18 @@ from typing import TYPE_CHECKING
 from fedlora.app.config import RunConfig
 from fedlora.app.rundir import RunDir, same_settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the modules import this one's helpers; this one imports them where they are used
+    from fedlora.app.study_privacy_instruct import PrivacyInstructPlan
     from fedlora.app.study_systems import SystemsPlan
 
 PARTS = ("comparison", "divergence", "similarity", "heterogeneity", "scale", "synthetic", "privacy", "privacy-synthetic", "instruct",
-         "systems")
+         "privacy-instruct", "systems")
 # The privacy–utility curves, the instruction-tuning track and the systems study are asked for by name (--parts
 # privacy,instruct,systems): DP-SGD runs and a causal LM's runs are long, the systems part is three arms of every method.
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "privacy-synthetic", "instruct", "systems"))
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ("privacy", "privacy-synthetic", "instruct", "privacy-instruct", "systems"))
 # The instruction-tuning track's methods: FedIT and the methods its papers compare, FlexLoRA with mixed ranks.
 INSTRUCT_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "flexlora", "fedsb", "feddpa")
-PRESETS = ("default", "quick")
+PRESETS = ("default", "quick", "dp-large-batch")
 # The analyses of the FLoRA-NA and FedSA-LoRA papers, over the methods they compare (a study design, not dispatch).
 COMPARISON_METHODS = ("fedit", "ffa", "fedsa", "flora", "fedex", "florana", "svd")
 DIVERGENCE_METHODS = ("fedit", "florana", "svd")
@@ -128,14 +130,19 @@ class Preset:
     privacy: PrivacyPlan | None = None
     instruct: InstructPlan | None = None
     privacy_synthetic: PrivacySyntheticPlan | None = None
+    # DP on the instruction-tuning track, planned from ``instruct`` (fedlora.app.study_privacy_instruct)
+    privacy_instruct: PrivacyInstructPlan | None = None
     systems: SystemsPlan | None = None
 
 
 def preset(name: str) -> Preset:
+    from fedlora.app.study_privacy_instruct import PrivacyInstructPlan
     from fedlora.app.study_systems import SystemsPlan
 
     if name not in PRESETS:
         raise ValueError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if name == "dp-large-batch":
+        return _dp_large_batch(preset("default"))
     partitions = (("IID", "iid", 1.0), ("α=1", "dirichlet", 1.0), ("α=0.5", "dirichlet", 0.5))
     similarity = ("IID", "α=1", "α=0.5")
     levels = ("0,0", "0.5,0.5", "1,1")
@@ -164,7 +171,7 @@ def preset(name: str) -> Preset:
         # the systems part: the synthetic task at one level (10 seeds; a run takes seconds) and MiniLM (the study's seeds)
         systems = SystemsPlan("0.5,0.5", tuple(range(10)))
         return Preset(base, partitions, (0.1,), similarity, (10, 50, 100), 1280, 3, (0, 1, 2), synthetic, privacy, instruct,
-                      privacy_synthetic, systems)
+                      privacy_synthetic, PrivacyInstructPlan(), systems)
     base = RunConfig(
         model="tiny:bert", data="tweets", clients=3, rounds=2, local_steps=2, batch_size=8, lr=5e-3, rank=4,
         examples_per_client=40, test_examples=60, max_length=32, similarity=True, seed=0, device="cpu",
@@ -176,9 +183,28 @@ def preset(name: str) -> Preset:
     )
     privacy = PrivacyPlan(("fedit", "ffa", "fedsb"), (1.0,), 1.0, ("IID", "iid", 1.0))
     privacy_synthetic = PrivacySyntheticPlan(synthetic.base, "0,0", ("fedit", "ffa", "fedsb"), (0.0, 0.5), 1.0, (0, 1))
+    # quick has no instruct plan (a causal LM's data); with one, its DP part is one level of each kind, a small cohort
+    privacy_instruct = PrivacyInstructPlan(noises=(1.0,), cohort=100, population=10**4, client_delta=1e-5)
     systems = SystemsPlan("0,0", (0, 1), methods=("fedit", "ffa", "florana"))
     return Preset(base, partitions, (0.1,), similarity, (3, 6), 96, 2, (0, 1), synthetic, privacy, privacy_synthetic=privacy_synthetic,
-                  systems=systems)
+                  privacy_instruct=privacy_instruct, systems=systems)
+
+
+def _dp_large_batch(d: Preset) -> Preset:
+    """The privacy part where DP-SGD's noise is the size of the signal (docs/privacy.md, "A MiniLM setting with the
+    batch DP-SGD needs"): MiniLM at the default's sampling rate q = 16/102 and steps (so the same ε per z) but an
+    expected batch B = 275 ≈ √P (P ≈ 75,000 trainables: LoRA r = 8 on query and value, 73,728, and the head), so
+    the noise on the averaged gradient, z·C·√P/B, is z times the largest signal instead of 17z. That needs 1,753
+    training examples per client (q·1,753 = 275): 10 × 1,845 with 5 % local test, more than BBC News holds (2,225
+    articles), so the corpus is the offline tweets (38,158, three sentiments). FedIT and FFA (the claim) at z = 1
+    (ε ≈ 5.5, as the default's z = 1), 3 seeds: 6 DP-SGD runs and their 6 runs without DP at the same batch, about
+    18 minutes each on this machine alone (41,250 per-example gradients at ~41/s). The preset has no other part (each
+    would run at that batch for hours); its no-DP runs have other settings than the default's comparison runs of the
+    same names: give it its own --runs directory."""
+    base = d.base.replace(data="tweets", batch_size=275, examples_per_client=1845, local_test_fraction=0.05)
+    return replace(d, base=base, privacy=PrivacyPlan(("fedit", "ffa"), (1.0,), 1.0, ("IID", "iid", 1.0)), comparison=(),
+                   extra_alphas=(), similarity=(), scale_clients=(), synthetic=None, instruct=None, privacy_synthetic=None,
+                   privacy_instruct=None, systems=None)
 
 
 @dataclass(frozen=True)
@@ -283,6 +309,11 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
         from fedlora.app.study_systems import systems_runs
 
         runs |= {r.name: r for r in systems_runs(p)}
+    if "privacy-instruct" in parts and p.instruct is not None and p.privacy_instruct is not None:
+        from fedlora.app import study_privacy_instruct
+
+        # its no-DP runs are the instruct part's (same names and settings): a dict keeps one of each
+        runs |= {r.name: r for r in study_privacy_instruct.runs(p.instruct, p.privacy_instruct)}
     if "synthetic" in parts and p.synthetic is not None:
         # the layout of `fedlora compare --seeds`: synthetic-LEVEL/METHOD/seed-S, so a compare's runs can be reused
         for s in p.synthetic.seeds:
@@ -810,6 +841,7 @@ def _run_time(ctx: ReportContext) -> str:
             kind = ("systems (part 9)" if r.label.startswith("systems:")
                     else "synthetic (part 6)" if r.label.startswith("synthetic:") else "privacy (part 7)" if r.label.startswith("privacy:")
                     else "privacy, synthetic (part 7b)" if r.label.startswith("privacy-synthetic:")
+                    else "privacy, instruction tuning (part 8b)" if r.label.startswith("privacy-instruct")
                     else "instruction tuning (part 8)" if r.label == "instruct" else f"`{ctx.p.base.model}` (parts 1–5)")
             kinds[kind] = kinds.get(kind, 0.0) + summary_row(ctx.histories[r.name])["wall_s"]
     total_wall = sum(kinds.values())
@@ -1064,7 +1096,7 @@ def _similarity_reading(ctx: ReportContext, stats: dict[str, dict[int, dict]]) -
 
 
 def _heterogeneity(ctx: ReportContext) -> str:
-    other = ("N=", "synthetic:", "privacy:", "privacy-synthetic:")  # the other parts' labels
+    other = ("N=", "synthetic:", "privacy:", "privacy-synthetic:", "instruct", "privacy-instruct")  # the other parts' labels
     order = sorted({r.label for r in ctx.runs if r.method in HETEROGENEITY_METHODS and not r.label.startswith(other)},
                    key=lambda l: float("inf") if l == "IID" else float(l.removeprefix("α=")))
     by_m = {m: {l: ctx.seeded(m, l) for l in order if ctx.seeded(m, l)} for m in HETEROGENEITY_METHODS}
@@ -1534,6 +1566,13 @@ def _instruct_moved(ctx: ReportContext, m: str, label: str) -> bool:
     return not math.isnan(half) and mean > 0 and distinguishable(mean, half)
 
 
+def _privacy_instruct(ctx: ReportContext) -> str:
+    """Section 8b, in its own module (:func:`fedlora.app.study_privacy_instruct.section`)."""
+    from fedlora.app.study_privacy_instruct import section
+
+    return section(ctx)
+
+
 def _systems(ctx: ReportContext) -> str:
     """Section 9, in its own module (:func:`fedlora.app.study_systems.section`)."""
     from fedlora.app.study_systems import section
@@ -1565,6 +1604,7 @@ SECTIONS: tuple[tuple[str, Callable[[ReportContext], str]], ...] = (
     ("privacy", _privacy),
     ("privacy-synthetic", _privacy_synthetic),
     ("instruct", _instruct),
+    ("privacy-instruct", _privacy_instruct),
     ("systems", _systems),
     ("reading", _reading),
 )

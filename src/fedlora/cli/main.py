@@ -402,14 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--write", nargs="*", metavar="FILE", help="rewrite the table between the markers in these files")
     me.set_defaults(func=cmd_methods)
     st = sub.add_parser("study", help="the papers' analyses over paired seeds (--parts: comparison, divergence, similarity, "
-                        "heterogeneity, scale, synthetic; privacy, privacy-synthetic, instruct and systems by name)")
+                        "heterogeneity, scale, synthetic; privacy, privacy-synthetic, instruct, privacy-instruct and systems by name)")
     st.add_argument("--preset", default="default",
-                    help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores) or quick (tiny model, a smoke test)")
+                    help="default (MiniLM on BBC News, 3 seeds, about three hours on 2 cores), quick (tiny model, a smoke test) "
+                         "or dp-large-batch (the privacy part at DP-SGD batch 275, about 4 hours: docs/privacy.md)")
     st.add_argument("--parts", default="comparison,divergence,similarity,heterogeneity,scale,synthetic",
                     help="comma-separated analyses to run (default: all but privacy and privacy-synthetic, the DP-SGD "
                          "privacy–utility curves on MiniLM and on the synthetic task, and "
-                         "instruct, instruction tuning of SmolLM2 across tasks, and systems, synchronous vs deadline vs "
-                         "FedBuff under a simulated clock), or all; "
+                         "instruct and privacy-instruct, instruction tuning of SmolLM2 across tasks without and with DP, "
+                         "and systems, synchronous vs deadline vs FedBuff under a simulated clock), or all; "
                          "each can be run and committed on its own")
     st.add_argument("--methods", default=None, help="methods of the comparison (default: the study's seven)")
     st.add_argument("--model", default=None, help="override the preset's model")
