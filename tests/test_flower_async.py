@@ -27,6 +27,9 @@ STEP = ("version", "arrivals", "in_flight", "staleness", "alpha")
     ("flora", "fedbuff", True),    # folds: a stale client trains on its version's base, in a fresh process each time
     ("fedex", "fedasync", False),  # a version per arrival; the staleness residual and α_t(base_v − base_now) folded
     ("fedsa", "fedasync", True),   # private B kept by the SuperNode, promoted only when the server accepted it
+    ("ilora", "fedbuff", False),   # product-delta FedBuff; the control variate c carried by each version's broadcast
+    ("fedhello", "fedasync", False),  # a stale upload screened against the layer blocks of the round it trained for
+    ("ravan", "fedasync", False),  # the heads' effective cores s_i·H_i mixed
 ])
 def test_flower_async_equals_the_simulator_for_the_same_events(small_csv, tmp_path, method, mode, fresh):
     cfg = tiny_config(small_csv, method=method, async_mode=mode, rounds=2, fedasync_rho=0.1 if method == "fedex" else 0.0)
