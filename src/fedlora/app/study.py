@@ -283,47 +283,72 @@ def plan(p: Preset, *, methods: tuple[str, ...] = COMPARISON_METHODS, parts: tup
                     # below the partitioner's minimum; the scale analysis is about N, not heterogeneity
                     add(m, "iid", 1.0, s, clients=n, examples_per_client=per_client, local_steps=steps, rounds=p.scale_rounds)
     if "privacy" in parts and p.privacy is not None:
-        pv = p.privacy
-        label, part, alpha = pv.partition
-        for s in p.seeds:
-            for m in pv.methods:
-                over = dict(dict(pv.overrides).get(m, ()))
-                if over:  # not the comparison's run of this method: its own baseline
-                    name = f"privacy-none/{m}/seed-{s}"
-                    runs.setdefault(name, StudyRun(name, "privacy:none", p.base.replace(method=m, partition=part, alpha=alpha, seed=s, **over)))
-                else:
-                    add(m, part, alpha, s)
-                for z in pv.noises:
-                    name = f"privacy-z{z:g}/{m}/seed-{s}"
-                    cfg = p.base.replace(method=m, partition=part, alpha=alpha, seed=s, dp="example", dp_noise=z,
-                                              dp_clip=pv.clip, **over)
-                    runs[name] = StudyRun(name, f"privacy:{z:g}", cfg)
-    if "privacy-synthetic" in parts and p.privacy_synthetic is not None:
-        runs |= {r.name: r for r in _privacy_synthetic_runs(p.privacy_synthetic)}
-    if "instruct" in parts and p.instruct is not None:
-        for s in p.instruct.seeds:
-            for m in p.instruct.methods:
-                name = f"instruct/{m}/seed-{s}"
-                runs[name] = StudyRun(name, "instruct", p.instruct.base.replace(method=m, seed=s, **dict(dict(p.instruct.overrides).get(m, ()))))
-    if "systems" in parts and p.systems is not None:
-        from fedlora.app.study_systems import systems_runs
-
-        runs |= {r.name: r for r in systems_runs(p)}
-    if "privacy-instruct" in parts and p.instruct is not None and p.privacy_instruct is not None:
-        from fedlora.app import study_privacy_instruct
-
-        # its no-DP runs are the instruct part's (same names and settings): a dict keeps one of each
-        runs |= {r.name: r for r in study_privacy_instruct.runs(p.instruct, p.privacy_instruct)}
-    if "synthetic" in parts and p.synthetic is not None:
-        # the layout of `fedlora compare --seeds`: synthetic-LEVEL/METHOD/seed-S, so a compare's runs can be reused
-        for s in p.synthetic.seeds:
-            for level in p.synthetic.levels:
-                for m in all_methods():
-                    name = f"synthetic-{level}/{m}/seed-{s}"
-                    over = dict(dict(p.synthetic.overrides).get(m, ()))
-                    cfg = p.synthetic.base.replace(method=m, data=f"synthetic:{level}", seed=s, **over)
-                    runs[name] = StudyRun(name, f"synthetic:{level}", cfg)
+        _privacy_runs(p, add, runs)
+    for part, make in _NAMED_PARTS:
+        if part in parts:
+            runs |= {r.name: r for r in make(p)}
     return list(runs.values())
+
+
+def _privacy_runs(p: Preset, add: Callable, runs: dict[str, StudyRun]) -> None:
+    """The privacy part's runs into ``runs``: each method without DP (the comparison's run, through ``add``, unless
+    it has overrides) and at each noise level under example-level DP."""
+    pv = p.privacy
+    label, part, alpha = pv.partition
+    for s in p.seeds:
+        for m in pv.methods:
+            over = dict(dict(pv.overrides).get(m, ()))
+            if over:  # not the comparison's run of this method: its own baseline
+                name = f"privacy-none/{m}/seed-{s}"
+                runs.setdefault(name, StudyRun(name, "privacy:none", p.base.replace(method=m, partition=part, alpha=alpha, seed=s, **over)))
+            else:
+                add(m, part, alpha, s)
+            for z in pv.noises:
+                name = f"privacy-z{z:g}/{m}/seed-{s}"
+                cfg = p.base.replace(method=m, partition=part, alpha=alpha, seed=s, dp="example", dp_noise=z, dp_clip=pv.clip, **over)
+                runs[name] = StudyRun(name, f"privacy:{z:g}", cfg)
+
+
+def _instruct_runs(p: Preset) -> list[StudyRun]:
+    if p.instruct is None:
+        return []
+    ip = p.instruct
+    return [StudyRun(f"instruct/{m}/seed-{s}", "instruct", ip.base.replace(method=m, seed=s, **dict(dict(ip.overrides).get(m, ()))))
+            for s in ip.seeds for m in ip.methods]
+
+
+def _systems_runs(p: Preset) -> list[StudyRun]:
+    from fedlora.app.study_systems import systems_runs
+
+    return [] if p.systems is None else systems_runs(p)
+
+
+def _privacy_instruct_runs(p: Preset) -> list[StudyRun]:
+    from fedlora.app import study_privacy_instruct
+
+    # its no-DP runs are the instruct part's (same names and settings): a dict keeps one of each
+    return [] if p.instruct is None or p.privacy_instruct is None else study_privacy_instruct.runs(p.instruct, p.privacy_instruct)
+
+
+def _synthetic_runs(p: Preset) -> list[StudyRun]:
+    """The layout of `fedlora compare --seeds`: synthetic-LEVEL/METHOD/seed-S, so a compare's runs can be reused."""
+    sp, out = p.synthetic, []
+    for s in sp.seeds if sp is not None else ():
+        for level in sp.levels:
+            for m in all_methods():
+                cfg = sp.base.replace(method=m, data=f"synthetic:{level}", seed=s, **dict(dict(sp.overrides).get(m, ())))
+                out.append(StudyRun(f"synthetic-{level}/{m}/seed-{s}", f"synthetic:{level}", cfg))
+    return out
+
+
+# The parts planned from their own plans, in the order their runs are listed after the seeded MiniLM parts'.
+_NAMED_PARTS: tuple[tuple[str, Callable[[Preset], list[StudyRun]]], ...] = (
+    ("privacy-synthetic", lambda p: [] if p.privacy_synthetic is None else _privacy_synthetic_runs(p.privacy_synthetic)),
+    ("instruct", _instruct_runs),
+    ("systems", _systems_runs),
+    ("privacy-instruct", _privacy_instruct_runs),
+    ("synthetic", _synthetic_runs),
+)
 
 
 def _privacy_synthetic_runs(ps: PrivacySyntheticPlan) -> list[StudyRun]:
