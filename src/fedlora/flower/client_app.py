@@ -68,6 +68,34 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({NODE: info}), reply_to=msg)
 
 
+def _catch_up(sim, config, msg: Message, cid: int, current: dict, synced: int) -> tuple[dict, int]:
+    """Apply the broadcasts of the rounds after ``synced`` that the message carries, in order: (state, round reached)."""
+    h, method, peer = sim.handle, sim.method, sim.peers[cid]
+    order = msg.content.config_records[CONFIG]
+    for r in (int(x) for x in order["broadcast-rounds"]):
+        if r <= synced:  # applied already (the reply that said so was lost): folding twice would corrupt W0
+            continue
+        if r != synced + 1:
+            raise ValueError(f"client {cid} last applied round {synced} but was sent round {r}'s broadcast: {STATE_LOST}")
+        broadcast = from_record(msg.content.array_records[broadcast_key(r)], sim.config.device)
+        if broadcast:  # empty: no client was accepted in round r, and Simulator.round applies nothing then
+            current = method.apply(h, broadcast, current, peer, round_seed(config.seed, r))
+        synced = r
+    return current, synced
+
+
+def _settle_result(state, order, meta) -> None:
+    """Private state counts only once the server accepted the round that produced it (Simulator.round keeps the
+    private tensors of accepted clients only): the last result waits in STATE_RESULT until the server says so."""
+    if STATE_RESULT not in state.array_records:
+        return
+    # asynchronous: the server says whether the last result was accepted (two turns may share a round number)
+    accepted = bool(order["last-accepted"]) if "last-accepted" in order else int(meta["result-round"]) == int(order["accepted-round"])
+    if accepted:
+        state.array_records[STATE_PRIVATE] = state.array_records[STATE_RESULT]
+    del state.array_records[STATE_RESULT]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Apply the broadcasts not applied yet, then the simulator's client turn; remember what the method keeps."""
@@ -100,26 +128,10 @@ def train(msg: Message, context: Context) -> Message:
         metrics = MetricRecord({"partition-id": cid, "n-train": len(sim.clients[cid].train), "n-test": 0,
                                 "local-accuracy": float("nan"), "train-loss": float("nan")})
         return Message(RecordDict({UPLOAD: to_record(upload), EXTRAS: to_record({}), METRICS: metrics}), reply_to=msg)
-    for r in (int(x) for x in order["broadcast-rounds"]):
-        if r <= synced:  # applied already (the reply that said so was lost): folding twice would corrupt W0
-            continue
-        if r != synced + 1:
-            raise ValueError(f"client {cid} last applied round {synced} but was sent round {r}'s broadcast: {STATE_LOST}")
-        broadcast = from_record(msg.content.array_records[broadcast_key(r)], device)
-        if broadcast:  # empty: no client was accepted in round r, and Simulator.round applies nothing then
-            current = method.apply(h, broadcast, current, peer, round_seed(config.seed, r))
-        synced = r
+    current, synced = _catch_up(sim, config, msg, cid, current, synced)
     if synced != rnd - 1:
         raise ValueError(f"client {cid} is at round {synced} but was asked to train round {rnd}: {STATE_LOST}")
-
-    # Private state counts only once the server accepted the round that produced it (Simulator.round keeps the
-    # private tensors of accepted clients only): the last result waits in STATE_RESULT until the server says so.
-    if STATE_RESULT in state.array_records:
-        # asynchronous: the server says whether the last result was accepted (two turns may share a round number)
-        accepted = bool(order["last-accepted"]) if "last-accepted" in order else int(meta["result-round"]) == int(order["accepted-round"])
-        if accepted:
-            state.array_records[STATE_PRIVATE] = state.array_records[STATE_RESULT]
-        del state.array_records[STATE_RESULT]
+    _settle_result(state, order, meta)
     private = from_record(state.array_records[STATE_PRIVATE], device) if STATE_PRIVATE in state.array_records else {}
     result = _turn(sim, config, cid, current, private, rnd, int(order.get("seed-salt", 0)))
 
