@@ -130,6 +130,17 @@ class Recorder(Asynchronous):
         return result
 
 
+def recorded_run(cfg):
+    """``cfg``'s asynchronous run under a :class:`Recorder`, checked to have had stale arrivals: (recorder, handle)."""
+    sim = build(cfg).simulator
+    rec = Recorder(sim.systems.config)
+    sim.systems = rec
+    rec.bind(sim)
+    sim.run()
+    assert max(t for _, _, taus, _, _ in rec.steps for t in taus) >= 1  # staleness happened
+    return rec, sim.handle
+
+
 def effective(h, tensors, base):
     """Per adapted module the weight the model computes with: base + s·B·A (Fed-SB: s·B·R·A; RAVAN: s·B·blockdiag(s_iH_i)·A),
     as d×k."""
@@ -158,13 +169,7 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
     feddpa's global adapter, frlora's folded mix, fedhello's per-block mixes)."""
     cfg = tiny_config(small_csv, method=method, rounds=3, async_mode=mode, async_concurrency=3, buffer=2,
                       method_options=OPTIONS.get(method, ""))
-    sim = build(cfg).simulator
-    rec = Recorder(sim.systems.config)
-    sim.systems = rec
-    rec.bind(sim)
-    sim.run()
-    h = sim.handle
-    assert max(t for _, _, taus, _, _ in rec.steps for t in taus) >= 1  # staleness happened
+    rec, h = recorded_run(cfg)
     same = []
     for (x, base), arrivals, taus, alpha, (x_new, base_new) in rec.steps:
         W, W_new = effective(h, x, base), effective(h, x_new, base_new)
@@ -178,7 +183,7 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
             if exact or not torch.equal(W_new[m], W[m]):  # fedhello: a block nobody in the step trained stays, as it should
                 same.append(torch.allclose(W_new[m], expected, atol=1e-5))
     assert same and (all(same) if exact else not any(same))
-    assert not any(m["n_rejected"] for m in sim.history)  # stale uploads are screened against their own round's layout
+    assert not any(m["n_rejected"] for m in rec.sim.history)  # stale uploads are screened against their own round's layout
     if method in ("flora", "fedex", "florist", "frlora"):  # stale clients trained on their version's base, not today's
         assert any(not torch.equal(b[m], base[m]) for (_, base), arrivals, taus, _, _ in rec.steps
                    for (_, b, _), tau in zip(arrivals, taus) if tau for m in b)
@@ -320,13 +325,7 @@ def test_product_delta_methods_truncate_fedbuffs_full_parameter_step_under_stale
     sBA + (1/K)Σ h(τ)(W_u − W_{v_u}) (product delta), the head moves as FedBuff's x + (1/K)Σ h(τ)(x_u − x_{v_u}), and
     a flush of stale clients is not the rule on the raw uploads (the starts enter it)."""
     cfg = tiny_config(small_csv, method=method, rounds=3, async_mode="fedbuff", async_concurrency=3, buffer=2)
-    sim = build(cfg).simulator
-    rec = Recorder(sim.systems.config)
-    sim.systems = rec
-    rec.bind(sim)
-    sim.run()
-    h = sim.handle
-    assert max(t for _, _, taus, _, _ in rec.steps for t in taus) >= 1  # staleness happened
+    rec, h = recorded_run(cfg)
     for (x, base), arrivals, taus, _, (x_new, base_new) in rec.steps:
         W, W_new = effective(h, x, base), effective(h, x_new, base_new)
         weights = [staleness_weight("poly", tau, 0.5, 4.0) / len(arrivals) for tau in taus]
