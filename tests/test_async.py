@@ -207,7 +207,8 @@ def test_fslora_stale_clients_train_and_are_aggregated_in_their_versions_sketch(
     is accepted."""
     from fedlora.federation.simulator import round_seed
 
-    cfg = tiny_config(small_csv, method="fslora", rounds=3, async_mode=mode, async_concurrency=3, buffer=2)
+    cfg = tiny_config(small_csv, method="fslora", rounds=3, async_mode=mode, async_concurrency=3, buffer=2,
+                      fedasync_rho=0.1)  # the proximal term anchors at the sketch the client holds
     sim = build(cfg).simulator
     rec = SketchRecorder(sim.systems.config)
     sim.systems = rec

@@ -246,7 +246,7 @@ class Asynchronous(Instant):
                 alpha = cfg.alpha * cfg.weight(tau)
                 h, (start, current) = sim.handle, self._views(flight.version, cid)
                 mixed = sim.method.async_rewrite(h, result.upload, start, current, mode="fedasync", weight=alpha)
-                self._fold = sim.method.async_extra(h, "fedasync", [(result.upload, start, alpha)], current)
+                self._fold = sim.method.async_extra(h, "fedasync", [(result.upload, start, alpha)], sim.global_tensors)
                 if sim.method.async_folds and tau:  # the base moved since v_u: fold α_t(base_{v_u} − base_now) too
                     now = self._base()
                     for m, b in self.bases[flight.version].items():
@@ -268,7 +268,7 @@ class Asynchronous(Instant):
         views = [self._views(v, r.cid) for r, v, _ in self.buffer]
         self._fold = sim.method.async_extra(sim.handle, "fedbuff", [(r.upload, start, self.config.weight(tau))
                                                                     for (r, _, tau), (start, _) in zip(self.buffer, views)], sim.global_tensors)
-        for (result, v, tau), (start, current) in zip(self.buffer, views):
+        for (result, _, tau), (start, current) in zip(self.buffer, views):
             w = self.config.weight(tau)
             if tau == 0 and w == 1.0:  # Δ_u taken from x itself: x + Δ_u is x_u (bit for bit)
                 upload = result.upload
@@ -417,12 +417,18 @@ def flight_config(fed, salt: int):
 
 
 def proximal_term(method, anchor: dict, rho: float):
-    """FedAsync's local term (ρ/2)‖x − x_{v_u}‖² over the trained tensors, added to the method's own."""
+    """FedAsync's local term (ρ/2)‖x − x_{v_u}‖² over the trained tensors, added to the method's own. An anchor below
+    the model's rank (FSLoRA's sketch of k_u components) meets the components the client holds, the first k_u (the
+    rest are zero and get no gradient)."""
     own = type(method).loss_term
+
+    def held(h, n, p):
+        a = anchor[n]
+        return p if p.shape == a.shape else p.narrow(h.rank_dim[n], 0, a.shape[h.rank_dim[n]])
 
     def term(h, peer):
         extra = own(method, h, peer)
-        prox = sum(((p - anchor[n]) ** 2).sum() for n in h.trainable_names if n in anchor and (p := h.parameter(n)).requires_grad)
+        prox = sum(((held(h, n, p) - anchor[n]) ** 2).sum() for n in h.trainable_names if n in anchor and (p := h.parameter(n)).requires_grad)
         prox = 0.5 * rho * prox
         return prox if extra is None else extra + prox
 
