@@ -62,7 +62,7 @@ def test_every_method_declares_its_asynchronous_trait():
     assert REGISTRY["ffa"].asynchronous == REGISTRY["fedsb"].asynchronous == REGISTRY["flora"].asynchronous == "exact"
     assert REGISTRY["fedit"].asynchronous == "inexact"
     assert REGISTRY["ravan"].asynchronous == REGISTRY["florist"].asynchronous == "exact"
-    for name in ("hetlora", "fedrot", "feddpa", "frlora", "fedhello"):
+    for name in ("hetlora", "fedrot", "feddpa", "frlora", "fedhello", "fslora"):
         assert REGISTRY[name].asynchronous == "inexact", name
     assert not make_method("hetlora").asynchronous and make_method("hetlora", weights="data").asynchronous == "inexact"
     for name in ("svd", "flexlora", "fedmomentum", "ilora"):  # METHODS.md: FedBuff only, in product-delta form
@@ -77,7 +77,7 @@ SYNC_OPTIONS = {"hetlora": "hetlora-weights=data", "fedhello": "fedhello-layers=
 
 
 @pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "florist", "ravan", "svd", "flexlora", "fedmomentum",
-                                    "ilora", "hetlora", "fedrot", "feddpa", "frlora", "fedhello"])
+                                    "ilora", "hetlora", "fedrot", "feddpa", "frlora", "fedhello", "fslora"])
 def test_fedbuff_without_staleness_is_the_synchronous_run(small_csv, method, one_thread):
     """K = clients = C, equal speeds, all available, equal shards, uniform weighting: the synchronous run."""
     sync_cfg = tiny_config(small_csv, method=method, weighting="uniform", rounds=3, method_options=SYNC_OPTIONS.get(method, ""))
@@ -189,11 +189,74 @@ def test_exact_methods_move_w_as_the_full_parameter_rule_under_staleness(small_c
                    for (_, b, _), tau in zip(arrivals, taus) if tau for m in b)
 
 
+class SketchRecorder(Recorder):
+    """Also keeps each client's id, the version it started from and the start its turn was given."""
+
+    def bind(self, sim):
+        super().bind(sim)
+        self.who, turn = [], sim.turn
+
+        def recording(h, method, task, client, start, cfg, rnd):
+            self.who.append((client.cid, rnd - 1, {n: t.clone() for n, t in start.items()}))
+            return turn(h, method, task, client, start, cfg, rnd)
+
+        sim.turn = recording
+
+
+@pytest.mark.parametrize("mode", ["fedasync", "fedbuff"])
+def test_fslora_stale_clients_train_and_are_aggregated_in_their_versions_sketch(small_csv, mode, one_thread):
+    """Stale arrivals (speeds 1,2,4, C = 3): a client dispatched at version v trains the sketch J_v of round v + 1's
+    seed, cut from x_v, and the server scatters its upload back through that J_v, not the closing round's: FedAsync
+    x[J_v] ← (1−α_t)x[J_v] + α_t x_u (the rest of x kept), FedBuff x ← x + (1/K)Σ h(τ)P_u(x_u − x_v[J_u]). Inexact:
+    W does not move as the full-parameter rule would on the clients' models W0 + s·(r/k)B_uA_u. Every stale upload
+    is accepted."""
+    from fedlora.federation.simulator import round_seed
+
+    cfg = tiny_config(small_csv, method="fslora", rounds=3, async_mode=mode, async_concurrency=3, buffer=2,
+                      fedasync_rho=0.1)  # the proximal term anchors at the sketch the client holds
+    sim = build(cfg).simulator
+    rec = SketchRecorder(sim.systems.config)
+    sim.systems = rec
+    rec.bind(sim)
+    sim.run()
+    h, method = sim.handle, sim.method
+    assert not any(m["n_rejected"] for m in sim.history)
+    assert max(t for _, _, taus, _, _ in rec.steps for t in taus) >= 1  # staleness happened
+    done, moved_apart, full = 0, 0, []
+    for version, ((x, _), arrivals, taus, alpha, (x_new, _)) in enumerate(rec.steps):
+        who = rec.who[done:done + len(arrivals)]
+        done += len(arrivals)
+        for m, k in h.keys.items():
+            expected_B, expected_A = x[k.B].double().clone(), x[k.A].double().clone()
+            W, W_full = x[k.B] @ x[k.A], x[k.B] @ x[k.A]
+            for ((store, _, upload), (cid, v, start), tau) in zip(arrivals, who, taus):
+                peer = sim.peers[cid]
+                J = method.index_set(h, peer, m, round_seed(cfg.seed, v + 1))
+                now = method.index_set(h, peer, m, round_seed(cfg.seed, version + 1))  # the closing round's sketch
+                moved_apart += bool(tau) and not torch.equal(J, now)
+                assert torch.equal(start[k.B], store[k.B][:, J]) and torch.equal(start[k.A], store[k.A][J])  # its version's
+                w = alpha if mode == "fedasync" else staleness_weight("poly", tau, 0.5, 4.0) / len(arrivals)
+                if mode == "fedasync":
+                    expected_B[:, J] = ((1 - w) * x[k.B][:, J] + w * upload[k.B]).double()
+                    expected_A[J] = ((1 - w) * x[k.A][J] + w * upload[k.A]).double()
+                else:
+                    expected_B[:, J] += w * (upload[k.B] - store[k.B][:, J]).double()
+                    expected_A[J] += w * (upload[k.A] - store[k.A][J]).double()
+                client = peer.scale / h.scaling(m)  # the client's model: W0 + s·(r/k)B_uA_u, in units of s
+                u, s0 = client * upload[k.B] @ upload[k.A], client * store[k.B][:, J] @ store[k.A][J]
+                W_full = (1 - w) * W + w * u if mode == "fedasync" else W_full + w * (u - s0)
+            assert torch.allclose(x_new[k.B].double(), expected_B, atol=1e-6) and torch.allclose(x_new[k.A].double(), expected_A, atol=1e-6)
+            full.append(torch.allclose(x_new[k.B] @ x_new[k.A], W_full, atol=1e-5))
+    assert moved_apart  # a stale client's sketch is not the closing round's: the checks above tell them apart
+    assert full and not any(full)  # inexact: not the full-parameter rule
+
+
 class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["fedit", "ilora"])  # ilora: the versions' method state (its c) is checkpointed too
+# ilora: the versions' method state (its c) is checkpointed too; fslora: a stale client's sketch is cut from its stored version
+@pytest.mark.parametrize("method", ["fedit", "ilora", "fslora"])
 def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, method, one_thread):
     whole = tiny_config(small_csv, method=method, rounds=3, async_mode="fedbuff", buffer=2, client_speeds="1,3",
                         out=str(tmp_path / "whole"))
@@ -239,7 +302,7 @@ def test_bad_async_input_is_one_line_before_any_training(small_csv, tmp_path, ca
     run = ["run", *T, "--data", str(small_csv), "--out", str(out)]
     cases = [
         (["--method", "florana", "--async", "fedbuff"], "florana must run synchronously (its solve is over clients"),
-        (["--method", "fslora", "--async", "fedasync"], "is not implemented in this version); methods that run asynchronously: "),
+        (["--method", "fslora", "--async", "fedasync", "--client-ranks", "2,3,4"], "does not run with mixed --client-ranks"),  # sketch sizes
         (["--method", "fedhello", "--async", "fedbuff", "--fedhello-pattern", "fim"], "fedhello must run synchronously (its Fisher"),
         (["--method", "hetlora", "--async", "fedbuff"], "hetlora must run synchronously (its sparsity weights"),
         (["--method", "flora", "--async", "fedasync", "--adapter", "dora"], "runs on lora or rslora adapters"),

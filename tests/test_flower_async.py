@@ -30,9 +30,11 @@ STEP = ("version", "arrivals", "in_flight", "staleness", "alpha")
     ("ilora", "fedbuff", False),   # product-delta FedBuff; the control variate c carried by each version's broadcast
     ("fedhello", "fedasync", False),  # a stale upload screened against the layer blocks of the round it trained for
     ("ravan", "fedasync", False),  # the heads' effective cores s_i·H_i mixed
+    ("fslora", "fedbuff", False),  # a client catching up to its version holds that version's sketch; uploads placed by their round
+    ("fslora", "fedasync", True),  # the same one arrival at a time, the proximal term anchored at the sketch the client holds
 ])
 def test_flower_async_equals_the_simulator_for_the_same_events(small_csv, tmp_path, method, mode, fresh):
-    cfg = tiny_config(small_csv, method=method, async_mode=mode, rounds=2, fedasync_rho=0.1 if method == "fedex" else 0.0)
+    cfg = tiny_config(small_csv, method=method, async_mode=mode, rounds=2, fedasync_rho=0.1 if method in ("fedex", "fslora") else 0.0)
     reference = build(cfg).simulator.run()
     grid = InlineGrid(cfg, fresh=fresh, speeds=parse_speeds(cfg.client_speeds, cfg.clients))
     history = run_federation(grid, cfg.replace(out=str(tmp_path / "run")))

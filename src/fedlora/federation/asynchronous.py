@@ -23,7 +23,10 @@ the broadcast and the metrics line are the synchronous run's. A method declares 
   version's base weights, and FedAsync folds α_t(base_{v_u} − base_now) too; fedex folds its staleness residual
   (``Method.async_extra``).
 * inexact: fedit, fedsa, hetlora (data weights), fedrot, feddpa (its global adapter), frlora (folding, as flora)
-  and fedhello (per block; not its fim pattern) mix A and B separately (the stale-product error of METHODS.md).
+  and fedhello (per block; not its fim pattern) mix A and B separately (the stale-product error of METHODS.md);
+  fslora likewise, in each client's sketch: a method that delivers per round (``Method.async_delivers``) has its
+  client start from ``deliver(x_v)`` with the seed of round v_u + 1 (its version's sketch), its upload rewritten
+  against x_{v_u} and x cut the same way, and the rule told each upload's round (``RoundContext.seeds``).
 * fedbuff (FedBuff only, product-delta form): svd, flexlora, fedmomentum and ilora truncate
   ``BA + (1/K)Σ h(τ)s(B_uA_u − B_{v_u}A_{v_u})`` their own way (``methods.svd.ProductDelta``: the uploads pass as
   sent, ``async_extra`` hands the method each one's start and h(τ) for the flush); FedAsync is refused.
@@ -241,9 +244,8 @@ class Asynchronous(Instant):
         if cfg.mode == "fedasync":
             if result is not None:
                 alpha = cfg.alpha * cfg.weight(tau)
-                mixed = sim.method.async_rewrite(sim.handle, result.upload, self.store[flight.version], sim.global_tensors,
-                                                 mode="fedasync", weight=alpha)
-                h, start = sim.handle, self.store[flight.version]
+                h, (start, current) = sim.handle, self._views(flight.version, cid)
+                mixed = sim.method.async_rewrite(h, result.upload, start, current, mode="fedasync", weight=alpha)
                 self._fold = sim.method.async_extra(h, "fedasync", [(result.upload, start, alpha)], sim.global_tensors)
                 if sim.method.async_folds and tau:  # the base moved since v_u: fold α_t(base_{v_u} − base_now) too
                     now = self._base()
@@ -263,14 +265,15 @@ class Asynchronous(Instant):
     def _flush(self, started: float):
         """FedBuff: each buffered upload becomes x + h(τ)(x_u − x_{v_u}); their uniform mean is x + (1/K)Σ h(τ)Δ_u."""
         sim, results, taus = self.sim, [], []
-        self._fold = sim.method.async_extra(sim.handle, "fedbuff", [(r.upload, self.store[v], self.config.weight(tau)) for r, v, tau in self.buffer],
-                                            sim.global_tensors)
-        for result, v, tau in self.buffer:
+        views = [self._views(v, r.cid) for r, v, _ in self.buffer]
+        self._fold = sim.method.async_extra(sim.handle, "fedbuff", [(r.upload, start, self.config.weight(tau))
+                                                                    for (r, _, tau), (start, _) in zip(self.buffer, views)], sim.global_tensors)
+        for (result, _, tau), (start, current) in zip(self.buffer, views):
             w = self.config.weight(tau)
             if tau == 0 and w == 1.0:  # Δ_u taken from x itself: x + Δ_u is x_u (bit for bit)
                 upload = result.upload
             else:
-                upload = sim.method.async_rewrite(sim.handle, result.upload, self.store[v], sim.global_tensors, mode="fedbuff", weight=w)
+                upload = sim.method.async_rewrite(sim.handle, result.upload, start, current, mode="fedbuff", weight=w)
             results.append(dataclasses.replace(result, upload=upload))
             taus.append(tau)
         self.buffer = []
@@ -290,11 +293,12 @@ class Asynchronous(Instant):
     def _train(self, flight: Flight):
         """Client ``flight.cid``'s local training from x_{v_u} (and its private state), seeded by (v_u + 1, client)."""
         sim, cfg = self.sim, self.config
-        start = self.store[flight.version] | self.sent.get(flight.version, {}) | sim.private.get(flight.cid, {})
+        version = self._views(flight.version, flight.cid)[0]
+        start = version | self.sent.get(flight.version, {}) | sim.private.get(flight.cid, {})
         fed = flight_config(sim.config, flight.salt)
         method = sim.method
         if cfg.rho:
-            method.loss_term = proximal_term(method, self.store[flight.version], cfg.rho)  # instance attribute: this turn only
+            method.loss_term = proximal_term(method, version, cfg.rho)  # instance attribute: this turn only
         now = None
         if method.async_folds and flight.version != self.version:
             now = {m: w.detach().clone() for m, w in self._base().items()}
@@ -310,6 +314,19 @@ class Asynchronous(Instant):
         if sim.on_client:
             sim.on_client(self.version + 1, flight.cid)
         return result
+
+    def _views(self, version: int, cid: int) -> tuple[dict, dict]:
+        """(x_v, x) as client ``cid`` dispatched at ``version`` sees them: the states themselves, or for a method that
+        delivers per round (``Method.async_delivers``: FSLoRA) both cut by its ``deliver`` with the seed of the round
+        v + 1 the client trains for (its version's sketch), so a rewrite mixes the coordinates it trained."""
+        sim = self.sim
+        start, current = self.store[version], sim.global_tensors
+        if not sim.method.async_delivers:
+            return start, current
+        from fedlora.federation.simulator import round_seed
+
+        peer, seed = sim.peers[cid], round_seed(sim.config.seed, version + 1)
+        return (sim.method.deliver(sim.handle, start, peer, seed=seed), sim.method.deliver(sim.handle, current, peer, seed=seed))
 
     # -- the version store's base weights (folding methods) -----------------------------------------------------------
     def _keep(self, version: int, replace: bool = False) -> None:
@@ -400,12 +417,18 @@ def flight_config(fed, salt: int):
 
 
 def proximal_term(method, anchor: dict, rho: float):
-    """FedAsync's local term (ρ/2)‖x − x_{v_u}‖² over the trained tensors, added to the method's own."""
+    """FedAsync's local term (ρ/2)‖x − x_{v_u}‖² over the trained tensors, added to the method's own. An anchor below
+    the model's rank (FSLoRA's sketch of k_u components) meets the components the client holds, the first k_u (the
+    rest are zero and get no gradient)."""
     own = type(method).loss_term
+
+    def held(h, n, p):
+        a = anchor[n]
+        return p if p.shape == a.shape else p.narrow(h.rank_dim[n], 0, a.shape[h.rank_dim[n]])
 
     def term(h, peer):
         extra = own(method, h, peer)
-        prox = sum(((p - anchor[n]) ** 2).sum() for n in h.trainable_names if n in anchor and (p := h.parameter(n)).requires_grad)
+        prox = sum(((held(h, n, p) - anchor[n]) ** 2).sum() for n in h.trainable_names if n in anchor and (p := h.parameter(n)).requires_grad)
         prox = 0.5 * rho * prox
         return prox if extra is None else extra + prox
 

@@ -94,10 +94,17 @@ class RoundContext:
     seed: int
     peers: list[Peer]
     mixed: bool = False
+    # Asynchronous aggregation: the seed of the round each peer's upload trained for, where some is not this round's
+    # (a stale upload trained for its version's round, ``ClientResult.trained_round``); None: all this round's.
+    seeds: tuple[int, ...] | None = None
 
     @property
     def scales(self) -> list[float] | None:
         return [p.scale for p in self.peers] if self.mixed else None
+
+    def peer_seeds(self) -> list[int]:
+        """The seed of the round each peer's upload trained for (``seeds``, else this round's for every peer)."""
+        return list(self.seeds) if self.seeds is not None else [self.seed] * len(self.peers)
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,9 @@ class Method:
     asynchronous: ClassVar[str] = ""
     async_refusal: ClassVar[str] = ""
     async_folds: ClassVar[bool] = False  # --async: the base moves (folds), so a stale client trains on its version's base
+    # --async: a client starts from ``deliver`` of its version's state with that round's seed, as its Flower view holds
+    # it, and an arrival's upload is rewritten in those coordinates (FSLoRA: its version's sketch)
+    async_delivers: ClassVar[bool] = False
     in_process_only: ClassVar[str] = ""  # why the method cannot run on Flower ("" : it can)
     # Why the run has no one global model to export (a personalised structure PEFT cannot load: FedLEASE); "" : it has.
     # The artefacts are still written; load_global_model refuses with this reason.

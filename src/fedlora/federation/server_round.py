@@ -64,6 +64,9 @@ class RoundInputs:
     peers: list[Peer]
     individual: bool = True
     notes: dict = field(default_factory=dict)
+    # The round each input trained for, where some is not the round the server closes (asynchronous: a stale upload's
+    # ``ClientResult.trained_round``; None entries: the closing round); None: all the closing round's.
+    rounds: list[int | None] | None = None
 
 
 def client_weights(sizes: list[int], weighting: str) -> Tensor:
@@ -74,7 +77,9 @@ def client_weights(sizes: list[int], weighting: str) -> Tensor:
 # ---- the three ways in ------------------------------------------------------------------------------------------
 def plain_inputs(accepted: list[ClientResult], peers: list[Peer], weighting: str) -> RoundInputs:
     """The accepted clients' uploads (with their eval extras), weighted over the accepted clients only."""
-    return RoundInputs([r.upload | r.extras for r in accepted], client_weights([r.n_train for r in accepted], weighting), peers)
+    rounds = [r.trained_round for r in accepted]
+    return RoundInputs([r.upload | r.extras for r in accepted], client_weights([r.n_train for r in accepted], weighting), peers,
+                       rounds=rounds if any(t is not None for t in rounds) else None)
 
 
 def client_dp_inputs(accepted: list[ClientResult], starts: list[Tensors], privacy: RunPrivacy, seed: int,

@@ -489,7 +489,8 @@ class Simulator:
 
     def _aggregate(self, step: RoundInputs, rnd: int) -> tuple[ServerUpdate, Measures]:
         cfg = self.config
-        ctx = RoundContext(rnd, round_seed(cfg.seed, rnd), step.peers, mixed=self.mixed)
+        seeds = None if step.rounds is None else tuple(round_seed(cfg.seed, rnd if t is None else t) for t in step.rounds)
+        ctx = RoundContext(rnd, round_seed(cfg.seed, rnd), step.peers, mixed=self.mixed, seeds=seeds)
         update, measures = aggregate_step(self.handle, self.method, step, self.global_tensors, ctx, bound=cfg.bound, similarity=cfg.similarity)
         # The server optimiser post-processes the method's result (measured above as the method's own).
         return self.systems.server_update(self.server_opt.step(self.handle, update, self.global_tensors, ctx)), measures

@@ -39,6 +39,11 @@ class FSLoRA(Method):
     down = "r_u(d+k)"
     mixed_ranks = True
     client_ranks_are = "sketch sizes"
+    # --async: inexact (METHODS.md). A client dispatched at version v trains the sketch of round v + 1's seed, cut from
+    # x_v (async_delivers); its upload is rewritten in those coordinates (FedAsync (1−α_t)x[J] + α_t x_u; FedBuff
+    # x[J] + h(τ)(x_u − x_v[J])) and the rule scatters it back through the same J (RoundContext.seeds)
+    asynchronous = "inexact"
+    async_delivers = True
     server_opt = SERVER_OPT_FACTORS  # on the pseudo-gradient Σ_u w_u P_u(x[J_u] − x_u): METHODS.md's x_{t+1} = ServerOpt(x_t, g)
     unsupported = {
         "dora": "FSLoRA's sketch is unbiased for BA, but DoRA's weight normalisation is not linear in BA; choose lora or rslora",
@@ -91,7 +96,7 @@ class FSLoRA(Method):
         new, layers = dict(current), {}
         root = h.spec.scale_at(h.rank) ** 0.5 if ctx.mixed else 1.0  # metrics read the layers in the scaled space
         for module, k in h.keys.items():
-            sets = [self.index_set(h, p, module, ctx.seed) for p in ctx.peers]
+            sets = [self.index_set(h, p, module, seed) for p, seed in zip(ctx.peers, ctx.peer_seeds())]
             agg = aggregate(self.rule, [u[k.B] for u in uploads], [u[k.A] for u in uploads], weights, name=module,
                             index_sets=sets, start=(current[k.B], current[k.A]))
             new[k.B], new[k.A] = agg.B, agg.A
