@@ -362,7 +362,30 @@ def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv,
                for cid, (speed, latency) in enumerate([(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)])]
     history = sim.run()
     assert len(history) == 1 and history[0]["staleness"] == [0, 0, 0]
-    assert history[0]["sim_clock"] == pytest.approx(max(by_hand)) and max(by_hand) > 10  # the slow board: 16 examples at 1.6/s, 1 s latency each way
+    # the slow board (16 examples at 1.6/s, 1 s latency each way), then the server step's [server] seconds = 0.25
+    assert history[0]["sim_clock"] == pytest.approx(max(by_hand) + 0.25) and max(by_hand) > 10
+
+
+def test_each_server_step_takes_the_profiles_server_seconds_and_an_arrival_waits_for_it(small_csv, tmp_path, one_thread):
+    """FedAsync on the three hand-made devices: a version step per arrival, each taking [server] seconds = 0.25 as a
+    synchronous round's server step does; an arrival due while the server works is handled when it is done."""
+    from fedlora.federation.clock import examples_processed
+    from fedlora.federation.traffic import nbytes
+    from test_systems import HAND
+
+    path = tmp_path / "hand.toml"
+    path.write_text(HAND)
+    sim = build(tiny_config(small_csv, method="fedit", rounds=1, devices=str(path), async_mode="fedasync")).simulator
+    state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, 1))
+    arrivals = sorted(2 * latency + 2 * state / 1e6 + examples_processed(len(sim.clients[cid].train), 2, 8) / speed
+                      for cid, (speed, latency) in enumerate([(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)]))
+    clock, expected = 0.0, []
+    for a in arrivals:  # the budget (1 round × 3 clients) is dispatched at t = 0: nobody is sent out again
+        clock = max(clock, a) + 0.25
+        expected.append(clock)
+    history = sim.run()
+    assert [m["sim_clock"] for m in history] == pytest.approx(expected)
+    assert sum(m["sim_seconds"] for m in history) == pytest.approx(expected[-1])
 
 
 def truncation(method: str, P: torch.Tensor, r: int) -> torch.Tensor:

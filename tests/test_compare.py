@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from conftest import tiny_config
@@ -117,3 +119,23 @@ def test_seeded_table_marks_did_not_learn_when_the_interval_does_not_clear_the_m
     assert "†" not in line["ffa"]
     one = seeded_tables({"fedit": rows([0.30])}, [0], None, [0.25])
     assert "†" not in next(ln for ln in one.splitlines() if ln.startswith("| fedit"))  # one seed: its value clears 0.26
+
+
+def _overlap(a, b) -> bool:
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["fedit", "flora", "florist", "hetlora", "fedrot", "x"]),
+                          st.floats(0, 40), st.floats(0, 40)), min_size=1, max_size=14))
+def test_tradeoff_labels_never_overlap_even_in_a_tight_cluster(points):
+    """The tradeoff figure's labels (offsets in points from each point): no two label boxes overlap, however the points
+    crowd (14 points in a 40×40-point square is denser than any figure draws)."""
+    from fedlora.app.report import label_offsets
+
+    h, w = 7 * 1.25, 7 * 0.6
+    offsets = label_offsets(points, fontsize=7)
+    boxes = [(x + dx, y + dy, x + dx + w * len(n), y + dy + h) for (n, x, y), (dx, dy) in zip(points, offsets)]
+    assert not any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    if len(points) == 1:
+        assert offsets == [(4.0, 3.0)]  # alone, a label sits just right of and above its point

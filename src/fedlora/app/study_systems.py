@@ -279,9 +279,8 @@ def section(ctx: ReportContext) -> str:
          "refuses under `--async`. `florana` is synchronous only (its solve is over clients that share one start): it has "
          "no fedbuff arm. Every arm has the same budget of client updates, rounds × clients per round (FedBuff's budget is "
          "the synchronous run's); an over-selected round trains more clients and aggregates at most the clients per round. "
-         "The clocks differ in one way to keep in mind: a synchronous round adds the profiles' server step (`[server] seconds`, "
-         "0.5 s in the packaged mix) while FedBuff's server step takes no simulated time (docs/systems.md), which favours "
-         "FedBuff wherever rounds are short (the synthetic task's are well under a second).", "",
+         "Every arm's server step takes the profiles' `[server] seconds` (0.5 s in the packaged mix): a synchronous round's "
+         "once, FedBuff's once per flush of K arrivals (docs/systems.md).", "",
          f"The deadline (our rule): each profile's expected round for a FedIT client (download of the adapter state, local "
          f"training, upload), the profiles sorted by it; the first whose cumulative weight in the mix reaches "
          f"{sp.deadline_quantile:.0%} is the slowest kept, the next the fastest dropped, and the deadline is the geometric "

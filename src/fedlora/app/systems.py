@@ -302,4 +302,5 @@ def asynchronous_for(run, model, clients: int):
         budget=run.rounds * per_round, staleness=run.staleness, a=run.staleness_a, b=run.staleness_b, alpha=run.fedasync_alpha,
         rho=run.fedasync_rho, speeds=parse_speeds(run.client_speeds, clients),
         profiles=None if devices is None else client_profiles(devices, clients, run.seed),
-        tokens_per_example=run.max_length, parameters=sum(p.numel() for p in model.parameters())))
+        tokens_per_example=run.max_length, parameters=sum(p.numel() for p in model.parameters()),
+        server_seconds=0.0 if devices is None else devices.server_seconds))

@@ -43,8 +43,9 @@ the replies as they reach the SuperLink (:mod:`fedlora.flower.asynchronous`, wit
 Our choices (docs/systems.md): arrivals at the same simulated time are handled in client-id order, all of them
 before any dispatch (so equal-speed clients restart from the version their arrivals made, and FedBuff with K = C = N
 and equal speeds is the synchronous run); a client dispatched again at a version it already started from trains with
-another seed; FedBuff averages with 1/K whatever ``--weighting`` says; the server step takes no simulated time;
-a method's round 0 runs before the first dispatch and takes none either.
+another seed; FedBuff averages with 1/K whatever ``--weighting`` says; each server step (every FedAsync arrival, every
+FedBuff flush) takes the device profiles' ``[server] seconds``, as a synchronous round's does, and an arrival due while
+it runs waits for it; a method's round 0 runs before the first dispatch and takes no simulated time.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ class AsyncConfig:
     profiles: list[DeviceProfile] | None = None
     tokens_per_example: int = 64
     parameters: int = 1
+    server_seconds: float | None = 0.0  # each version step's simulated time (None: the measured aggregation_seconds)
 
     def weight(self, tau: int) -> float:
         return staleness_weight(self.staleness, tau, self.a, self.b)
@@ -219,7 +221,7 @@ class Asynchronous(Instant):
 
     def _arrive(self, event) -> None:
         started = time.perf_counter()
-        self.clock = event.time
+        self.clock = max(self.clock, event.time)  # an arrival due during a server step waits for it
         flight = self.flights[event.cid]
         try:
             result = self._train(flight)
@@ -371,6 +373,8 @@ class Asynchronous(Instant):
         self.store = {v: x for v, x in self.store.items() if v in needed}
         self.bases = {v: x for v, x in self.bases.items() if v in needed}
         self.sent = {v: x for v, x in self.sent.items() if v in needed and x}
+        if not self.wall:  # the server step's simulated time, as a synchronous round's (SystemsConfig.server_seconds)
+            self.clock += self.config.server_seconds if self.config.server_seconds is not None else server_seconds
         seconds, self.last = self.clock - self.last, self.clock
         clock = {"step_seconds": seconds, "clock_seconds": self.clock} if self.wall else {"sim_seconds": seconds, "sim_clock": self.clock}
         return self._step | {"version": self.version, "arrivals": self.arrived, "in_flight": len(self.flights)} | clock
