@@ -446,7 +446,8 @@ class Simulator:
             update, measures = self._aggregate(step, rnd)
             self._broadcast(update, accepted, rnd)
         else:
-            log.warning("round %d: no client left after screening; round skipped, global model unchanged", rnd)
+            why = "every upload was rejected (screening, or the client failed)" if results or failed else "no client finished (all offline, dropped or late)"
+            log.warning("round %d: %s; round skipped, global model unchanged", rnd, why)
         timed = self.systems.close(rnd, accepted, measures.seconds)  # before the ledger closes: round 0's bytes are still there
         sent = self.traffic.close()
         metrics = self._metrics(rnd, accepted, rejected, step, measures, sent) | timed
