@@ -79,7 +79,7 @@ def plot_accuracy_time(histories: dict[str, list[list[dict]]], out: Path, target
         n = min(len(h) for h in runs)
         xs = [sum(h[i]["sim_clock"] for h in runs) / len(runs) for i in range(n)]
         ys = [sum(h[i]["global_accuracy"] for h in runs) / len(runs) for i in range(n)]
-        line = ax.plot(xs, ys, marker="o", label=method)[0]
+        line = ax.plot(xs, ys, marker="o", markersize=6 if len(xs) <= 30 else 2, label=method)[0]  # many rounds: small marks
         if len(runs) > 1:
             for h in runs:
                 ax.plot([m["sim_clock"] for m in h], [m["global_accuracy"] for m in h], color=line.get_color(), alpha=0.25, linewidth=0.8)
