@@ -347,19 +347,31 @@ def test_the_cli_runs_async_and_writes_a_line_per_version_step(small_csv, tmp_pa
     assert json.loads((out / "config.json").read_text())["async_mode"] == "fedasync"
 
 
-def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv, tmp_path, one_thread):
-    """Three hand-made devices (8 Mbit/s = 1e6 B/s each way; 16, 8 and 1.6 examples/s; latency 10, 100, 1000 ms) and
-    FedBuff with K = C = 3: the first flush comes when the slowest client's state down + training + upload is done."""
-    from fedlora.federation.clock import examples_processed
-    from fedlora.federation.traffic import nbytes
+def _hand_devices_run(small_csv, tmp_path, mode: str):
+    """FedIT, 1 round of 3 clients on the three hand-made devices of test_systems.HAND, under ``--async mode``."""
     from test_systems import HAND
 
     path = tmp_path / "hand.toml"
     path.write_text(HAND)
-    sim = build(tiny_config(small_csv, method="fedit", rounds=1, devices=str(path), async_mode="fedbuff")).simulator
+    return build(tiny_config(small_csv, method="fedit", rounds=1, devices=str(path), async_mode=mode)).simulator
+
+
+def _hand_arrivals(sim) -> list[float]:
+    """Each client's arrival after a dispatch at t = 0, by hand: its latency each way, the state down and up at
+    1e6 B/s, and its examples (2 steps × batch 8) at 16, 8 and 1.6 examples/s."""
+    from fedlora.federation.clock import examples_processed
+    from fedlora.federation.traffic import nbytes
+
     state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, 1))
-    by_hand = [2 * latency + 2 * state / 1e6 + examples_processed(len(sim.clients[cid].train), 2, 8) / speed
-               for cid, (speed, latency) in enumerate([(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)])]
+    return [2 * latency + 2 * state / 1e6 + examples_processed(len(sim.clients[cid].train), 2, 8) / speed
+            for cid, (speed, latency) in enumerate([(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)])]
+
+
+def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv, tmp_path, one_thread):
+    """Three hand-made devices (8 Mbit/s = 1e6 B/s each way; 16, 8 and 1.6 examples/s; latency 10, 100, 1000 ms) and
+    FedBuff with K = C = 3: the first flush comes when the slowest client's state down + training + upload is done."""
+    sim = _hand_devices_run(small_csv, tmp_path, "fedbuff")
+    by_hand = _hand_arrivals(sim)
     history = sim.run()
     assert len(history) == 1 and history[0]["staleness"] == [0, 0, 0]
     # the slow board (16 examples at 1.6/s, 1 s latency each way), then the server step's [server] seconds = 0.25
@@ -369,18 +381,9 @@ def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv,
 def test_each_server_step_takes_the_profiles_server_seconds_and_an_arrival_waits_for_it(small_csv, tmp_path, one_thread):
     """FedAsync on the three hand-made devices: a version step per arrival, each taking [server] seconds = 0.25 as a
     synchronous round's server step does; an arrival due while the server works is handled when it is done."""
-    from fedlora.federation.clock import examples_processed
-    from fedlora.federation.traffic import nbytes
-    from test_systems import HAND
-
-    path = tmp_path / "hand.toml"
-    path.write_text(HAND)
-    sim = build(tiny_config(small_csv, method="fedit", rounds=1, devices=str(path), async_mode="fedasync")).simulator
-    state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, 1))
-    arrivals = sorted(2 * latency + 2 * state / 1e6 + examples_processed(len(sim.clients[cid].train), 2, 8) / speed
-                      for cid, (speed, latency) in enumerate([(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)]))
+    sim = _hand_devices_run(small_csv, tmp_path, "fedasync")
     clock, expected = 0.0, []
-    for a in arrivals:  # the budget (1 round × 3 clients) is dispatched at t = 0: nobody is sent out again
+    for a in sorted(_hand_arrivals(sim)):  # the budget (1 round × 3 clients) is dispatched at t = 0: nobody is sent out again
         clock = max(clock, a) + 0.25
         expected.append(clock)
     history = sim.run()

@@ -333,33 +333,34 @@ def plot_tradeoff(results: dict[str, list[dict]], out: Path, majority: float | N
     return path
 
 
+LABEL_OFFSET = (4.0, 3.0)  # a label's place, in points from its point: just right of and above it
+
+
 def label_offsets(points: list[tuple[str, float, float]], fontsize: float, step: float = 1.25) -> list[tuple[float, float]]:
     """Offsets in points (from each point, for its text's lower-left corner) so that no two labels overlap: ``points``
-    are (label, x, y) in points on the page. Greedy, from the top of the plot down: a label goes to the right of its
-    point, or, where that box is taken (by a label or a marker), the nearest free row above or below it (then the left
-    side)."""
+    are (label, x, y) in points on the page. Greedy, from the top of the plot down: a label goes to
+    :data:`LABEL_OFFSET`, or, where that box is taken (by a label or a marker), the nearest free row above or below it
+    (then the left side)."""
     h, w_char = fontsize * step, fontsize * 0.6
-    marks = [(x - 3.0, y - 3.0, x + 3.0, y + 3.0) for _, x, y in points]  # the markers, which a label should not cover
-    placed: list[tuple[float, float, float, float]] = []
-    offsets: dict[int, tuple[float, float]] = {}
-
-    def free(box):
-        return all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed + marks)
-
+    taken = [(x - 3.0, y - 3.0, x + 3.0, y + 3.0) for _, x, y in points]  # the markers, then each label placed
+    offsets: list[tuple[float, float]] = [LABEL_OFFSET] * len(points)
+    dx0, dy0 = LABEL_OFFSET
     for i in sorted(range(len(points)), key=lambda i: (-points[i][2], points[i][1])):
         name, x, y = points[i]
-        width = w_char * len(name)
-        tries = [(dx, 3.0 + k * h) for k in (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6) for dx in (4.0, -4.0 - width)]
-        for dx, dy in tries:
-            box = (x + dx, y + dy, x + dx + width, y + dy + h)
-            if free(box):
-                break
-        else:
-            dx, dy = tries[0]
-            box = (x + dx, y + dy, x + dx + width, y + dy + h)
-        placed.append(box)
-        offsets[i] = (dx, dy)
-    return [offsets[i] for i in range(len(points))]
+        size = (w_char * len(name), h)
+        tries = [(dx, dy0 + k * h) for k in (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6) for dx in (dx0, -dx0 - size[0])]
+        offsets[i] = next((t for t in tries if _free(_box(x, y, t, size), taken)), tries[0])
+        taken.append(_box(x, y, offsets[i], size))
+    return offsets
+
+
+def _box(x: float, y: float, offset: tuple[float, float], size: tuple[float, float]) -> tuple[float, float, float, float]:
+    left, bottom = x + offset[0], y + offset[1]
+    return (left, bottom, left + size[0], bottom + size[1])
+
+
+def _free(box: tuple[float, float, float, float], taken: list) -> bool:
+    return all(box[2] <= t[0] or t[2] <= box[0] or box[3] <= t[1] or t[3] <= box[1] for t in taken)
 
 
 def _label_points(ax, points: list[tuple[str, float, float]], fontsize: float) -> None:
@@ -367,9 +368,9 @@ def _label_points(ax, points: list[tuple[str, float, float]], fontsize: float) -
     thin line to its point."""
     scale = 72.0 / ax.figure.dpi  # display pixels → points
     page = [(name, *(ax.transData.transform((x, y)) * scale)) for name, x, y in points]
-    for (name, x, y), (dx, dy) in zip(points, label_offsets(page, fontsize)):
-        moved = (dx, dy) != (4.0, 3.0)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+    for (name, x, y), offset in zip(points, label_offsets(page, fontsize)):
+        moved = offset != LABEL_OFFSET
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, fontsize=fontsize,
                     arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5, "shrinkA": 0, "shrinkB": 3} if moved else None)
 
 

@@ -281,13 +281,18 @@ def systems_for(run, model, clients: int) -> Instant:
         return asynchronous_for(run, model, clients)
     if not (run.devices or run.availability or run.over_select > 1):
         return Instant()
-    devices = device_set(run.devices) if run.devices else None
     return Systems(SystemsConfig(
-        profiles=None if devices is None else client_profiles(devices, clients, run.seed),
-        server_seconds=0.0 if devices is None else devices.server_seconds,
         availability=availability(run.availability, run.clients, run.seed), deadline=run.deadline, over_select=run.over_select,
-        tokens_per_example=run.max_length, parameters=sum(p.numel() for p in model.parameters()),
-    ))
+        **clock_settings(run, model, clients)))
+
+
+def clock_settings(run, model, clients: int) -> dict:
+    """What the simulated clock needs, the same for a synchronous and an asynchronous run: each client's device profile
+    and the server step's seconds (none without ``--devices``), and the model class the profiles' FLOP/s are spent on."""
+    devices = device_set(run.devices) if run.devices else None
+    return {"profiles": None if devices is None else client_profiles(devices, clients, run.seed),
+            "server_seconds": 0.0 if devices is None else devices.server_seconds,
+            "tokens_per_example": run.max_length, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def asynchronous_for(run, model, clients: int):
@@ -296,11 +301,7 @@ def asynchronous_for(run, model, clients: int):
     from fedlora.federation.asynchronous import AsyncConfig, Asynchronous, parse_speeds
 
     per_round = max(1, int(round(run.fraction * clients)))
-    devices = device_set(run.devices) if run.devices else None
     return Asynchronous(AsyncConfig(
         mode=run.async_mode, buffer=run.buffer or per_round, concurrency=min(run.async_concurrency or per_round, clients),
         budget=run.rounds * per_round, staleness=run.staleness, a=run.staleness_a, b=run.staleness_b, alpha=run.fedasync_alpha,
-        rho=run.fedasync_rho, speeds=parse_speeds(run.client_speeds, clients),
-        profiles=None if devices is None else client_profiles(devices, clients, run.seed),
-        tokens_per_example=run.max_length, parameters=sum(p.numel() for p in model.parameters()),
-        server_seconds=0.0 if devices is None else devices.server_seconds))
+        rho=run.fedasync_rho, speeds=parse_speeds(run.client_speeds, clients), **clock_settings(run, model, clients)))

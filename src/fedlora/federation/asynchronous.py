@@ -57,7 +57,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from fedlora.federation.clock import DeviceProfile, EventQueue, client_work, examples_processed
+from fedlora.federation.clock import DeviceProfile, EventQueue, client_work, examples_processed, server_step_seconds
 from fedlora.federation.screening import Rejection
 from fedlora.federation.systems import Instant
 from fedlora.federation.traffic import nbytes
@@ -374,7 +374,7 @@ class Asynchronous(Instant):
         self.bases = {v: x for v, x in self.bases.items() if v in needed}
         self.sent = {v: x for v, x in self.sent.items() if v in needed and x}
         if not self.wall:  # the server step's simulated time, as a synchronous round's (SystemsConfig.server_seconds)
-            self.clock += self.config.server_seconds if self.config.server_seconds is not None else server_seconds
+            self.clock += server_step_seconds(self.config.server_seconds, server_seconds)
         seconds, self.last = self.clock - self.last, self.clock
         clock = {"step_seconds": seconds, "clock_seconds": self.clock} if self.wall else {"sim_seconds": seconds, "sim_clock": self.clock}
         return self._step | {"version": self.version, "arrivals": self.arrived, "in_flight": len(self.flights)} | clock

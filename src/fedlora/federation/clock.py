@@ -113,6 +113,12 @@ def client_work(cid: int, profile: DeviceProfile, *, bytes_down: int, bytes_up: 
                       upload_s=profile.latency + bytes_up / profile.upload)
 
 
+def server_step_seconds(configured: float | None, measured: float) -> float:
+    """A server step's simulated seconds: the profiles' ``[server] seconds``, or (None, "measured") the step's measured
+    aggregation time, which is not reproducible from the seed."""
+    return measured if configured is None else configured
+
+
 def broadcast_seconds(profile: DeviceProfile, nbytes: int) -> float:
     """Sending the round's result to one client."""
     return profile.latency + nbytes / profile.download

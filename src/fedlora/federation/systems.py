@@ -23,7 +23,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from fedlora.federation.clock import ClientWork, DeviceProfile, EventQueue, broadcast_seconds, client_work, examples_processed
+from fedlora.federation.clock import ClientWork, DeviceProfile, EventQueue, broadcast_seconds, client_work, examples_processed, server_step_seconds
 from fedlora.federation.traffic import countable, nbytes
 
 DAY = 86_400.0
@@ -254,7 +254,7 @@ class Systems(Instant):
     def close(self, rnd: int, accepted: list, server_seconds: float) -> dict:
         """The round's record; moves the clock to the round's end (the slowest update kept, or the deadline, then the
         server step, then the broadcast to the clients kept)."""
-        server = self.config.server_seconds if self.config.server_seconds is not None else server_seconds
+        server = server_step_seconds(self.config.server_seconds, server_seconds)
         send = [broadcast_seconds(p, self.sim.traffic.broadcast_size(rnd, r.cid)) for r in accepted if (p := self._profile(r.cid))]
         drops = self._round["drops"]
         out = {"selected": self._round["selected"], "finished": self._round["finished"], "dropped": [d.as_dict() for d in drops],
