@@ -11,6 +11,7 @@ from fedlora.cli.main import main
 from fedlora.federation import REGISTRY, make_method
 from fedlora.federation.asynchronous import Asynchronous, parse_speeds, staleness_weight
 from fedlora.federation.clock import EventQueue
+from fedlora.federation.traffic import nbytes
 
 WALL = ("wall_seconds", "aggregation_seconds")
 ASYNC_ONLY = ("staleness", "alpha", "version", "arrivals", "in_flight", "sim_seconds", "sim_clock")
@@ -255,12 +256,17 @@ class Killed(Exception):
     pass
 
 
-# ilora: the versions' method state (its c) is checkpointed too; fslora: a stale client's sketch is cut from its stored version
-@pytest.mark.parametrize("method", ["fedit", "ilora", "fslora"])
+# ilora: the versions' method state (its c) is checkpointed too; fslora: a stale client's sketch is cut from its stored
+# version; flora on devices: the bytes each client owes (the broadcasts it downloads when next dispatched) too
+@pytest.mark.parametrize("method", ["fedit", "ilora", "fslora", "flora-devices"])
 def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, tmp_path, method, one_thread):
-    whole = tiny_config(small_csv, method=method, rounds=3, async_mode="fedbuff", buffer=2, client_speeds="1,3",
-                        out=str(tmp_path / "whole"))
-    _, reference = run_experiment(whole)
+    from test_systems import HAND
+
+    (tmp_path / "hand.toml").write_text(HAND)
+    timing = {"devices": str(tmp_path / "hand.toml")} if method.endswith("-devices") else {"client_speeds": "1,3"}
+    whole = tiny_config(small_csv, method=method.removesuffix("-devices"), rounds=3, async_mode="fedbuff", buffer=2,
+                        out=str(tmp_path / "whole"), **timing)
+    ran, reference = run_experiment(whole)
     again = build(whole.replace(out=None)).simulator.run()
     assert simulated(again) == simulated(reference)
     assert any(t > 0 for m in reference for t in m["staleness"])  # slow clients arrive stale
@@ -274,8 +280,9 @@ def test_same_seed_same_events_and_a_resumed_run_continues_the_queue(small_csv, 
     cut = whole.replace(out=str(tmp_path / "cut"))
     with pytest.raises(Killed):
         run_experiment(cut, on_round=kill)
-    _, resumed = run_experiment(resume_config(cut.out), resume=True)
+    back, resumed = run_experiment(resume_config(cut.out), resume=True)
     assert simulated(resumed) == simulated(reference)
+    assert back.simulator.systems.owed == ran.simulator.systems.owed  # the bytes each client would download next
     from fedlora.app.rundir import RunDir
 
     assert RunDir(whole.out).finished(whole) is not None and len(reference) < 2 * whole.rounds  # finished by updates, not lines
@@ -347,24 +354,31 @@ def test_the_cli_runs_async_and_writes_a_line_per_version_step(small_csv, tmp_pa
     assert json.loads((out / "config.json").read_text())["async_mode"] == "fedasync"
 
 
-def _hand_devices_run(small_csv, tmp_path, mode: str):
-    """FedIT, 1 round of 3 clients on the three hand-made devices of test_systems.HAND, under ``--async mode``."""
+HAND_DEVICES = [(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)]  # test_systems.HAND: examples/s and latency, 1e6 B/s each way
+
+
+def _hand_devices_run(small_csv, tmp_path, mode: str, method: str = "fedit", rounds: int = 1):
+    """``method``, ``rounds`` rounds of 3 clients on the three hand-made devices of test_systems.HAND, under ``--async mode``."""
     from test_systems import HAND
 
     path = tmp_path / "hand.toml"
     path.write_text(HAND)
-    return build(tiny_config(small_csv, method="fedit", rounds=1, devices=str(path), async_mode=mode)).simulator
+    return build(tiny_config(small_csv, method=method, rounds=rounds, devices=str(path), async_mode=mode)).simulator
+
+
+def _hand_trip(sim, cid: int, down: int) -> float:
+    """Client ``cid``'s time from a dispatch to its arrival, by hand: its latency each way, ``down`` bytes down and the
+    state up at 1e6 B/s, and its examples (2 steps × batch 8) at its speed."""
+    from fedlora.federation.clock import examples_processed
+
+    speed, latency = HAND_DEVICES[cid]
+    state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, 1))
+    return 2 * latency + (down + state) / 1e6 + examples_processed(len(sim.clients[cid].train), 2, 8) / speed
 
 
 def _hand_arrivals(sim) -> list[float]:
-    """Each client's arrival after a dispatch at t = 0, by hand: its latency each way, the state down and up at
-    1e6 B/s, and its examples (2 steps × batch 8) at 16, 8 and 1.6 examples/s."""
-    from fedlora.federation.clock import examples_processed
-    from fedlora.federation.traffic import nbytes
-
-    state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, 1))
-    return [2 * latency + 2 * state / 1e6 + examples_processed(len(sim.clients[cid].train), 2, 8) / speed
-            for cid, (speed, latency) in enumerate([(16.0, 0.01), (8.0, 0.1), (1.6, 1.0)])]
+    """Each client's arrival after a dispatch at t = 0 (nothing to download yet: every client holds the initial state)."""
+    return [_hand_trip(sim, cid, 0) for cid in range(len(HAND_DEVICES))]
 
 
 def test_with_devices_a_client_takes_its_download_training_and_upload(small_csv, tmp_path, one_thread):
@@ -389,6 +403,26 @@ def test_each_server_step_takes_the_profiles_server_seconds_and_an_arrival_waits
     history = sim.run()
     assert [m["sim_clock"] for m in history] == pytest.approx(expected)
     assert sum(m["sim_seconds"] for m in history) == pytest.approx(expected[-1])
+
+
+@pytest.mark.parametrize("method", ["fedit", "flora"])
+def test_a_client_dispatched_again_first_downloads_the_broadcasts_it_missed(small_csv, tmp_path, method, one_thread):
+    """FedAsync, 2 rounds' budget on the three hand-made devices, the fast client (0) followed by hand: each time it is
+    sent out again it first downloads the broadcasts of the version steps made since it last was, at the method's size
+    (FLoRA's stacked factors outgrow FedIT's state), and only then trains."""
+    sim = _hand_devices_run(small_csv, tmp_path, "fedasync", method=method, rounds=2)
+    first = _hand_arrivals(sim)
+    history = sim.run()
+    clocks, down = [m["sim_clock"] for m in history], [m["bytes_down"] for m in history]
+    step1 = first[0] + 0.25  # client 0 arrives; [server] seconds; sent out again with step 1's broadcast (down[0])
+    again = step1 + _hand_trip(sim, 0, down[0])
+    assert first[1] < again < first[1] + 0.25  # it arrives while step 2 (client 1's arrival) runs, and waits
+    assert clocks[:3] == pytest.approx([step1, first[1] + 0.25, first[1] + 0.5])
+    # step 3 is its own: it is sent step 2's broadcast as catch-up and step 3's (down[2]), and downloads both when
+    # dispatched again at once, before the next arrival (step 4 is its third)
+    assert clocks[3] == pytest.approx(clocks[2] + _hand_trip(sim, 0, down[2]) + 0.25)
+    state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, 1))
+    assert down[2] == 2 * state if method == "fedit" else down[2] > 4 * state
 
 
 def truncation(method: str, P: torch.Tensor, r: int) -> torch.Tensor:

@@ -4,8 +4,10 @@ An event-driven loop on :class:`~fedlora.federation.clock.EventQueue`. ``C`` cli
 (``--async-concurrency``); a client dispatched at server version ``v`` trains from ``x_v`` (kept in a version store
 for every version still in flight) and arrives ``d_u`` simulated seconds later: ``local_steps × speed_u`` without
 ``--devices`` (``--client-speeds`` in turn), else its device's download + training + upload
-(:func:`~fedlora.federation.clock.client_work`, the state's bytes each way). On each arrival the server acts, then an
-idle client (a seeded random draw) is dispatched with the current state. Staleness ``τ = v_now − v_u``.
+(:func:`~fedlora.federation.clock.client_work`): down, the broadcasts of the version steps made since its last
+dispatch (what the byte counters charge it, at the method's broadcast size: FLoRA's stack, a folding method's dense
+fold), up, the state's bytes. On each arrival the server acts, then an idle client (a seeded random draw) is dispatched
+with the current state. Staleness ``τ = v_now − v_u``.
 
 * FedAsync: per tensor ``x ← (1−α_t)x + α_t x_u``, ``α_t = α·h(τ)``; one version per arrival.
 * FedBuff: buffer ``h(τ)·(x_u − x_{v_u})``; after K arrivals ``x ← x + (1/K)Σ h(τ)Δ_u`` (then ``--server-opt``);
@@ -129,6 +131,7 @@ class Flight:
     version: int  # v_u: the version it started from
     start: float  # simulated time it was dispatched
     salt: int = 0  # earlier dispatches of this client from the same version (its seed differs)
+    down: int = 0  # bytes it downloaded when dispatched: the broadcasts since its previous dispatch
 
 
 @dataclass
@@ -148,6 +151,7 @@ class Asynchronous(Instant):
     bases: dict[int, dict] = field(default_factory=dict)  # folding methods: the base weights of those versions
     sent: dict[int, dict] = field(default_factory=dict)  # the method state (protocol.STATE) each version's broadcast carried
     salts: dict[int, int] = field(default_factory=dict)  # dispatches per client from the current version
+    owed: dict[int, int] = field(default_factory=dict)  # per client, the broadcasts' bytes since its last dispatch
     buffer: list = field(default_factory=list)  # FedBuff: (result, v_u, τ)
     failed: list = field(default_factory=list)
     _step: dict = field(default_factory=dict)
@@ -202,6 +206,7 @@ class Asynchronous(Instant):
     def dispatch(self, cid: int) -> Flight:
         """Client ``cid`` starts from the current version (kept in the store while it is in flight)."""
         flight = self.flights[cid] = Flight(cid, self.version, self.clock, self.salts.get(cid, 0))
+        flight.down = self.owed.pop(cid, 0)  # it downloads the broadcasts it missed before it trains
         self.salts[cid] = self.salts.get(cid, 0) + 1
         self._keep(self.version)
         self.dispatched += 1
@@ -216,7 +221,7 @@ class Asynchronous(Instant):
         profile = cfg.profiles[cid]
         state = nbytes(sim.method.upload(sim.handle, sim.global_tensors, self.version + 1))
         examples = examples_processed(len(sim.clients[cid].train), fed.local_steps, fed.batch_size)
-        return client_work(cid, profile, bytes_down=state, bytes_up=state, examples=examples,
+        return client_work(cid, profile, bytes_down=self.flights[cid].down, bytes_up=state, examples=examples,
                            speed=profile.speed(cfg.parameters, cfg.tokens_per_example)).seconds
 
     def _arrive(self, event) -> None:
@@ -367,8 +372,13 @@ class Asynchronous(Instant):
 
     # -- what the round's systems object reports ---------------------------------------------------------------------
     def close(self, rnd: int, accepted: list, server_seconds: float) -> dict:
-        """After the server step: keep x_v, drop versions no client in flight needs, report the step."""
+        """After the server step: keep x_v, drop versions no client in flight needs, charge every client the step's
+        broadcast (downloaded at its next dispatch), report the step."""
         self._keep(self.version, replace=True)
+        traffic = self.sim.traffic
+        for cid in range(len(self.sim.clients)):
+            if size := traffic.broadcast_size(self.version, cid):
+                self.owed[cid] = self.owed.get(cid, 0) + size
         needed = {f.version for f in self.flights.values()} | {self.version}
         self.store = {v: x for v, x in self.store.items() if v in needed}
         self.bases = {v: x for v, x in self.bases.items() if v in needed}
@@ -392,7 +402,8 @@ class Asynchronous(Instant):
         tensors |= {f"asyncsent/{v}/{n}": t.clone() for v, x in self.sent.items() for n, t in x.items()}
         meta = {"version": self.version, "clock": self.clock, "last": self.last, "dispatched": self.dispatched,
                 "arrived": self.arrived, "queue": self.queue.state(), "salts": {str(c): s for c, s in self.salts.items()},
-                "flights": [[f.cid, f.version, f.start, f.salt] for f in self.flights.values()]}
+                "owed": {str(c): n for c, n in self.owed.items()},
+                "flights": [[f.cid, f.version, f.start, f.salt, f.down] for f in self.flights.values()]}
         return tensors, {"async": meta}
 
     def restore(self, tensors: dict, meta: dict) -> None:
@@ -403,7 +414,9 @@ class Asynchronous(Instant):
         self.dispatched, self.arrived = int(state["dispatched"]), int(state["arrived"])
         self.queue.load(state["queue"])
         self.salts = {int(c): int(s) for c, s in state["salts"].items()}
-        self.flights = {int(c): Flight(int(c), int(v), float(t), int(s)) for c, v, t, s in state["flights"]}
+        self.owed = {int(c): int(n) for c, n in state.get("owed", {}).items()}  # (none in a checkpoint from before)
+        self.flights = {int(f[0]): Flight(int(f[0]), int(f[1]), float(f[2]), int(f[3]), int(f[4]) if len(f) > 4 else 0)
+                        for f in state["flights"]}
         device = self.sim.config.device
         self.store, self.bases, self.sent = {}, {}, {}
         self._keep(self.version)
