@@ -159,6 +159,9 @@ def test_systems_part_runs_end_to_end_and_writes_its_section(small_csv, tmp_path
     text = report.read_text()
     assert "## 9. Systems" in text and "### synthetic: `synthetic` on `synthetic:0,0`" in text and "### base: `tiny:bert` on `" in text
     assert "## 1." not in text and "## 6." not in text
+    # no part of the preset's base runs here: the head does not claim its settings or seeds, the sections state theirs
+    head = text[:text.index("## 9.")]
+    assert "Settings of every run" not in head and "seeds**" not in head and "Each section states its settings" in head
     for setting in ("synthetic", "base"):
         for arm in ss.ARMS:
             assert (report.parent / "results" / f"systems-{setting}-{arm}" / "accuracy_time.png").stat().st_size > 0
