@@ -213,6 +213,11 @@ def test_study_privacy_synthetic_part_reads_ffa_claim_from_paired_seeds(small_st
     assert any(word in verdict for word in ("holds", "does not hold here", "not distinguishable"))
     section = text[text.index("## 7b."):]
     assert "| ffa | acc " in section and "ε per noise level" in section and "z = 0.5: " in section
+    # which one is better at a level: FedIT's final accuracy minus FFA's, paired per seed, from the metrics
+    acc = {m: [f["global_accuracy"] for f in finals(runs, f"privacy-synthetic-z0.5/{m}")] for m in ("fedit", "ffa")}
+    head = section[section.index("Which is better at each level"):].split("\n")[0]
+    assert f"z = 0.5 (2 seeds): accuracy {_diff(acc['fedit'], acc['ffa'])[2]}, loss " in head and "no DP (2 seeds)" in head
+    assert "in absolute terms FedIT's final accuracy is above FFA's at " in verdict
 
 
 def test_report_sections_follow_the_order_of_the_parts(small_study, tmp_path):
