@@ -1485,23 +1485,23 @@ def _psyn_reading(ctx: ReportContext, floor: dict[float, set[str]], L: list[str]
     if ref is not None:
         total, _, _, _ = _ffa_cells(noises, at, {}, "global_loss", -1, None)
         L += ["Loss added by DP-SGD as a whole (clipping and noise, against no DP): " + "; ".join(total) + ".", ""]
-    head, ahead = _psyn_head_to_head(at, list(noises))
+    head, ahead = _psyn_head_to_head(at, [None, *noises])
     L += ["Which is better at each level, the question a user choosing between them asks (FedIT − FFA, paired per seed; "
-          "accuracy higher and loss lower favour FedIT): " + "; ".join(_psyn_head_to_head(at, [None])[0] + head) + ".", ""]
+          "accuracy higher and loss lower favour FedIT): " + "; ".join(head) + ".", ""]
     ctx.verdicts.append(
         f"- **FFA-LoRA's claim where DP-SGD learns (synthetic task)** — {word} on the loss the noise adds (against {against}: "
         + "; ".join(loss_cells) + "); on accuracy " + _ffa_word(len(acc_cells), acc_holds, acc_contrary)
         + (f" ({floored} of {len(acc_cells)} levels with FedIT or FFA at the majority-class floor)" if floored else "")
-        + f"; in absolute terms FedIT's final accuracy is above FFA's at {ahead['FedIT']} of {len(head)} DP-SGD levels and below at "
+        + f"; in absolute terms FedIT's final accuracy is above FFA's at {ahead['FedIT']} of {ahead['levels']} DP-SGD levels and below at "
         f"{ahead['FFA']} (paired intervals that clear 0).")
 
 
 def _psyn_head_to_head(at, levels) -> tuple[list[str], dict[str, int]]:
-    """FedIT's final accuracy and loss minus FFA's, paired per seed, at each level (None: without DP); and at how
-    many levels each one's accuracy is ahead with an interval that clears 0."""
+    """FedIT's final accuracy and loss minus FFA's, paired per seed, at each level (None: without DP); and, over the DP
+    levels both ran, at how many each one's accuracy is ahead with an interval that clears 0."""
     from fedlora.app.stats import distinguishable
 
-    cells, ahead = [], {"FedIT": 0, "FFA": 0}
+    cells, ahead = [], {"FedIT": 0, "FFA": 0, "levels": 0}
     for z in levels:
         fedit, ffa = at("fedit", z), at("ffa", z)
         seeds = sorted(set(fedit) & set(ffa))
@@ -1510,8 +1510,10 @@ def _psyn_head_to_head(at, levels) -> tuple[list[str], dict[str, int]]:
         diffs = [_diff([fedit[s][-1][k] for s in seeds], [ffa[s][-1][k] for s in seeds]) for k in ("global_accuracy", "global_loss")]
         cells.append(f"{'no DP' if z is None else f'z = {z:g}'} ({len(seeds)} seeds): accuracy {diffs[0][2]}, loss {diffs[1][2]}")
         mean, half = diffs[0][:2]
-        if distinguishable(mean, half):
-            ahead["FedIT" if mean > 0 else "FFA"] += 1
+        if z is not None:
+            ahead["levels"] += 1
+            if distinguishable(mean, half):
+                ahead["FedIT" if mean > 0 else "FFA"] += 1
     return cells, ahead
 
 

@@ -205,8 +205,8 @@ class Asynchronous(Instant):
 
     def dispatch(self, cid: int) -> Flight:
         """Client ``cid`` starts from the current version (kept in the store while it is in flight)."""
-        flight = self.flights[cid] = Flight(cid, self.version, self.clock, self.salts.get(cid, 0))
-        flight.down = self.owed.pop(cid, 0)  # it downloads the broadcasts it missed before it trains
+        # it downloads the broadcasts it missed before it trains
+        flight = self.flights[cid] = Flight(cid, self.version, self.clock, self.salts.get(cid, 0), self.owed.pop(cid, 0))
         self.salts[cid] = self.salts.get(cid, 0) + 1
         self._keep(self.version)
         self.dispatched += 1
