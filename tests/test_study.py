@@ -218,6 +218,8 @@ def test_study_privacy_synthetic_part_reads_ffa_claim_from_paired_seeds(small_st
     head = section[section.index("Which is better at each level"):].split("\n")[0]
     assert f"z = 0.5 (2 seeds): accuracy {_diff(acc['fedit'], acc['ffa'])[2]}, loss " in head and "no DP (2 seeds)" in head
     assert "in absolute terms FedIT's final accuracy is above FFA's at " in verdict
+    figure = re.search(r"!\[loss against ε on the synthetic task\]\(([^)]+)\)", section)
+    assert figure and (small_study.report.parent / figure.group(1)).stat().st_size > 0
 
 
 def test_report_sections_follow_the_order_of_the_parts(small_study, tmp_path):

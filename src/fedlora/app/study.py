@@ -637,23 +637,34 @@ def fig_scale(rows: dict[str, dict[int, dict[int, dict]]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def fig_privacy(rows: dict[str, dict[float, list[dict]]], baseline: dict[str, list[float]], majority: float | None, path: Path) -> Path:
-    """Global accuracy against ε (log scale) per method, error bars over seeds; each method's no-DP accuracy dotted."""
+def fig_privacy(rows: dict[str, dict[float, list[dict]]], baseline: dict[str, list[float]], majority: float | None, path: Path,
+                key: str = "global_accuracy", ylabel: str = "global accuracy (dotted: without DP)") -> Path:
+    """``key`` (global accuracy) against ε (log scale) per method, error bars over seeds; each method's ``baseline``
+    (its score without DP) dotted."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
     from fedlora.app.stats import interval
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    ticks: set[float] = set()
     for m, by_z in rows.items():
         zs = sorted(by_z, reverse=True)  # more noise → less ε → left
         xs = [_mean(r.get("epsilon") for r in by_z[z]) for z in zs]
-        line = _errorbar(ax, xs, [[r["global_accuracy"] for r in by_z[z]] for z in zs], label=m, color=COLORS.get(m))
+        ticks |= {float(f"{x:.2g}") for x in xs if x is not None}
+        line = _errorbar(ax, xs, [[r[key] for r in by_z[z]] for z in zs], label=m, color=COLORS.get(m))
         if baseline.get(m):
             ax.axhline(interval(baseline[m])[0], ls=":", color=line[0].get_color(), alpha=0.7)
     if majority is not None:
         ax.axhline(majority, ls="--", color="grey", label=f"majority class ({majority:.3f})")
     ax.set_xscale("log")
+    if ticks:  # the levels' ε as the ticks (a log axis over less than a decade labels its minor ticks on top of each other)
+        ax.xaxis.set_major_locator(FixedLocator(sorted(ticks)))
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ε (δ = 1e-5), largest over clients")
-    ax.set_ylabel("global accuracy (dotted: without DP)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -1461,6 +1472,12 @@ def _privacy_synthetic(ctx: ReportContext) -> str:
         L.append(f"| {m} | " + " | ".join(cells) + " |")
     L += ["", f"Majority-class rate: {_f(maj)}. ε per noise level (mean over methods and seeds): "
           + ", ".join(f"z = {z:g}: {_f(_mean(e), 2)}" for z, e in eps.items() if e) + ".", ""]
+    noisy = [z for z in ps.noises if z > 0]
+    clip_only = {m: [h[-1]["global_loss"] for h in _psyn_level(ctx, m, 0.0).values()] for m in ms} if 0.0 in ps.noises else {}
+    fig = fig_privacy({m: {z: [h[-1] for h in _psyn_level(ctx, m, z).values()] for z in noisy if _psyn_level(ctx, m, z)} for m in ms},
+                      clip_only, None, ctx.figdir / "privacy_synthetic.png", key="global_loss",
+                      ylabel="global loss" + (" (dotted: clipping alone, z = 0)" if clip_only else ""))
+    L += [f"![loss against ε on the synthetic task]({ctx.rel(fig)})", ""]
     if "fedit" in ms and "ffa" in ms:
         _psyn_reading(ctx, floor, L)
     return "\n".join(L)
