@@ -1350,7 +1350,7 @@ def _privacy(ctx: ReportContext) -> str:
     L += t.lines
     L += ["", f"Majority-class rate: {_f(maj)}. ε per noise level (mean over methods and seeds): "
           + ", ".join(f"z = {z:g}: {_f(_mean(e), 2)}" for z, e in t.eps.items()) + ".", ""]
-    fig = fig_privacy({m: {z: [h[-1] for h in _privacy_level(ctx, m, z).values()] for z in pv.noises if _privacy_level(ctx, m, z)} for m in ms},
+    fig = fig_privacy({m: {z: [h[-1] for h in runs.values()] for z in pv.noises if (runs := _privacy_level(ctx, m, z))} for m in ms},
                       {m: t.finals.get(None, {}).get(m, []) for m in ms}, maj, ctx.figdir / "privacy.png")
     L += [f"![privacy–utility]({ctx.rel(fig)})", ""]
     _privacy_utility_reading(ctx, ms, t, maj)
@@ -1474,7 +1474,7 @@ def _privacy_synthetic(ctx: ReportContext) -> str:
           + ", ".join(f"z = {z:g}: {_f(_mean(e), 2)}" for z, e in eps.items() if e) + ".", ""]
     noisy = [z for z in ps.noises if z > 0]
     clip_only = {m: [h[-1]["global_loss"] for h in _psyn_level(ctx, m, 0.0).values()] for m in ms} if 0.0 in ps.noises else {}
-    fig = fig_privacy({m: {z: [h[-1] for h in _psyn_level(ctx, m, z).values()] for z in noisy if _psyn_level(ctx, m, z)} for m in ms},
+    fig = fig_privacy({m: {z: [h[-1] for h in runs.values()] for z in noisy if (runs := _psyn_level(ctx, m, z))} for m in ms},
                       clip_only, None, ctx.figdir / "privacy_synthetic.png", key="global_loss",
                       ylabel="global loss" + (" (dotted: clipping alone, z = 0)" if clip_only else ""))
     L += [f"![loss against ε on the synthetic task]({ctx.rel(fig)})", ""]
